@@ -1,0 +1,36 @@
+# edge-fleet: `make demo` runs the end-to-end story, `make test` runs every check CI runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint typecheck unit bench sysdeps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+sysdeps:
+	@bash tools/ensure-system-packages.sh
+
+demo: $(STAMP) sysdeps
+	$(BIN)/python -m demo.run $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP) sysdeps
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP) sysdeps
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

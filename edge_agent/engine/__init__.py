@@ -1,0 +1,1 @@
+"""engine package of the edge agent."""

@@ -1,0 +1,1 @@
+"""trust package of the edge agent."""

@@ -1,0 +1,1 @@
+"""fleetctl sub-commands, one module each."""

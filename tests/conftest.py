@@ -1,0 +1,28 @@
+"""Test-wide set-up: a scrubbed environment so that no developer's Git or SSH config leaks in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_SCRUB_PREFIXES = ("GIT_", "SSH_", "MQTT_", "EDGE_", "FLEET_")
+
+
+@pytest.fixture(autouse=True)
+def scrubbed_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Give every test its own HOME and no inherited GIT_*/SSH_* variables; a fixed git identity."""
+    home = tmp_path_factory.mktemp("home")
+    for name in list(os.environ):
+        if name.startswith(_SCRUB_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Test Operator")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "operator@example.invalid")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "Test Operator")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "operator@example.invalid")
+    monkeypatch.setenv("TZ", "UTC")
+    return home
