@@ -61,6 +61,10 @@ def _no_constant(name: str) -> Any:
     raise ManifestError(f"non-finite number {name} is not allowed")
 
 
+def _float_refused(text: str) -> Any:
+    raise ManifestError(f"floats are not allowed in signed documents: {text}")
+
+
 def parse_strict_json(data: bytes) -> Any:
     """Parse UTF-8 JSON refusing duplicate keys, NaN/Infinity and floats.
 
@@ -73,7 +77,7 @@ def parse_strict_json(data: bytes) -> Any:
         raise ManifestError("document is not valid UTF-8") from exc
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                           parse_float=lambda s: _no_constant(s))
+                           parse_float=_float_refused)
     except ManifestError:
         raise
     except (ValueError, RecursionError) as exc:
