@@ -1,0 +1,148 @@
+"""Run external commands with a timeout that kills the whole process group, and capped output.
+
+Every process the agent starts (``systemctl``, ``sysctl``, command resources, health checks) goes
+through :class:`Runner`. A command given as a string runs through ``/bin/sh -c``; a sequence runs
+as an argv list. Each command starts in a new session so that on timeout its whole process group
+(including background children) is killed. Output goes to anonymous temporary files rather than
+pipes, so a background child that keeps the descriptors open cannot hang the agent; each stream is
+capped at :data:`OUTPUT_CAP` bytes and decoded as UTF-8 with replacement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from edge_agent.errors import ApplyError
+
+__all__ = ["OUTPUT_CAP", "RunResult", "Runner"]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_CAP = 64 * 1024
+"""Bytes kept of each of stdout and stderr."""
+
+_KILL_GRACE = 2.0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of one command.
+
+    Attributes:
+        returncode: the exit status (negative signal number when killed; -9 after a timeout).
+        stdout: the first :data:`OUTPUT_CAP` bytes of standard output, decoded.
+        stderr: the first :data:`OUTPUT_CAP` bytes of standard error, decoded.
+        timed_out: the command ran past its timeout and its process group was killed.
+    """
+
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited 0 within its timeout."""
+        return self.returncode == 0 and not self.timed_out
+
+    def last_error_line(self, limit: int = 200) -> str:
+        """Return the last non-empty line of stderr (else stdout), cut to ``limit`` characters."""
+        for text in (self.stderr, self.stdout):
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            if lines:
+                return lines[-1][:limit]
+        return ""
+
+
+class Runner:
+    """Starts processes for the drivers and health checks; holds no state."""
+
+    def run(self, cmd: Sequence[str] | str, *, timeout: float, env: Mapping[str, str] | None = None,
+            cwd: Path | None = None) -> RunResult:
+        """Run ``cmd`` and wait for it at most ``timeout`` seconds.
+
+        Args:
+            cmd: an argv list, or a string run through ``/bin/sh -c``.
+            timeout: seconds before the whole process group is killed.
+            env: variables added to (overriding) the agent's own environment.
+            cwd: working directory.
+
+        Raises:
+            ApplyError: the command cannot be started (not found, not executable, bad cwd).
+        """
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        if not argv:
+            raise ApplyError("cannot run an empty command")
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        env=full_env, cwd=cwd, start_new_session=True)
+            except OSError as exc:
+                raise ApplyError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+            timed_out = False
+            try:
+                returncode = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                log.warning("command %s timed out after %ss; killing its process group", argv[0], timeout)
+                _signal_group(proc.pid)
+                returncode = proc.wait(timeout=_KILL_GRACE * 5)
+                _wait_group_gone(proc.pid)
+            return RunResult(returncode, _read_capped(out), _read_capped(err), timed_out)
+
+    @staticmethod
+    def which(name: str) -> str | None:
+        """Return the full path of executable ``name`` on PATH, or ``None``."""
+        return shutil.which(name)
+
+
+def _signal_group(pgid: int) -> None:
+    """SIGKILL every process of group ``pgid``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _wait_group_gone(pgid: int) -> None:
+    """Wait (bounded) until no live process of group ``pgid`` is left (zombies count as gone)."""
+    deadline = time.monotonic() + _KILL_GRACE
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def _read_capped(stream: IO[bytes]) -> str:
+    stream.seek(0)
+    return stream.read(OUTPUT_CAP).decode("utf-8", errors="replace")
