@@ -556,7 +556,8 @@ def parse_check(raw: object, where: Where = ()) -> HealthCheck:
         status = int(f.number("expect_status", 200.0) or 200)
         return HttpCheck(name=name, timeout=timeout, url=url, expect_status=status)
     if kind == "disk_free":
-        return DiskFreeCheck(name=name, timeout=timeout, path=f.device_path("path", required=False) or "/",
+        path = "/" if f.raw.get("path") == "/" else f.device_path("path", required=False) or "/"
+        return DiskFreeCheck(name=name, timeout=timeout, path=path,
                              min_free_percent=_percent(f, "min_free_percent", 10.0))
     if kind == "memory":
         return MemoryCheck(name=name, timeout=timeout,

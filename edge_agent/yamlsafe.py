@@ -1,0 +1,147 @@
+"""Size-capped, alias-free safe YAML loading that remembers the line of every value.
+
+The config repo is untrusted input, so loading is deliberately narrow: one document, at most
+``max_bytes``, no anchors or aliases (no expansion bombs), no merge keys, no duplicate keys and
+only the plain YAML types (mapping, sequence, string, integer, float, boolean, null; a timestamp
+stays the string it was written as). The result remembers where each value came from so that
+``fleetctl lint`` can name a line for every problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from edge_agent.errors import YamlError
+
+__all__ = ["DEFAULT_MAX_BYTES", "LocatedDoc", "load_yaml"]
+
+DEFAULT_MAX_BYTES = 1024 * 1024
+_MAX_DEPTH = 64
+
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PLAIN_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")
+)
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+
+Where = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class LocatedDoc:
+    """A loaded YAML document: its plain ``value`` and the 1-based line of every node."""
+
+    value: Any
+    lines: Mapping[Where, int] = field(default_factory=dict)
+
+    def line(self, where: Where) -> int:
+        """Return the 1-based line of the deepest node that exists on the path ``where``.
+
+        A mapping entry is located at its key, a list item at its first character; a path that
+        leaves the document falls back to its longest existing prefix (the document itself: 1).
+        """
+        for n in range(len(where), -1, -1):
+            found = self.lines.get(tuple(where[:n]))
+            if found is not None:
+                return found
+        return 1
+
+
+def _mark_line(mark: Any) -> int:
+    return int(getattr(mark, "line", 0)) + 1
+
+
+def load_yaml(data: bytes, *, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> LocatedDoc:
+    """Parse one YAML document from ``data`` safely, remembering the line of every node.
+
+    Args:
+        data: the raw file bytes (UTF-8, UTF-16 with BOM is accepted by the parser too).
+        name: the file name used in error messages (repo-relative for config-repo files).
+        max_bytes: documents larger than this are refused before parsing.
+
+    Raises:
+        YamlError: over the cap, a syntax error, several documents, an anchor or alias, a merge
+            key, a duplicate key, an unsupported tag or nesting deeper than 64 levels; ``line``
+            says where.
+    """
+    if len(data) > max_bytes:
+        raise YamlError(f"document is {len(data)} bytes, over the {max_bytes}-byte cap", 1, name)
+    try:
+        _refuse_aliases_and_streams(data, name)
+        node = yaml.compose(data, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        reason = " ".join(" ".join(str(p).split()) for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        raise YamlError(f"YAML syntax error: {reason}", _mark_line(mark), name) from exc
+    except yaml.YAMLError as exc:
+        raise YamlError(f"YAML error: {' '.join(str(exc).split())}", 1, name) from exc
+    except RecursionError as exc:
+        raise YamlError("document nests too deeply", 1, name) from exc
+    if node is None:
+        return LocatedDoc(None, {(): 1})
+    lines: dict[Where, int] = {}
+    loader = _Loader("")
+    value = _construct(node, (), lines, loader, name=name, depth=0)
+    return LocatedDoc(value, lines)
+
+
+def _refuse_aliases_and_streams(data: bytes, name: str) -> None:
+    documents = 0
+    for event in yaml.parse(data, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            raise YamlError("YAML aliases (*name) are not allowed", _mark_line(event.start_mark), name)
+        if getattr(event, "anchor", None) is not None:
+            raise YamlError("YAML anchors (&name) are not allowed", _mark_line(event.start_mark), name)
+        if isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise YamlError("only one YAML document is allowed per file",
+                                _mark_line(event.start_mark), name)
+
+
+def _construct(
+    node: Any, where: Where, lines: dict[Where, int], loader: Any, *, name: str, depth: int
+) -> Any:
+    line = _mark_line(node.start_mark)
+    lines.setdefault(where, line)
+    if depth > _MAX_DEPTH:
+        raise YamlError("document nests too deeply", line, name)
+    if isinstance(node, yaml.MappingNode):
+        if node.tag != _MAP_TAG:
+            raise YamlError(f"unsupported YAML tag {node.tag}", line, name)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key_line = _mark_line(key_node.start_mark)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlError("mapping keys must be plain scalars", key_line, name)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise YamlError("YAML merge keys (<<) are not allowed", key_line, name)
+            key = _scalar(key_node, loader, name)
+            if key in out:
+                raise YamlError(f"duplicate key {key!r}", key_line, name)
+            lines[(*where, key)] = key_line
+            out[key] = _construct(value_node, (*where, key), lines, loader, name=name, depth=depth + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        if node.tag != _SEQ_TAG:
+            raise YamlError(f"unsupported YAML tag {node.tag}", line, name)
+        return [_construct(item, (*where, i), lines, loader, name=name, depth=depth + 1)
+                for i, item in enumerate(node.value)]
+    return _scalar(node, loader, name)
+
+
+def _scalar(node: Any, loader: Any, name: str) -> Any:
+    if node.tag == _TIMESTAMP_TAG:
+        return str(node.value)
+    if node.tag not in _PLAIN_SCALAR_TAGS:
+        raise YamlError(f"unsupported YAML tag {node.tag}", _mark_line(node.start_mark), name)
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError) as exc:
+        raise YamlError(f"bad scalar {node.value!r}: {exc}", _mark_line(node.start_mark), name) from exc
