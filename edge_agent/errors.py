@@ -18,9 +18,11 @@
     │   ├── PathError (ValueError)          `..`, absolute escape, NUL, non-normalised path
     │   │   └── ConfinementError            outside the allowed roots / through a symlink / special file
     │   ├── BundleError (ValueError)        a bundle, fleet.yaml or overlay violates the format
-    │   └── SecretError                     a sealed secret cannot be opened
-    │       ├── NotARecipientError          this device's key is not among the recipients
-    │       └── SecretIntegrityError        tampered, or moved to another secret id / version
+    │   │   └── YamlError                   the YAML text is malformed, too large or uses aliases
+    │   ├── SecretError                     a sealed secret cannot be opened
+    │   │   ├── NotARecipientError          this device's key is not among the recipients
+    │   │   └── SecretIntegrityError        tampered, or moved to another secret id / version
+    │   └── MessageError (ValueError)       an MQTT message is oversized, malformed or spoofed
     ├── TransportError (OSError)            the network or a peer failed; retry later
     │   ├── FetchError                      the Git mirror
     │   └── BrokerError                     the MQTT broker
@@ -57,6 +59,7 @@ __all__ = [
     "LockedError",
     "ManifestError",
     "ManifestTooLarge",
+    "MessageError",
     "NotARecipientError",
     "PathError",
     "RollbackError",
@@ -70,6 +73,7 @@ __all__ = [
     "UnlistedFile",
     "UntrustedInputError",
     "UntrustedKeyError",
+    "YamlError",
 ]
 
 
@@ -157,6 +161,14 @@ class BundleError(UntrustedInputError, ValueError):
         super().__init__(f"{prefix}{loc + ': ' if loc else ''}{reason}")
 
 
+class YamlError(BundleError):
+    """The YAML text is malformed, over the size cap, or uses a refused feature; ``line`` is 1-based."""
+
+    def __init__(self, reason: str, line: int, file: str = "") -> None:
+        super().__init__(f"line {line}: {reason}", (), file)
+        self.line = line
+
+
 class SecretError(UntrustedInputError):
     """A sealed secret cannot be opened."""
 
@@ -167,6 +179,17 @@ class NotARecipientError(SecretError):
 
 class SecretIntegrityError(SecretError):
     """The sealed secret was tampered with, or moved to another id or version."""
+
+
+class MessageError(UntrustedInputError, ValueError):
+    """An MQTT message failed validation; ``reason`` is a short stable code for counting drops.
+
+    Codes: ``oversized``, ``malformed_json``, ``bad_schema``, ``spoofed``, ``bad_field``.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {message}" if message else reason)
 
 
 class TransportError(EdgeFleetError, OSError):
