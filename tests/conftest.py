@@ -26,3 +26,9 @@ def scrubbed_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("GIT_COMMITTER_EMAIL", "operator@example.invalid")
     monkeypatch.setenv("TZ", "UTC")
     return home
+
+
+# Shared fixtures of the test-support modules, registered once here.
+from tests.support.mirror import git_daemon, http_mirror, mirror_root  # noqa: E402
+
+__all__ = ["git_daemon", "http_mirror", "mirror_root", "scrubbed_env"]
