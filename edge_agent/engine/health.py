@@ -1,0 +1,203 @@
+"""Run the health checks of a release, each bounded by its own timeout.
+
+A check never raises: whatever goes wrong (a timeout, a refused connection, a command that is not
+there) becomes a failed :class:`CheckResult` with a one-line ``detail``. Commands and
+``systemctl`` go through :class:`edge_agent.runner.Runner` (which kills the process group on
+timeout); network and psutil checks run in a worker thread that is abandoned when its time is up
+(their sockets carry the same timeout, so the thread ends soon after).
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent import telemetry
+from edge_agent.errors import EdgeFleetError
+from edge_agent.resources import (
+    CommandCheck,
+    DiskFreeCheck,
+    HealthCheck,
+    HttpCheck,
+    MemoryCheck,
+    SystemdActiveCheck,
+    TcpCheck,
+    TemperatureCheck,
+)
+from edge_agent.runner import Runner
+
+__all__ = ["CheckResult", "failed_checks", "run_check", "run_checks"]
+
+log = logging.getLogger(__name__)
+
+_DETAIL_MAX = 200
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one health check of one bundle."""
+
+    bundle: str
+    name: str
+    kind: str
+    ok: bool
+    detail: str
+    duration: float
+
+
+def run_checks(checks: Sequence[tuple[str, HealthCheck]], runner: Runner, fs_root: Path) -> list[CheckResult]:
+    """Run every ``(bundle, check)`` in order and return one result each (never raises).
+
+    ``fs_root`` is the directory that stands for ``/`` on this device; ``disk_free`` paths are
+    device paths resolved under it.
+    """
+    return [run_check(bundle, check, runner, fs_root) for bundle, check in checks]
+
+
+def failed_checks(results: Sequence[CheckResult]) -> list[CheckResult]:
+    """Return the results that are not ok, in order."""
+    return [r for r in results if not r.ok]
+
+
+def run_check(bundle: str, check: HealthCheck, runner: Runner, fs_root: Path) -> CheckResult:
+    """Run one check of ``bundle`` within ``check.timeout`` seconds and return its result."""
+    start = time.monotonic()
+    try:
+        ok, detail = _dispatch(check, runner, fs_root)
+    except (EdgeFleetError, OSError, ValueError) as exc:
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    duration = time.monotonic() - start
+    detail = _one_line(detail)
+    if not ok:
+        log.info("health check %s/%s failed: %s", bundle, check.name, detail)
+    return CheckResult(bundle=bundle, name=check.name, kind=check.kind, ok=ok, detail=detail,
+                       duration=round(duration, 3))
+
+
+def _dispatch(check: HealthCheck, runner: Runner, fs_root: Path) -> tuple[bool, str]:
+    if isinstance(check, CommandCheck):
+        return _command(check, runner)
+    if isinstance(check, SystemdActiveCheck):
+        return _systemd_active(check, runner)
+    if isinstance(check, TcpCheck):
+        return _bounded(lambda: _tcp(check), check.timeout)
+    if isinstance(check, HttpCheck):
+        return _bounded(lambda: _http(check), check.timeout)
+    if isinstance(check, DiskFreeCheck):
+        return _bounded(lambda: _disk_free(check, fs_root), check.timeout)
+    if isinstance(check, MemoryCheck):
+        return _bounded(lambda: _memory(check), check.timeout)
+    if isinstance(check, TemperatureCheck):
+        return _bounded(lambda: _temperature(check), check.timeout)
+    return False, f"unknown health check kind {check.kind!r}"
+
+
+def _command(check: CommandCheck, runner: Runner) -> tuple[bool, str]:
+    result = runner.run(check.run, timeout=check.timeout)
+    if result.timed_out:
+        return False, f"timed out after {check.timeout:g}s"
+    if result.returncode != 0:
+        tail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        return False, f"exit status {result.returncode}" + (f": {tail[-1]}" if tail else "")
+    return True, "exit status 0"
+
+
+def _systemd_active(check: SystemdActiveCheck, runner: Runner) -> tuple[bool, str]:
+    result = runner.run(["systemctl", "is-active", "--quiet", check.unit], timeout=check.timeout)
+    if result.timed_out:
+        return False, f"systemctl timed out after {check.timeout:g}s"
+    if result.returncode != 0:
+        return False, f"{check.unit} is not active (systemctl exit status {result.returncode})"
+    return True, f"{check.unit} is active"
+
+
+def _tcp(check: TcpCheck) -> tuple[bool, str]:
+    try:
+        with socket.create_connection((check.host, check.port), timeout=check.timeout):
+            pass
+    except OSError as exc:
+        return False, f"connect to {check.host}:{check.port} failed: {exc}"
+    return True, f"connected to {check.host}:{check.port}"
+
+
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only when it stays on the same scheme, host and port."""
+
+    def redirect_request(  # noqa: PLR0917 - the signature urllib calls
+        self, req: urllib.request.Request, fp: object, code: int, msg: str,
+        headers: http.client.HTTPMessage, newurl: str,
+    ) -> urllib.request.Request | None:
+        old = urllib.parse.urlsplit(req.full_url)
+        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            return None  # urllib then reports the 3xx status itself
+        return super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
+
+
+def _http(check: HttpCheck) -> tuple[bool, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _SameHostRedirects())
+    request = urllib.request.Request(check.url, method="GET")  # noqa: S310 - scheme checked by the parser
+    try:
+        with opener.open(request, timeout=check.timeout) as response:
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        status = int(exc.code)
+        exc.close()
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, f"GET {check.url} failed: {reason}"
+    if status != check.expect_status:
+        return False, f"GET {check.url} answered {status}, expected {check.expect_status}"
+    return True, f"GET {check.url} answered {status}"
+
+
+def _disk_free(check: DiskFreeCheck, fs_root: Path) -> tuple[bool, str]:
+    host_path = fs_root / check.path.lstrip("/")
+    _total, _free, pct = telemetry.disk_usage(host_path)
+    detail = f"{check.path}: {pct:.1f}% free (minimum {check.min_free_percent:g}%)"
+    return pct >= check.min_free_percent, detail
+
+
+def _memory(check: MemoryCheck) -> tuple[bool, str]:
+    used = telemetry.memory_percent()
+    return used <= check.max_used_percent, f"memory {used:.1f}% used (maximum {check.max_used_percent:g}%)"
+
+
+def _temperature(check: TemperatureCheck) -> tuple[bool, str]:
+    temps = telemetry.temperatures()
+    if not temps:
+        return True, "no temperature sensor"
+    hottest_name, hottest = max(temps.items(), key=lambda kv: kv[1])
+    return hottest <= check.max_celsius, f"{hottest_name} at {hottest:.1f}C (maximum {check.max_celsius:g}C)"
+
+
+def _bounded(fn: Callable[[], tuple[bool, str]], timeout: float) -> tuple[bool, str]:
+    """Run ``fn`` in a daemon thread; a failure to finish within ``timeout`` fails the check."""
+    box: list[tuple[bool, str]] = []
+
+    def work() -> None:
+        try:
+            box.append(fn())
+        except Exception as exc:  # noqa: BLE001 - a check reports, it never raises
+            box.append((False, f"{type(exc).__name__}: {exc}"))
+
+    worker = threading.Thread(target=work, name="health-check", daemon=True)
+    worker.start()
+    worker.join(timeout + 0.05)
+    if not box:
+        return False, f"timed out after {timeout:g}s"
+    return box[0]
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _DETAIL_MAX else line[: _DETAIL_MAX - 1] + "…"
