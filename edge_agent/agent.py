@@ -1,0 +1,625 @@
+"""The agent's work, one call each: sync a release, show a plan, check drift, pause, report status.
+
+A sync is ``fetch -> verify -> select -> plan -> apply -> record``:
+
+1. take the apply lock (``state_dir/apply.lock``; a second apply fails at once with LockedError);
+2. undo any transaction a crash left open (our recovery rule is "undo, then converge": the journal
+   restores every backed-up path, then this very sync re-applies the release from scratch);
+3. fetch the branch head (or the revision the fleet server assigned) from the mirror; a transport
+   failure ends the sync as ``fetch_failed`` and the device stays as it is;
+4. verify: trust-root rotations under ``.fleet/root/`` first, then the manifest signature
+   threshold, expiry and rollback floor, then every file of the tree against the manifest. Any
+   failure ends the sync as ``refused`` with the one-line reason, before anything touches the
+   device; a success raises the local rollback floor;
+5. select the bundles for this device, probe the drivers of the kinds in use (a kind whose driver
+   cannot work here refuses the whole release, with the probe's reason), plan, and apply in one
+   transaction with the release's health checks (failure -> ``rolled_back``);
+6. record the installed release, an event, and an outbox message for the reporter.
+
+A paused device (``edge-agent pause``) still fetches and verifies, so it keeps its rollback floor
+current, but applies nothing: the outcome is ``paused``.
+
+Outcomes: ``applied`` | ``noop`` | ``rolled_back`` | ``failed`` | ``refused`` | ``fetch_failed`` |
+``paused``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nacl.public import PrivateKey
+
+from edge_agent.config import AgentConfig
+from edge_agent.drivers.base import Context, probe_kinds
+from edge_agent.engine.drift import DriftFinding, detect_drift
+from edge_agent.engine.health import CheckResult, run_checks
+from edge_agent.engine.plan import Plan, make_plan, render_plan
+from edge_agent.engine.transaction import Outcome, apply_plan, recover
+from edge_agent.errors import (
+    ConfigError,
+    DriverUnavailable,
+    FetchError,
+    FileMissing,
+    LockedError,
+    StateError,
+    UntrustedInputError,
+)
+from edge_agent.fsafe import FsRoot
+from edge_agent.identity import load_encryption_private
+from edge_agent.logs import log_context
+from edge_agent.profiles import DeviceProfile, load_profile
+from edge_agent.release import DesiredState, DeviceIdentity, select
+from edge_agent.resources import SecretFile
+from edge_agent.runner import Runner
+from edge_agent.source import Source, SourceAuth
+from edge_agent.state import StateDB
+from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
+from edge_agent.trust.sealed import open_sealed
+from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
+
+__all__ = [
+    "DriftReport",
+    "SyncResult",
+    "apply_lock",
+    "check_drift",
+    "event_payload",
+    "pause",
+    "plan_only",
+    "resume",
+    "status",
+    "sync_once",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_DB = "state.db"
+LOCK_FILE = "apply.lock"
+REPO_CACHE = "repo"
+BACKUP_DIR = "backups"
+DIGEST_KEY_FILE = "digest.key"
+_META_PAUSED = "paused"
+_META_TREE = "installed_tree_digest"
+SECRET_SUFFIX = ".sealed.json"  # noqa: S105 - a file name suffix, not a secret
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one sync did; ``reason`` and ``step`` say why when it did not apply."""
+
+    outcome: str
+    version: int | None = None
+    commit: str | None = None
+    reason: str | None = None
+    step: str | None = None
+    changes: int = 0
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """What a drift check found and whether it was corrected (``outcome`` of the correction)."""
+
+    findings: tuple[DriftFinding, ...]
+    corrected: bool
+    outcome: str | None = None
+
+
+@dataclass
+class _Runtime:
+    """Everything one operation needs, built from the config for the duration of the call."""
+
+    config: AgentConfig
+    state: StateDB
+    profile: DeviceProfile
+    ctx: Context
+    runner: Runner
+    source: Source
+
+    def close(self) -> None:
+        """Release the state database and the device root."""
+        try:
+            self.state.close()
+        finally:
+            self.ctx.fs.close()
+            self.source.close()
+
+
+@dataclass(frozen=True)
+class _Verified:
+    commit: str
+    release: VerifiedRelease
+    tree: Mapping[str, bytes]
+    trust: TrustRoot
+    trust_changed: bool
+
+
+# --- plumbing ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def apply_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the exclusive apply lock of ``state_dir`` for the block.
+
+    Raises:
+        LockedError: another process (or thread) holds it.
+        StateError: the lock file cannot be created.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(f"cannot open the apply lock in {state_dir}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise LockedError(f"another apply holds {state_dir / LOCK_FILE}") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _digest_key(state_dir: Path) -> bytes:
+    """Return the device-local HMAC key for secret digests, creating it (0600) on first use."""
+    path = state_dir / DIGEST_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.write(fd, os.urandom(32))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(key) != 32:
+        raise StateError(f"{path} is corrupt; remove it to start over")
+    return key
+
+
+def _secret_opener(state_dir: Path) -> Callable[[SecretFile, bytes], bytes]:
+    """Return a function opening a sealed document for a secret_file with this device's key.
+
+    The expected secret id is the sealed file's name without ``.sealed.json``
+    (``secrets/wifi-psk.sealed.json`` -> ``wifi-psk``), so a sealed file cannot be moved to another
+    name. The device key is loaded on first use only.
+    """
+    cache: list[PrivateKey] = []
+
+    def opener(res: SecretFile, document: bytes) -> bytes:
+        if not cache:
+            cache.append(load_encryption_private(state_dir))
+        name = res.secret.rsplit("/", 1)[-1]
+        expected = name.removesuffix(SECRET_SUFFIX)
+        return open_sealed(document, expected_id=expected, key=cache[0])
+
+    return opener
+
+
+def _open_runtime(config: AgentConfig) -> _Runtime:
+    state_dir = config.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    profile = load_profile(config.profile, list(config.profile_dirs))
+    backups = state_dir / BACKUP_DIR
+    backups.mkdir(exist_ok=True, mode=0o700)
+    key = _digest_key(state_dir)
+    auth = config.repo.auth
+    try:
+        source = Source(
+            config.repo.url, config.repo.branch, state_dir / REPO_CACHE,
+            max_bytes=config.repo.max_fetch_bytes, depth=1, timeout=config.repo.timeout,
+            auth=SourceAuth(token=_read_secret_file(auth.token_file), username=auth.username,
+                            password=_read_secret_file(auth.password_file), ssh_key=auth.ssh_key,
+                            ssh_known_hosts=auth.ssh_known_hosts),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"repo: {exc}") from exc
+    fs = FsRoot(config.root, profile.allowed_roots)
+    try:
+        state = StateDB(state_dir / STATE_DB)
+    except BaseException:
+        fs.close()
+        raise
+    runner = Runner()
+    ctx = Context(
+        fs=fs, runner=runner, payloads={}, open_secret=_secret_opener(state_dir), backup_store=backups,
+        secret_digest=lambda data: hmac.new(key, data, hashlib.sha256).hexdigest(),
+    )
+    return _Runtime(config=config, state=state, profile=profile, ctx=ctx, runner=runner, source=source)
+
+
+def _read_secret_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise FetchError(f"cannot read credential file {path}: {exc.strerror or exc}") from exc
+
+
+def _with_payloads(ctx: Context, payloads: Mapping[str, bytes]) -> Context:
+    return Context(fs=ctx.fs, runner=ctx.runner, payloads=payloads, open_secret=ctx.open_secret,
+                   backup_store=ctx.backup_store, secret_digest=ctx.secret_digest)
+
+
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else datetime.now(UTC)
+
+
+def _iso(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- verification --------------------------------------------------------------------------------
+
+
+def _stored_trust(config: AgentConfig, state: StateDB) -> TrustRoot:
+    """The trust root to verify with: the persisted one once it was rotated, else the config's.
+
+    Until the fleet rotates its keys the config file is the source of truth (so an operator can
+    re-provision a device by editing agent.yaml); after a verified rotation the persisted root wins.
+    """
+    data = state.trust_root()
+    if data:
+        try:
+            stored = TrustRoot(keys=frozenset(str(k) for k in data["keys"]), threshold=int(data["threshold"]),
+                               version=int(data["version"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"the stored trust root is malformed: {exc}") from exc
+        if stored.version > 1:
+            return stored
+    return TrustRoot(keys=frozenset(config.trust.keys), threshold=config.trust.threshold)
+
+
+def _root_documents(tree: Mapping[str, bytes]) -> dict[int, bytes]:
+    docs: dict[int, bytes] = {}
+    prefix = ROOT_DIR.rstrip("/") + "/"
+    for path, data in tree.items():
+        if path.startswith(prefix) and path.endswith(".json"):
+            stem = path[len(prefix):-len(".json")]
+            if stem.isdigit():
+                docs[int(stem)] = data
+    return docs
+
+
+def _tree_index(tree: Mapping[str, bytes]) -> dict[str, tuple[str, int]]:
+    return {p: (hashlib.sha256(d).hexdigest(), len(d)) for p, d in tree.items()}
+
+
+def _tree_digest(tree: Mapping[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for path, (digest, size) in sorted(_tree_index(tree).items()):
+        h.update(f"{path}\0{digest}\0{size}\n".encode())
+    return h.hexdigest()
+
+
+def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime) -> _Verified:
+    """Fetch, then verify the tree completely. Raises FetchError or an UntrustedInputError."""
+    fetched = rt.source.fetch(want)
+    tree = rt.source.read_tree(fetched.commit)
+    with log_context(commit=fetched.commit):
+        current = _stored_trust(rt.config, rt.state)
+        docs = {v: d for v, d in _root_documents(tree).items() if v > current.version}
+        trust = update_trust_root(current, docs) if docs else current
+        manifest = tree.get(MANIFEST_PATH)
+        if manifest is None:
+            raise FileMissing(f"the release has no signed manifest at {MANIFEST_PATH}")
+        release = verify_release(manifest, trust, now=now, floor=rt.state.floor(),
+                                 max_bytes=MAX_MANIFEST_BYTES)
+        check_tree(release, _tree_index(tree))
+    return _Verified(commit=fetched.commit, release=release, tree=tree, trust=trust,
+                     trust_changed=trust != current)
+
+
+def _persist_trust(state: StateDB, verified: _Verified) -> None:
+    if verified.trust_changed:
+        t = verified.trust
+        state.set_trust_root({"keys": sorted(t.keys), "threshold": t.threshold, "version": t.version})
+        state.add_event("trust_rotated", {"version": t.version, "threshold": t.threshold,
+                                          "keys": len(t.keys)})
+        log.info("trust root rotated to version %s", t.version)
+
+
+def _desired(rt: _Runtime, tree: Mapping[str, bytes]) -> DesiredState:
+    device = DeviceIdentity(id=rt.config.device_id, labels=dict(rt.config.labels), profile=rt.config.profile)
+    return select(tree, device, rt.profile)
+
+
+def _unavailable(desired: DesiredState, rt: _Runtime, ctx: Context) -> dict[str, str]:
+    """Probe the driver of every kind the release uses; return kind -> reason for the unusable ones."""
+    kinds = {r.kind for r in desired.resources}
+    out = {k: f"the device profile {rt.profile.name} does not allow {k} resources"
+           for k in sorted(kinds - set(rt.profile.drivers))}
+    out.update(probe_kinds(kinds & set(rt.profile.drivers), ctx))
+    return out
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+def event_payload(config: AgentConfig, kind: str, *, now: datetime, commit: str | None,
+                  release: int | None, reason: str | None, **extra: Any) -> bytes:
+    """Return the JSON bytes of one event message for ``<prefix>/<device>/events``."""
+    body: dict[str, Any] = {"schema": 1, "device": config.device_id, "ts": _iso(now), "type": kind,
+                            "commit": commit, "release": release, "reason": reason}
+    body.update(extra)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _record(rt: _Runtime, kind: str, *, now: datetime, commit: str | None, release: int | None,
+            reason: str | None, **extra: Any) -> None:
+    rt.state.add_event(kind, {"commit": commit, "release": release, "reason": reason, **extra})
+    topic = f"{rt.config.mqtt_prefix}/{rt.config.device_id}/events"
+    payload = event_payload(rt.config, kind, now=now, commit=commit, release=release, reason=reason, **extra)
+    rt.state.outbox_put(topic, payload, qos=1, retain=False, cls="outcome")
+
+
+def _finish(rt: _Runtime, result: SyncResult, now: datetime, *, quiet: bool = False) -> SyncResult:
+    if not quiet:
+        _record(rt, "sync_" + result.outcome, now=now, commit=result.commit, release=result.version,
+                reason=result.reason, step=result.step, changes=result.changes)
+    level = logging.INFO if result.outcome in ("applied", "noop", "paused") else logging.WARNING
+    log.log(level, "sync %s: release %s commit %s changes %s%s", result.outcome, result.version,
+            result.commit, result.changes, f" ({result.reason})" if result.reason else "")
+    return result
+
+
+def _make_checks(desired: DesiredState, rt: _Runtime) -> Callable[[], list[CheckResult]]:
+    def checks() -> list[CheckResult]:
+        return run_checks(desired.checks, rt.runner, rt.config.root)
+
+    return checks
+
+
+def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, *, version: int, commit: str) -> Outcome:
+    ctx = _with_payloads(rt.ctx, desired.payloads)
+    return apply_plan(plan, desired, ctx, rt.state, txn_id=uuid.uuid4().hex, version=version, commit=commit,
+                      run_checks=_make_checks(desired, rt))
+
+
+# --- the operations ------------------------------------------------------------------------------
+
+
+def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> SyncResult:
+    """Run one fetch -> verify -> select -> plan -> apply -> record cycle.
+
+    Args:
+        config: the validated agent configuration.
+        want: a commit the fleet server assigned; None means the branch head.
+        now: the time used for expiry checks and timestamps (default: the clock).
+
+    Raises:
+        LockedError: another apply is running.
+        ConfigError: the device profile cannot be loaded.
+        StateError: the state database cannot be used.
+    """
+    with log_context(device=config.device_id), apply_lock(config.state_dir):
+        rt = _open_runtime(config)
+        try:
+            return _sync_locked(rt, want, _now(now))
+        finally:
+            rt.close()
+
+
+def _sync_locked(rt: _Runtime, want: str | None, now: datetime) -> SyncResult:
+    recovered = recover(rt.state, rt.ctx)
+    if recovered is not None:
+        _record(rt, "recovered", now=now, commit=None, release=None, reason=recovered.reason,
+                status=recovered.status)
+    installed = rt.state.installed()
+    try:
+        verified = _fetch_and_verify(rt, want, now)
+    except FetchError as exc:
+        return _finish(rt, SyncResult("fetch_failed", reason=str(exc)), now)
+    except UntrustedInputError as exc:
+        return _finish(rt, SyncResult("refused", reason=str(exc)), now)
+    version, commit = verified.release.version, verified.commit
+    with log_context(commit=commit, release=version):
+        _persist_trust(rt.state, verified)
+        rt.state.raise_floor(verified.release.rollback_floor)
+        paused = rt.state.get_meta(_META_PAUSED)
+        if paused:
+            return _finish(rt, SyncResult("paused", version, commit, reason=f"paused: {paused}"), now,
+                           quiet=installed is not None and installed.commit == commit)
+        try:
+            desired = _desired(rt, verified.tree)
+            ctx = _with_payloads(rt.ctx, desired.payloads)
+            missing = _unavailable(desired, rt, ctx)
+            if missing:
+                reason = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
+                raise DriverUnavailable(f"drivers unavailable on this device: {reason}")
+            plan = make_plan(desired, rt.state.managed(), ctx)
+            if plan.unavailable:
+                reason = "; ".join(f"{k}: {v}" for k, v in sorted(plan.unavailable.items()))
+                raise DriverUnavailable(f"drivers unavailable on this device: {reason}")
+        except (UntrustedInputError, DriverUnavailable) as exc:
+            return _finish(rt, SyncResult("refused", version, commit, reason=str(exc)), now)
+        outcome = _apply(rt, desired, plan, version=version, commit=commit)
+        result = SyncResult(outcome.status, version, commit, reason=outcome.reason, step=outcome.step,
+                            changes=outcome.changes)
+        same = installed is not None and installed.commit == commit
+        if outcome.status in ("applied", "noop"):
+            rt.state.set_installed(version, commit, list(desired.bundles))
+            rt.state.set_meta(_META_TREE, _tree_digest(verified.tree))
+        return _finish(rt, result, now, quiet=outcome.status == "noop" and same)
+
+
+def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> str:
+    """Fetch, verify, select and plan; return the plan as readable text. Changes nothing on the device.
+
+    Raises:
+        FetchError: the mirror cannot be reached.
+        UntrustedInputError: the release fails verification or selection.
+        DriverUnavailable: the release uses a kind whose driver cannot work here.
+    """
+    with log_context(device=config.device_id):
+        rt = _open_runtime(config)
+        try:
+            verified = _fetch_and_verify(rt, want, _now(now))
+            desired = _desired(rt, verified.tree)
+            ctx = _with_payloads(rt.ctx, desired.payloads)
+            missing = _unavailable(desired, rt, ctx)
+            if missing:
+                reason = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
+                raise DriverUnavailable(f"drivers unavailable on this device: {reason}")
+            plan = make_plan(desired, rt.state.managed(), ctx)
+            header = f"release {verified.release.version} commit {verified.commit}\n"
+            return header + render_plan(plan)
+        finally:
+            rt.close()
+
+
+def _installed_desired(rt: _Runtime) -> tuple[DesiredState, int, str] | None:
+    """Rebuild the desired state of the installed release from the local repository cache."""
+    installed = rt.state.installed()
+    if installed is None:
+        return None
+    tree = rt.source.read_tree(installed.commit)
+    if _tree_digest(tree) != rt.state.get_meta(_META_TREE):
+        raise StateError(f"the cached tree of commit {installed.commit} no longer matches what was verified")
+    return _desired(rt, tree), installed.version, installed.commit
+
+
+def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftReport:
+    """Compare the device with the installed release; in enforce mode correct it in a transaction.
+
+    Drift is recorded in the state (``add_drift``), as an event and an outbox message
+    (``drift_detected``, then ``drift_corrected`` when enforce mode fixed it). A paused device or
+    ``audit`` mode only records. Nothing is done when no release is installed yet.
+
+    Raises:
+        LockedError: an apply is running (try again at the next drift interval).
+        StateError: the state or the repository cache cannot be read.
+    """
+    when = _now(now)
+    with log_context(device=config.device_id), apply_lock(config.state_dir):
+        rt = _open_runtime(config)
+        try:
+            loaded = _installed_desired(rt)
+            if loaded is None:
+                return DriftReport((), False)
+            desired, version, commit = loaded
+            with log_context(commit=commit, release=version):
+                ctx = _with_payloads(rt.ctx, desired.payloads)
+                findings = tuple(detect_drift(desired, rt.state.managed(), ctx))
+                if not findings:
+                    return DriftReport((), False)
+                enforce = config.mode == "enforce" and not rt.state.get_meta(_META_PAUSED)
+                outcome: Outcome | None = None
+                if enforce:
+                    plan = make_plan(desired, rt.state.managed(), ctx)
+                    outcome = _apply(rt, desired, plan, version=version, commit=commit)
+                corrected = outcome is not None and outcome.status in ("applied", "noop")
+                for f in findings:
+                    rt.state.add_drift(f.resource_id, f.expected, f.found, corrected)
+                ids = [f.resource_id for f in findings]
+                _record(rt, "drift_detected", now=when, commit=commit, release=version, reason=None,
+                        resources=ids)
+                if corrected:
+                    _record(rt, "drift_corrected", now=when, commit=commit, release=version, reason=None,
+                            resources=ids)
+                log.warning("drift in %s resource(s): %s; corrected=%s", len(ids), ", ".join(ids), corrected)
+                return DriftReport(findings, corrected, outcome.status if outcome is not None else None)
+        finally:
+            rt.close()
+
+
+def _set_pause(config: AgentConfig, reason: str | None, now: datetime | None) -> None:
+    when = _now(now)
+    with log_context(device=config.device_id):
+        state_dir = config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = StateDB(state_dir / STATE_DB)
+        try:
+            installed = state.installed()
+            commit = installed.commit if installed else None
+            version = installed.version if installed else None
+            kind = "paused" if reason is not None else "resumed"
+            state.set_meta(_META_PAUSED, reason)
+            state.add_event(kind, {"reason": reason, "commit": commit, "release": version})
+            topic = f"{config.mqtt_prefix}/{config.device_id}/events"
+            state.outbox_put(topic, event_payload(config, kind, now=when, commit=commit, release=version,
+                                                  reason=reason), qos=1, retain=False, cls="outcome")
+            log.warning("%s%s", kind, f": {reason}" if reason else "")
+        finally:
+            state.close()
+
+
+def pause(config: AgentConfig, reason: str, *, now: datetime | None = None) -> None:
+    """Stop applying and enforcing (break-glass); recorded as an event and reported.
+
+    Raises:
+        ConfigError: the reason is empty.
+        StateError: the state database cannot be written.
+    """
+    if not reason.strip():
+        raise ConfigError("pause: a reason is required")
+    _set_pause(config, reason.strip(), now)
+
+
+def resume(config: AgentConfig, *, now: datetime | None = None) -> None:
+    """Apply and enforce again after :func:`pause`; recorded as an event and reported.
+
+    Raises:
+        StateError: the state database cannot be written.
+    """
+    _set_pause(config, None, now)
+
+
+def _last_sync(state: StateDB) -> dict[str, Any] | None:
+    for event in state.recent_events(200):
+        if event.kind.startswith("sync_"):
+            ts = datetime.fromtimestamp(event.at, UTC)
+            return {"kind": event.kind, "ts": _iso(ts), "detail": event.detail.get("reason") or "ok",
+                    "commit": event.detail.get("commit"), "release": event.detail.get("release")}
+    return None
+
+
+def status(config: AgentConfig) -> dict[str, Any]:
+    """Return what the device runs and how it is doing, as a JSON-able dict.
+
+    Raises:
+        StateError: the state database cannot be read.
+    """
+    state_dir = config.state_dir
+    out: dict[str, Any] = {"device": config.device_id, "mode": config.mode, "profile": config.profile,
+                           "labels": dict(config.labels), "repo": config.repo.url,
+                           "branch": config.repo.branch}
+    if not (state_dir / STATE_DB).exists():
+        out.update({"installed": None, "floor": 0, "paused": None, "managed": 0, "open_transaction": None,
+                    "last_sync": None})
+        return out
+    state = StateDB(state_dir / STATE_DB)
+    try:
+        installed = state.installed()
+        open_txn = state.open_txn()
+        out.update({
+            "installed": None if installed is None else {
+                "version": installed.version, "commit": installed.commit, "bundles": list(installed.bundles)},
+            "floor": state.floor(),
+            "paused": state.get_meta(_META_PAUSED) or None,
+            "managed": len(state.managed()),
+            "open_transaction": None if open_txn is None else open_txn.txn_id,
+            "last_sync": _last_sync(state),
+        })
+    finally:
+        state.close()
+    return out

@@ -1,0 +1,402 @@
+"""``agent.yaml``: the device agent's configuration as frozen dataclasses, validated once.
+
+:func:`load_config` reads the file, refuses unknown keys and wrong types with a :class:`ConfigError`
+naming the field (``repo.auth.token_file: ...``), fills in defaults, and resolves relative paths
+against the directory of the config file. Every field and its default is documented in
+``docs/agent-config.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_agent.errors import ConfigError, KeyFileError
+from edge_agent.trust.keys import parse_verify_key
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_PROFILE_DIRS",
+    "AgentConfig",
+    "BackoffConfig",
+    "Intervals",
+    "MqttConfig",
+    "MqttTls",
+    "RepoAuth",
+    "RepoConfig",
+    "TrustConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
+DEFAULT_PROFILE_DIRS = (Path("/etc/edge-agent/profiles"), Path("/usr/share/edge-agent/profiles"))
+_MAX_CONFIG_BYTES = 1024 * 1024
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
+_BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class RepoAuth:
+    """Credentials for the Git mirror; secrets are named by file, never inline."""
+
+    token_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    ssh_key: Path | None = None
+    ssh_known_hosts: Path | None = None
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """Where the signed config repository is fetched from."""
+
+    url: str
+    branch: str = "main"
+    auth: RepoAuth = field(default_factory=RepoAuth)
+    max_fetch_bytes: int = 256 * 1024 * 1024
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """The initial trust root: operator public keys (``ed25519:...``) and how many must sign."""
+
+    keys: tuple[str, ...]
+    threshold: int = 1
+
+
+@dataclass(frozen=True)
+class MqttTls:
+    """TLS files for the broker connection."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How the agent reaches the MQTT broker (used by the reporting module)."""
+
+    host: str
+    port: int = 1883
+    tls: MqttTls | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    protocol: str = "5"
+    prefix: str = "fleet/v1"
+    keepalive: int = 60
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """Seconds between syncs, drift checks and health reports."""
+
+    poll: float = 300.0
+    drift: float = 60.0
+    health: float = 60.0
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    """Capped exponential backoff (seconds) for fetch and broker retries."""
+
+    base: float = 1.0
+    cap: float = 300.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole validated ``agent.yaml``."""
+
+    device_id: str
+    repo: RepoConfig
+    trust: TrustConfig
+    labels: Mapping[str, str] = field(default_factory=dict)
+    profile: str = "generic-linux"
+    profile_dirs: tuple[Path, ...] = DEFAULT_PROFILE_DIRS
+    mqtt: MqttConfig | None = None
+    mode: str = "enforce"
+    intervals: Intervals = field(default_factory=Intervals)
+    backoff: BackoffConfig = field(default_factory=BackoffConfig)
+    root: Path = Path("/")
+    state_dir: Path = Path("/var/lib/edge-agent")
+    log_level: str = "info"
+
+    @property
+    def mqtt_prefix(self) -> str:
+        """The topic prefix for reports (``fleet/v1`` when no mqtt section is configured)."""
+        return self.mqtt.prefix if self.mqtt is not None else "fleet/v1"
+
+
+def parse_duration(value: object, name: str) -> float:
+    """Turn ``30``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"`` or ``"250ms"`` into positive seconds.
+
+    Raises:
+        ConfigError: not a duration, or not positive.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: must be a duration such as 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    else:
+        raise ConfigError(f"{name}: must be a duration such as 30s, 5m or 1h, got {str(value)[:40]!r}")
+    if not seconds > 0 or seconds > 365 * 86400:
+        raise ConfigError(f"{name}: duration must be positive and at most a year")
+    return seconds
+
+
+class _Section:
+    """Typed reads from one mapping of the config, with the dotted name for errors."""
+
+    def __init__(self, raw: object, name: str, allowed: frozenset[str], base_dir: Path) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{name or 'agent.yaml'}: must be a mapping")
+        unknown = sorted(str(k) for k in raw if k not in allowed)
+        if unknown:
+            raise ConfigError(f"{self._join(name, unknown[0])}: unknown key")
+        self.raw: Mapping[str, Any] = raw
+        self.name = name
+        self.base_dir = base_dir
+
+    @staticmethod
+    def _join(name: str, key: str) -> str:
+        return f"{name}.{key}" if name else key
+
+    def at(self, key: str) -> str:
+        return self._join(self.name, key)
+
+    def has(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def section(self, key: str, allowed: frozenset[str]) -> _Section:
+        return _Section(self.raw.get(key) or {}, self.at(key), allowed, self.base_dir)
+
+    def str_(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        v = self.raw.get(key)
+        if v is None:
+            if required:
+                raise ConfigError(f"{self.at(key)}: is required")
+            return default
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise ConfigError(f"{self.at(key)}: must be a non-empty string")
+        return v
+
+    def req_str(self, key: str) -> str:
+        v = self.str_(key, required=True)
+        assert v is not None
+        return v
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        if text not in choices:
+            raise ConfigError(f"{self.at(key)}: must be one of {', '.join(choices)}, got {v!r}")
+        return str(text)
+
+    def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{self.at(key)}: must be an integer")
+        if not minimum <= v <= maximum:
+            raise ConfigError(f"{self.at(key)}: must be from {minimum} to {maximum}, got {v}")
+        return v
+
+    def size(self, key: str, default: int) -> int:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?)?\s*", v)
+            if not m:
+                raise ConfigError(f"{self.at(key)}: must be a byte count such as 268435456 or 256MiB")
+            mult = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[(m.group(2) or "")[:1]]
+            v = int(m.group(1)) * mult
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1024:
+            raise ConfigError(f"{self.at(key)}: must be a byte count of at least 1024")
+        return v
+
+    def duration(self, key: str, default: float) -> float:
+        v = self.raw.get(key)
+        return default if v is None else parse_duration(v, self.at(key))
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise ConfigError(f"{self.at(key)}: must be a path")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def req_path(self, key: str, default: Path) -> Path:
+        p = self.path(key, default)
+        assert p is not None
+        return p
+
+
+def _labels(top: _Section) -> dict[str, str]:
+    raw = top.raw.get("labels")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("labels: must be a mapping of name to value")
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not _LABEL_KEY.match(k):
+            raise ConfigError(f"labels.{k}: invalid label name")
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise ConfigError(f"labels.{k}: value must be a string")
+        out[k] = str(v)
+    return out
+
+
+def _profile_dirs(top: _Section) -> tuple[Path, ...]:
+    raw = top.raw.get("profile_dirs")
+    if raw is None:
+        return DEFAULT_PROFILE_DIRS
+    if not isinstance(raw, list) or not raw or not all(isinstance(p, str) and p for p in raw):
+        raise ConfigError("profile_dirs: must be a non-empty list of directories")
+    return tuple(p if p.is_absolute() else top.base_dir / p for p in (Path(s).expanduser() for s in raw))
+
+
+def _repo(top: _Section) -> RepoConfig:
+    if not top.has("repo"):
+        raise ConfigError("repo: is required")
+    s = top.section("repo", frozenset({"url", "branch", "auth", "max_fetch_bytes", "timeout"}))
+    url = s.req_str("url")
+    if not url.startswith(_URL_SCHEMES):
+        raise ConfigError(f"repo.url: scheme must be one of {', '.join(_URL_SCHEMES)}")
+    branch = s.str_("branch", "main")
+    assert branch is not None
+    if not _BRANCH.match(branch) or ".." in branch or branch.startswith(("/", "-")):
+        raise ConfigError(f"repo.branch: invalid branch name {branch!r}")
+    auth_keys = frozenset({"token_file", "username", "password_file", "ssh_key", "ssh_known_hosts"})
+    a = s.section("auth", auth_keys)
+    auth = RepoAuth(token_file=a.path("token_file"), username=a.str_("username"),
+                    password_file=a.path("password_file"), ssh_key=a.path("ssh_key"),
+                    ssh_known_hosts=a.path("ssh_known_hosts"))
+    if auth.token_file is not None and auth.password_file is not None:
+        raise ConfigError("repo.auth: give token_file or password_file, not both")
+    return RepoConfig(url=url, branch=branch, auth=auth,
+                      max_fetch_bytes=s.size("max_fetch_bytes", 256 * 1024 * 1024),
+                      timeout=s.duration("timeout", 30.0))
+
+
+def _trust(top: _Section) -> TrustConfig:
+    if not top.has("trust"):
+        raise ConfigError("trust: is required")
+    s = top.section("trust", frozenset({"keys", "threshold"}))
+    keys = s.raw.get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError("trust.keys: must be a non-empty list of ed25519:... public keys")
+    for i, k in enumerate(keys):
+        try:
+            parse_verify_key(k)
+        except KeyFileError as exc:
+            raise ConfigError(f"trust.keys[{i}]: {exc}") from exc
+    unique = tuple(dict.fromkeys(str(k) for k in keys))
+    threshold = s.int_("threshold", 1, minimum=1, maximum=len(unique))
+    return TrustConfig(keys=unique, threshold=threshold)
+
+
+def _mqtt(top: _Section) -> MqttConfig | None:
+    if not top.has("mqtt"):
+        return None
+    fields = {"host", "port", "tls", "username", "password_file", "protocol", "prefix", "keepalive"}
+    s = top.section("mqtt", frozenset(fields))
+    tls: MqttTls | None = None
+    if s.has("tls"):
+        t = s.section("tls", frozenset({"ca_file", "cert_file", "key_file"}))
+        tls = MqttTls(ca_file=t.path("ca_file"), cert_file=t.path("cert_file"), key_file=t.path("key_file"))
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ConfigError("mqtt.tls: cert_file and key_file go together")
+    prefix = s.str_("prefix", "fleet/v1")
+    assert prefix is not None
+    if not _PREFIX.match(prefix):
+        raise ConfigError("mqtt.prefix: must be topic levels of [A-Za-z0-9._-] without wildcards")
+    default_port = 8883 if tls is not None else 1883
+    return MqttConfig(host=s.req_str("host"), port=s.int_("port", default_port, minimum=1, maximum=65535),
+                      tls=tls, username=s.str_("username"), password_file=s.path("password_file"),
+                      protocol=s.choice("protocol", "5", ("5", "3.1.1")), prefix=prefix,
+                      keepalive=s.int_("keepalive", 60, minimum=5, maximum=3600))
+
+
+_TOP_KEYS = frozenset({
+    "device_id", "labels", "profile", "profile_dirs", "repo", "trust", "mqtt", "mode", "intervals",
+    "backoff", "root", "state_dir", "log_level",
+})
+
+
+def parse_config(raw: object, base_dir: Path) -> AgentConfig:
+    """Validate an already-parsed ``agent.yaml`` value; relative paths resolve against ``base_dir``.
+
+    Raises:
+        ConfigError: naming the first invalid field and why.
+    """
+    top = _Section(raw, "", _TOP_KEYS, base_dir)
+    device_id = top.req_str("device_id")
+    if not _DEVICE_ID.match(device_id):
+        raise ConfigError("device_id: must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    profile = top.str_("profile", "generic-linux")
+    assert profile is not None
+    if not _DEVICE_ID.match(profile):
+        raise ConfigError("profile: must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    iv = top.section("intervals", frozenset({"poll", "drift", "health"}))
+    intervals = Intervals(poll=iv.duration("poll", 300.0), drift=iv.duration("drift", 60.0),
+                          health=iv.duration("health", 60.0))
+    bo = top.section("backoff", frozenset({"base", "cap"}))
+    backoff = BackoffConfig(base=bo.duration("base", 1.0), cap=bo.duration("cap", 300.0))
+    if backoff.cap < backoff.base:
+        raise ConfigError("backoff.cap: must not be below backoff.base")
+    return AgentConfig(
+        device_id=device_id, repo=_repo(top), trust=_trust(top), labels=_labels(top), profile=profile,
+        profile_dirs=_profile_dirs(top), mqtt=_mqtt(top),
+        mode=top.choice("mode", "enforce", ("enforce", "audit")), intervals=intervals, backoff=backoff,
+        root=top.req_path("root", Path("/")),
+        state_dir=top.req_path("state_dir", Path("/var/lib/edge-agent")),
+        log_level=top.choice("log_level", "info", _LOG_LEVELS),
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate ``agent.yaml`` at ``path``.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not YAML, or a field is invalid.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes")
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if raw is None:
+        raise ConfigError(f"{path}: is empty")
+    base = path.resolve().parent
+    return parse_config(raw, base)

@@ -1,0 +1,163 @@
+"""The run loop of ``edge-agent run``: sync on a timer or a nudge, check drift, stop at a safe point.
+
+One thread does all the work, so two applies never overlap inside the daemon; the apply lock
+(``state_dir/apply.lock``) keeps a concurrent ``edge-agent sync`` out as well. Timers:
+
+* sync at start (which first undoes a transaction a crash left open), then every ``intervals.poll``;
+  after a ``fetch_failed`` the next attempt comes after a capped exponential backoff with full
+  jitter (``backoff.base`` .. ``backoff.cap``) instead, and a success resets the backoff;
+* a drift check every ``intervals.drift`` (enforce: correct and record; audit: record only);
+* :meth:`Daemon.request_sync` (called by the reporting module on a server nudge or a new desired
+  revision) wakes the loop at once.
+
+SIGTERM and SIGINT only set the stop event; the loop looks at it between operations, never in the
+middle of an apply, so the daemon always stops at a safe point.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from types import FrameType
+
+from edge_agent.agent import DriftReport, SyncResult, check_drift, sync_once
+from edge_agent.backoff import Backoff
+from edge_agent.config import AgentConfig
+from edge_agent.errors import EdgeFleetError, LockedError
+from edge_agent.logs import log_context
+
+__all__ = ["Daemon", "install_signal_handlers", "run"]
+
+log = logging.getLogger(__name__)
+
+_MAX_WAIT = 0.5  # how often an idle loop looks at the stop event, in seconds
+
+
+class Daemon:
+    """The agent's run loop; construct with a config and a stop event, then call :meth:`run`.
+
+    Args:
+        config: the validated configuration.
+        stop: set it (from a signal handler or another thread) to end :meth:`run` at a safe point.
+        rng: random source of the backoff jitter (seed it in tests).
+        clock: monotonic clock in seconds.
+        on_sync: called with every :class:`SyncResult` (the reporting module listens here).
+        on_drift: called with every :class:`DriftReport` that found something.
+    """
+
+    def __init__(self, config: AgentConfig, *, stop: threading.Event, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_sync: Callable[[SyncResult], None] | None = None,
+                 on_drift: Callable[[DriftReport], None] | None = None) -> None:
+        self.config = config
+        self.stop = stop
+        self._clock = clock
+        self._backoff = Backoff(base=config.backoff.base, cap=config.backoff.cap, rng=rng)
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._want: str | None = None
+        self._on_sync = on_sync
+        self._on_drift = on_drift
+        self.syncs = 0
+        self.drift_checks = 0
+        self.last_result: SyncResult | None = None
+
+    def request_sync(self, want: str | None = None) -> None:
+        """Ask for a sync as soon as the loop is at a safe point (a nudge).
+
+        ``want`` pins a commit as :meth:`set_desired` does; None keeps following what was assigned.
+        """
+        with self._lock:
+            if want is not None:
+                self._want = want
+        self._wake.set()
+
+    def set_desired(self, want: str | None) -> None:
+        """Follow ``want`` (the commit the fleet server assigned; None: the branch head) from now on.
+
+        Wakes the loop for a sync at once.
+        """
+        with self._lock:
+            self._want = want
+        self._wake.set()
+
+    def _take_want(self) -> str | None:
+        with self._lock:
+            return self._want
+
+    def _sync(self) -> float:
+        """Run one sync; return the seconds until the next one."""
+        want = self._take_want()
+        try:
+            result = sync_once(self.config, want=want)
+        except LockedError as exc:
+            log.info("sync skipped: %s", exc)
+            return min(self.config.intervals.poll, max(self.config.backoff.base, 1.0))
+        except EdgeFleetError as exc:
+            log.error("sync could not run: %s", exc)
+            return self._backoff.next_delay()
+        self.syncs += 1
+        self.last_result = result
+        if self._on_sync is not None:
+            self._on_sync(result)
+        if result.outcome == "fetch_failed":
+            delay = self._backoff.next_delay()
+            log.info("mirror unreachable; next attempt in %.1fs", delay)
+            return min(delay, self.config.intervals.poll)
+        self._backoff.reset()
+        return self.config.intervals.poll
+
+    def _drift(self) -> None:
+        try:
+            report = check_drift(self.config, now=datetime.now().astimezone())
+        except LockedError as exc:
+            log.info("drift check skipped: %s", exc)
+            return
+        except EdgeFleetError as exc:
+            log.error("drift check failed: %s", exc)
+            return
+        self.drift_checks += 1
+        if report.findings and self._on_drift is not None:
+            self._on_drift(report)
+
+    def run(self) -> None:
+        """Loop until the stop event is set: sync at start, then on the timers and on request."""
+        with log_context(device=self.config.device_id):
+            log.info("agent started (mode %s, poll %ss, drift %ss)", self.config.mode,
+                     self.config.intervals.poll, self.config.intervals.drift)
+            now = self._clock()
+            next_sync = now
+            next_drift = now + self.config.intervals.drift
+            while not self.stop.is_set():
+                now = self._clock()
+                if self._wake.is_set() or now >= next_sync:
+                    self._wake.clear()
+                    next_sync = self._clock() + self._sync()
+                    continue
+                if now >= next_drift:
+                    self._drift()
+                    next_drift = self._clock() + self.config.intervals.drift
+                    continue
+                self._wake.wait(min(next_sync - now, next_drift - now, _MAX_WAIT))
+            log.info("agent stopped")
+
+
+def run(config: AgentConfig, *, stop: threading.Event) -> None:
+    """Run the agent until ``stop`` is set (see :class:`Daemon`)."""
+    Daemon(config, stop=stop).run()
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """Make SIGTERM and SIGINT set ``stop`` (the loop then ends at its next safe point)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s received; stopping at the next safe point", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,187 @@
+"""agent.yaml parsing: defaults, relative paths, durations, and a ConfigError naming every bad field."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from nacl.signing import SigningKey
+
+from edge_agent.config import DEFAULT_PROFILE_DIRS, load_config, parse_duration
+from edge_agent.errors import ConfigError, KeyFileError
+from edge_agent.identity import init_identity, load_encryption_private, load_identity
+from edge_agent.trust.keys import format_verify_key
+
+KEY = format_verify_key(SigningKey(b"\x01" * 32).verify_key)
+KEY2 = format_verify_key(SigningKey(b"\x02" * 32).verify_key)
+
+
+def minimal() -> dict:
+    return {"device_id": "dev-1", "repo": {"url": "git://127.0.0.1/fleet"}, "trust": {"keys": [KEY]}}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, minimal()))
+    assert cfg.device_id == "dev-1"
+    assert cfg.profile == "generic-linux"
+    assert cfg.profile_dirs == DEFAULT_PROFILE_DIRS
+    assert cfg.repo.branch == "main"
+    assert cfg.repo.max_fetch_bytes == 256 * 1024 * 1024
+    assert cfg.repo.timeout == 30.0
+    assert cfg.trust.keys == (KEY,)
+    assert cfg.trust.threshold == 1
+    assert cfg.mqtt is None
+    assert cfg.mqtt_prefix == "fleet/v1"
+    assert cfg.mode == "enforce"
+    assert (cfg.intervals.poll, cfg.intervals.drift, cfg.intervals.health) == (300.0, 60.0, 60.0)
+    assert (cfg.backoff.base, cfg.backoff.cap) == (1.0, 300.0)
+    assert cfg.root == Path("/")
+    assert cfg.state_dir == Path("/var/lib/edge-agent")
+    assert cfg.log_level == "info"
+    assert dict(cfg.labels) == {}
+
+
+def test_full_config_and_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    data = minimal() | {
+        "labels": {"site": "berlin", "canary": "true", "rack": 7},
+        "profile": "raspberry-pi",
+        "profile_dirs": ["profiles", "/opt/p"],
+        "repo": {"url": "https://127.0.0.1/fleet.git", "branch": "prod",
+                 "auth": {"token_file": "token", "username": "dev"}, "max_fetch_bytes": "64MiB",
+                 "timeout": "1m"},
+        "trust": {"keys": [KEY, KEY2], "threshold": 2},
+        "mqtt": {"host": "127.0.0.1", "tls": {"ca_file": "ca.pem"}, "protocol": "3.1.1",
+                 "prefix": "acme/v1", "keepalive": 30, "password_file": "mqtt.pw"},
+        "mode": "audit",
+        "intervals": {"poll": "5m", "drift": 90, "health": "1h"},
+        "backoff": {"base": "500ms", "cap": "10m"},
+        "root": "root", "state_dir": "state", "log_level": "debug",
+    }
+    cfg = load_config(write(tmp_path, data))
+    base = tmp_path.resolve()
+    assert dict(cfg.labels) == {"site": "berlin", "canary": "true", "rack": "7"}
+    assert cfg.profile_dirs == (base / "profiles", Path("/opt/p"))
+    assert cfg.repo.branch == "prod"
+    assert cfg.repo.auth.token_file == base / "token"
+    assert cfg.repo.max_fetch_bytes == 64 * 1024 * 1024
+    assert cfg.repo.timeout == 60.0
+    assert cfg.trust.threshold == 2
+    assert cfg.mqtt is not None
+    assert cfg.mqtt.port == 8883
+    assert cfg.mqtt.tls is not None
+    assert cfg.mqtt.tls.ca_file == base / "ca.pem"
+    assert cfg.mqtt.password_file == base / "mqtt.pw"
+    assert cfg.mqtt_prefix == "acme/v1"
+    assert cfg.mode == "audit"
+    assert (cfg.intervals.poll, cfg.intervals.drift, cfg.intervals.health) == (300.0, 90.0, 3600.0)
+    assert (cfg.backoff.base, cfg.backoff.cap) == (0.5, 600.0)
+    assert cfg.root == base / "root"
+    assert cfg.state_dir == base / "state"
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(30, 30.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),
+                                                 ("2d", 172800.0), ("250ms", 0.25), (" 7 ", 7.0), (1.5, 1.5)])
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value, "x") == seconds
+
+
+@pytest.mark.parametrize("value", ["", "5 minutes", "-1s", 0, True, "1y", [1], "1.2.3s"])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^x: "):
+        parse_duration(value, "x")
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"device_id": None}, "device_id"),
+    ({"device_id": "a/b"}, "device_id"),
+    ({"device_id": "dev+1"}, "device_id"),
+    ({"device_id": "#"}, "device_id"),
+    ({"device_id": "x" * 65}, "device_id"),
+    ({"colour": "blue"}, "colour"),
+    ({"repo": None}, "repo"),
+    ({"repo": {"url": "ftp://x/y"}}, "repo.url"),
+    ({"repo": {"url": "git://h/r", "branch": "../x"}}, "repo.branch"),
+    ({"repo": {"url": "git://h/r", "extra": 1}}, "repo.extra"),
+    ({"repo": {"url": "git://h/r", "auth": {"token": "inline"}}}, "repo.auth.token"),
+    ({"repo": {"url": "git://h/r", "max_fetch_bytes": "lots"}}, "repo.max_fetch_bytes"),
+    ({"repo": {"url": "git://h/r", "timeout": "soon"}}, "repo.timeout"),
+    ({"trust": {"keys": []}}, "trust.keys"),
+    ({"trust": {"keys": ["ed25519:AAAA"]}}, "trust.keys[0]"),
+    ({"trust": {"keys": [KEY], "threshold": 2}}, "trust.threshold"),
+    ({"trust": {"keys": [KEY], "threshold": 0}}, "trust.threshold"),
+    ({"mqtt": {"port": 1883}}, "mqtt.host"),
+    ({"mqtt": {"host": "h", "protocol": "4"}}, "mqtt.protocol"),
+    ({"mqtt": {"host": "h", "prefix": "fleet/+/x"}}, "mqtt.prefix"),
+    ({"mqtt": {"host": "h", "port": 70000}}, "mqtt.port"),
+    ({"mqtt": {"host": "h", "tls": {"cert_file": "c.pem"}}}, "mqtt.tls"),
+    ({"mode": "yolo"}, "mode"),
+    ({"intervals": {"poll": "never"}}, "intervals.poll"),
+    ({"intervals": {"reboot": "1h"}}, "intervals.reboot"),
+    ({"backoff": {"base": "10m", "cap": "1s"}}, "backoff.cap"),
+    ({"labels": ["a"]}, "labels"),
+    ({"labels": {"site": None}}, "labels.site"),
+    ({"profile_dirs": "/etc"}, "profile_dirs"),
+    ({"log_level": "loud"}, "log_level"),
+    ({"root": 5}, "root"),
+])
+def test_invalid_fields_are_named(tmp_path: Path, patch: dict, field: str) -> None:
+    data = minimal()
+    for k, v in patch.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data))
+    assert str(info.value).startswith(field + ":"), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "device_id: [unclosed", "- a list\n", "\xff"])
+def test_unreadable_documents(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_identity_created_once_and_never_replaced(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = init_identity(state)
+    assert first.created
+    assert first.signing_public.startswith("ed25519:")
+    assert first.encryption_public.startswith("x25519:")
+    for name in ("identity.key", "encryption.key"):
+        assert stat.S_IMODE(os.stat(state / name).st_mode) == 0o600
+    before = (state / "identity.key").read_bytes()
+    second = init_identity(state)
+    assert not second.created
+    assert second.signing_public == first.signing_public
+    assert second.encryption_public == first.encryption_public
+    assert (state / "identity.key").read_bytes() == before
+    loaded = load_identity(state)
+    assert loaded.signing_public == first.signing_public
+    assert load_encryption_private(state).public_key.encode() != b""
+
+
+def test_identity_missing_or_too_open(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError):
+        load_identity(tmp_path)
+    init_identity(tmp_path)
+    os.chmod(tmp_path / "encryption.key", 0o644)
+    with pytest.raises(KeyFileError, match="readable by others"):
+        load_identity(tmp_path)
