@@ -1,0 +1,153 @@
+"""The shared MQTT message schemas: topics, builders, the wire format and every decode refusal."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from edge_agent.errors import MessageError, UntrustedInputError
+from edge_agent.report import messages as m
+
+TS = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _all_messages() -> dict[str, dict[str, Any]]:
+    return {
+        "status": m.status_message("dev-1", commit=COMMIT, release=7, sync_state="applied",
+                                   drift={"count": 2, "resources": ["file:/etc/a"]}, paused=False, ts=TS),
+        "events": m.event_message("dev-1", type="sync_failed", commit=COMMIT, release=7, ts=TS,
+                                  reason="health check web failed", step="health",
+                                  detail={"changes": 3, "nested": {"anything": [1, 2]}}),
+        "health": m.health_message("dev-1", commit=None, release=None, ts=TS,
+                                   metrics={"cpu_percent": 3.5, "disk": {"/": 40.0}},
+                                   checks=[{"name": "web", "ok": True, "bundle": "base", "kind": "http",
+                                            "detail": "200", "duration": 0.01}]),
+        "online": m.online_message("dev-1", True, TS),
+        "desired": m.desired_message("dev-1", revision=COMMIT, release=8, rollout_id="r-42", ts=TS),
+        "nudge": m.nudge_message(revision=COMMIT, release=8, ts=TS),
+    }
+
+
+def test_topics() -> None:
+    assert m.topic("fleet/v1", "dev-1", "status") == "fleet/v1/dev-1/status"
+    assert m.nudge_topic("fleet/v1") == "fleet/v1/_broadcast/nudge"
+    assert m.parse_topic("fleet/v1", "fleet/v1/dev-1/health") == ("dev-1", "health")
+    assert m.parse_topic("fleet/v1", "fleet/v1/_broadcast/nudge") == (None, "nudge")
+    for bad in ("fleet/v2/dev-1/status", "fleet/v1/dev-1/other", "fleet/v1/dev-1/status/x",
+                "fleet/v1/_broadcast/status", "fleet/v1/-dev/status"):
+        assert m.parse_topic("fleet/v1", bad) is None, bad
+    for device in ("a/b", "a+", "a#", "", "-lead", "x" * 65, ".hidden"):
+        with pytest.raises(MessageError) as info:
+            m.topic("fleet/v1", device, "status")
+        assert info.value.reason == "bad_field"
+    with pytest.raises(MessageError):
+        m.topic("fleet/v1", "dev-1", "secrets")
+    with pytest.raises(MessageError):
+        m.nudge_topic("fleet/#")
+    assert m.DEVICE_ID_RE.match("A" + "b" * 63)
+
+
+def test_round_trip_every_kind() -> None:
+    for kind, msg in _all_messages().items():
+        wire = m.encode(msg)
+        assert b" " not in wire.replace(b"health check web failed", b"")
+        device = None if kind == "nudge" else "dev-1"
+        assert m.decode(kind, wire, topic_device=device) == msg
+        assert msg["schema"] == m.SCHEMA_VERSION
+        assert msg["ts"] == "2024-05-01T12:00:00.123Z"
+        if kind != "nudge":
+            assert msg["device"] == "dev-1"
+
+
+def test_timestamps() -> None:
+    plus_two = timezone(timedelta(hours=2))
+    assert m.format_ts(datetime(2024, 1, 1, 2, 0, tzinfo=plus_two)) == "2024-01-01T00:00:00.000Z"
+    assert m.format_ts(0.5) == "1970-01-01T00:00:00.500Z"
+    for bad in (datetime(2024, 1, 1), float("nan"), True, "now"):
+        with pytest.raises(MessageError):
+            m.format_ts(bad)  # type: ignore[arg-type]
+
+
+def test_builders_refuse_bad_values() -> None:
+    with pytest.raises(MessageError):
+        m.event_message("dev-1", type="sync_exploded", commit=None, release=None, ts=TS)
+    with pytest.raises(MessageError):
+        m.status_message("dev-1", commit="not-a-commit", release=1, sync_state="applied", drift={},
+                         paused=False, ts=TS)
+    with pytest.raises(MessageError):
+        m.desired_message("dev-1", revision=COMMIT, release=-1, rollout_id=None, ts=TS)
+    with pytest.raises(MessageError):
+        m.health_message("dev-1", commit=None, release=None, ts=TS, metrics={},
+                         checks=[{"name": "x"}])
+    with pytest.raises(MessageError):
+        m.encode({"x": float("inf")})
+    for event_type in m.EVENT_TYPES:
+        m.event_message("dev-1", type=event_type, commit=None, release=None, ts=TS)
+
+
+def _refusal(kind: str, payload: bytes, topic_device: str | None = "dev-1", **kw: Any) -> str:
+    with pytest.raises(MessageError) as info:
+        m.decode(kind, payload, topic_device=topic_device, **kw)
+    assert isinstance(info.value, UntrustedInputError)
+    assert info.value.reason in str(info.value)
+    return info.value.reason
+
+
+def _mutated(kind: str, **changes: Any) -> bytes:
+    msg = dict(_all_messages()[kind])
+    for key, value in changes.items():
+        if value is _DROP:
+            del msg[key]
+        else:
+            msg[key] = value
+    return json.dumps(msg).encode()
+
+
+_DROP = object()
+
+
+def test_decode_refusals() -> None:
+    good = m.encode(_all_messages()["status"])
+    # the size cap comes first, even before JSON parsing
+    assert _refusal("status", b"{" * 70_000) == "oversized"
+    assert _refusal("status", good, max_bytes=len(good) - 1) == "oversized"
+    m.decode("status", good, topic_device="dev-1", max_bytes=len(good))
+    for payload in (b"", b"not json", b"\xff\xfe", b"[1,2]", b"42", b'"text"', b'{"schema": NaN}',
+                    b'{"schema":1,"schema":1}', good[:-1]):
+        assert _refusal("status", payload) == "malformed_json", payload
+    assert _refusal("status", _mutated("status", schema=2)) == "bad_schema"
+    assert _refusal("status", _mutated("status", schema="1")) == "bad_schema"
+    assert _refusal("status", _mutated("status", schema=_DROP)) == "bad_schema"
+    assert _refusal("status", _mutated("status", schema=True)) == "bad_schema"
+    # spoofing: the device in the payload must be the device of the topic
+    assert _refusal("status", good, topic_device="dev-2") == "spoofed"
+    assert _refusal("desired", m.encode(_all_messages()["desired"]), topic_device="dev-2") == "spoofed"
+    bad_fields = [
+        ("status", {"device": "a/b"}), ("status", {"device": _DROP}), ("status", {"extra": 1}),
+        ("status", {"paused": "no"}), ("status", {"release": True}), ("status", {"release": 1.5}),
+        ("status", {"drift": []}), ("status", {"sync_state": "Applied!"}), ("status", {"ts": "yesterday"}),
+        ("status", {"ts": "2024-13-01T00:00:00Z"}), ("status", {"ts": "2024-05-01T12:00:00+02:00"}),
+        ("status", {"commit": "XYZ"}), ("status", {"commit": _DROP}),
+        ("events", {"type": "nope"}), ("events", {"detail": [1]}), ("events", {"reason": 5}),
+        ("events", {"reason": "x" * 5000}),
+        ("health", {"checks": [{"name": "a", "ok": "yes"}]}), ("health", {"checks": [{"ok": True}]}),
+        ("health", {"checks": [{"name": "a", "ok": True, "secret": "x"}]}), ("health", {"metrics": 3}),
+        ("online", {"online": 1}), ("online", {"commit": COMMIT}),
+        ("desired", {"revision": None}), ("desired", {"rollout_id": 3}), ("desired", {"release": None}),
+        ("nudge", {"device": "dev-1"}), ("nudge", {"revision": "zz"}),
+    ]
+    for kind, changes in bad_fields:
+        device = None if kind == "nudge" else "dev-1"
+        payload = _mutated(kind, **changes)  # type: ignore[arg-type]
+        assert _refusal(kind, payload, topic_device=device) == "bad_field", (kind, changes)
+    assert _refusal("bogus", good) == "bad_field"
+
+
+def test_topic_device_none_skips_the_spoof_check_only() -> None:
+    msg = _all_messages()["events"]
+    assert m.decode("events", m.encode(msg), topic_device=None) == msg
+    assert _refusal("events", _mutated("events", device="no/slash"), topic_device=None) == "bad_field"
