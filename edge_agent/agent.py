@@ -605,7 +605,7 @@ def status(config: AgentConfig) -> dict[str, Any]:
                            "branch": config.repo.branch}
     if not (state_dir / STATE_DB).exists():
         out.update({"installed": None, "floor": 0, "paused": None, "managed": 0, "open_transaction": None,
-                    "last_sync": None})
+                    "last_sync": None, "outbox": 0})
         return out
     state = StateDB(state_dir / STATE_DB)
     try:
@@ -619,6 +619,7 @@ def status(config: AgentConfig) -> dict[str, Any]:
             "managed": len(state.managed()),
             "open_transaction": None if open_txn is None else open_txn.txn_id,
             "last_sync": _last_sync(state),
+            "outbox": state.outbox_count(),
         })
     finally:
         state.close()

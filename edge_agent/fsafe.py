@@ -267,6 +267,19 @@ class FsRoot:
         check_confined(path, self.allowed_roots)
         return self.root / path.lstrip("/")
 
+    def guard_exists(self, path: str) -> bool:
+        """Tell whether anything exists at ``path``, for read-only guards such as ``creates``.
+
+        Unlike every other method this is not confined to the allowed roots and follows
+        symlinks on the way (``/bin`` is a symlink on merged-/usr systems): it only answers
+        "exists?", never reads or writes, so a guard may name a file the profile does not manage.
+
+        Raises:
+            PathError: malformed path (relative, ``..``, NUL).
+        """
+        validate_device_path(path)
+        return os.path.lexists(self.root / path.lstrip("/"))
+
     def lstat(self, path: str) -> Entry | None:
         """Describe what is at ``path`` without following a final symlink; ``None`` when absent.
 

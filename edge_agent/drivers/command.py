@@ -66,11 +66,11 @@ class CommandDriver(Driver):
         """Evaluate the guards.
 
         Raises:
-            ConfinementError: the ``creates`` path is unsafe.
+            PathError: the ``creates`` path is malformed.
             ApplyError: a guard cannot be started.
         """
         assert isinstance(res, CommandRes)
-        if res.creates is not None and ctx.fs.lstat(res.creates) is not None:
+        if res.creates is not None and ctx.fs.guard_exists(res.creates):
             return CommandObserved(f"{res.creates} exists")
         if res.unless is not None and run_command(res.unless, res.timeout, ctx).ok:
             return CommandObserved(f"unless guard passed: {_show(res.unless)}")

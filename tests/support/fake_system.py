@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,120 +29,9 @@ from edge_agent.drivers.base import Context
 from edge_agent.fsafe import FsRoot
 from edge_agent.resources import SecretFile
 from edge_agent.runner import Runner
+from tools.standins import write_standins
 
 __all__ = ["FakeSystem", "make_context", "tree_state"]
-
-_SYSTEMCTL = r'''
-import json, os, sys
-STATE, LOG = {state!r}, {log!r}
-argv = sys.argv[1:]
-with open(LOG, "a") as f:
-    f.write(json.dumps(["systemctl", *argv]) + "\n")
-with open(STATE) as f:
-    st = json.load(f)
-units = st.setdefault("units", {{}})
-args = [a for a in argv if not a.startswith("-")]
-verb, names = (args[0], args[1:]) if args else ("", [])
-
-def known(name):
-    return name in units or any(os.path.exists(os.path.join(d, name)) for d in st.get("unit_dirs", []))
-
-def unit(name):
-    return units.setdefault(name, {{"enabled": "disabled", "active": "inactive"}})
-
-def save():
-    tmp = STATE + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(st, f)
-    os.replace(tmp, STATE)
-
-rc = 0
-if verb == "daemon-reload":
-    st["reloads"] = st.get("reloads", 0) + 1
-elif verb == "is-enabled":
-    name = names[0]
-    if not known(name):
-        print(f"Failed to get unit file state for {{name}}: No such file or directory", file=sys.stderr)
-        rc = 1
-    else:
-        word = unit(name)["enabled"]
-        print(word)
-        rc = 0 if word in ("enabled", "enabled-runtime", "static", "alias", "indirect", "generated") else 1
-elif verb == "is-active":
-    word = unit(names[0])["active"] if names[0] in units else "inactive"
-    print(word)
-    rc = 0 if word == "active" else 3
-elif verb in ("enable", "disable"):
-    name = names[0]
-    if not known(name):
-        print(f"Failed to {{verb}} unit: Unit file {{name}} does not exist.", file=sys.stderr)
-        rc = 1
-    elif unit(name)["enabled"] in ("static", "masked") and verb == "enable":
-        print(f"Failed to enable unit: Unit file {{name}} is {{unit(name)['enabled']}}.", file=sys.stderr)
-        rc = 1
-    else:
-        unit(name)["enabled"] = "enabled" if verb == "enable" else "disabled"
-elif verb in ("start", "restart", "try-restart", "stop"):
-    name = names[0]
-    if verb == "try-restart" and (name not in units or units[name]["active"] != "active"):
-        pass
-    elif not known(name):
-        print(f"Failed to {{verb}} {{name}}: Unit {{name}} not found.", file=sys.stderr)
-        rc = 5
-    elif verb == "stop":
-        unit(name)["active"] = "inactive"
-    elif name in st.get("fail_start", []):
-        unit(name)["active"] = "failed"
-        print(f"Job for {{name}} failed because the control process exited with error code.",
-              file=sys.stderr)
-        rc = 1
-    else:
-        unit(name)["active"] = "active"
-        st.setdefault("starts", {{}})[name] = st.get("starts", {{}}).get(name, 0) + 1
-else:
-    print(f"Unknown command verb {{verb}}.", file=sys.stderr)
-    rc = 1
-save()
-sys.exit(rc)
-'''
-
-_SYSCTL = r'''
-import json, os, sys
-STATE, LOG = {state!r}, {log!r}
-argv = sys.argv[1:]
-with open(LOG, "a") as f:
-    f.write(json.dumps(["sysctl", *argv]) + "\n")
-with open(STATE) as f:
-    st = json.load(f)
-values = st.setdefault("sysctl", {{}})
-
-def missing(name):
-    path = "/proc/sys/" + name.replace(".", "/")
-    print(f"sysctl: cannot stat {{path}}: No such file or directory", file=sys.stderr)
-    sys.exit(255)
-
-if argv[:1] == ["-n"] and len(argv) == 2:
-    if argv[1] not in values:
-        missing(argv[1])
-    print(values[argv[1]])
-elif argv[:1] == ["-w"] and len(argv) == 2 and "=" in argv[1]:
-    name, value = argv[1].split("=", 1)
-    if name not in values:
-        missing(name)
-    if name in st.get("readonly", []):
-        print(f"sysctl: permission denied on key '{{name}}'", file=sys.stderr)
-        sys.exit(255)
-    values[name] = value
-    tmp = STATE + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(st, f)
-    os.replace(tmp, STATE)
-    print(f"{{name}} = {{value}}")
-else:
-    print("sysctl: usage: sysctl -n NAME | sysctl -w NAME=VALUE", file=sys.stderr)
-    sys.exit(1)
-'''
-
 
 @dataclass
 class FakeSystem:
@@ -161,11 +49,7 @@ class FakeSystem:
         fake = cls(bin_dir, base / "fake-system.json", base / "fake-calls.jsonl")
         fake.state_path.write_text(json.dumps({"units": {}, "sysctl": {}, "unit_dirs": []}))
         fake.log_path.write_text("")
-        for name, body in (("systemctl", _SYSTEMCTL), ("sysctl", _SYSCTL)):
-            script = bin_dir / name
-            text = body.format(state=str(fake.state_path), log=str(fake.log_path))
-            script.write_text(f"#!{sys.executable} -I\n{text}")
-            script.chmod(0o755)
+        write_standins(bin_dir, fake.state_path, fake.log_path)
         monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
         return fake
 
