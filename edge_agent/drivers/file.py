@@ -141,12 +141,11 @@ def observe_file(fs: FsRoot, path: str, desired: bytes | None,
         ApplyError: the OS refused.
     """
     accounts = accounts or Accounts()
-    entry = fs.lstat(path)
+    entry, digest = fs.observe(path)
     if entry is None:
         return FileObserved(None, None, None, missing_parents(fs, path), accounts)
     if entry.kind != "file":
         raise ConfinementError(f"{path} is a {entry.kind}, not a regular file; refusing to manage it")
-    digest = fs.sha256(path)
     content = None
     if desired is not None and digest != hashlib.sha256(desired).hexdigest() and entry.size <= DIFF_READ_MAX:
         content = fs.read_file(path, max_bytes=DIFF_READ_MAX)
