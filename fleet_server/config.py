@@ -1,0 +1,402 @@
+"""The fleet server's configuration: a YAML file plus ``--set section.key=value`` overrides, validated
+once into frozen dataclasses.
+
+:func:`load_server_config` reads the file (optional: every field has a default), applies the
+overrides on top, refuses unknown keys and wrong types with a :class:`ServerConfigError` naming the
+field (``ingest.batch_size: ...``), and resolves relative paths against the directory of the config
+file (the working directory when there is none). Every field and its default is documented in
+``docs/server-config.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_agent.config import parse_duration
+from edge_agent.errors import ConfigError, KeyFileError
+from edge_agent.trust.keys import parse_verify_key
+from fleet_server.errors import ServerConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "GitConfig",
+    "GitTrust",
+    "HttpConfig",
+    "IngestConfig",
+    "MqttConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TlsConfig",
+    "load_server_config",
+    "parse_server_config",
+    "parse_set_options",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/fleet-server/server.yaml")
+_MAX_CONFIG_BYTES = 1024 * 1024
+_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+_URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS files for the broker connection."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How the server reaches the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password_file: Path | None = None
+    client_id: str = "fleet-server"
+    protocol: str = "5"
+    prefix: str = "fleet/v1"
+    tls: TlsConfig | None = None
+    keepalive: int = 60
+    session_expiry: float = 86400.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the SQLite database lives and how long history is kept (seconds)."""
+
+    path: Path = Path("/var/lib/fleet-server/fleet.db")
+    events_retention: float = 30 * 86400.0
+    health_retention: float = 7 * 86400.0
+    prune_interval: float = 3600.0
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Limits and batching of the MQTT ingest path."""
+
+    max_payload_bytes: int = 65536
+    batch_size: int = 1000
+    batch_interval: float = 0.1
+    unknown_devices: str = "accept"
+    queue_size: int = 100000
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP API's listener and token files (state-changing calls need the admin token)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token_file: Path | None = None
+    read_token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class GitTrust:
+    """The operator public keys (``ed25519:...``) the server verifies releases with, and k of n."""
+
+    keys: tuple[str, ...] = ()
+    threshold: int = 1
+
+
+@dataclass(frozen=True)
+class GitConfig:
+    """The Git mirror the server watches for new signed releases (off when ``url`` is None)."""
+
+    url: str | None = None
+    branch: str = "main"
+    poll_interval: float = 60.0
+    webhook_secret_file: Path | None = None
+    trust: GitTrust = field(default_factory=GitTrust)
+    cache_dir: Path = Path("/var/cache/fleet-server/git")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole validated fleet-server configuration."""
+
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    git: GitConfig = field(default_factory=GitConfig)
+    log_level: str = "info"
+
+
+class _Section:
+    """Typed reads from one mapping of the config, with the dotted name for errors."""
+
+    def __init__(self, raw: object, name: str, allowed: frozenset[str], base_dir: Path) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ServerConfigError(f"{name or 'config'}: must be a mapping")
+        unknown = sorted(str(k) for k in raw if k not in allowed)
+        if unknown:
+            raise ServerConfigError(f"{self._join(name, unknown[0])}: unknown key")
+        self.raw: Mapping[str, Any] = raw
+        self.name = name
+        self.base_dir = base_dir
+
+    @staticmethod
+    def _join(name: str, key: str) -> str:
+        return f"{name}.{key}" if name else key
+
+    def at(self, key: str) -> str:
+        return self._join(self.name, key)
+
+    def section(self, key: str, allowed: frozenset[str]) -> _Section:
+        return _Section(self.raw.get(key), self.at(key), allowed, self.base_dir)
+
+    def opt_str(self, key: str) -> str | None:
+        v = self.raw.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise ServerConfigError(f"{self.at(key)}: must be a non-empty string")
+        return v
+
+    def str_(self, key: str, default: str, pattern: re.Pattern[str] | None = None) -> str:
+        v = self.opt_str(key)
+        if v is None:
+            return default
+        if pattern is not None and not pattern.match(v):
+            raise ServerConfigError(f"{self.at(key)}: invalid value {v[:60]!r}")
+        return v
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        if text not in choices:
+            raise ServerConfigError(f"{self.at(key)}: must be one of {', '.join(choices)}, got {v!r}")
+        return str(text)
+
+    def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ServerConfigError(f"{self.at(key)}: must be an integer")
+        if not minimum <= v <= maximum:
+            raise ServerConfigError(f"{self.at(key)}: must be from {minimum} to {maximum}, got {v}")
+        return v
+
+    def size(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        v = self.raw.get(key)
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*(\d+)\s*([KM]i?B?)?\s*", v)
+            if not m:
+                raise ServerConfigError(f"{self.at(key)}: must be a byte count such as 65536 or 64KiB")
+            v = int(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2}[(m.group(2) or "")[:1]]
+            return _Section({key: v}, self.name, frozenset({key}), self.base_dir).int_(
+                key, default, minimum=minimum, maximum=maximum)
+        return self.int_(key, default, minimum=minimum, maximum=maximum)
+
+    def duration(self, key: str, default: float) -> float:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        try:
+            return parse_duration(v, self.at(key))
+        except ConfigError as exc:
+            raise ServerConfigError(str(exc)) from exc
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise ServerConfigError(f"{self.at(key)}: must be a path")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def req_path(self, key: str, default: Path) -> Path:
+        p = self.path(key, default)
+        assert p is not None
+        return p
+
+
+def _mqtt(top: _Section) -> MqttConfig:
+    s = top.section("mqtt", frozenset({"host", "port", "username", "password_file", "client_id", "protocol",
+                                       "prefix", "tls", "keepalive", "session_expiry"}))
+    tls: TlsConfig | None = None
+    if s.raw.get("tls") is not None:
+        t = s.section("tls", frozenset({"ca_file", "cert_file", "key_file"}))
+        tls = TlsConfig(ca_file=t.path("ca_file"), cert_file=t.path("cert_file"), key_file=t.path("key_file"))
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise ServerConfigError("mqtt.tls: cert_file and key_file go together")
+    username = s.opt_str("username")
+    password_file = s.path("password_file")
+    if password_file is not None and username is None:
+        raise ServerConfigError("mqtt.password_file: needs mqtt.username")
+    return MqttConfig(
+        host=s.str_("host", "127.0.0.1"),
+        port=s.int_("port", 8883 if tls is not None else 1883, minimum=1, maximum=65535),
+        username=username, password_file=password_file,
+        client_id=s.str_("client_id", "fleet-server", _CLIENT_ID),
+        protocol=s.choice("protocol", "5", ("5",)),
+        prefix=s.str_("prefix", "fleet/v1", _PREFIX), tls=tls,
+        keepalive=s.int_("keepalive", 60, minimum=5, maximum=3600),
+        session_expiry=s.duration("session_expiry", 86400.0),
+    )
+
+
+def _store(top: _Section) -> StoreConfig:
+    s = top.section("store", frozenset({"path", "events_retention", "health_retention", "prune_interval"}))
+    return StoreConfig(path=s.req_path("path", Path("/var/lib/fleet-server/fleet.db")),
+                       events_retention=s.duration("events_retention", 30 * 86400.0),
+                       health_retention=s.duration("health_retention", 7 * 86400.0),
+                       prune_interval=s.duration("prune_interval", 3600.0))
+
+
+def _ingest(top: _Section) -> IngestConfig:
+    s = top.section("ingest", frozenset({"max_payload_bytes", "batch_size", "batch_interval",
+                                         "unknown_devices", "queue_size"}))
+    interval = s.duration("batch_interval", 0.1)
+    if interval > 60:
+        raise ServerConfigError("ingest.batch_interval: must be at most 60s")
+    return IngestConfig(
+        max_payload_bytes=s.size("max_payload_bytes", 65536, minimum=256, maximum=16 * 1024 * 1024),
+        batch_size=s.int_("batch_size", 1000, minimum=1, maximum=100000),
+        batch_interval=interval,
+        unknown_devices=s.choice("unknown_devices", "accept", ("accept", "refuse")),
+        queue_size=s.int_("queue_size", 100000, minimum=1, maximum=10_000_000),
+    )
+
+
+def _http(top: _Section) -> HttpConfig:
+    s = top.section("http", frozenset({"host", "port", "admin_token_file", "read_token_file"}))
+    return HttpConfig(host=s.str_("host", "127.0.0.1"), port=s.int_("port", 8080, minimum=0, maximum=65535),
+                      admin_token_file=s.path("admin_token_file"), read_token_file=s.path("read_token_file"))
+
+
+def _git(top: _Section) -> GitConfig:
+    s = top.section("git", frozenset({"url", "branch", "poll_interval", "webhook_secret_file", "trust",
+                                      "cache_dir"}))
+    url = s.opt_str("url")
+    if url is not None and not url.startswith(_URL_SCHEMES):
+        raise ServerConfigError(f"git.url: scheme must be one of {', '.join(_URL_SCHEMES)}")
+    branch = s.str_("branch", "main", _BRANCH)
+    if ".." in branch or branch.startswith(("/", "-")):
+        raise ServerConfigError(f"git.branch: invalid branch name {branch!r}")
+    t = s.section("trust", frozenset({"keys", "threshold"}))
+    keys = t.raw.get("keys")
+    if keys is None:
+        keys = []
+    if not isinstance(keys, list):
+        raise ServerConfigError("git.trust.keys: must be a list of ed25519:... public keys")
+    for i, k in enumerate(keys):
+        try:
+            parse_verify_key(k)
+        except KeyFileError as exc:
+            raise ServerConfigError(f"git.trust.keys[{i}]: {exc}") from exc
+    unique = tuple(dict.fromkeys(str(k) for k in keys))
+    if url is not None and not unique:
+        raise ServerConfigError("git.trust.keys: required when git.url is set")
+    threshold = t.int_("threshold", 1, minimum=1, maximum=max(1, len(unique)))
+    return GitConfig(url=url, branch=branch, poll_interval=s.duration("poll_interval", 60.0),
+                     webhook_secret_file=s.path("webhook_secret_file"),
+                     trust=GitTrust(keys=unique, threshold=threshold),
+                     cache_dir=s.req_path("cache_dir", Path("/var/cache/fleet-server/git")))
+
+
+_TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "log_level"})
+
+
+def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
+    """Validate an already-parsed configuration value; relative paths resolve against ``base_dir``.
+
+    Raises:
+        ServerConfigError: naming the first invalid field and why.
+    """
+    top = _Section(raw, "", _TOP_KEYS, base_dir)
+    return ServerConfig(mqtt=_mqtt(top), store=_store(top), ingest=_ingest(top), http=_http(top),
+                        git=_git(top), log_level=top.choice("log_level", "info", _LOG_LEVELS))
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not dotted or any(not p for p in parts):
+        raise ServerConfigError(f"--set {dotted!r}: must be section.key=value")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ServerConfigError(f"{'.'.join(parts[:i + 1])}: must be a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    return value
+
+
+def load_server_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+    """Read ``path`` (None: defaults only), apply the ``section.key`` -> value ``overrides`` and validate.
+
+    Raises:
+        ServerConfigError: the file is unreadable or not YAML, or a field is invalid (named).
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(_MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ServerConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        if len(data) > _MAX_CONFIG_BYTES:
+            raise ServerConfigError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes")
+        try:
+            loaded = yaml.safe_load(data.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ServerConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ServerConfigError(f"{path}: must be a mapping of sections")
+        raw = _thaw(loaded or {})
+        base = path.resolve().parent
+    for dotted, value in (overrides or {}).items():
+        _apply_override(raw, dotted, value)
+    return parse_server_config(raw, base)
+
+
+def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``--set section.key=value`` strings into overrides; each value is read as a YAML scalar
+    or list (``1884`` is a number, ``true`` a boolean, ``[a, b]`` a list, anything else text).
+
+    Raises:
+        ServerConfigError: an item has no ``=`` or an empty key.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ServerConfigError(f"--set {item!r}: must be section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, Mapping):
+            value = text
+        out[key] = value
+    return out

@@ -1,0 +1,412 @@
+"""MQTT ingest: the fleet server's only paho client. Device reports in, ``desired`` and nudges out.
+
+Receive path, built so that a crash loses nothing the broker was told we have::
+
+    broker ─► paho network thread: on_message ─► handle_message (topic split, size cap,
+              messages.decode, unknown-device policy) ─► bounded queue ─► writer thread:
+              IngestBatch ─► Store.apply_batch (one transaction) ─► PUBACK each message
+
+* MQTT 5, ``clean_start=False`` and a session expiry: while the server is down the broker queues
+  the QoS 1 messages of its subscriptions, and delivers them when it comes back.
+* Manual acknowledgement (paho ``manual_ack=True`` + ``Client.ack``): a QoS 1 message is
+  acknowledged only after the batch holding it is committed to SQLite. A message received but not
+  committed when the server dies is redelivered by the broker. Acks are sent in receive order
+  (dropped messages travel through the queue too, as markers). Acks are only sent on the connection
+  that received the message: after a reconnect the broker redelivers what was not acknowledged, and
+  the store ignores the duplicates (events and health samples are unique by device, time and type).
+* The broker must allow many unacknowledged messages in flight to the server (Mosquitto:
+  ``max_inflight_messages``, default 20): the writer commits early when the queue runs dry, so a
+  small window still works, only slower. See ``docs/server-config.md``.
+* Subscriptions use retain handling 1: retained ``status``/``online`` messages are sent again only
+  when the subscription is new (a fresh session), not on every reconnect.
+* Drops are counted by reason (:data:`fleet_server.metrics.DROP_REASONS`) in the metrics at once and
+  in the store's persistent counters with the next batch. Nothing a device sends can raise out of
+  the callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge_agent.errors import BrokerError, MessageError, StateError
+from edge_agent.report.messages import (
+    decode,
+    desired_message,
+    encode,
+    nudge_message,
+    nudge_topic,
+    parse_topic,
+    topic,
+)
+from fleet_server.config import ServerConfig
+from fleet_server.metrics import IngestMetrics
+from fleet_server.store import INGEST_KINDS, IngestBatch, Store, to_epoch
+
+__all__ = ["Ingestor"]
+
+log = logging.getLogger(__name__)
+
+_IDLE_FLUSH = 0.005  # commit when nothing more arrived for this long (keeps a small in-flight window moving)
+_RETRY_PAUSE = 1.0
+_NEGATIVE_CACHE = 30.0
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One received message on its way to the writer: decoded, or a drop marker (``drop`` set)."""
+
+    kind: str
+    message: dict[str, Any] | None
+    drop: str | None
+    mid: int
+    qos: int
+    generation: int
+    received_at: float
+
+
+class Ingestor:
+    """Subscribes to every device's reports, writes them to the store in batches, publishes
+    ``desired`` assignments and nudges. One instance per server; thread-safe public methods.
+
+    Args:
+        config: the server configuration (``mqtt`` and ``ingest`` sections are used).
+        store: where batches are committed.
+        metrics: ingest collectors (counts, lag, batch sizes, queue depth).
+        clock: returns POSIX time (received_at stamps); injected for tests.
+    """
+
+    def __init__(self, config: ServerConfig, store: Store, metrics: IngestMetrics, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._mqtt = config.mqtt
+        self._ingest = config.ingest
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=self._ingest.queue_size)
+        self._generation = 0
+        self._state_lock = threading.Lock()
+        self._accepting = threading.Event()
+        self._connected = threading.Event()
+        self._writer_stop = threading.Event()
+        self._idle = threading.Condition()
+        self._in_writer = 0
+        self._writer: threading.Thread | None = None
+        self._known: set[str] = set()
+        self._unknown_until: dict[str, float] = {}
+        self._client = self._make_client()
+
+    # --- the paho client -------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        m = self._mqtt
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=True)
+        if m.username is not None:
+            password: str | None = None
+            if m.password_file is not None:
+                try:
+                    password = m.password_file.read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise BrokerError(f"cannot read mqtt.password_file {m.password_file}: "
+                                      f"{exc.strerror or exc}") from exc
+            client.username_pw_set(m.username, password)
+        if m.tls is not None:
+            try:
+                client.tls_set(ca_certs=str(m.tls.ca_file) if m.tls.ca_file else None,
+                               certfile=str(m.tls.cert_file) if m.tls.cert_file else None,
+                               keyfile=str(m.tls.key_file) if m.tls.key_file else None)
+            except (OSError, ValueError) as exc:
+                raise BrokerError(f"cannot set up TLS for the broker: {exc}") from exc
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("broker refused the connection: %s", reason)
+            return
+        with self._state_lock:
+            self._generation += 1
+        prefix = self._mqtt.prefix
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        client.subscribe([(f"{prefix}/+/{kind}", options) for kind in INGEST_KINDS])
+        self._connected.set()
+        log.info("connected to the broker %s:%s (session present: %s)", self._mqtt.host, self._mqtt.port,
+                 getattr(flags, "session_present", None))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+        if self._accepting.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting.is_set():
+            return  # stopping: not acknowledged, so the broker delivers it again after the restart
+        try:
+            self.handle_message(msg.topic, bytes(msg.payload), mid=msg.mid, qos=msg.qos)
+        except Exception:  # the network thread must survive anything a device sends
+            log.exception("unexpected failure ingesting a message on %r", msg.topic[:200])
+
+    # --- the receive path ------------------------------------------------------------------------
+
+    def handle_message(self, topic_name: str, payload: bytes, *, mid: int = 0, qos: int = 0,
+                       received_at: float | None = None) -> str | None:
+        """Classify one received message and queue it for the writer; return the drop reason, or
+        None when it was queued for the store. Never raises for bad input."""
+        now = self._clock() if received_at is None else received_at
+        with self._state_lock:
+            generation = self._generation
+        kind = "unknown"
+        message: dict[str, Any] | None = None
+        drop: str | None = None
+        parsed = parse_topic(self._mqtt.prefix, topic_name)
+        device = parsed[0] if parsed is not None else None
+        if parsed is None or device is None or parsed[1] not in INGEST_KINDS:
+            drop = "bad_field"
+        else:
+            kind = parsed[1]
+            try:
+                message = decode(kind, payload, topic_device=device,
+                                 max_bytes=self._ingest.max_payload_bytes)
+            except MessageError as exc:
+                drop = exc.reason
+            else:
+                if self._ingest.unknown_devices == "refuse" and not self._is_known(device, now):
+                    drop, message = "unknown_device", None
+        if drop is not None:
+            self._metrics.dropped(drop)
+        elif message is not None:
+            ts = to_epoch(message.get("ts"))
+            if ts is not None:
+                self._metrics.observe_lag(now - ts)
+        item = _Item(kind, message, drop, mid, qos, generation, now)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if drop is None:
+                self._metrics.dropped("queue_full")
+                drop = "queue_full"
+            self._ack(mid, qos, generation)  # dropped and counted: nothing left to keep it for
+        return drop
+
+    def _is_known(self, device: str, now: float) -> bool:
+        if device in self._known:
+            return True
+        if self._unknown_until.get(device, 0.0) > now:
+            return False
+        try:
+            known = self._store.known_device(device)
+        except StateError as exc:
+            log.warning("cannot check device %s: %s", device, exc)
+            return False
+        if known:
+            self._known.add(device)
+            self._unknown_until.pop(device, None)
+        else:
+            if len(self._unknown_until) > 100_000:
+                self._unknown_until.clear()
+            self._unknown_until[device] = now + _NEGATIVE_CACHE
+        return known
+
+    # --- the writer ------------------------------------------------------------------------------
+
+    def _collect(self) -> list[_Item]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        items = [first]
+        deadline = time.monotonic() + self._ingest.batch_interval
+        while len(items) < self._ingest.batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(self._queue.get(timeout=min(remaining, _IDLE_FLUSH)))
+            except queue.Empty:
+                break
+        return items
+
+    def _write(self, items: list[_Item]) -> bool:
+        """Commit one batch; on success acknowledge its messages and count them. False on failure."""
+        batch = IngestBatch()
+        ingested: dict[str, int] = {}
+        for it in items:
+            if it.drop is not None:
+                batch.count(f"dropped.{it.drop}")
+            elif it.message is not None:
+                batch.add(it.kind, it.message, it.received_at)
+                ingested[it.kind] = ingested.get(it.kind, 0) + 1
+        for kind, n in ingested.items():
+            batch.count(f"ingested.{kind}", n)
+        try:
+            self._store.apply_batch(batch)
+        except StateError as exc:
+            log.error("cannot store a batch of %s messages (will retry, not acknowledged): %s",
+                      len(items), exc)
+            return False
+        for kind, n in ingested.items():
+            self._metrics.ingested(kind, n)
+        self._metrics.observe_batch(len(batch))
+        with self._state_lock:
+            generation = self._generation
+        for it in items:
+            self._ack(it.mid, it.qos, generation, it.generation)
+        return True
+
+    def _ack(self, mid: int, qos: int, current: int, received_on: int | None = None) -> None:
+        if qos <= 0 or (received_on is not None and received_on != current) or not self._connected.is_set():
+            return
+        self._client.ack(mid, qos)
+
+    def _writer_main(self) -> None:
+        while True:
+            items = self._collect()
+            if not items:
+                with self._idle:
+                    self._idle.notify_all()
+                if self._writer_stop.is_set() and self._queue.empty():
+                    return
+                continue
+            with self._idle:
+                self._in_writer = len(items)
+            while not self._write(items):
+                if self._writer_stop.wait(_RETRY_PAUSE):
+                    log.error("stopping with %s messages not stored; the broker keeps them", len(items))
+                    self._discard_queue()
+                    return
+            with self._idle:
+                self._in_writer = 0
+                self._metrics.set_queue_depth(self._queue.qsize())
+                if self._queue.empty():
+                    self._idle.notify_all()
+
+    def _discard_queue(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait (bounded) until every queued message is committed; return whether that happened."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while not (self._queue.empty() and self._in_writer == 0):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.05))
+        return True
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, *, connect: bool = True) -> None:
+        """Start the writer thread and (with ``connect``) the broker connection, which paho keeps
+        retrying in the background. Call at most once.
+
+        Raises:
+            BrokerError: the broker address cannot be used at all.
+        """
+        try:
+            self._known = self._store.known_devices() if self._ingest.unknown_devices == "refuse" else set()
+        except StateError as exc:
+            log.warning("cannot preload known devices: %s", exc)
+        self._writer = threading.Thread(target=self._writer_main, name="ingest-writer", daemon=True)
+        self._writer.start()
+        self._accepting.set()
+        if not connect:
+            return
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = int(self._mqtt.session_expiry)
+        props.ReceiveMaximum = 65535
+        try:
+            self._client.connect_async(self._mqtt.host, self._mqtt.port, keepalive=self._mqtt.keepalive,
+                                       clean_start=False, properties=props)
+        except (OSError, ValueError) as exc:
+            where = f"{self._mqtt.host}:{self._mqtt.port}"
+            raise BrokerError(f"cannot connect to the broker {where}: {exc}") from exc
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait (bounded) until the broker connection is up and subscribed; return whether it is."""
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        """True while connected to the broker."""
+        return self._connected.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        """Messages received and not yet handed to the store."""
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking messages, commit and acknowledge what is queued (bounded by ``timeout``),
+        then disconnect. Idempotent. Messages not committed stay unacknowledged at the broker."""
+        self._accepting.clear()
+        if self._writer is not None:
+            self.drain(timeout)
+            self._writer_stop.set()
+            self._writer.join(timeout=max(1.0, timeout))
+            self._writer = None
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    def _publish(self, topic_name: str, payload: bytes, *, retain: bool, wait: float) -> None:
+        info = self._client.publish(topic_name, payload, qos=1, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"cannot publish to {topic_name}: {mqtt.error_string(info.rc)}")
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            log.info("broker not connected; %s is queued until it is", topic_name)
+        if wait > 0:
+            try:
+                info.wait_for_publish(wait)
+            except RuntimeError as exc:
+                raise BrokerError(f"cannot publish to {topic_name}: {exc}") from exc
+            if not info.is_published():
+                raise BrokerError(f"the broker did not acknowledge {topic_name} within {wait}s")
+
+    def publish_desired(self, device_id: str, revision: str, release: int, rollout_id: str | None, *,
+                        wait: float = 0.0) -> None:
+        """Publish the retained QoS 1 ``desired`` assignment of one device (waiting up to ``wait``
+        seconds for the broker's acknowledgement when positive).
+
+        Raises:
+            MessageError: a field is invalid.
+            BrokerError: the message cannot be queued, or was not acknowledged in time.
+        """
+        msg = desired_message(device_id, revision=revision, release=release, rollout_id=rollout_id,
+                              ts=self._clock())
+        self._publish(topic(self._mqtt.prefix, device_id, "desired"), encode(msg), retain=True, wait=wait)
+
+    def publish_nudge(self, revision: str, release: int, *, wait: float = 0.0) -> None:
+        """Broadcast a QoS 1 nudge: a new release exists, devices fetch now.
+
+        Raises:
+            MessageError: a field is invalid.
+            BrokerError: the message cannot be queued, or was not acknowledged in time.
+        """
+        msg = nudge_message(revision=revision, release=release, ts=self._clock())
+        self._publish(nudge_topic(self._mqtt.prefix), encode(msg), retain=False, wait=wait)

@@ -1,0 +1,172 @@
+"""``fleet-server``: wires the configuration, store, metrics, MQTT ingest, Git watcher, retention
+pruning and the HTTP API, and runs until SIGTERM or SIGINT.
+
+Start order: the store, then the MQTT client (paho waits on its socket with ``select()``, which
+cannot watch descriptors numbered 1024 or more, so it opens before anything that may hold many),
+then the Git watcher and the pruning timer, then the HTTP API (uvicorn in the main thread; it turns
+SIGTERM and SIGINT into a clean shutdown). On the way out the ingest path commits and acknowledges
+what it has queued before it disconnects, so a clean stop loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from edge_agent.errors import EdgeFleetError, StateError
+from edge_agent.logs import setup_logging
+from fleet_server import __version__
+from fleet_server.api.app import ApiActions, create_app
+from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
+from fleet_server.errors import FleetError
+from fleet_server.ingest import Ingestor
+from fleet_server.metrics import ServerMetrics
+from fleet_server.releases import GitWatcher
+from fleet_server.store import Store
+
+__all__ = ["Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
+
+log = logging.getLogger(__name__)
+
+
+class Pruner:
+    """Deletes history past its retention every ``store.prune_interval`` seconds, in a thread."""
+
+    def __init__(self, store: Store, config: ServerConfig) -> None:
+        self._store = store
+        self._config = config.store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def prune_now(self) -> int:
+        """Prune once; return how many rows were deleted (0 when the store failed, which is logged)."""
+        try:
+            cfg = self._config
+            return self._store.prune(time.time(), cfg.events_retention, cfg.health_retention)
+        except StateError as exc:
+            log.error("retention pruning failed: %s", exc)
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._config.prune_interval):
+            self.prune_now()
+
+    def start(self) -> None:
+        """Start the timer thread (first prune one interval from now)."""
+        self._thread = threading.Thread(target=self._run, name="pruner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the timer thread (bounded wait)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+            self._thread = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``fleet-server`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="fleet-server", description="MQTT ingest, Git watcher and HTTP API of an edge-fleet fleet.")
+    parser.add_argument("--version", action="version", version=f"fleet-server {__version__}")
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"YAML configuration (default: {DEFAULT_CONFIG_PATH} when it exists)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one configuration field (repeatable)")
+    parser.add_argument("--mqtt-port", type=int, help="same as --set mqtt.port=N")
+    parser.add_argument("--http-port", type=int, help="same as --set http.port=N")
+    parser.add_argument("--db", help="same as --set store.path=FILE")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Collect the configuration overrides of the command line (the shortcut flags win over --set).
+
+    Raises:
+        ServerConfigError: a --set item is not ``section.key=value``.
+    """
+    overrides = parse_set_options(args.sets)
+    if args.mqtt_port is not None:
+        overrides["mqtt.port"] = args.mqtt_port
+    if args.http_port is not None:
+        overrides["http.port"] = args.http_port
+    if args.db is not None:
+        overrides["store.path"] = args.db
+    return overrides
+
+
+def _quiet_stop_signals() -> None:
+    """Make SIGTERM/SIGINT harmless outside uvicorn's own handling: uvicorn raises the signal again
+    after its shutdown, which would otherwise kill the process before the ingest queue is flushed."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: log.info("signal %s: stopping", number))
+
+
+def run_server(config: ServerConfig) -> None:
+    """Run the fleet server until SIGTERM/SIGINT, then stop every part cleanly.
+
+    Raises:
+        StateError: the database cannot be opened.
+        BrokerError: the broker settings cannot be used.
+        ServerConfigError: a token or secret file cannot be read.
+    """
+    store = Store(config.store.path)
+    metrics = ServerMetrics()
+    ingestor: Ingestor | None = None
+    watcher: GitWatcher | None = None
+    pruner = Pruner(store, config)
+    try:
+        ingestor = Ingestor(config, store, metrics.ingest)
+        ingestor.start()
+        metrics.attach_fleet(store)
+        if config.git.url:
+            watcher = GitWatcher(config, store, ingestor.publish_nudge, metrics=metrics.releases)
+            watcher.start()
+        pruner.start()
+        app = create_app(store, config, metrics,
+                         actions=ApiActions(trigger_git=watcher.trigger if watcher else None))
+        server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
+                                               log_config=None, access_log=False, lifespan="off"))
+        log.info("fleet server listening on http://%s:%s, broker %s:%s", config.http.host, config.http.port,
+                 config.mqtt.host, config.mqtt.port)
+        _quiet_stop_signals()
+        server.run()
+    finally:
+        pruner.stop()
+        if watcher is not None:
+            watcher.stop()
+        if ingestor is not None:
+            ingestor.stop()
+        store.close()
+        log.info("fleet server stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fleet-server``; return the exit code (0 after a clean stop, 1 on failure, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        path = args.config
+        if path is None and DEFAULT_CONFIG_PATH.exists():
+            path = DEFAULT_CONFIG_PATH
+        config = load_server_config(path, overrides_from_args(args))
+        setup_logging(config.log_level)
+        run_server(config)
+    except (EdgeFleetError, FleetError) as exc:
+        sys.stderr.write(f"fleet-server: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
