@@ -1,0 +1,267 @@
+"""`fleetctl devices` and `fleetctl device ID`: the fleet server's device registry, as a table or JSON.
+
+The server is ``--server URL``, else the ``FLEET_SERVER`` environment variable, else
+``http://127.0.0.1:8080``. ``--token-file`` holds the read token when the server requires one. The
+HTTP client is the standard library's ``urllib`` (fleetctl stays light); every failure leaves as
+one-line :class:`ApiError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fleet_server.cli.common import print_json
+from fleet_server.errors import ApiError, UsageError
+
+__all__ = ["DEFAULT_SERVER", "api_get", "format_device", "format_devices_table", "register", "server_url"]
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+_MAX_TOKEN_BYTES = 4096
+_EVENTS_SHOWN = 10
+
+
+def server_url(option: str | None) -> str:
+    """Return the server base URL from ``--server``, ``FLEET_SERVER`` or the default, without a trailing /.
+
+    Raises:
+        UsageError: the URL is not http:// or https:// with a host.
+    """
+    url = option or os.environ.get("FLEET_SERVER") or DEFAULT_SERVER
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"fleet server URL must be http://HOST[:PORT] or https://..., got {url!r}")
+    return url.rstrip("/")
+
+
+def _read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {path}: {exc.strerror or exc}") from exc
+    token = data.strip().decode("utf-8", "replace")
+    if not token or len(data) > _MAX_TOKEN_BYTES:
+        raise UsageError(f"token file {path} is empty or too large")
+    return token
+
+
+def _error_reason(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return " ".join(doc["error"].split())[:300]
+    return "no reason given"
+
+
+def api_get(server: str, path: str, query: Sequence[tuple[str, str]] = (), *, token: str | None = None,
+            timeout: float = 10.0) -> Any:
+    """GET ``server + path`` with ``query`` and return the decoded JSON body.
+
+    Raises:
+        ApiError: the server cannot be reached, times out, answers an error status (its reason is
+            quoted) or a body that is not JSON.
+    """
+    url = server + path + (("?" + urllib.parse.urlencode(list(query))) if query else "")
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - http(s) only
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
+            body = response.read(_MAX_RESPONSE_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            reason = _error_reason(exc.read(64 * 1024))
+        raise ApiError(f"fleet server answered {exc.code}: {reason}") from exc
+    except urllib.error.URLError as exc:
+        raise ApiError(f"cannot reach the fleet server at {server}: {exc.reason}") from exc
+    except (TimeoutError, OSError) as exc:
+        raise ApiError(f"cannot reach the fleet server at {server}: {exc}") from exc
+    if len(body) > _MAX_RESPONSE_BYTES:
+        raise ApiError(f"fleet server answer is over {_MAX_RESPONSE_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(f"fleet server answered something that is not JSON from {path}") from exc
+
+
+def _when(ts: object, now: float) -> str:
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        return "-"
+    age = max(0, int(now - ts))
+    if age < 120:
+        return f"{age}s ago"
+    if age < 7200:
+        return f"{age // 60}m ago"
+    if age < 172800:
+        return f"{age // 3600}h ago"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def _iso(ts: object) -> str:
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _labels(labels: object) -> str:
+    if not isinstance(labels, Mapping) or not labels:
+        return "-"
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def format_devices_table(devices: Sequence[Mapping[str, Any]], total: int, *, now: float) -> str:
+    """Return the devices as an aligned text table, with a line saying how many there are in all."""
+    header = ("DEVICE", "ONLINE", "SYNC STATE", "RELEASE", "REVISION", "LAST SEEN", "LABELS")
+    rows = [header]
+    for d in devices:
+        revision = d.get("revision")
+        rows.append((_cell(d.get("id")), _cell(d.get("online")), _cell(d.get("sync_state")),
+                     _cell(d.get("release")), revision[:12] if isinstance(revision, str) else "-",
+                     _when(d.get("last_seen"), now), _labels(d.get("labels"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    shown = len(devices)
+    lines.append(f"{shown} device(s)" if shown == total else f"{shown} of {total} device(s)")
+    return "\n".join(lines) + "\n"
+
+
+def format_device(detail: Mapping[str, Any], *, now: float) -> str:
+    """Return one device, its newest events and its latest health sample as readable text."""
+    d = detail.get("device") or {}
+    lines = [
+        f"device:      {_cell(d.get('id'))}",
+        f"online:      {_cell(d.get('online'))}",
+        f"sync state:  {_cell(d.get('sync_state'))}" + (" (paused)" if d.get("paused") else ""),
+        f"release:     {_cell(d.get('release'))}",
+        f"revision:    {_cell(d.get('revision'))}",
+        f"profile:     {_cell(d.get('profile'))}",
+        f"labels:      {_labels(d.get('labels'))}",
+        f"last seen:   {_iso(d.get('last_seen'))} ({_when(d.get('last_seen'), now)})",
+    ]
+    if d.get("last_error"):
+        lines.append(f"last error:  {d['last_error']}")
+    events = detail.get("events") or []
+    lines.append("events:" if events else "events:      none")
+    for e in events[:_EVENTS_SHOWN]:
+        reason = f"  {e['reason']}" if e.get("reason") else ""
+        kind, release = _cell(e.get("type")), _cell(e.get("release"))
+        lines.append(f"  {_iso(e.get('ts'))}  {kind}  release {release}{reason}")
+    health = detail.get("health") or []
+    if health:
+        latest = health[0]
+        checks = latest.get("checks") or []
+        failing = [c.get("name") for c in checks if isinstance(c, Mapping) and not c.get("ok")]
+        lines.append(f"health:      {_iso(latest.get('ts'))}, {len(checks)} check(s), "
+                     + (f"failing: {', '.join(map(str, failing))}" if failing else "all passing"))
+    return "\n".join(lines) + "\n"
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL",
+                        help=f"fleet server base URL (default: $FLEET_SERVER or {DEFAULT_SERVER})")
+    parser.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the API read token")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds to wait for the server (default: 10)")
+    parser.add_argument("--json", action="store_true", help="print the server's JSON answer")
+
+
+def _label_query(values: Sequence[str]) -> list[tuple[str, str]]:
+    query: list[tuple[str, str]] = []
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"--label must be KEY=VALUE, got {raw!r}")
+        query.append(("label", f"{key}:{value}"))
+    return query
+
+
+def _run_devices(args: argparse.Namespace) -> int:
+    server = server_url(args.server)
+    query = _label_query(args.label or [])
+    if args.state:
+        query.append(("sync_state", args.state))
+    if args.online is not None:
+        query.append(("online", "true" if args.online else "false"))
+    query.append(("limit", str(args.limit)))
+    token = _read_token(args.token_file)
+    answer = api_get(server, "/api/v1/devices", query, token=token, timeout=args.timeout)
+    if not isinstance(answer, dict) or not isinstance(answer.get("devices"), list):
+        raise ApiError("fleet server answered an unexpected document for /api/v1/devices")
+    if args.json:
+        print_json(answer)
+        return 0
+    devices = answer["devices"]
+    total = answer["total"] if isinstance(answer.get("total"), int) else len(devices)
+    sys.stdout.write(format_devices_table(devices, total, now=time.time()))
+    return 0
+
+
+def _run_device(args: argparse.Namespace) -> int:
+    server = server_url(args.server)
+    path = "/api/v1/devices/" + urllib.parse.quote(args.device_id, safe="")
+    answer = api_get(server, path, token=_read_token(args.token_file), timeout=args.timeout)
+    if not isinstance(answer, dict) or not isinstance(answer.get("device"), dict):
+        raise ApiError(f"fleet server answered an unexpected document for {path}")
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(format_device(answer, now=time.time()))
+    return 0
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be between 1 and 1000")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``devices`` and ``device`` sub-commands."""
+    devices = subparsers.add_parser("devices", help="list the fleet's devices from the fleet server",
+                                    description="List devices known to the fleet server.")
+    _client_options(devices)
+    devices.add_argument("--label", action="append", metavar="KEY=VALUE",
+                         help="only devices with this label (repeatable: all must match)")
+    devices.add_argument("--state", metavar="STATE", help="only devices in this sync state (e.g. in_sync)")
+    online = devices.add_mutually_exclusive_group()
+    online.add_argument("--online", dest="online", action="store_const", const=True, default=None,
+                        help="only devices that are online")
+    online.add_argument("--offline", dest="online", action="store_const", const=False,
+                        help="only devices that are offline")
+    devices.add_argument("--limit", type=_limit, default=1000,
+                         help="at most this many devices (default: 1000)")
+    devices.set_defaults(func=_run_devices)
+
+    device = subparsers.add_parser("device", help="show one device from the fleet server",
+                                   description="Show one device, its newest events and health.")
+    device.add_argument("device_id", metavar="ID", help="the device id")
+    _client_options(device)
+    device.set_defaults(func=_run_device)

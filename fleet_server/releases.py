@@ -1,0 +1,245 @@
+"""The Git watcher: notices new signed releases on the mirror, verifies them, records them, nudges.
+
+``GitWatcher`` fetches the branch head of the fleet's config repository through
+:class:`edge_agent.source.Source` (the only dulwich user) and checks each new head exactly as a
+device would (:mod:`edge_agent.trust.verify`): root rotations in ``.fleet/root/``, the release
+manifest's signatures, threshold and expiry, then every file of the tree against the manifest. A
+release that passes is recorded in the store (``record_release``); when it is new, the
+``publish_nudge(revision, release)`` callback tells every device to fetch now. A head that fails is
+refused: counted in :class:`fleet_server.metrics.ReleaseMetrics` by reason, logged, and never
+published. Each head commit is judged once; the next poll skips it.
+
+It polls every ``git.poll_interval`` seconds in a thread of its own; :meth:`GitWatcher.trigger`
+(called by the webhook) wakes it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from edge_agent.errors import (
+    ExpiredError,
+    FetchError,
+    FileIntegrityError,
+    ManifestError,
+    PathError,
+    RootRotationError,
+    ThresholdError,
+    UntrustedInputError,
+    UntrustedKeyError,
+)
+from edge_agent.source import Source
+from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
+from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
+from fleet_server.errors import ServerConfigError
+from fleet_server.metrics import ReleaseMetrics
+
+if TYPE_CHECKING:
+    from fleet_server.config import ServerConfig
+
+__all__ = ["GitWatcher", "PollOutcome", "ReleaseRecorder", "refusal_reason"]
+
+log = logging.getLogger(__name__)
+
+_STOP_TIMEOUT_S = 30.0
+
+
+class ReleaseRecorder(Protocol):
+    """The part of the store the watcher writes to (``fleet_server.store.Store`` provides it)."""
+
+    def record_release(self, version: int, commit: str, signers: Sequence[str], seen_at: float, *,
+                       committed_at: float | None = None) -> bool:
+        """Record a verified release (``committed_at``: its commit time); False when already known."""
+        ...
+
+
+@dataclass(frozen=True)
+class PollOutcome:
+    """What one poll found.
+
+    Attributes:
+        status: ``fetch_failed``, ``unchanged`` (head already judged), ``refused``, ``known`` (a valid
+            release already recorded) or ``new`` (recorded now and nudged).
+        commit: the head commit, when the fetch worked.
+        release: the release version, when the head verified.
+        reason: the refusal code or fetch error text, when there is one.
+    """
+
+    status: str
+    commit: str | None = None
+    release: int | None = None
+    reason: str | None = None
+
+
+def refusal_reason(exc: UntrustedInputError) -> str:
+    """Return the short, stable code a refused release is counted under for ``exc``."""
+    if isinstance(exc, UntrustedKeyError):
+        return "unsigned"
+    if isinstance(exc, ThresholdError):
+        return "threshold"
+    if isinstance(exc, ExpiredError):
+        return "expired"
+    if isinstance(exc, RootRotationError):
+        return "bad_root"
+    if isinstance(exc, FileIntegrityError):
+        return "tampered"
+    if isinstance(exc, (ManifestError, PathError)):
+        return "malformed"
+    return "invalid"
+
+
+def _root_documents(tree: Mapping[str, bytes], above: int) -> dict[int, bytes]:
+    prefix = ROOT_DIR.rstrip("/") + "/"
+    documents: dict[int, bytes] = {}
+    for path, data in tree.items():
+        if path.startswith(prefix) and path.endswith(".json"):
+            stem = path[len(prefix):-len(".json")]
+            if stem.isdigit() and int(stem) > above:
+                documents[int(stem)] = data
+    return documents
+
+
+def _tree_index(tree: Mapping[str, bytes]) -> dict[str, tuple[str, int]]:
+    return {path: (hashlib.sha256(data).hexdigest(), len(data)) for path, data in tree.items()}
+
+
+class GitWatcher:
+    """Watches the fleet's Git mirror for new signed releases.
+
+    Args:
+        config: the server configuration; its ``git`` section names the mirror, branch, poll
+            interval, trusted keys and threshold, and the cache directory.
+        store: where verified releases are recorded.
+        publish_nudge: called with ``(revision, release)`` for every newly recorded release.
+        metrics: counters for polls, verified and refused releases (a private registry when None).
+        clock: returns the current time (timezone-aware); expiry is checked against it.
+
+    Raises:
+        ServerConfigError: the ``git`` section has no ``url``.
+        ConfigError: the trusted keys or threshold are invalid.
+    """
+
+    def __init__(self, config: ServerConfig, store: ReleaseRecorder,
+                 publish_nudge: Callable[[str, int], None], *, metrics: ReleaseMetrics | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        git = config.git
+        if not git.url:
+            raise ServerConfigError("git.url: the Git watcher needs the mirror's URL")
+        if metrics is None:
+            metrics = ReleaseMetrics(CollectorRegistry())
+        self.metrics = metrics
+        self._source = Source(git.url, git.branch, Path(git.cache_dir))
+        self._trust = TrustRoot(keys=frozenset(git.trust.keys), threshold=git.trust.threshold)
+        self._interval = float(git.poll_interval)
+        self._store = store
+        self._publish_nudge = publish_nudge
+        self._clock = clock
+        self._last_commit: str | None = None
+        self._poll_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one poll -------------------------------------------------------------------------------
+
+    def poll_once(self) -> PollOutcome:
+        """Fetch the branch head and judge it if it is new; return what happened.
+
+        Fetch failures are counted and returned (``fetch_failed``), never raised: the next poll
+        retries. A refused head is counted, logged and remembered so it is judged once.
+        """
+        with self._poll_lock:
+            try:
+                fetched = self._source.fetch()
+            except FetchError as exc:
+                self.metrics.poll(ok=False)
+                log.warning("git watcher: fetch failed: %s", exc)
+                return PollOutcome("fetch_failed", reason=str(exc))
+            self.metrics.poll(ok=True)
+            commit = fetched.commit
+            if commit == self._last_commit:
+                return PollOutcome("unchanged", commit=commit)
+            try:
+                release, commit_time = self._verify(commit)
+            except FetchError as exc:
+                log.warning("git watcher: cannot read %s from the cache: %s", commit, exc)
+                return PollOutcome("fetch_failed", commit=commit, reason=str(exc))
+            except UntrustedInputError as exc:
+                self._last_commit = commit
+                reason = refusal_reason(exc)
+                self.metrics.refused(reason)
+                log.warning("git watcher: refused %s (%s): %s", commit, reason, exc)
+                return PollOutcome("refused", commit=commit, reason=reason)
+            self._last_commit = commit
+            return self._record(commit, release, commit_time)
+
+    def _verify(self, commit: str) -> tuple[VerifiedRelease, float]:
+        tree = self._source.read_tree(commit)
+        documents = _root_documents(tree, self._trust.version)
+        trust = update_trust_root(self._trust, documents) if documents else self._trust
+        manifest = tree.get(MANIFEST_PATH)
+        if manifest is None:
+            raise UntrustedKeyError(f"commit {commit} has no signed release manifest at {MANIFEST_PATH}")
+        release = verify_release(manifest, trust, now=self._clock(), floor=0, max_bytes=MAX_MANIFEST_BYTES)
+        check_tree(release, _tree_index(tree))
+        if trust != self._trust:
+            log.info("git watcher: trust root moved to version %s", trust.version)
+            self._trust = trust
+        return release, float(self._source.commit_time(commit))
+
+    def _record(self, commit: str, release: VerifiedRelease, commit_time: float) -> PollOutcome:
+        is_new = self._store.record_release(release.version, commit, sorted(release.signers),
+                                            self._clock().timestamp(), committed_at=commit_time)
+        if not is_new:
+            log.info("git watcher: release %s at %s is already recorded", release.version, commit)
+            return PollOutcome("known", commit=commit, release=release.version)
+        self.metrics.verified()
+        log.info("git watcher: new signed release %s at %s", release.version, commit)
+        self._publish_nudge(commit, release.version)
+        return PollOutcome("new", commit=commit, release=release.version)
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def trigger(self) -> None:
+        """Wake the watcher to poll now (the webhook calls this); returns at once."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start polling in a background thread (one poll at once, then every poll interval).
+
+        Raises:
+            RuntimeError: the watcher is already running.
+        """
+        if self._thread is not None:
+            raise RuntimeError("the git watcher is already running")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="git-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # a bug must not end the watcher; it is logged with its traceback
+                log.exception("git watcher: poll failed unexpectedly")
+            self._wake.wait(self._interval)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        """Stop the polling thread (after a poll in progress ends) and close the Git cache."""
+        self._stopping.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(_STOP_TIMEOUT_S)
+        with self._poll_lock:
+            self._source.close()
