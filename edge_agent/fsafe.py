@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -35,10 +36,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from edge_agent.errors import ApplyError, ConfigError, ConfinementError, PathError
-from edge_agent.paths import check_confined, validate_device_path
+from edge_agent.paths import check_confined, is_under, validate_device_path
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -175,8 +176,12 @@ class FsRoot:
     Open once, reuse for many operations, then :meth:`close` (or use it as a context manager).
     """
 
-    def __init__(self, root: Path, allowed_roots: tuple[str, ...]) -> None:
-        """Open ``root`` and remember the allowed roots.
+    def __init__(self, root: Path, allowed_roots: tuple[str, ...], *, denied_roots: tuple[str, ...] = (),
+                 blob_key: bytes | None = None) -> None:
+        """Open ``root`` and remember the allowed roots (and the denied roots inside them).
+
+        ``blob_key`` names backup blobs by HMAC-SHA256 under that device-local key instead of a
+        plain SHA-256, so the state database never holds a guessable hash of a captured secret.
 
         Raises:
             ConfigError: an allowed root is not an absolute normalised device path, or ``root``
@@ -188,8 +193,15 @@ class FsRoot:
                     validate_device_path(r)
                 except PathError as exc:
                     raise ConfigError(f"allowed root {r!r} is not a device path: {exc}") from exc
+        for r in denied_roots:
+            try:
+                validate_device_path(r)
+            except PathError as exc:
+                raise ConfigError(f"denied root {r!r} is not a device path: {exc}") from exc
         self.root = Path(root)
         self.allowed_roots = tuple(allowed_roots)
+        self.denied_roots = tuple(denied_roots)
+        self._blob_key = blob_key
         try:
             self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -213,8 +225,13 @@ class FsRoot:
 
     # -- walking --------------------------------------------------------------------------------
 
-    def _parts(self, path: str) -> list[str]:
+    def _confine(self, path: str) -> None:
         check_confined(path, self.allowed_roots)
+        if self.denied_roots and is_under(path, self.denied_roots):
+            raise ConfinementError(f"{path} is inside a root the device profile denies")
+
+    def _parts(self, path: str) -> list[str]:
+        self._confine(path)
         if self._root_fd < 0:
             raise ApplyError(f"cannot use {path}: the device root is closed")
         return path.split("/")[1:]
@@ -264,7 +281,7 @@ class FsRoot:
             PathError: malformed path.
             ConfinementError: outside the allowed roots.
         """
-        check_confined(path, self.allowed_roots)
+        self._confine(path)
         return self.root / path.lstrip("/")
 
     def guard_exists(self, path: str) -> bool:
@@ -655,7 +672,7 @@ class FsRoot:
                 return _absent_record(path)
             store_fd = _open_store(store)
             try:
-                return _capture_at(at[0], at[1], path, store_fd, recursive)
+                return _capture_at(at[0], at[1], path, _Store(store_fd, self._blob_key), recursive)
             finally:
                 os.close(store_fd)
 
@@ -674,7 +691,7 @@ class FsRoot:
         path = record.get("path")
         if kind not in _RECORD_KINDS or not isinstance(path, str):
             raise ApplyError(f"cannot restore {path!r}: malformed backup record (kind {kind!r})")
-        check_confined(path, self.allowed_roots)
+        self._confine(path)
         if kind == "absent":
             self.remove_tree(path)
             return
@@ -683,7 +700,7 @@ class FsRoot:
         if current is not None and current.kind != kind:
             self.remove_tree(path)
         if kind == "file":
-            data = _read_blob(store, record, path)
+            data = _read_blob(store, record, path, self._blob_key)
             self.write_file(path, data, mode=mode, uid=uid, gid=gid)
         elif kind == "symlink":
             target = record.get("target")
@@ -845,12 +862,25 @@ def _absent_record(path: str) -> dict[str, Any]:
         "gid": None,
         "target": None,
         "blob": None,
-        "sha256": None,
         "children": None,
     }
 
 
-def _capture_at(pfd: int, name: str, path: str, store_fd: int, recursive: bool) -> dict[str, Any]:
+class _Store(NamedTuple):
+    fd: int
+    key: bytes | None
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def _blob_hasher(key: bytes | None) -> _Hasher:
+    return hashlib.sha256() if key is None else hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _capture_at(pfd: int, name: str, path: str, store: _Store, recursive: bool) -> dict[str, Any]:
     st = FsRoot._lstat_at(pfd, name)
     if st is None:
         return _absent_record(path)
@@ -864,17 +894,17 @@ def _capture_at(pfd: int, name: str, path: str, store_fd: int, recursive: bool) 
             fst = os.fstat(fd)
             if (fst.st_ino, fst.st_dev) != (st.st_ino, st.st_dev):
                 raise ConfinementError(f"{path} was replaced while being backed up")
-            digest = _store_blob(store_fd, fd)
+            digest = _store_blob(store, fd)
         finally:
             os.close(fd)
-        rec.update(kind="file", blob=digest, sha256=digest)
+        rec.update(kind="file", blob=digest)
     elif stat.S_ISDIR(st.st_mode):
         rec["kind"] = "dir"
         if recursive:
             dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
             try:
                 rec["children"] = [
-                    _capture_at(dfd, child, f"{path}/{child}", store_fd, True)
+                    _capture_at(dfd, child, f"{path}/{child}", store, True)
                     for child in sorted(os.listdir(dfd))
                 ]
             finally:
@@ -892,11 +922,12 @@ def _open_store(store: Path) -> int:
         raise ApplyError(f"cannot open the backup store {store}: {exc.strerror}") from exc
 
 
-def _store_blob(store_fd: int, src_fd: int) -> str:
-    """Copy ``src_fd`` into the store under its SHA-256 (once per content), fsync'd; return it."""
+def _store_blob(store: _Store, src_fd: int) -> str:
+    """Copy ``src_fd`` into the store under its (keyed) digest, once per content, fsync'd; return it."""
+    store_fd = store.fd
     tmp = _temp_name()
     out = os.open(tmp, _TEMP_FLAGS, 0o600, dir_fd=store_fd)
-    digest = hashlib.sha256()
+    digest = _blob_hasher(store.key)
     try:
         try:
             while chunk := os.read(src_fd, _CHUNK):
@@ -930,7 +961,7 @@ def _record_attrs(record: dict[str, Any], path: str) -> tuple[int, int, int]:
     return _check_mode(mode), uid, gid
 
 
-def _read_blob(store: Path, record: dict[str, Any], path: str) -> bytes:
+def _read_blob(store: Path, record: dict[str, Any], path: str, key: bytes | None) -> bytes:
     blob = record.get("blob")
     if not isinstance(blob, str) or len(blob) != 64 or not all(c in "0123456789abcdef" for c in blob):
         raise ApplyError(f"cannot restore {path}: malformed blob name in the backup record")
@@ -945,6 +976,8 @@ def _read_blob(store: Path, record: dict[str, Any], path: str) -> bytes:
     except OSError as exc:
         raise ApplyError(f"cannot restore {path}: backup blob {blob} unreadable: {exc.strerror}") from exc
     data = b"".join(chunks)
-    if hashlib.sha256(data).hexdigest() != blob:
+    check = _blob_hasher(key)
+    check.update(data)
+    if not hmac.compare_digest(check.hexdigest(), blob):
         raise ApplyError(f"cannot restore {path}: backup blob {blob} is corrupted")
     return data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -420,7 +422,7 @@ def test_capture_restore_file(fs: FsRoot, root: Path, store: Path) -> None:
     assert rec["kind"] == "file"
     assert rec["mode"] == 0o4640
     assert (rec["uid"], rec["gid"]) == (UID, GID)
-    assert rec["sha256"] == fs.sha256("/etc/motd")
+    assert rec["blob"] == fs.sha256("/etc/motd")  # unkeyed store: plain SHA-256 names
     assert (store / str(rec["blob"])).read_bytes() == b"original"
     before = snapshot(root)
     fs.write_file("/etc/motd", b"changed", mode=0o600)
@@ -631,3 +633,27 @@ def test_fsync_dir(fs: FsRoot, root: Path) -> None:
         fs.fsync_dir("/etc/f")
     with pytest.raises(ApplyError):
         fs.fsync_dir("/etc/none")
+
+
+def test_keyed_blob_names_hide_the_content_hash(root: Path, store: Path) -> None:
+    key = b"k" * 32
+    with FsRoot(root, ("/etc",), blob_key=key) as keyed:
+        keyed.write_file("/etc/psk", b"1234", mode=0o600)
+        rec = keyed.capture("/etc/psk", store)
+        assert rec["blob"] != keyed.sha256("/etc/psk")
+        assert rec["blob"] == hmac.new(key, b"1234", hashlib.sha256).hexdigest()
+        assert "sha256" not in rec
+        keyed.write_file("/etc/psk", b"changed", mode=0o644)
+        keyed.restore(rec, store)
+        assert (root / "etc/psk").read_bytes() == b"1234"
+    with FsRoot(root, ("/etc",), blob_key=b"other key") as other, pytest.raises(ApplyError):
+        other.restore(rec, store)  # a blob is verified under the key that named it
+
+
+def test_denied_roots_inside_allowed_ones(root: Path) -> None:
+    with FsRoot(root, ("/etc",), denied_roots=("/etc/edge-agent",)) as fs:
+        fs.write_file("/etc/ok", b"x", mode=0o644)
+        for path in ("/etc/edge-agent", "/etc/edge-agent/agent.yaml"):
+            with pytest.raises(ConfinementError):
+                fs.write_file(path, b"y", mode=0o644)
+        assert not (root / "etc/edge-agent").exists()
