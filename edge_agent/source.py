@@ -53,6 +53,7 @@ from dulwich.client import (
     LocalGitClient,
     SSHGitClient,
     SubprocessSSHVendor,
+    SubprocessWrapper,
     TCPGitClient,
     Urllib3HttpGitClient,
 )
@@ -226,6 +227,64 @@ class _TimeoutTCPGitClient(TCPGitClient):
         return proto, can_read, None
 
 
+class _TrackingSSHVendor(SubprocessSSHVendor):
+    """dulwich's ``ssh`` subprocess vendor, remembering every ssh process it starts.
+
+    dulwich closes the ssh process only once the handshake succeeded; when ssh fails first (host
+    key refused, key not authorized, connection refused or timed out) the process and its pipes
+    were left behind. ``close_all`` ends them, waiting at most ``wait`` seconds before a kill.
+    """
+
+    def __init__(self, wait: int) -> None:
+        self._wait = wait
+        self._connections: list[SubprocessWrapper] = []
+
+    def run_command(  # noqa: PLR0917 - dulwich's signature, called positionally by dulwich
+            self, host: str, command: bytes, username: str | None = None, port: int | None = None,
+            password: str | None = None, key_filename: str | None = None, ssh_command: str | None = None,
+            protocol_version: int | None = None) -> SubprocessWrapper:
+        """Start ssh as dulwich does and remember the process."""
+        con = super().run_command(host, command, username=username, port=port, password=password,
+                                  key_filename=key_filename, ssh_command=ssh_command,
+                                  protocol_version=protocol_version)
+        self._connections.append(con)
+        return con
+
+    def close_all(self) -> None:
+        """Close the pipes of every ssh process started and reap it (killed after the wait)."""
+        connections, self._connections = self._connections, []
+        for con in connections:
+            with contextlib.suppress(OSError, GitProtocolError):
+                con.close(timeout=self._wait)
+
+
+class _SSHGitClient(SSHGitClient):
+    """dulwich's ssh client whose ``close`` also ends the ssh processes of failed handshakes."""
+
+    def __init__(self, host: str, *, port: int | None, username: str | None, vendor: _TrackingSSHVendor,
+                 key_filename: str | None, ssh_command: str) -> None:
+        super().__init__(host, port=port, username=username, vendor=vendor, key_filename=key_filename,
+                         ssh_command=ssh_command)
+        self._tracking_vendor = vendor
+        self._protocols: list[Protocol] = []
+
+    def _connect(self, cmd: bytes, path: str | bytes,
+                 protocol_version: int | None = None,
+                 ) -> tuple[Protocol, Callable[[], bool], IO[bytes] | None]:
+        proto, can_read, stderr = super()._connect(cmd, path, protocol_version)
+        self._protocols.append(proto)
+        return proto, can_read, stderr
+
+    def close(self) -> None:
+        """End every ssh process this client started (bounded), then close their protocols."""
+        self._tracking_vendor.close_all()
+        protocols, self._protocols = self._protocols, []
+        for proto in protocols:
+            with contextlib.suppress(OSError, GitProtocolError):
+                proto.close()
+        super().close()
+
+
 class _HttpGitClient(Urllib3HttpGitClient):
     """dulwich's urllib3 client, closing the response of a failed request instead of leaking it."""
 
@@ -295,6 +354,9 @@ def _transport_reason(exc: BaseException, timeout: float) -> str:
         if isinstance(cur, OSError) and cur.strerror:
             return f"mirror unreachable: {_one_line(cur.strerror)}"
     if isinstance(exc, HangupException):
+        said = [line for line in (exc.stderr_lines or []) if line.strip()]
+        if said:  # over ssh, the ssh client's own last word (host key refused, auth failed, ...)
+            return f"mirror hung up during the fetch: {_one_line(said[-1].decode('utf-8', 'replace'))}"
         return "mirror hung up during the fetch"
     if isinstance(exc, GitProtocolError):
         return f"mirror protocol error: {_one_line(exc)}"
@@ -440,8 +502,9 @@ class Source:
         ]
         if self.auth.ssh_key is not None:
             options += ["-o", "IdentitiesOnly=yes"]
-        return SSHGitClient(
-            host, port=port, username=user or self.auth.username, vendor=SubprocessSSHVendor(),
+        return _SSHGitClient(
+            host, port=port, username=user or self.auth.username,
+            vendor=_TrackingSSHVendor(wait=max(1, round(self.timeout))),
             key_filename=str(self.auth.ssh_key) if self.auth.ssh_key is not None else None,
             ssh_command=shlex.join(options),
         )

@@ -323,7 +323,7 @@ def test_damaged_pack_leaves_cache_unchanged(fleet: Fleet, mirror_root: Path, tm
 
 
 def test_ssh_mirror_needs_pinned_host_key(tmp_path: Path) -> None:
-    # A live sshd test needs the openssh-server package; without it only the configuration rule
-    # is checked here: an ssh:// mirror without a known_hosts file is refused up front.
+    # The configuration rule: an ssh:// mirror without a pinned known_hosts file is refused up
+    # front (tests/test_source_ssh.py fetches from a live sshd).
     with pytest.raises(ValueError, match="known_hosts"):
         Source("ssh://git@127.0.0.1:2222/fleet.git", "main", tmp_path / "c")
