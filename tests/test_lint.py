@@ -127,7 +127,7 @@ def broken_repo(tmp_path: Path) -> Path:
     (broken / "files" / "app.env").write_text(APP_ENV)
     (tmp_path / "outside.conf").write_text("outside\n")
     (broken / "files" / "link.conf").symlink_to(tmp_path / "outside.conf")
-    (repo / "secrets").mkdir()
+    (repo / "secrets").mkdir(exist_ok=True)
     (repo / "secrets" / "plain.json").write_text(json.dumps({"type": "plaintext", "value": "x"}))
     (repo / "bundles" / "stray").mkdir()
     (repo / "bundles" / "stray" / "bundle.yaml").write_text(
@@ -201,7 +201,7 @@ def test_warnings_alone_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_sealed_secret_file_accepted(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(EXAMPLE, repo)
-    (repo / "secrets").mkdir()
+    (repo / "secrets").mkdir(exist_ok=True)
     (repo / "secrets" / "token.sealed.json").write_text(
         json.dumps({"type": "edge-fleet/sealed-secret", "version": 1, "recipients": [], "ciphertext": "AA"}))
     motd = repo / "bundles" / "motd" / "bundle.yaml"
