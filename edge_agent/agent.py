@@ -32,8 +32,9 @@ import hmac
 import json
 import logging
 import os
+import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import Any
 
 from nacl.public import PrivateKey
 
+from edge_agent import reporter, telemetry
 from edge_agent.config import AgentConfig
 from edge_agent.drivers.base import Context, probe_kinds
 from edge_agent.engine.drift import DriftFinding, detect_drift
@@ -53,6 +55,7 @@ from edge_agent.errors import (
     FetchError,
     FileMissing,
     LockedError,
+    MessageError,
     StateError,
     UntrustedInputError,
 )
@@ -61,6 +64,7 @@ from edge_agent.identity import load_encryption_private
 from edge_agent.logs import log_context
 from edge_agent.profiles import DeviceProfile, load_profile
 from edge_agent.release import DesiredState, DeviceIdentity, select
+from edge_agent.report import messages
 from edge_agent.resources import SecretFile
 from edge_agent.runner import Runner
 from edge_agent.source import Source, SourceAuth
@@ -73,11 +77,14 @@ __all__ = [
     "DriftReport",
     "SyncResult",
     "apply_lock",
+    "assigned_revision",
     "check_drift",
     "event_payload",
     "pause",
     "plan_only",
+    "report_health",
     "resume",
+    "set_assigned_revision",
     "status",
     "sync_once",
 ]
@@ -91,6 +98,11 @@ BACKUP_DIR = "backups"
 DIGEST_KEY_FILE = "digest.key"
 _META_PAUSED = "paused"
 _META_TREE = "installed_tree_digest"
+_META_SYNC_STATE = "report.sync_state"
+_META_DRIFT = "report.drift"
+_META_ASSIGNED = "assigned_revision"
+_MAX_MOUNTS = 16
+_COMMIT_RE = re.compile(r"[0-9a-f]{7,64}")
 SECRET_SUFFIX = ".sealed.json"  # noqa: S105 - a file name suffix, not a secret
 
 
@@ -232,7 +244,7 @@ def _open_runtime(config: AgentConfig) -> _Runtime:
         )
     except ValueError as exc:
         raise ConfigError(f"repo: {exc}") from exc
-    fs = FsRoot(config.root, profile.allowed_roots)
+    fs = FsRoot(config.root, profile.allowed_roots, denied_roots=profile.denied_roots, blob_key=key)
     try:
         state = StateDB(state_dir / STATE_DB)
     except BaseException:
@@ -258,6 +270,11 @@ def _read_secret_file(path: Path | None) -> str | None:
 def _with_payloads(ctx: Context, payloads: Mapping[str, bytes]) -> Context:
     return Context(fs=ctx.fs, runner=ctx.runner, payloads=payloads, open_secret=ctx.open_secret,
                    backup_store=ctx.backup_store, secret_digest=ctx.secret_digest)
+
+
+def _as_commit(value: str | None) -> str | None:
+    """Return ``value`` when it is a full or abbreviated lower-case hex commit id, else None."""
+    return value if value is not None and _COMMIT_RE.fullmatch(value) else None
 
 
 def _now(now: datetime | None) -> datetime:
@@ -311,9 +328,15 @@ def _tree_digest(tree: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime) -> _Verified:
-    """Fetch, then verify the tree completely. Raises FetchError or an UntrustedInputError."""
+def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime,
+                      seen: list[str] | None = None) -> _Verified:
+    """Fetch, then verify the tree completely (``seen`` receives the fetched commit).
+
+    Raises FetchError or an UntrustedInputError.
+    """
     fetched = rt.source.fetch(want)
+    if seen is not None:
+        seen.append(fetched.commit)
     tree = rt.source.read_tree(fetched.commit)
     with log_context(commit=fetched.commit):
         current = _stored_trust(rt.config, rt.state)
@@ -357,25 +380,88 @@ def _unavailable(desired: DesiredState, rt: _Runtime, ctx: Context) -> dict[str,
 
 def event_payload(config: AgentConfig, kind: str, *, now: datetime, commit: str | None,
                   release: int | None, reason: str | None, **extra: Any) -> bytes:
-    """Return the JSON bytes of one event message for ``<prefix>/<device>/events``."""
-    body: dict[str, Any] = {"schema": 1, "device": config.device_id, "ts": _iso(now), "type": kind,
-                            "commit": commit, "release": release, "reason": reason}
-    body.update(extra)
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    """Return the JSON bytes of one ``<prefix>/<device>/events`` message, built by :mod:`edge_agent.reporter`.
+
+    ``kind`` is a local event kind: ``sync_<outcome>`` (``extra``: ``step``, ``changes``),
+    ``drift_detected`` / ``drift_corrected`` (``extra``: ``resources``), ``paused``, ``resumed`` or
+    ``recovered`` (``extra``: ``status``).
+
+    Raises:
+        MessageError: an unknown kind (or an outcome that sends no event) or an invalid field.
+    """
+    return messages.encode(_event_message(config, kind, now=now, commit=commit, release=release,
+                                          reason=reason, **extra))
+
+
+def _event_message(config: AgentConfig, kind: str, *, now: datetime, commit: str | None,
+                   release: int | None, reason: str | None, **extra: Any) -> dict[str, Any]:
+    device = config.device_id
+    if kind.startswith("sync_"):
+        msg = reporter.sync_event(device, outcome=kind.removeprefix("sync_"), commit=commit, release=release,
+                                  ts=now, reason=reason, step=extra.get("step"),
+                                  changes=int(extra.get("changes", 0)))
+        if msg is None:
+            raise MessageError("bad_field", f"the sync outcome of {kind!r} is not reported as an event")
+    elif kind in ("drift_detected", "drift_corrected"):
+        msg = reporter.drift_event(device, corrected=kind == "drift_corrected",
+                                   resources=list(extra.get("resources", ())), commit=commit,
+                                   release=release, ts=now, mode=config.mode)
+    elif kind in ("paused", "resumed"):
+        msg = reporter.pause_event(device, paused=kind == "paused", reason=reason, commit=commit,
+                                   release=release, ts=now)
+    elif kind == "recovered":
+        msg = reporter.recovery_event(device, status=str(extra.get("status", "rolled_back")), reason=reason,
+                                      commit=commit, release=release, ts=now)
+    else:
+        raise MessageError("bad_field", f"unknown event kind {kind!r}")
+    return msg
 
 
 def _record(rt: _Runtime, kind: str, *, now: datetime, commit: str | None, release: int | None,
             reason: str | None, **extra: Any) -> None:
+    """Add one event to the local history and queue its report (see :func:`event_payload`)."""
     rt.state.add_event(kind, {"commit": commit, "release": release, "reason": reason, **extra})
-    topic = f"{rt.config.mqtt_prefix}/{rt.config.device_id}/events"
-    payload = event_payload(rt.config, kind, now=now, commit=commit, release=release, reason=reason, **extra)
-    rt.state.outbox_put(topic, payload, qos=1, retain=False, cls="outcome")
+    msg = _event_message(rt.config, kind, now=now, commit=commit, release=release, reason=reason, **extra)
+    reporter.queue_report(rt.state, rt.config.mqtt_prefix, "events", msg)
+
+
+def _drift_state(state: StateDB) -> dict[str, Any]:
+    text = state.get_meta(_META_DRIFT)
+    if text:
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            return doc
+    return reporter.drift_summary((), corrected=False)
+
+
+def _queue_status(state: StateDB, config: AgentConfig, now: datetime) -> None:
+    """Queue the retained status: installed release, sync state, drift summary, paused."""
+    installed = state.installed()
+    msg = reporter.status_report(
+        config.device_id, commit=installed.commit if installed else None,
+        release=installed.version if installed else None,
+        sync_state=state.get_meta(_META_SYNC_STATE) or "unknown", drift=_drift_state(state),
+        paused=bool(state.get_meta(_META_PAUSED)), ts=now)
+    reporter.queue_report(state, config.mqtt_prefix, "status", msg)
 
 
 def _finish(rt: _Runtime, result: SyncResult, now: datetime, *, quiet: bool = False) -> SyncResult:
     if not quiet:
-        _record(rt, "sync_" + result.outcome, now=now, commit=result.commit, release=result.version,
-                reason=result.reason, step=result.step, changes=result.changes)
+        rt.state.add_event("sync_" + result.outcome, {"commit": result.commit, "release": result.version,
+                                                      "reason": result.reason, "step": result.step,
+                                                      "changes": result.changes})
+        event = reporter.sync_event(rt.config.device_id, outcome=result.outcome, commit=result.commit,
+                                    release=result.version, ts=now, reason=result.reason, step=result.step,
+                                    changes=result.changes)
+        if event is not None:
+            reporter.queue_report(rt.state, rt.config.mqtt_prefix, "events", event)
+    rt.state.set_meta(_META_SYNC_STATE, reporter.SYNC_STATES.get(result.outcome, result.outcome))
+    if result.outcome in ("applied", "noop"):
+        rt.state.set_meta(_META_DRIFT, json.dumps(reporter.drift_summary((), corrected=False)))
+    _queue_status(rt.state, rt.config, now)
     level = logging.INFO if result.outcome in ("applied", "noop", "paused") else logging.WARNING
     log.log(level, "sync %s: release %s commit %s changes %s%s", result.outcome, result.version,
             result.commit, result.changes, f" ({result.reason})" if result.reason else "")
@@ -403,7 +489,9 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
 
     Args:
         config: the validated agent configuration.
-        want: a commit the fleet server assigned; None means the branch head.
+        want: a commit to run; None means the revision the fleet server assigned
+            (:func:`assigned_revision`) when there is one, else the branch head. It must pass every
+            trust check either way.
         now: the time used for expiry checks and timestamps (default: the clock).
 
     Raises:
@@ -414,6 +502,8 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
     with log_context(device=config.device_id), apply_lock(config.state_dir):
         rt = _open_runtime(config)
         try:
+            if want is None:
+                want = rt.state.get_meta(_META_ASSIGNED) or None
             return _sync_locked(rt, want, _now(now))
         finally:
             rt.close()
@@ -425,12 +515,14 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime) -> SyncResult:
         _record(rt, "recovered", now=now, commit=None, release=None, reason=recovered.reason,
                 status=recovered.status)
     installed = rt.state.installed()
+    seen: list[str] = []
     try:
-        verified = _fetch_and_verify(rt, want, now)
+        verified = _fetch_and_verify(rt, want, now, seen)
     except FetchError as exc:
-        return _finish(rt, SyncResult("fetch_failed", reason=str(exc)), now)
+        return _finish(rt, SyncResult("fetch_failed", commit=_as_commit(want), reason=str(exc)), now)
     except UntrustedInputError as exc:
-        return _finish(rt, SyncResult("refused", reason=str(exc)), now)
+        commit = _as_commit(seen[0] if seen else want)
+        return _finish(rt, SyncResult("refused", commit=commit, reason=str(exc)), now)
     version, commit = verified.release.version, verified.commit
     with log_context(commit=commit, release=version):
         _persist_trust(rt.state, verified)
@@ -452,6 +544,10 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime) -> SyncResult:
                 raise DriverUnavailable(f"drivers unavailable on this device: {reason}")
         except (UntrustedInputError, DriverUnavailable) as exc:
             return _finish(rt, SyncResult("refused", version, commit, reason=str(exc)), now)
+        if not plan.is_noop:
+            started = reporter.started_event(rt.config.device_id, commit=commit, release=version, ts=now,
+                                             changes=len(plan.all_changes))
+            reporter.queue_report(rt.state, rt.config.mqtt_prefix, "events", started)
         outcome = _apply(rt, desired, plan, version=version, commit=commit)
         result = SyncResult(outcome.status, version, commit, reason=outcome.reason, step=outcome.step,
                             changes=outcome.changes)
@@ -502,8 +598,9 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
     """Compare the device with the installed release; in enforce mode correct it in a transaction.
 
     Drift is recorded in the state (``add_drift``), as an event and an outbox message
-    (``drift_detected``, then ``drift_corrected`` when enforce mode fixed it). A paused device or
-    ``audit`` mode only records. Nothing is done when no release is installed yet.
+    (``drift_detected``, then ``drift_corrected`` when enforce mode fixed it), followed by the
+    status report. A paused device or ``audit`` mode only records. Nothing is done when no release
+    is installed yet; a clean check reports a new status only when drift had been reported before.
 
     Raises:
         LockedError: an apply is running (try again at the next drift interval).
@@ -521,6 +618,9 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
                 ctx = _with_payloads(rt.ctx, desired.payloads)
                 findings = tuple(detect_drift(desired, rt.state.managed(), ctx))
                 if not findings:
+                    if _drift_state(rt.state).get("count"):
+                        _set_drift(rt.state, (), corrected=False, clean=True)
+                        _queue_status(rt.state, config, when)
                     return DriftReport((), False)
                 enforce = config.mode == "enforce" and not rt.state.get_meta(_META_PAUSED)
                 outcome: Outcome | None = None
@@ -536,10 +636,22 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
                 if corrected:
                     _record(rt, "drift_corrected", now=when, commit=commit, release=version, reason=None,
                             resources=ids)
+                _set_drift(rt.state, ids, corrected=corrected, clean=corrected)
+                _queue_status(rt.state, config, when)
                 log.warning("drift in %s resource(s): %s; corrected=%s", len(ids), ", ".join(ids), corrected)
                 return DriftReport(findings, corrected, outcome.status if outcome is not None else None)
         finally:
             rt.close()
+
+
+def _set_drift(state: StateDB, ids: Sequence[str], *, corrected: bool, clean: bool) -> None:
+    """Remember the last drift summary for the status; ``clean``: the device matches the release."""
+    state.set_meta(_META_DRIFT, json.dumps(reporter.drift_summary(ids, corrected=corrected)))
+    current = state.get_meta(_META_SYNC_STATE)
+    if not clean:
+        state.set_meta(_META_SYNC_STATE, "drifted")
+    elif current in (None, "drifted"):
+        state.set_meta(_META_SYNC_STATE, "in_sync")
 
 
 def _set_pause(config: AgentConfig, reason: str | None, now: datetime | None) -> None:
@@ -555,9 +667,10 @@ def _set_pause(config: AgentConfig, reason: str | None, now: datetime | None) ->
             kind = "paused" if reason is not None else "resumed"
             state.set_meta(_META_PAUSED, reason)
             state.add_event(kind, {"reason": reason, "commit": commit, "release": version})
-            topic = f"{config.mqtt_prefix}/{config.device_id}/events"
-            state.outbox_put(topic, event_payload(config, kind, now=when, commit=commit, release=version,
-                                                  reason=reason), qos=1, retain=False, cls="outcome")
+            event = reporter.pause_event(config.device_id, paused=reason is not None, reason=reason,
+                                         commit=commit, release=version, ts=when)
+            reporter.queue_report(state, config.mqtt_prefix, "events", event)
+            _queue_status(state, config, when)
             log.warning("%s%s", kind, f": {reason}" if reason else "")
         finally:
             state.close()
@@ -582,6 +695,87 @@ def resume(config: AgentConfig, *, now: datetime | None = None) -> None:
         StateError: the state database cannot be written.
     """
     _set_pause(config, None, now)
+
+
+def assigned_revision(config: AgentConfig) -> str | None:
+    """Return the revision the fleet server assigned (persisted), or None to follow the branch head.
+
+    Raises:
+        StateError: the state database cannot be read.
+    """
+    if not (config.state_dir / STATE_DB).exists():
+        return None
+    state = StateDB(config.state_dir / STATE_DB)
+    try:
+        return state.get_meta(_META_ASSIGNED) or None
+    finally:
+        state.close()
+
+
+def set_assigned_revision(config: AgentConfig, revision: str | None) -> None:
+    """Persist the revision the fleet server assigned (None: follow the branch head again).
+
+    :func:`sync_once` without ``want`` syncs to it; it still has to pass every trust check.
+
+    Raises:
+        StateError: the state database cannot be written.
+    """
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state = StateDB(config.state_dir / STATE_DB)
+    try:
+        state.set_meta(_META_ASSIGNED, revision)
+    finally:
+        state.close()
+
+
+def _mount_point(path: Path) -> str:
+    """Return the mount point of the filesystem holding ``path`` (its nearest existing ancestor)."""
+    current = path
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    while not os.path.ismount(current) and current != current.parent:
+        current = current.parent
+    return str(current)
+
+
+def _health_mounts(config: AgentConfig, desired: DesiredState | None) -> list[str]:
+    """``/`` plus the mount points of the managed paths (under ``root``), at most ``_MAX_MOUNTS``."""
+    mounts = {"/", _mount_point(config.root)}
+    if desired is not None:
+        for res in desired.resources:
+            for path in res.paths:
+                mounts.add(_mount_point(config.root / path.lstrip("/")))
+                if len(mounts) >= _MAX_MOUNTS:
+                    return sorted(mounts)
+    return sorted(mounts)
+
+
+def report_health(config: AgentConfig, *, now: datetime | None = None) -> list[CheckResult]:
+    """Run the installed release's health checks and queue one health report with device metrics.
+
+    Metrics come from ``telemetry.sample`` for ``/`` and the mounts of the managed paths. Each check
+    is bounded by its own timeout; before the first release there are no checks. Holds the apply lock
+    so that checks never watch a half-applied release.
+
+    Raises:
+        LockedError: an apply is running (report at the next health interval).
+        StateError: the state or the repository cache cannot be read.
+    """
+    when = _now(now)
+    with log_context(device=config.device_id), apply_lock(config.state_dir):
+        rt = _open_runtime(config)
+        try:
+            loaded = _installed_desired(rt)
+            desired = loaded[0] if loaded is not None else None
+            results = run_checks(desired.checks, rt.runner, config.root) if desired is not None else []
+            metrics = telemetry.sample(_health_mounts(config, desired))
+            msg = reporter.health_report(config.device_id, commit=loaded[2] if loaded else None,
+                                         release=loaded[1] if loaded else None, ts=when, metrics=metrics,
+                                         checks=results)
+            reporter.queue_report(rt.state, config.mqtt_prefix, "health", msg)
+            return results
+        finally:
+            rt.close()
 
 
 def _last_sync(state: StateDB) -> dict[str, Any] | None:

@@ -7,11 +7,24 @@ One thread does all the work, so two applies never overlap inside the daemon; th
   after a ``fetch_failed`` the next attempt comes after a capped exponential backoff with full
   jitter (``backoff.base`` .. ``backoff.cap``) instead, and a success resets the backoff;
 * a drift check every ``intervals.drift`` (enforce: correct and record; audit: record only);
-* :meth:`Daemon.request_sync` (called by the reporting module on a server nudge or a new desired
-  revision) wakes the loop at once.
+* with an ``mqtt`` section, a health report every ``intervals.health`` (the installed release's
+  health checks, each bounded by its timeout, plus device metrics);
+* :meth:`Daemon.request_sync` (a server nudge) and :meth:`Daemon.set_desired` (a new revision the
+  fleet server assigned) wake the loop at once.
+
+With an ``mqtt`` section the daemon also runs a :class:`~edge_agent.reporter.Reporter`: the broker
+link and the outbox sender (in their own threads). A ``desired`` message for a revision other than
+the one followed now calls :meth:`Daemon.set_desired` (so it is synced at once, still subject to
+every trust check); a repeat of the followed revision (a retained re-delivery) is a no-op. The
+assigned revision is persisted in the state database, so a restart follows it from the first sync
+on. The broadcast nudge calls :meth:`Daemon.request_sync`. After every operation the sender is
+woken to publish the reports the operation queued. Without an ``mqtt`` section reports simply wait
+in the outbox (``edge-agent status`` shows how many).
 
 SIGTERM and SIGINT only set the stop event; the loop looks at it between operations, never in the
-middle of an apply, so the daemon always stops at a safe point.
+middle of an apply, so the daemon always stops at a safe point. Then the reporter sends what is
+queued (for at most two seconds), publishes ``online=false`` and disconnects; a daemon that dies
+without stopping leaves it to the broker's last will.
 """
 
 from __future__ import annotations
@@ -25,11 +38,21 @@ from collections.abc import Callable
 from datetime import datetime
 from types import FrameType
 
-from edge_agent.agent import DriftReport, SyncResult, check_drift, sync_once
+from edge_agent.agent import (
+    STATE_DB,
+    DriftReport,
+    SyncResult,
+    assigned_revision,
+    check_drift,
+    report_health,
+    set_assigned_revision,
+    sync_once,
+)
 from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeFleetError, LockedError
 from edge_agent.logs import log_context
+from edge_agent.reporter import Reporter
 
 __all__ = ["Daemon", "install_signal_handlers", "run"]
 
@@ -63,8 +86,11 @@ class Daemon:
         self._want: str | None = None
         self._on_sync = on_sync
         self._on_drift = on_drift
+        self._persisted_want: str | None = None
+        self._reporter: Reporter | None = None
         self.syncs = 0
         self.drift_checks = 0
+        self.health_reports = 0
         self.last_result: SyncResult | None = None
 
     def request_sync(self, want: str | None = None) -> None:
@@ -86,13 +112,56 @@ class Daemon:
             self._want = want
         self._wake.set()
 
+    def on_desired(self, revision: str, release: int, rollout_id: str | None) -> None:
+        """Handle a ``desired`` message: follow ``revision`` unless it is already followed (a repeat).
+
+        Called from the MQTT thread; the sync itself runs in the loop.
+        """
+        with self._lock:
+            repeat = revision == self._want
+        if repeat:
+            log.debug("desired revision %s (release %s) is already followed", revision, release)
+            return
+        log.info("fleet server assigned revision %s (release %s, rollout %s)", revision, release, rollout_id)
+        self.set_desired(revision)
+
+    def on_nudge(self) -> None:
+        """Handle the broadcast nudge: fetch at once instead of at the next poll."""
+        self.request_sync()
+
     def _take_want(self) -> str | None:
         with self._lock:
             return self._want
 
+    def _persist_want(self, want: str | None) -> None:
+        if want == self._persisted_want:
+            return
+        try:
+            set_assigned_revision(self.config, want)
+        except EdgeFleetError as exc:
+            log.error("cannot persist the assigned revision: %s", exc)
+            return
+        self._persisted_want = want
+
+    def _load_want(self) -> None:
+        try:
+            stored = assigned_revision(self.config)
+        except EdgeFleetError as exc:
+            log.error("cannot read the assigned revision: %s", exc)
+            return
+        self._persisted_want = stored
+        with self._lock:
+            if self._want is None:
+                self._want = stored
+
+    def _notify_reporter(self) -> None:
+        if self._reporter is not None:
+            self._reporter.notify()
+
     def _sync(self) -> float:
         """Run one sync; return the seconds until the next one."""
         want = self._take_want()
+        self._persist_want(want)
         try:
             result = sync_once(self.config, want=want)
         except LockedError as exc:
@@ -103,6 +172,7 @@ class Daemon:
             return self._backoff.next_delay()
         self.syncs += 1
         self.last_result = result
+        self._notify_reporter()
         if self._on_sync is not None:
             self._on_sync(result)
         if result.outcome == "fetch_failed":
@@ -122,29 +192,80 @@ class Daemon:
             log.error("drift check failed: %s", exc)
             return
         self.drift_checks += 1
+        self._notify_reporter()
         if report.findings and self._on_drift is not None:
             self._on_drift(report)
 
+    def _health(self) -> None:
+        try:
+            report_health(self.config)
+        except LockedError as exc:
+            log.info("health report skipped: %s", exc)
+            return
+        except EdgeFleetError as exc:
+            log.error("health report failed: %s", exc)
+            return
+        self.health_reports += 1
+        self._notify_reporter()
+
+    def _start_reporter(self) -> Reporter | None:
+        """Start the broker link and outbox sender when ``mqtt`` is configured.
+
+        Raises:
+            ConfigError: the mqtt section cannot be used (e.g. an unreadable password file).
+            BrokerError: the MQTT client cannot be set up (e.g. unreadable TLS files).
+            StateError: the state database cannot be opened.
+        """
+        if self.config.mqtt is None:
+            return None
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        reporter = Reporter(self.config, self.config.state_dir / STATE_DB, on_desired=self.on_desired,
+                            on_nudge=self.on_nudge)
+        reporter.start()
+        return reporter
+
     def run(self) -> None:
-        """Loop until the stop event is set: sync at start, then on the timers and on request."""
+        """Loop until the stop event is set: sync at start, then on the timers and on request.
+
+        Raises:
+            ConfigError: the mqtt section cannot be used.
+            BrokerError: the MQTT client cannot be set up.
+            StateError: the state database cannot be opened for the reporter.
+        """
         with log_context(device=self.config.device_id):
             log.info("agent started (mode %s, poll %ss, drift %ss)", self.config.mode,
                      self.config.intervals.poll, self.config.intervals.drift)
-            now = self._clock()
-            next_sync = now
-            next_drift = now + self.config.intervals.drift
-            while not self.stop.is_set():
-                now = self._clock()
-                if self._wake.is_set() or now >= next_sync:
-                    self._wake.clear()
-                    next_sync = self._clock() + self._sync()
-                    continue
-                if now >= next_drift:
-                    self._drift()
-                    next_drift = self._clock() + self.config.intervals.drift
-                    continue
-                self._wake.wait(min(next_sync - now, next_drift - now, _MAX_WAIT))
+            self._load_want()
+            self._reporter = self._start_reporter()
+            try:
+                self._loop()
+            finally:
+                reporter, self._reporter = self._reporter, None
+                if reporter is not None:
+                    reporter.stop()
             log.info("agent stopped")
+
+    def _loop(self) -> None:
+        intervals = self.config.intervals
+        now = self._clock()
+        next_sync = now
+        next_drift = now + intervals.drift
+        next_health = now if self._reporter is not None else float("inf")
+        while not self.stop.is_set():
+            now = self._clock()
+            if self._wake.is_set() or now >= next_sync:
+                self._wake.clear()
+                next_sync = self._clock() + self._sync()
+                continue
+            if now >= next_drift:
+                self._drift()
+                next_drift = self._clock() + intervals.drift
+                continue
+            if now >= next_health:
+                self._health()
+                next_health = self._clock() + intervals.health
+                continue
+            self._wake.wait(min(next_sync - now, next_drift - now, next_health - now, _MAX_WAIT))
 
 
 def run(config: AgentConfig, *, stop: threading.Event) -> None:

@@ -187,7 +187,7 @@ def test_first_sync_applies_and_second_is_noop(fleet: AgentFleet) -> None:
     assert info["managed"] >= 6
     assert info["open_transaction"] is None
     events = [p for t, p in fleet.outbox() if t == "fleet/v1/dev-1/events"]
-    assert any(b'"type":"sync_applied"' in p for p in events)
+    assert any(b'"type":"sync_succeeded"' in p for p in events)
 
 
 def test_tampered_release_is_refused_and_the_device_untouched(fleet: AgentFleet) -> None:

@@ -1,0 +1,324 @@
+"""Every report the agent sends, and the daemon's MQTT link with its outbox sender.
+
+Two halves:
+
+* **Builders** (pure, data and time in, a validated message out): :func:`sync_event` maps a sync
+  outcome to its event, :func:`started_event`, :func:`drift_event`, :func:`pause_event`,
+  :func:`recovery_event`, :func:`status_report` and :func:`health_report`. Every one goes through
+  :mod:`edge_agent.report.messages`, so the fleet server's decoder accepts what the device sends.
+  :func:`queue_report` encodes a message and writes it to the outbox (the state database) with
+  the QoS, retain flag and outbox class of its kind; nothing is ever sent without being queued
+  first.
+* **The link** (:class:`Reporter`): for ``edge-agent run`` with an ``mqtt`` section. It owns one
+  :class:`~edge_agent.report.mqtt.MqttLink` and one
+  :class:`~edge_agent.report.outbox.OutboxSender` draining the outbox in its own thread, hands
+  valid ``desired`` messages and broadcast nudges to the daemon, and stops cleanly (a bounded last
+  drain, then ``online=false``).
+
+Outcome to event type: ``applied``/``noop`` -> ``sync_succeeded`` (``detail.outcome`` says which,
+``detail.changes`` how many changes), ``refused`` -> ``sync_refused``, ``rolled_back`` ->
+``sync_rolled_back`` (``step``, ``reason``), ``failed``/``fetch_failed`` -> ``sync_failed``
+(``detail.outcome`` keeps which). ``paused`` sends no event: the ``paused`` event was sent when the
+device was paused, and the status says ``paused``.
+
+Outbox classes (what a full outbox drops first, see ``StateDB.outbox_put``): sync outcomes, pause
+and resume are ``outcome`` (never dropped); ``sync_started`` and drift events are ``event``; status
+is ``status`` (only superseded ones are dropped); health is ``health`` (dropped first).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig
+from edge_agent.engine.health import CheckResult
+from edge_agent.errors import MessageError
+from edge_agent.report import messages
+from edge_agent.report.mqtt import MqttLink, settings_from_config
+from edge_agent.report.outbox import OutboxSender
+from edge_agent.state import StateDB
+
+__all__ = [
+    "DRIFT_RESOURCES_MAX",
+    "SYNC_STATES",
+    "Reporter",
+    "drift_event",
+    "drift_summary",
+    "health_report",
+    "pause_event",
+    "queue_report",
+    "recovery_event",
+    "started_event",
+    "status_report",
+    "sync_event",
+]
+
+log = logging.getLogger(__name__)
+
+SYNC_STATES: Mapping[str, str] = {
+    "applied": "in_sync",
+    "noop": "in_sync",
+    "rolled_back": "rolled_back",
+    "failed": "failed",
+    "refused": "refused",
+    "fetch_failed": "fetch_failed",
+    "paused": "paused",
+}
+"""Sync outcome -> the ``sync_state`` of the status report (``unknown`` before the first sync,
+``drifted`` while uncorrected drift is known)."""
+
+DRIFT_RESOURCES_MAX = 20
+"""How many drifted resource ids a drift event or the status names (the count is always exact)."""
+
+_OUTCOME_EVENTS = {
+    "applied": "sync_succeeded",
+    "noop": "sync_succeeded",
+    "refused": "sync_refused",
+    "rolled_back": "sync_rolled_back",
+    "failed": "sync_failed",
+    "fetch_failed": "sync_failed",
+}
+_MAX_REASON = 2000
+_MAX_STEP = 64
+_DRAIN_ON_STOP = 2.0  # seconds a clean stop spends sending what is still queued
+
+Ts = datetime | float
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- builders ------------------------------------------------------------------------------------
+
+
+def sync_event(device: str, *, outcome: str, commit: str | None, release: int | None, ts: Ts,
+               reason: str | None = None, step: str | None = None, changes: int = 0) -> dict[str, Any] | None:
+    """Return the event reporting one sync outcome, or None for an outcome that sends none (``paused``).
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``), e.g. an unknown outcome.
+    """
+    if outcome == "paused":
+        return None
+    kind = _OUTCOME_EVENTS.get(outcome)
+    if kind is None:
+        raise MessageError("bad_field", f"unknown sync outcome {outcome!r}")
+    detail: dict[str, Any] = {"outcome": outcome}
+    if outcome in ("applied", "noop", "rolled_back"):
+        detail["changes"] = int(changes)
+    return messages.event_message(device, type=kind, commit=commit, release=release, ts=ts,
+                                  reason=_clip(reason, _MAX_REASON), step=_clip(step, _MAX_STEP),
+                                  detail=detail)
+
+
+def started_event(device: str, *, commit: str, release: int, ts: Ts, changes: int) -> dict[str, Any]:
+    """Return ``sync_started``: a verified release is about to be applied with ``changes`` changes.
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    return messages.event_message(device, type="sync_started", commit=commit, release=release, ts=ts,
+                                  detail={"changes": int(changes)})
+
+
+def drift_summary(resources: Sequence[str], *, corrected: bool) -> dict[str, Any]:
+    """Return the short drift summary used in drift events and the status: ids only, never content."""
+    ids = list(resources)
+    return {"count": len(ids), "corrected": corrected, "resources": ids[:DRIFT_RESOURCES_MAX]}
+
+
+def drift_event(device: str, *, corrected: bool, resources: Sequence[str], commit: str | None,
+                release: int | None, ts: Ts, mode: str) -> dict[str, Any]:
+    """Return ``drift_detected`` (``corrected=False``) or ``drift_corrected`` for these resource ids.
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    detail = {**drift_summary(resources, corrected=corrected), "mode": mode}
+    return messages.event_message(device, type="drift_corrected" if corrected else "drift_detected",
+                                  commit=commit, release=release, ts=ts, detail=detail)
+
+
+def pause_event(device: str, *, paused: bool, reason: str | None, commit: str | None, release: int | None,
+                ts: Ts) -> dict[str, Any]:
+    """Return ``paused`` (with the operator's reason) or ``resumed``.
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    return messages.event_message(device, type="paused" if paused else "resumed", commit=commit,
+                                  release=release, ts=ts, reason=_clip(reason, _MAX_REASON))
+
+
+def recovery_event(device: str, *, status: str, reason: str | None, commit: str | None, release: int | None,
+                   ts: Ts) -> dict[str, Any]:
+    """Return the report of a crash recovery: ``sync_rolled_back`` at step ``recovery`` (``sync_failed``
+    when the undo itself failed).
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    kind = "sync_rolled_back" if status == "rolled_back" else "sync_failed"
+    return messages.event_message(device, type=kind, commit=commit, release=release, ts=ts,
+                                  reason=_clip(reason, _MAX_REASON), step="recovery",
+                                  detail={"outcome": status})
+
+
+def status_report(device: str, *, commit: str | None, release: int | None, sync_state: str,
+                  drift: Mapping[str, Any], paused: bool, ts: Ts) -> dict[str, Any]:
+    """Return the retained status: the installed release, the sync state, the drift summary, paused.
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    return messages.status_message(device, commit=commit, release=release, sync_state=sync_state,
+                                   drift=dict(drift), paused=paused, ts=ts)
+
+
+def _check_dict(result: CheckResult) -> dict[str, Any]:
+    return {"name": result.name[:256] or "check", "ok": result.ok, "bundle": result.bundle[:256],
+            "kind": result.kind[:64], "detail": _clip(result.detail, 2048) or "",
+            "duration": max(0.0, float(result.duration))}
+
+
+def health_report(device: str, *, commit: str | None, release: int | None, ts: Ts, metrics: Mapping[str, Any],
+                  checks: Sequence[CheckResult]) -> dict[str, Any]:
+    """Return one health report: device metrics (see ``telemetry.sample``) and health-check results.
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    return messages.health_message(device, commit=commit, release=release, ts=ts, metrics=dict(metrics),
+                                   checks=[_check_dict(c) for c in checks[:256]])
+
+
+# kind -> (qos, retain)
+_DELIVERY = {"status": (1, True), "events": (1, False), "health": (1, False)}
+_EVENT_CLASSES = {"sync_started": "event", "drift_detected": "event", "drift_corrected": "event"}
+
+
+def queue_report(state: StateDB, prefix: str, kind: str, msg: Mapping[str, Any]) -> int:
+    """Encode ``msg`` (a ``status``, ``events`` or ``health`` message) and write it to the outbox.
+
+    Returns the outbox id. The topic is ``<prefix>/<msg device>/<kind>``.
+
+    Raises:
+        MessageError: unknown kind, or the message cannot be encoded.
+        StateError: the outbox cannot be written.
+    """
+    delivery = _DELIVERY.get(kind)
+    if delivery is None:
+        raise MessageError("bad_field", f"the agent does not send {kind!r} reports")
+    qos, retain = delivery
+    cls = _EVENT_CLASSES.get(str(msg.get("type")), "outcome") if kind == "events" else kind
+    topic = messages.topic(prefix, str(msg.get("device")), kind)
+    return state.outbox_put(topic, messages.encode(dict(msg)), qos=qos, retain=retain, cls=cls)
+
+
+# --- the daemon's link ---------------------------------------------------------------------------
+
+DesiredHandler = Callable[[str, int, str | None], None]
+"""Called with ``(revision, release, rollout_id)`` of every valid ``desired`` message."""
+
+
+class Reporter:
+    """The daemon's MQTT side: one link, one outbox sender in its own thread. Start once, stop once.
+
+    Args:
+        config: the agent configuration; its ``mqtt`` section must be set.
+        state_path: the agent's state database (the outbox lives there); the reporter opens its own
+            connection to it.
+        on_desired: called (in paho's thread) with each valid ``desired`` message for this device.
+        on_nudge: called (in paho's thread) for each valid broadcast nudge.
+        idle_wait: how often the sender looks at the outbox without being notified, in seconds.
+
+    Raises:
+        ConfigError: no ``mqtt`` section, or its password file cannot be read.
+        BrokerError: the TLS files cannot be loaded.
+        StateError: the state database cannot be opened.
+    """
+
+    def __init__(self, config: AgentConfig, state_path: Path, *, on_desired: DesiredHandler | None = None,
+                 on_nudge: Callable[[], None] | None = None, idle_wait: float = 5.0) -> None:
+        settings = settings_from_config(config)
+        self._on_desired = on_desired
+        self._on_nudge = on_nudge
+        self._idle_wait = idle_wait
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state = StateDB(state_path)
+        try:
+            self._link = MqttLink(settings, on_desired=self._handle_desired, on_nudge=self._handle_nudge,
+                                  on_connected=self.notify)
+        except BaseException:
+            self._state.close()
+            raise
+        self._sender = OutboxSender(self._state, self._link)
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker has accepted the connection."""
+        return self._link.connected
+
+    @property
+    def refused(self) -> int:
+        """How many reports the broker refused (and the sender dropped) since the start."""
+        return self._sender.refused
+
+    def start(self) -> None:
+        """Start connecting (in paho's thread) and the sender thread; returns at once.
+
+        Raises:
+            BrokerError: paho refuses to start.
+        """
+        self._link.start()
+        self._thread = threading.Thread(target=self._run_sender, name="outbox-sender", daemon=True)
+        self._thread.start()
+
+    def _run_sender(self) -> None:
+        try:
+            self._sender.run(self._stop, idle_wait=self._idle_wait, slice_seconds=1.0)
+        except Exception:  # a sender crash must not take the agent down; reports wait in the outbox
+            log.exception("the outbox sender stopped")
+
+    def notify(self) -> None:
+        """Wake the sender: new reports were queued (or the link connected)."""
+        self._sender.notify()
+
+    def stop(self, drain_seconds: float = _DRAIN_ON_STOP) -> None:
+        """Stop the sender, send what is queued for at most ``drain_seconds``, publish ``online=false``,
+        disconnect and close the state database. Idempotent; never raises for a broker that is gone.
+        """
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._sender.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)
+        try:
+            if self._link.connected and drain_seconds > 0:
+                self._sender.drain(drain_seconds)
+        except Exception:
+            log.exception("last outbox drain failed")
+        finally:
+            self._link.stop()
+            self._state.close()
+
+    # -- paho's thread --------------------------------------------------------------------------
+
+    def _handle_desired(self, msg: dict[str, Any]) -> None:
+        if self._on_desired is not None:
+            self._on_desired(str(msg["revision"]), int(msg["release"]), msg.get("rollout_id"))
+
+    def _handle_nudge(self, msg: dict[str, Any]) -> None:
+        log.info("nudge: release %s (%s) is out", msg.get("release"), msg.get("revision"))
+        if self._on_nudge is not None:
+            self._on_nudge()
