@@ -121,6 +121,11 @@ def conf_text(*, passwd: Path, acl: Path, port: int = 1883, bind: str | None = N
         f"password_file {passwd}",
         f"acl_file {acl}",
         "use_username_as_clientid true",
+        "# The fleet server acknowledges a report only after committing it, so it needs many",
+        "# unacknowledged messages in flight; queues hold reports while the server is away.",
+        "max_inflight_messages 1000",
+        "max_queued_messages 100000",
+        "persistence true",
         "",
     ])
 
