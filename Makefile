@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench sysdeps clean
+.PHONY: demo test lint typecheck unit bench sysdeps clean deb test-install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,5 +32,13 @@ test: lint typecheck unit
 bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.run_all
 
+# The agent and fleet-server .deb packages (self-contained venvs under /opt), into packaging/build/dist.
+deb:
+	$(PY) packaging/build_deb.py
+
+# Install both packages into a throwaway Debian root and run them there (also part of `make test`).
+test-install: deb
+	bash packaging/test-install.sh packaging/build/dist
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info packaging/build
