@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.errors import MessageError, UntrustedInputError
 from edge_agent.report import messages as m
@@ -151,3 +153,37 @@ def test_topic_device_none_skips_the_spoof_check_only() -> None:
     msg = _all_messages()["events"]
     assert m.decode("events", m.encode(msg), topic_device=None) == msg
     assert _refusal("events", _mutated("events", device="no/slash"), topic_device=None) == "bad_field"
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _fuzzed(kind: str) -> st.SearchStrategy[bytes]:
+    """Valid messages of ``kind`` with one field replaced, dropped or added, or raw bytes."""
+    base = _all_messages()[kind]
+    field = st.sampled_from([*sorted(base), "extra", "schema", "device"])
+    replaced = st.builds(lambda k, v: json.dumps({**base, k: v}, default=str).encode(), field, _json_values)
+    dropped = field.map(lambda k: json.dumps({x: y for x, y in base.items() if x != k}).encode())
+    return st.one_of(replaced, dropped, st.binary(max_size=200),
+                     _json_values.map(lambda v: json.dumps(v, default=str).encode()))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(kind=st.sampled_from(sorted(_all_messages())), data=st.data())
+def test_fuzzed_payloads_are_decoded_or_refused_with_a_reason(kind: str, data: st.DataObject) -> None:
+    """Thousands of mutated and random payloads: decode returns a message or raises MessageError."""
+    payload = data.draw(_fuzzed(kind))
+    device = None if kind == "nudge" else "dev-1"
+    reason = None
+    try:
+        msg = m.decode(kind, payload, topic_device=device)
+    except MessageError as exc:
+        reason = exc.reason
+    if reason is None:
+        assert msg["schema"] == m.SCHEMA_VERSION
+    else:
+        assert reason in {"oversized", "malformed_json", "bad_schema", "spoofed", "bad_field"}
