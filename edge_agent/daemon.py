@@ -12,7 +12,7 @@ One thread does all the work, so two applies never overlap inside the daemon; th
 * :meth:`Daemon.request_sync` (a server nudge) and :meth:`Daemon.set_desired` (a new revision the
   fleet server assigned) wake the loop at once.
 
-With an ``mqtt`` section the daemon also runs a :class:`~edge_agent.reporter.Reporter`: the broker
+With an ``mqtt`` section the daemon also runs a :class:`~edge_agent.report.service.Reporter`: the broker
 link and the outbox sender (in their own threads). A ``desired`` message for a revision other than
 the one followed now calls :meth:`Daemon.set_desired` (so it is synced at once, still subject to
 every trust check); a repeat of the followed revision (a retained re-delivery) is a no-op. The
@@ -52,7 +52,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeFleetError, LockedError
 from edge_agent.logs import log_context
-from edge_agent.reporter import Reporter
+from edge_agent.report.service import Reporter
 
 __all__ = ["Daemon", "install_signal_handlers", "run"]
 

@@ -29,24 +29,18 @@ is ``status`` (only superseded ones are dropped); health is ``health`` (dropped 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from edge_agent.config import AgentConfig
 from edge_agent.engine.health import CheckResult
 from edge_agent.errors import MessageError
 from edge_agent.report import messages
-from edge_agent.report.mqtt import MqttLink, settings_from_config
-from edge_agent.report.outbox import OutboxSender
 from edge_agent.state import StateDB
 
 __all__ = [
     "DRIFT_RESOURCES_MAX",
     "SYNC_STATES",
-    "Reporter",
     "drift_event",
     "drift_summary",
     "health_report",
@@ -85,7 +79,6 @@ _OUTCOME_EVENTS = {
 }
 _MAX_REASON = 2000
 _MAX_STEP = 64
-_DRAIN_ON_STOP = 2.0  # seconds a clean stop spends sending what is still queued
 
 Ts = datetime | float
 
@@ -221,104 +214,3 @@ def queue_report(state: StateDB, prefix: str, kind: str, msg: Mapping[str, Any])
     cls = _EVENT_CLASSES.get(str(msg.get("type")), "outcome") if kind == "events" else kind
     topic = messages.topic(prefix, str(msg.get("device")), kind)
     return state.outbox_put(topic, messages.encode(dict(msg)), qos=qos, retain=retain, cls=cls)
-
-
-# --- the daemon's link ---------------------------------------------------------------------------
-
-DesiredHandler = Callable[[str, int, str | None], None]
-"""Called with ``(revision, release, rollout_id)`` of every valid ``desired`` message."""
-
-
-class Reporter:
-    """The daemon's MQTT side: one link, one outbox sender in its own thread. Start once, stop once.
-
-    Args:
-        config: the agent configuration; its ``mqtt`` section must be set.
-        state_path: the agent's state database (the outbox lives there); the reporter opens its own
-            connection to it.
-        on_desired: called (in paho's thread) with each valid ``desired`` message for this device.
-        on_nudge: called (in paho's thread) for each valid broadcast nudge.
-        idle_wait: how often the sender looks at the outbox without being notified, in seconds.
-
-    Raises:
-        ConfigError: no ``mqtt`` section, or its password file cannot be read.
-        BrokerError: the TLS files cannot be loaded.
-        StateError: the state database cannot be opened.
-    """
-
-    def __init__(self, config: AgentConfig, state_path: Path, *, on_desired: DesiredHandler | None = None,
-                 on_nudge: Callable[[], None] | None = None, idle_wait: float = 5.0) -> None:
-        settings = settings_from_config(config)
-        self._on_desired = on_desired
-        self._on_nudge = on_nudge
-        self._idle_wait = idle_wait
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._state = StateDB(state_path)
-        try:
-            self._link = MqttLink(settings, on_desired=self._handle_desired, on_nudge=self._handle_nudge,
-                                  on_connected=self.notify)
-        except BaseException:
-            self._state.close()
-            raise
-        self._sender = OutboxSender(self._state, self._link)
-
-    @property
-    def connected(self) -> bool:
-        """True while the broker has accepted the connection."""
-        return self._link.connected
-
-    @property
-    def refused(self) -> int:
-        """How many reports the broker refused (and the sender dropped) since the start."""
-        return self._sender.refused
-
-    def start(self) -> None:
-        """Start connecting (in paho's thread) and the sender thread; returns at once.
-
-        Raises:
-            BrokerError: paho refuses to start.
-        """
-        self._link.start()
-        self._thread = threading.Thread(target=self._run_sender, name="outbox-sender", daemon=True)
-        self._thread.start()
-
-    def _run_sender(self) -> None:
-        try:
-            self._sender.run(self._stop, idle_wait=self._idle_wait, slice_seconds=1.0)
-        except Exception:  # a sender crash must not take the agent down; reports wait in the outbox
-            log.exception("the outbox sender stopped")
-
-    def notify(self) -> None:
-        """Wake the sender: new reports were queued (or the link connected)."""
-        self._sender.notify()
-
-    def stop(self, drain_seconds: float = _DRAIN_ON_STOP) -> None:
-        """Stop the sender, send what is queued for at most ``drain_seconds``, publish ``online=false``,
-        disconnect and close the state database. Idempotent; never raises for a broker that is gone.
-        """
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._sender.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30.0)
-        try:
-            if self._link.connected and drain_seconds > 0:
-                self._sender.drain(drain_seconds)
-        except Exception:
-            log.exception("last outbox drain failed")
-        finally:
-            self._link.stop()
-            self._state.close()
-
-    # -- paho's thread --------------------------------------------------------------------------
-
-    def _handle_desired(self, msg: dict[str, Any]) -> None:
-        if self._on_desired is not None:
-            self._on_desired(str(msg["revision"]), int(msg["release"]), msg.get("rollout_id"))
-
-    def _handle_nudge(self, msg: dict[str, Any]) -> None:
-        log.info("nudge: release %s (%s) is out", msg.get("release"), msg.get("revision"))
-        if self._on_nudge is not None:
-            self._on_nudge()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo use, only those that are missing.
 set -euo pipefail
-want=(mosquitto mosquitto-clients git openssh-client openssh-server)
+want=(mosquitto mosquitto-clients git openssh-client openssh-server chromium debootstrap)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,14 +9,10 @@ timeout); network and psutil checks run in a worker thread that is abandoned whe
 
 from __future__ import annotations
 
-import http.client
 import logging
 import socket
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +87,9 @@ def _dispatch(check: HealthCheck, runner: Runner, fs_root: Path) -> tuple[bool, 
     if isinstance(check, TcpCheck):
         return _bounded(lambda: _tcp(check), check.timeout)
     if isinstance(check, HttpCheck):
-        return _bounded(lambda: _http(check), check.timeout)
+        from edge_agent.engine.http_check import http_get_status  # noqa: PLC0415 - urllib+ssl cost ~8 MB
+
+        return _bounded(lambda: http_get_status(check), check.timeout)
     if isinstance(check, DiskFreeCheck):
         return _bounded(lambda: _disk_free(check, fs_root), check.timeout)
     if isinstance(check, MemoryCheck):
@@ -127,37 +125,6 @@ def _tcp(check: TcpCheck) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"connect to {check.host}:{check.port} failed: {exc}"
     return True, f"connected to {check.host}:{check.port}"
-
-
-class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only when it stays on the same scheme, host and port."""
-
-    def redirect_request(  # noqa: PLR0917 - the signature urllib calls
-        self, req: urllib.request.Request, fp: object, code: int, msg: str,
-        headers: http.client.HTTPMessage, newurl: str,
-    ) -> urllib.request.Request | None:
-        old = urllib.parse.urlsplit(req.full_url)
-        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
-        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
-            return None  # urllib then reports the 3xx status itself
-        return super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
-
-
-def _http(check: HttpCheck) -> tuple[bool, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _SameHostRedirects())
-    request = urllib.request.Request(check.url, method="GET")  # noqa: S310 - scheme checked by the parser
-    try:
-        with opener.open(request, timeout=check.timeout) as response:
-            status = int(response.status)
-    except urllib.error.HTTPError as exc:
-        status = int(exc.code)
-        exc.close()
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        return False, f"GET {check.url} failed: {reason}"
-    if status != check.expect_status:
-        return False, f"GET {check.url} answered {status}, expected {check.expect_status}"
-    return True, f"GET {check.url} answered {status}"
 
 
 def _disk_free(check: DiskFreeCheck, fs_root: Path) -> tuple[bool, str]:
