@@ -118,6 +118,7 @@ def test_all_healthy_three_waves_succeed_in_wave_order() -> None:
     assert (start.actor, start.reason, start.at) == ("alice", "release 7", T0)
     # a wave's soak starts only once every device reported
     for progress in d.state.waves:
+        assert progress.all_reported is not None
         assert progress.soak_until == progress.all_reported + 60
 
 
@@ -452,27 +453,76 @@ def _event(spec: tuple[Any, ...], now: float) -> Event:
         return DeviceJoined(DeviceInfo(f"new-{spec[2]}", {"canary": "true"} if spec[2] == 0 else {}), now)
     if kind == "supersede":
         return Supersede("r2", now)
-    actions = {"pause": Pause, "resume": Resume, "promote": Promote, "abort": Abort, "rollback": Rollback}
+    actions: dict[str, type[Pause | Resume | Promote | Abort | Rollback]] = {
+        "pause": Pause, "resume": Resume, "promote": Promote, "abort": Abort, "rollback": Rollback}
     return actions[kind]("op", kind, now)
+
+
+def _prop_rollout() -> RolloutState:
+    plan = parse_plan(_RAW, source="rollouts/prop.yaml")
+    devices = [DeviceInfo(x, {"canary": "true"} if x == "dev-00" else {}, online=x != "dev-07")
+               for x in _DEVICES]
+    return new_rollout("r1", plan, release=NEW, previous=OLD, devices=devices, now=T0)
+
+
+def _replay(specs: list[tuple[Any, ...]]) -> tuple[RolloutState, Event]:
+    """Step every spec but the last one; return the state before the last and the last event."""
+    state, now = _prop_rollout(), T0
+    for spec in specs[:-1]:
+        now += spec[1]
+        state = step(state, _event(spec, now))[0]
+    return state, _event(specs[-1], now + specs[-1][1])
+
+
+def test_promote_is_judged_after_what_fell_due_before_it_and_replays_as_a_no_op() -> None:
+    # wave 0 passes at T0+90 and wave 1 starts; its devices time out at T0+150, so at the moment
+    # of the Promote wave 1 has passed (no soak) and waits for approval
+    before, promote = _replay([("start", 0.0), ("start", 60.0), ("start", 30.0), ("promote", 60.0)])
+    assert (before.phase, before.wave) == ("running", 1)
+    assert check_action(before, promote) is None
+    once, effects = step(before, promote)
+    assert (once.phase, once.wave) == ("running", 2)
+    changes = [(e.old, e.new) for e in effects if isinstance(e, PhaseChanged)]
+    assert changes == [("running", "waiting_approval"), ("waiting_approval", "running")]
+    assert step(once, promote) == (once, [])
+    assert check_action(once, promote) == "this action was applied already"
+
+
+def test_a_report_stamped_before_its_devices_assignment_is_not_its_answer() -> None:
+    # dev-01 (wave 1) reports at T0+90, the instant wave 1 starts and assigns it the release
+    before, report = _replay([("start", 0.0), ("start", 60.0),
+                              ("report", 30.0, "dev-01", "applied", NEW.version, False)])
+    assert isinstance(report, DeviceReport)
+    assert before.devices["dev-01"].target == ""
+    once, effects = step(before, report)
+    assert AssignRelease("dev-01", NEW.version, NEW.commit, "r1") in effects
+    assert once.devices["dev-01"].state == "assigned"
+    assert step(once, report) == (once, [])
+    later = step(once, DeviceReport("dev-01", report.now + 1, "applied", NEW.version))[0]
+    assert later.devices["dev-01"].state == "applied"
 
 
 @settings(max_examples=120, deadline=None)
 @given(specs=st.lists(_events, max_size=40))
 def test_random_event_sequences_never_crash_and_every_event_is_idempotent(specs: list[tuple[Any, ...]]) \
         -> None:
-    plan = parse_plan(_RAW, source="rollouts/prop.yaml")
-    devices = [DeviceInfo(x, {"canary": "true"} if x == "dev-00" else {}, online=x != "dev-07")
-               for x in _DEVICES]
-    state = new_rollout("r1", plan, release=NEW, previous=OLD, devices=devices, now=T0)
+    state = _prop_rollout()
     now = T0
     assigned_new: set[str] = set()
     for spec in specs:
         now += spec[1]
         event = _event(spec, now)
+        refusal = check_action(state, event)
         once, effects = step(state, event)
         twice, again = step(once, event)
         assert twice == once
         assert again == []
+        if isinstance(event, Start | Pause | Resume | Promote | Abort | Rollback | Supersede):
+            # the API's answer agrees with the step: an action is applied exactly when not refused
+            assert (refusal is None) == (once.seen_actions != state.seen_actions)
+            assert check_action(once, event) is not None
+            # judging at the action's time: the same as a tick at that time followed by the action
+            assert step(step(state, Tick(event.now))[0], event)[0] == once
         for effect in effects:
             if isinstance(effect, AssignRelease) and effect.version == NEW.version:
                 assigned_new.add(effect.device)

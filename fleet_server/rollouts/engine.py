@@ -6,9 +6,11 @@ frozen value that round-trips through :meth:`RolloutState.to_dict` / :meth:`Roll
 so the runner can persist it after every step and resume after a restart.
 
 Each step handles its event, then advances to a fixed point at the event's time: assign what may
-be assigned, time out silent devices, start soaks, judge gates, move waves and phases. So
-replaying an event changes nothing: device events are compared with what is already recorded,
-operator actions are remembered by (action, actor, time) and ignored when seen again.
+be assigned, time out silent devices, start soaks, judge gates, move waves and phases. An operator
+action is judged only after the rollout has been advanced to the action's time, so it sees what fell
+due before it. So replaying an event changes nothing: device events are compared with what is
+already recorded, operator actions are remembered by (action, actor, time) and ignored when seen
+again, and a refused action is refused again by the same, already advanced, state.
 The rules are documented in ``docs/rollouts.md``.
 """
 
@@ -391,10 +393,22 @@ def _action_key(event: Event) -> str:
 def check_action(state: RolloutState, event: Event) -> str | None:
     """Return why the operator ``event`` would change nothing now, or None when it applies.
 
-    Device events and ticks always apply (None). The API uses this to answer a refused action.
+    The action is judged against the rollout as it stands at the event's time: what fell due
+    between the state's clock and ``event.now`` (timeouts, soaks, gates) counts, exactly as in
+    :func:`step`. Device events and ticks always apply (None). The API uses this to answer a
+    refused action.
     """
-    phase = state.phase
-    if isinstance(event, _OPERATOR) and _action_key(event) in state.seen_actions:
+    if not isinstance(event, _OPERATOR):
+        return None
+    work = _Work(state, event.now)
+    _advance(work)
+    return _refusal(work, event)
+
+
+def _refusal(w: _Work, event: Start | Pause | Resume | Promote | Abort | Rollback | Supersede) -> str | None:
+    """Why the operator ``event`` changes nothing in ``w`` (already advanced to its time), or None."""
+    phase = w.phase
+    if _action_key(event) in w.seen_actions:
         return "this action was applied already"
     if isinstance(event, Start):
         return None if phase == "pending" else f"the rollout is {phase}, not pending"
@@ -406,20 +420,18 @@ def check_action(state: RolloutState, event: Event) -> str | None:
     if isinstance(event, Promote):
         if phase not in ("waiting_approval", "halted"):
             return f"only a rollout waiting for approval or halted can be promoted, not {phase}"
-        if event.wave is not None and event.wave != state.wave:
-            return f"wave {event.wave} is not the current wave {state.wave}"
+        if event.wave is not None and event.wave != w.wave:
+            return f"wave {event.wave} is not the current wave {w.wave}"
         return None
     if isinstance(event, Abort):
         return None if phase not in ("rolled_back", "succeeded", "aborted", "superseded") else \
             f"the rollout is {phase} already"
     if isinstance(event, Rollback):
-        if state.previous is None:
+        if w.s.previous is None:
             return "there is no previous release to roll back to"
         return None if phase not in ("pending", "rolling_back", "rolled_back", "superseded") else \
             f"cannot roll back a rollout {phase}"
-    if isinstance(event, Supersede):
-        return None if phase != "superseded" else "the rollout is superseded already"
-    return None
+    return None if phase != "superseded" else "the rollout is superseded already"
 
 
 # --- the step --------------------------------------------------------------------------------------
@@ -478,11 +490,16 @@ class _Work:
 def step(state: RolloutState, event: Event) -> tuple[RolloutState, list[Effect]]:
     """Apply ``event`` to ``state``; return the new state and the effects to carry out, in order.
 
-    Events the current phase does not accept change nothing (see :func:`check_action`).
+    An operator action first advances the rollout to the action's time and is then judged (see
+    :func:`check_action`); one the phase does not accept changes nothing beyond that advance.
     """
     work = _Work(state, event.now)
     if isinstance(event, _OPERATOR):
-        refusal = check_action(state, event)
+        # An action is judged against the rollout at the action's time, so what fell due before it
+        # happens first. Judging the stale state instead would refuse an action that a replay (seeing
+        # the advanced state) accepts, and the replay would then change the rollout.
+        _advance(work)
+        refusal = _refusal(work, event)
         if refusal is not None:
             log.debug("rollout %s: %s ignored: %s", state.rollout_id, type(event).__name__, refusal)
         else:
@@ -531,14 +548,16 @@ def _report(w: _Work, e: DeviceReport) -> None:
         return
     changes: dict[str, Any] = {"online": True}
     release, previous = w.s.release, w.s.previous
-    if dev.target == "previous" and previous is not None and e.release_version == previous.version:
+    answers = _answers_assignment(dev, e)
+    if answers and dev.target == "previous" and previous is not None \
+            and e.release_version == previous.version:
         ok = e.outcome == "applied"
         state = "rolled_back" if ok else "failed"
         changes.update(state=state, version=e.release_version,
                        reason=_BACK if ok else f"rollback to release {previous.version}: {e.outcome}")
         if state != dev.state:
             changes["since"] = w.now
-    elif dev.target == "new" and (e.release_version == release.version
+    elif answers and dev.target == "new" and (e.release_version == release.version
                                   or (e.outcome == "deferred" and e.release_version is None)):
         changes.update(_new_release_report(w, dev, e))
     if dev.state == "offline" and "state" not in changes:
@@ -549,6 +568,16 @@ def _report(w: _Work, e: DeviceReport) -> None:
 
 
 _BACK = "returned to the previous release"
+
+
+def _answers_assignment(dev: DeviceStatus, e: DeviceReport) -> bool:
+    """Whether ``e`` can be the device's answer to its current assignment: it is stamped after it.
+
+    A report stamped at or before the assignment concerns something else; counting it would also
+    make a replay of the report count where the first delivery did not (the assignment being made
+    by the same step, after the report was handled).
+    """
+    return dev.assigned_at is not None and e.now > dev.assigned_at
 
 
 def _new_release_report(w: _Work, dev: DeviceStatus, e: DeviceReport) -> dict[str, Any]:
