@@ -71,6 +71,7 @@ from edge_agent.source import Source, SourceAuth
 from edge_agent.state import StateDB
 from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
 from edge_agent.trust.sealed import open_sealed
+from edge_agent.trust.sshsig import parse_allowed_signers, verify_commit
 from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
 
 __all__ = [
@@ -337,8 +338,10 @@ def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime,
     fetched = rt.source.fetch(want)
     if seen is not None:
         seen.append(fetched.commit)
-    tree = rt.source.read_tree(fetched.commit)
     with log_context(commit=fetched.commit):
+        if rt.config.trust.allowed_signers is not None:
+            _check_commit_signature(rt, fetched.commit)
+        tree = rt.source.read_tree(fetched.commit)
         current = _stored_trust(rt.config, rt.state)
         docs = {v: d for v, d in _root_documents(tree).items() if v > current.version}
         trust = update_trust_root(current, docs) if docs else current
@@ -350,6 +353,23 @@ def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime,
         check_tree(release, _tree_index(tree))
     return _Verified(commit=fetched.commit, release=release, tree=tree, trust=trust,
                      trust_changed=trust != current)
+
+
+def _check_commit_signature(rt: _Runtime, commit: str) -> None:
+    """Require an SSH signature on ``commit`` by a key of ``trust.allowed_signers`` (opt-in).
+
+    Raises:
+        ConfigError: the allowed-signers file cannot be read or parsed.
+        SignatureError, UntrustedKeyError: the commit is unsigned, badly signed, or by another key.
+    """
+    path = rt.config.trust.allowed_signers
+    assert path is not None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"trust.allowed_signers: cannot read {path}: {exc.strerror}") from exc
+    signer = verify_commit(rt.source.commit_raw(commit), parse_allowed_signers(text))
+    log.info("commit %s is signed by %s", commit, signer)
 
 
 def _persist_trust(state: StateDB, verified: _Verified) -> None:

@@ -76,6 +76,7 @@ class TrustConfig:
 
     keys: tuple[str, ...]
     threshold: int = 1
+    allowed_signers: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ def _repo(top: _Section) -> RepoConfig:
 def _trust(top: _Section) -> TrustConfig:
     if not top.has("trust"):
         raise ConfigError("trust: is required")
-    s = top.section("trust", frozenset({"keys", "threshold"}))
+    s = top.section("trust", frozenset({"keys", "threshold", "allowed_signers"}))
     keys = s.raw.get("keys")
     if not isinstance(keys, list) or not keys:
         raise ConfigError("trust.keys: must be a non-empty list of ed25519:... public keys")
@@ -316,7 +317,7 @@ def _trust(top: _Section) -> TrustConfig:
             raise ConfigError(f"trust.keys[{i}]: {exc}") from exc
     unique = tuple(dict.fromkeys(str(k) for k in keys))
     threshold = s.int_("threshold", 1, minimum=1, maximum=len(unique))
-    return TrustConfig(keys=unique, threshold=threshold)
+    return TrustConfig(keys=unique, threshold=threshold, allowed_signers=s.path("allowed_signers"))
 
 
 def _mqtt(top: _Section) -> MqttConfig | None:
