@@ -255,7 +255,8 @@ class Daemon:
             now = self._clock()
             if self._wake.is_set() or now >= next_sync:
                 self._wake.clear()
-                next_sync = self._clock() + self._sync()
+                delay = self._sync()  # the wait counts from the end of the attempt, not its start
+                next_sync = self._clock() + delay
                 continue
             if now >= next_drift:
                 self._drift()

@@ -1,0 +1,1 @@
+"""The reliability suite: faults injected on purpose (power loss, broker outage, flaky mirror, herds)."""
