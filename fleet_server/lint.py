@@ -5,7 +5,8 @@ The rules (documented for operators in ``docs/config-repo.md``):
 * YAML: syntax, one document, no anchors/aliases, size cap (``edge_agent.yamlsafe``).
 * Format: ``fleet.yaml``, every ``bundles/<name>/bundle.yaml`` (unknown keys, types, missing
   fields, unknown resource and health-check kinds, duplicate ids, overlays); ``rollouts/*.yaml``
-  must be mappings (their full schema is checked by the rollout tooling).
+  are full rollout plans (``parse_plan``) and fleet.yaml's ``rollout:`` an inline plan or a
+  ``{plan: NAME}`` naming one of them (``parse_fleet_rollout``), each error at its line.
 * Payloads: every ``source`` exists inside its bundle directory (a symlink leading out is an
   escape), every overlay replacement exists, templates name only known values, every
   ``secret_file`` names a sealed-secret document.
@@ -41,6 +42,7 @@ from edge_agent.paths import is_under
 from edge_agent.profiles import DeviceProfile, load_all_profiles
 from edge_agent.resources import CommandRes, File, Resource, SecretFile, SystemdUnit
 from edge_agent.yamlsafe import LocatedDoc, load_yaml
+from fleet_server.rollouts.plan import PlanRef, parse_fleet_rollout, parse_plan
 
 __all__ = ["ALLOW_SECRET_MARKER", "SEALED_SECRET_TYPE", "LintProblem", "lint_repo"]
 
@@ -122,8 +124,24 @@ def _lint_fleet(repo_dir: Path, report: _Report) -> None:
         return
     doc = _load(repo_dir, "fleet.yaml", report)
     if doc is not None:
-        for exc in fleet_problems(doc.value):
+        problems = fleet_problems(doc.value)
+        for exc in problems:
             report.bundle_error("fleet.yaml", doc, exc)
+        if isinstance(doc.value, Mapping) and not any(p.where[:1] == ("rollout",) for p in problems):
+            _lint_default_plan(repo_dir, doc, report)
+
+
+def _lint_default_plan(repo_dir: Path, doc: LocatedDoc, report: _Report) -> None:
+    """Check fleet.yaml's ``rollout:``: an inline plan, or ``{plan: NAME}`` naming an existing plan."""
+    try:
+        declared = parse_fleet_rollout(doc.value.get("rollout"))
+    except BundleError as exc:
+        report.bundle_error("fleet.yaml", doc, exc)
+        return
+    if isinstance(declared, PlanRef) and not any(
+            (repo_dir / "rollouts" / f"{declared.name}{suffix}").is_file() for suffix in (".yaml", ".yml")):
+        report.add("fleet.yaml", doc.line(("rollout", "plan")),
+                   f"rollout plan rollouts/{declared.name}.yaml does not exist")
 
 
 def _lint_rollouts(repo_dir: Path, report: _Report) -> None:
@@ -133,8 +151,12 @@ def _lint_rollouts(repo_dir: Path, report: _Report) -> None:
     for path in sorted([*rollouts.glob("*.yaml"), *rollouts.glob("*.yml")]):
         rel = path.relative_to(repo_dir).as_posix()
         doc = _load(repo_dir, rel, report)
-        if doc is not None and not isinstance(doc.value, Mapping):
-            report.add(rel, 1, "a rollout plan must be a mapping")
+        if doc is None:
+            continue
+        try:
+            parse_plan(doc.value, source=rel)
+        except BundleError as exc:
+            report.bundle_error(rel, doc, exc)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""``fleet-server``: wires the configuration, store, metrics, MQTT ingest, Git watcher, retention
-pruning and the HTTP API, and runs until SIGTERM or SIGINT.
+"""``fleet-server``: wires the configuration, store, metrics, MQTT ingest, rollout runner, Git
+watcher, retention pruning and the HTTP API, and runs until SIGTERM or SIGINT.
 
 Start order: the store, then the MQTT client (paho waits on its socket with ``select()``, which
 cannot watch descriptors numbered 1024 or more, so it opens before anything that may hold many),
@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,19 @@ import uvicorn
 
 from edge_agent.errors import EdgeFleetError, StateError
 from edge_agent.logs import setup_logging
+from edge_agent.source import Source
 from fleet_server import __version__
 from fleet_server.api.app import ApiActions, create_app
 from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
-from fleet_server.errors import FleetError
+from fleet_server.errors import FleetError, UsageError
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher
+from fleet_server.rollouts.plan import RolloutPlan
+from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
 from fleet_server.store import Store
 
-__all__ = ["Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
+__all__ = ["GitPlans", "Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,61 @@ class Pruner:
         if self._thread is not None:
             self._thread.join(timeout=10.0)
             self._thread = None
+
+
+class GitPlans:
+    """Rollout plans read from verified releases in the Git watcher's cache.
+
+    ``on_release`` is the watcher's ``publish_nudge`` callback: it nudges devices, then starts a
+    rollout of the new release with the default plan its fleet.yaml declares (no ``rollout:`` key,
+    no rollout: devices follow the branch head as before). The watcher calls it while holding its
+    poll lock, so reading the cache never races a fetch. ``named`` serves ``plan_name`` starts from
+    the newest recorded release.
+    """
+
+    def __init__(self, config: ServerConfig, store: Store, runner: RolloutRunner,
+                 nudge: Callable[[str, int], None]) -> None:
+        assert config.git.url is not None
+        self._source = Source(config.git.url, config.git.branch, Path(config.git.cache_dir))
+        self._store = store
+        self._runner = runner
+        self._nudge = nudge
+        self._lock = threading.Lock()
+
+    def _plan(self, commit: str, name: str | None) -> RolloutPlan | None:
+        with self._lock:
+            tree = self._source.read_tree(commit)
+        return plan_from_tree(tree, name)
+
+    def on_release(self, commit: str, release: int) -> None:
+        """Nudge every device, then start the release's default rollout when fleet.yaml declares one."""
+        self._nudge(commit, release)
+        try:
+            plan = self._plan(commit, None)
+        except (EdgeFleetError, FleetError) as exc:
+            log.error("release %s: cannot read its rollout plan, no rollout started: %s", release, exc)
+            return
+        self._runner.on_new_release(release, plan)
+
+    def named(self, name: str) -> RolloutPlan:
+        """Return ``rollouts/<name>.yaml`` of the newest recorded release.
+
+        Raises:
+            UsageError: no release is recorded, or it has no such plan.
+            BundleError: the plan is invalid.
+            FetchError: the release is not in the cache.
+        """
+        newest = self._store.releases(limit=1)
+        if not newest:
+            raise UsageError("no signed release is recorded yet")
+        plan = self._plan(str(newest[0]["commit"]), name)
+        assert plan is not None
+        return plan
+
+    def close(self) -> None:
+        """Close the Git cache."""
+        with self._lock:
+            self._source.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,17 +181,24 @@ def run_server(config: ServerConfig) -> None:
     metrics = ServerMetrics()
     ingestor: Ingestor | None = None
     watcher: GitWatcher | None = None
+    runner: RolloutRunner | None = None
+    plans: GitPlans | None = None
     pruner = Pruner(store, config)
     try:
         ingestor = Ingestor(config, store, metrics.ingest)
         ingestor.start()
         metrics.attach_fleet(store)
+        runner = RolloutRunner(store, ingestor.publish_desired)
+        runner.start_thread()
+        metrics.attach_rollouts(runner)
         if config.git.url:
-            watcher = GitWatcher(config, store, ingestor.publish_nudge, metrics=metrics.releases)
+            plans = GitPlans(config, store, runner, ingestor.publish_nudge)
+            runner.set_plan_loader(plans.named)
+            watcher = GitWatcher(config, store, plans.on_release, metrics=metrics.releases)
             watcher.start()
         pruner.start()
-        app = create_app(store, config, metrics,
-                         actions=ApiActions(trigger_git=watcher.trigger if watcher else None))
+        actions = ApiActions(trigger_git=watcher.trigger if watcher else None, rollouts=runner)
+        app = create_app(store, config, metrics, actions=actions)
         server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                                log_config=None, access_log=False, lifespan="off"))
         log.info("fleet server listening on http://%s:%s, broker %s:%s", config.http.host, config.http.port,
@@ -144,6 +209,10 @@ def run_server(config: ServerConfig) -> None:
         pruner.stop()
         if watcher is not None:
             watcher.stop()
+        if plans is not None:
+            plans.close()
+        if runner is not None:
+            runner.stop()
         if ingestor is not None:
             ingestor.stop()
         store.close()

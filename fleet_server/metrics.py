@@ -1,12 +1,14 @@
 """Prometheus metrics of the fleet server, each on a registry the caller owns (no global registry).
 
-Three groups (every metric is described in ``docs/metrics.md``):
+Four groups (described in ``docs/metrics.md``; the rollout metrics in ``docs/rollouts.md``):
 
 * :class:`IngestMetrics` — counters, histograms and a gauge the MQTT ingest path updates as it works.
 * :class:`ReleaseMetrics` — what the Git watcher saw: polls, verified and refused releases.
 * :class:`FleetCollector` — computed at scrape time from the store: devices by sync state and online,
   and the GitOps service levels. The store computes the aggregates in SQL; the pure
   :func:`service_levels` turns them into rates.
+* :class:`RolloutCollector` — computed at scrape time from the rollout runner: phase, current wave,
+  devices by state per wave, gate evaluations per wave.
 
 :class:`ServerMetrics` bundles the three on one :class:`CollectorRegistry` and renders the
 Prometheus text exposition for ``GET /metrics``.
@@ -32,10 +34,13 @@ __all__ = [
     "COMMIT_TO_APPLIED_BUCKETS",
     "DROP_REASONS",
     "MESSAGE_KINDS",
+    "ROLLOUT_PHASES",
     "FleetCollector",
     "FleetSource",
     "IngestMetrics",
     "ReleaseMetrics",
+    "RolloutCollector",
+    "RolloutSource",
     "ServerMetrics",
     "ServiceLevels",
     "histogram_buckets",
@@ -361,6 +366,59 @@ class FleetCollector(Collector):
         return metrics
 
 
+# --- rollouts ---------------------------------------------------------------------------------------
+
+
+ROLLOUT_PHASES = ("pending", "running", "waiting_approval", "paused", "halted", "rolling_back", "rolled_back",
+                  "succeeded", "aborted", "superseded")
+"""Every phase a rollout can be in (one ``fleet_rollout_phase`` series each, 1 for the current one)."""
+
+
+class RolloutSource(Protocol):
+    """What :class:`RolloutCollector` reads (``fleet_server.rollouts.runner.RolloutRunner`` provides it)."""
+
+    def metrics_snapshot(self) -> list[dict[str, Any]]:
+        """Return, per rollout the runner holds: ``id``, ``release``, ``phase``, ``wave``, ``waves``
+        (per wave a mapping device state -> count) and ``gates`` (per wave ``{"passed": n, "failed": n}``)."""
+        ...
+
+
+class RolloutCollector(Collector):
+    """Rollout gauges computed from the runner's in-memory states when Prometheus scrapes.
+
+    ``fleet_rollout_phase{rollout,release,phase}`` (1 for the current phase, 0 for the others),
+    ``fleet_rollout_wave{rollout}`` (the current wave, 0-based), ``fleet_rollout_devices{rollout,wave,state}``
+    and ``fleet_rollout_gate_evaluations{rollout,wave,result}`` (gate decisions so far).
+    """
+
+    def __init__(self, source: RolloutSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the rollout metrics of every rollout the runner holds."""
+        phase = GaugeMetricFamily("fleet_rollout_phase", "Rollout phase (1 for the current one).",
+                                  labels=["rollout", "release", "phase"])
+        wave = GaugeMetricFamily("fleet_rollout_wave", "The wave a rollout is at (0-based).",
+                                 labels=["rollout"])
+        devices = GaugeMetricFamily("fleet_rollout_devices", "Devices of a rollout wave, by state.",
+                                    labels=["rollout", "wave", "state"])
+        gates = GaugeMetricFamily("fleet_rollout_gate_evaluations",
+                                  "Gate decisions of a rollout wave, by result.",
+                                  labels=["rollout", "wave", "result"])
+        for r in self._source.metrics_snapshot():
+            rid = str(r["id"])
+            for name in ROLLOUT_PHASES:
+                phase.add_metric([rid, str(r["release"]), name], 1.0 if name == r["phase"] else 0.0)
+            wave.add_metric([rid], float(r["wave"]))
+            for k, counts in enumerate(r["waves"]):
+                for state, n in sorted(counts.items()):
+                    devices.add_metric([rid, str(k), str(state)], float(n))
+            for k, results in enumerate(r["gates"]):
+                for result, n in sorted(results.items()):
+                    gates.add_metric([rid, str(k), result], float(n))
+        yield from (phase, wave, devices, gates)
+
+
 # --- the bundle the server wires ------------------------------------------------------------------
 
 
@@ -380,6 +438,7 @@ class ServerMetrics:
         self.ingest = IngestMetrics(self.registry)
         self.releases = ReleaseMetrics(self.registry)
         self._fleet: FleetCollector | None = None
+        self._rollouts: RolloutCollector | None = None
 
     def attach_fleet(self, source: FleetSource, *, window: float = 7 * 86400.0, min_interval: float = 15.0,
                      clock: Callable[[], float] = time.time) -> FleetCollector:
@@ -393,6 +452,18 @@ class ServerMetrics:
         self._fleet = FleetCollector(source, window=window, min_interval=min_interval, clock=clock)
         self.registry.register(self._fleet)
         return self._fleet
+
+    def attach_rollouts(self, source: RolloutSource) -> RolloutCollector:
+        """Register the rollout collector reading ``source``; only one may be attached.
+
+        Raises:
+            ValueError: a rollout collector is already attached.
+        """
+        if self._rollouts is not None:
+            raise ValueError("a rollout collector is already attached to these metrics")
+        self._rollouts = RolloutCollector(source)
+        self.registry.register(self._rollouts)
+        return self._rollouts
 
     def exposition(self) -> bytes:
         """Return every metric in the Prometheus text exposition format."""

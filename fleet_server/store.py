@@ -43,6 +43,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "IngestBatch",
     "Received",
+    "RolloutWrite",
     "Store",
     "to_epoch",
 ]
@@ -76,6 +77,21 @@ _SCHEMA: tuple[str, ...] = (
     "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, actor TEXT NOT NULL,"
     " action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, release INTEGER NOT NULL,"
+    " [commit] TEXT NOT NULL, previous INTEGER, plan TEXT NOT NULL, state TEXT NOT NULL,"
+    " phase TEXT NOT NULL, wave INTEGER NOT NULL,"
+    " actor TEXT, reason TEXT, created REAL NOT NULL, updated REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS rollouts_by_created ON rollouts (created)",
+    "CREATE TABLE IF NOT EXISTS rollout_assignments (device TEXT PRIMARY KEY, rollout_id TEXT NOT NULL,"
+    " release INTEGER NOT NULL, [commit] TEXT NOT NULL, assigned_at REAL NOT NULL, published_at REAL)",
+    "CREATE TABLE IF NOT EXISTS rollout_gates (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL,"
+    " wave INTEGER NOT NULL, at REAL NOT NULL, passed INTEGER NOT NULL, detail TEXT)",
+    "CREATE INDEX IF NOT EXISTS rollout_gates_by_rollout ON rollout_gates (rollout_id, id)",
+    "CREATE TABLE IF NOT EXISTS rollout_samples (rollout_id TEXT NOT NULL, wave INTEGER NOT NULL,"
+    " ts REAL NOT NULL, done INTEGER NOT NULL, failed INTEGER NOT NULL,"
+    " pending INTEGER NOT NULL, offline INTEGER NOT NULL,"
+    " deferred INTEGER NOT NULL, skipped INTEGER NOT NULL, PRIMARY KEY (rollout_id, wave, ts))",
+    "CREATE INDEX IF NOT EXISTS audit_by_target ON audit (target, id)",
 )
 SCHEMA_VERSION = 1
 
@@ -188,6 +204,33 @@ def _event_row(row: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(row)
     out["detail"] = _unjson(out.get("detail")) or {}
     return out
+
+
+@dataclass
+class RolloutWrite:
+    """What the rollout runner writes in ONE transaction (:meth:`Store.write_rollouts`).
+
+    Attributes:
+        rollouts: rollout rows (``id, release, commit, previous, plan, state, phase, wave, actor,
+            reason, created, updated``; ``plan`` and ``state`` as JSON-able values).
+        audit: audit rows (``at, actor, action, target, reason, detail``).
+        gates: gate decisions (``rollout_id, wave, at, passed, detail``).
+        assignments: new ``desired`` assignments (``device, rollout_id, release, commit, assigned_at``),
+            stored unpublished; the latest one per device wins.
+        samples: wave progress samples (``rollout_id, wave, ts, done, failed, pending, offline,
+            deferred, skipped``).
+        cursor: the runner's read positions (``events``, ``health``: the last row id consumed).
+    """
+
+    rollouts: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    assignments: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    cursor: dict[str, int] | None = None
+
+
+_ROLLOUT_SUMMARY = "id, release, [commit], previous, phase, wave, actor, reason, created, updated"
 
 
 class Store:
@@ -635,6 +678,233 @@ class Store:
             rows = conn.execute("SELECT * FROM releases ORDER BY version DESC LIMIT ?",
                                 (max(0, int(limit)),)).fetchall()
         return [{**dict(r), "signers": _unjson(r["signers"]) or []} for r in rows]
+
+    # --- rollouts ---------------------------------------------------------------------------------
+
+    def write_rollouts(self, write: RolloutWrite) -> None:
+        """Write the rollout runner's step results in ONE transaction: rollout states, their audit
+        entries, gate decisions, new (unpublished) assignments, progress samples and the read cursor.
+
+        Raises:
+            StateError: the database cannot be written (nothing is stored).
+        """
+        with self._writing("store rollout state"), self._db.atomic():
+            for row in write.rollouts:
+                self._wconn.execute(
+                    "INSERT INTO rollouts (id, release, [commit], previous, plan, state, phase, wave, actor,"
+                    " reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET state = excluded.state, phase = excluded.phase,"
+                    " wave = excluded.wave,"
+                    " updated = excluded.updated",
+                    (row["id"], int(row["release"]), row["commit"], row.get("previous"), _json(row["plan"]),
+                     _json(row["state"]), row["phase"], int(row["wave"]), row.get("actor"), row.get("reason"),
+                     row["created"], row["updated"]))
+            if write.audit:
+                self._wconn.executemany(
+                    "INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(a["at"], a["actor"], a["action"], a["target"], a["reason"],
+                      _json(dict(a["detail"])) if a.get("detail") else None) for a in write.audit])
+            if write.gates:
+                self._wconn.executemany(
+                    "INSERT INTO rollout_gates (rollout_id, wave, at, passed, detail) VALUES (?, ?, ?, ?, ?)",
+                    [(g["rollout_id"], g["wave"], g["at"], 1 if g["passed"] else 0, _json(g.get("detail")))
+                     for g in write.gates])
+            if write.assignments:
+                self._wconn.executemany(
+                    "INSERT OR REPLACE INTO rollout_assignments (device, rollout_id, release, [commit],"
+                    " assigned_at, published_at) VALUES (?, ?, ?, ?, ?, NULL)",
+                    [(a["device"], a["rollout_id"], int(a["release"]), a["commit"], a["assigned_at"])
+                     for a in write.assignments])
+            if write.samples:
+                self._wconn.executemany(
+                    "INSERT OR REPLACE INTO rollout_samples (rollout_id, wave, ts, done, failed, pending,"
+                    " offline, deferred, skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(s["rollout_id"], s["wave"], s["ts"], s["done"], s["failed"], s["pending"], s["offline"],
+                      s["deferred"], s["skipped"]) for s in write.samples])
+            if write.cursor is not None:
+                self._wconn.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [(f"rollout_cursor.{k}", str(int(v))) for k, v in sorted(write.cursor.items())])
+
+    def rollout_cursor(self) -> dict[str, int] | None:
+        """Return the rollout runner's read positions (``events``, ``health``), None before the first write.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read the rollout cursor") as conn:
+            rows = conn.execute("SELECT key, value FROM meta WHERE key LIKE 'rollout_cursor.%'").fetchall()
+        if not rows:
+            return None
+        return {str(r[0]).split(".", 1)[1]: int(r[1]) for r in rows}
+
+    def history_heads(self) -> dict[str, int]:
+        """Return the highest row id of ``events`` and ``health`` (0 when empty).
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read history heads") as conn:
+            return {"events": int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]),
+                    "health": int(conn.execute("SELECT coalesce(max(id), 0) FROM health").fetchone()[0])}
+
+    def events_after(self, after: int, limit: int = 5000) -> list[dict[str, Any]]:
+        """Return events with a row id above ``after``, oldest first (``detail`` decoded).
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read new events") as conn:
+            rows = conn.execute(
+                "SELECT id, device, ts, received_at, type, [commit], release, reason, step, detail"
+                " FROM events WHERE id > ? ORDER BY id LIMIT ?", (int(after), max(1, int(limit)))).fetchall()
+        return [_event_row(r) for r in rows]
+
+    def health_after(self, after: int, limit: int = 5000) -> list[dict[str, Any]]:
+        """Return health samples with a row id above ``after``, oldest first (metrics and checks decoded).
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read new health samples") as conn:
+            rows = conn.execute(
+                "SELECT h.id, h.device, h.ts, h.metrics, h.checks, d.release FROM health h"
+                " LEFT JOIN devices d ON d.id = h.device WHERE h.id > ? ORDER BY h.id LIMIT ?",
+                (int(after), max(1, int(limit)))).fetchall()
+        return [{**dict(r), "metrics": _unjson(r["metrics"]), "checks": _unjson(r["checks"])} for r in rows]
+
+    def device_snapshot(self) -> list[dict[str, Any]]:
+        """Return every device's id, labels, profile, online and paused flags and release (by id).
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read the device snapshot") as conn:
+            rows = conn.execute("SELECT id, labels, profile, online, paused, release, revision FROM devices"
+                                " ORDER BY id").fetchall()
+        return [_device_row(r) for r in rows]
+
+    def release_commit(self, version: int) -> str | None:
+        """Return the commit of a recorded signed release, or None when it is unknown.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read a release") as conn:
+            row = conn.execute("SELECT [commit] FROM releases WHERE version = ?", (int(version),)).fetchone()
+        return None if row is None else str(row[0])
+
+    def rollout_rows(self, *, phases: Sequence[str] | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Return rollouts newest first, with their state decoded; only the given phases when set.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        where, params = "", []
+        if phases is not None:
+            where = f" WHERE phase IN ({','.join('?' * len(phases))})"
+            params = list(phases)
+        with self._reading("read rollouts") as conn:
+            rows = conn.execute(f"SELECT * FROM rollouts{where} ORDER BY created DESC, id DESC LIMIT ?",  # noqa: S608
+                                [*params, max(0, int(limit))]).fetchall()
+        return [{**dict(r), "plan": _unjson(r["plan"]), "state": _unjson(r["state"])} for r in rows]
+
+    def rollout_summaries(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Return rollouts newest first without their state (id, releases, phase, wave, who, when).
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("list rollouts") as conn:
+            rows = conn.execute(f"SELECT {_ROLLOUT_SUMMARY} FROM rollouts ORDER BY created DESC, id DESC"  # noqa: S608
+                                " LIMIT ?", (max(0, int(limit)),)).fetchall()
+        return [dict(r) for r in rows]
+
+    def rollout_row(self, rollout_id: str) -> dict[str, Any] | None:
+        """Return one rollout with its plan and state decoded, or None.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read a rollout") as conn:
+            row = conn.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        if row is None:
+            return None
+        return {**dict(row), "plan": _unjson(row["plan"]), "state": _unjson(row["state"])}
+
+    def rollout_gates(self, rollout_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """Return a rollout's gate decisions, oldest first.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read gate decisions") as conn:
+            rows = conn.execute("SELECT wave, at, passed, detail FROM rollout_gates WHERE rollout_id = ?"
+                                " ORDER BY id LIMIT ?", (rollout_id, max(0, int(limit)))).fetchall()
+        return [{**dict(r), "passed": bool(r["passed"]), "detail": _unjson(r["detail"])} for r in rows]
+
+    def rollout_samples(self, rollout_id: str, limit: int = 5000) -> list[dict[str, Any]]:
+        """Return a rollout's wave progress samples, oldest first.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read rollout samples") as conn:
+            rows = conn.execute("SELECT * FROM rollout_samples WHERE rollout_id = ?"
+                                " ORDER BY ts, wave LIMIT ?", (rollout_id, max(0, int(limit)))).fetchall()
+        return [dict(r) for r in rows]
+
+    def latest_rollout_samples(self, rollout_id: str) -> list[dict[str, Any]]:
+        """Return a rollout's newest progress sample of every wave, by wave.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read rollout progress") as conn:
+            rows = conn.execute(
+                "SELECT s.* FROM rollout_samples s WHERE s.rollout_id = ? AND s.ts = (SELECT max(t.ts)"
+                " FROM rollout_samples t WHERE t.rollout_id = s.rollout_id AND t.wave = s.wave)"
+                " ORDER BY s.wave",
+                (rollout_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def rollout_audit(self, rollout_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        """Return a rollout's audit entries, oldest first.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read a rollout's audit log") as conn:
+            rows = conn.execute("SELECT * FROM audit WHERE target = ? ORDER BY id LIMIT ?",
+                                (f"rollout/{rollout_id}", max(0, int(limit)))).fetchall()
+        return [{**dict(r), "detail": _unjson(r["detail"])} for r in rows]
+
+    def assignments(self, *, unpublished: bool = False) -> list[dict[str, Any]]:
+        """Return the current ``desired`` assignment of every assigned device (only the unpublished ones
+        when asked), ordered by device.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        where = " WHERE published_at IS NULL" if unpublished else ""
+        with self._reading("read assignments") as conn:
+            rows = conn.execute(f"SELECT * FROM rollout_assignments{where} ORDER BY device").fetchall()  # noqa: S608
+        return [dict(r) for r in rows]
+
+    def mark_published(self, published: Sequence[tuple[str, int, str]], at: float) -> None:
+        """Mark the assignments ``(device, release, rollout_id)`` as published at ``at`` (rows replaced by
+        a newer assignment since are left alone).
+
+        Raises:
+            StateError: the database cannot be written.
+        """
+        if not published:
+            return
+        with self._writing("mark assignments published"), self._db.atomic():
+            self._wconn.executemany(
+                "UPDATE rollout_assignments SET published_at = ? WHERE device = ? AND release = ?"
+                " AND rollout_id = ? AND published_at IS NULL",
+                [(at, d, int(v), r) for d, v, r in published])
 
     # --- retention -------------------------------------------------------------------------------
 

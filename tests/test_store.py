@@ -26,7 +26,7 @@ def status(device: str, **kw):
 
 def test_all_is_pinned():
     assert set(store_mod.__all__) == {"INGEST_KINDS", "SCHEMA_VERSION", "IngestBatch", "Received", "Store",
-                                      "to_epoch"}
+                                      "RolloutWrite", "to_epoch"}
 
 
 def test_to_epoch_accepts_seconds_and_iso_text():

@@ -33,7 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge_agent.errors import StateError
 from fleet_server import __version__
 from fleet_server.api.auth import Tokens, load_tokens, require_admin, require_read, signature_valid
+from fleet_server.api.dashboard import install_dashboard
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
+from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
 from fleet_server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -62,9 +64,11 @@ class ApiActions:
 
     Attributes:
         trigger_git: wake the Git watcher to poll the mirror now (``GitWatcher.trigger``).
+        rollouts: the rollout runner behind ``/api/v1/rollouts`` (the routes are absent when None).
     """
 
     trigger_git: Callable[[], None] | None = None
+    rollouts: RolloutControl | None = None
 
 
 def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -155,6 +159,9 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
                   docs_url=None, redoc_url=None)
     _install_error_handlers(app)
     app.include_router(fleet_router(store, tokens))
+    if actions.rollouts is not None:
+        app.include_router(rollouts_router(actions.rollouts, tokens))
+    install_dashboard(app, store, tokens)
 
     @app.post("/api/v1/hooks/git", status_code=202)
     async def git_webhook(

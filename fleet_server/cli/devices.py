@@ -24,7 +24,8 @@ from typing import Any
 from fleet_server.cli.common import print_json
 from fleet_server.errors import ApiError, UsageError
 
-__all__ = ["DEFAULT_SERVER", "api_get", "format_device", "format_devices_table", "register", "server_url"]
+__all__ = ["DEFAULT_SERVER", "api_get", "api_post", "format_device", "format_devices_table", "register",
+           "server_url"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 _MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -96,6 +97,39 @@ def api_get(server: str, path: str, query: Sequence[tuple[str, str]] = (), *, to
         raise ApiError(f"fleet server answer is over {_MAX_RESPONSE_BYTES} bytes")
     try:
         return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(f"fleet server answered something that is not JSON from {path}") from exc
+
+
+def api_post(server: str, path: str, body: Mapping[str, Any], *, token: str | None = None,
+             actor: str | None = None, timeout: float = 10.0) -> Any:
+    """POST ``body`` as JSON to ``server + path`` (``X-Actor: actor`` when given); return the decoded answer.
+
+    Raises:
+        ApiError: the server cannot be reached, times out, answers an error status (its reason is
+            quoted) or a body that is not JSON.
+    """
+    data = json.dumps(dict(body)).encode("utf-8")
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    request = urllib.request.Request(server + path, data=data, method="POST",  # noqa: S310 - http(s) only
+                                     headers=headers)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    if actor:
+        request.add_header("X-Actor", actor)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
+            answer = response.read(_MAX_RESPONSE_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            reason = _error_reason(exc.read(64 * 1024))
+        raise ApiError(f"fleet server answered {exc.code}: {reason}") from exc
+    except urllib.error.URLError as exc:
+        raise ApiError(f"cannot reach the fleet server at {server}: {exc.reason}") from exc
+    except (TimeoutError, OSError) as exc:
+        raise ApiError(f"cannot reach the fleet server at {server}: {exc}") from exc
+    try:
+        return json.loads(answer)
     except ValueError as exc:
         raise ApiError(f"fleet server answered something that is not JSON from {path}") from exc
 

@@ -1,0 +1,182 @@
+"""Rollout routes under ``/api/v1/rollouts``: list, one rollout, start, and the operator actions.
+
+    GET  /api/v1/rollouts                newest first (read token when configured)
+    GET  /api/v1/rollouts/{id}           state, waves with counts, devices, gates, audit, samples
+    POST /api/v1/rollouts                {release, plan (inline mapping) | plan_name, reason} -> 201
+    POST /api/v1/rollouts/{id}/{action}  pause | resume | promote | abort | rollback; {reason, wave?}
+
+Every route is a plain ``def``: FastAPI runs it in its thread pool, so a runner tick holding the
+runner's lock never blocks the event loop. POSTs need the admin token. The actor recorded in the
+audit log is the ``X-Actor`` header (a short name), else ``admin``. A refused action answers 409
+with the engine's reason; an unknown rollout 404; a bad plan 400 with the place in the plan
+(``waves.1.percent: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Protocol
+
+from fastapi import APIRouter, Body, Header, HTTPException, Query
+
+from edge_agent.errors import BundleError
+from fleet_server.api.auth import Tokens, require_admin, require_read
+from fleet_server.errors import UsageError
+from fleet_server.rollouts.plan import RolloutPlan
+from fleet_server.rollouts.runner import ACTIONS
+
+__all__ = ["RolloutControl", "actor_name", "rollouts_router"]
+
+_ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_REASON = 1000
+
+
+class RolloutControl(Protocol):
+    """What the routes ask of the rollout runner (``RolloutRunner`` provides it)."""
+
+    def resolve_plan(self, plan: Mapping[str, Any] | None, plan_name: str | None) -> RolloutPlan:
+        """Return the plan of a start request."""
+        ...
+
+    def start_refusal(self, release: int) -> str | None:
+        """Return why a rollout of ``release`` cannot start now, or None."""
+        ...
+
+    def start(self, release: int, plan: RolloutPlan, *, actor: str, reason: str,
+              rollout_id: str | None = None) -> str:
+        """Start a rollout; return its id."""
+        ...
+
+    def exists(self, rollout_id: str) -> bool:
+        """Tell whether the rollout was ever started."""
+        ...
+
+    def act(self, rollout_id: str, action: str, *, actor: str, reason: str,
+            wave: int | None = None) -> str | None:
+        """Apply an operator action; return why it was refused, or None."""
+        ...
+
+    def describe(self, rollout_id: str) -> dict[str, Any] | None:
+        """Return one rollout in full, or None."""
+        ...
+
+    def summaries(self, limit: int) -> list[dict[str, Any]]:
+        """Return rollouts newest first, without their device maps."""
+        ...
+
+
+def actor_name(header: str | None) -> str:
+    """Return the actor an ``X-Actor`` header names (``admin`` when absent).
+
+    Raises:
+        HTTPException: 400 when the name is not 1-64 letters, digits or ``._@-``.
+    """
+    if header is None or not header.strip():
+        return "admin"
+    name = header.strip()
+    if not _ACTOR_RE.match(name):
+        raise HTTPException(400, "X-Actor must be 1-64 letters, digits, '.', '_', '@' or '-'")
+    return name
+
+
+def _reason(body: Mapping[str, Any]) -> str:
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > _MAX_REASON:
+        raise HTTPException(400, f"reason must be text of at most {_MAX_REASON} characters")
+    return " ".join(reason.split())
+
+
+def _rollout_id(rollout_id: str) -> str:
+    if not _ID_RE.match(rollout_id):
+        raise HTTPException(400, "malformed rollout id")
+    return rollout_id
+
+
+def _start_request(body: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | None, str | None]:
+    release = body.get("release")
+    if not isinstance(release, int) or isinstance(release, bool) or release < 0:
+        raise HTTPException(400, "release must be a release version (a whole number)")
+    plan = body.get("plan")
+    if plan is not None and not isinstance(plan, Mapping):
+        raise HTTPException(400, "plan must be a mapping (the plan document)")
+    plan_name = body.get("plan_name")
+    if plan_name is not None and not isinstance(plan_name, str):
+        raise HTTPException(400, "plan_name must be text")
+    unknown = sorted(set(body) - {"release", "plan", "plan_name", "reason"})
+    if unknown:
+        raise HTTPException(400, f"unknown field(s): {', '.join(unknown)}")
+    return release, plan, plan_name
+
+
+def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
+    """Build the router of ``/api/v1/rollouts``."""
+    router = APIRouter(prefix="/api/v1/rollouts")
+
+    @router.get("")
+    def list_rollouts(limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                      authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """List rollouts newest first."""
+        require_read(tokens, authorization)
+        return {"rollouts": control.summaries(limit)}
+
+    @router.get("/{rollout_id}")
+    def get_rollout(rollout_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """Return one rollout: state, waves with counts, devices, gate decisions, audit, progress samples."""
+        require_read(tokens, authorization)
+        detail = control.describe(_rollout_id(rollout_id))
+        if detail is None:
+            raise HTTPException(404, f"no rollout {rollout_id}")
+        return detail
+
+    @router.post("", status_code=201)
+    def start_rollout(body: Annotated[dict[str, Any], Body()],
+                      authorization: Annotated[str | None, Header()] = None,
+                      x_actor: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """Start a rollout of a recorded signed release (admin token)."""
+        require_admin(tokens, authorization)
+        actor = actor_name(x_actor)
+        release, plan_doc, plan_name = _start_request(body)
+        reason = _reason(body)
+        try:
+            plan = control.resolve_plan(plan_doc, plan_name)
+        except BundleError as exc:
+            where = ".".join(str(p) for p in exc.where)
+            raise HTTPException(400, f"invalid plan: {where + ': ' if where else ''}{exc.reason}") from exc
+        except UsageError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        refusal = control.start_refusal(release)
+        if refusal is not None:
+            raise HTTPException(409, refusal)
+        try:
+            rollout_id = control.start(release, plan, actor=actor, reason=reason)
+        except UsageError as exc:
+            raise HTTPException(409 if control.start_refusal(release) else 400, str(exc)) from exc
+        return {"id": rollout_id, "release": release, "plan": plan.name}
+
+    @router.post("/{rollout_id}/{action}")
+    def rollout_action(rollout_id: str, action: str,
+                       body: Annotated[dict[str, Any] | None, Body()] = None,
+                       authorization: Annotated[str | None, Header()] = None,
+                       x_actor: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """Pause, resume, promote, abort or roll back a rollout (admin token); 409 when refused."""
+        require_admin(tokens, authorization)
+        actor = actor_name(x_actor)
+        if action not in ACTIONS:
+            raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+        rid = _rollout_id(rollout_id)
+        data = body or {}
+        reason = _reason(data)
+        wave = data.get("wave")
+        if wave is not None and (not isinstance(wave, int) or isinstance(wave, bool) or wave < 0):
+            raise HTTPException(400, "wave must be a wave index")
+        if not control.exists(rid):
+            raise HTTPException(404, f"no rollout {rid}")
+        refusal = control.act(rid, action, actor=actor, reason=reason, wave=wave)
+        if refusal is not None:
+            raise HTTPException(409, refusal)
+        detail = control.describe(rid)
+        return {"id": rid, "action": action, "phase": detail["phase"] if detail else None}
+
+    return router

@@ -1,0 +1,270 @@
+"""`fleetctl rollout start|status|watch|pause|resume|promote|abort|rollback`: the fleet server's rollouts.
+
+Talks to ``/api/v1/rollouts`` with the same client as ``fleetctl devices`` (``--server``,
+``$FLEET_SERVER``; ``--token-file`` holds the admin token for the actions, or the read token for
+``status``/``watch``). ``--actor`` (default ``$USER``) is sent as ``X-Actor`` and lands in the audit log.
+
+``watch`` draws one hand-rolled text progress bar per wave (``#`` done, ``x`` failed, ``o``
+offline, ``.`` pending) with the counts; on a terminal it redraws in place, otherwise it prints a
+line per change. It exits 0 when the rollout succeeded, 1 when it halted, rolled back, was aborted
+or superseded, or when ``--timeout`` passed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import BundleError, YamlError
+from edge_agent.yamlsafe import load_yaml
+from fleet_server.cli.common import print_json
+from fleet_server.cli.devices import DEFAULT_SERVER, _read_token, api_get, api_post, server_url
+from fleet_server.errors import ApiError, UsageError
+
+__all__ = ["BAR_WIDTH", "format_rollout", "format_rollouts", "progress_bar", "register", "watch_exit_code"]
+
+BAR_WIDTH = 30
+_BASE = "/api/v1/rollouts"
+_ACTIONS = ("pause", "resume", "promote", "abort", "rollback")
+_FAILED_END = ("halted", "rolled_back", "aborted", "superseded")
+_KINDS = ("done", "failed", "offline", "pending")
+_MARKS = {"done": "#", "failed": "x", "offline": "o", "pending": "."}
+
+
+def progress_bar(progress: Mapping[str, Any], width: int = BAR_WIDTH) -> str:
+    """Return ``[###xo....]``: the wave's devices by kind, scaled to ``width`` characters (deferred
+    and skipped devices count as pending)."""
+    counts = {k: int(progress.get(k, 0) or 0) for k in _KINDS}
+    counts["pending"] += int(progress.get("deferred", 0) or 0) + int(progress.get("skipped", 0) or 0)
+    total = sum(counts.values())
+    if total == 0:
+        return "[" + " " * width + "]"
+    cells = ""
+    for kind in _KINDS:
+        cells += _MARKS[kind] * round(width * counts[kind] / total)
+    cells = (cells + "." * width)[:width]
+    return f"[{cells}]"
+
+
+def _wave_line(index: int, wave: Mapping[str, Any], current: int) -> str:
+    p = wave.get("progress") or {}
+    marker = ">" if index == current else " "
+    counts = (f"done {p.get('done', 0)}  failed {p.get('failed', 0)}  pending {p.get('pending', 0)}  "
+              f"offline {p.get('offline', 0)}")
+    extra = f"  deferred {p['deferred']}" if p.get("deferred") else ""
+    result = f"  {wave['result']}" if wave.get("result") else ""
+    name = f"{wave.get('name', '')!s:<12}"
+    return f"{marker} wave {index + 1} {name} {progress_bar(p)} {counts}{extra}{result}"
+
+
+def format_rollout(r: Mapping[str, Any]) -> str:
+    """Return one rollout as text: its header, a progress bar per wave, and why it halted."""
+    commit = str(r.get("commit") or "")[:12]
+    lines = [f"rollout {r.get('id')}  release {r.get('release')} ({commit})  previous {r.get('previous')}  "
+             f"plan {r.get('plan')}",
+             f"phase {r.get('phase')}  wave {int(r.get('wave', 0)) + 1} of {len(r.get('waves') or [])}"]
+    for i, wave in enumerate(r.get("waves") or []):
+        lines.append(_wave_line(i, wave, int(r.get("wave", 0))))
+    if r.get("halted_reason"):
+        lines.append(f"halted: {r['halted_reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def format_rollouts(rollouts: Sequence[Mapping[str, Any]]) -> str:
+    """Return the rollout list as an aligned table."""
+    rows = [("ROLLOUT", "RELEASE", "PREVIOUS", "PHASE", "WAVE", "ACTOR")]
+    for r in rollouts:
+        rows.append((str(r.get("id")), str(r.get("release")), str(r.get("previous")), str(r.get("phase")),
+                     str(int(r.get("wave", 0)) + 1), str(r.get("actor") or "-")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in rows]
+    return "\n".join(lines) + f"\n{len(rollouts)} rollout(s)\n"
+
+
+def watch_exit_code(phase: str) -> int | None:
+    """Return the exit code ``watch`` ends with in ``phase`` (0 succeeded, 1 failed ends), None to go on."""
+    if phase == "succeeded":
+        return 0
+    return 1 if phase in _FAILED_END else None
+
+
+def _client(args: argparse.Namespace) -> tuple[str, str | None]:
+    return server_url(args.server), _read_token(args.token_file)
+
+
+def _get_rollout(args: argparse.Namespace, rollout_id: str | None) -> dict[str, Any]:
+    server, token = _client(args)
+    if rollout_id is None:
+        listing = api_get(server, _BASE, [("limit", "1")], token=token, timeout=args.http_timeout)
+        rollouts = listing.get("rollouts") if isinstance(listing, dict) else None
+        if not rollouts:
+            raise UsageError("the fleet server has no rollout yet")
+        rollout_id = str(rollouts[0]["id"])
+    answer = api_get(server, f"{_BASE}/{urllib.parse.quote(rollout_id, safe='')}", token=token,
+                     timeout=args.http_timeout)
+    if not isinstance(answer, dict) or not isinstance(answer.get("waves"), list):
+        raise ApiError(f"fleet server answered an unexpected document for rollout {rollout_id}")
+    return answer
+
+
+def _load_plan(path: Path) -> Any:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+    try:
+        return load_yaml(data, name=str(path)).value
+    except (YamlError, BundleError) as exc:
+        raise UsageError(f"plan {path}: {exc}") from exc
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    server, token = _client(args)
+    body: dict[str, Any] = {"release": args.release, "reason": args.reason or ""}
+    if args.plan is not None:
+        body["plan"] = _load_plan(args.plan)
+    if args.plan_name is not None:
+        body["plan_name"] = args.plan_name
+    answer = api_post(server, _BASE, body, token=token, actor=args.actor, timeout=args.http_timeout)
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(f"rollout {answer.get('id')} of release {answer.get('release')} started "
+                         f"(plan {answer.get('plan')})\n")
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    if args.rollout_id is None:
+        server, token = _client(args)
+        answer = api_get(server, _BASE, token=token, timeout=args.http_timeout)
+        if args.json:
+            print_json(answer)
+        else:
+            sys.stdout.write(format_rollouts(answer.get("rollouts") or []))
+        return 0
+    rollout = _get_rollout(args, args.rollout_id)
+    if args.json:
+        print_json(rollout)
+    else:
+        sys.stdout.write(format_rollout(rollout))
+    return 0
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    tty = sys.stdout.isatty() and not args.json
+    drawn = 0
+    last: dict[int, str] = {}
+    last_phase = ""
+    rollout_id = args.rollout_id
+    while True:
+        r = _get_rollout(args, rollout_id)
+        rollout_id = str(r["id"])
+        phase = str(r.get("phase"))
+        if args.json:
+            print_json({"id": rollout_id, "phase": phase, "wave": r.get("wave"),
+                        "waves": [w.get("progress") for w in r["waves"]]})
+        elif tty:
+            text = format_rollout(r)
+            sys.stdout.write((f"\x1b[{drawn}F\x1b[J" if drawn else "") + text)
+            drawn = text.count("\n")
+        else:
+            if phase != last_phase:
+                sys.stdout.write(f"{time.strftime('%H:%M:%S')} rollout {rollout_id} {phase}"
+                                 + (f": {r['halted_reason']}" if r.get("halted_reason") else "") + "\n")
+            for i, wave in enumerate(r["waves"]):
+                line = _wave_line(i, wave, int(r.get("wave", 0)))[2:]
+                if last.get(i) != line:
+                    sys.stdout.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+                    last[i] = line
+        last_phase = phase
+        sys.stdout.flush()
+        code = watch_exit_code(phase)
+        if code is not None:
+            return code
+        if time.monotonic() + args.interval > deadline:
+            sys.stderr.write(f"fleetctl: rollout {rollout_id} still {phase} after {args.timeout:g}s\n")
+            return 1
+        time.sleep(args.interval)
+
+
+def _run_action(args: argparse.Namespace) -> int:
+    server, token = _client(args)
+    body: dict[str, Any] = {"reason": args.reason}
+    if getattr(args, "wave", None) is not None:
+        body["wave"] = args.wave - 1
+    path = f"{_BASE}/{urllib.parse.quote(args.rollout_id, safe='')}/{args.action}"
+    answer = api_post(server, path, body, token=token, actor=args.actor, timeout=args.http_timeout)
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(f"rollout {answer.get('id')}: {args.action} done, now {answer.get('phase')}\n")
+    return 0
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL",
+                        help=f"fleet server base URL (default: $FLEET_SERVER or {DEFAULT_SERVER})")
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="file holding the API token (admin token for start and the actions)")
+    parser.add_argument("--http-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                        help="seconds to wait for each answer of the server (default: 10)")
+    parser.add_argument("--actor", default=os.environ.get("USER") or None,
+                        help="your name in the audit log (default: $USER)")
+    parser.add_argument("--json", action="store_true", help="print the server's JSON answer")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``rollout`` command group."""
+    rollout = subparsers.add_parser("rollout", help="start, watch and steer rollouts on the fleet server",
+                                    description="Start, watch and steer canary rollouts.")
+    sub = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+
+    start = sub.add_parser("start", help="start a rollout of a signed release")
+    start.add_argument("--release", type=int, required=True, metavar="V", help="the signed release version")
+    plan = start.add_mutually_exclusive_group()
+    plan.add_argument("--plan", type=Path, metavar="FILE", help="a rollout plan YAML file (sent inline)")
+    plan.add_argument("--plan-name", metavar="NAME", help="a plan the server knows (rollouts/NAME.yaml)")
+    start.add_argument("--reason", default="", help="why (recorded in the audit log)")
+    _client_options(start)
+    start.set_defaults(func=_run_start)
+
+    status = sub.add_parser("status", help="list rollouts, or show one with its waves")
+    status.add_argument("rollout_id", nargs="?", metavar="ID", help="the rollout (default: list them)")
+    _client_options(status)
+    status.set_defaults(func=_run_status)
+
+    watch = sub.add_parser("watch", help="follow a rollout wave by wave until it ends")
+    watch.add_argument("rollout_id", nargs="?", metavar="ID", help="the rollout (default: the newest)")
+    watch.add_argument("--timeout", type=_positive, default=3600.0, metavar="SECONDS",
+                       help="give up (exit 1) after this long (default: 3600)")
+    watch.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
+                       help="seconds between refreshes (default: 1)")
+    _client_options(watch)
+    watch.set_defaults(func=_run_watch)
+
+    for action in _ACTIONS:
+        p = sub.add_parser(action, help=f"{action} a rollout (admin token)")
+        p.add_argument("rollout_id", metavar="ID", help="the rollout")
+        p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+        if action == "promote":
+            p.add_argument("--wave", type=int, metavar="N", help="the wave (1-based) you approve")
+        _client_options(p)
+        p.set_defaults(func=_run_action, action=action)
