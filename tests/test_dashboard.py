@@ -1,0 +1,584 @@
+"""The web dashboard in a real headless Chromium (Debian's ``chromium`` driven by Playwright) against
+the real app served by uvicorn on 127.0.0.1 over a real SQLite store filled with real messages.
+
+Screenshots are taken into pytest's temporary directory on every run; with ``DASHBOARD_SCREENSHOTS=1``
+they are also copied to ``docs/images/`` (overview.png, device.png, rollout.png).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from edge_agent.report.messages import event_message, health_message, online_message, status_message
+from fleet_server.api import ApiActions, create_app, dashboard
+from fleet_server.api.dashboard import CONTENT_SECURITY_POLICY
+from fleet_server.config import GitConfig, HttpConfig, ServerConfig
+from fleet_server.metrics import ServerMetrics
+from fleet_server.rollouts.runner import RolloutRunner
+from fleet_server.store import IngestBatch, Store
+from tests.support.mirror import free_port
+
+playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
+    pytest.mark.timeout(120),
+]
+
+ADMIN = "dashboard-admin-token"
+READER = "dashboard-read-token"
+NOW = time.time()
+COMMIT = "d" * 40
+OLD_COMMIT = "a" * 40
+DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
+WAIT_MS = 10_000
+
+# id, labels, sync state, online, drifted resources
+FLEET: tuple[tuple[str, dict[str, str], str, bool, tuple[str, ...]], ...] = (
+    ("cam-01", {"site": "north", "canary": "true", "class": "camera"}, "in_sync", True, ()),
+    ("cam-02", {"site": "north", "class": "camera"}, "in_sync", True, ()),
+    ("cam-03", {"site": "north", "class": "camera"}, "drifted", True, ("file:/etc/motion.conf",)),
+    ("cam-04", {"site": "south", "class": "camera"}, "failed", True, ()),
+    ("cam-05", {"site": "south", "class": "camera"}, "in_sync", False, ()),
+    ("gw-01", {"site": "north", "canary": "true", "class": "gateway"}, "in_sync", True, ()),
+    ("gw-02", {"site": "south", "class": "gateway"}, "in_sync", True, ()),
+    ("gw-03", {"site": "south", "class": "gateway"}, "rolled_back", False, ()),
+    ("sensor-01", {"site": "east", "class": "sensor"}, "in_sync", True, ()),
+    ("sensor-02", {"site": "east", "class": "sensor"}, "in_sync", True, ()),
+)
+HEALTH_STEP = 300.0
+HEALTH_SAMPLES = 36  # three hours, one sample every five minutes
+
+
+def fill_fleet(store: Store) -> None:
+    """Register the test fleet and ingest its status, online state, events and health history."""
+    batch = IngestBatch()
+    for device, labels, state, online, drifted in FLEET:
+        store.register_device(device, labels=labels, profile="rpi4", now=NOW - 7200)
+        drift = {"count": len(drifted), "corrected": False, "resources": list(drifted)}
+        batch.add("status", status_message(device, commit=COMMIT, release=7, sync_state=state, drift=drift,
+                                           paused=False, ts=NOW - 120), NOW - 119)
+        batch.add("online", online_message(device, online, NOW - 100), NOW - 99)
+        batch.add("events", event_message(device, type="sync_started", commit=COMMIT, release=7,
+                                          ts=NOW - 200), NOW - 199)
+        outcome = {"failed": "sync_failed", "rolled_back": "sync_rolled_back"}.get(state, "sync_succeeded")
+        batch.add("events", event_message(device, type=outcome, commit=COMMIT, release=7, ts=NOW - 150,
+                                          reason="health check nginx failed" if outcome != "sync_succeeded"
+                                          else None), NOW - 149)
+    for i in range(HEALTH_SAMPLES):
+        ts = NOW - (HEALTH_SAMPLES - i) * HEALTH_STEP
+        metrics = {"cpu_percent": round(35 + 25 * math.sin(i / 4), 1), "memory_percent": 40 + i * 0.8,
+                   "disk": {"/": {"total": 32e9, "free": 12e9, "percent_free": 37.5 - i * 0.2}}}
+        batch.add("health", health_message("cam-01", commit=COMMIT, release=7, ts=ts, metrics=metrics,
+                                           checks=[{"name": "motion", "ok": True}]), ts + 1)
+    batch.add("events", event_message("cam-03", type="drift_detected", commit=COMMIT, release=7, ts=NOW - 60,
+                                      detail={"count": 1, "corrected": False,
+                                              "resources": ["file:/etc/motion.conf"], "mode": "audit"}),
+              NOW - 59)
+    store.apply_batch(batch)
+    store.record_release(6, OLD_COMMIT, ["ed25519:key"], NOW - 90000, committed_at=NOW - 90100)
+    store.record_release(7, COMMIT, ["ed25519:key"], NOW - 3000, committed_at=NOW - 3100)
+
+
+def server_config(tmp_path: Path, *, read_token: bool = False) -> ServerConfig:
+    """A configuration with an admin token (and a read token when asked) in 0600 files."""
+    admin = tmp_path / "admin.token"
+    admin.write_text(ADMIN + "\n")
+    admin.chmod(0o600)
+    read = None
+    if read_token:
+        read = tmp_path / "read.token"
+        read.write_text(READER + "\n")
+        read.chmod(0o600)
+    return ServerConfig(http=HttpConfig(admin_token_file=admin, read_token_file=read),
+                        git=GitConfig(url="git://127.0.0.1/fleet.git", cache_dir=tmp_path / "cache"))
+
+
+@contextlib.contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off", access_log=False))
+    thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10.0)
+
+
+@dataclass
+class Site:
+    """A running fleet server and a browser pointed at it."""
+
+    url: str
+    store: Store
+    browser: Any
+    shots: Path
+    console: list[str] = field(default_factory=list)
+
+    def page(self, path: str, *, token: str | None = None) -> Any:
+        """Open ``path`` in a fresh browser context (its own sessionStorage), recording console errors."""
+        context = self.browser.new_context(viewport={"width": 1360, "height": 900})
+        page = context.new_page()
+        page.on("console", lambda msg: self.console.append(f"{msg.type}: {msg.text}") if msg.type == "error"
+                else None)
+        page.on("pageerror", lambda exc: self.console.append(f"pageerror: {exc}"))
+        if token is not None:
+            page.add_init_script(f"window.sessionStorage.setItem('edge-fleet.token', {token!r});")
+        page.goto(self.url + path)
+        return page
+
+    def screenshot(self, page: Any, name: str) -> Path:
+        """Save a full-page screenshot to the temporary directory; copy it to docs/images/ when
+        DASHBOARD_SCREENSHOTS=1."""
+        target = self.shots / name
+        page.screenshot(path=str(target), full_page=True)
+        if os.environ.get("DASHBOARD_SCREENSHOTS") == "1":
+            DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(target, DOCS_IMAGES / name)
+        return target
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium (the system's) for the whole module."""
+    with playwright_sync.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path, browser: Any) -> Iterator[Site]:
+    """The fleet server's app over a filled store, served on loopback."""
+    store = Store(tmp_path / "fleet.db")
+    fill_fleet(store)
+    app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions())
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with serve(app) as url:
+        yield Site(url, store, browser, shots)
+    store.close()
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``check`` every 50 ms until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_js(page: Any, expression: str, *, timeout: int = WAIT_MS) -> None:
+    """Poll a JavaScript expression in the page until it is true (Playwright's own wait_for_function
+    evaluates strings with eval, which the pages' Content-Security-Policy forbids, as it should)."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {expression}")
+        page.wait_for_timeout(50)
+
+
+def table_devices(page: Any) -> list[str]:
+    """The device ids of the overview table's rows, in order."""
+    return list(page.eval_on_selector_all("#device-table tbody tr[data-device]",
+                                          "rows => rows.map(r => r.dataset.device)"))
+
+
+# --- fleet overview --------------------------------------------------------------------------------
+
+
+def test_overview_shows_the_fleet_without_console_errors(site: Site) -> None:
+    page = site.page("/")
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 10",
+                           timeout=WAIT_MS)
+    assert table_devices(page) == sorted(d[0] for d in FLEET)
+    assert page.inner_text("#sum-devices") == "10"
+    assert page.inner_text("#sum-online") == "8"
+    assert page.inner_text("#sum-offline") == "2"
+    states = page.inner_text("#sum-states")
+    assert "in_sync" in states
+    assert "failed" in states
+    assert "drifted" in states
+    assert "release 7" in page.inner_text("#sum-releases")
+    row = page.locator("#device-table tr[data-device='cam-03']")
+    assert "1 drifted" in row.inner_text()
+    assert "offline" in page.locator("#device-table tr[data-device='gw-03']").inner_text()
+    assert page.inner_text("#token-state") == "read-only"
+    site.screenshot(page, "overview.png")
+    assert site.console == []
+
+
+def test_label_filter_narrows_the_table(site: Site) -> None:
+    page = site.page("/")
+    page.wait_for_selector("#device-table tr[data-device='cam-01']", timeout=WAIT_MS)
+    page.fill("#f-label", "site:south class:camera")
+    page.click("#filters button[type=submit]")
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 2",
+                           timeout=WAIT_MS)
+    assert table_devices(page) == ["cam-04", "cam-05"]
+    assert "label=site%3Asouth+class%3Acamera" in page.url
+    assert page.input_value("#f-label") == "site:south class:camera"
+    # a label chip filters by that label; a state bar by that sync state
+    page.goto(site.url + "/")
+    page.wait_for_selector("#device-table tr[data-device='sensor-01']", timeout=WAIT_MS)
+    page.locator("#device-table tr[data-device='sensor-01'] a.chip", has_text="site=east").click()
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 2",
+                           timeout=WAIT_MS)
+    assert table_devices(page) == ["sensor-01", "sensor-02"]
+    page.goto(site.url + "/")
+    page.locator("#sum-states a", has_text="failed").click()
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 1",
+                           timeout=WAIT_MS)
+    assert table_devices(page) == ["cam-04"]
+    page.goto(site.url + "/?online=false")
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 2",
+                           timeout=WAIT_MS)
+    assert table_devices(page) == ["cam-05", "gw-03"]
+    page.goto(site.url + "/?label=site:nowhere")
+    page.wait_for_selector("text=no device matches these filters", timeout=WAIT_MS)
+    assert site.console == []
+
+
+def test_overview_refreshes_when_a_device_reports(site: Site) -> None:
+    page = site.page("/?refresh=0.5")
+    page.wait_for_selector("#device-table tr[data-device='cam-04']", timeout=WAIT_MS)
+    assert "failed" in page.locator("#device-table tr[data-device='cam-04']").inner_text()
+    batch = IngestBatch()
+    batch.add("status", status_message("cam-04", commit=COMMIT, release=7, sync_state="in_sync",
+                                       drift={}, paused=False, ts=time.time()), time.time())
+    batch.add("status", status_message("new-01", commit=COMMIT, release=7, sync_state="in_sync",
+                                       drift={}, paused=False, ts=time.time()), time.time())
+    site.store.apply_batch(batch)
+    page.wait_for_selector("#device-table tr[data-device='new-01']", timeout=WAIT_MS)
+    assert "in_sync" in page.locator("#device-table tr[data-device='cam-04']").inner_text()
+    assert page.inner_text("#sum-devices") == "11"
+    assert site.console == []
+
+
+# --- device detail ---------------------------------------------------------------------------------
+
+
+def test_device_page_shows_release_events_and_health_charts(site: Site) -> None:
+    page = site.page("/devices/cam-01")
+    wait_js(page, "document.querySelector('#chart-cpu').dataset.points === '36'", timeout=WAIT_MS)
+    assert page.get_attribute("#chart-memory", "data-points") == "36"
+    assert page.get_attribute("#chart-disk", "data-points") == "36"
+    assert page.locator("#chart-cpu path.line").count() == 1
+    assert page.inner_text("#dev-release") == "7"
+    assert page.inner_text("#dev-revision") == COMMIT
+    assert page.inner_text("#dev-online") == "online"
+    assert "site=north" in page.inner_text("#dev-labels")
+    assert "motion" in page.inner_text("#dev-checks")
+    events = page.inner_text("#event-table tbody")
+    assert "sync_succeeded" in events
+    assert "sync_started" in events
+    site.screenshot(page, "device.png")
+    # only the last hour: samples 5, 10, ... 55 minutes old (the one 60 minutes old has just left it)
+    page.select_option("#health-hours", "1")
+    wait_js(page, "document.querySelector('#chart-cpu').dataset.points === '11'")
+    assert site.console == []
+
+
+def test_device_page_shows_drift_and_failures(site: Site) -> None:
+    page = site.page("/devices/cam-03")
+    page.wait_for_selector("#dev-drift li", timeout=WAIT_MS)
+    assert "file:/etc/motion.conf" in page.inner_text("#dev-drift")
+    assert "drift_detected" in page.inner_text("#event-table")
+    assert page.get_attribute("#chart-cpu", "data-points") == "0"
+    assert "no samples yet" in page.text_content("#chart-cpu")
+    page = site.page("/devices/gw-03")
+    page.wait_for_selector("#event-table td >> text=health check nginx failed", timeout=WAIT_MS)
+    assert page.inner_text("#dev-online") == "offline"
+    assert site.console == []
+
+
+def test_unknown_device_page_says_so(site: Site) -> None:
+    page = site.page("/devices/ghost-01")
+    page.wait_for_selector("#status-line.bad", timeout=WAIT_MS)
+    assert "no device ghost-01" in page.inner_text("#status-line")
+    # the only console errors are the browser's own notes about the two 404 answers
+    assert site.console
+    assert all("404" in line for line in site.console)
+
+
+def test_rollouts_page_without_a_rollout_engine_says_so(site: Site) -> None:
+    page = site.page("/rollouts")
+    page.wait_for_selector("#status-line.bad", timeout=WAIT_MS)
+    assert page.inner_text("#status-line") == "this fleet server runs no rollout engine"
+    assert site.console
+    assert all("404" in line for line in site.console)
+
+
+# --- HTTP surface -----------------------------------------------------------------------------------
+
+
+def test_pages_are_html_with_a_strict_content_security_policy(site: Site) -> None:
+    for path in ("/", "/devices/cam-01", "/rollouts", "/rollouts/r-1"):
+        response = httpx.get(site.url + path, timeout=5.0)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith("text/html")
+        assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "<script src=\"/static/dashboard.js\"" in response.text
+        assert "http://" not in response.text.replace(site.url, "")
+        assert "https://" not in response.text
+    for asset in ("dashboard.js", "charts.js", "dashboard.css", "favicon.svg"):
+        assert httpx.get(f"{site.url}/static/{asset}", timeout=5.0).status_code == 200
+    assert httpx.get(site.url + "/devices/bad%24id", timeout=5.0).status_code == 400
+    assert httpx.get(site.url + "/devices/a%20b", timeout=5.0).status_code == 400
+    assert httpx.get(site.url + "/favicon.ico", timeout=5.0).status_code == 200
+
+
+def test_health_history_endpoint(site: Site) -> None:
+    answer = httpx.get(site.url + "/api/v1/devices/cam-01/health", params={"hours": 6}, timeout=5.0)
+    assert answer.status_code == 200
+    samples = answer.json()["health"]
+    assert len(samples) == HEALTH_SAMPLES
+    assert [s["ts"] for s in samples] == sorted(s["ts"] for s in samples)
+    assert samples[-1]["metrics"]["memory_percent"] == pytest.approx(40 + 35 * 0.8)
+    limited = httpx.get(site.url + "/api/v1/devices/cam-01/health", params={"limit": 5}, timeout=5.0).json()
+    assert [s["ts"] for s in limited["health"]] == [s["ts"] for s in samples[-5:]]
+    for params, status in (({"hours": 0}, 400), ({"hours": 100}, 400), ({"hours": "x"}, 400),
+                           ({"limit": 0}, 400)):
+        assert httpx.get(site.url + "/api/v1/devices/cam-01/health", params=params,
+                         timeout=5.0).status_code == status
+    assert httpx.get(site.url + "/api/v1/devices/ghost-01/health", timeout=5.0).status_code == 404
+
+
+def test_read_token_is_needed_when_configured(tmp_path: Path, browser: Any) -> None:
+    store = Store(tmp_path / "fleet.db")
+    fill_fleet(store)
+    app = create_app(store, server_config(tmp_path, read_token=True), ServerMetrics(), actions=ApiActions())
+    with serve(app) as url:
+        site = Site(url, store, browser, tmp_path)
+        assert httpx.get(url + "/api/v1/devices/cam-01/health", timeout=5.0).status_code == 401
+        page = site.page("/")
+        page.wait_for_selector("#status-line.bad", timeout=WAIT_MS)
+        assert "needs a token to read the fleet" in page.inner_text("#status-line")
+        assert site.console == []  # no request was made without the token
+        assert table_devices(page) == []
+        page.fill("#token-input", READER)
+        page.click("#token-use")
+        wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 10",
+                               timeout=WAIT_MS)
+        assert page.inner_text("#token-state") == "token held"
+        assert page.evaluate("window.sessionStorage.getItem('edge-fleet.token')") == READER
+        assert page.evaluate("window.localStorage.length") == 0
+        page.click("#token-forget")
+        assert page.evaluate("window.sessionStorage.getItem('edge-fleet.token')") is None
+    store.close()
+
+
+# --- rollouts --------------------------------------------------------------------------------------
+
+NEW_COMMIT = "e" * 40
+PLAN = {"name": "canary-then-fleet", "waves": [
+    {"name": "canary", "soak": 0, "promotion": "auto"},
+    {"name": "fleet", "percent": 100, "soak": 0, "max_failure_rate": 0.5},
+]}
+
+
+@dataclass
+class RolloutSite:
+    """A fleet server with a rollout runner, one rollout of release 8 started, and a browser."""
+
+    site: Site
+    runner: RolloutRunner
+    rollout_id: str
+    published: list[tuple[str, str, int, str | None]]
+
+    def report(self, outcomes: dict[str, str]) -> None:
+        """Ingest one sync outcome event per device for release 8, then let the runner tick."""
+        batch = IngestBatch()
+        now = time.time()
+        for device, outcome in outcomes.items():
+            batch.add("events", event_message(device, type=outcome, commit=NEW_COMMIT, release=8, ts=now),
+                      now)
+        self.site.store.apply_batch(batch)
+        self.runner.tick()
+
+
+@pytest.fixture
+def rollout_site(tmp_path: Path, browser: Any) -> Iterator[RolloutSite]:
+    """The app with the real rollout runner over a filled store, a rollout of release 8 started."""
+    store = Store(tmp_path / "fleet.db")
+    fill_fleet(store)
+    store.record_release(8, NEW_COMMIT, ["ed25519:key"], NOW - 60, committed_at=NOW - 70)
+    published: list[tuple[str, str, int, str | None]] = []
+
+    def publish(device: str, revision: str, release: int, rollout_id: str | None) -> None:
+        published.append((device, revision, release, rollout_id))
+
+    runner = RolloutRunner(store, publish)
+    runner.load()
+    rollout_id = runner.start(8, runner.resolve_plan(PLAN, None), actor="alice", reason="release 8")
+    app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions(rollouts=runner))
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with serve(app) as url:
+        yield RolloutSite(Site(url, store, browser, shots), runner, rollout_id, published)
+    store.close()
+
+
+def wave_meta(page: Any, wave: int) -> dict[str, int]:
+    """The done/failed/pending/offline counts a wave's section shows."""
+    data = page.eval_on_selector(f"section[data-wave='{wave}'] .wave-meta", "n => ({...n.dataset})")
+    return {k: int(v) for k, v in data.items()}
+
+
+def chart_samples(page: Any, wave: int) -> int:
+    """How many progress samples a wave's chart is drawn from."""
+    return int(page.get_attribute(f"section[data-wave='{wave}']", "data-samples") or 0)
+
+
+def test_rollouts_list_links_to_each_rollout(rollout_site: RolloutSite) -> None:
+    site = rollout_site.site
+    page = site.page("/rollouts")
+    page.wait_for_selector(f"#rollout-table tr[data-rollout='{rollout_site.rollout_id}']", timeout=WAIT_MS)
+    row = page.locator(f"#rollout-table tr[data-rollout='{rollout_site.rollout_id}']")
+    assert "running" in row.inner_text()
+    assert "1 of 2" in row.inner_text()
+    row.locator("a").click()
+    page.wait_for_selector("section[data-wave='1']", timeout=WAIT_MS)
+    assert page.url.endswith(f"/rollouts/{rollout_site.rollout_id}")
+    assert site.console == []
+
+
+def test_rollout_chart_follows_the_waves(rollout_site: RolloutSite) -> None:
+    site, rid = rollout_site.site, rollout_site.rollout_id
+    page = site.page(f"/rollouts/{rid}?refresh=0.5", token=ADMIN)
+    wait_js(page, "document.querySelector(\"section[data-wave='0'] .wave-meta\")?.dataset.pending === '2'")
+    assert wave_meta(page, 0) == {"done": 0, "failed": 0, "pending": 2, "offline": 0}
+    assert page.inner_text("#ro-release").startswith("8 (eeeeeeeeeeee)")
+    assert page.inner_text("#ro-previous") == "7"
+    assert page.inner_text("#ro-wave") == "1 of 2"
+    first_samples = chart_samples(page, 0)
+    assert first_samples >= 1
+    assert {d for d, *_ in rollout_site.published} == {"cam-01", "gw-01"}
+
+    # the canaries apply release 8: wave 1 passes its gates and the fleet wave starts
+    rollout_site.report({"cam-01": "sync_succeeded", "gw-01": "sync_succeeded"})
+    wait_js(page, "document.querySelector(\"section[data-wave='0'] .wave-meta\").dataset.done === '2'")
+    wait_js(page, "document.getElementById('ro-wave').textContent === '2 of 2'")
+    assert chart_samples(page, 0) > first_samples
+    wait_js(page, "document.querySelector('#gate-table tbody td .pill.ok') !== null")
+    assert "passed" in page.inner_text("#gate-table tbody")
+
+    # the fleet wave: five apply, one fails; the offline devices stay behind
+    rollout_site.report({"cam-02": "sync_succeeded", "cam-03": "sync_succeeded", "gw-02": "sync_succeeded",
+                         "sensor-01": "sync_succeeded", "sensor-02": "sync_succeeded",
+                         "cam-04": "sync_failed"})
+    wait_js(page, "document.querySelector(\"section[data-wave='1'] .wave-meta\").dataset.done === '5'")
+    fleet = wave_meta(page, 1)
+    assert fleet["done"] == 5
+    assert fleet["failed"] == 1
+    assert fleet["pending"] + fleet["offline"] == 2
+    assert chart_samples(page, 1) >= 2
+    assert page.locator("section[data-wave='1'] svg path.area").count() == 4
+    site.screenshot(page, "rollout.png")
+    assert site.console == []
+
+
+def test_pause_works_with_the_admin_token_and_is_refused_without(rollout_site: RolloutSite) -> None:
+    site, rid = rollout_site.site, rollout_site.rollout_id
+    # without a token the page is read-only: no buttons, and the API refuses a direct call
+    page = site.page(f"/rollouts/{rid}?refresh=0.5")
+    page.wait_for_selector("section[data-wave='0']", timeout=WAIT_MS)
+    assert page.is_visible("#actions-readonly")
+    assert not page.is_visible("button[data-action='pause']")
+    refused = httpx.post(f"{site.url}/api/v1/rollouts/{rid}/pause", json={"reason": "x"}, timeout=5.0)
+    assert refused.status_code == 401
+    assert site.console == []
+
+    # a wrong token: the button is there, the server refuses, nothing changes
+    page = site.page(f"/rollouts/{rid}?refresh=0.5", token="not-the-admin-token")
+    page.wait_for_selector("button[data-action='pause']", state="visible", timeout=WAIT_MS)
+    page.click("button[data-action='pause']")
+    page.wait_for_selector("#action-result.bad", timeout=WAIT_MS)
+    assert "pause refused: invalid token" in page.inner_text("#action-result")
+    assert rollout_site.runner.state(rid).phase == "running"
+    site.console.clear()  # the browser notes the 403 answer as a console error
+
+    # the admin token pasted into the page: pause, then resume, both audited with the reason
+    page = site.page(f"/rollouts/{rid}?refresh=0.5")
+    page.wait_for_selector("section[data-wave='0']", timeout=WAIT_MS)
+    page.fill("#token-input", ADMIN)
+    page.click("#token-use")
+    page.wait_for_selector("button[data-action='pause']", state="visible", timeout=WAIT_MS)
+    page.fill("#action-actor", "carol")
+    page.fill("#action-reason", "checking canary metrics")
+    page.click("button[data-action='pause']")
+    page.wait_for_selector("#action-result.ok", timeout=WAIT_MS)
+    assert rollout_site.runner.state(rid).phase == "paused"
+    wait_js(page, "document.body.dataset.phase === 'paused'")
+    assert page.inner_text("#ro-phase") == "paused"
+    audit = httpx.get(f"{site.url}/api/v1/audit", timeout=5.0).json()["audit"]
+    pauses = [(a["actor"], a["reason"]) for a in audit if a["action"] == "rollout.pause"]
+    assert pauses == [("carol", "checking canary metrics")]
+    # buttons follow the phase; the engine refuses what does not fit it anyway (409)
+    wait_js(page, "document.querySelector(\"button[data-action='pause']\").disabled")
+    assert page.is_enabled("button[data-action='resume']")
+    assert not page.is_enabled("button[data-action='promote']")
+    again = httpx.post(f"{site.url}/api/v1/rollouts/{rid}/pause", json={"reason": "again"},
+                       headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5.0)
+    assert again.status_code == 409
+    page.click("button[data-action='resume']")
+    page.wait_for_selector("#action-result.ok", timeout=WAIT_MS)
+    assert rollout_site.runner.state(rid).phase == "running"
+    assert site.console == []
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(dashboard.__all__) == [
+        "CONTENT_SECURITY_POLICY", "DEFAULT_REFRESH_SECONDS", "MAX_HEALTH_HOURS", "MAX_HEALTH_SAMPLES",
+        "ROLLOUT_ID_RE", "STATIC_DIR", "TEMPLATE_DIR", "dashboard_router", "install_dashboard"]
+    for name in ("base.html", "overview.html", "device.html", "rollouts.html", "rollout.html"):
+        assert (dashboard.TEMPLATE_DIR / name).is_file()
+    # nothing the browser loads comes from elsewhere: no CDN, no external URL in any asset
+    for asset in [*dashboard.STATIC_DIR.iterdir(), *dashboard.TEMPLATE_DIR.iterdir()]:
+        text = asset.read_text()
+        assert "https://" not in text, asset
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", ""), asset
+
+
+def test_rollout_page_says_when_the_server_takes_no_action(tmp_path: Path, browser: Any) -> None:
+    store = Store(tmp_path / "fleet.db")
+    config = ServerConfig(git=GitConfig(cache_dir=tmp_path / "cache"))  # no admin token file
+    app = create_app(store, config, ServerMetrics(), actions=ApiActions())
+    with serve(app) as url:
+        site = Site(url, store, browser, tmp_path)
+        page = site.page("/rollouts/r-1", token=ADMIN)
+        page.wait_for_selector("#status-line.bad", timeout=WAIT_MS)
+        assert "no admin token configured" in page.inner_text("#actions-readonly")
+        assert not page.is_visible("button[data-action='pause']")
+    store.close()
