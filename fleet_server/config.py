@@ -42,6 +42,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/fleet-server/server.yaml")
 _MAX_CONFIG_BYTES = 1024 * 1024
 _PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SHARE_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
 _URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -70,6 +71,9 @@ class MqttConfig:
     tls: TlsConfig | None = None
     keepalive: int = 60
     session_expiry: float = 86400.0
+    share_group: str | None = None
+    """MQTT 5 shared-subscription group (``$share/<group>/...``): several server processes with the
+    same group split the device reports between them. None: a plain subscription."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,8 @@ class _Section:
 
 def _mqtt(top: _Section) -> MqttConfig:
     s = top.section("mqtt", frozenset({"host", "port", "username", "password_file", "client_id", "protocol",
-                                       "prefix", "tls", "keepalive", "session_expiry"}))
+                                       "prefix", "tls", "keepalive", "session_expiry",
+                                       "share_group"}))
     tls: TlsConfig | None = None
     if s.raw.get("tls") is not None:
         t = s.section("tls", frozenset({"ca_file", "cert_file", "key_file"}))
@@ -252,6 +257,7 @@ def _mqtt(top: _Section) -> MqttConfig:
         prefix=s.str_("prefix", "fleet/v1", _PREFIX), tls=tls,
         keepalive=s.int_("keepalive", 60, minimum=5, maximum=3600),
         session_expiry=s.duration("session_expiry", 86400.0),
+        share_group=None if s.raw.get("share_group") is None else s.str_("share_group", "", _SHARE_GROUP),
     )
 
 

@@ -17,6 +17,9 @@ Receive path, built so that a crash loses nothing the broker was told we have::
 * The broker must allow many unacknowledged messages in flight to the server (Mosquitto:
   ``max_inflight_messages``, default 20): the writer commits early when the queue runs dry, so a
   small window still works, only slower. See ``docs/server-config.md``.
+* With ``mqtt.share_group`` the subscriptions are MQTT 5 shared ones (``$share/<group>/...``): the
+  broker splits the reports between every server process of the group (each with its own client
+  id); retained messages are never sent to a shared subscription.
 * Subscriptions use retain handling 1: retained ``status``/``online`` messages are sent again only
   when the subscription is new (a fresh session), not on every reconnect.
 * Drops are counted by reason (:data:`fleet_server.metrics.DROP_REASONS`) in the metrics at once and
@@ -145,7 +148,8 @@ class Ingestor:
             self._generation += 1
         prefix = self._mqtt.prefix
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        client.subscribe([(f"{prefix}/+/{kind}", options) for kind in INGEST_KINDS])
+        share = f"$share/{self._mqtt.share_group}/" if self._mqtt.share_group else ""
+        client.subscribe([(f"{share}{prefix}/+/{kind}", options) for kind in INGEST_KINDS])
         self._connected.set()
         log.info("connected to the broker %s:%s (session present: %s)", self._mqtt.host, self._mqtt.port,
                  getattr(flags, "session_present", None))

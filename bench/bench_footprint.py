@@ -1,0 +1,215 @@
+"""Agent footprint: peak RSS during a 500-file apply and idle, CPU while idle for a minute, and what
+the resident memory is made of.
+
+Measures, against a signed release of N file resources (the one :mod:`bench.bench_apply` builds):
+
+- ``edge-agent sync --once`` applying the release into an empty root: the child's peak RSS
+  (its ``VmHWM`` as it exits), median of several runs;
+- ``edge-agent run`` (the daemon, connected to a real Mosquitto on loopback, the shipped default
+  intervals: drift check and health report every 60 s, poll every 300 s) applying the same release at
+  start-up: its peak RSS (``VmHWM``), then, once the first sync is done, its RSS and CPU share over an
+  idle window (default 60 s, so one drift check of every file and one health report fall inside it);
+- for comparison, the RSS of a bare interpreter, and what each import adds to it (each module
+  imported alone in a fresh interpreter, ``VmHWM`` after minus a bare interpreter's), and the
+  slowest imports of the daemon's start-up by ``python -X importtime``.
+
+    python -m bench.bench_footprint [--files 500] [--runs 3] [--idle-seconds 60] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from bench.bench_apply import BIN, device_config, make_release, sh
+
+__all__ = ["IMPORTS", "daemon_footprint", "import_costs", "importtime_top", "main", "oneshot_peak_rss"]
+
+# Modules the daemon loads, in the order of the layers they belong to (each measured alone).
+IMPORTS = ("json", "logging", "ssl", "sqlite3", "yaml", "nacl.signing", "psutil", "paho.mqtt.client",
+           "dulwich.client", "edge_agent.config", "edge_agent.trust.verify", "edge_agent.source",
+           "edge_agent.agent", "edge_agent.daemon")
+MIB = 2**20
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of /proc/PID/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise SystemExit(f"/proc/{pid}/status has no {field}")
+
+
+# ``ru_maxrss`` of a child started with fork/vfork + exec keeps the parent's high-water mark from
+# before the exec, so a child reports its own ``VmHWM`` (reset by exec) on the way out instead.
+_HWM_SUFFIX = ("\nimport pathlib as _p\n"
+               "print([l for l in _p.Path('/proc/self/status').read_text().splitlines()"
+               " if l.startswith('VmHWM:')][0].split()[1], file=_sys.stderr)\n")
+_ONESHOT = ("import sys as _sys\nfrom edge_agent.cli import main\n"
+            "try:\n    rc = main(_sys.argv[1:])\nexcept SystemExit as exc:\n    rc = exc.code\n" + _HWM_SUFFIX +
+            "_sys.exit(rc)\n")
+
+
+def _hwm_from_stderr(stderr: str) -> float:
+    """The VmHWM (KiB) a child printed as the last line of its stderr, in MiB."""
+    return int(stderr.strip().splitlines()[-1]) / 1024
+
+
+def oneshot_peak_rss(config: Path) -> tuple[float, float]:
+    """Run ``edge-agent sync --once`` (the console script's code, which then prints its ``VmHWM``);
+    return (its peak RSS in MiB, wall seconds)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _ONESHOT, "sync", "--once", "--config", str(config)],
+                          capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"edge-agent sync --once failed: {proc.stderr.strip()[-300:]}")
+    return _hwm_from_stderr(proc.stderr), elapsed
+
+
+def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float) -> dict[str, float]:
+    """Start ``edge-agent run`` on a fresh device, wait for its first apply, then watch it idle.
+
+    Returns its peak RSS over the apply, its RSS after it, and its RSS (max) and CPU share while idle.
+
+    Raises:
+        SystemExit: the daemon exited, or did not apply the release within two minutes.
+    """
+    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        p = psutil.Process(proc.pid)
+        t0 = time.monotonic()
+        last = root / "opt" / "bench" / f"d{(n_files - 1) % 20:02d}" / f"f{n_files - 1:04d}.conf"
+        while not last.exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"edge-agent run exited with {proc.returncode} before applying")
+            if time.monotonic() - t0 > 120:
+                raise SystemExit("edge-agent run did not apply the release within 120 s")
+            time.sleep(0.05)
+        apply_seconds = time.monotonic() - t0
+        time.sleep(3.0)  # the end of the first sync: its report and state record
+        peak_apply = _status_kib(proc.pid, "VmHWM") / 1024
+        rss_after = _status_kib(proc.pid, "VmRSS") / 1024
+        cpu0 = sum(p.cpu_times()[:2])
+        w0 = time.monotonic()
+        rss_max = rss_after
+        while time.monotonic() - w0 < idle_seconds:
+            time.sleep(min(1.0, max(0.0, idle_seconds - (time.monotonic() - w0))))
+            rss_max = max(rss_max, _status_kib(proc.pid, "VmRSS") / 1024)
+        cpu = (sum(p.cpu_times()[:2]) - cpu0) / (time.monotonic() - w0) * 100
+        return {"start_to_applied_seconds": apply_seconds, "peak_rss_apply_mib": peak_apply,
+                "rss_after_apply_mib": rss_after, "idle_rss_max_mib": rss_max,
+                "idle_peak_hwm_mib": _status_kib(proc.pid, "VmHWM") / 1024, "idle_cpu_percent": cpu,
+                "idle_seconds": idle_seconds}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=10)
+
+
+def _hwm_after(module: str | None) -> float:
+    code = "import sys as _sys\n" + (f"import {module}\n" if module else "") + _HWM_SUFFIX
+    return _hwm_from_stderr(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stderr)
+
+
+def import_costs(modules: tuple[str, ...] = IMPORTS) -> dict[str, Any]:
+    """Peak RSS of a bare interpreter and how much each module adds when imported alone (MiB, median of 3)."""
+    bare = statistics.median(_hwm_after(None) for _ in range(3))
+    added = {m: statistics.median(_hwm_after(m) for _ in range(3)) - bare for m in modules}
+    return {"bare_interpreter_mib": bare, "added_mib": added}
+
+
+def importtime_top(module: str = "edge_agent.daemon", top: int = 12) -> list[tuple[str, float]]:
+    """The ``top`` packages taking longest to import (cumulative ms, ``-X importtime``) under ``module``."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True,
+                          text=True, check=True)
+    by_package: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if not line.startswith("import time:") or len(parts) != 3 or not parts[1].strip().isdigit():
+            continue
+        package = parts[2].strip().split(".")[0]
+        if package != module.split(".", maxsplit=1)[0]:
+            by_package[package] = max(by_package.get(package, 0.0), int(parts[1]) / 1000)
+    return sorted(by_package.items(), key=lambda r: r[1], reverse=True)[:top]
+
+
+def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
+    """Measure everything; return the figures."""
+    from tests.support.broker import Mosquitto
+
+    base = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
+    try:
+        url, trust = make_release(base, n_files)
+        peaks: list[float] = []
+        times: list[float] = []
+        for run_no in range(runs):
+            cfg = device_config(base, f"oneshot{run_no}", url, trust)
+            sh(BIN / "edge-agent", "init", "--config", cfg)
+            peak, seconds = oneshot_peak_rss(cfg)
+            peaks.append(peak)
+            times.append(seconds)
+        with Mosquitto(base / "broker") as broker:
+            cfg = device_config(base, "daemon", url, trust)
+            raw = json.loads(cfg.read_text())
+            raw["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
+            del raw["intervals"]  # the shipped defaults
+            cfg.write_text(yaml.safe_dump(raw))
+            sh(BIN / "edge-agent", "init", "--config", cfg)
+            daemon = daemon_footprint(cfg, cfg.parent / "root", n_files, idle_seconds)
+        return {"files": n_files, "runs": runs, "oneshot_peak_rss_mib": statistics.median(peaks),
+                "oneshot_peak_rss_samples": peaks, "oneshot_seconds": statistics.median(times),
+                "daemon": daemon, "imports": import_costs(), "importtime_ms": importtime_top()}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the figures (JSON with ``--json``)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--files", type=int, default=500)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    r = run(args.files, args.runs, args.idle_seconds)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    d = r["daemon"]
+    print(f"# footprint, {r['files']} file resources")
+    print(f"edge-agent sync --once, peak RSS during the apply: {r['oneshot_peak_rss_mib']:.1f} MiB "
+          f"(median of {r['runs']}, {r['oneshot_seconds']:.2f} s)")
+    print(f"edge-agent run: peak RSS over start-up + first apply {d['peak_rss_apply_mib']:.1f} MiB, "
+          f"RSS after {d['rss_after_apply_mib']:.1f} MiB")
+    print(f"edge-agent run idle {d['idle_seconds']:.0f} s: RSS max {d['idle_rss_max_mib']:.1f} MiB, "
+          f"CPU {d['idle_cpu_percent']:.2f} %")
+    print(f"bare interpreter peak RSS: {r['imports']['bare_interpreter_mib']:.1f} MiB; each import adds:")
+    for mod, mib in r["imports"]["added_mib"].items():
+        print(f"  {mod:28s} +{mib:.1f} MiB")
+    print("slowest imports of edge_agent.daemon (cumulative ms):",
+          ", ".join(f"{n} {ms:.0f}" for n, ms in r["importtime_ms"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

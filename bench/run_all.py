@@ -1,0 +1,406 @@
+"""Run every benchmark and write ``docs/benchmarks.md``: each figure beside the reference measured in
+the same run, the ratio, the goal, whether it is met, and the exact command that produced it.
+
+    python -m bench.run_all [--only peers,ingest,...] [--out docs/benchmarks.md]
+
+Each benchmark runs as its own process (the command shown in the table, from the repository root);
+its raw output is kept in ``bench/out/<name>.txt``. A benchmark that fails or is missing leaves a
+named gap in the table instead of a figure. Benchmarks never become timed assertions in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BENCHES", "Row", "main"]
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    figure: str
+    value: str
+    reference: str
+    ratio: str
+    goal: str
+    met: str
+    command: str
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmark: its name, its command line (after ``python``), a time limit and how to read it."""
+
+    name: str
+    args: tuple[str, ...]
+    timeout: float
+    rows: Callable[[str, str], list[Row]]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds >= 0.01 else f"{seconds * 1000:.2f} ms"
+
+
+def _x(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.1f}×" if value >= 1 else f"{value:.2f}×"
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _json_tail(stdout: str) -> dict[str, Any]:
+    """The JSON object a benchmark printed (from its first ``{`` line to the end)."""
+    start = stdout.find("\n{")
+    result: dict[str, Any] = json.loads(stdout if stdout.startswith("{") else stdout[start + 1:])
+    return result
+
+
+# --- readers: raw stdout -> rows -------------------------------------------------------------------
+
+def peers_rows(stdout: str, cmd: str) -> list[Row]:
+    """Rows of :mod:`bench.bench_peers`."""
+    r = _json_tail(stdout)
+    med, pf, n, na = r["median_seconds"], r["per_file_seconds"], r["files"], r["ansible_files"]
+    rows = []
+    for phase, label in (("noop", "no-op re-run"), ("first", "first apply")):
+        daemon, base = med[f"agent_daemon_{phase}"], med[f"baseline_{phase}"]
+        limit = 0.1 if phase == "noop" else 1.0
+        rows.append(Row(f"{label}, {n} files, agent in a warm process (daemon)", _ms(daemon),
+                        f"baseline {_ms(base)}", _x(daemon / base),
+                        f"≤ {_ms(limit)}; ≤ 3× baseline", _met(daemon <= limit and daemon / base <= 3), cmd))
+        cli = med[f"agent_cli_{phase}"]
+        rows.append(Row(f"{label}, {n} files, `edge-agent sync --once`", _ms(cli),
+                        f"`python -c pass` {_ms(med['python_start'])}", "", "daemon figure + interpreter start-up",
+                        "see note", cmd))
+        want_a = 500 if phase == "noop" else 100
+        ra = pf[f"ansible_{phase}"] / pf[f"agent_cli_{phase}"]
+        rows.append(Row(f"{label} per file, `edge-agent sync --once`", _ms(pf[f"agent_cli_{phase}"]),
+                        f"ansible-playbook copy ({na} files) {_ms(pf[f'ansible_{phase}'])}/file",
+                        _x(ra) + " faster", f"≥ {want_a}× faster", _met(ra >= want_a), cmd))
+        rd = pf[f"ansible_{phase}"] / pf[f"agent_daemon_{phase}"]
+        rows.append(Row(f"{label} per file, agent daemon", _ms(pf[f"agent_daemon_{phase}"]),
+                        f"ansible-playbook copy {_ms(pf[f'ansible_{phase}'])}/file", _x(rd) + " faster",
+                        f"≥ {want_a}× faster", _met(rd >= want_a), cmd))
+        rp = pf[f"pyinfra_{phase}"] / pf[f"agent_cli_{phase}"]
+        goal_p = "≥ 50× faster" if phase == "noop" else "(no goal)"
+        rows.append(Row(f"{label} per file, `edge-agent sync --once`", _ms(pf[f"agent_cli_{phase}"]),
+                        f"pyinfra @local files.put ({n} files) {_ms(pf[f'pyinfra_{phase}'])}/file",
+                        _x(rp) + " faster", goal_p, _met(rp >= 50) if phase == "noop" else "—", cmd))
+        if phase == "noop":
+            rpd = pf["pyinfra_noop"] / pf["agent_daemon_noop"]
+            rows.append(Row(f"{label} per file, agent daemon", _ms(pf["agent_daemon_noop"]),
+                            f"pyinfra @local files.put {_ms(pf['pyinfra_noop'])}/file", _x(rpd) + " faster",
+                            "≥ 50× faster", _met(rpd >= 50), cmd))
+    return rows
+
+
+def ingest_rows(stdout: str, cmd: str) -> list[Row]:
+    """Rows of :mod:`bench.bench_broker_ingest`."""
+    r = _json_tail(stdout)
+    rows = []
+    for ph in r["phases"]:
+        ing, bare, msub = ph["ingest"], ph["bare_paho"], ph["mosquitto_sub"]
+        what = "1 process, plain subscription" if not ph["shared"] else \
+            f"{ph['workers']} processes, shared subscription `$share/fleet/...`"
+        lossless = ing["loss"] == 0 and ing["dropped"] == 0 and bare["loss"] == 0 and msub["loss"] == 0
+        ratio_b = ing["rate"] / bare["rate"] if bare["rate"] else float("nan")
+        rows.append(Row(f"ingest, {r['messages']} msgs QoS 1, {what}", f"{ing['rate']:,.0f} msg/s, loss {ing['loss']}",
+                        f"bare paho {bare['rate']:,.0f} msg/s, loss {bare['loss']}", _x(ratio_b),
+                        "≥ 0.8× bare paho, zero loss", _met(ratio_b >= 0.8 and lossless), cmd))
+        ratio_m = ing["rate"] / msub["rate"] if msub["rate"] else float("nan")
+        rows.append(Row(f"ingest, {what}", f"{ing['rate']:,.0f} msg/s",
+                        f"mosquitto_sub {msub['rate']:,.0f} msg/s, loss {msub['loss']}", _x(ratio_m),
+                        "how close to mosquitto_sub (no goal)", "—", cmd))
+    return rows
+
+
+_C2A = re.compile(r"(push|nudge) -> sync_succeeded\s+p50 ([\d.]+)s\s+p95 ([\d.]+)s\s+max ([\d.]+)s")
+
+
+def c2a_rows(stdout: str, cmd: str) -> list[Row]:
+    """Rows of :mod:`bench.bench_commit_to_applied` (its text output)."""
+    found = {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4))) for m in _C2A.finditer(stdout)}
+    n = re.search(r"over (\d+) commits", stdout)
+    p50, p95, top = found["push"]
+    peers = "Argo CD 120 s + ≤ 60 s jitter; Rancher Fleet 15 s; Mender 1800 s (documented default polls)"
+    return [Row(f"commit to applied (push → nudge → `sync_succeeded`), {n.group(1) if n else '?'} commits, p50",
+                f"{p50:.3f} s", peers, "", "≤ 1 s", _met(p50 <= 1.0), cmd),
+            Row("commit to applied, p95 (max)", f"{p95:.3f} s ({top:.3f} s)", "", "", "≤ 2 s", _met(p95 <= 2.0), cmd)]
+
+
+_FETCH = re.compile(r"^(edge_agent\.source \(dulwich\)|git fetch \(full clone\))\s+([\d.]+)\s+(\d+)", re.M)
+
+
+def fetch_rows(stdout: str, cmd: str) -> list[Row]:
+    """Rows of :mod:`bench.bench_fetch` (its text output)."""
+    found = {m.group(1).split()[0]: (float(m.group(2)), int(m.group(3))) for m in _FETCH.finditer(stdout)}
+    (dt, db), (gt, gb) = found["edge_agent.source"], found["git"]
+    return [Row("incremental fetch of a one-file commit, 5,000-commit mirror (shallow dulwich)",
+                f"{_ms(dt)}, {db:,} bytes", f"`git fetch` {_ms(gt)}, {gb:,} bytes", _x(dt / gt),
+                "≤ 1× git's time", _met(dt / gt <= 1.0), cmd)]
+
+
+def footprint_rows(stdout: str, cmd: str) -> list[Row]:
+    """Rows of :mod:`bench.bench_footprint`."""
+    r = _json_tail(stdout)
+    d, bare = r["daemon"], r["imports"]["bare_interpreter_mib"]
+    limit = 40e6 / 2**20
+    ref = f"bare interpreter {bare:.1f} MiB"
+    return [
+        Row(f"peak RSS, `edge-agent sync --once` applying {r['files']} files", f"{r['oneshot_peak_rss_mib']:.1f} MiB",
+            ref, _x(r["oneshot_peak_rss_mib"] / bare), "≤ 40 MB (38.1 MiB)",
+            _met(r["oneshot_peak_rss_mib"] <= limit), cmd),
+        Row(f"peak RSS, `edge-agent run` over start-up + first apply of {r['files']} files",
+            f"{d['peak_rss_apply_mib']:.1f} MiB", ref, _x(d["peak_rss_apply_mib"] / bare), "≤ 40 MB (38.1 MiB)",
+            _met(d["peak_rss_apply_mib"] <= limit), cmd),
+        Row(f"RSS, `edge-agent run` idle {d['idle_seconds']:.0f} s (max)", f"{d['idle_rss_max_mib']:.1f} MiB", ref,
+            _x(d["idle_rss_max_mib"] / bare), "≤ 40 MB (38.1 MiB)", _met(d["idle_rss_max_mib"] <= limit), cmd),
+        Row(f"CPU, `edge-agent run` idle {d['idle_seconds']:.0f} s (default intervals, MQTT connected)",
+            f"{d['idle_cpu_percent']:.2f} %", "", "", "< 1 %", _met(d["idle_cpu_percent"] < 1.0), cmd),
+    ]
+
+
+def rollout_rows(stdout: str, cmd: str) -> list[Row]:
+    """Rows of :mod:`bench.bench_rollout`."""
+    r = _json_tail(stdout)
+    return [Row(f"rollout, {r['devices']:,} simulated devices, {r['waves']} waves, zero soak "
+                f"(phase: {r['phase']})", f"{r['wall_seconds']:.1f} s",
+                f"server CPU {r['server_cpu_seconds']:.1f} s ({r['server_cpu_share'] * 100:.0f} % of one core)",
+                "", "≤ 60 s", _met(r["phase"] == "succeeded" and r["wall_seconds"] <= 60), cmd)]
+
+
+BENCHES = (
+    Bench("peers", ("-m", "bench.bench_peers", "--json"), 1500, peers_rows),
+    Bench("ingest", ("-m", "bench.bench_broker_ingest", "--json"), 900, ingest_rows),
+    Bench("commit_to_applied", ("-m", "bench.bench_commit_to_applied"), 600, c2a_rows),
+    Bench("fetch", ("-m", "bench.bench_fetch"), 600, fetch_rows),
+    Bench("footprint", ("-m", "bench.bench_footprint", "--json"), 600, footprint_rows),
+    Bench("rollout", ("-m", "bench.bench_rollout"), 1200, rollout_rows),
+)
+
+
+def run_bench(bench: Bench) -> tuple[list[Row], dict[str, Any]]:
+    """Run one benchmark, keep its output in bench/out, and read its rows (or a gap row on failure)."""
+    cmd = "python " + " ".join(bench.args)
+    module = bench.args[1] if bench.args[0] == "-m" else ""
+    if module and not (REPO / (module.replace(".", "/") + ".py")).is_file():
+        return [Row(f"{bench.name}: not measured", "—", "", "", "", f"gap: {module} does not exist", cmd)], {}
+    print(f"== {cmd}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, *bench.args], cwd=REPO, capture_output=True, text=True,
+                              timeout=bench.timeout, check=False)
+        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        stderr, rc = f"timed out after {bench.timeout:.0f} s", -1
+    seconds = time.monotonic() - t0
+    OUT.mkdir(parents=True, exist_ok=True)
+    begun = datetime.now(UTC) - timedelta(seconds=seconds)
+    (OUT / f"{bench.name}.txt").write_text(f"$ {cmd}\n# exit {rc}, {seconds:.1f} s, started {begun.isoformat()}\n"
+                                           f"{stdout}{_STDERR_MARK}{stderr}")
+    print(f"   exit {rc} in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return _rows_of(bench, cmd, stdout, stderr, rc, {"seconds": seconds, "rc": rc, "stdout": stdout,
+                                                        "stderr": stderr, "started": begun})
+
+
+_STDERR_MARK = "\n--- stderr\n"
+_HEADER = re.compile(r"^\$ (?P<cmd>.*)\n# exit (?P<rc>-?\d+), (?P<s>[\d.]+) s, started (?P<at>\S+)\n")
+
+
+def reread_bench(bench: Bench) -> tuple[list[Row], dict[str, Any]]:
+    """The rows of a benchmark from the raw output a previous run kept in bench/out (a gap if there is none)."""
+    cmd = "python " + " ".join(bench.args)
+    path = OUT / f"{bench.name}.txt"
+    text = path.read_text() if path.is_file() else ""
+    head = _HEADER.match(text)
+    if head is None:
+        return [Row(f"{bench.name}: not measured", "—", "", "", "", "gap: no raw output in bench/out", cmd)], {}
+    stdout, _, stderr = text[head.end():].partition(_STDERR_MARK)
+    rc = int(head["rc"])
+    meta = {"seconds": float(head["s"]), "rc": rc, "stdout": stdout, "stderr": stderr,
+            "started": datetime.fromisoformat(head["at"])}
+    return _rows_of(bench, cmd, stdout, stderr, rc, meta)
+
+
+def _rows_of(bench: Bench, cmd: str, stdout: str, stderr: str, rc: int,
+             meta: dict[str, Any]) -> tuple[list[Row], dict[str, Any]]:
+    if rc != 0 and not stdout.strip():
+        return [Row(f"{bench.name}: not measured", "—", "", "", "",
+                    f"gap: exit {rc}: {stderr.strip().splitlines()[-1][:120] if stderr.strip() else ''}", cmd)], meta
+    try:
+        return bench.rows(stdout, cmd), meta
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        return [Row(f"{bench.name}: output not understood", "—", "", "", "", f"gap: {exc!r}"[:140], cmd)], meta
+
+
+def machine() -> str:
+    """One line naming the machine the figures come from."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    git = subprocess.run(["git", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    return (f"{os.cpu_count()} × {model}, {mem:.0f} GiB RAM, Linux {platform.release()}, Python "
+            f"{platform.python_version()}, {git}, {mosq.strip() or 'mosquitto'}")
+
+
+def render(rows: list[Row], metas: dict[str, dict[str, Any]], started: datetime, total: float,
+           notes: list[str]) -> str:
+    """The Markdown document."""
+    out = ["# Benchmarks", "",
+           "Generated by `make bench` (`python -m bench.run_all`); do not edit by hand. Every figure sits beside",
+           "its reference measured in the same run on the same machine; medians of several runs unless the row",
+           "says otherwise. Absolute times depend on the machine; the ratios are the point.", "",
+           f"- run: {started:%Y-%m-%d %H:%M} UTC, {total / 60:.1f} minutes in all",
+           f"- machine: {machine()}", ""]
+    if "peers" in metas and metas["peers"].get("stdout"):
+        try:
+            peers = _json_tail(metas["peers"]["stdout"])["peers"]
+            out += ["- peers (installed by the bench into `bench/.peers-venv`): "
+                    + ", ".join(f"{k} {v}" for k, v in peers.items()), ""]
+        except (ValueError, KeyError):
+            pass
+    out += ["| figure | value | reference (same run) | ratio | goal | met | command |",
+            "|---|---|---|---|---|---|---|"]
+    out += [f"| {r.figure} | {r.value} | {r.reference} | {r.ratio} | {r.goal} | {r.met} | `{r.command}` |"
+            for r in rows]
+    out += ["", "## Commit to applied beside the peers' default poll intervals", "",
+            "Documented defaults of how often each peer looks for a new desired state when no webhook or",
+            "push notification is set up — the delay before a device even starts to apply a commit:", "",
+            "| system | default | setting | source |", "|---|---|---|---|",
+            "| Argo CD | 120 s + up to 60 s jitter (a change is seen 2–3 min later) | `timeout.reconciliation`, "
+            "`timeout.reconciliation.jitter` in `argocd-cm` | Argo CD operator manual, `argocd-cm.yaml`; FAQ "
+            "\"How often does Argo CD check for changes to my Git or Helm repository?\" |",
+            "| Rancher Fleet | 15 s | `GitRepo.spec.pollingInterval` | Fleet docs, GitRepo resource reference |",
+            "| Mender | 1800 s (30 min) | `UpdatePollIntervalSeconds` | Mender docs, client polling intervals |",
+            "| edge-fleet (this run) | see the commit-to-applied rows above: the nudge makes the device fetch at "
+            "once; its own poll (`intervals.poll`, 300 s) is only the fallback | | |", ""]
+    out += ["## Notes: goals not met and what limits them", "", *notes, ""]
+    out += ["## Rerun", "", "```", "make bench            # every benchmark, then this file",
+            "python -m bench.run_all --only peers,footprint   # some of them (the rest keep no row)", "```", "",
+            "Raw output of each benchmark of the last run is in `bench/out/` (not committed). See",
+            "[bench/README.md](../bench/README.md) for what each one does.", ""]
+    return "\n".join(out)
+
+
+def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
+    """Measured explanations (not guesses) for the figures that need one, from the benchmarks' own output."""
+    notes: list[str] = []
+    pe = metas.get("peers", {}).get("stdout")
+    if pe:
+        try:
+            r = _json_tail(pe)
+            med = r["median_seconds"]
+            rest = med["agent_cli_noop"] - med["agent_daemon_noop"] - med["python_start"]
+            notes.append(
+                f"- **The one-shot command's fixed cost.** `edge-agent sync --once` with nothing to change took "
+                f"{_ms(med['agent_cli_noop'])}: {_ms(med['python_start'])} of bare interpreter start-up, "
+                f"{_ms(med['agent_daemon_noop'])} for the sync itself (the warm-process figure), and "
+                f"{_ms(rest)} for what every new process pays once (imports, opening the state database, "
+                "fetching the mirror's ref and checking the release signature). Per file over 500 files this "
+                "fixed cost dominates; the daemon does not pay it, which is why the daemon rows are shown too.")
+        except (ValueError, KeyError):
+            pass
+    notes.append(
+        "- **The daemon's no-op and first apply (profiled once by hand, 2026-11, `cProfile` around "
+        "`edge_agent.agent.sync_once` on the 500-file release of `bench_peers`).** A warm no-op of about 180 ms "
+        "under the profiler spends about 73 ms re-reading and re-parsing the release (`release.select`: "
+        "500 blobs from the dulwich cache, the YAML of the bundle, 1,000 `parse_resource` calls) although the "
+        "verified commit did not change, about 52 ms fetching and verifying, and about 30 ms planning "
+        "(observing 500 files). Keeping the parsed desired state of the last verified commit in the daemon "
+        "would take the no-op under the 100 ms goal. The first apply's extra time over the baseline goes to "
+        "the transaction journal: 3,026 writes to the state database for 500 files (`state._write`, backup "
+        "and commit records per change), each durable, where the baseline only writes the files.")
+    ing = metas.get("ingest", {})
+    if ing.get("stdout"):
+        try:
+            r = _json_tail(ing["stdout"])
+            locked = ing.get("stderr", "").count("database is locked")
+            rates = ", ".join(f"{ph['workers']} process(es) {ph['ingest']['rate']:,.0f} msg/s "
+                              f"({ph['ingest']['rate'] / ph['mosquitto_sub']['rate']:.2f}× mosquitto_sub)"
+                              for ph in r["phases"] if ph["mosquitto_sub"]["rate"])
+            notes.append(
+                f"- **Ingest and shared subscriptions.** Measured on {r['cpus']} CPUs: {rates}. The shared "
+                "subscription splits the reports between processes as expected (each stored once, zero loss), "
+                "but every ingest process commits to the same SQLite file, which takes one writer at a time: "
+                f"the run logged {locked} batch commit(s) that found the database locked and were retried "
+                "(nothing lost: unacknowledged messages stay at the broker). With the broker, four publisher "
+                "processes, `mosquitto_sub` and the bare subscriber on the same cores, extra Python processes "
+                "add contention, not capacity, on this machine. What would reach `mosquitto_sub`'s rate is "
+                "decoding in parallel processes (the shared subscription) feeding one writer, on a machine "
+                "with cores to spare.")
+        except (ValueError, KeyError, ZeroDivisionError):
+            pass
+    fp = metas.get("footprint", {}).get("stdout")
+    if fp:
+        try:
+            r = _json_tail(fp)
+            added = r["imports"]["added_mib"]
+            biggest = sorted(added.items(), key=lambda kv: kv[1], reverse=True)
+            notes.append(
+                f"- **RSS.** A bare interpreter peaks at {r['imports']['bare_interpreter_mib']:.1f} MiB here. Imported "
+                "alone in a fresh interpreter (VmHWM after minus before), the agent's modules add: "
+                + ", ".join(f"`{m}` +{v:.1f}" for m, v in biggest) + " MiB (overlapping: `ssl`, `http`, "
+                "`email` and `urllib` are shared by paho and dulwich). Slowest imports of `edge_agent.daemon` "
+                "(cumulative ms, `python -X importtime`): "
+                + ", ".join(f"{n} {ms:.0f}" for n, ms in r["importtime_ms"][:8]) + ".")
+        except (ValueError, KeyError):
+            pass
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks and write the Markdown table; exit 1 when a benchmark left a gap."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--only", default="", help="comma-separated names: " + ",".join(b.name for b in BENCHES))
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    ap.add_argument("--from-out", action="store_true",
+                    help="do not run anything: re-render the document from the raw output kept in bench/out")
+    args = ap.parse_args(argv)
+    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+    started, t0 = datetime.now(UTC), time.monotonic()
+    rows: list[Row] = []
+    metas: dict[str, dict[str, Any]] = {}
+    for bench in BENCHES:
+        if wanted and bench.name not in wanted:
+            continue
+        bench_rows, meta = reread_bench(bench) if args.from_out else run_bench(bench)
+        rows += bench_rows
+        metas[bench.name] = meta
+    if args.from_out:
+        total = sum(m.get("seconds", 0.0) for m in metas.values())
+        started = min((m["started"] for m in metas.values() if "started" in m), default=started)
+    else:
+        total = time.monotonic() - t0
+    args.out.write_text(render(rows, metas, started, total, notes_for(metas)))
+    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}", file=sys.stderr)
+    return 1 if any(r.met.startswith("gap") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

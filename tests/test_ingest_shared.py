@@ -1,0 +1,79 @@
+"""``mqtt.share_group``: several Ingestors split the device reports through an MQTT 5 shared
+subscription on a real Mosquitto, each report stored exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.report import messages as m
+from fleet_server.config import ServerConfig, parse_server_config
+from fleet_server.errors import ServerConfigError
+from fleet_server.ingest import Ingestor
+from fleet_server.metrics import ServerMetrics
+from fleet_server.store import Store
+from tests.support.broker import Mosquitto
+
+PREFIX = "fleet/v1"
+
+
+def config(tmp_path: Path, port: int, **mqtt_extra: Any) -> ServerConfig:
+    return parse_server_config({"mqtt": {"port": port, **mqtt_extra},
+                                "store": {"path": str(tmp_path / "fleet.db")}}, tmp_path)
+
+
+def test_share_group_is_parsed_and_validated(tmp_path: Path) -> None:
+    assert config(tmp_path, 1883).mqtt.share_group is None
+    assert config(tmp_path, 1883, share_group="ingest").mqtt.share_group == "ingest"
+    for bad in ("a/b", "a+", "#", "", "x" * 65):
+        with pytest.raises(ServerConfigError, match="share_group"):
+            config(tmp_path, 1883, share_group=bad)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000"]) as b:
+        yield b
+
+
+def test_two_workers_of_one_share_group_split_the_reports_and_store_each_once(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    store = Store(tmp_path / "fleet.db")
+    metrics = [ServerMetrics() for _ in range(2)]
+    workers = [Ingestor(config(tmp_path, broker.port, share_group="ingest", client_id=f"fleet-server-{n}"),
+                        store, metrics[n].ingest) for n in range(2)]
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv5)
+    try:
+        for w in workers:
+            w.start()
+            assert w.wait_connected(10.0)
+        time.sleep(0.3)  # the SUBACKs
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        sent = 40
+        for i in range(sent):
+            dev = f"dev-{i % 5}"
+            msg = m.health_message(dev, commit=None, release=1, ts=1.7e9 + i, metrics={"cpu": 1.0}, checks=[])
+            pub.publish(m.topic(PREFIX, dev, "health"), m.encode(msg), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while store.counters().get("ingested.health", 0) < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for w in workers:
+            assert w.drain(5.0)
+        per_worker = [mt.registry.get_sample_value("fleet_messages_ingested_total", {"kind": "health"})
+                      for mt in metrics]
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        for w in workers:
+            w.stop()
+    assert store.counters().get("ingested.health", 0) == sent
+    assert all(v for v in per_worker), per_worker  # both workers took a share
+    assert sum(v or 0 for v in per_worker) == sent  # and no report went to both
+    store.close()
