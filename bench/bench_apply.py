@@ -154,7 +154,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     args = ap.parse_args()
-    from edge_agent.agent import sync_once
+    from edge_agent.agent import SyncCache, sync_once
     from edge_agent.config import load_config
 
     base = Path(tempfile.mkdtemp(prefix="bench-apply-"))
@@ -177,8 +177,9 @@ def main() -> int:
             cfg2 = device_config(base, f"inproc{run}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg2)
             config = load_config(cfg2)
-            rows["inproc_first"].append(timed(lambda c=config: sync_once(c, now=datetime.now(UTC))))
-            rows["inproc_noop"].append(timed(lambda c=config: sync_once(c, now=datetime.now(UTC))))
+            cache = SyncCache()  # what the daemon keeps between syncs
+            rows["inproc_first"].append(timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
+            rows["inproc_noop"].append(timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
 
             broot = base / f"base{run}"
             broot.mkdir()

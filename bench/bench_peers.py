@@ -166,7 +166,7 @@ def check_root(root: Path, files: dict[str, bytes]) -> None:
 
 def run(n_files: int, n_ansible: int, runs: int, ansible_runs: int) -> dict[str, Any]:
     """Run every tool ``runs`` times (Ansible ``ansible_runs`` times); return medians and ratios."""
-    from edge_agent.agent import sync_once
+    from edge_agent.agent import SyncCache, sync_once
     from edge_agent.config import load_config
 
     peer_bin = ensure_peers()
@@ -192,8 +192,9 @@ def run(n_files: int, n_ansible: int, runs: int, ansible_runs: int) -> dict[str,
             cfg2 = device_config(base, f"warm{run_no}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg2)
             config = load_config(cfg2)
-            add("agent_daemon_first", timed(lambda c=config: sync_once(c, now=datetime.now(UTC))))
-            add("agent_daemon_noop", timed(lambda c=config: sync_once(c, now=datetime.now(UTC))))
+            cache = SyncCache()  # what the daemon keeps between syncs
+            add("agent_daemon_first", timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
+            add("agent_daemon_noop", timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
             check_root(cfg2.parent / "root", files)
 
             broot = base / f"baseline{run_no}"

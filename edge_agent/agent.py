@@ -35,7 +35,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,10 +52,12 @@ from edge_agent.engine.transaction import Outcome, apply_plan, recover
 from edge_agent.errors import (
     ConfigError,
     DriverUnavailable,
+    ExpiredError,
     FetchError,
     FileMissing,
     LockedError,
     MessageError,
+    RollbackError,
     StateError,
     UntrustedInputError,
 )
@@ -76,6 +78,7 @@ from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, upda
 
 __all__ = [
     "DriftReport",
+    "SyncCache",
     "SyncResult",
     "apply_lock",
     "assigned_revision",
@@ -155,6 +158,19 @@ class _Verified:
     tree: Mapping[str, bytes]
     trust: TrustRoot
     trust_changed: bool
+
+
+@dataclass
+class SyncCache:
+    """What a long-running daemon keeps between syncs: the last verified commit and its desired state.
+
+    When the mirror still points at that commit and the trust root is unchanged, a sync skips
+    re-reading, re-hashing, re-verifying and re-parsing the tree; expiry and the rollback floor are
+    checked again every time.
+    """
+
+    verified: _Verified | None = None
+    desired: DesiredState | None = None
 
 
 # --- plumbing ------------------------------------------------------------------------------------
@@ -330,14 +346,26 @@ def _tree_digest(tree: Mapping[str, bytes]) -> str:
 
 
 def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime,
-                      seen: list[str] | None = None) -> _Verified:
+                      seen: list[str] | None = None, cache: SyncCache | None = None) -> _Verified:
     """Fetch, then verify the tree completely (``seen`` receives the fetched commit).
+
+    With a ``cache`` holding this very commit under the same trust root, only expiry and the
+    rollback floor are checked again (the tree, its hashes and signatures cannot have changed).
 
     Raises FetchError or an UntrustedInputError.
     """
     fetched = rt.source.fetch(want)
     if seen is not None:
         seen.append(fetched.commit)
+    hit = None if cache is None else cache.verified
+    if (hit is not None and hit.commit == fetched.commit
+            and hit.trust == _stored_trust(rt.config, rt.state)):
+        if now >= hit.release.expires:
+            raise ExpiredError(f"release {hit.release.version} expired at {hit.release.expires.isoformat()}")
+        if hit.release.version < rt.state.floor():
+            floor = rt.state.floor()
+            raise RollbackError(f"release {hit.release.version} is below the rollback floor {floor}")
+        return hit
     with log_context(commit=fetched.commit):
         if rt.config.trust.allowed_signers is not None:
             _check_commit_signature(rt, fetched.commit)
@@ -504,7 +532,8 @@ def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, *, version: int, com
 # --- the operations ------------------------------------------------------------------------------
 
 
-def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> SyncResult:
+def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | None = None,
+              cache: SyncCache | None = None) -> SyncResult:
     """Run one fetch -> verify -> select -> plan -> apply -> record cycle.
 
     Args:
@@ -513,6 +542,7 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
             (:func:`assigned_revision`) when there is one, else the branch head. It must pass every
             trust check either way.
         now: the time used for expiry checks and timestamps (default: the clock).
+        cache: the daemon's :class:`SyncCache` (None: verify everything from scratch).
 
     Raises:
         LockedError: another apply is running.
@@ -524,12 +554,12 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
         try:
             if want is None:
                 want = rt.state.get_meta(_META_ASSIGNED) or None
-            return _sync_locked(rt, want, _now(now))
+            return _sync_locked(rt, want, _now(now), cache)
         finally:
             rt.close()
 
 
-def _sync_locked(rt: _Runtime, want: str | None, now: datetime) -> SyncResult:
+def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache | None = None) -> SyncResult:
     recovered = recover(rt.state, rt.ctx)
     if recovered is not None:
         _record(rt, "recovered", now=now, commit=None, release=None, reason=recovered.reason,
@@ -537,7 +567,7 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime) -> SyncResult:
     installed = rt.state.installed()
     seen: list[str] = []
     try:
-        verified = _fetch_and_verify(rt, want, now, seen)
+        verified = _fetch_and_verify(rt, want, now, seen, cache)
     except FetchError as exc:
         return _finish(rt, SyncResult("fetch_failed", commit=_as_commit(want), reason=str(exc)), now)
     except UntrustedInputError as exc:
@@ -552,7 +582,10 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime) -> SyncResult:
             return _finish(rt, SyncResult("paused", version, commit, reason=f"paused: {paused}"), now,
                            quiet=installed is not None and installed.commit == commit)
         try:
-            desired = _desired(rt, verified.tree)
+            if cache is not None and cache.verified is verified and cache.desired is not None:
+                desired = cache.desired
+            else:
+                desired = _desired(rt, verified.tree)
             ctx = _with_payloads(rt.ctx, desired.payloads)
             missing = _unavailable(desired, rt, ctx)
             if missing:
@@ -574,7 +607,10 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime) -> SyncResult:
         same = installed is not None and installed.commit == commit
         if outcome.status in ("applied", "noop"):
             rt.state.set_installed(version, commit, list(desired.bundles))
-            rt.state.set_meta(_META_TREE, _tree_digest(verified.tree))
+            if not same or rt.state.get_meta(_META_TREE) is None:
+                rt.state.set_meta(_META_TREE, _tree_digest(verified.tree))
+            if cache is not None and cache.verified is not verified:
+                cache.verified, cache.desired = replace(verified, trust_changed=False), desired
         return _finish(rt, result, now, quiet=outcome.status == "noop" and same)
 
 

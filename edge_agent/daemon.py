@@ -41,6 +41,7 @@ from types import FrameType
 from edge_agent.agent import (
     STATE_DB,
     DriftReport,
+    SyncCache,
     SyncResult,
     assigned_revision,
     check_drift,
@@ -82,6 +83,7 @@ class Daemon:
         self._clock = clock
         self._backoff = Backoff(base=config.backoff.base, cap=config.backoff.cap, rng=rng)
         self._wake = threading.Event()
+        self._cache = SyncCache()
         self._lock = threading.Lock()
         self._want: str | None = None
         self._on_sync = on_sync
@@ -163,7 +165,7 @@ class Daemon:
         want = self._take_want()
         self._persist_want(want)
         try:
-            result = sync_once(self.config, want=want)
+            result = sync_once(self.config, want=want, cache=self._cache)
         except LockedError as exc:
             log.info("sync skipped: %s", exc)
             return min(self.config.intervals.poll, max(self.config.backoff.base, 1.0))
