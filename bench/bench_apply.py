@@ -5,8 +5,8 @@ Measures, on the same machine in the same run:
   figure an operator sees from the command line, interpreter start-up included);
 - the same two figures in-process (``edge_agent.agent.sync_once`` in a warm interpreter: what the
   daemon pays per sync);
-- the agent's peak RSS during a first apply (``ru_maxrss`` of the child) and the daemon's RSS while
-  idle (``edge-agent run`` after it applied the release);
+- the daemon's RSS and CPU while idle (``edge-agent run`` after it applied the release); the peak
+  RSS of an apply is measured by ``bench.bench_footprint`` (each process reports its own VmHWM);
 - a minimal Python baseline: SHA-256 compare, temp + fsync + rename, one directory fsync per
   directory — the floor the agent cannot beat by much.
 
@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -162,15 +161,10 @@ def main() -> int:
         url, trust = make_release(base, args.files)
         rows: dict[str, list[float]] = {k: [] for k in ("cli_first", "cli_noop", "inproc_first", "inproc_noop",
                                                           "base_first", "base_noop", "py_start")}
-        rss_apply: list[float] = []
         for run in range(args.runs):
             cfg = device_config(base, f"cli{run}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg)
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             rows["cli_first"].append(timed(lambda c=cfg: cli_sync(c)))
-            after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            if after > before:
-                rss_apply.append(after / 1024)
             rows["cli_noop"].append(timed(lambda c=cfg: cli_sync(c)))
             rows["py_start"].append(timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)))
 
@@ -199,7 +193,6 @@ def main() -> int:
         print(f"| first apply, `edge-agent sync --once` | {med['cli_first']*1000:.0f} ms | | |")
         print(f"| no-op, `edge-agent sync --once` | {med['cli_noop']*1000:.0f} ms | | |")
         print(f"| interpreter start-up (`python -c pass`) | {med['py_start']*1000:.0f} ms | | |")
-        print(f"| peak RSS during first apply | {max(rss_apply) if rss_apply else float('nan'):.1f} MiB | | |")
         print(f"| RSS of `edge-agent run`, idle | {idle_rss:.1f} MiB | | |")
         print(f"| CPU of `edge-agent run`, idle {args.idle_seconds:.0f} s | {idle_cpu:.2f} % | | |")
         return 0
