@@ -148,6 +148,31 @@ def _fix_attrs(fd: int, st: os.stat_result, mode: int | None, uid: int | None, g
         os.fchmod(fd, mode)
 
 
+def _mkdir_atomic(pfd: int, name: str, mode: int, uid: int | None, gid: int | None) -> None:
+    """Create directory ``name`` already carrying its mode and owner: built under a temp name, then
+    renamed into place, so a crash leaves either no directory or the finished one.
+
+    Raises FileExistsError when ``name`` exists (the temp directory is removed again).
+    """
+    tmp = _temp_name()
+    os.mkdir(tmp, 0o700, dir_fd=pfd)
+    try:
+        dfd = os.open(tmp, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            _fix_attrs(dfd, os.fstat(dfd), mode, uid, gid)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        if FsRoot._lstat_at(pfd, name) is not None:
+            raise FileExistsError(errno.EEXIST, "exists", name)
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp, dir_fd=pfd)
+        raise
+    os.fsync(pfd)
+
+
 class _Translated:
     """Turn an OSError into ApplyError naming the device path (ELOOP means a symlink: confinement)."""
 
@@ -246,20 +271,9 @@ class FsRoot:
 
     @staticmethod
     def _make_parent(parent_fd: int, name: str, walked: str) -> int:
-        with _Translated(walked, "create directory"):
-            try:
-                os.mkdir(name, 0o700, dir_fd=parent_fd)
-            except FileExistsError:
-                pass  # raced with another creator: open it below (still refusing symlinks)
-            else:
-                nfd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-                try:
-                    os.fchmod(nfd, _NEW_DIR_MODE)
-                    os.fsync(parent_fd)
-                except BaseException:
-                    os.close(nfd)
-                    raise
-                return nfd
+        # An existing one (or one made by a racing creator) is opened below, still refusing symlinks.
+        with _Translated(walked, "create directory"), contextlib.suppress(FileExistsError):
+            _mkdir_atomic(parent_fd, name, _NEW_DIR_MODE, None, None)
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
         except OSError as exc:
@@ -432,7 +446,7 @@ class FsRoot:
             pfd, name = at
             created = False
             try:
-                os.mkdir(name, 0o700, dir_fd=pfd)
+                _mkdir_atomic(pfd, name, _NEW_DIR_MODE if mode is None else mode, uid, gid)
                 created = True
             except FileExistsError:
                 pass
@@ -443,14 +457,10 @@ class FsRoot:
                     raise ConfinementError(f"refusing to make directory {path}: not a dir") from exc
                 raise
             try:
-                want = mode if mode is not None else (_NEW_DIR_MODE if created else None)
-                _fix_attrs(dfd, os.fstat(dfd), want, uid, gid)
-                if created:
-                    os.fsync(dfd)
+                if not created:
+                    _fix_attrs(dfd, os.fstat(dfd), mode, uid, gid)
             finally:
                 os.close(dfd)
-            if created:
-                os.fsync(pfd)
 
     def set_attrs(
         self, path: str, *, mode: int | None = None, uid: int | None = None, gid: int | None = None
@@ -618,7 +628,8 @@ class FsRoot:
     def clean_temp_files(self, path: str) -> int:
         """Remove leftover ``.ef-tmp-*`` entries in the directory ``path``; return how many.
 
-        Only this module's temp files and temp symlinks are touched; absent directory is fine.
+        Only this module's temp files, symlinks and half-built directories are touched; an absent
+        directory is fine.
 
         Raises:
             PathError, ConfinementError: bad path, outside the roots, a symlinked parent, or not
@@ -643,6 +654,9 @@ class FsRoot:
                     st = os.stat(entry_name, dir_fd=dfd, follow_symlinks=False)
                     if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                         os.unlink(entry_name, dir_fd=dfd)
+                        removed += 1
+                    elif stat.S_ISDIR(st.st_mode):  # a directory being built when the agent died
+                        _remove_dir_at(dfd, entry_name)
                         removed += 1
                 if removed:
                     os.fsync(dfd)

@@ -550,7 +550,9 @@ class StateDB:
             return int(cur.rowcount)
 
     def backup_records(self) -> list[dict[str, Any]]:
-        """Return every backup record still referenced (journal backups, originals of managed resources).
+        """Return every backup record still needed: those of an unfinished transaction (it may have
+        to be undone) and the originals of managed resources (prune restores them). Backups of
+        finished transactions are history: their blobs, old secret contents among them, may go.
 
         The engine passes them to :func:`edge_agent.fsafe.referenced_blobs` to clean its blob store.
 
@@ -558,7 +560,9 @@ class StateDB:
             StateError: the database cannot be read.
         """
         with self._read("read the backup records"):
-            journal = self._conn.execute("SELECT backup FROM journal").fetchall()
+            journal = self._conn.execute(
+                "SELECT j.backup FROM journal j JOIN txn t ON t.txn_id = j.txn_id WHERE t.outcome IS NULL"
+            ).fetchall()
             originals = self._conn.execute(
                 "SELECT original FROM managed WHERE original IS NOT NULL"
             ).fetchall()

@@ -29,6 +29,7 @@ Receive path, built so that a crash loses nothing the broker was told we have::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -266,6 +267,12 @@ class Ingestor:
             log.error("cannot store a batch of %s messages (will retry, not acknowledged): %s",
                       len(items), exc)
             return False
+        except Exception as exc:  # noqa: BLE001 - a message the store cannot take: find it, drop it, go on
+            if len(items) > 1:
+                return all([self._write([it]) for it in items])
+            log.warning("dropping a %s message the store refuses: %s", items[0].kind, exc)
+            self._metrics.dropped("store_refused")
+            return self._write([dataclasses.replace(items[0], message=None, drop="store_refused")])
         for kind, n in ingested.items():
             self._metrics.ingested(kind, n)
         self._metrics.observe_batch(len(batch))

@@ -54,7 +54,7 @@ MESSAGE_KINDS = ("status", "events", "health", "online")
 """The message kinds the server ingests (one label value each, exported from zero)."""
 
 DROP_REASONS = ("oversized", "malformed_json", "bad_schema", "spoofed", "bad_field", "unknown_device",
-                "queue_full")
+                "queue_full", "store_refused")
 """Why the ingest path drops a message (one label value each, exported from zero)."""
 
 COMMIT_TO_APPLIED_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,

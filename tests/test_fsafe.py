@@ -617,10 +617,11 @@ def test_sigkill_mid_writes_leaves_no_partial_targets(fs: FsRoot, root: Path) ->
 def test_clean_temp_files_touches_only_temp_names(fs: FsRoot, root: Path) -> None:
     (root / "etc" / f"{TEMP_PREFIX}abc").write_text("x")
     os.symlink("/x", root / "etc" / f"{TEMP_PREFIX}def")
-    (root / "etc" / f"{TEMP_PREFIX}dir").mkdir()
+    (root / "etc" / f"{TEMP_PREFIX}dir" / "half").mkdir(parents=True)  # a directory being built
     (root / "etc" / "keep").write_text("y")
-    assert fs.clean_temp_files("/etc") == 2
-    assert sorted(os.listdir(root / "etc")) == [f"{TEMP_PREFIX}dir", "keep"]
+    (root / "etc" / "keepdir").mkdir()
+    assert fs.clean_temp_files("/etc") == 3
+    assert sorted(os.listdir(root / "etc")) == ["keep", "keepdir"]
     assert fs.clean_temp_files("/etc/absent") == 0
     with pytest.raises(ConfinementError):
         fs.clean_temp_files("/etc/keep")
@@ -657,3 +658,12 @@ def test_denied_roots_inside_allowed_ones(root: Path) -> None:
             with pytest.raises(ConfinementError):
                 fs.write_file(path, b"y", mode=0o644)
         assert not (root / "etc/edge-agent").exists()
+
+
+def test_new_directories_appear_whole_with_their_mode(fs: FsRoot, root: Path) -> None:
+    fs.make_dir("/etc/a/b", mode=0o750)
+    assert stat.S_IMODE((root / "etc/a").stat().st_mode) == 0o755
+    assert stat.S_IMODE((root / "etc/a/b").stat().st_mode) == 0o750
+    assert not [n for n in os.listdir(root / "etc/a") if n.startswith(TEMP_PREFIX)]
+    fs.make_dir("/etc/a/b", mode=0o700)  # an existing one only changes what is asked
+    assert stat.S_IMODE((root / "etc/a/b").stat().st_mode) == 0o700

@@ -174,7 +174,8 @@ _Check = Callable[[Any], bool]
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer that fits SQLite's signed 64 bits (the store would refuse anything larger)."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
 
 
 def _text(v: Any, limit: int = _MAX_TEXT) -> bool:
