@@ -48,7 +48,7 @@ NOW = time.time()
 COMMIT = "d" * 40
 OLD_COMMIT = "a" * 40
 DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
-WAIT_MS = 10_000
+WAIT_MS = 30_000  # bounded waits for the page; generous for a loaded CI machine
 
 # id, labels, sync state, online, drifted resources
 FLEET: tuple[tuple[str, dict[str, str], str, bool, tuple[str, ...]], ...] = (
