@@ -15,6 +15,7 @@ Timestamps default to ``time.time()``; every writer takes ``now=`` so callers an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -205,8 +206,14 @@ class StateDB:
         try:
             if not self.path.parent.exists():
                 self.path.parent.mkdir(mode=0o700, parents=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            os.close(fd)
+            # Create the file 0600 when it is missing, and never open or close an existing one
+            # ourselves: closing any descriptor of the file drops the POSIX locks that other SQLite
+            # connections of this process hold on it, letting another process write concurrently.
+            if not self.path.exists():
+                with contextlib.suppress(FileExistsError):
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600)
+                    os.close(fd)
         except OSError as exc:
             raise StateError(f"cannot create the state database {self.path}: {exc.strerror}") from exc
         try:

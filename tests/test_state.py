@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -406,3 +408,20 @@ def test_two_connections_see_each_others_commits(db: StateDB, db_path: Path) -> 
         assert other.outbox_count() == 1
         other.set_meta("paused", "yes")
         assert db.get_meta("paused") == "yes"
+
+
+def test_opening_the_database_keeps_other_connections_locks(tmp_path: Path) -> None:
+    """A second StateDB in the same process must not drop the locks the first one holds (closing
+    any descriptor of the file drops every POSIX lock of the process on it): while the daemon's
+    connection is open, another process must not be able to take the database over."""
+    path = tmp_path / "state.db"
+    with StateDB(path) as first:
+        first.set_meta("k", "v")  # the connection is open and holds its WAL-mode shared lock
+        StateDB(path).close()
+        other = subprocess.run(
+            [sys.executable, "-c",
+             "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0.2, isolation_level=None);"
+             "print(c.execute('PRAGMA journal_mode=DELETE').fetchone()[0])", str(path)],
+            capture_output=True, text=True, timeout=30, check=False)
+        assert other.stdout.strip() != "delete", "another process switched the journal mode under us"
+        assert first.get_meta("k") == "v"
