@@ -138,7 +138,7 @@ def test_failing_canary_rolls_back_and_later_waves_never_get_the_release() -> No
     assert d.state.phase == "rolled_back"
     assert d.state.tripped == ("dev-00",)
     assert "health check failed" not in d.state.halted_reason  # the reason is the gate's
-    assert "wave 0 (canary) failed" in d.state.halted_reason
+    assert "wave 1 (canary) failed" in d.state.halted_reason
     later = {x for x, s in d.state.devices.items() if s.wave > 0}
     assert not later & set(d.assigned(NEW.version))
     assert sorted(d.assigned(OLD.version)) == ["dev-00", "dev-01"]

@@ -763,12 +763,12 @@ def _decide(w: _Work, result: GateResult) -> None:
     if result.passed:
         w.waves[k] = replace(w.waves[k], result="passed")
         if wave.promotion == "manual":
-            w.set_phase("waiting_approval", f"wave {k} ({wave.name}) passed; waiting for approval", ENGINE,
+            w.set_phase("waiting_approval", f"wave {k + 1} ({wave.name}) passed; waiting for approval", ENGINE,
                         "wait_approval")
         else:
             _next_wave(w, ENGINE)
         return
-    reason = f"wave {k} ({wave.name}) failed: " + "; ".join(result.reasons)
+    reason = f"wave {k + 1} ({wave.name}) failed: " + "; ".join(result.reasons)
     w.waves[k] = replace(w.waves[k], result="failed", finished=w.now)
     w.halted_reason, w.tripped = reason, result.tripped
     if wave.on_failure == "rollback" and w.s.previous is not None:
@@ -783,7 +783,7 @@ def _start_wave(w: _Work, k: int) -> None:
     w.wave = k
     w.waves[k] = replace(w.waves[k], started=w.now)
     members = _members(w, k)
-    w.audit(ENGINE, "wave_started", f"wave {k} ({w.plan.waves[k].name}) started", wave=k,
+    w.audit(ENGINE, "wave_started", f"wave {k + 1} ({w.plan.waves[k].name}) started", wave=k,
             devices=len(members))
 
 
@@ -794,7 +794,7 @@ def _next_wave(w: _Work, actor: str, reason: str = "", **detail: Any) -> None:
         w.set_phase("succeeded", reason or "every wave passed", actor, "succeed", **detail)
         return
     if w.phase != "running":
-        w.set_phase("running", reason or f"wave {k + 1} starts", actor, "promote", **detail)
+        w.set_phase("running", reason or f"wave {k + 2} starts", actor, "promote", **detail)
     elif reason:
         w.audit(actor, "promote", reason, wave=k, **detail)
     _start_wave(w, k + 1)
