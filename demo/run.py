@@ -1,12 +1,15 @@
 """The edge-fleet demo: the whole story on one machine with real parts, narrated.
 
-Keys are generated, the example config repo is linted, signed (2 of 2) and pushed to a Git mirror
-served by the real ``git daemon`` on loopback; a small fleet of devices (each an ``edge-agent``
-with its own root directory and state) syncs it; a tampered push is refused without touching any
-device; a release whose health check fails is rolled back on its own; drift made by hand is
-corrected. ``systemctl``/``sysctl`` are stand-ins (the devices are directories, not machines).
+Two operator keys are generated; the example config repo is linted, signed (2 of 2) and pushed to a
+Git mirror served by ``git daemon``; Mosquitto runs with the password and ACL files of ``fleetctl
+broker-config``; ``fleet-server`` runs on SQLite; a fleet of devices (one ``edge-agent run`` process
+each, with its own root and state directory) takes release 1, refuses an unsigned push, takes
+release 2 through a canary rollout in waves, has a bad release 3 halted at the canaries and rolled
+back on its own, and corrects drift made by hand. ``systemctl``/``sysctl`` are stand-ins (the devices
+are directories, not machines). Every process the demo starts is stopped by its pid at the end, on
+Ctrl-C and on errors.
 
-Run with ``make demo`` (or ``python -m demo.run [--devices N] [--exit-when-done]``).
+Run with ``make demo`` (or ``python -m demo.run [--devices N] [--exit-when-done] [--keep]``).
 """
 
 from __future__ import annotations
@@ -14,277 +17,323 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
+import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from tools.standins import write_standins
+from demo.operator import ConfigRepo, generate_keys
+from demo.parts import (
+    REPO,
+    Device,
+    FleetServer,
+    app_listener,
+    register_devices,
+    start_broker,
+    start_fleet_server,
+    start_git_daemon,
+)
+from demo.procs import BIN, Children, DemoError, run_tool, say, wait_until
+from demo.rollout_view import find_rollout, follow_rollout
+from fleet_server.cli.devices import api_get, api_post
+from fleet_server.errors import ApiError
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Demo Operator", "GIT_AUTHOR_EMAIL": "operator@example.invalid",
-    "GIT_COMMITTER_NAME": "Demo Operator", "GIT_COMMITTER_EMAIL": "operator@example.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
+__all__ = ["main", "make_devices", "summarise_devices"]
 
-
-def say(text: str) -> None:
-    """Print one narration line."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def run(argv: Sequence[str | Path], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-        check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run one command, capturing its output; raise with its stderr when it fails and must not."""
-    full_env = {**os.environ, **GIT_ENV, **(env or {})}
-    proc = subprocess.run([str(a) for a in argv], cwd=cwd, env=full_env, input=stdin, text=True,
-                          capture_output=True, check=False)
-    if check and proc.returncode != 0:
-        raise SystemExit(f"demo: {' '.join(str(a) for a in argv[:3])} failed: {proc.stderr.strip()}")
-    return proc
+SITES = ("berlin", "paris", "oslo")
+MOTD = "/etc/motd"
+MIN_DEVICES = 4
 
 
-def free_port() -> int:
-    """Return a free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass
+class World:
+    """Everything the story has started, for the steps after the set-up."""
+
+    base: Path
+    children: Children
+    repo: ConfigRepo
+    server: FleetServer
+    devices: list[Device]
 
 
-@contextlib.contextmanager
-def git_daemon(base: Path) -> Iterator[int]:
-    """Serve the bare repositories under ``base`` with ``git daemon`` on loopback; yield its port."""
-    port = free_port()
-    pid_file = base / "git-daemon.pid"
-    proc = subprocess.Popen(
-        ["git", "daemon", "--reuseaddr", f"--base-path={base}", "--export-all", "--listen=127.0.0.1",
-         f"--port={port}", f"--pid-file={pid_file}", str(base)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def make_devices(base: Path, count: int) -> list[Device]:
+    """Create ``count`` device directories: ids ``dev-00``…, sites in turn, role gateway, the first two
+    labelled ``canary: "true"``."""
+    devices = []
+    for i in range(count):
+        labels = {"site": SITES[i % len(SITES)], "role": "gateway"}
+        if i < 2:
+            labels["canary"] = "true"
+        devices.append(Device(base, f"dev-{i:02d}", labels))
+    return devices
+
+
+def summarise_devices(listing: dict[str, Any]) -> tuple[Counter[str], int, int]:
+    """Count ``fleetctl devices --json`` output as ``release N, sync_state`` -> devices; return the
+    counts, how many are online and how many there are."""
+    devices = listing.get("devices") or []
+    counts = Counter(f"release {d.get('release')}, {d.get('sync_state')}" for d in devices)
+    online = sum(1 for d in devices if d.get("online"))
+    return counts, online, len(devices)
+
+
+def _api(server: FleetServer, path: str) -> Any:
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            time.sleep(0.05)
-        else:
-            raise SystemExit("demo: git daemon did not start")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        return api_get(server.url, path, timeout=10)
+    except ApiError as exc:
+        raise DemoError(str(exc)) from exc
 
 
-@contextlib.contextmanager
-def gateway_app() -> Iterator[int]:
-    """Listen on a free loopback port, playing the gateway application the health checks probe."""
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(64)
-        yield int(srv.getsockname()[1])
+def _webhook(server: FleetServer) -> None:
+    token = server.token_file.read_text().strip()
+    try:
+        api_post(server.url, "/api/v1/hooks/git", {}, token=token, actor="demo-operator", timeout=10)
+    except ApiError as exc:
+        raise DemoError(f"webhook: {exc}") from exc
 
 
-class Device:
-    """One simulated device: its agent.yaml, root directory, state directory and stand-in tools."""
-
-    def __init__(self, base: Path, device_id: str, labels: dict[str, str], profile: str) -> None:
-        self.id = device_id
-        self.dir = base / device_id
-        self.root = self.dir / "root"
-        self.state = self.dir / "state"
-        self.config = self.dir / "agent.yaml"
-        self.labels = labels
-        self.profile = profile
-        self.bin = self.dir / "bin"
-        self.root.mkdir(parents=True)
-        write_standins(self.bin, self.dir / "system.json", self.dir / "system-calls.jsonl")
-        sysstate = json.loads((self.dir / "system.json").read_text())
-        sysstate["sysctl"] = {"net.ipv4.ip_forward": "0", "net.core.somaxconn": "4096"}
-        sysstate["unit_dirs"] = [str(self.root / "etc/systemd/system")]
-        (self.dir / "system.json").write_text(json.dumps(sysstate))
-
-    def write_config(self, url: str, trust: list[str]) -> None:
-        """Write this device's agent.yaml."""
-        cfg = {
-            "device_id": self.id, "labels": self.labels, "profile": self.profile,
-            "profile_dirs": [str(REPO / "device_profiles")],
-            "repo": {"url": url, "branch": "main", "timeout": "10s"},
-            "trust": {"keys": trust, "threshold": 2},
-            "root": str(self.root), "state_dir": str(self.state), "log_level": "warning",
-        }
-        self.config.write_text(json.dumps(cfg, indent=2))
-
-    def agent(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run ``edge-agent ARGS --config <this device>``."""
-        env = {"PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
-        return run([BIN / "edge-agent", *args, "--config", self.config], env=env, check=check)
-
-    def sync(self) -> dict[str, object]:
-        """Run one sync and return its JSON result."""
-        proc = self.agent("sync", "--once", "--json")
-        try:
-            result: dict[str, object] = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            result = {"outcome": "error", "reason": proc.stderr.strip().splitlines()[-1:] or ""}
-        return result
+def _releases(server: FleetServer) -> dict[str, int]:
+    devices = _api(server, "/api/v1/devices?limit=1000").get("devices") or []
+    return {str(d["id"]): d.get("release") for d in devices}
 
 
-def sync_all(devices: Sequence[Device]) -> dict[str, dict[str, object]]:
-    """Sync every device (two at a time) and return id -> result."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip((d.id for d in devices), pool.map(Device.sync, devices), strict=True))
+def _online(server: FleetServer, device_id: str) -> bool:
+    return bool((_api(server, f"/api/v1/devices/{device_id}").get("device") or {}).get("online"))
 
 
-def tally(results: dict[str, dict[str, object]]) -> str:
-    """Summarise outcomes as 'applied ×5, noop ×1'."""
-    counts: dict[str, int] = {}
-    for r in results.values():
-        counts[str(r.get("outcome"))] = counts.get(str(r.get("outcome")), 0) + 1
-    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
+def _refused_count(server: FleetServer) -> dict[str, float]:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:  # noqa: S310 - loopback http
+        text = resp.read().decode()
+    found = re.findall(r'^fleet_releases_refused_total\{reason="([^"]+)"\} ([0-9.e+]+)$', text, re.M)
+    return {reason: float(value) for reason, value in found}
 
 
-def tree_digest(root: Path) -> dict[str, bytes]:
-    """Return every regular file under ``root`` with its content (to show nothing changed)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def _check_alive(children: Children) -> None:
+    if children.exited():
+        raise DemoError("a process ended early: " + "; ".join(children.exited()[:3]))
 
 
-def commit_and_push(work: Path, message: str) -> str:
-    """Commit everything in the work tree and push it to the mirror; return the commit id."""
-    run(["git", "add", "-A"], cwd=work)
-    run(["git", "commit", "-q", "-m", message], cwd=work)
-    run(["git", "push", "-q", "origin", "main"], cwd=work)
-    return run(["git", "rev-parse", "--short", "HEAD"], cwd=work).stdout.strip()
+def set_up(base: Path, n_devices: int, app_port: int, children: Children) -> World:
+    """Steps 1-4: keys, the signed release 1 on the mirror, the broker, the server, the devices."""
+    logs = base / "logs"
+    logs.mkdir(parents=True)
+    keys, trust = generate_keys(base / "operator", ["alice", "bob"])
+    say(f" 1. keys      alice {trust[0][:20]}…, bob {trust[1][:20]}…; releases need both (2 of 2)")
+
+    repo = ConfigRepo(base / "operator" / "config-repo", base / "mirror" / "fleet.git", keys)
+    repo.create(REPO / "examples" / "config-repo", app_port)
+    lint = repo.lint().rsplit(": ", 1)[-1]
+    signed = repo.sign("release 1")
+    detail = signed.split(" (", 1)[1].split(")", 1)[0] if " (" in signed else signed
+    commit = repo.commit_and_push("Release 1")
+    url = start_git_daemon(children, base / "mirror", logs)
+    say(f" 2. release 1 examples/config-repo linted ({lint}), signed by alice and bob ({detail}),")
+    say(f"              pushed as {commit[:7]} to {url} (git daemon)")
+
+    devices = make_devices(base / "devices", n_devices)
+    broker_port, credentials = start_broker(children, base, [d.id for d in devices],
+                                             logs / "mosquitto.out")
+    say(f" 3. broker    Mosquitto on 127.0.0.1:{broker_port}, fleetctl broker-config: password + ACL "
+        f"per device")
+
+    db = base / "server" / "fleet.db"
+    db.parent.mkdir()
+    register_devices(db, devices)
+    server = start_fleet_server(children, base / "server", broker_port=broker_port, credentials=credentials,
+                                mirror_url=url, trust=trust, db=db,
+                                log=logs / "fleet-server.log")
+    say(f" 4. server    fleet-server (SQLite, Git watcher), dashboard {server.url}/")
+
+    t0 = time.monotonic()
+    for dev in devices:
+        dev.write_config(url, trust, broker_port=broker_port, credentials=credentials)
+        dev.agent("init", check=True)
+        dev.start(children)
+
+    def online() -> bool:
+        _check_alive(children)
+        devs = _api(server, "/api/v1/devices?limit=1000").get("devices") or []
+        return sum(1 for d in devs if d.get("online")) >= n_devices
+
+    wait_until(online, "every device to come online", 90, interval=0.5)
+    canaries = ", ".join(d.id for d in devices if d.labels.get("canary"))
+    say(f" 5. devices   {n_devices} edge-agent daemons online in {time.monotonic() - t0:.0f} s, "
+        f"each with its own root; canaries {canaries}")
+    return World(base, children, repo, server, devices)
 
 
-def sign(work: Path, keys: Sequence[Path], message: str) -> str:
-    """Sign the work tree as a new release with every key; return fleetctl's summary line."""
-    args: list[str | Path] = [BIN / "fleetctl", "release", "sign", work, "--message", message]
-    for k in keys:
-        args += ["--key", k]
-    return run(args).stdout.strip()
+def release_one(w: World) -> None:
+    """Step 6: the Git watcher saw release 1 at start and began its rollout (fleet.yaml's plan)."""
+    rid = find_rollout(w.server, 1)
+    say(f" 6. rollout   release 1 (plan from fleet.yaml, started by the Git watcher): {rid}")
+    final = follow_rollout(w.server, rid)
+    if final.get("phase") != "succeeded":
+        raise DemoError(f"the rollout of release 1 ended {final.get('phase')}: {final.get('halted_reason')}")
+    wait_until(lambda: set(_releases(w.server).values()) == {1}, "every device to report release 1", 30)
+    say(f"   release 1 on {len(w.devices)}/{len(w.devices)} devices; "
+        f"{w.devices[0].id}:{MOTD} says {w.devices[0].read(MOTD).strip()!r}")
 
 
-def story(base: Path, n_devices: int, app_port: int) -> None:
-    """Run the demo's story inside ``base``."""
-    say("== edge-fleet demo ==")
-    ops = base / "operator"
-    ops.mkdir()
-    keys = [ops / "alice.key", ops / "bob.key"]
-    trust = [run([BIN / "fleetctl", "keys", "generate", "--out", k]).stdout.strip() for k in keys]
-    say(f"1. operator keys generated (2 of 2 must sign): {trust[0][:20]}…, {trust[1][:20]}…")
+def tampered_push(w: World) -> None:
+    """Step 7: an unsigned change is pushed; the server and a device both refuse it."""
+    before = _refused_count(w.server).get("tampered", 0.0)
+    chrony = w.repo.path / "bundles/motd/files/chrony.conf"
+    original = chrony.read_text()
+    chrony.write_text(original + "server evil.example.invalid iburst\n")
+    commit = w.repo.commit_and_push("tampered, not re-signed")
+    _webhook(w.server)
+    wait_until(lambda: _refused_count(w.server).get("tampered", 0.0) > before,
+               "the server to refuse the unsigned push", 20)
+    # The device-side check runs with the device's daemon stopped: one process at a time uses its state.
+    dev = w.devices[min(5, len(w.devices) - 1)]
+    w.children.stop(dev.id)
+    wait_until(lambda: not _online(w.server, dev.id), f"{dev.id} to show offline", 20)
+    before_files = {p: p.read_bytes() for p in sorted(dev.root.rglob("*")) if p.is_file()}
+    code, out, err = dev.agent("sync", "--want", commit, "--json")
+    result: dict[str, Any] = json.loads(out) if out.strip() else {"outcome": f"exit {code}", "reason": err}
+    after_files = {p: p.read_bytes() for p in sorted(dev.root.rglob("*")) if p.is_file()}
+    same = "unchanged" if before_files == after_files else "CHANGED"
+    dev.start(w.children)
+    wait_until(lambda: _online(w.server, dev.id), f"{dev.id} to come back online", 30)
+    say(f" 7. tampered  unsigned change {commit[:7]} pushed: the server's Git watcher refused it;")
+    say(f"              {dev.id} told to apply it: {result.get('outcome')}, its files {same}")
+    say(f"              ({result.get('reason')})")
+    chrony.write_text(original)
 
-    mirrors = base / "mirror"
-    mirrors.mkdir()
-    run(["git", "init", "-q", "--bare", "-b", "main", mirrors / "fleet.git"])
-    work = ops / "config-repo"
-    shutil.copytree(REPO / "examples" / "config-repo", work)
-    # The example's gateway listens on 8443; here a stand-in listener on a free port plays it.
-    app = work / "bundles/gateway-app/bundle.yaml"
-    app.write_text(app.read_text().replace("8443", str(app_port)))
-    run(["git", "init", "-q", "-b", "main"], cwd=work)
-    run(["git", "remote", "add", "origin", mirrors / "fleet.git"], cwd=work)
-    lint = run([BIN / "fleetctl", "lint", work])
-    say(f"2. fleetctl lint: {lint.stdout.strip().splitlines()[-1]}")
-    say(f"3. {sign(work, keys, 'first release')}".replace(", signed by", "\n   signed by"))
-    commit = commit_and_push(work, "Release 1")
 
-    with git_daemon(mirrors) as port:
-        url = f"git://127.0.0.1:{port}/fleet.git"
-        say(f"4. pushed {commit}; mirror: git daemon on {url}")
-        sites = ["berlin", "paris", "oslo"]
-        devices = []
-        for i in range(n_devices):
-            labels = {"role": "gateway", "site": sites[i % 3]}
-            if i == 0:
-                labels["canary"] = "true"
-            dev = Device(base / "devices", f"dev-{i:02d}", labels, "gateway")
-            dev.write_config(url, trust)
-            dev.agent("init", check=True)
-            devices.append(dev)
-        say(f"5. {n_devices} devices enrolled (edge-agent init: identity + encryption keys)")
+def release_two(w: World) -> None:
+    """Step 8: release 2 through the canary rollout, wave by wave, to every device."""
+    w.repo.edit("bundles/motd/bundle.yaml", 'content: "managed by edge-fleet\\n"',
+                'content: "managed by edge-fleet, release 2\\n"')
+    w.repo.sign("release 2: new motd")
+    commit = w.repo.commit_and_push("Release 2: new motd")
+    _webhook(w.server)
+    rid = find_rollout(w.server, 2)
+    say(f" 8. rollout   release 2 ({commit[:7]}, new motd) signed, pushed, webhook: {rid}")
+    final = follow_rollout(w.server, rid)
+    if final.get("phase") != "succeeded":
+        raise DemoError(f"the rollout of release 2 ended {final.get('phase')}: {final.get('halted_reason')}")
+    wait_until(lambda: set(_releases(w.server).values()) == {2}, "every device to report release 2", 30)
+    on_two = sum(1 for d in w.devices if "release 2" in d.read(MOTD))
+    say(f"   release 2 on {on_two}/{len(w.devices)} devices ({MOTD} read from each device's root)")
 
-        results = sync_all(devices)
-        say(f"6. first sync: {tally(results)}")
-        for dev_id, res in results.items():
-            if res.get("outcome") not in ("applied", "noop"):
-                say(f"   {dev_id}: {res.get('outcome')} {res.get('step') or ''} {res.get('reason') or ''}")
-        motd = (devices[0].root / "etc/motd").read_text().strip()
-        say(f"   dev-00:/etc/motd says {motd!r}")
-        say(f"   second sync: {tally(sync_all(devices))}")
 
-        # A push that was never signed: the device refuses it and stays exactly as it was.
-        (work / "bundles/motd/files/chrony.conf").write_text("server evil.example.invalid iburst\n")
-        bad = commit_and_push(work, "tampered, not re-signed")
-        before = tree_digest(devices[1].root)
-        r = devices[1].sync()
-        same = "unchanged" if tree_digest(devices[1].root) == before else "CHANGED"
-        say(f"7. unsigned change {bad} pushed: dev-01 {r.get('outcome')} ({r.get('reason')}); "
-            f"its files {same}")
-        run(["git", "checkout", "-q", "HEAD~1", "--", "bundles/motd/files/chrony.conf"], cwd=work)
+def bad_release(w: World) -> None:
+    """Step 9: release 3's health check fails; the canary wave fails its gate and is rolled back."""
+    w.repo.edit("bundles/motd/bundle.yaml", "release 2", "release 3")
+    bundle = w.repo.path / "bundles/motd/bundle.yaml"
+    bundle.write_text(bundle.read_text() + "health:\n  - kind: tcp\n    name: app-port\n    host: 127.0.0.1\n"
+                      "    port: 1\n    timeout: 1\n")
+    w.repo.sign("release 3: checks a port nothing listens on")
+    commit = w.repo.commit_and_push("Release 3: health check on a closed port")
+    _webhook(w.server)
+    rid = find_rollout(w.server, 3)
+    say(f" 9. bad       release 3 ({commit[:7]}) adds a health check on a closed port: {rid}")
+    final = follow_rollout(w.server, rid)
+    if final.get("phase") != "rolled_back":
+        raise DemoError(f"the rollout of release 3 ended {final.get('phase')}, not rolled_back")
+    say(f"   {final.get('halted_reason')}")
+    wait_until(lambda: set(_releases(w.server).values()) == {2}, "every device to report release 2", 30)
+    done = [a for a in final.get("audit") or [] if a.get("action") == "rollout.rolled_back"]
+    detail = (done[0].get("detail") or {}) if done else {}
+    third = sum(1 for d in w.devices if "release 3" in d.read(MOTD))
+    tripped = ", ".join(final.get("tripped") or []) or "-"
+    unconfirmed = len(detail.get("unconfirmed") or [])
+    say(f"   tripped by {tripped}; rolled back on its own: the canary wave was sent back to release 2")
+    say(f"   ({detail.get('devices', '?')} devices, {unconfirmed} unconfirmed); later waves never got "
+        f"release 3: {len(w.devices) - third}/{len(w.devices)} devices run release 2")
 
-        # A signed release whose health check fails on the device: rolled back on its own.
-        bundle = work / "bundles/motd/bundle.yaml"
-        good_bundle = bundle.read_text()
-        bundle.write_text(good_bundle.replace('content: "managed by edge-fleet\\n"',
-                                              'content: "release 2 (broken)\\n"')
-                          + "health:\n  - kind: tcp\n    name: app-port\n    port: 1\n    timeout: 1\n")
-        sign(work, keys, "release with a failing health check")
-        bad = commit_and_push(work, "Release 2: app listens on a port that is closed")
-        r = devices[0].sync()
-        motd = (devices[0].root / "etc/motd").read_text().strip()
-        say(f"8. signed release 2 ({bad}) with a failing health check on canary dev-00: "
-            f"{r.get('outcome')} at {r.get('step')!s}; /etc/motd back to {motd!r}")
-        bundle.write_text(good_bundle)
-        sign(work, keys, "release 3: release 2 reverted")
-        fixed = commit_and_push(work, "Release 3: revert release 2")
-        say(f"   release 3 ({fixed}, the revert) everywhere: {tally(sync_all(devices))}")
 
-        # Drift: somebody edits a managed file by hand; the next reconcile puts it back.
-        victim = devices[2].root / "etc/motd"
-        victim.write_text("hand edit\n")
-        r = devices[2].sync()
-        say(f"9. drift on dev-02 (/etc/motd edited by hand): sync {r.get('outcome')}, "
-            f"/etc/motd is {victim.read_text().strip()!r} again")
-        status = json.loads(devices[2].agent("status", "--json", check=True).stdout)
-        say(f"10. dev-02 status: release {status.get('installed', {}).get('version')}, "
-            f"{status.get('managed')} managed resources, {status.get('outbox')} reports queued in its outbox")
+def drift(w: World) -> None:
+    """Step 10: a managed file edited by hand on one device is put back by its agent and reported."""
+    dev = w.devices[min(7, len(w.devices) - 1)]
+    want = dev.read(MOTD)
+    (dev.root / MOTD.lstrip("/")).write_text("edited by hand\n")
+    took = wait_until(lambda: dev.read(MOTD) == want, f"{dev.id} to correct its drift", 30)
+
+    def reported() -> set[str]:
+        events = _api(w.server, f"/api/v1/devices/{dev.id}").get("events") or []
+        return {str(e.get("type")) for e in events if str(e.get("type", "")).startswith("drift")}
+
+    wait_until(lambda: "drift_corrected" in reported(), "the server to show the drift event", 30)
+    say(f"10. drift     {dev.id}:{MOTD} edited by hand: put back by its agent in {took:.1f} s;")
+    say(f"              the server shows {', '.join(sorted(reported()))}")
+
+
+def summary(w: World) -> None:
+    """Step 11: the fleet as ``fleetctl devices --json`` reports it."""
+    out = run_tool([BIN / "fleetctl", "devices", "--server", w.server.url, "--json"]).stdout
+    counts, online, total = summarise_devices(json.loads(out))
+    parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    say(f"11. summary   fleetctl devices --json: {parts}; online {online}/{total}")
+    say(f"              dashboard {w.server.url}/ (admin token in {w.server.token_file})")
+
+
+def story(base: Path, n_devices: int, children: Children) -> World:
+    """Run every step of the demo inside ``base``; return what is running."""
+    say(f"== edge-fleet demo: {n_devices} devices, every part real, on this machine ==")
+    with app_listener() as app_port:
+        w = set_up(base, n_devices, app_port, children)
+        release_one(w)
+        tampered_push(w)
+        release_two(w)
+        bad_release(w)
+        drift(w)
+        summary(w)
+        return w
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; return the exit code."""
-    parser = argparse.ArgumentParser(prog="demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=8, help="how many simulated devices (default 8)")
-    parser.add_argument("--exit-when-done", action="store_true", help="do not wait for Ctrl-C at the end")
-    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    """Run the demo; return the exit code (0 done, 1 a step failed, 130 interrupted)."""
+    parser = argparse.ArgumentParser(prog="demo", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20, help="how many devices (default 20, at least 4)")
+    parser.add_argument("--exit-when-done", action="store_true",
+                        help="stop everything and exit at the end instead of waiting for Ctrl-C")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, roots)")
     args = parser.parse_args(argv)
+    if shutil.which("git") is None:
+        sys.stderr.write("demo: git is not installed (make demo installs it)\n")
+        return 1
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     base = Path(tempfile.mkdtemp(prefix="edge-fleet-demo-"))
+    children = Children()
+    t0 = time.monotonic()
+    code = 0
     try:
-        with gateway_app() as app_port:
-            story(base, max(4, args.devices), app_port)
+        w = story(base, max(MIN_DEVICES, args.devices), children)
+        say(f"done in {time.monotonic() - t0:.0f} s.")
         if not args.exit_when_done and sys.stdin.isatty():
-            say("done. Ctrl-C to clean up and exit.")
+            say(f"The fleet keeps running: open {w.server.url}/ — Ctrl-C stops every process and cleans up.")
             with contextlib.suppress(KeyboardInterrupt):
-                signal.pause()
-        say("done.")
-        return 0
+                while True:
+                    signal.pause()
+    except DemoError as exc:
+        sys.stderr.write(f"demo: {exc} (logs under {base})\n")
+        args.keep = True
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
     finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            children.stop_all()
         if args.keep:
             say(f"(kept {base})")
         else:
             shutil.rmtree(base, ignore_errors=True)
+    return code
 
 
 if __name__ == "__main__":
