@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from edge_agent.durations import parse_seconds
 from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.trust.keys import parse_verify_key
 
@@ -42,8 +43,6 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -149,14 +148,10 @@ def parse_duration(value: object, name: str) -> float:
     Raises:
         ConfigError: not a duration, or not positive.
     """
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}: must be a duration such as 30s, 5m or 1h")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    else:
-        raise ConfigError(f"{name}: must be a duration such as 30s, 5m or 1h, got {str(value)[:40]!r}")
+    try:
+        seconds = parse_seconds(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
     if not seconds > 0 or seconds > 365 * 86400:
         raise ConfigError(f"{name}: duration must be positive and at most a year")
     return seconds

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_agent.durations import parse_seconds
 from edge_agent.errors import BundleError
 
 __all__ = ["FleetDefaults", "fleet_problems", "parse_duration", "parse_fleet_file"]
 
 Where = tuple[str | int, ...]
 
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _MAX_INTERVAL = 7 * 86400
 _TOP_KEYS = frozenset({"reconcile", "rollout", "description"})
 _RECONCILE_KEYS = frozenset({"poll_interval", "drift_interval"})
@@ -35,15 +34,13 @@ def parse_duration(value: object, where: Where = (), *, maximum: int = _MAX_INTE
     Raises:
         BundleError: not a duration, zero, or above ``maximum``.
     """
-    if isinstance(value, bool):
-        raise BundleError("a duration must be like 30s, 5m, 1h or whole seconds", where)
-    if isinstance(value, int):
-        seconds = value
-    elif isinstance(value, str) and value and (m := _DURATION.match(value.strip())) and any(m.groups()):
-        d, h, mi, s = (int(g or 0) for g in m.groups())
-        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
-    else:
-        raise BundleError(f"{value!r} is not a duration like 30s, 5m, 1h or whole seconds", where)
+    try:
+        exact = parse_seconds(value)
+    except ValueError as exc:
+        raise BundleError(f"{value!r} is not a duration like 30s, 5m, 1h or whole seconds", where) from exc
+    if exact != int(exact):
+        raise BundleError(f"{value!r} is not a whole number of seconds", where)
+    seconds = int(exact)
     if seconds < 1 or seconds > maximum:
         raise BundleError(f"duration must be from 1s to {maximum}s, got {seconds}s", where)
     return seconds

@@ -232,7 +232,8 @@ def test_parse_duration_forms() -> None:
     assert parse_duration("12h") == timedelta(hours=12)
     assert parse_duration("30d") == timedelta(days=30)
     assert parse_duration("2w") == timedelta(weeks=2)
-    for bad in ("0d", "1y", "-1d", "d", "1.5h", "99999w"):
+    assert parse_duration("1d12h") == timedelta(hours=36)  # the same parser as every other duration
+    for bad in ("0d", "1y", "-1d", "d", "12h1d", "99999w"):
         with pytest.raises(UsageError):
             parse_duration(bad)
 

@@ -11,6 +11,7 @@ import yaml
 from nacl.signing import SigningKey
 
 from edge_agent.config import DEFAULT_PROFILE_DIRS, load_config, parse_duration
+from edge_agent.durations import parse_seconds
 from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.identity import init_identity, load_encryption_private, load_identity
 from edge_agent.trust.keys import format_verify_key
@@ -185,3 +186,16 @@ def test_identity_missing_or_too_open(tmp_path: Path) -> None:
     os.chmod(tmp_path / "encryption.key", 0o644)
     with pytest.raises(KeyFileError, match="readable by others"):
         load_identity(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30", 30.0), (45, 45.0), ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h30m", 5400.0),
+    ("2d", 172800.0), ("1w", 604800.0), (" 2m ", 120.0)])
+def test_one_duration_parser(text: object, seconds: float) -> None:
+    assert parse_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "m", "5 m", "30m1h", "1y", "-5s", True, None, [], float("nan"), -1])
+def test_duration_refusals(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"duration|negative"):
+        parse_seconds(bad)

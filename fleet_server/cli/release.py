@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from edge_agent.durations import parse_seconds
 from edge_agent.errors import EdgeFleetError
 from edge_agent.trust.keys import load_signing_key
 from edge_agent.trust.manifest import format_time
@@ -19,8 +19,6 @@ from fleet_server.signing import cosign_release, sign_release, verify_repo
 
 __all__ = ["parse_duration", "register"]
 
-_DURATION = re.compile(r"^([1-9][0-9]{0,6})([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _MAX_EXPIRY = timedelta(days=3660)
 
 
@@ -28,12 +26,14 @@ def parse_duration(text: str) -> timedelta:
     """Parse a duration such as ``90m``, ``12h``, ``30d`` or ``2w``.
 
     Raises:
-        UsageError: not of that form, or longer than ten years.
+        UsageError: not a duration, zero, or longer than ten years.
     """
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise UsageError(f"duration must look like 90m, 12h, 30d or 2w, not {text!r}")
-    value = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        value = timedelta(seconds=parse_seconds(text))
+    except ValueError as exc:
+        raise UsageError(f"duration {exc}, such as 90m, 12h, 30d or 2w") from exc
+    if value <= timedelta(0):
+        raise UsageError(f"duration must be positive, not {text!r}")
     if value > _MAX_EXPIRY:
         raise UsageError(f"duration {text} is longer than ten years")
     return value

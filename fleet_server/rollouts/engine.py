@@ -763,8 +763,8 @@ def _decide(w: _Work, result: GateResult) -> None:
     if result.passed:
         w.waves[k] = replace(w.waves[k], result="passed")
         if wave.promotion == "manual":
-            w.set_phase("waiting_approval", f"wave {k + 1} ({wave.name}) passed; waiting for approval", ENGINE,
-                        "wait_approval")
+            w.set_phase("waiting_approval", f"wave {k + 1} ({wave.name}) passed; waiting for approval",
+                        ENGINE, "wait_approval")
         else:
             _next_wave(w, ENGINE)
         return
