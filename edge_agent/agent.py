@@ -486,13 +486,13 @@ def _drift_state(state: StateDB) -> dict[str, Any]:
 
 
 def _queue_status(state: StateDB, config: AgentConfig, now: datetime) -> None:
-    """Queue the retained status: installed release, sync state, drift summary, paused."""
+    """Queue the retained status: installed release, sync state, drift summary, paused, labels, profile."""
     installed = state.installed()
     msg = reporter.status_report(
         config.device_id, commit=installed.commit if installed else None,
         release=installed.version if installed else None,
         sync_state=state.get_meta(_META_SYNC_STATE) or "unknown", drift=_drift_state(state),
-        paused=bool(state.get_meta(_META_PAUSED)), ts=now)
+        paused=bool(state.get_meta(_META_PAUSED)), ts=now, labels=config.labels, profile=config.profile)
     reporter.queue_report(state, config.mqtt_prefix, "status", msg)
 
 

@@ -166,14 +166,27 @@ def recovery_event(device: str, *, status: str, reason: str | None, commit: str 
 
 
 def status_report(device: str, *, commit: str | None, release: int | None, sync_state: str,
-                  drift: Mapping[str, Any], paused: bool, ts: Ts) -> dict[str, Any]:
-    """Return the retained status: the installed release, the sync state, the drift summary, paused.
+                  drift: Mapping[str, Any], paused: bool, ts: Ts, labels: Mapping[str, str] | None = None,
+                  profile: str | None = None) -> dict[str, Any]:
+    """Return the retained status: the installed release, the sync state, the drift summary, paused, and
+    the device's ``labels`` and ``profile`` (from ``agent.yaml``; each left out when None).
+
+    Labels outside the message's bounds (more than ``messages.MAX_LABELS``, a value longer than
+    ``messages.MAX_LABEL_VALUE``) are left out with a warning rather than failing the report: the
+    status still says what the device runs, and the fleet server keeps the labels it had.
 
     Raises:
         MessageError: a field is invalid (``bad_field``).
     """
+    sent_labels: dict[str, str] | None = None
+    if labels is not None:
+        try:
+            sent_labels = messages.validate_labels(labels)
+        except MessageError as exc:
+            log.warning("the status of %s leaves out its labels: %s", device, exc)
     return messages.status_message(device, commit=commit, release=release, sync_state=sync_state,
-                                   drift=dict(drift), paused=paused, ts=ts)
+                                   drift=dict(drift), paused=paused, ts=ts, labels=sent_labels,
+                                   profile=profile)
 
 
 def _check_dict(result: CheckResult) -> dict[str, Any]:

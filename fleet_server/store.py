@@ -16,6 +16,13 @@ Writes from ingest come as one :class:`IngestBatch` per transaction (``apply_bat
 what makes SQLite fast enough (about 50k rows/s in transactions of 1000 rows against about 5k/s for
 single-row upserts). Every ``sqlite3`` error is translated to :class:`StateError`.
 
+Device labels and profile: a ``status`` that carries ``labels`` or ``profile`` replaces the
+device's labels or profile (``labels: {}`` clears them); a status without them leaves them as they
+are. :meth:`Store.register_device` sets them too, so the last write wins — and since the agent sends
+its ``agent.yaml`` labels and profile with every status, the device's own report wins in the end.
+Registering with labels is a seed for devices that have not reported yet (or run an agent that does
+not send them).
+
 Timestamps are POSIX seconds (floats). Message timestamps may also be ISO-8601 text (``...Z``);
 they are converted on the way in.
 """
@@ -422,7 +429,8 @@ class Store:
     def register_device(self, device_id: str, *, labels: Mapping[str, str] | None = None,
                         profile: str | None = None, now: float | None = None) -> None:
         """Make ``device_id`` known before it ever reports (the ``unknown_devices: refuse`` policy
-        accepts only known devices). Labels and profile are set only when given.
+        accepts only known devices). Labels and profile are set only when given; the next ``status``
+        from the device that carries labels or a profile replaces them (the device's report wins).
 
         Raises:
             StateError: the database cannot be written.

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from edge_agent import reporter
 from edge_agent.agent import check_drift, pause, resume, sync_once
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.daemon import Daemon
@@ -161,6 +162,24 @@ def test_every_outbox_row_decodes(fleet: AgentFleet) -> None:
     assert kinds["status"][-1]["paused"] is False
     assert kinds["status"][-2]["paused"] is True
     assert all(s["release"] == 1 for s in kinds["status"])
+    # every status carries the device's own labels and profile from agent.yaml
+    assert all((s["labels"], s["profile"]) == ({"role": "gateway"}, "test-device") for s in kinds["status"])
+
+
+def test_status_report_carries_labels_and_leaves_out_labels_beyond_the_bounds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = datetime(2024, 5, 1, tzinfo=UTC)
+    common: dict[str, Any] = {"commit": None, "release": None, "sync_state": "unknown", "drift": {},
+                              "paused": False, "ts": now}
+    msg = reporter.status_report(DEVICE, **common, labels={"site": "north"}, profile="rpi4")
+    assert (msg["labels"], msg["profile"]) == ({"site": "north"}, "rpi4")
+    assert "labels" not in reporter.status_report(DEVICE, **common)
+    too_many = {f"k{i}": "v" for i in range(messages.MAX_LABELS + 1)}
+    with caplog.at_level("WARNING", logger="edge_agent.reporter"):
+        msg = reporter.status_report(DEVICE, **common, labels=too_many, profile="rpi4")
+    assert "labels" not in msg  # the server keeps the labels it has; the status still goes out
+    assert msg["profile"] == "rpi4"
+    assert "leaves out its labels" in caplog.text
 
 
 def test_reports_arrive_on_the_broker_and_decode(fleet: AgentFleet, broker: Mosquitto) -> None:

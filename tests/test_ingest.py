@@ -337,14 +337,25 @@ def test_fleet_server_process_ingests_serves_and_stops_on_sigterm(tmp_path, brok
             assert json.loads(r.read()) == {"status": "ok"}
         time.sleep(0.5)  # subscribed
         publisher.send(t("dev-e2e", "status"), m.encode(m.status_message(
-            "dev-e2e", commit=COMMIT, release=2, sync_state="applied", drift={}, paused=False, ts=now_ts())))
+            "dev-e2e", commit=COMMIT, release=2, sync_state="applied", drift={}, paused=False, ts=now_ts(),
+            labels={"site": "north", "canary": "true"}, profile="rpi4")))
+        publisher.send(t("dev-other", "status"), m.encode(m.status_message(
+            "dev-other", commit=COMMIT, release=2, sync_state="applied", drift={}, paused=False, ts=now_ts(),
+            labels={"site": "south"})))
         publisher.flush()
 
-        def listed() -> bool:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/devices", timeout=5) as r:
-                return "dev-e2e" in r.read().decode()
+        def listed(query: str = "") -> list[dict[str, Any]]:
+            url = f"http://127.0.0.1:{http_port}/api/v1/devices{query}"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                doc = json.loads(r.read())
+            return list(doc["devices"])
 
-        assert wait_until(listed, timeout=15.0)
+        assert wait_until(lambda: len(listed()) == 2, timeout=15.0)
+        [found] = listed("?label=site:north")
+        assert (found["id"], found["labels"], found["profile"]) == (
+            "dev-e2e", {"site": "north", "canary": "true"}, "rpi4")
+        assert [d["id"] for d in listed("?label=site:south")] == ["dev-other"]
+        assert listed("?label=site:north&label=canary:false") == []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

@@ -187,3 +187,49 @@ def test_fuzzed_payloads_are_decoded_or_refused_with_a_reason(kind: str, data: s
         assert msg["schema"] == m.SCHEMA_VERSION
     else:
         assert reason in {"oversized", "malformed_json", "bad_schema", "spoofed", "bad_field"}
+
+
+def _labelled_status(**kw: Any) -> dict[str, Any]:
+    return m.status_message("dev-1", commit=COMMIT, release=7, sync_state="in_sync", drift={}, paused=False,
+                            ts=TS, **kw)
+
+
+def test_status_labels_and_profile_round_trip() -> None:
+    labels = {"site": "berlin", "canary": "true", "team/owner": "ops", "empty": ""}
+    msg = _labelled_status(labels=labels, profile="rpi4")
+    assert (msg["labels"], msg["profile"]) == (labels, "rpi4")
+    assert m.decode("status", m.encode(msg), topic_device="dev-1") == msg
+    # both are optional: None leaves them out (an older agent's status stays valid) ...
+    plain = _labelled_status()
+    assert "labels" not in plain
+    assert "profile" not in plain
+    assert m.decode("status", m.encode(plain), topic_device="dev-1") == plain
+    # ... while an empty mapping says "no labels"
+    assert _labelled_status(labels={})["labels"] == {}
+    most = {f"k{i}": "v" * m.MAX_LABEL_VALUE for i in range(m.MAX_LABELS)}
+    assert m.decode("status", m.encode(_labelled_status(labels=most)), topic_device="dev-1")["labels"] == most
+    assert m.validate_labels(labels) == labels
+
+
+def test_status_refuses_bad_labels_and_profiles() -> None:
+    too_many = {f"k{i}": "v" for i in range(m.MAX_LABELS + 1)}
+    bad_labels: list[Any] = [
+        None, [], "site=berlin", {"site": 1}, {"site": None}, {"site": True}, {"site": ["a"]},
+        {"site": {"x": "y"}}, {"": "x"}, {"has space": "x"}, {"k:v": "x"}, {"k" * 129: "x"},
+        {"site": "v" * (m.MAX_LABEL_VALUE + 1)}, too_many,
+    ]
+    for labels in bad_labels:
+        assert _refusal("status", _mutated("status", labels=labels)) == "bad_field", labels
+        if isinstance(labels, dict):
+            with pytest.raises(MessageError):
+                _labelled_status(labels=labels)
+        with pytest.raises(MessageError) as info:
+            m.validate_labels(labels)
+        assert info.value.reason == "bad_field"
+    for profile in (None, "", 3, "a/b", "x" * 65, "with space", ["rpi4"]):
+        assert _refusal("status", _mutated("status", profile=profile)) == "bad_field", profile
+    with pytest.raises(MessageError):
+        _labelled_status(profile="no/slash")
+    # the optional fields belong to the status only
+    assert _refusal("health", _mutated("health", labels={"site": "a"})) == "bad_field"
+    assert _refusal("events", _mutated("events", profile="rpi4")) == "bad_field"

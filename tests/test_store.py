@@ -265,6 +265,47 @@ def test_register_device(store: Store):
     assert d["first_seen"] == 3.0
 
 
+def test_a_status_with_labels_and_profile_updates_the_registry_and_the_device_report_wins(store: Store):
+    store.register_device("gw-1", labels={"site": "registered"}, profile="generic-linux", now=1.0)
+    store.register_device("gw-2", labels={"site": "north"}, now=1.0)
+
+    def apply(*messages: dict, at: float = 10.0) -> None:
+        b = IngestBatch()
+        for msg in messages:
+            b.add("status", msg, at)
+        store.apply_batch(b)
+
+    apply(status("gw-1", commit=None, release=None, sync_state="unknown", drift={}, paused=False,
+                 labels={"site": "north", "canary": "true"}, profile="rpi4"),
+          status("gw-3", commit=None, release=None, sync_state="unknown", drift={}, paused=False,
+                 labels={"site": "south"}, profile="rpi4"))
+    gw1 = store.device("gw-1")
+    assert gw1 is not None
+    assert gw1["labels"] == {"site": "north", "canary": "true"}
+    assert (gw1["profile"], gw1["registered"]) == ("rpi4", True)
+    assert [d["id"] for d in store.devices(label={"site": "north"})] == ["gw-1", "gw-2"]
+    assert [d["id"] for d in store.devices(label={"site": "north", "canary": "true"})] == ["gw-1"]
+    assert [d["id"] for d in store.devices(label={"site": "south"})] == ["gw-3"]
+    snapshot = store.device_snapshot()
+    assert [d["id"] for d in snapshot if d["labels"].get("site") == "north"] == ["gw-1", "gw-2"]
+    # a status without the fields (an older agent) leaves labels and profile as they are
+    apply(status("gw-1", commit=None, release=None, sync_state="in_sync", drift={}, paused=False), at=11.0)
+    gw1 = store.device("gw-1")
+    assert gw1 is not None
+    assert (gw1["labels"], gw1["profile"], gw1["sync_state"]) == ({"site": "north", "canary": "true"}, "rpi4",
+                                                                  "in_sync")
+    # later statuses win over earlier ones in one batch, and {} clears the labels
+    apply(status("gw-2", commit=None, release=None, sync_state="unknown", drift={}, paused=False,
+                 labels={"site": "east"}),
+          status("gw-2", commit=None, release=None, sync_state="unknown", drift={}, paused=False,
+                 labels={}, profile="x86"), at=12.0)
+    gw2 = store.device("gw-2")
+    assert gw2 is not None
+    assert (gw2["labels"], gw2["profile"]) == ({}, "x86")
+    assert store.devices(label={"site": "east"}) == []
+    assert store.count_devices(label={"site": "north"}) == 1
+
+
 def test_prune_by_received_time(store: Store):
     b = IngestBatch()
     for i in range(12000):

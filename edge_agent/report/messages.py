@@ -2,7 +2,8 @@
 
 Topics (``prefix`` defaults to ``fleet/v1``)::
 
-    <prefix>/<device>/status     device → server, retained    sync state, release, drift summary
+    <prefix>/<device>/status     device → server, retained    sync state, release, drift summary,
+                                                              labels and profile (optional)
     <prefix>/<device>/events     device → server, QoS 1       one thing that happened
     <prefix>/<device>/health     device → server              metrics and health-check results
     <prefix>/<device>/online     device → server, retained    true on connect; the last will says false
@@ -12,7 +13,10 @@ Topics (``prefix`` defaults to ``fleet/v1``)::
 Every payload is a compact JSON object with ``schema`` (:data:`SCHEMA_VERSION`), ``ts`` (RFC 3339,
 UTC, ``Z``) and, except the broadcast nudge, ``device``. Device reports carry the ``commit`` and
 ``release`` they concern (``null`` before the first release); ``desired`` and ``nudge`` carry the
-``revision`` (a commit) and ``release`` to run.
+``revision`` (a commit) and ``release`` to run. The ``status`` may also carry the device's
+``labels`` (at most :data:`MAX_LABELS`, keys matching :data:`LABEL_KEY_RE`, values strings of at most
+:data:`MAX_LABEL_VALUE` characters) and ``profile`` (matching :data:`PROFILE_RE`); both are optional,
+so a status from an agent that does not send them stays valid.
 
 :func:`decode` is what a receiver calls on untrusted bytes: the size cap is checked first, then
 JSON, the schema version, the device id against the topic's device (spoofing), and every field's
@@ -26,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,8 +41,12 @@ __all__ = [
     "DEVICE_KINDS",
     "EVENT_TYPES",
     "KINDS",
+    "LABEL_KEY_RE",
+    "MAX_LABELS",
+    "MAX_LABEL_VALUE",
     "MAX_MESSAGE_BYTES",
     "NUDGE_KIND",
+    "PROFILE_RE",
     "SCHEMA_VERSION",
     "decode",
     "desired_message",
@@ -54,6 +62,7 @@ __all__ = [
     "topic",
     "validate",
     "validate_device_id",
+    "validate_labels",
 ]
 
 SCHEMA_VERSION = 1
@@ -61,6 +70,18 @@ MAX_MESSAGE_BYTES = 64 * 1024
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A device id: also its MQTT user name, client id and topic level, so no ``/``, ``+`` or ``#``."""
+
+MAX_LABELS = 64
+"""The most labels a ``status`` may carry."""
+
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
+"""A label name (the same rule as ``labels`` in ``agent.yaml``)."""
+
+MAX_LABEL_VALUE = 256
+"""The longest label value, in characters."""
+
+PROFILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+"""A device profile name (the same rule as ``profile`` in ``agent.yaml``)."""
 
 DEVICE_KINDS = ("status", "events", "health", "online", "desired")
 """The per-device topic kinds, ``<prefix>/<device>/<kind>``."""
@@ -222,6 +243,33 @@ _CHECK_FIELDS: dict[str, _Check] = {
 }
 
 
+def _labels(v: Any) -> bool:
+    if not isinstance(v, dict) or len(v) > MAX_LABELS:
+        return False
+    return all(isinstance(k, str) and LABEL_KEY_RE.match(k) and isinstance(value, str)
+               and len(value) <= MAX_LABEL_VALUE for k, value in v.items())
+
+
+def _profile(v: Any) -> bool:
+    return isinstance(v, str) and bool(PROFILE_RE.match(v))
+
+
+def validate_labels(labels: object) -> dict[str, str]:
+    """Return ``labels`` as a plain dict if it is a valid ``labels`` field of a status.
+
+    Valid: a mapping of at most :data:`MAX_LABELS` entries, every key matching :data:`LABEL_KEY_RE`
+    and every value a string of at most :data:`MAX_LABEL_VALUE` characters.
+
+    Raises:
+        MessageError: ``bad_field`` when it is not.
+    """
+    plain = dict(labels) if isinstance(labels, Mapping) else None
+    if plain is None or not _labels(plain):
+        raise MessageError("bad_field", f"invalid labels: at most {MAX_LABELS} of name (1-128 characters of"
+                                        f" A-Z a-z 0-9 . _ / -) to a string of at most {MAX_LABEL_VALUE}")
+    return plain
+
+
 def _checks(v: Any) -> bool:
     if not isinstance(v, list) or len(v) > 256:
         return False
@@ -236,6 +284,7 @@ def _checks(v: Any) -> bool:
 
 
 # kind -> field -> check; every field listed is required (nullable ones accept None).
+# _OPTIONAL lists the fields a message of a kind may leave out (checked when present).
 _COMMON: dict[str, _Check] = {"schema": _is_int, "ts": _ts}
 _DEVICE: dict[str, _Check] = {**_COMMON, "device": lambda v: isinstance(v, str)}
 _CONCERNS: dict[str, _Check] = {"commit": _opt(_commit), "release": _opt(_release)}
@@ -249,6 +298,9 @@ _SCHEMAS: dict[str, dict[str, _Check]] = {
     "desired": {**_DEVICE, "revision": _commit, "release": _release,
                 "rollout_id": _opt(lambda v: _text(v, _MAX_ID))},
     "nudge": {**_COMMON, "revision": _commit, "release": _release},
+}
+_OPTIONAL: dict[str, dict[str, _Check]] = {
+    "status": {"labels": _labels, "profile": _profile},
 }
 
 
@@ -270,13 +322,17 @@ def validate(kind: str, msg: dict[str, Any], *, topic_device: str | None = None)
         device = validate_device_id(msg.get("device"))
         if topic_device is not None and device != topic_device:
             raise MessageError("spoofed", f"device {device!r} published under {topic_device!r}")
-    unknown = sorted(set(msg) - set(schema))
+    optional = _OPTIONAL.get(kind, {})
+    unknown = sorted(set(msg) - set(schema) - set(optional))
     if unknown:
         raise MessageError("bad_field", f"unknown field(s) in {kind}: {', '.join(unknown)}")
     for name, check in schema.items():
         if name not in msg:
             raise MessageError("bad_field", f"{kind}: missing field {name!r}")
         if not check(msg[name]):
+            raise MessageError("bad_field", f"{kind}: invalid value for {name!r}")
+    for name, check in optional.items():
+        if name in msg and not check(msg[name]):
             raise MessageError("bad_field", f"{kind}: invalid value for {name!r}")
     return msg
 
@@ -292,14 +348,22 @@ def _base(device: str | None, ts: datetime | float) -> dict[str, Any]:
 
 
 def status_message(device: str, *, commit: str | None, release: int | None, sync_state: str,
-                   drift: dict[str, Any], paused: bool, ts: datetime | float) -> dict[str, Any]:
+                   drift: dict[str, Any], paused: bool, ts: datetime | float,
+                   labels: Mapping[str, str] | None = None, profile: str | None = None) -> dict[str, Any]:
     """Build the retained ``status`` message: what the device runs and how its last sync went.
+
+    ``labels`` and ``profile`` are the device's own (from its ``agent.yaml``); each is left out of
+    the message when None. An empty mapping is sent as ``{}``: the device has no labels.
 
     Raises:
         MessageError: a field is invalid (``bad_field``).
     """
-    msg = {**_base(device, ts), "commit": commit, "release": release, "sync_state": sync_state,
-           "drift": dict(drift), "paused": paused}
+    msg: dict[str, Any] = {**_base(device, ts), "commit": commit, "release": release,
+                           "sync_state": sync_state, "drift": dict(drift), "paused": paused}
+    if labels is not None:
+        msg["labels"] = dict(labels)
+    if profile is not None:
+        msg["profile"] = profile
     return validate("status", msg)
 
 
