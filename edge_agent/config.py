@@ -18,6 +18,7 @@ import yaml
 
 from edge_agent.durations import parse_seconds
 from edge_agent.errors import ConfigError, KeyFileError
+from edge_agent.report.messages import MAX_LABEL_VALUE, MAX_LABELS
 from edge_agent.trust.keys import parse_verify_key
 
 __all__ = [
@@ -256,6 +257,8 @@ def _labels(top: _Section) -> dict[str, str]:
         return {}
     if not isinstance(raw, Mapping):
         raise ConfigError("labels: must be a mapping of name to value")
+    if len(raw) > MAX_LABELS:
+        raise ConfigError(f"labels: at most {MAX_LABELS} labels (they travel in every status report)")
     out: dict[str, str] = {}
     for k, v in raw.items():
         if not isinstance(k, str) or not _LABEL_KEY.match(k):
@@ -263,6 +266,8 @@ def _labels(top: _Section) -> dict[str, str]:
         if isinstance(v, bool) or not isinstance(v, str | int | float):
             raise ConfigError(f"labels.{k}: value must be a string")
         out[k] = str(v)
+        if len(out[k]) > MAX_LABEL_VALUE:
+            raise ConfigError(f"labels.{k}: value longer than {MAX_LABEL_VALUE} characters")
     return out
 
 

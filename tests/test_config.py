@@ -199,3 +199,13 @@ def test_one_duration_parser(text: object, seconds: float) -> None:
 def test_duration_refusals(bad: object) -> None:
     with pytest.raises(ValueError, match=r"duration|negative"):
         parse_seconds(bad)
+
+
+def test_labels_are_bounded_as_the_status_report_carries_them(tmp_path: Path) -> None:
+    base = {"device_id": "d1", "repo": {"url": "file:///m"}, "trust": {"keys": [KEY]}}
+    too_many = {f"k{i}": "v" for i in range(65)}
+    for labels, reason in ((too_many, "at most 64"), ({"k": "x" * 257}, "longer than 256")):
+        path = tmp_path / "agent.yaml"
+        path.write_text(yaml.safe_dump({**base, "labels": labels}))
+        with pytest.raises(ConfigError, match=reason):
+            load_config(path)
