@@ -44,7 +44,6 @@ pytestmark = [
 
 ADMIN = "dashboard-admin-token"
 READER = "dashboard-read-token"
-NOW = time.time()
 COMMIT = "d" * 40
 OLD_COMMIT = "a" * 40
 DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -69,32 +68,33 @@ HEALTH_SAMPLES = 36  # three hours, one sample every five minutes
 
 def fill_fleet(store: Store) -> None:
     """Register the test fleet and ingest its status, online state, events and health history."""
+    now = time.time()  # at fill time, not import time: the suite may run long before this test
     batch = IngestBatch()
     for device, labels, state, online, drifted in FLEET:
-        store.register_device(device, labels=labels, profile="rpi4", now=NOW - 7200)
+        store.register_device(device, labels=labels, profile="rpi4", now=now - 7200)
         drift = {"count": len(drifted), "corrected": False, "resources": list(drifted)}
         batch.add("status", status_message(device, commit=COMMIT, release=7, sync_state=state, drift=drift,
-                                           paused=False, ts=NOW - 120), NOW - 119)
-        batch.add("online", online_message(device, online, NOW - 100), NOW - 99)
+                                           paused=False, ts=now - 120), now - 119)
+        batch.add("online", online_message(device, online, now - 100), now - 99)
         batch.add("events", event_message(device, type="sync_started", commit=COMMIT, release=7,
-                                          ts=NOW - 200), NOW - 199)
+                                          ts=now - 200), now - 199)
         outcome = {"failed": "sync_failed", "rolled_back": "sync_rolled_back"}.get(state, "sync_succeeded")
-        batch.add("events", event_message(device, type=outcome, commit=COMMIT, release=7, ts=NOW - 150,
+        batch.add("events", event_message(device, type=outcome, commit=COMMIT, release=7, ts=now - 150,
                                           reason="health check nginx failed" if outcome != "sync_succeeded"
-                                          else None), NOW - 149)
+                                          else None), now - 149)
     for i in range(HEALTH_SAMPLES):
-        ts = NOW - (HEALTH_SAMPLES - i) * HEALTH_STEP
+        ts = now - (HEALTH_SAMPLES - i) * HEALTH_STEP
         metrics = {"cpu_percent": round(35 + 25 * math.sin(i / 4), 1), "memory_percent": 40 + i * 0.8,
                    "disk": {"/": {"total": 32e9, "free": 12e9, "percent_free": 37.5 - i * 0.2}}}
         batch.add("health", health_message("cam-01", commit=COMMIT, release=7, ts=ts, metrics=metrics,
                                            checks=[{"name": "motion", "ok": True}]), ts + 1)
-    batch.add("events", event_message("cam-03", type="drift_detected", commit=COMMIT, release=7, ts=NOW - 60,
+    batch.add("events", event_message("cam-03", type="drift_detected", commit=COMMIT, release=7, ts=now - 60,
                                       detail={"count": 1, "corrected": False,
                                               "resources": ["file:/etc/motion.conf"], "mode": "audit"}),
-              NOW - 59)
+              now - 59)
     store.apply_batch(batch)
-    store.record_release(6, OLD_COMMIT, ["ed25519:key"], NOW - 90000, committed_at=NOW - 90100)
-    store.record_release(7, COMMIT, ["ed25519:key"], NOW - 3000, committed_at=NOW - 3100)
+    store.record_release(6, OLD_COMMIT, ["ed25519:key"], now - 90000, committed_at=now - 90100)
+    store.record_release(7, COMMIT, ["ed25519:key"], now - 3000, committed_at=now - 3100)
 
 
 def server_config(tmp_path: Path, *, read_token: bool = False) -> ServerConfig:
@@ -433,7 +433,8 @@ def rollout_site(tmp_path: Path, browser: Any) -> Iterator[RolloutSite]:
     """The app with the real rollout runner over a filled store, a rollout of release 8 started."""
     store = Store(tmp_path / "fleet.db")
     fill_fleet(store)
-    store.record_release(8, NEW_COMMIT, ["ed25519:key"], NOW - 60, committed_at=NOW - 70)
+    now = time.time()
+    store.record_release(8, NEW_COMMIT, ["ed25519:key"], now - 60, committed_at=now - 70)
     published: list[tuple[str, str, int, str | None]] = []
 
     def publish(device: str, revision: str, release: int, rollout_id: str | None) -> None:
