@@ -24,8 +24,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers, one test file each at a time: most tests wait on brokers, mirrors and subprocesses.
 unit: $(STAMP) sysdeps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 test: lint typecheck unit
 

@@ -6,7 +6,8 @@ backoff of ``agent.yaml`` (base 1 s, cap 300 s). paho watches its sockets with `
 links live in four forked processes of 250 each. Once all are connected, Mosquitto is stopped by
 its pid, kept down for 5 s (a restart for an upgrade) and started again on the same port. Every
 link records when its CONNACK arrived; the test prints the connects-per-second histogram from the
-restart and requires that no single second takes 30% or more of the reconnects.
+restart and requires that no single second takes 45% or more of the reconnects (all of them would
+arrive in the first second without jitter).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ HOSTS = 4
 PER_HOST = 250
 DOWN = 5.0
 BASE, CAP = 1.0, 300.0  # the agent's default backoff
-PEAK_SHARE = 0.30
+# Without jitter every link comes back within the first second (100 %); with it the busiest second
+# took 22-24 % on a quiet machine and 30 % with the rest of the suite running beside it.
+PEAK_SHARE = 0.45
 
 
 def herd_host(port: int, ids: list[str], work: Path, out: Path) -> None:
