@@ -327,15 +327,15 @@ def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
         except (ValueError, KeyError):
             pass
     notes.append(
-        "- **The daemon's no-op and first apply (profiled once by hand, 2026-11, `cProfile` around "
-        "`edge_agent.agent.sync_once` on the 500-file release of `bench_peers`).** A warm no-op of about 180 ms "
-        "under the profiler spends about 73 ms re-reading and re-parsing the release (`release.select`: "
-        "500 blobs from the dulwich cache, the YAML of the bundle, 1,000 `parse_resource` calls) although the "
-        "verified commit did not change, about 52 ms fetching and verifying, and about 30 ms planning "
-        "(observing 500 files). Keeping the parsed desired state of the last verified commit in the daemon "
-        "would take the no-op under the 100 ms goal. The first apply's extra time over the baseline goes to "
-        "the transaction journal: 3,026 writes to the state database for 500 files (`state._write`, backup "
-        "and commit records per change), each durable, where the baseline only writes the files.")
+        "- **The daemon's no-op and first apply (profiled by hand, 2026-11, `cProfile` around "
+        "`edge_agent.agent.sync_once` on the 500-file release of `bench_peers`).** The warm no-op used to "
+        "spend most of its time re-reading and re-parsing a release whose commit had not changed; the "
+        "daemon now keeps the last verified commit and its desired state (`SyncCache`, which the warm "
+        "figures above use), re-checking expiry and the rollback floor and observing the device: what "
+        "remains is observing 500 files (one `O_NOFOLLOW` walk and a SHA-256 each) and reading the managed "
+        "resources from SQLite. The first apply's extra time over the baseline goes to the transaction "
+        "journal: about 3,000 durable writes to the state database for 500 files (backup and commit "
+        "records per change), where the baseline only writes the files.")
     ing = metas.get("ingest", {})
     if ing.get("stdout"):
         try:
