@@ -176,8 +176,9 @@ def test_daemon_syncs_on_nudge_and_corrects_drift(fleet: AgentFleet) -> None:
         wait_for(lambda: daemon.last_result is not None and daemon.last_result.version == 2, "nudged sync")
         assert (fleet.root / "etc/app/app.conf").read_text() == "listen = 2\n"
         (fleet.root / "etc/motd").write_text("drifted\n")
-        wait_for(lambda: (fleet.root / "etc/motd").read_text() == "managed by edge-fleet\n", "drift fix")
-        assert daemon.drift_checks >= 1
+        # The check counts itself after it has rewritten the file: wait for both, not one then the other.
+        wait_for(lambda: (fleet.root / "etc/motd").read_text() == "managed by edge-fleet\n"
+                 and daemon.drift_checks >= 1, "drift fix")
     finally:
         stop.set()
         thread.join(timeout=30)
