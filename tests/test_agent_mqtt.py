@@ -256,6 +256,13 @@ def test_desired_revision_rolls_back_and_below_the_floor_is_refused(fleet: Agent
             publish_desired(broker.port, c2, 2)  # older, signed, at the floor: a rollback
             assert sub.wait(has_event("sync_succeeded", c2), 10), sub.lines[-20:]
             assert conf.read_text() == "version = 2\n"
+            # The report can leave before the daemon counts the sync: count once it has.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                last = agent.daemon.last_result
+                if last is not None and last.commit == c2:
+                    break
+                time.sleep(0.02)
             syncs = agent.daemon.syncs
             publish_desired(broker.port, c2, 2)  # the same desired again: a no-op
             time.sleep(1.0)
