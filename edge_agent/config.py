@@ -12,11 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from edge_agent.durations import parse_seconds
+from edge_agent.config_section import ConfigSection, parse_duration
 from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.report.messages import MAX_LABEL_VALUE, MAX_LABELS
 from edge_agent.trust.keys import parse_verify_key
@@ -143,112 +142,11 @@ class AgentConfig:
         return self.mqtt.prefix if self.mqtt is not None else "fleet/v1"
 
 
-def parse_duration(value: object, name: str) -> float:
-    """Turn ``30``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"`` or ``"250ms"`` into positive seconds.
+class _Section(ConfigSection):
+    """Reads from agent.yaml; refusals raise :class:`ConfigError`."""
 
-    Raises:
-        ConfigError: not a duration, or not positive.
-    """
-    try:
-        seconds = parse_seconds(value)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from exc
-    if not seconds > 0 or seconds > 365 * 86400:
-        raise ConfigError(f"{name}: duration must be positive and at most a year")
-    return seconds
-
-
-class _Section:
-    """Typed reads from one mapping of the config, with the dotted name for errors."""
-
-    def __init__(self, raw: object, name: str, allowed: frozenset[str], base_dir: Path) -> None:
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{name or 'agent.yaml'}: must be a mapping")
-        unknown = sorted(str(k) for k in raw if k not in allowed)
-        if unknown:
-            raise ConfigError(f"{self._join(name, unknown[0])}: unknown key")
-        self.raw: Mapping[str, Any] = raw
-        self.name = name
-        self.base_dir = base_dir
-
-    @staticmethod
-    def _join(name: str, key: str) -> str:
-        return f"{name}.{key}" if name else key
-
-    def at(self, key: str) -> str:
-        return self._join(self.name, key)
-
-    def has(self, key: str) -> bool:
-        return self.raw.get(key) is not None
-
-    def section(self, key: str, allowed: frozenset[str]) -> _Section:
-        return _Section(self.raw.get(key) or {}, self.at(key), allowed, self.base_dir)
-
-    def str_(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
-        v = self.raw.get(key)
-        if v is None:
-            if required:
-                raise ConfigError(f"{self.at(key)}: is required")
-            return default
-        if not isinstance(v, str) or not v or "\x00" in v:
-            raise ConfigError(f"{self.at(key)}: must be a non-empty string")
-        return v
-
-    def req_str(self, key: str) -> str:
-        v = self.str_(key, required=True)
-        assert v is not None
-        return v
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-        if text not in choices:
-            raise ConfigError(f"{self.at(key)}: must be one of {', '.join(choices)}, got {v!r}")
-        return str(text)
-
-    def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{self.at(key)}: must be an integer")
-        if not minimum <= v <= maximum:
-            raise ConfigError(f"{self.at(key)}: must be from {minimum} to {maximum}, got {v}")
-        return v
-
-    def size(self, key: str, default: int) -> int:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        if isinstance(v, str):
-            m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?)?\s*", v)
-            if not m:
-                raise ConfigError(f"{self.at(key)}: must be a byte count such as 268435456 or 256MiB")
-            mult = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[(m.group(2) or "")[:1]]
-            v = int(m.group(1)) * mult
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1024:
-            raise ConfigError(f"{self.at(key)}: must be a byte count of at least 1024")
-        return v
-
-    def duration(self, key: str, default: float) -> float:
-        v = self.raw.get(key)
-        return default if v is None else parse_duration(v, self.at(key))
-
-    def path(self, key: str, default: Path | None = None) -> Path | None:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, str) or not v or "\x00" in v:
-            raise ConfigError(f"{self.at(key)}: must be a path")
-        p = Path(v).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
-
-    def req_path(self, key: str, default: Path) -> Path:
-        p = self.path(key, default)
-        assert p is not None
-        return p
+    error = ConfigError
+    document = "agent.yaml"
 
 
 def _labels(top: _Section) -> dict[str, str]:
@@ -288,12 +186,11 @@ def _repo(top: _Section) -> RepoConfig:
     if not url.startswith(_URL_SCHEMES):
         raise ConfigError(f"repo.url: scheme must be one of {', '.join(_URL_SCHEMES)}")
     branch = s.str_("branch", "main")
-    assert branch is not None
     if not _BRANCH.match(branch) or ".." in branch or branch.startswith(("/", "-")):
         raise ConfigError(f"repo.branch: invalid branch name {branch!r}")
     auth_keys = frozenset({"token_file", "username", "password_file", "ssh_key", "ssh_known_hosts"})
     a = s.section("auth", auth_keys)
-    auth = RepoAuth(token_file=a.path("token_file"), username=a.str_("username"),
+    auth = RepoAuth(token_file=a.path("token_file"), username=a.opt_str("username"),
                     password_file=a.path("password_file"), ssh_key=a.path("ssh_key"),
                     ssh_known_hosts=a.path("ssh_known_hosts"))
     if auth.token_file is not None and auth.password_file is not None:
@@ -332,12 +229,11 @@ def _mqtt(top: _Section) -> MqttConfig | None:
         if (tls.cert_file is None) != (tls.key_file is None):
             raise ConfigError("mqtt.tls: cert_file and key_file go together")
     prefix = s.str_("prefix", "fleet/v1")
-    assert prefix is not None
     if not _PREFIX.match(prefix):
         raise ConfigError("mqtt.prefix: must be topic levels of [A-Za-z0-9._-] without wildcards")
     default_port = 8883 if tls is not None else 1883
     return MqttConfig(host=s.req_str("host"), port=s.int_("port", default_port, minimum=1, maximum=65535),
-                      tls=tls, username=s.str_("username"), password_file=s.path("password_file"),
+                      tls=tls, username=s.opt_str("username"), password_file=s.path("password_file"),
                       protocol=s.choice("protocol", "5", ("5", "3.1.1")), prefix=prefix,
                       keepalive=s.int_("keepalive", 60, minimum=5, maximum=3600))
 
@@ -359,7 +255,6 @@ def parse_config(raw: object, base_dir: Path) -> AgentConfig:
     if not _DEVICE_ID.match(device_id):
         raise ConfigError("device_id: must be 1-64 characters of A-Z a-z 0-9 . _ -")
     profile = top.str_("profile", "generic-linux")
-    assert profile is not None
     if not _DEVICE_ID.match(profile):
         raise ConfigError("profile: must be 1-64 characters of A-Z a-z 0-9 . _ -")
     iv = top.section("intervals", frozenset({"poll", "drift", "health"}))

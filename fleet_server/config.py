@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from edge_agent.config import parse_duration
-from edge_agent.errors import ConfigError, KeyFileError
+from edge_agent.config_section import ConfigSection
+from edge_agent.errors import KeyFileError
 from edge_agent.trust.keys import parse_verify_key
 from fleet_server.errors import ServerConfigError
 
@@ -139,99 +139,11 @@ class ServerConfig:
     log_level: str = "info"
 
 
-class _Section:
-    """Typed reads from one mapping of the config, with the dotted name for errors."""
+class _Section(ConfigSection):
+    """Reads from the server's config; refusals raise :class:`ServerConfigError`."""
 
-    def __init__(self, raw: object, name: str, allowed: frozenset[str], base_dir: Path) -> None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise ServerConfigError(f"{name or 'config'}: must be a mapping")
-        unknown = sorted(str(k) for k in raw if k not in allowed)
-        if unknown:
-            raise ServerConfigError(f"{self._join(name, unknown[0])}: unknown key")
-        self.raw: Mapping[str, Any] = raw
-        self.name = name
-        self.base_dir = base_dir
-
-    @staticmethod
-    def _join(name: str, key: str) -> str:
-        return f"{name}.{key}" if name else key
-
-    def at(self, key: str) -> str:
-        return self._join(self.name, key)
-
-    def section(self, key: str, allowed: frozenset[str]) -> _Section:
-        return _Section(self.raw.get(key), self.at(key), allowed, self.base_dir)
-
-    def opt_str(self, key: str) -> str | None:
-        v = self.raw.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, str) or not v or "\x00" in v:
-            raise ServerConfigError(f"{self.at(key)}: must be a non-empty string")
-        return v
-
-    def str_(self, key: str, default: str, pattern: re.Pattern[str] | None = None) -> str:
-        v = self.opt_str(key)
-        if v is None:
-            return default
-        if pattern is not None and not pattern.match(v):
-            raise ServerConfigError(f"{self.at(key)}: invalid value {v[:60]!r}")
-        return v
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-        if text not in choices:
-            raise ServerConfigError(f"{self.at(key)}: must be one of {', '.join(choices)}, got {v!r}")
-        return str(text)
-
-    def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ServerConfigError(f"{self.at(key)}: must be an integer")
-        if not minimum <= v <= maximum:
-            raise ServerConfigError(f"{self.at(key)}: must be from {minimum} to {maximum}, got {v}")
-        return v
-
-    def size(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
-        v = self.raw.get(key)
-        if isinstance(v, str):
-            m = re.fullmatch(r"\s*(\d+)\s*([KM]i?B?)?\s*", v)
-            if not m:
-                raise ServerConfigError(f"{self.at(key)}: must be a byte count such as 65536 or 64KiB")
-            v = int(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2}[(m.group(2) or "")[:1]]
-            return _Section({key: v}, self.name, frozenset({key}), self.base_dir).int_(
-                key, default, minimum=minimum, maximum=maximum)
-        return self.int_(key, default, minimum=minimum, maximum=maximum)
-
-    def duration(self, key: str, default: float) -> float:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        try:
-            return parse_duration(v, self.at(key))
-        except ConfigError as exc:
-            raise ServerConfigError(str(exc)) from exc
-
-    def path(self, key: str, default: Path | None = None) -> Path | None:
-        v = self.raw.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, str) or not v or "\x00" in v:
-            raise ServerConfigError(f"{self.at(key)}: must be a path")
-        p = Path(v).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
-
-    def req_path(self, key: str, default: Path) -> Path:
-        p = self.path(key, default)
-        assert p is not None
-        return p
+    error = ServerConfigError
+    document = "config"
 
 
 def _mqtt(top: _Section) -> MqttConfig:

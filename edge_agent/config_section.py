@@ -1,0 +1,165 @@
+"""Typed, strict reads from one mapping of a YAML config file, shared by the agent and the server.
+
+Every read names the dotted key it refuses (``mqtt.port: must be from 1 to 65535, got 0``), unknown
+keys are refused, and the error raised is the reading program's own (``ConfigError`` for the agent,
+a subclass sets another).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from edge_agent.durations import parse_seconds
+from edge_agent.errors import ConfigError
+
+__all__ = ["ConfigSection", "parse_duration"]
+
+_MAX_DURATION = 365 * 86400
+_BYTE_COUNT = re.compile(r"\s*(\d+)\s*([KMG]i?B?)?\s*")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_duration(value: object, name: str) -> float:
+    """Turn ``30``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"`` or ``"250ms"`` into positive seconds.
+
+    Raises:
+        ConfigError: not a duration, or not positive, or over a year; ``name`` starts the message.
+    """
+    try:
+        seconds = parse_seconds(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+    if not seconds > 0 or seconds > _MAX_DURATION:
+        raise ConfigError(f"{name}: duration must be positive and at most a year")
+    return seconds
+
+
+class ConfigSection:
+    """Typed reads from one mapping of the config, with the dotted name for errors.
+
+    ``error`` is the exception every refusal raises; ``document`` names the whole file in the
+    message for a top level that is not a mapping. A missing (``None``) section reads as empty.
+    """
+
+    error: ClassVar[type[Exception]] = ConfigError
+    document: ClassVar[str] = "config"
+
+    def __init__(self, raw: object, name: str, allowed: frozenset[str], base_dir: Path) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise self.error(f"{name or self.document}: must be a mapping")
+        unknown = sorted(str(k) for k in raw if k not in allowed)
+        if unknown:
+            raise self.error(f"{self._join(name, unknown[0])}: unknown key")
+        self.raw: Mapping[str, Any] = raw
+        self.name = name
+        self.base_dir = base_dir
+
+    @staticmethod
+    def _join(name: str, key: str) -> str:
+        return f"{name}.{key}" if name else key
+
+    def at(self, key: str) -> str:
+        """The dotted name of ``key`` in this section, as error messages show it."""
+        return self._join(self.name, key)
+
+    def has(self, key: str) -> bool:
+        """True when ``key`` is present with a value other than null."""
+        return self.raw.get(key) is not None
+
+    def section(self, key: str, allowed: frozenset[str]) -> Self:
+        """The nested mapping under ``key`` (empty when absent), allowing only ``allowed`` keys."""
+        return type(self)(self.raw.get(key), self.at(key), allowed, self.base_dir)
+
+    def opt_str(self, key: str) -> str | None:
+        """A non-empty string without NUL, or None when absent."""
+        v = self.raw.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise self.error(f"{self.at(key)}: must be a non-empty string")
+        return v
+
+    def str_(self, key: str, default: str, pattern: re.Pattern[str] | None = None) -> str:
+        """A non-empty string (matching ``pattern`` when given), or ``default`` when absent."""
+        v = self.opt_str(key)
+        if v is None:
+            return default
+        if pattern is not None and not pattern.match(v):
+            raise self.error(f"{self.at(key)}: invalid value {v[:60]!r}")
+        return v
+
+    def req_str(self, key: str) -> str:
+        """A non-empty string that must be present."""
+        v = self.opt_str(key)
+        if v is None:
+            raise self.error(f"{self.at(key)}: is required")
+        return v
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (numbers are read as their text), or ``default`` when absent."""
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        if text not in choices:
+            raise self.error(f"{self.at(key)}: must be one of {', '.join(choices)}, got {v!r}")
+        return str(text)
+
+    def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        """An integer from ``minimum`` to ``maximum`` (booleans refused), or ``default`` when absent."""
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        return self._bounded(key, v, minimum, maximum)
+
+    def size(self, key: str, default: int, *, minimum: int = 1024, maximum: int = 1 << 62) -> int:
+        """A byte count such as ``65536``, ``64KiB``, ``256MiB`` or ``1G``, within the bounds."""
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if isinstance(v, str):
+            m = _BYTE_COUNT.fullmatch(v)
+            if not m:
+                raise self.error(f"{self.at(key)}: must be a byte count such as 65536 or 64KiB")
+            v = int(m.group(1)) * _UNITS[(m.group(2) or "")[:1]]
+        return self._bounded(key, v, minimum, maximum)
+
+    def _bounded(self, key: str, v: object, minimum: int, maximum: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(f"{self.at(key)}: must be an integer")
+        if not minimum <= v <= maximum:
+            raise self.error(f"{self.at(key)}: must be from {minimum} to {maximum}, got {v}")
+        return v
+
+    def duration(self, key: str, default: float) -> float:
+        """Positive seconds from ``30``, ``"30s"``, ``"5m"``…, or ``default`` when absent."""
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        try:
+            return parse_duration(v, self.at(key))
+        except ConfigError as exc:
+            if self.error is ConfigError:
+                raise
+            raise self.error(str(exc)) from exc
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        """A path (``~`` expanded; relative to the config file's folder), or ``default``."""
+        v = self.raw.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise self.error(f"{self.at(key)}: must be a path")
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def req_path(self, key: str, default: Path) -> Path:
+        """A path, or ``default`` when absent (never None)."""
+        p = self.path(key, default)
+        assert p is not None
+        return p
