@@ -77,15 +77,7 @@ class DirectoryDriver(Driver):
             summary = f"create directory {res.path} (mode {mode:04o}){note}"
             return [Change(res.id, self.kind, "create", summary,
                            paths=(*observed.missing_parents, res.path), data=data)]
-        drift = []
-        if res.mode is not None and entry.mode != res.mode:
-            drift.append(f"mode {entry.mode:04o} -> {res.mode:04o}")
-        if acc.uid is not None and entry.uid != acc.uid:
-            drift.append(f"uid {entry.uid} -> {acc.uid}")
-        if acc.gid is not None and entry.gid != acc.gid:
-            drift.append(f"gid {entry.gid} -> {acc.gid}")
-        if acc.error:
-            drift.append(acc.error)
+        drift = acc.drift_of(entry, res.mode)
         if not drift:
             return []
         data.update(mode=res.mode, expected=f"directory mode {(res.mode or entry.mode):04o}",

@@ -69,6 +69,23 @@ class Accounts:
     gid: int | None = None
     error: str | None = None
 
+    def drift_of(self, entry: Entry, mode: int | None) -> list[str]:
+        """How ``entry``'s mode, owner and group differ from ``mode`` and these ids (empty: none).
+
+        An account that cannot be resolved counts as a difference, so the change is planned and
+        fails with that reason.
+        """
+        drift = []
+        if mode is not None and entry.mode != mode:
+            drift.append(f"mode {entry.mode:04o} -> {mode:04o}")
+        if self.uid is not None and entry.uid != self.uid:
+            drift.append(f"uid {entry.uid} -> {self.uid}")
+        if self.gid is not None and entry.gid != self.gid:
+            drift.append(f"gid {entry.gid} -> {self.gid}")
+        if self.error:
+            drift.append(self.error)
+        return drift
+
 
 @dataclass(frozen=True)
 class FileObserved:
@@ -244,15 +261,7 @@ def content_changes(
         else:
             diff, what = text_diff(path, observed.content, desired, old_size=entry.size), "content"
         return [Change(res_id, kind, "update", f"update {what} of {path}{note}", diff, (path,), data)]
-    drift = []
-    if mode is not None and entry.mode != mode:
-        drift.append(f"mode {entry.mode:04o} -> {mode:04o}")
-    if acc.uid is not None and entry.uid != acc.uid:
-        drift.append(f"uid {entry.uid} -> {acc.uid}")
-    if acc.gid is not None and entry.gid != acc.gid:
-        drift.append(f"gid {entry.gid} -> {acc.gid}")
-    if acc.error:
-        drift.append(acc.error)
+    drift = acc.drift_of(entry, mode)
     if not drift:
         return []
     data["expected"] = _state_text(want_sha, new_mode, secret, acc.uid, acc.gid)
