@@ -13,9 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from edge_agent.config_section import ConfigSection, parse_duration
+from edge_agent.config_section import LOG_LEVELS, ConfigSection, parse_duration
 from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.report.messages import MAX_LABEL_VALUE, MAX_LABELS
 from edge_agent.trust.keys import parse_verify_key
@@ -38,13 +36,8 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
 DEFAULT_PROFILE_DIRS = (Path("/etc/edge-agent/profiles"), Path("/usr/share/edge-agent/profiles"))
-_MAX_CONFIG_BYTES = 1024 * 1024
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
-_BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-_URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -182,12 +175,10 @@ def _repo(top: _Section) -> RepoConfig:
     if not top.has("repo"):
         raise ConfigError("repo: is required")
     s = top.section("repo", frozenset({"url", "branch", "auth", "max_fetch_bytes", "timeout"}))
-    url = s.req_str("url")
-    if not url.startswith(_URL_SCHEMES):
-        raise ConfigError(f"repo.url: scheme must be one of {', '.join(_URL_SCHEMES)}")
-    branch = s.str_("branch", "main")
-    if not _BRANCH.match(branch) or ".." in branch or branch.startswith(("/", "-")):
-        raise ConfigError(f"repo.branch: invalid branch name {branch!r}")
+    url = s.mirror_url("url")
+    if url is None:
+        raise ConfigError("repo.url: is required")
+    branch = s.branch("branch", "main")
     auth_keys = frozenset({"token_file", "username", "password_file", "ssh_key", "ssh_known_hosts"})
     a = s.section("auth", auth_keys)
     auth = RepoAuth(token_file=a.path("token_file"), username=a.opt_str("username"),
@@ -228,9 +219,7 @@ def _mqtt(top: _Section) -> MqttConfig | None:
         tls = MqttTls(ca_file=t.path("ca_file"), cert_file=t.path("cert_file"), key_file=t.path("key_file"))
         if (tls.cert_file is None) != (tls.key_file is None):
             raise ConfigError("mqtt.tls: cert_file and key_file go together")
-    prefix = s.str_("prefix", "fleet/v1")
-    if not _PREFIX.match(prefix):
-        raise ConfigError("mqtt.prefix: must be topic levels of [A-Za-z0-9._-] without wildcards")
+    prefix = s.topic_prefix("prefix", "fleet/v1")
     default_port = 8883 if tls is not None else 1883
     return MqttConfig(host=s.req_str("host"), port=s.int_("port", default_port, minimum=1, maximum=65535),
                       tls=tls, username=s.opt_str("username"), password_file=s.path("password_file"),
@@ -270,7 +259,7 @@ def parse_config(raw: object, base_dir: Path) -> AgentConfig:
         mode=top.choice("mode", "enforce", ("enforce", "audit")), intervals=intervals, backoff=backoff,
         root=top.req_path("root", Path("/")),
         state_dir=top.req_path("state_dir", Path("/var/lib/edge-agent")),
-        log_level=top.choice("log_level", "info", _LOG_LEVELS),
+        log_level=top.choice("log_level", "info", LOG_LEVELS),
     )
 
 
@@ -281,17 +270,7 @@ def load_config(path: Path) -> AgentConfig:
         ConfigError: the file is missing, unreadable, not YAML, or a field is invalid.
     """
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(_MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) > _MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes")
-    try:
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    raw = _Section.read_yaml(path)
     if raw is None:
         raise ConfigError(f"{path}: is empty")
     base = path.resolve().parent

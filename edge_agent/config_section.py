@@ -12,12 +12,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+import yaml
+
 from edge_agent.durations import parse_seconds
 from edge_agent.errors import ConfigError
 
-__all__ = ["ConfigSection", "parse_duration"]
+__all__ = ["LOG_LEVELS", "MAX_CONFIG_BYTES", "URL_SCHEMES", "ConfigSection", "parse_duration"]
 
+MAX_CONFIG_BYTES = 1024 * 1024
+URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _MAX_DURATION = 365 * 86400
+_BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _BYTE_COUNT = re.compile(r"\s*(\d+)\s*([KMG]i?B?)?\s*")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
@@ -59,6 +66,25 @@ class ConfigSection:
         self.name = name
         self.base_dir = base_dir
 
+    @classmethod
+    def read_yaml(cls, path: Path) -> object:
+        """The parsed YAML of the config file at ``path`` (None when empty), at most 1 MiB read.
+
+        Raises:
+            the section's ``error``: unreadable, too large, not UTF-8 or not YAML.
+        """
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise cls.error(f"cannot read {path}: {exc.strerror or exc}") from exc
+        if len(data) > MAX_CONFIG_BYTES:
+            raise cls.error(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            return yaml.safe_load(data.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise cls.error(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+
     @staticmethod
     def _join(name: str, key: str) -> str:
         return f"{name}.{key}" if name else key
@@ -99,6 +125,27 @@ class ConfigSection:
         if v is None:
             raise self.error(f"{self.at(key)}: is required")
         return v
+
+    def mirror_url(self, key: str) -> str | None:
+        """A Git mirror URL with a scheme the fetcher speaks, or None when absent."""
+        url = self.opt_str(key)
+        if url is not None and not url.startswith(URL_SCHEMES):
+            raise self.error(f"{self.at(key)}: scheme must be one of {', '.join(URL_SCHEMES)}")
+        return url
+
+    def branch(self, key: str, default: str) -> str:
+        """A Git branch name (no ``..``, no leading ``/`` or ``-``), or ``default`` when absent."""
+        branch = self.str_(key, default)
+        if not _BRANCH.match(branch) or ".." in branch or branch.startswith(("/", "-")):
+            raise self.error(f"{self.at(key)}: invalid branch name {branch!r}")
+        return branch
+
+    def topic_prefix(self, key: str, default: str) -> str:
+        """MQTT topic levels without wildcards, or ``default`` when absent."""
+        prefix = self.str_(key, default)
+        if not _TOPIC_PREFIX.match(prefix):
+            raise self.error(f"{self.at(key)}: must be topic levels of [A-Za-z0-9._-] without wildcards")
+        return prefix
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         """One of ``choices`` (numbers are read as their text), or ``default`` when absent."""

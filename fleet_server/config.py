@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from edge_agent.config_section import ConfigSection
+from edge_agent.config_section import LOG_LEVELS, ConfigSection
 from edge_agent.errors import KeyFileError
 from edge_agent.trust.keys import parse_verify_key
 from fleet_server.errors import ServerConfigError
@@ -39,13 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet-server/server.yaml")
-_MAX_CONFIG_BYTES = 1024 * 1024
-_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHARE_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
-_URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,7 @@ def _mqtt(top: _Section) -> MqttConfig:
         username=username, password_file=password_file,
         client_id=s.str_("client_id", "fleet-server", _CLIENT_ID),
         protocol=s.choice("protocol", "5", ("5",)),
-        prefix=s.str_("prefix", "fleet/v1", _PREFIX), tls=tls,
+        prefix=s.topic_prefix("prefix", "fleet/v1"), tls=tls,
         keepalive=s.int_("keepalive", 60, minimum=5, maximum=3600),
         session_expiry=s.duration("session_expiry", 86400.0),
         share_group=None if s.raw.get("share_group") is None else s.str_("share_group", "", _SHARE_GROUP),
@@ -205,12 +200,8 @@ def _http(top: _Section) -> HttpConfig:
 def _git(top: _Section) -> GitConfig:
     s = top.section("git", frozenset({"url", "branch", "poll_interval", "webhook_secret_file", "trust",
                                       "cache_dir"}))
-    url = s.opt_str("url")
-    if url is not None and not url.startswith(_URL_SCHEMES):
-        raise ServerConfigError(f"git.url: scheme must be one of {', '.join(_URL_SCHEMES)}")
-    branch = s.str_("branch", "main", _BRANCH)
-    if ".." in branch or branch.startswith(("/", "-")):
-        raise ServerConfigError(f"git.branch: invalid branch name {branch!r}")
+    url = s.mirror_url("url")
+    branch = s.branch("branch", "main")
     t = s.section("trust", frozenset({"keys", "threshold"}))
     keys = t.raw.get("keys")
     if keys is None:
@@ -243,7 +234,7 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
     """
     top = _Section(raw, "", _TOP_KEYS, base_dir)
     return ServerConfig(mqtt=_mqtt(top), store=_store(top), ingest=_ingest(top), http=_http(top),
-                        git=_git(top), log_level=top.choice("log_level", "info", _LOG_LEVELS))
+                        git=_git(top), log_level=top.choice("log_level", "info", LOG_LEVELS))
 
 
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -277,17 +268,7 @@ def load_server_config(path: Path | None, overrides: Mapping[str, Any] | None = 
     base = Path.cwd()
     if path is not None:
         path = Path(path)
-        try:
-            with path.open("rb") as fh:
-                data = fh.read(_MAX_CONFIG_BYTES + 1)
-        except OSError as exc:
-            raise ServerConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        if len(data) > _MAX_CONFIG_BYTES:
-            raise ServerConfigError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes")
-        try:
-            loaded = yaml.safe_load(data.decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ServerConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        loaded = _Section.read_yaml(path)
         if loaded is not None and not isinstance(loaded, Mapping):
             raise ServerConfigError(f"{path}: must be a mapping of sections")
         raw = _thaw(loaded or {})
