@@ -4,6 +4,7 @@ Endpoints (details and examples in ``docs/api.md``):
 
     GET  /api/v1/devices            devices, filtered (label=k:v repeated, sync_state, online), paged
     GET  /api/v1/devices/{id}       one device with its newest events and health samples
+    POST /api/v1/devices            enroll a device before it reports (admin token; audited)
     GET  /api/v1/summary            fleet totals
     GET  /api/v1/releases           signed releases the Git watcher recorded
     GET  /api/v1/audit              the audit log
@@ -34,6 +35,7 @@ from edge_agent.errors import StateError
 from fleet_server import __version__
 from fleet_server.api.auth import Tokens, load_tokens, require_admin, require_read, signature_valid
 from fleet_server.api.dashboard import install_dashboard
+from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
 from fleet_server.metrics import ServerMetrics
@@ -49,13 +51,8 @@ MAX_WEBHOOK_BYTES = 1024 * 1024
 """Largest webhook body accepted (Git hosts send push payloads well under this)."""
 
 
-class ApiStore(FleetReader, Protocol):
+class ApiStore(FleetReader, DeviceRegistry, Protocol):
     """Everything the API asks of the store (``fleet_server.store.Store`` provides it)."""
-
-    def add_audit(self, actor: str, action: str, target: str, reason: str,
-                  detail: Any = None) -> None:
-        """Append one audit entry."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -159,6 +156,7 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
                   docs_url=None, redoc_url=None)
     _install_error_handlers(app)
     app.include_router(fleet_router(store, tokens))
+    app.include_router(enroll_router(store, tokens))
     if actions.rollouts is not None:
         app.include_router(rollouts_router(actions.rollouts, tokens))
     install_dashboard(app, store, tokens)

@@ -26,7 +26,7 @@ from fleet_server.errors import UsageError
 from fleet_server.rollouts.plan import RolloutPlan
 from fleet_server.rollouts.runner import ACTIONS
 
-__all__ = ["RolloutControl", "actor_name", "rollouts_router"]
+__all__ = ["RolloutControl", "actor_name", "request_reason", "rollouts_router"]
 
 _ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -81,7 +81,12 @@ def actor_name(header: str | None) -> str:
     return name
 
 
-def _reason(body: Mapping[str, Any]) -> str:
+def request_reason(body: Mapping[str, Any]) -> str:
+    """Return the ``reason`` of a request body, whitespace folded (empty when absent).
+
+    Raises:
+        HTTPException: 400 when it is not text of at most 1,000 characters.
+    """
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > _MAX_REASON:
         raise HTTPException(400, f"reason must be text of at most {_MAX_REASON} characters")
@@ -138,7 +143,7 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
         require_admin(tokens, authorization)
         actor = actor_name(x_actor)
         release, plan_doc, plan_name = _start_request(body)
-        reason = _reason(body)
+        reason = request_reason(body)
         try:
             plan = control.resolve_plan(plan_doc, plan_name)
         except BundleError as exc:
@@ -167,7 +172,7 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
             raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
         rid = _rollout_id(rollout_id)
         data = body or {}
-        reason = _reason(data)
+        reason = request_reason(data)
         wave = data.get("wave")
         if wave is not None and (not isinstance(wave, int) or isinstance(wave, bool) or wave < 0):
             raise HTTPException(400, "wave must be a wave index")

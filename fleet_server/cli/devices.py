@@ -1,7 +1,8 @@
-"""`fleetctl devices` and `fleetctl device ID`: the fleet server's device registry, as a table or JSON.
+"""`fleetctl devices`, `fleetctl device ID` and `fleetctl enroll ID`: the fleet server's device registry.
 
 The server is ``--server URL``, else the ``FLEET_SERVER`` environment variable, else
-``http://127.0.0.1:8080``. ``--token-file`` holds the read token when the server requires one. The
+``http://127.0.0.1:8080``. ``--token-file`` holds the read token when the server requires one
+(the admin token for ``enroll``). The
 HTTP client is the standard library's ``urllib`` (fleetctl stays light); every failure leaves as
 one-line :class:`ApiError`.
 """
@@ -80,6 +81,33 @@ def api_get(server: str, path: str, query: Sequence[tuple[str, str]] = (), *, to
     """
     url = server + path + (("?" + urllib.parse.urlencode(list(query))) if query else "")
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - http(s) only
+    return _exchange(request, server, path, token, timeout)
+
+
+def api_post(server: str, path: str, body: Mapping[str, Any], *, token: str | None = None,
+             actor: str | None = None, timeout: float = 10.0) -> Any:
+    """POST ``body`` as JSON to ``server + path`` (``X-Actor: actor`` when given); return the decoded answer.
+
+    Raises:
+        ApiError: the server cannot be reached, times out, answers an error status (its reason is
+            quoted) or a body that is not JSON.
+    """
+    data = json.dumps(dict(body)).encode("utf-8")
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    request = urllib.request.Request(server + path, data=data, method="POST",  # noqa: S310 - http(s) only
+                                     headers=headers)
+    if actor:
+        request.add_header("X-Actor", actor)
+    return _exchange(request, server, path, token, timeout)
+
+
+def _exchange(request: urllib.request.Request, server: str, path: str, token: str | None,
+              timeout: float) -> Any:
+    """Send ``request`` (with the bearer token when given) and return its decoded JSON answer.
+
+    Raises:
+        ApiError: as :func:`api_get` says.
+    """
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -97,39 +125,6 @@ def api_get(server: str, path: str, query: Sequence[tuple[str, str]] = (), *, to
         raise ApiError(f"fleet server answer is over {_MAX_RESPONSE_BYTES} bytes")
     try:
         return json.loads(body)
-    except ValueError as exc:
-        raise ApiError(f"fleet server answered something that is not JSON from {path}") from exc
-
-
-def api_post(server: str, path: str, body: Mapping[str, Any], *, token: str | None = None,
-             actor: str | None = None, timeout: float = 10.0) -> Any:
-    """POST ``body`` as JSON to ``server + path`` (``X-Actor: actor`` when given); return the decoded answer.
-
-    Raises:
-        ApiError: the server cannot be reached, times out, answers an error status (its reason is
-            quoted) or a body that is not JSON.
-    """
-    data = json.dumps(dict(body)).encode("utf-8")
-    headers = {"Accept": "application/json", "Content-Type": "application/json"}
-    request = urllib.request.Request(server + path, data=data, method="POST",  # noqa: S310 - http(s) only
-                                     headers=headers)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    if actor:
-        request.add_header("X-Actor", actor)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
-            answer = response.read(_MAX_RESPONSE_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            reason = _error_reason(exc.read(64 * 1024))
-        raise ApiError(f"fleet server answered {exc.code}: {reason}") from exc
-    except urllib.error.URLError as exc:
-        raise ApiError(f"cannot reach the fleet server at {server}: {exc.reason}") from exc
-    except (TimeoutError, OSError) as exc:
-        raise ApiError(f"cannot reach the fleet server at {server}: {exc}") from exc
-    try:
-        return json.loads(answer)
     except ValueError as exc:
         raise ApiError(f"fleet server answered something that is not JSON from {path}") from exc
 
@@ -214,10 +209,10 @@ def format_device(detail: Mapping[str, Any], *, now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
+def _client_options(parser: argparse.ArgumentParser, role: str = "read") -> None:
     parser.add_argument("--server", metavar="URL",
                         help=f"fleet server base URL (default: $FLEET_SERVER or {DEFAULT_SERVER})")
-    parser.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the API read token")
+    parser.add_argument("--token-file", type=Path, metavar="FILE", help=f"file holding the API {role} token")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="seconds to wait for the server (default: 10)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer")
@@ -267,6 +262,41 @@ def _run_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels_of(values: Sequence[str]) -> dict[str, str] | None:
+    labels: dict[str, str] = {}
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--label must be KEY=VALUE, got {raw!r}")
+        if key in labels:
+            raise UsageError(f"--label {key} is given twice")
+        labels[key] = value
+    return labels or None
+
+
+def _run_enroll(args: argparse.Namespace) -> int:
+    server = server_url(args.server)
+    body: dict[str, Any] = {"id": args.device_id, "reason": args.reason or ""}
+    labels = _labels_of(args.label or [])
+    if labels is not None:
+        body["labels"] = labels
+    if args.profile is not None:
+        body["profile"] = args.profile
+    answer = api_post(server, "/api/v1/devices", body, token=_read_token(args.token_file), actor=args.actor,
+                      timeout=args.timeout)
+    if not isinstance(answer, dict) or not isinstance(answer.get("device"), dict):
+        raise ApiError("fleet server answered an unexpected document for /api/v1/devices")
+    if args.json:
+        print_json(answer)
+        return 0
+    device = answer["device"]
+    shown = ", ".join(f"{k}={v}" for k, v in sorted((device.get("labels") or {}).items())) or "no labels"
+    verb = "enrolled" if answer.get("created") else "already known, updated"
+    sys.stdout.write(f"{device.get('id', args.device_id)}: {verb} ({shown}; profile "
+                     f"{device.get('profile') or '-'})\n")
+    return 0
+
+
 def _limit(text: str) -> int:
     try:
         value = int(text)
@@ -278,7 +308,7 @@ def _limit(text: str) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``devices`` and ``device`` sub-commands."""
+    """Add the ``devices``, ``device`` and ``enroll`` sub-commands."""
     devices = subparsers.add_parser("devices", help="list the fleet's devices from the fleet server",
                                     description="List devices known to the fleet server.")
     _client_options(devices)
@@ -299,3 +329,18 @@ def register(subparsers: Any) -> None:
     device.add_argument("device_id", metavar="ID", help="the device id")
     _client_options(device)
     device.set_defaults(func=_run_device)
+
+    enroll = subparsers.add_parser(
+        "enroll", help="make a device known to the fleet server before it reports (admin token)",
+        description="Enroll a device: with ingest.unknown_devices: refuse only enrolled devices are "
+                    "heard. Labels and a profile given here hold until the device reports its own. "
+                    "Enrolling a known device again sets what is given. Recorded in the audit log.")
+    enroll.add_argument("device_id", metavar="ID", help="the device id (as in its agent.yaml)")
+    enroll.add_argument("--label", action="append", metavar="KEY=VALUE",
+                        help="a label for rollout selectors until the device reports its own (repeatable)")
+    enroll.add_argument("--profile", metavar="NAME", help="the device profile (e.g. gateway)")
+    enroll.add_argument("--reason", metavar="TEXT", help="why, for the audit log")
+    enroll.add_argument("--actor", default=os.environ.get("USER") or None, metavar="NAME",
+                        help="who, for the audit log (default: $USER)")
+    _client_options(enroll, role="admin")
+    enroll.set_defaults(func=_run_enroll)
