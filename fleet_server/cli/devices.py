@@ -249,12 +249,17 @@ def _run_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_document(answer: object, path: str) -> dict[str, Any]:
+    if not isinstance(answer, dict) or not isinstance(answer.get("device"), dict):
+        raise ApiError(f"fleet server answered an unexpected document for {path}")
+    return answer
+
+
 def _run_device(args: argparse.Namespace) -> int:
     server = server_url(args.server)
     path = "/api/v1/devices/" + urllib.parse.quote(args.device_id, safe="")
-    answer = api_get(server, path, token=_read_token(args.token_file), timeout=args.timeout)
-    if not isinstance(answer, dict) or not isinstance(answer.get("device"), dict):
-        raise ApiError(f"fleet server answered an unexpected document for {path}")
+    answer = _device_document(api_get(server, path, token=_read_token(args.token_file), timeout=args.timeout),
+                              path)
     if args.json:
         print_json(answer)
     else:
@@ -282,10 +287,8 @@ def _run_enroll(args: argparse.Namespace) -> int:
         body["labels"] = labels
     if args.profile is not None:
         body["profile"] = args.profile
-    answer = api_post(server, "/api/v1/devices", body, token=_read_token(args.token_file), actor=args.actor,
-                      timeout=args.timeout)
-    if not isinstance(answer, dict) or not isinstance(answer.get("device"), dict):
-        raise ApiError("fleet server answered an unexpected document for /api/v1/devices")
+    answer = _device_document(api_post(server, "/api/v1/devices", body, token=_read_token(args.token_file),
+                                       actor=args.actor, timeout=args.timeout), "/api/v1/devices")
     if args.json:
         print_json(answer)
         return 0
