@@ -70,7 +70,7 @@ from edge_agent.report import messages
 from edge_agent.resources import SecretFile
 from edge_agent.runner import Runner
 from edge_agent.source import Source, SourceAuth
-from edge_agent.state import StateDB
+from edge_agent.state import Managed, StateDB
 from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
 from edge_agent.trust.sealed import open_sealed
 from edge_agent.trust.sshsig import parse_allowed_signers, verify_commit
@@ -523,10 +523,11 @@ def _make_checks(desired: DesiredState, rt: _Runtime) -> Callable[[], list[Check
     return checks
 
 
-def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, *, version: int, commit: str) -> Outcome:
+def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, managed: Mapping[str, Managed], *, version: int,
+           commit: str) -> Outcome:
     ctx = _with_payloads(rt.ctx, desired.payloads)
     return apply_plan(plan, desired, ctx, rt.state, txn_id=uuid.uuid4().hex, version=version, commit=commit,
-                      run_checks=_make_checks(desired, rt))
+                      run_checks=_make_checks(desired, rt), managed=managed)
 
 
 # --- the operations ------------------------------------------------------------------------------
@@ -591,7 +592,8 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache
             if missing:
                 reason = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
                 raise DriverUnavailable(f"drivers unavailable on this device: {reason}")
-            plan = make_plan(desired, rt.state.managed(), ctx)
+            managed = rt.state.managed()
+            plan = make_plan(desired, managed, ctx)
             if plan.unavailable:
                 reason = "; ".join(f"{k}: {v}" for k, v in sorted(plan.unavailable.items()))
                 raise DriverUnavailable(f"drivers unavailable on this device: {reason}")
@@ -601,7 +603,7 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache
             started = reporter.started_event(rt.config.device_id, commit=commit, release=version, ts=now,
                                              changes=len(plan.all_changes))
             reporter.queue_report(rt.state, rt.config.mqtt_prefix, "events", started)
-        outcome = _apply(rt, desired, plan, version=version, commit=commit)
+        outcome = _apply(rt, desired, plan, managed, version=version, commit=commit)
         result = SyncResult(outcome.status, version, commit, reason=outcome.reason, step=outcome.step,
                             changes=outcome.changes)
         same = installed is not None and installed.commit == commit
@@ -672,7 +674,8 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
             desired, version, commit = loaded
             with log_context(commit=commit, release=version):
                 ctx = _with_payloads(rt.ctx, desired.payloads)
-                findings = tuple(detect_drift(desired, rt.state.managed(), ctx))
+                managed = rt.state.managed()
+                findings = tuple(detect_drift(desired, managed, ctx))
                 if not findings:
                     if _drift_state(rt.state).get("count"):
                         _set_drift(rt.state, (), corrected=False, clean=True)
@@ -681,8 +684,8 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
                 enforce = config.mode == "enforce" and not rt.state.get_meta(_META_PAUSED)
                 outcome: Outcome | None = None
                 if enforce:
-                    plan = make_plan(desired, rt.state.managed(), ctx)
-                    outcome = _apply(rt, desired, plan, version=version, commit=commit)
+                    plan = make_plan(desired, managed, ctx)
+                    outcome = _apply(rt, desired, plan, managed, version=version, commit=commit)
                 corrected = outcome is not None and outcome.status in ("applied", "noop")
                 for f in findings:
                     rt.state.add_drift(f.resource_id, f.expected, f.found, corrected)

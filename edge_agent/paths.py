@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 
 from edge_agent.errors import ConfinementError, PathError
@@ -41,13 +42,19 @@ def validate_repo_path(path: object) -> str:
     return path
 
 
-def is_under(path: str, roots: tuple[str, ...]) -> bool:
-    """Tell whether the normalised absolute ``path`` is one of ``roots`` or lies below one."""
+@functools.lru_cache(maxsize=256)
+def _prefixes(roots: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``(root, root + "/")`` for each normalised root: the roots of a profile are few and fixed."""
+    out = []
     for root in roots:
         r = posixpath.normpath(root)
-        if r in ("/", path) or path.startswith(r + "/"):
-            return True
-    return False
+        out.append((r, "/" if r == "/" else r + "/"))
+    return tuple(out)
+
+
+def is_under(path: str, roots: tuple[str, ...]) -> bool:
+    """Tell whether the normalised absolute ``path`` is one of ``roots`` or lies below one."""
+    return any(root == path or path.startswith(prefix) for root, prefix in _prefixes(roots))
 
 
 def check_confined(path: str, roots: tuple[str, ...]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_agent.bundle import Bundle, DeviceIdentity, ResolvedBundle, builtin_values, parse_bundle
 from edge_agent.errors import BundleError, ConfinementError, DriverUnavailable
@@ -40,6 +41,9 @@ class DesiredState:
     checks: tuple[tuple[str, HealthCheck], ...]
     payloads: Mapping[str, bytes]
     fleet: FleetDefaults = field(default_factory=FleetDefaults)
+    #: ``(spec, digest)`` of each resource once computed (they depend only on the resource, its
+    #: payload and the device's keys): a daemon that keeps this state between syncs computes them once.
+    spec_memo: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def bundle_files(tree: Mapping[str, bytes]) -> dict[str, str]:

@@ -97,16 +97,62 @@ class Installed:
     bundles: tuple[str, ...]
 
 
-@dataclass(frozen=True)
 class Managed:
-    """A resource the agent manages; ``original`` is the fsafe capture record from before it did."""
+    """A resource the agent manages; ``original`` is the fsafe capture record from before it did.
 
-    resource_id: str
-    kind: str
-    spec: dict[str, Any]
-    digest: str
-    original: dict[str, Any] | None
-    first_managed_at: float
+    Read from the database, ``spec`` and ``original`` stay JSON text until first used: a sync
+    that changes nothing compares digests only and never decodes them.
+    """
+
+    __slots__ = ("_original", "_original_text", "_spec", "_spec_text", "digest", "first_managed_at", "kind",
+                 "resource_id")
+
+    def __init__(self, resource_id: str, kind: str, spec: dict[str, Any], digest: str,  # noqa: PLR0917
+                 original: dict[str, Any] | None, first_managed_at: float) -> None:
+        """Describe a managed resource from decoded values."""
+        self.resource_id = resource_id
+        self.kind = kind
+        self.digest = digest
+        self.first_managed_at = first_managed_at
+        self._spec: dict[str, Any] | None = spec
+        self._spec_text: str | None = None
+        self._original: dict[str, Any] | None = original
+        self._original_text: str | None = None
+
+    @classmethod
+    def from_row(cls, row: tuple[str, str, str, str, str | None, float]) -> Managed:
+        """Describe a managed resource from its stored row, decoding the JSON columns on first use."""
+        resource_id, kind, spec_text, digest, original_text, first_managed_at = row
+        m = cls(resource_id, kind, {}, digest, None, float(first_managed_at))
+        m._spec, m._spec_text, m._original_text = None, spec_text, original_text
+        return m
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The resource's recorded spec (what its digest was computed from)."""
+        if self._spec is None:
+            self._spec = _loads(self._spec_text or "", f"spec of {self.resource_id}")
+        return self._spec
+
+    @property
+    def original(self) -> dict[str, Any] | None:
+        """The capture record of what was at the path before the agent managed it, if anything."""
+        if self._original is None and self._original_text is not None:
+            self._original = _loads(self._original_text, f"original of {self.resource_id}")
+        return self._original
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.resource_id, self.kind, self.spec, self.digest, self.original, self.first_managed_at)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Managed) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable caches inside; compared by value only
+
+    def __repr__(self) -> str:
+        return (f"Managed(resource_id={self.resource_id!r}, kind={self.kind!r}, spec={self.spec!r}, "
+                f"digest={self.digest!r}, original={self.original!r}, "
+                f"first_managed_at={self.first_managed_at!r})")
 
 
 @dataclass(frozen=True)
@@ -400,17 +446,7 @@ class StateDB:
                 "SELECT resource_id, kind, spec, digest, original, first_managed_at FROM managed"
                 " ORDER BY resource_id"
             ).fetchall()
-        out: dict[str, Managed] = {}
-        for rid, kind, spec, digest, original, first in rows:
-            out[rid] = Managed(
-                resource_id=rid,
-                kind=kind,
-                spec=_loads(spec, "resource spec"),
-                digest=digest,
-                original=None if original is None else _loads(original, "original record"),
-                first_managed_at=float(first),
-            )
-        return out
+        return {row[0]: Managed.from_row(row) for row in rows}
 
     def put_managed(self, m: Managed) -> None:
         """Insert or replace one managed resource. ``spec`` must never hold secret plaintext.
@@ -418,14 +454,29 @@ class StateDB:
         Raises:
             StateError: not JSON-serialisable, or the database cannot be written.
         """
-        spec = _dumps(m.spec, f"spec of {m.resource_id}")
-        original = None if m.original is None else _dumps(m.original, f"original of {m.resource_id}")
-        with self._write("record a managed resource"):
-            self._conn.execute(
+        self.update_managed([m], [])
+
+    def update_managed(self, put: Iterable[Managed], forget: Iterable[str]) -> None:
+        """Insert or replace the resources ``put`` and forget the ids ``forget``, in one transaction.
+
+        Raises:
+            StateError: not JSON-serialisable, or the database cannot be written.
+        """
+        rows = [
+            (m.resource_id, m.kind, _dumps(m.spec, f"spec of {m.resource_id}"), m.digest,
+             None if m.original is None else _dumps(m.original, f"original of {m.resource_id}"),
+             float(m.first_managed_at))
+            for m in put
+        ]
+        gone = [(rid,) for rid in forget]
+        if not rows and not gone:
+            return
+        with self._write("record the managed resources"):
+            self._conn.executemany(
                 "INSERT OR REPLACE INTO managed (resource_id, kind, spec, digest, original, first_managed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (m.resource_id, m.kind, spec, m.digest, original, float(m.first_managed_at)),
+                " VALUES (?, ?, ?, ?, ?, ?)", rows,
             )
+            self._conn.executemany("DELETE FROM managed WHERE resource_id = ?", gone)
 
     def delete_managed(self, resource_id: str) -> None:
         """Forget one managed resource (absent is fine).
@@ -433,8 +484,7 @@ class StateDB:
         Raises:
             StateError: the database cannot be written.
         """
-        with self._write("forget a managed resource"):
-            self._conn.execute("DELETE FROM managed WHERE resource_id = ?", (resource_id,))
+        self.update_managed([], [resource_id])
 
     # -- journal --------------------------------------------------------------------------------
 
@@ -479,15 +529,23 @@ class StateDB:
     def journal_done(self, txn_id: str, seq: int) -> None:
         """Mark change ``seq`` of ``txn_id`` as applied.
 
+        The mark is informational (recovery undoes a half-applied change like a finished one), so
+        it is committed without its own fsync: it reaches the disk with the next durable commit.
+
         Raises:
             StateError: no such entry, or the database cannot be written.
         """
-        with self._write("mark a journal entry done"):
-            cur = self._conn.execute(
-                "UPDATE journal SET done = 1 WHERE txn_id = ? AND seq = ?", (txn_id, int(seq))
-            )
-            if cur.rowcount != 1:
-                raise StateError(f"no journal entry {seq} in transaction {txn_id}")
+        with self._guard("mark a journal entry done"):  # a re-entrant lock: held across the three steps
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._write("mark a journal entry done"):
+                    cur = self._conn.execute(
+                        "UPDATE journal SET done = 1 WHERE txn_id = ? AND seq = ?", (txn_id, int(seq))
+                    )
+                    if cur.rowcount != 1:
+                        raise StateError(f"no journal entry {seq} in transaction {txn_id}")
+            finally:
+                self._conn.execute("PRAGMA synchronous=FULL")
 
     def finish_txn(self, txn_id: str, outcome: str, *, now: float | None = None) -> None:
         """Close transaction ``txn_id`` with ``outcome`` (committed, rolled_back or failed).

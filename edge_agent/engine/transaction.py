@@ -47,6 +47,7 @@ from edge_agent.engine.plan import Plan
 from edge_agent.errors import EdgeFleetError, StateError
 from edge_agent.fsafe import is_temp_name, referenced_blobs
 from edge_agent.release import DesiredState
+from edge_agent.resources import Resource
 from edge_agent.state import Managed, StateDB
 
 __all__ = ["Outcome", "apply_plan", "clean_backup_store", "recover", "undo_entries"]
@@ -107,6 +108,7 @@ def apply_plan(
     version: int,
     commit: str,
     run_checks: Callable[[], list[CheckResult]],
+    managed: Mapping[str, Managed] | None = None,
 ) -> Outcome:
     """Apply ``plan`` in one transaction and return how it ended (see the module docstring).
 
@@ -124,6 +126,7 @@ def apply_plan(
         version: the release version being applied.
         commit: the Git commit being applied.
         run_checks: runs the release's health checks after the changes.
+        managed: the managed resources the plan was made with (None: read them from ``state``).
 
     Raises:
         StateError: the journal cannot be written (before anything is touched for that change).
@@ -131,7 +134,8 @@ def apply_plan(
     if plan.unavailable:
         reason = "; ".join(f"{kind}: {why}" for kind, why in sorted(plan.unavailable.items()))
         return Outcome("refused", reason=f"drivers unavailable on this device: {reason}")
-    managed = state.managed()
+    if managed is None:
+        managed = state.managed()
     if plan.is_noop:
         _update_managed(desired, managed, ctx, state, first_records={})
         return Outcome("noop")
@@ -201,21 +205,27 @@ def _update_managed(
     """
     now = time.time()
     desired_ids = set()
+    put: list[Managed] = []
     for res in desired.resources:
         desired_ids.add(res.id)
-        spec, digest = get_driver(res.kind).spec_of(res, ctx)
+        spec, digest = _spec_of(desired, res, ctx)
         old = managed.get(res.id)
         if old is not None and old.kind == res.kind:
-            if old.digest != digest or old.spec != spec:
-                state.put_managed(Managed(res.id, res.kind, spec, digest, old.original, old.first_managed_at))
+            if old.digest != digest:  # the digest is of the spec: equal digests, equal specs
+                put.append(Managed(res.id, res.kind, spec, digest, old.original, old.first_managed_at))
             continue
         original = _original_of(res.paths, first_records.get(res.id, []))
         if original is None and len(res.paths) == 1 and res.kind != "absent":
             original = ctx.fs.capture(res.paths[0], ctx.backup_store)
-        state.put_managed(Managed(res.id, res.kind, spec, digest, original, now))
-    for rid in managed:
-        if rid not in desired_ids:
-            state.delete_managed(rid)
+        put.append(Managed(res.id, res.kind, spec, digest, original, now))
+    state.update_managed(put, [rid for rid in managed if rid not in desired_ids])
+
+
+def _spec_of(desired: DesiredState, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    known = desired.spec_memo.get(res.id)
+    if known is None:
+        known = desired.spec_memo[res.id] = get_driver(res.kind).spec_of(res, ctx)
+    return known
 
 
 def _original_of(paths: Sequence[str], records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
