@@ -240,6 +240,19 @@ class RolloutWrite:
 _ROLLOUT_SUMMARY = "id, release, [commit], previous, phase, wave, actor, reason, created, updated"
 
 
+def _insert_or_ignore(conn: sqlite3.Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` (each with the keys of the first; values already SQL types) into ``table``,
+    skipping those a unique index already holds. The ingest hot path: one ``executemany``, where a
+    generic insert would inspect every value of every row."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    names = ", ".join(f"[{c}]" for c in columns)
+    marks = ", ".join("?" * len(columns))
+    conn.executemany(f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})",  # noqa: S608
+                     [tuple(r[c] for c in columns) for r in rows])
+
+
 class Store:
     """The fleet server's database (see the module docstring). Safe to share between threads."""
 
@@ -326,11 +339,9 @@ class Store:
         with self._writing("store an ingest batch"), self._db.atomic():
             self._write_devices(devices)
             if batch.events:
-                self._db.table("events").insert_all(self._event_rows(batch.events), batch_size=1000,
-                                                    ignore=True)
+                _insert_or_ignore(self._wconn, "events", self._event_rows(batch.events))
             if batch.health:
-                rows = [self._health_row(r) for r in batch.health]
-                self._db.table("health").insert_all(rows, batch_size=1000, ignore=True)
+                _insert_or_ignore(self._wconn, "health", [self._health_row(r) for r in batch.health])
             if batch.counters:
                 self._wconn.executemany(
                     "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name)"
@@ -385,13 +396,14 @@ class Store:
             return
         fresh = [{"id": u["id"], "first_seen": u["first_seen"], "last_seen": u["last_seen"]}
                  for u in updates.values()]
-        self._db.table("devices").insert_all(fresh, pk="id", ignore=True, batch_size=1000)
-        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        _insert_or_ignore(self._wconn, "devices", fresh)
+        groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
         for upd in updates.values():
-            record = {k: v for k, v in upd.items() if k != "first_seen"}
-            groups.setdefault(tuple(sorted(record)), []).append(record)
-        for rows in groups.values():
-            self._db.table("devices").upsert_all(rows, pk="id", batch_size=1000)
+            columns = tuple(sorted(k for k in upd if k not in {"id", "first_seen"}))
+            groups.setdefault(columns, []).append((*(upd[c] for c in columns), upd["id"]))
+        for columns, params in groups.items():
+            assignments = ", ".join(f"[{c}] = ?" for c in columns)
+            self._wconn.executemany(f"UPDATE devices SET {assignments} WHERE id = ?", params)  # noqa: S608
 
     def _event_rows(self, events: Sequence[Received]) -> list[dict[str, Any]]:
         commits = sorted({c for r in events if isinstance(c := r.message.get("commit"), str)})

@@ -304,6 +304,10 @@ _OPTIONAL: dict[str, dict[str, _Check]] = {
 }
 
 
+_ALLOWED: dict[str, frozenset[str]] = {kind: frozenset(schema) | frozenset(_OPTIONAL.get(kind, {}))
+                                       for kind, schema in _SCHEMAS.items()}
+
+
 def validate(kind: str, msg: dict[str, Any], *, topic_device: str | None = None) -> dict[str, Any]:
     """Check a decoded message of ``kind`` field by field and return it.
 
@@ -323,8 +327,8 @@ def validate(kind: str, msg: dict[str, Any], *, topic_device: str | None = None)
         if topic_device is not None and device != topic_device:
             raise MessageError("spoofed", f"device {device!r} published under {topic_device!r}")
     optional = _OPTIONAL.get(kind, {})
-    unknown = sorted(set(msg) - set(schema) - set(optional))
-    if unknown:
+    if not _ALLOWED[kind].issuperset(msg):
+        unknown = sorted(set(msg) - _ALLOWED[kind])
         raise MessageError("bad_field", f"unknown field(s) in {kind}: {', '.join(unknown)}")
     for name, check in schema.items():
         if name not in msg:
@@ -441,11 +445,11 @@ def encode(msg: dict[str, Any]) -> bytes:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {key!r}")
     return out
 
 
