@@ -327,15 +327,20 @@ def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
         except (ValueError, KeyError):
             pass
     notes.append(
-        "- **The daemon's no-op and first apply (profiled by hand, 2026-11, `cProfile` around "
-        "`edge_agent.agent.sync_once` on the 500-file release of `bench_peers`).** The warm no-op used to "
-        "spend most of its time re-reading and re-parsing a release whose commit had not changed; the "
-        "daemon now keeps the last verified commit and its desired state (`SyncCache`, which the warm "
-        "figures above use), re-checking expiry and the rollback floor and observing the device: what "
-        "remains is observing 500 files (one `O_NOFOLLOW` walk and a SHA-256 each) and reading the managed "
-        "resources from SQLite. The first apply's extra time over the baseline goes to the transaction "
-        "journal: about 3,000 durable writes to the state database for 500 files (backup and commit "
-        "records per change), where the baseline only writes the files.")
+        "- **The daemon's no-op and first apply (profiled by hand, 2026-11 and 2026-12, `cProfile` and "
+        "timers around `edge_agent.agent.sync_once` on the 500-file release of `bench_peers`).** The warm "
+        "no-op used to spend most of its time re-reading and re-parsing a release whose commit had not "
+        "changed; the daemon now keeps the last verified commit and its desired state (`SyncCache`, which "
+        "the warm figures above use) with each resource's recorded spec, re-checking expiry and the "
+        "rollback floor, reading the managed resources once (their JSON decoded only when used) and "
+        "observing the device. What remains is observing 500 files: one `O_NOFOLLOW` walk from the root "
+        "(an `openat` per directory level), an `lstat`, and a SHA-256 each, where the baseline opens each "
+        "file by path. The first apply's extra time over the baseline goes to the first fetch and "
+        "signature check and to the transaction journal: one durable SQLite commit per change, before the "
+        "change is made, so that a power cut at any point can be undone; the baseline keeps no journal. "
+        "Journaling all changes in one commit before the first one was tried and refused: a change's "
+        "backup must describe the device as the earlier changes left it (a symlink created by an earlier "
+        "change must make a later write under it fail before anything is journaled for it).")
     ing = metas.get("ingest", {})
     if ing.get("stdout"):
         try:
