@@ -150,6 +150,14 @@ class RolloutState:
     rollback_started: float | None = None
     superseded_by: str = ""
     seen_actions: tuple[str, ...] = ()
+    #: the device ids of each wave, in device-map order: derived from ``devices`` (a device's wave
+    #: never changes and devices are never removed), kept by :func:`step` so that it does not scan
+    #: the whole fleet for one wave; rebuilt when absent or not matching ``devices``; never stored
+    wave_ids: tuple[tuple[str, ...], ...] | None = field(default=None, compare=False, repr=False)
+    #: ``(wave, clock)`` of the last search for devices past their wave's timeout: within the same
+    #: clock a device can only start waiting with a later deadline, so that search is not repeated
+    #: for every report of one tick (derived like ``wave_ids``; never stored)
+    timeouts_checked: tuple[int, float] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the state as JSON-able data (the plan as the document it was parsed from)."""
@@ -451,7 +459,14 @@ class _Work:
         self.halted_reason = s.halted_reason
         self.tripped = s.tripped
         self.paused_from = s.paused_from
-        self.recent = [t for t in s.recent_assignments if t > self.now - _RATE_PERIOD]
+        cutoff = self.now - _RATE_PERIOD
+        recent = s.recent_assignments  # ascending: appended at the step's clock, which never goes back
+        self.recent = [t for t in recent if t > cutoff] if recent and recent[0] <= cutoff else list(recent)
+        ids = s.wave_ids
+        if ids is None or len(ids) != len(s.plan.waves) or sum(map(len, ids)) != len(s.devices):
+            ids = _wave_ids(s.devices, len(s.plan.waves))
+        self.wave_ids = ids
+        self.timeouts_checked = s.timeouts_checked
         self.rollback_started = s.rollback_started
         self.superseded_by = s.superseded_by
         self.seen_actions = list(s.seen_actions)
@@ -463,7 +478,8 @@ class _Work:
                        gates=tuple(self.gates), halted_reason=self.halted_reason, tripped=self.tripped,
                        paused_from=self.paused_from, clock=self.now, recent_assignments=tuple(self.recent),
                        rollback_started=self.rollback_started, superseded_by=self.superseded_by,
-                       seen_actions=tuple(self.seen_actions[-_ACTION_MEMORY:]))
+                       seen_actions=tuple(self.seen_actions[-_ACTION_MEMORY:]), wave_ids=self.wave_ids,
+                       timeouts_checked=self.timeouts_checked)
 
     @property
     def plan(self) -> RolloutPlan:
@@ -485,6 +501,13 @@ class _Work:
             return False
         self.devices[device] = new
         return True
+
+
+def _wave_ids(devices: Mapping[str, DeviceStatus], waves: int) -> tuple[tuple[str, ...], ...]:
+    out: list[list[str]] = [[] for _ in range(waves)]
+    for device, dev in devices.items():
+        out[dev.wave].append(device)
+    return tuple(tuple(ids) for ids in out)
 
 
 def step(state: RolloutState, event: Event) -> tuple[RolloutState, list[Effect]]:
@@ -627,6 +650,7 @@ def _joined(w: _Work, e: DeviceJoined) -> None:
     if wave == NOT_TARGETED:
         return
     w.devices[info.id] = DeviceStatus(wave=wave, since=w.now, online=info.online)
+    w.wave_ids = (*w.wave_ids[:wave], (*w.wave_ids[wave], info.id), *w.wave_ids[wave + 1:])
     w.audit(ENGINE, "device_joined", f"device {info.id} joined wave {wave}", device=info.id, wave=wave)
 
 
@@ -649,12 +673,19 @@ def _advance(w: _Work) -> None:
             return
 
 
-def _wanted(w: _Work, dev: DeviceStatus) -> str:
+def _to_dispatch(w: _Work) -> list[tuple[str, DeviceStatus, str]]:
+    """The devices whose target is not what the phase wants: ``(device, status, wanted)``.
+
+    Assigning, the devices of the waves started so far want the new release; rolling back, every
+    device that took the new one (or is being returned) wants the previous one.
+    """
+    devices = w.devices
     if w.phase in _ASSIGNING:
-        return "new" if dev.wave <= w.wave else ""
-    if w.phase in _ROLLBACK and dev.target in ("new", "previous"):
-        return "previous"
-    return ""
+        return [(d, dev, "new") for k in range(min(w.wave, len(w.wave_ids) - 1) + 1) for d in w.wave_ids[k]
+                if (dev := devices[d]).target != "new"]
+    if w.phase in _ROLLBACK:
+        return [(d, dev, "previous") for d, dev in devices.items() if dev.target == "new"]
+    return []
 
 
 def _dispatch(w: _Work) -> bool:
@@ -662,10 +693,7 @@ def _dispatch(w: _Work) -> bool:
         return False
     changed = False
     candidates: list[tuple[int, str, str]] = []
-    for device, dev in w.devices.items():
-        wanted = _wanted(w, dev)
-        if not wanted or wanted == dev.target:
-            continue
+    for device, dev, wanted in _to_dispatch(w):
         if dev.online:
             candidates.append((dev.wave, device, wanted))
         elif dev.state == "pending":
@@ -690,11 +718,16 @@ def _dispatch(w: _Work) -> bool:
 
 
 def _members(w: _Work, wave: int) -> list[tuple[str, DeviceStatus]]:
-    return [(d, s) for d, s in w.devices.items() if s.wave == wave]
+    devices = w.devices
+    return [(d, devices[d]) for d in w.wave_ids[wave]]
 
 
 def _time_out(w: _Work) -> bool:
     wave = w.plan.waves[w.wave]
+    mark = (w.wave, w.now)
+    if wave.timeout > 0 and w.timeouts_checked == mark:
+        return False
+    w.timeouts_checked = mark
     changed = False
     for device, dev in _members(w, w.wave):
         if dev.timed_out or dev.state not in ("assigned", "offline"):
