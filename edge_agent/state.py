@@ -226,6 +226,15 @@ def _loads(text: str, what: str) -> Any:
         raise StateError(f"stored {what} is not valid JSON") from exc
 
 
+def _managed_rows(put: Iterable[Managed]) -> list[tuple[Any, ...]]:
+    return [
+        (m.resource_id, m.kind, _dumps(m.spec, f"spec of {m.resource_id}"), m.digest,
+         None if m.original is None else _dumps(m.original, f"original of {m.resource_id}"),
+         float(m.first_managed_at))
+        for m in put
+    ]
+
+
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
@@ -462,21 +471,18 @@ class StateDB:
         Raises:
             StateError: not JSON-serialisable, or the database cannot be written.
         """
-        rows = [
-            (m.resource_id, m.kind, _dumps(m.spec, f"spec of {m.resource_id}"), m.digest,
-             None if m.original is None else _dumps(m.original, f"original of {m.resource_id}"),
-             float(m.first_managed_at))
-            for m in put
-        ]
-        gone = [(rid,) for rid in forget]
+        rows, gone = _managed_rows(put), [(rid,) for rid in forget]
         if not rows and not gone:
             return
         with self._write("record the managed resources"):
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO managed (resource_id, kind, spec, digest, original, first_managed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)", rows,
-            )
-            self._conn.executemany("DELETE FROM managed WHERE resource_id = ?", gone)
+            self._store_managed(rows, gone)
+
+    def _store_managed(self, rows: list[tuple[Any, ...]], gone: list[tuple[str]]) -> None:
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO managed (resource_id, kind, spec, digest, original, first_managed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)", rows,
+        )
+        self._conn.executemany("DELETE FROM managed WHERE resource_id = ?", gone)
 
     def delete_managed(self, resource_id: str) -> None:
         """Forget one managed resource (absent is fine).
@@ -547,17 +553,22 @@ class StateDB:
             finally:
                 self._conn.execute("PRAGMA synchronous=FULL")
 
-    def finish_txn(self, txn_id: str, outcome: str, *, now: float | None = None) -> None:
+    def finish_txn(self, txn_id: str, outcome: str, *, now: float | None = None,
+                   put: Iterable[Managed] = (), forget: Iterable[str] = ()) -> None:
         """Close transaction ``txn_id`` with ``outcome`` (committed, rolled_back or failed).
 
-        Finishing again with the same outcome is a no-op.
+        The managed resources ``put`` are recorded and the ids ``forget`` forgotten in the same
+        commit (as :meth:`update_managed`), so that a committed release and the resources it
+        manages are on disk together or not at all. Finishing again with the same outcome is a
+        no-op.
 
         Raises:
-            StateError: unknown outcome or transaction, already finished with another outcome, or
-                the database cannot be written.
+            StateError: unknown outcome or transaction, already finished with another outcome, a
+                managed resource is not JSON-serialisable, or the database cannot be written.
         """
         if outcome not in TXN_OUTCOMES:
             raise StateError(f"unknown transaction outcome {outcome!r}")
+        rows, gone = _managed_rows(put), [(rid,) for rid in forget]
         with self._write("finish a transaction"):
             row = self._one("SELECT outcome FROM txn WHERE txn_id = ?", (txn_id,))
             if row is None:
@@ -569,6 +580,7 @@ class StateDB:
             self._conn.execute(
                 "UPDATE txn SET outcome = ?, finished_at = ? WHERE txn_id = ?", (outcome, _now(now), txn_id)
             )
+            self._store_managed(rows, gone)
 
     def _require_open(self, txn_id: str) -> None:
         row = self._one("SELECT outcome FROM txn WHERE txn_id = ?", (txn_id,))

@@ -11,7 +11,9 @@ For every change, in plan order:
 When every change is made, the release's health checks run. All good: the managed-resource rows
 are updated (a resource managed for the first time remembers the backup record taken before its
 first change as its ``original``, or a capture of what was there when it needed no change) and
-the transaction is marked ``committed``. Any exception or failed check: every journaled entry is
+the transaction is marked ``committed``, in one SQLite commit: a crash can never leave the rows of
+the new release beside a transaction that recovery will undo (a resource the release dropped
+would then be forgotten while its file is put back). Any exception or failed check: every journaled entry is
 undone newest first (a half-applied change is undone like a finished one — restoring a record is
 idempotent), systemd is reloaded and restarted where unit files or watched files were put back,
 and the transaction is marked ``rolled_back``.
@@ -137,7 +139,7 @@ def apply_plan(
     if managed is None:
         managed = state.managed()
     if plan.is_noop:
-        _update_managed(desired, managed, ctx, state, first_records={})
+        state.update_managed(*_managed_changes(desired, managed, ctx, first_records={}))
         return Outcome("noop")
 
     state.begin_txn(txn_id, version=version, commit=commit)
@@ -184,20 +186,21 @@ def apply_plan(
         if entry.records and entry.change.resource_id not in first_records:
             first_records[entry.change.resource_id] = entry.records
     try:
-        _update_managed(desired, managed, ctx, state, first_records=first_records)
+        put, forget = _managed_changes(desired, managed, ctx, first_records=first_records)
+        state.finish_txn(txn_id, "committed", put=put, forget=forget)  # one commit: release and its rows
     except Exception as exc:  # noqa: BLE001 - without its managed rows the release cannot stay applied
         return _roll_back(txn_id, done, ctx, state, step="record managed resources", reason=str(exc))
-    state.finish_txn(txn_id, "committed")
     log.info("transaction %s committed (%s changes)", txn_id, len(done))
     _housekeeping(state, ctx)
     return Outcome("applied", changes=len(done), checks=results)
 
 
-def _update_managed(
-    desired: DesiredState, managed: Mapping[str, Managed], ctx: Context, state: StateDB, *,
+def _managed_changes(
+    desired: DesiredState, managed: Mapping[str, Managed], ctx: Context, *,
     first_records: Mapping[str, list[dict[str, Any]]],
-) -> None:
-    """Record the spec of every desired resource; forget the ones no longer desired.
+) -> tuple[list[Managed], list[str]]:
+    """Return the managed rows to record (every desired resource whose spec is new or changed)
+    and the ids to forget (no longer desired).
 
     A resource managed for the first time keeps as ``original`` the record, among those taken
     before its first change, of its own path (not of parent directories the change created),
@@ -218,7 +221,7 @@ def _update_managed(
         if original is None and len(res.paths) == 1 and res.kind != "absent":
             original = ctx.fs.capture(res.paths[0], ctx.backup_store)
         put.append(Managed(res.id, res.kind, spec, digest, original, now))
-    state.update_managed(put, [rid for rid in managed if rid not in desired_ids])
+    return put, [rid for rid in managed if rid not in desired_ids]
 
 
 def _spec_of(desired: DesiredState, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:

@@ -20,6 +20,7 @@ its apply instead of an interpreter start-up (which made the 50-point test take 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import multiprocessing
@@ -35,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge_agent.agent import plan_only, status, sync_once
+from edge_agent.agent import LOCK_FILE, plan_only, status, sync_once
 from edge_agent.config import load_config
 from edge_agent.fsafe import TEMP_PREFIX
 from edge_agent.identity import init_identity, load_encryption_private
@@ -215,8 +216,33 @@ def kill_at(dev: Device, delay: float) -> bool:
         time.sleep(0.002)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    kill_pids(pids_with_arg(str(dev.bin_dir)))  # the power is cut for everything the agent started
+    cut_power(dev)
     return True
+
+
+def cut_power(dev: Device, timeout: float = 10.0) -> None:
+    """Kill everything the killed agent started, and wait (bounded) until its apply lock is free.
+
+    A stand-in the agent had forked but not yet exec'd still holds the agent's descriptors,
+    the apply lock among them (close-on-exec drops it only at the exec), and carries no marker in
+    its arguments yet: it is killed once it has exec'd, on a later pass.
+    """
+    lock = dev.state_dir / LOCK_FILE
+    deadline = time.monotonic() + timeout
+    while True:
+        kill_pids(pids_with_arg(str(dev.bin_dir)))
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            assert time.monotonic() < deadline, f"{lock} still held {timeout}s after the kill"
+            time.sleep(0.01)
+            continue
+        finally:
+            os.close(fd)
+        kill_pids(pids_with_arg(str(dev.bin_dir)))  # any that exec'd meanwhile
+        return
 
 
 def worker(dev: Device, bases: tuple[Path, Path, dict[str, Any]], fractions: list[float],
