@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -58,6 +60,7 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 TEMP_PREFIX = ".ef-tmp-"
 """Every temp file or symlink this module creates starts with this prefix."""
 
+_DIR_CACHE_MAX = 1024  # directories kept open by FsRoot.observing()
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -109,6 +112,18 @@ def referenced_blobs(records: list[dict[str, Any]]) -> set[str]:
         if isinstance(children, list):
             stack.extend(children)
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_confined(path: str, allowed: tuple[str, ...], denied: tuple[str, ...]) -> None:
+    """Refuse ``path`` unless it is a valid device path inside ``allowed`` and outside ``denied``.
+
+    Pure, so a path that passed is remembered (a daemon checks the same paths at every sync); a
+    refusal raises and is never remembered.
+    """
+    check_confined(path, allowed)
+    if denied and is_under(path, denied):
+        raise ConfinementError(f"{path} is inside a root the device profile denies")
 
 
 def _kind_of(mode: int) -> str:
@@ -227,12 +242,33 @@ class FsRoot:
         self.allowed_roots = tuple(allowed_roots)
         self.denied_roots = tuple(denied_roots)
         self._blob_key = blob_key
+        self._dir_cache: dict[str, int] | None = None  # parent path -> fd, only inside observing()
         try:
             self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise ConfigError(f"device root {self.root} cannot be opened: {exc.strerror}") from exc
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observing(self) -> Iterator[None]:
+        """Within the block, reuse the parent directories walked by operations that create nothing.
+
+        Observing many files of the same directories (planning a release) then opens each
+        directory once instead of once per file. Each directory is still opened from the root one
+        ``O_NOFOLLOW`` component at a time the first time; what the block reads is what was there
+        when the walk was made, and nothing is ever written through a cached directory (writes
+        walk afresh). Not re-entrant; the directories are closed when the block ends.
+        """
+        if self._dir_cache is not None:
+            raise ApplyError("observing() is already active")
+        self._dir_cache = {}
+        try:
+            yield
+        finally:
+            cache, self._dir_cache = self._dir_cache, None
+            for fd in cache.values():
+                _close(fd)
 
     def close(self) -> None:
         """Close the root directory fd; further calls raise ApplyError."""
@@ -251,9 +287,7 @@ class FsRoot:
     # -- walking --------------------------------------------------------------------------------
 
     def _confine(self, path: str) -> None:
-        check_confined(path, self.allowed_roots)
-        if self.denied_roots and is_under(path, self.denied_roots):
-            raise ConfinementError(f"{path} is inside a root the device profile denies")
+        _check_confined(path, self.allowed_roots, self.denied_roots)
 
     def _parts(self, path: str) -> list[str]:
         self._confine(path)
@@ -773,6 +807,19 @@ class _Parent:
     def __enter__(self) -> tuple[int, str] | None:
         path = self.path
         parts = self.fs._parts(path)
+        cache = None if self.create else self.fs._dir_cache
+        if cache is not None and len(parts) > 1:
+            key = "/".join(parts[:-1])
+            cached = cache.get(key)
+            if cached is not None:
+                return cached, parts[-1]
+        at = self._walk(path, parts)
+        if at is not None and cache is not None and self.fd >= 0 and len(cache) < _DIR_CACHE_MAX:
+            cache["/".join(parts[:-1])] = self.fd  # owned by the cache from now on
+            self.fd = -1
+        return at
+
+    def _walk(self, path: str, parts: list[str]) -> tuple[int, str] | None:
         root_fd = fd = self.fs._root_fd
         walked = ""
         keep = False

@@ -667,3 +667,39 @@ def test_new_directories_appear_whole_with_their_mode(fs: FsRoot, root: Path) ->
     assert not [n for n in os.listdir(root / "etc/a") if n.startswith(TEMP_PREFIX)]
     fs.make_dir("/etc/a/b", mode=0o700)  # an existing one only changes what is asked
     assert stat.S_IMODE((root / "etc/a/b").stat().st_mode) == 0o700
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_observing_opens_each_directory_once_and_closes_them(root: Path, fs: FsRoot) -> None:
+    (root / "etc" / "app").mkdir()
+    for name in ("a", "b", "c"):
+        (root / "etc" / "app" / name).write_text(name)
+    before = _open_fds()
+    with fs.observing():
+        seen = [fs.observe(f"/etc/app/{name}")[1] for name in ("a", "b", "c")]
+        assert _open_fds() == before + 1  # /etc/app, walked once and kept
+        with pytest.raises(ApplyError, match="already active"), fs.observing():
+            pass
+    assert _open_fds() == before
+    assert seen == [hashlib.sha256(n.encode()).hexdigest() for n in ("a", "b", "c")]
+
+
+def test_a_write_inside_observing_walks_afresh_and_refuses_a_swapped_symlink(
+        root: Path, outside: Path, fs: FsRoot) -> None:
+    app = root / "etc" / "app"
+    app.mkdir()
+    (app / "a").write_text("a")
+    with fs.observing():
+        assert fs.observe("/etc/app/a")[0] is not None  # /etc/app is now cached
+        app.rename(root / "etc" / "app.old")
+        app.symlink_to(outside)
+        with pytest.raises(ConfinementError):
+            fs.write_file("/etc/app/precious", b"overwritten", mode=0o644)
+        # a read through the cached directory sees the directory that was walked, not the link
+        assert fs.observe("/etc/app/a")[1] == hashlib.sha256(b"a").hexdigest()
+    assert (outside / "precious").read_text() == "must survive"
+    with pytest.raises(ConfinementError):  # outside the block every walk starts from the root
+        fs.observe("/etc/app/precious")

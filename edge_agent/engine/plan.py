@@ -131,15 +131,16 @@ def make_plan(desired: DesiredState, managed: Mapping[str, Managed], ctx: Contex
 
     per_resource: list[tuple[Resource, list[Change]]] = []
     changed: list[Resource] = []
-    for res in order_resources(desired.resources):
-        driver = get_driver(res.kind)
-        observed = driver.observe(res, ctx)
-        planned = list(driver.plan(res, observed, ctx))
-        if isinstance(res, CommandRes):
-            planned = _command_changes(res, planned, _changed_watched(res.watch, changed))
-        if planned:
-            changed.append(res)
-        per_resource.append((res, planned))
+    with ctx.fs.observing():  # each directory opened once for the whole plan
+        for res in order_resources(desired.resources):
+            driver = get_driver(res.kind)
+            observed = driver.observe(res, ctx)
+            planned = list(driver.plan(res, observed, ctx))
+            if isinstance(res, CommandRes):
+                planned = _command_changes(res, planned, _changed_watched(res.watch, changed))
+            if planned:
+                changed.append(res)
+            per_resource.append((res, planned))
 
     ordered = _with_restarts(per_resource, changed)
     touched = {c.resource_id for c in ordered}
