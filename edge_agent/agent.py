@@ -562,6 +562,10 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
 
 def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache | None = None) -> SyncResult:
     recovered = recover(rt.state, rt.ctx)
+    try:
+        rt.source.clear_stale_locks()  # we hold the apply lock: a lock file here outlived its process
+    except FetchError as exc:
+        return _finish(rt, SyncResult("fetch_failed", commit=_as_commit(want), reason=str(exc)), now)
     if recovered is not None:
         _record(rt, "recovered", now=now, commit=None, release=None, reason=recovered.reason,
                 status=recovered.status)

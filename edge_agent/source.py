@@ -58,6 +58,7 @@ from dulwich.client import (
     Urllib3HttpGitClient,
 )
 from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
+from dulwich.file import FileLocked
 from dulwich.objects import Blob, Commit, ObjectID, Tree
 from dulwich.pack import write_pack_from_container
 from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH, DEFAULT_GIT_PROTOCOL_VERSION_SEND, Protocol
@@ -581,6 +582,9 @@ class Source:
         if requested:
             try:
                 repo.update_shallow(*shallow)
+            except FileLocked as exc:
+                raise FetchError("cannot record shallow commits in the cache: it is locked "
+                                 f"({exc.lockfilename!r})") from exc
             except OSError as exc:
                 raise FetchError(f"cannot record shallow commits in the cache: {_one_line(exc)}") from exc
         if want is None:
@@ -692,8 +696,39 @@ class Source:
     def _set_ref(repo: Repo, ref: Ref, sha: ObjectID) -> None:
         try:
             repo.refs[ref] = sha
+        except FileLocked as exc:
+            raise FetchError(f"cannot update {ref.decode()} in the cache: it is locked ({exc.lockfilename!r})"
+                             ) from exc
         except OSError as exc:
             raise FetchError(f"cannot update {ref.decode()} in the cache: {_one_line(exc)}") from exc
+
+    def clear_stale_locks(self) -> list[str]:
+        """Remove the lock files a killed fetch left in the cache (ref, packed-refs, shallow and
+        HEAD locks); return their paths relative to the cache.
+
+        Call it only while no other process can use the cache (the agent holds its apply lock):
+        then every lock file found was left by a process that died holding it, and would refuse
+        every later fetch.
+
+        Raises:
+            FetchError: a lock file cannot be removed.
+        """
+        refs = self.cache_dir / "refs"
+        found = list(refs.rglob("*.lock")) if refs.is_dir() else []
+        found += [self.cache_dir / n for n in ("packed-refs.lock", "shallow.lock", "HEAD.lock")
+                  if (self.cache_dir / n).exists()]
+        removed = []
+        for path in found:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise FetchError(f"cannot remove the stale lock {path}: {exc.strerror or exc}") from exc
+            removed.append(str(path.relative_to(self.cache_dir)))
+        if removed:
+            log.warning("removed stale lock file(s) left in the repository cache: %s", ", ".join(removed))
+        return removed
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -246,6 +246,23 @@ def test_bad_input_is_refused(fleet: Fleet, git_daemon: GitDaemon, tmp_path: Pat
 # -- failures leave the cache as it was ------------------------------------------------------------
 
 
+def test_lock_files_left_by_a_killed_fetch_are_cleared(fleet: Fleet, tmp_path: Path) -> None:
+    """A fetch killed while it held a ref lock leaves the lock file: the next fetch is refused with a
+    reason (not a crash) until the stale locks are cleared, which the agent does under its apply lock."""
+    first = fleet.work.head()
+    cache = tmp_path / "cache"
+    with _source(str(fleet.bare), tmp_path) as source:
+        source.fetch()
+        second = fleet.commit({"bundles/b2/file2.conf": "changed\n"})
+        (cache / "refs" / "heads" / "main.lock").write_text(first + "\n")
+        (cache / "shallow.lock").write_text("")
+        with pytest.raises(FetchError, match=r"in the cache: it is locked"):
+            source.fetch()
+        assert sorted(source.clear_stale_locks()) == ["refs/heads/main.lock", "shallow.lock"]
+        assert source.clear_stale_locks() == []
+        assert source.fetch().commit == second
+
+
 def test_mirror_down_then_back(fleet: Fleet, git_daemon: GitDaemon, tmp_path: Path) -> None:
     url = git_daemon.url("fleet.git")
     first = fleet.work.head()
