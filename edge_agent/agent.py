@@ -623,12 +623,16 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache
 def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> str:
     """Fetch, verify, select and plan; return the plan as readable text. Changes nothing on the device.
 
+    It holds the apply lock like a sync: the fetch writes the repository cache, and a sync clears
+    the lock files it finds there on the premise that no other process is using the cache.
+
     Raises:
+        LockedError: a sync holds the apply lock (try again when it is done).
         FetchError: the mirror cannot be reached.
         UntrustedInputError: the release fails verification or selection.
         DriverUnavailable: the release uses a kind whose driver cannot work here.
     """
-    with log_context(device=config.device_id):
+    with log_context(device=config.device_id), apply_lock(config.state_dir):
         rt = _open_runtime(config)
         try:
             verified = _fetch_and_verify(rt, want, _now(now))

@@ -457,16 +457,9 @@ class StateDB:
             ).fetchall()
         return {row[0]: Managed.from_row(row) for row in rows}
 
-    def put_managed(self, m: Managed) -> None:
-        """Insert or replace one managed resource. ``spec`` must never hold secret plaintext.
-
-        Raises:
-            StateError: not JSON-serialisable, or the database cannot be written.
-        """
-        self.update_managed([m], [])
-
     def update_managed(self, put: Iterable[Managed], forget: Iterable[str]) -> None:
-        """Insert or replace the resources ``put`` and forget the ids ``forget``, in one transaction.
+        """Insert or replace the resources ``put`` and forget the ids ``forget`` (absent ids are fine),
+        in one transaction. A spec must never hold secret plaintext.
 
         Raises:
             StateError: not JSON-serialisable, or the database cannot be written.
@@ -483,14 +476,6 @@ class StateDB:
             " VALUES (?, ?, ?, ?, ?, ?)", rows,
         )
         self._conn.executemany("DELETE FROM managed WHERE resource_id = ?", gone)
-
-    def delete_managed(self, resource_id: str) -> None:
-        """Forget one managed resource (absent is fine).
-
-        Raises:
-            StateError: the database cannot be written.
-        """
-        self.update_managed([], [resource_id])
 
     # -- journal --------------------------------------------------------------------------------
 

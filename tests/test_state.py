@@ -101,13 +101,10 @@ def test_managed_resources(db: StateDB, db_path: Path) -> None:
     original = {"path": "/etc/motd", "kind": "file", "mode": 420, "blob": "ab" * 32}
     m1 = Managed("file:/etc/motd", "file", {"path": "/etc/motd", "mode": 420}, "d1", original, 10.0)
     m2 = Managed("sysctl:vm.swappiness", "sysctl", {"value": "10"}, "d2", None, 11.0)
-    db.put_managed(m1)
-    db.put_managed(m2)
+    db.update_managed([m1, m2], [])
     assert db.managed() == {m1.resource_id: m1, m2.resource_id: m2}
     m1b = Managed(m1.resource_id, "file", {"path": "/etc/motd", "mode": 384}, "d3", original, 10.0)
-    db.put_managed(m1b)
-    db.delete_managed(m2.resource_id)
-    db.delete_managed("never-there")
+    db.update_managed([m1b], [m2.resource_id, "never-there"])
     db.close()
     with StateDB(db_path) as again:
         assert again.managed() == {m1.resource_id: m1b}

@@ -681,7 +681,7 @@ def _to_dispatch(w: _Work) -> list[tuple[str, DeviceStatus, str]]:
     """
     devices = w.devices
     if w.phase in _ASSIGNING:
-        return [(d, dev, "new") for k in range(min(w.wave, len(w.wave_ids) - 1) + 1) for d in w.wave_ids[k]
+        return [(d, dev, "new") for ids in w.wave_ids[:w.wave + 1] for d in ids
                 if (dev := devices[d]).target != "new"]
     if w.phase in _ROLLBACK:
         return [(d, dev, "previous") for d, dev in devices.items() if dev.target == "new"]
