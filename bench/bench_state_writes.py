@@ -49,6 +49,16 @@ def _decoded(n: int) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _health_db(path: Path) -> sqlite3.Connection:
+    """A WAL database holding only the store's ``health`` table and its unique index."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE health (id INTEGER PRIMARY KEY, device TEXT NOT NULL, ts REAL NOT NULL,"
+                 " received_at REAL NOT NULL, metrics TEXT, checks TEXT)")
+    conn.execute("CREATE UNIQUE INDEX health_once ON health (device, ts)")
+    return conn
+
+
 def ingest_writer(work: Path, n: int) -> dict[str, float]:
     """Microseconds per message: Store.apply_batch, and health rows through sqlite-utils insert_all."""
     docs = _decoded(n)
@@ -63,11 +73,7 @@ def ingest_writer(work: Path, n: int) -> dict[str, float]:
     store.close()
 
     health = [doc for kind, doc in docs if kind == "health"]
-    db = sqlite_utils.Database(sqlite3.connect(work / "ref.db", isolation_level=None))
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE health (id INTEGER PRIMARY KEY, device TEXT NOT NULL, ts REAL NOT NULL,"
-               " received_at REAL NOT NULL, metrics TEXT, checks TEXT)")
-    db.execute("CREATE UNIQUE INDEX health_once ON health (device, ts)")
+    db = sqlite_utils.Database(_health_db(work / "ref.db"))
     started = time.perf_counter()
     for start in range(0, len(health), BATCH):
         rows = [{"device": d["device"], "ts": float(i), "received_at": time.time(),
@@ -76,11 +82,7 @@ def ingest_writer(work: Path, n: int) -> dict[str, float]:
         with db.conn:
             db.table("health").insert_all(rows, batch_size=1000, ignore=True)
     reference = (time.perf_counter() - started) / len(health) * 1e6
-    conn = sqlite3.connect(work / "ref2.db", isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("CREATE TABLE health (id INTEGER PRIMARY KEY, device TEXT NOT NULL, ts REAL NOT NULL,"
-                 " received_at REAL NOT NULL, metrics TEXT, checks TEXT)")
-    conn.execute("CREATE UNIQUE INDEX health_once ON health (device, ts)")
+    conn = _health_db(work / "ref2.db")
     started = time.perf_counter()
     for start in range(0, len(health), BATCH):
         params = [(d["device"], float(i), time.time(), json.dumps(d["metrics"], sort_keys=True),
