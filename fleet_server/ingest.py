@@ -105,8 +105,8 @@ class Ingestor:
         self._accepting = threading.Event()
         self._connected = threading.Event()
         self._writer_stop = threading.Event()
-        self._idle = threading.Condition()
-        self._in_writer = 0
+        self._idle = threading.Condition(threading.Lock())
+        self._pending = 0  # messages queued or in the writer, not yet committed (guarded by _idle)
         self._writer: threading.Thread | None = None
         self._known: set[str] = set()
         self._unknown_until: dict[str, float] = {}
@@ -202,9 +202,12 @@ class Ingestor:
             if ts is not None:
                 self._metrics.observe_lag(now - ts)
         item = _Item(kind, message, drop, mid, qos, generation, now)
+        with self._idle:
+            self._pending += 1  # counted before the writer can see it, so drain() never misses it
         try:
             self._queue.put_nowait(item)
         except queue.Full:
+            self._settled(1)
             if drop is None:
                 self._metrics.dropped("queue_full")
                 drop = "queue_full"
@@ -291,36 +294,38 @@ class Ingestor:
         while True:
             items = self._collect()
             if not items:
-                with self._idle:
-                    self._idle.notify_all()
                 if self._writer_stop.is_set() and self._queue.empty():
                     return
                 continue
-            with self._idle:
-                self._in_writer = len(items)
             while not self._write(items):
                 if self._writer_stop.wait(_RETRY_PAUSE):
                     log.error("stopping with %s messages not stored; the broker keeps them", len(items))
-                    self._discard_queue()
+                    self._settled(len(items) + self._discard_queue())
                     return
-            with self._idle:
-                self._in_writer = 0
-                self._metrics.set_queue_depth(self._queue.qsize())
-                if self._queue.empty():
-                    self._idle.notify_all()
+            self._metrics.set_queue_depth(self._queue.qsize())
+            self._settled(len(items))
 
-    def _discard_queue(self) -> None:
+    def _settled(self, n: int) -> None:
+        """Mark ``n`` accepted messages as no longer pending; wake drain() when none are left."""
+        with self._idle:
+            self._pending -= n
+            if self._pending <= 0:
+                self._idle.notify_all()
+
+    def _discard_queue(self) -> int:
+        discarded = 0
         while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
-                return
+                return discarded
+            discarded += 1
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until every queued message is committed; return whether that happened."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while not (self._queue.empty() and self._in_writer == 0):
+            while self._pending > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

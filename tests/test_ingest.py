@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.report import messages as m
+from fleet_server import ingest as ingest_module
 from fleet_server.config import ServerConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
@@ -273,6 +274,24 @@ def test_publish_desired_and_nudge(tmp_path, broker, servers):
     assert got.retained
     msg = m.decode("desired", got.payload, topic_device="dev-9")
     assert (msg["revision"], msg["release"], msg["rollout_id"]) == (COMMIT, 12, "rollout-1")
+
+
+def test_drain_waits_for_a_batch_the_writer_has_taken_but_not_committed(tmp_path, monkeypatch):
+    # the writer waits two seconds for more messages: the first is off the queue, not yet committed
+    monkeypatch.setattr(ingest_module, "_IDLE_FLUSH", 2.0)
+    config = make_config(tmp_path, 1, ingest={"batch_interval": "2s"})
+    store = Store(config.store.path)
+    ingestor = Ingestor(config, store, ServerMetrics().ingest)
+    ingestor.start(connect=False)
+    try:
+        assert ingestor.handle_message(t("dev-d", "events"), b"not json") == "malformed_json"
+        assert wait_until(ingestor._queue.empty, timeout=5.0)  # the writer holds it now
+        assert store.counters() == {}
+        assert ingestor.drain(10.0)
+        assert store.counters() == {"dropped.malformed_json": 1}
+    finally:
+        ingestor.stop()
+        store.close()
 
 
 _json_values = st.recursive(
