@@ -69,7 +69,8 @@ _NEGATIVE_CACHE = 30.0
 
 @dataclass(frozen=True)
 class _Item:
-    """One received message on its way to the writer: decoded, or a drop marker (``drop`` set)."""
+    """One received message on its way to the writer: decoded, or a drop marker (``drop`` set).
+    ``ts`` is the message's own time in POSIX seconds, or ``received_at`` when it has none."""
 
     kind: str
     message: dict[str, Any] | None
@@ -78,6 +79,7 @@ class _Item:
     qos: int
     generation: int
     received_at: float
+    ts: float
 
 
 class Ingestor:
@@ -195,13 +197,14 @@ class Ingestor:
             else:
                 if self._ingest.unknown_devices == "refuse" and not self._is_known(device, now):
                     drop, message = "unknown_device", None
+        ts: float | None = None
         if drop is not None:
             self._metrics.dropped(drop)
         elif message is not None:
             ts = to_epoch(message.get("ts"))
             if ts is not None:
                 self._metrics.observe_lag(now - ts)
-        item = _Item(kind, message, drop, mid, qos, generation, now)
+        item = _Item(kind, message, drop, mid, qos, generation, now, now if ts is None else ts)
         with self._idle:
             self._pending += 1  # counted before the writer can see it, so drain() never misses it
         try:
@@ -260,7 +263,7 @@ class Ingestor:
             if it.drop is not None:
                 batch.count(f"dropped.{it.drop}")
             elif it.message is not None:
-                batch.add(it.kind, it.message, it.received_at)
+                batch.add(it.kind, it.message, it.received_at, it.ts)
                 ingested[it.kind] = ingested.get(it.kind, 0) + 1
         for kind, n in ingested.items():
             batch.count(f"ingested.{kind}", n)

@@ -133,10 +133,12 @@ def to_epoch(value: object) -> float | None:
 
 @dataclass(frozen=True)
 class Received:
-    """One decoded message and the server time at which it arrived."""
+    """One decoded message, the server time at which it arrived, and the time it is stored under:
+    its own timestamp, or the arrival time when it carries none."""
 
     message: Mapping[str, Any]
     received_at: float
+    ts: float
 
 
 @dataclass
@@ -150,8 +152,9 @@ class IngestBatch:
     online: list[Received] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
 
-    def add(self, kind: str, message: Mapping[str, Any], received_at: float) -> None:
-        """Append one decoded message of ``kind`` (one of :data:`INGEST_KINDS`).
+    def add(self, kind: str, message: Mapping[str, Any], received_at: float, ts: float | None = None) -> None:
+        """Append one decoded message of ``kind`` (one of :data:`INGEST_KINDS`); ``ts`` is its own
+        timestamp in POSIX seconds when the caller has already converted it.
 
         Raises:
             ValueError: ``kind`` is not an ingest kind.
@@ -159,7 +162,9 @@ class IngestBatch:
         if kind not in INGEST_KINDS:
             raise ValueError(f"unknown message kind {kind!r}")
         bucket: list[Received] = getattr(self, kind)
-        bucket.append(Received(message, received_at))
+        if ts is None:
+            ts = to_epoch(message.get("ts"))
+        bucket.append(Received(message, received_at, received_at if ts is None else ts))
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the persistent counter ``name`` when the batch is applied."""
@@ -169,14 +174,12 @@ class IngestBatch:
         return len(self.status) + len(self.events) + len(self.health) + len(self.online)
 
 
-def _ts(message: Mapping[str, Any], received_at: float) -> float:
-    """The message's own timestamp, or the arrival time when it carries none."""
-    ts = to_epoch(message.get("ts"))
-    return received_at if ts is None else ts
+# One encoder for the ingest hot path: json.dumps with options would build a new one per call.
+_COMPACT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 def _json(value: object) -> str | None:
-    return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return None if value is None else _COMPACT_JSON.encode(value)
 
 
 def _unjson(text: object) -> Any:
@@ -375,18 +378,18 @@ class Store:
                 paused = m["paused"]
                 upd["paused"] = 1 if paused else 0
                 upd["pause_reason"] = paused if isinstance(paused, str) else _text(m.get("pause_reason"))
-            upd["status_ts"] = _ts(m, r.received_at)
+            upd["status_ts"] = r.ts
         for r in batch.online:
             m, upd = r.message, touch(r)
             online = m.get("online")
             if not isinstance(online, bool):
                 online = m.get("state") == "online"
             upd["online"] = 1 if online else 0
-            upd["online_ts"] = _ts(m, r.received_at)
+            upd["online_ts"] = r.ts
         for r in batch.events:
             m, upd = r.message, touch(r)
             upd["last_event"] = _text(m.get("type"))
-            upd["last_event_ts"] = _ts(m, r.received_at)
+            upd["last_event_ts"] = r.ts
         for r in batch.health:
             touch(r)
         return updates
@@ -398,8 +401,8 @@ class Store:
                  for u in updates.values()]
         _insert_or_ignore(self._wconn, "devices", fresh)
         groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-        for upd in updates.values():
-            columns = tuple(sorted(k for k in upd if k not in {"id", "first_seen"}))
+        for upd in updates.values():  # grouped by the columns an update sets, in the order it set them
+            columns = tuple(k for k in upd if k not in {"id", "first_seen"})
             groups.setdefault(columns, []).append((*(upd[c] for c in columns), upd["id"]))
         for columns, params in groups.items():
             assignments = ", ".join(f"[{c}] = ?" for c in columns)
@@ -421,7 +424,7 @@ class Store:
             commit = m.get("commit") if isinstance(m.get("commit"), str) else None
             detail = {k: v for k, v in m.items() if k not in _EVENT_ENVELOPE}
             rows.append({
-                "device": str(m["device"]), "ts": _ts(m, r.received_at),
+                "device": str(m["device"]), "ts": r.ts,
                 "received_at": r.received_at, "type": _text(m.get("type")) or "unknown", "commit": commit,
                 "release": _int(m.get("release")), "reason": _text(m.get("reason")),
                 "step": _text(m.get("step")), "detail": _json(detail) if detail else None,
@@ -435,7 +438,7 @@ class Store:
         metrics = m.get("metrics")
         if metrics is None:
             metrics = {k: v for k, v in m.items() if k not in {"schema", "device", "ts", "checks", "kind"}}
-        return {"device": str(m["device"]), "ts": _ts(m, r.received_at),
+        return {"device": str(m["device"]), "ts": r.ts,
                 "received_at": r.received_at, "metrics": _json(metrics), "checks": _json(m.get("checks"))}
 
     def register_device(self, device_id: str, *, labels: Mapping[str, str] | None = None,

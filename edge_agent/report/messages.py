@@ -459,6 +459,10 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every message: json.loads with hooks would build a new one per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def decode(kind: str, payload: bytes, *, topic_device: str | None,
            max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """Parse and strictly validate one received message of ``kind`` (see the module docstring).
@@ -474,8 +478,7 @@ def decode(kind: str, payload: bytes, *, topic_device: str | None,
     if len(payload) > max_bytes:
         raise MessageError("oversized", f"{len(payload)} bytes is over the cap of {max_bytes}")
     try:
-        doc = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_no_constants)
+        doc = _DECODER.decode(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError("malformed_json", f"{kind} payload is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
