@@ -193,3 +193,11 @@ def test_telemetry_sample_is_json_able(tmp_path: Path) -> None:
     assert str(tmp_path / "missing") not in snap["disk"]
     assert snap["process"]["rss"] > 0
     assert snap["uptime"] > 0
+
+
+def test_telemetry_sample_measures_the_agents_own_cpu_between_samples() -> None:
+    telemetry.sample([])
+    spent = time.process_time()
+    while time.process_time() - spent < 0.3:  # bounded: 0.3 s of this process's CPU
+        pass
+    assert telemetry.sample([])["process"]["cpu_percent"] > 0.0
