@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import re
-import uuid
+import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -526,8 +526,8 @@ def _make_checks(desired: DesiredState, rt: _Runtime) -> Callable[[], list[Check
 def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, managed: Mapping[str, Managed], *, version: int,
            commit: str) -> Outcome:
     ctx = _with_payloads(rt.ctx, desired.payloads)
-    return apply_plan(plan, desired, ctx, rt.state, txn_id=uuid.uuid4().hex, version=version, commit=commit,
-                      run_checks=_make_checks(desired, rt), managed=managed)
+    return apply_plan(plan, desired, ctx, rt.state, txn_id=secrets.token_hex(16), version=version,
+                      commit=commit, run_checks=_make_checks(desired, rt), managed=managed)
 
 
 # --- the operations ------------------------------------------------------------------------------

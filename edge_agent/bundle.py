@@ -436,7 +436,10 @@ def _parse(name: str, value: object) -> tuple[Bundle | None, list[BundleError]]:
 def _apply_overlays(bundle: Bundle, chosen: list[tuple[int, Overlay]]) -> ResolvedBundle:
     raw_list = bundle.raw.get("resources") or []
     entries: dict[str, tuple[dict[str, Any], Where]] = {}
-    parsed = {r.id for r in bundle.resources}
+    parsed: dict[str, Resource] = {}
+    for res in bundle.resources:
+        parsed.setdefault(res.id, res)
+    patched: set[str] = set()  # ids an overlay changed or added: parsed again below
     for i, r in enumerate(raw_list):  # only what parsed (lint applies overlays to partial bundles)
         rid = default_resource_id(r) if isinstance(r, Mapping) else None
         if rid is not None and rid in parsed and rid not in entries:
@@ -448,6 +451,7 @@ def _apply_overlays(bundle: Bundle, chosen: list[tuple[int, Overlay]]) -> Resolv
         sources.update(ov.files)
         for j, patch in enumerate(ov.resources):
             at: Where = ("overlays", index, "resources", j)
+            patched.add(patch.id)
             if patch.remove:
                 if patch.id not in entries:
                     raise BundleError(f"overlay removes {patch.id!r}, which the bundle does not declare", at)
@@ -466,6 +470,9 @@ def _apply_overlays(bundle: Bundle, chosen: list[tuple[int, Overlay]]) -> Resolv
                 entries[patch.id] = (dict(patch.fields), at)
     resolved: list[Resource] = []
     for rid, (raw, at) in entries.items():
+        if rid not in patched:  # as the bundle declared it: already parsed from this very entry
+            resolved.append(parsed[rid])
+            continue
         if raw.get("kind") not in RESOURCE_KINDS:
             raise BundleError(f"overlay resource {rid!r} needs a known 'kind'", (*at, "kind"))
         res = parse_resource(raw, bundle.name, at)
