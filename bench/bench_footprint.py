@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 import yaml
 
-from bench.bench_apply import BIN, device_config, make_release, sh
+from bench.bench_apply import BIN, compile_like_the_package, device_config, make_release, sh
 
 __all__ = ["IMPORTS", "daemon_footprint", "import_costs", "importtime_top", "main", "oneshot_peak_rss"]
 
@@ -157,6 +157,7 @@ def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
     """Measure everything; return the figures."""
     from tests.support.broker import Mosquitto
 
+    compile_like_the_package()
     base = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
     try:
         url, trust = make_release(base, n_files)

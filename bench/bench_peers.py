@@ -35,7 +35,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.bench_apply import BIN, baseline_apply, cli_sync, contents, device_config, make_release, sh, timed
+from bench.bench_apply import (
+    BIN,
+    baseline_apply,
+    cli_sync,
+    compile_like_the_package,
+    contents,
+    device_config,
+    make_release,
+    sh,
+    timed,
+)
 
 __all__ = ["PEERS_VENV", "ensure_peers", "main", "peer_env", "run"]
 
@@ -170,6 +180,7 @@ def run(n_files: int, n_ansible: int, runs: int, ansible_runs: int) -> dict[str,
     from edge_agent.config import load_config
 
     peer_bin = ensure_peers()
+    compile_like_the_package()
     base = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     try:
         files = contents(n_files)
