@@ -253,6 +253,11 @@ def worker(dev: Device, bases: tuple[Path, Path, dict[str, Any]], fractions: lis
     try:
         os.environ["PATH"] = f"{dev.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
         config = load_config(dev.config_path)
+        # Warm this process up as each kill point's converging sync will have: the children forked
+        # later inherit its imports and caches, so a cold calibration run would reach its first
+        # change later than they do and no kill would land before the apply.
+        reset(dev, *bases)
+        assert sync_once(config).outcome == "applied"
         reset(dev, *bases)
         trace = dev.where / "trace.log"
         started = time.time()
