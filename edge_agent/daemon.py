@@ -4,6 +4,9 @@ One thread does all the work, so two applies never overlap inside the daemon; th
 (``state_dir/apply.lock``) keeps a concurrent ``edge-agent sync`` out as well. Timers:
 
 * sync at start (which first undoes a transaction a crash left open), then every ``intervals.poll``;
+  a device with an ``mqtt`` section that has neither an assignment nor a fleet baseline yet first
+  waits up to :data:`FIRST_SYNC_WAIT` seconds for the broker's retained ones (either wakes it), so a
+  new device starts on the fleet's last-good release rather than the branch head;
   after a ``fetch_failed`` the next attempt comes after a capped exponential backoff with full
   jitter (``backoff.base`` .. ``backoff.cap``) instead, and a success resets the backoff;
 * a drift check every ``intervals.drift`` (enforce: correct and record; audit: record only);
@@ -57,13 +60,16 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeFleetError, LockedError
 from edge_agent.logs import log_context
 from edge_agent.report.service import Reporter
-from edge_agent.selection import Baseline, set_fleet_baseline
+from edge_agent.selection import Baseline, fleet_baseline, set_fleet_baseline
 
 __all__ = ["Daemon", "install_signal_handlers", "run"]
 
 log = logging.getLogger(__name__)
 
 _MAX_WAIT = 0.5  # how often an idle loop looks at the stop event, in seconds
+FIRST_SYNC_WAIT = 5.0
+"""Seconds a device that never heard from a fleet server (no assignment, no baseline) waits for the
+broker's retained ``desired`` or baseline before its first sync follows the branch head instead."""
 
 
 class Daemon:
@@ -179,6 +185,20 @@ class Daemon:
             return
         self._persisted_baseline = baseline
 
+    def _first_sync_delay(self) -> float:
+        """0, or :data:`FIRST_SYNC_WAIT` when the broker may still deliver what the device should run."""
+        if self._reporter is None:
+            return 0.0
+        with self._lock:
+            if self._want is not None or self._baseline is not None:
+                return 0.0
+        try:
+            if fleet_baseline(self.config) is not None:
+                return 0.0
+        except EdgeFleetError as exc:
+            log.error("cannot read the fleet baseline: %s", exc)
+        return min(FIRST_SYNC_WAIT, self.config.intervals.poll)
+
     def _load_want(self) -> None:
         try:
             stored = assigned_revision(self.config)
@@ -285,7 +305,7 @@ class Daemon:
     def _loop(self) -> None:
         intervals = self.config.intervals
         now = self._clock()
-        next_sync = now
+        next_sync = now + self._first_sync_delay()
         next_drift = now + intervals.drift
         next_health = now if self._reporter is not None else float("inf")
         while not self.stop.is_set():
