@@ -21,6 +21,7 @@ from edge_agent.agent import set_assigned_revision, status, sync_once
 from edge_agent.config import load_config
 from edge_agent.daemon import Daemon
 from edge_agent.report import messages as m
+from edge_agent.selection import Baseline, set_fleet_baseline
 from tests.support.broker import Mosquitto, publish
 from tests.support.gitrepo import DEFAULT_BRANCH, git
 from tests.support.mirror import GitDaemon
@@ -96,6 +97,17 @@ def test_an_assigned_rollback_to_the_same_release_is_accepted_above_the_floor(fl
     assert below.outcome == "refused"
     assert "floor" in (below.reason or "")
     assert installed(fleet) == 3
+
+
+def test_a_baseline_that_lies_about_its_release_cannot_move_a_device_back(fleet: AgentFleet) -> None:
+    v1 = fleet.publish(release(1))
+    fleet.publish(release(2))
+    assert sync_once(fleet.config).outcome == "applied"
+    # the baseline claims release 5 but names the commit of signed release 1: the signed version wins
+    set_fleet_baseline(fleet.config, Baseline(revision=v1, release=5))
+    result = sync_once(fleet.config)
+    assert (result.outcome, result.version, result.reason) == ("refused", 1, OLDER), result
+    assert installed(fleet) == 2
 
 
 class Running:
