@@ -5,12 +5,15 @@ A sync is ``fetch -> verify -> select -> plan -> apply -> record``:
 1. take the apply lock (``state_dir/apply.lock``; a second apply fails at once with LockedError);
 2. undo any transaction a crash left open (our recovery rule is "undo, then converge": the journal
    restores every backed-up path, then this very sync re-applies the release from scratch);
-3. fetch the branch head (or the revision the fleet server assigned) from the mirror; a transport
-   failure ends the sync as ``fetch_failed`` and the device stays as it is;
+3. fetch what :mod:`edge_agent.selection` chooses (the revision the fleet server assigned, else the
+   fleet baseline, else the branch head) from the mirror; a transport failure ends the sync as
+   ``fetch_failed`` and the device stays as it is;
 4. verify: trust-root rotations under ``.fleet/root/`` first, then the manifest signature
    threshold, expiry and rollback floor, then every file of the tree against the manifest. Any
    failure ends the sync as ``refused`` with the one-line reason, before anything touches the
-   device; a success raises the local rollback floor;
+   device; a release older than the installed one is refused the same way unless the fleet server
+   assigned it (the monotonic rule of :mod:`edge_agent.selection`); a success raises the local
+   rollback floor;
 5. select the bundles for this device, probe the drivers of the kinds in use (a kind whose driver
    cannot work here refuses the whole release, with the probe's reason), plan, and apply in one
    transaction with the release's health checks (failure -> ``rolled_back``);
@@ -42,7 +45,7 @@ from typing import Any
 
 from nacl.public import PrivateKey
 
-from edge_agent import reporter, telemetry
+from edge_agent import reporter, selection, telemetry
 from edge_agent.config import AgentConfig
 from edge_agent.drivers.base import Context, probe_kinds
 from edge_agent.engine.drift import DriftFinding, detect_drift
@@ -534,16 +537,20 @@ def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, managed: Mapping[str
 
 
 def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | None = None,
-              cache: SyncCache | None = None) -> SyncResult:
+              cache: SyncCache | None = None, assigned: str | None = None) -> SyncResult:
     """Run one fetch -> verify -> select -> plan -> apply -> record cycle.
 
     Args:
         config: the validated agent configuration.
-        want: a commit to run; None means the revision the fleet server assigned
-            (:func:`assigned_revision`) when there is one, else the branch head. It must pass every
-            trust check either way.
+        want: a commit the device's operator asks for; None means what
+            :func:`edge_agent.selection.choose` picks: the revision the fleet server assigned
+            (``assigned``, else :func:`assigned_revision`), else the fleet baseline, else the branch
+            head. It must pass every trust check either way, and only ``want`` or an assignment may
+            be older than the installed release.
         now: the time used for expiry checks and timestamps (default: the clock).
         cache: the daemon's :class:`SyncCache` (None: verify everything from scratch).
+        assigned: the revision the fleet server assigned, as the daemon follows it (None: the
+            persisted one).
 
     Raises:
         LockedError: another apply is running.
@@ -553,14 +560,18 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
     with log_context(device=config.device_id), apply_lock(config.state_dir):
         rt = _open_runtime(config)
         try:
-            if want is None:
-                want = rt.state.get_meta(_META_ASSIGNED) or None
-            return _sync_locked(rt, want, _now(now), cache)
+            assigned = assigned or rt.state.get_meta(_META_ASSIGNED) or None
+            baseline = selection.load_baseline(rt.state)
+            target = selection.choose(want=want, assigned=assigned, baseline=baseline,
+                                      installed=rt.state.installed())
+            return _sync_locked(rt, target, _now(now), cache)
         finally:
             rt.close()
 
 
-def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache | None = None) -> SyncResult:
+def _sync_locked(rt: _Runtime, target: selection.Target, now: datetime,
+                 cache: SyncCache | None = None) -> SyncResult:
+    want = target.revision
     recovered = recover(rt.state, rt.ctx)
     try:
         rt.source.clear_stale_locks()  # we hold the apply lock: a lock file here outlived its process
@@ -579,6 +590,10 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache
         commit = _as_commit(seen[0] if seen else want)
         return _finish(rt, SyncResult("refused", commit=commit, reason=str(exc)), now)
     version, commit = verified.release.version, verified.commit
+    try:
+        selection.check_monotonic(target, version, installed)
+    except RollbackError as exc:
+        return _finish(rt, SyncResult("refused", version, commit, reason=str(exc)), now)
     with log_context(commit=commit, release=version):
         _persist_trust(rt.state, verified)
         rt.state.raise_floor(verified.release.rollback_floor)

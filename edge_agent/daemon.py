@@ -4,6 +4,9 @@ One thread does all the work, so two applies never overlap inside the daemon; th
 (``state_dir/apply.lock``) keeps a concurrent ``edge-agent sync`` out as well. Timers:
 
 * sync at start (which first undoes a transaction a crash left open), then every ``intervals.poll``;
+  a device with an ``mqtt`` section that has neither an assignment nor a fleet baseline yet first
+  waits up to :data:`FIRST_SYNC_WAIT` seconds for the broker's retained ones (either wakes it), so a
+  new device starts on the fleet's last-good release rather than the branch head;
   after a ``fetch_failed`` the next attempt comes after a capped exponential backoff with full
   jitter (``backoff.base`` .. ``backoff.cap``) instead, and a success resets the backoff;
 * a drift check every ``intervals.drift`` (enforce: correct and record; audit: record only);
@@ -17,7 +20,10 @@ link and the outbox sender (in their own threads). A ``desired`` message for a r
 the one followed now calls :meth:`Daemon.set_desired` (so it is synced at once, still subject to
 every trust check); a repeat of the followed revision (a retained re-delivery) is a no-op. The
 assigned revision is persisted in the state database, so a restart follows it from the first sync
-on. The broadcast nudge calls :meth:`Daemon.request_sync`. After every operation the sender is
+on. The broadcast nudge calls :meth:`Daemon.request_sync`. The retained fleet baseline
+(``<prefix>/_broadcast/desired``) calls :meth:`Daemon.on_baseline`: it is persisted before the next
+sync and, on a device without an assignment, wakes the loop (:mod:`edge_agent.selection` says what a
+sync follows). After every operation the sender is
 woken to publish the reports the operation queued. Without an ``mqtt`` section reports simply wait
 in the outbox (``edge-agent status`` shows how many).
 
@@ -54,12 +60,16 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeFleetError, LockedError
 from edge_agent.logs import log_context
 from edge_agent.report.service import Reporter
+from edge_agent.selection import Baseline, fleet_baseline, set_fleet_baseline
 
 __all__ = ["Daemon", "install_signal_handlers", "run"]
 
 log = logging.getLogger(__name__)
 
 _MAX_WAIT = 0.5  # how often an idle loop looks at the stop event, in seconds
+FIRST_SYNC_WAIT = 5.0
+"""Seconds a device that never heard from a fleet server (no assignment, no baseline) waits for the
+broker's retained ``desired`` or baseline before its first sync follows the branch head instead."""
 
 
 class Daemon:
@@ -89,6 +99,8 @@ class Daemon:
         self._on_sync = on_sync
         self._on_drift = on_drift
         self._persisted_want: str | None = None
+        self._baseline: Baseline | None = None
+        self._persisted_baseline: Baseline | None = None
         self._reporter: Reporter | None = None
         self.syncs = 0
         self.drift_checks = 0
@@ -127,6 +139,22 @@ class Daemon:
         log.info("fleet server assigned revision %s (release %s, rollout %s)", revision, release, rollout_id)
         self.set_desired(revision)
 
+    def on_baseline(self, revision: str, release: int) -> None:
+        """Handle the fleet baseline: remember it (persisted before the next sync); wake the loop when
+        this device has no assignment of its own (an assigned device does not follow the baseline).
+
+        Called from the MQTT thread; a repeat (a retained re-delivery) is a no-op.
+        """
+        baseline = Baseline(revision=revision, release=release)
+        with self._lock:
+            if baseline == self._baseline:
+                return
+            self._baseline = baseline
+            assigned = self._want is not None
+        log.info("fleet baseline: release %s (%s)", release, revision)
+        if not assigned:
+            self._wake.set()
+
     def on_nudge(self) -> None:
         """Handle the broadcast nudge: fetch at once instead of at the next poll."""
         self.request_sync()
@@ -144,6 +172,32 @@ class Daemon:
             log.error("cannot persist the assigned revision: %s", exc)
             return
         self._persisted_want = want
+
+    def _persist_baseline(self) -> None:
+        with self._lock:
+            baseline = self._baseline
+        if baseline is None or baseline == self._persisted_baseline:
+            return
+        try:
+            set_fleet_baseline(self.config, baseline)
+        except EdgeFleetError as exc:
+            log.error("cannot persist the fleet baseline: %s", exc)
+            return
+        self._persisted_baseline = baseline
+
+    def _first_sync_delay(self) -> float:
+        """0, or :data:`FIRST_SYNC_WAIT` when the broker may still deliver what the device should run."""
+        if self._reporter is None:
+            return 0.0
+        with self._lock:
+            if self._want is not None or self._baseline is not None:
+                return 0.0
+        try:
+            if fleet_baseline(self.config) is not None:
+                return 0.0
+        except EdgeFleetError as exc:
+            log.error("cannot read the fleet baseline: %s", exc)
+        return min(FIRST_SYNC_WAIT, self.config.intervals.poll)
 
     def _load_want(self) -> None:
         try:
@@ -164,8 +218,9 @@ class Daemon:
         """Run one sync; return the seconds until the next one."""
         want = self._take_want()
         self._persist_want(want)
+        self._persist_baseline()
         try:
-            result = sync_once(self.config, want=want, cache=self._cache)
+            result = sync_once(self.config, assigned=want, cache=self._cache)
         except LockedError as exc:
             log.info("sync skipped: %s", exc)
             return min(self.config.intervals.poll, max(self.config.backoff.base, 1.0))
@@ -222,7 +277,7 @@ class Daemon:
             return None
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         reporter = Reporter(self.config, self.config.state_dir / STATE_DB, on_desired=self.on_desired,
-                            on_nudge=self.on_nudge)
+                            on_nudge=self.on_nudge, on_baseline=self.on_baseline)
         reporter.start()
         return reporter
 
@@ -250,7 +305,7 @@ class Daemon:
     def _loop(self) -> None:
         intervals = self.config.intervals
         now = self._clock()
-        next_sync = now
+        next_sync = now + self._first_sync_delay()
         next_drift = now + intervals.drift
         next_health = now if self._reporter is not None else float("inf")
         while not self.stop.is_set():

@@ -4,10 +4,12 @@ Every device authenticates with its device id as user name (and, with
 ``use_username_as_clientid true``, as client id, so no client can take over another's session) and
 a random password. The ACL names every device explicitly (no ``pattern`` rules, so nothing depends
 on how ``%u`` is substituted): a device may write only ``<prefix>/<id>/{status,events,health,online}``
-and read only ``<prefix>/<id>/desired`` and the broadcast nudge. The server user reads
-``<prefix>/#`` and writes ``<prefix>/+/desired`` and the nudge. Several server users may be named:
-because the user name is the client id, every server process (MQTT 5 shared subscriptions) and
-tool that connects at the same time needs its own, or they would take each other's session over.
+and read only ``<prefix>/<id>/desired``, the broadcast nudge and the fleet baseline
+(``<prefix>/_broadcast/desired``). The server user reads ``<prefix>/#`` and writes
+``<prefix>/+/desired`` (which covers the baseline), the baseline and the nudge; no device id can be
+``_broadcast``, so no device writes either broadcast. Several server users may be named: because
+the user name is the client id, every server process (MQTT 5 shared subscriptions) and tool that
+connects at the same time needs its own, or they would take each other's session over.
 
 Files written under ``out``: ``passwd`` (hashed by the real ``mosquitto_passwd``, 0600),
 ``acl`` (0644), ``mosquitto.conf`` (0644) and ``credentials/<user>.password`` (0600, the plaintext to
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.errors import MessageError
-from edge_agent.report.messages import DEVICE_ID_RE, nudge_topic
+from edge_agent.report.messages import DEVICE_ID_RE, baseline_topic, nudge_topic
 from fleet_server.errors import UsageError
 
 __all__ = ["BrokerFiles", "acl_text", "conf_text", "read_device_ids", "write_broker_config"]
@@ -94,6 +96,7 @@ def acl_text(devices: Sequence[str], *, prefix: str, server_users: Sequence[str]
     """
     try:
         nudge = nudge_topic(prefix)
+        baseline = baseline_topic(prefix)
     except MessageError as exc:
         raise UsageError(f"invalid topic prefix {prefix!r}") from exc
     lines = [
@@ -102,11 +105,11 @@ def acl_text(devices: Sequence[str], *, prefix: str, server_users: Sequence[str]
     ]
     for user in server_users:
         lines += ["", f"user {user}", f"topic read {prefix}/#", f"topic write {prefix}/+/desired",
-                  f"topic write {nudge}"]
+                  f"topic write {baseline}", f"topic write {nudge}"]
     for device in devices:
         lines += ["", f"user {device}"]
         lines += [f"topic write {prefix}/{device}/{kind}" for kind in _DEVICE_WRITES]
-        lines += [f"topic read {prefix}/{device}/desired", f"topic read {nudge}"]
+        lines += [f"topic read {prefix}/{device}/desired", f"topic read {nudge}", f"topic read {baseline}"]
     return "\n".join(lines) + "\n"
 
 

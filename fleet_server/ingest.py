@@ -46,6 +46,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.errors import BrokerError, MessageError, StateError
 from edge_agent.report.messages import (
+    baseline_message,
+    baseline_topic,
     decode,
     desired_message,
     encode,
@@ -429,3 +431,14 @@ class Ingestor:
         """
         msg = nudge_message(revision=revision, release=release, ts=self._clock())
         self._publish(nudge_topic(self._mqtt.prefix), encode(msg), retain=False, wait=wait)
+
+    def publish_baseline(self, revision: str, release: int, *, wait: float = 0.0) -> None:
+        """Publish the retained QoS 1 fleet baseline: the last-good release every device without an
+        assignment runs (``<prefix>/_broadcast/desired``).
+
+        Raises:
+            MessageError: a field is invalid.
+            BrokerError: the message cannot be queued, or was not acknowledged in time.
+        """
+        msg = baseline_message(revision=revision, release=release, ts=self._clock())
+        self._publish(baseline_topic(self._mqtt.prefix), encode(msg), retain=True, wait=wait)

@@ -27,6 +27,7 @@ from edge_agent.logs import setup_logging
 from edge_agent.source import Source
 from fleet_server import __version__
 from fleet_server.api.app import ApiActions, create_app
+from fleet_server.baseline import FleetBaseline, log_phase_errors
 from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
 from fleet_server.errors import FleetError, UsageError
 from fleet_server.ingest import Ingestor
@@ -79,20 +80,23 @@ class Pruner:
 class GitPlans:
     """Rollout plans read from verified releases in the Git watcher's cache.
 
-    ``on_release`` is the watcher's ``publish_nudge`` callback: it nudges devices, then starts a
-    rollout of the new release with the default plan its fleet.yaml declares (no ``rollout:`` key,
-    no rollout: devices follow the branch head as before). The watcher calls it while holding its
-    poll lock, so reading the cache never races a fetch. ``named`` serves ``plan_name`` starts from
-    the newest recorded release.
+    ``on_release`` is the watcher's ``publish_nudge`` callback. A release whose fleet.yaml declares
+    no ``rollout:`` is not governed: the fleet baseline moves to it and devices are nudged (they
+    follow it at once, as without rollouts). A release that declares one is governed: the baseline
+    stays on the last-good release, no nudge goes out, and the rollout's per-device assignments are
+    the only way devices reach it. A fleet.yaml that cannot be read counts as governed (nothing moves;
+    logged). The watcher calls it while holding its poll lock, so reading the cache never races a
+    fetch. ``named`` serves ``plan_name`` starts from the newest recorded release.
     """
 
     def __init__(self, config: ServerConfig, store: Store, runner: RolloutRunner,
-                 nudge: Callable[[str, int], None]) -> None:
+                 nudge: Callable[[str, int], None], baseline: FleetBaseline | None = None) -> None:
         assert config.git.url is not None
         self._source = Source(config.git.url, config.git.branch, Path(config.git.cache_dir))
         self._store = store
         self._runner = runner
         self._nudge = nudge
+        self._baseline = baseline
         self._lock = threading.Lock()
 
     def _plan(self, commit: str, name: str | None) -> RolloutPlan | None:
@@ -101,13 +105,21 @@ class GitPlans:
         return plan_from_tree(tree, name)
 
     def on_release(self, commit: str, release: int) -> None:
-        """Nudge every device, then start the release's default rollout when fleet.yaml declares one."""
-        self._nudge(commit, release)
+        """Move the baseline and nudge for a release no rollout governs; start the default rollout of
+        one that fleet.yaml governs, leaving the baseline and sending no nudge."""
         try:
             plan = self._plan(commit, None)
         except (EdgeFleetError, FleetError) as exc:
-            log.error("release %s: cannot read its rollout plan, no rollout started: %s", release, exc)
+            log.error("release %s: cannot read its rollout plan, no rollout started and the fleet "
+                      "baseline stays: %s", release, exc)
             return
+        if plan is None:
+            if self._baseline is not None:
+                self._baseline.move(release, commit, reason=f"release {release} declares no rollout")
+            self._nudge(commit, release)
+            return
+        if self._baseline is not None:
+            self._baseline.on_governed_release(release)
         self._runner.on_new_release(release, plan)
 
     def named(self, name: str) -> RolloutPlan:
@@ -188,11 +200,14 @@ def run_server(config: ServerConfig) -> None:
         ingestor = Ingestor(config, store, metrics.ingest)
         ingestor.start()
         metrics.attach_fleet(store)
+        baseline = FleetBaseline(store, ingestor.publish_baseline)
+        baseline.start()
         runner = RolloutRunner(store, ingestor.publish_desired)
+        runner.set_phase_listener(log_phase_errors(baseline))
         runner.start_thread()
         metrics.attach_rollouts(runner)
         if config.git.url:
-            plans = GitPlans(config, store, runner, ingestor.publish_nudge)
+            plans = GitPlans(config, store, runner, ingestor.publish_nudge, baseline)
             runner.set_plan_loader(plans.named)
             watcher = GitWatcher(config, store, plans.on_release, metrics=metrics.releases)
             watcher.start()

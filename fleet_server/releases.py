@@ -5,7 +5,9 @@
 device would (:mod:`edge_agent.trust.verify`): root rotations in ``.fleet/root/``, the release
 manifest's signatures, threshold and expiry, then every file of the tree against the manifest. A
 release that passes is recorded in the store (``record_release``); when it is new, the
-``publish_nudge(revision, release)`` callback tells every device to fetch now. A head that fails is
+``publish_nudge(revision, release)`` callback gets it (in ``fleet-server``, ``GitPlans.on_release``:
+it moves the fleet baseline and nudges every device, or starts the rollout that governs the release
+and nudges no one). A head that fails is
 refused: counted in :class:`fleet_server.metrics.ReleaseMetrics` by reason, logged, and never
 published. Each head commit is judged once; the next poll skips it.
 

@@ -10,7 +10,7 @@ Tables: ``devices`` (the registry: one row per device, the latest status, online
 ``events`` (history; each row keeps the commit time of its release when the release is known, so
 commit-to-applied = event ts - commit time), ``health`` (samples), ``releases`` (signed releases
 seen by the git watcher), ``audit`` (who did what and why), ``counters`` (ingest totals that survive
-restarts) and ``meta`` (the schema version).
+restarts) and ``meta`` (the schema version, the rollout runner's cursor and the fleet baseline).
 
 Writes from ingest come as one :class:`IngestBatch` per transaction (``apply_batch``): batching is
 what makes SQLite fast enough (about 50k rows/s in transactions of 1000 rows against about 5k/s for
@@ -748,6 +748,32 @@ class Store:
                 self._wconn.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     [(f"rollout_cursor.{k}", str(int(v))) for k, v in sorted(write.cursor.items())])
+
+    def fleet_baseline(self) -> tuple[int, str] | None:
+        """Return the stored fleet baseline ``(release, commit)``, None before the first one.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read the fleet baseline") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'fleet_baseline'").fetchone()
+        if row is None:
+            return None
+        doc = _unjson(row[0])
+        if not isinstance(doc, dict) or not isinstance(doc.get("release"), int) \
+                or not isinstance(doc.get("commit"), str):
+            return None
+        return int(doc["release"]), str(doc["commit"])
+
+    def set_fleet_baseline(self, release: int, commit: str) -> None:
+        """Store the fleet baseline (the last-good release devices without an assignment run).
+
+        Raises:
+            StateError: the database cannot be written.
+        """
+        with self._writing("store the fleet baseline"), self._db.atomic():
+            self._wconn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('fleet_baseline', ?)",
+                                (_json({"release": int(release), "commit": commit}),))
 
     def rollout_cursor(self) -> dict[str, int] | None:
         """Return the rollout runner's read positions (``events``, ``health``), None before the first write.

@@ -9,11 +9,14 @@ Topics (``prefix`` defaults to ``fleet/v1``)::
     <prefix>/<device>/online     device → server, retained    true on connect; the last will says false
     <prefix>/<device>/desired    server → device, retained    the revision the device should run
     <prefix>/_broadcast/nudge    server → all devices         a new release: fetch now
+    <prefix>/_broadcast/desired  server → all devices,        the fleet baseline: the last-good
+                                 retained                     release a device without its own
+                                                              assignment runs
 
 Every payload is a compact JSON object with ``schema`` (:data:`SCHEMA_VERSION`), ``ts`` (RFC 3339,
-UTC, ``Z``) and, except the broadcast nudge, ``device``. Device reports carry the ``commit`` and
-``release`` they concern (``null`` before the first release); ``desired`` and ``nudge`` carry the
-``revision`` (a commit) and ``release`` to run. The ``status`` may also carry the device's
+UTC, ``Z``) and, except the two broadcasts, ``device``. Device reports carry the ``commit`` and
+``release`` they concern (``null`` before the first release); ``desired``, ``baseline`` and ``nudge``
+carry the ``revision`` (a commit) and ``release`` to run. The ``status`` may also carry the device's
 ``labels`` (at most :data:`MAX_LABELS`, keys matching :data:`LABEL_KEY_RE`, values strings of at most
 :data:`MAX_LABEL_VALUE` characters) and ``profile`` (matching :data:`PROFILE_RE`); both are optional,
 so a status from an agent that does not send them stays valid.
@@ -37,6 +40,7 @@ from typing import Any
 from edge_agent.errors import MessageError
 
 __all__ = [
+    "BASELINE_KIND",
     "DEVICE_ID_RE",
     "DEVICE_KINDS",
     "EVENT_TYPES",
@@ -48,6 +52,8 @@ __all__ = [
     "NUDGE_KIND",
     "PROFILE_RE",
     "SCHEMA_VERSION",
+    "baseline_message",
+    "baseline_topic",
     "decode",
     "desired_message",
     "encode",
@@ -87,7 +93,9 @@ DEVICE_KINDS = ("status", "events", "health", "online", "desired")
 """The per-device topic kinds, ``<prefix>/<device>/<kind>``."""
 
 NUDGE_KIND = "nudge"
-KINDS = (*DEVICE_KINDS, NUDGE_KIND)
+BASELINE_KIND = "baseline"
+"""The kind of the retained fleet baseline, published on ``<prefix>/_broadcast/desired``."""
+KINDS = (*DEVICE_KINDS, NUDGE_KIND, BASELINE_KIND)
 """Every kind :func:`decode` understands."""
 
 EVENT_TYPES = (
@@ -150,8 +158,18 @@ def nudge_topic(prefix: str) -> str:
     return f"{_check_prefix(prefix)}/{_BROADCAST}/{NUDGE_KIND}"
 
 
+def baseline_topic(prefix: str) -> str:
+    """Return the retained fleet baseline topic ``<prefix>/_broadcast/desired``.
+
+    Raises:
+        MessageError: ``bad_field`` for an invalid prefix.
+    """
+    return f"{_check_prefix(prefix)}/{_BROADCAST}/desired"
+
+
 def parse_topic(prefix: str, topic_name: str) -> tuple[str | None, str] | None:
-    """Split a topic under ``prefix`` into ``(device, kind)``; the nudge gives ``(None, "nudge")``.
+    """Split a topic under ``prefix`` into ``(device, kind)``; the nudge gives ``(None, "nudge")``
+    and the fleet baseline ``(None, "baseline")``.
 
     Returns ``None`` for a topic outside the prefix, with an invalid device id or an unknown kind.
     """
@@ -163,7 +181,9 @@ def parse_topic(prefix: str, topic_name: str) -> tuple[str | None, str] | None:
         return None
     device, kind = parts
     if device == _BROADCAST:
-        return (None, NUDGE_KIND) if kind == NUDGE_KIND else None
+        if kind == NUDGE_KIND:
+            return None, NUDGE_KIND
+        return (None, BASELINE_KIND) if kind == "desired" else None
     if kind not in DEVICE_KINDS or not DEVICE_ID_RE.match(device):
         return None
     return device, kind
@@ -298,6 +318,7 @@ _SCHEMAS: dict[str, dict[str, _Check]] = {
     "desired": {**_DEVICE, "revision": _commit, "release": _release,
                 "rollout_id": _opt(lambda v: _text(v, _MAX_ID))},
     "nudge": {**_COMMON, "revision": _commit, "release": _release},
+    "baseline": {**_COMMON, "revision": _commit, "release": _release},
 }
 _OPTIONAL: dict[str, dict[str, _Check]] = {
     "status": {"labels": _labels, "profile": _profile},
@@ -426,6 +447,16 @@ def nudge_message(*, revision: str, release: int, ts: datetime | float) -> dict[
         MessageError: a field is invalid (``bad_field``).
     """
     return validate("nudge", {**_base(None, ts), "revision": revision, "release": release})
+
+
+def baseline_message(*, revision: str, release: int, ts: datetime | float) -> dict[str, Any]:
+    """Build the retained fleet ``baseline``: the last-good release a device without its own
+    assignment runs (see docs/rollouts.md).
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    return validate(BASELINE_KIND, {**_base(None, ts), "revision": revision, "release": release})
 
 
 # --- wire format ---------------------------------------------------------------------------------

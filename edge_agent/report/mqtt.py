@@ -8,8 +8,9 @@
 * last will ``online=false`` (retained, QoS 1) on ``<prefix>/<device>/online``, and ``online=true``
   published retained on every connect; a clean :meth:`MqttLink.stop` publishes ``online=false``
   itself, because a clean disconnect does not fire the will;
-* on every connect it subscribes (QoS 1) to its own ``desired`` topic and the broadcast nudge, and
-  hands each valid message to ``on_desired`` / ``on_nudge``. Invalid messages are logged and
+* on every connect it subscribes (QoS 1) to its own ``desired`` topic, the broadcast nudge and the
+  retained fleet baseline (``<prefix>/_broadcast/desired``), and hands each valid message to
+  ``on_desired`` / ``on_nudge`` / ``on_baseline``. Invalid messages are logged and
   dropped; nothing is ever raised into paho's thread. A retained ``desired`` is delivered again
   after each reconnect, so the callback must tolerate repeats;
 * reconnects with capped exponential backoff and *full jitter*. paho's own delay doubles from
@@ -179,6 +180,7 @@ class MqttLink:
         settings: where and how to connect.
         on_desired: called (in paho's thread) with every valid ``desired`` message for this device.
         on_nudge: called (in paho's thread) with every valid broadcast nudge.
+        on_baseline: called (in paho's thread) with every valid fleet baseline.
         on_connected: called (in paho's thread) after every successful connect, e.g. to wake the
             outbox sender.
         clock: wall clock (POSIX seconds) for message timestamps.
@@ -190,11 +192,13 @@ class MqttLink:
 
     def __init__(self, settings: MqttSettings, *, on_desired: Callable[[dict[str, Any]], None] | None = None,
                  on_nudge: Callable[[dict[str, Any]], None] | None = None,
+                 on_baseline: Callable[[dict[str, Any]], None] | None = None,
                  on_connected: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self.settings = settings
         self._on_desired = on_desired
         self._on_nudge = on_nudge
+        self._on_baseline = on_baseline
         self._on_connected = on_connected
         self._clock = clock
         self._backoff = Backoff(base=settings.reconnect_min, cap=settings.reconnect_max, rng=rng)
@@ -207,6 +211,7 @@ class MqttLink:
         self.online_topic = messages.topic(settings.prefix, settings.device_id, "online")
         self.desired_topic = messages.topic(settings.prefix, settings.device_id, "desired")
         self.nudge_topic = messages.nudge_topic(settings.prefix)
+        self.baseline_topic = messages.baseline_topic(settings.prefix)
         self._client = self._make_client()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -361,7 +366,8 @@ class MqttLink:
         try:
             online = messages.encode(messages.online_message(self.settings.device_id, True, self._clock()))
             self.publish(self.online_topic, online, qos=1, retain=True)
-            err, _ = client.subscribe([(self.desired_topic, 1), (self.nudge_topic, 1)])
+            err, _ = client.subscribe([(self.desired_topic, 1), (self.nudge_topic, 1),
+                                       (self.baseline_topic, 1)])
             if err != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 log.warning("subscribing to %s failed: %s", self.desired_topic, paho.error_string(err))
             if self._on_connected is not None:
@@ -407,6 +413,8 @@ class MqttLink:
             device: str | None = self.settings.device_id
         elif name == self.nudge_topic:
             kind, callback, device = "nudge", self._on_nudge, None
+        elif name == self.baseline_topic:
+            kind, callback, device = messages.BASELINE_KIND, self._on_baseline, None
         else:
             log.warning("dropped a message on unexpected topic %s", name)
             return

@@ -18,7 +18,7 @@ from edge_agent.report.mqtt import MqttLink, settings_from_config
 from edge_agent.report.outbox import OutboxSender
 from edge_agent.state import StateDB
 
-__all__ = ["DesiredHandler", "Reporter"]
+__all__ = ["BaselineHandler", "DesiredHandler", "Reporter"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ _DRAIN_ON_STOP = 2.0  # seconds a clean stop spends sending what is still queued
 
 DesiredHandler = Callable[[str, int, str | None], None]
 """Called with ``(revision, release, rollout_id)`` of every valid ``desired`` message."""
+
+BaselineHandler = Callable[[str, int], None]
+"""Called with ``(revision, release)`` of every valid fleet baseline."""
 
 
 class Reporter:
@@ -37,6 +40,7 @@ class Reporter:
             connection to it.
         on_desired: called (in paho's thread) with each valid ``desired`` message for this device.
         on_nudge: called (in paho's thread) for each valid broadcast nudge.
+        on_baseline: called (in paho's thread) with each valid fleet baseline.
         idle_wait: how often the sender looks at the outbox without being notified, in seconds.
 
     Raises:
@@ -46,17 +50,19 @@ class Reporter:
     """
 
     def __init__(self, config: AgentConfig, state_path: Path, *, on_desired: DesiredHandler | None = None,
-                 on_nudge: Callable[[], None] | None = None, idle_wait: float = 5.0) -> None:
+                 on_nudge: Callable[[], None] | None = None, on_baseline: BaselineHandler | None = None,
+                 idle_wait: float = 5.0) -> None:
         settings = settings_from_config(config)
         self._on_desired = on_desired
         self._on_nudge = on_nudge
+        self._on_baseline = on_baseline
         self._idle_wait = idle_wait
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state = StateDB(state_path)
         try:
             self._link = MqttLink(settings, on_desired=self._handle_desired, on_nudge=self._handle_nudge,
-                                  on_connected=self.notify)
+                                  on_baseline=self._handle_baseline, on_connected=self.notify)
         except BaseException:
             self._state.close()
             raise
@@ -121,3 +127,7 @@ class Reporter:
         log.info("nudge: release %s (%s) is out", msg.get("release"), msg.get("revision"))
         if self._on_nudge is not None:
             self._on_nudge()
+
+    def _handle_baseline(self, msg: dict[str, Any]) -> None:
+        if self._on_baseline is not None:
+            self._on_baseline(str(msg["revision"]), int(msg["release"]))

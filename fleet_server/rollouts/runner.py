@@ -73,6 +73,7 @@ from .plan import RolloutPlan, parse_fleet_rollout, parse_plan
 __all__ = [
     "ACTIONS",
     "FINAL_PHASES",
+    "PhaseListener",
     "PublishDesired",
     "RolloutRunner",
     "plan_from_tree",
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 
 PublishDesired = Callable[[str, str, int, str | None], None]
 """``publish_desired(device_id, revision, release, rollout_id)``: publish one retained assignment."""
+
+PhaseListener = Callable[[RolloutState, str], None]
+"""``listener(state, old_phase)``: called after the store holds a rollout's new phase."""
 
 FINAL_PHASES = ("rolled_back", "succeeded", "aborted", "superseded")
 """Phases after which a rollout takes no operator action but ``rollback``."""
@@ -202,6 +206,8 @@ class RolloutRunner:
         self._thread: threading.Thread | None = None
         self._loaded = False
         self._last_now = 0.0
+        self._phase_listener: PhaseListener | None = None
+        self._phase_changes: list[tuple[RolloutState, str]] = []
 
     def _now(self) -> float:
         """The clock, made strictly increasing: a report read in a later call is always stamped after
@@ -274,6 +280,11 @@ class RolloutRunner:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=30.0)
+
+    def set_phase_listener(self, listener: PhaseListener | None) -> None:
+        """Call ``listener(state, old_phase)`` after every committed phase change (the fleet baseline
+        follows rollouts this way); it runs in the runner's thread and must not raise."""
+        self._phase_listener = listener
 
     def set_plan_loader(self, loader: Callable[[str], RolloutPlan] | None) -> None:
         """Set where ``plan_name`` starts find their plan (None: named plans are not available)."""
@@ -544,6 +555,8 @@ class RolloutRunner:
         old = live.state
         state, effects = step(old, event)
         live.state = state
+        if state.phase != old.phase:
+            self._phase_changes.append((state, old.phase))
         if effects or state.phase != old.phase or state.waves != old.waves or state.devices != old.devices:
             live.dirty = True
         self._effects(state.rollout_id, effects, write)
@@ -598,6 +611,17 @@ class RolloutRunner:
             del self._live[rid]
         if write.assignments:
             self._publish_pending()
+        self._notify_phase_changes()
+
+    def _notify_phase_changes(self) -> None:
+        changes, self._phase_changes = self._phase_changes, []
+        if self._phase_listener is None:
+            return
+        for state, old_phase in changes:
+            try:
+                self._phase_listener(state, old_phase)
+            except Exception:  # a listener bug must not end the tick; logged with its traceback
+                log.exception("rollout runner: phase listener failed for %s", state.rollout_id)
 
     def _publish_pending(self) -> None:
         published: list[tuple[str, int, str]] = []
