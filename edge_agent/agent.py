@@ -64,12 +64,13 @@ from edge_agent.errors import (
 from edge_agent.fsafe import FsRoot
 from edge_agent.identity import load_encryption_private
 from edge_agent.logs import log_context
+from edge_agent.prefetch import Prefetched, open_source
 from edge_agent.profiles import DeviceProfile, load_profile
 from edge_agent.release import DesiredState, DeviceIdentity, select
 from edge_agent.report import messages
 from edge_agent.resources import SecretFile
 from edge_agent.runner import Runner
-from edge_agent.source import Source, SourceAuth
+from edge_agent.source import Source
 from edge_agent.state import Managed, StateDB
 from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
 from edge_agent.trust.sealed import open_sealed
@@ -97,7 +98,6 @@ log = logging.getLogger(__name__)
 
 STATE_DB = "state.db"
 LOCK_FILE = "apply.lock"
-REPO_CACHE = "repo"
 BACKUP_DIR = "backups"
 DIGEST_KEY_FILE = "digest.key"
 _META_PAUSED = "paused"
@@ -250,17 +250,7 @@ def _open_runtime(config: AgentConfig) -> _Runtime:
     backups = state_dir / BACKUP_DIR
     backups.mkdir(exist_ok=True, mode=0o700)
     key = _digest_key(state_dir)
-    auth = config.repo.auth
-    try:
-        source = Source(
-            config.repo.url, config.repo.branch, state_dir / REPO_CACHE,
-            max_bytes=config.repo.max_fetch_bytes, depth=1, timeout=config.repo.timeout,
-            auth=SourceAuth(token=_read_secret_file(auth.token_file), username=auth.username,
-                            password=_read_secret_file(auth.password_file), ssh_key=auth.ssh_key,
-                            ssh_known_hosts=auth.ssh_known_hosts),
-        )
-    except ValueError as exc:
-        raise ConfigError(f"repo: {exc}") from exc
+    source = open_source(config)
     fs = FsRoot(config.root, profile.allowed_roots, denied_roots=profile.denied_roots, blob_key=key)
     try:
         state = StateDB(state_dir / STATE_DB)
@@ -273,15 +263,6 @@ def _open_runtime(config: AgentConfig) -> _Runtime:
         secret_digest=lambda data: hmac.new(key, data, hashlib.sha256).hexdigest(),
     )
     return _Runtime(config=config, state=state, profile=profile, ctx=ctx, runner=runner, source=source)
-
-
-def _read_secret_file(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise FetchError(f"cannot read credential file {path}: {exc.strerror or exc}") from exc
 
 
 def _with_payloads(ctx: Context, payloads: Mapping[str, bytes]) -> Context:
@@ -345,16 +326,19 @@ def _tree_digest(tree: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime,
-                      seen: list[str] | None = None, cache: SyncCache | None = None) -> _Verified:
+def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime, seen: list[str] | None = None, *,
+                      cache: SyncCache | None = None, prefetched: Prefetched | None = None) -> _Verified:
     """Fetch, then verify the tree completely (``seen`` receives the fetched commit).
 
     With a ``cache`` holding this very commit under the same trust root, only expiry and the
     rollback floor are checked again (the tree, its hashes and signatures cannot have changed).
 
+    ``prefetched``, when it fetched this very ``want``, stands for the fetch (:mod:`edge_agent.prefetch`).
+
     Raises FetchError or an UntrustedInputError.
     """
-    fetched = rt.source.fetch(want)
+    ready = prefetched is not None and prefetched.want == want
+    fetched = prefetched.get() if prefetched is not None and ready else rt.source.fetch(want)
     if seen is not None:
         seen.append(fetched.commit)
     hit = None if cache is None else cache.verified
@@ -534,7 +518,7 @@ def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, managed: Mapping[str
 
 
 def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | None = None,
-              cache: SyncCache | None = None) -> SyncResult:
+              cache: SyncCache | None = None, prefetched: Prefetched | None = None) -> SyncResult:
     """Run one fetch -> verify -> select -> plan -> apply -> record cycle.
 
     Args:
@@ -544,6 +528,7 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
             trust check either way.
         now: the time used for expiry checks and timestamps (default: the clock).
         cache: the daemon's :class:`SyncCache` (None: verify everything from scratch).
+        prefetched: the daemon's fetch of ``want``, done before the apply lock was taken.
 
     Raises:
         LockedError: another apply is running.
@@ -555,15 +540,16 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
         try:
             if want is None:
                 want = rt.state.get_meta(_META_ASSIGNED) or None
-            return _sync_locked(rt, want, _now(now), cache)
+            return _sync_locked(rt, want, _now(now), cache, prefetched)
         finally:
             rt.close()
 
 
-def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache | None = None) -> SyncResult:
+def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache | None = None,
+                 prefetched: Prefetched | None = None) -> SyncResult:
     recovered = recover(rt.state, rt.ctx)
     try:
-        rt.source.clear_stale_locks()  # we hold the apply lock: a lock file here outlived its process
+        rt.source.clear_stale_locks()  # under the cache's fetch lock: a lock file here outlived its process
     except FetchError as exc:
         return _finish(rt, SyncResult("fetch_failed", commit=_as_commit(want), reason=str(exc)), now)
     if recovered is not None:
@@ -572,7 +558,7 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache
     installed = rt.state.installed()
     seen: list[str] = []
     try:
-        verified = _fetch_and_verify(rt, want, now, seen, cache)
+        verified = _fetch_and_verify(rt, want, now, seen, cache=cache, prefetched=prefetched)
     except FetchError as exc:
         return _finish(rt, SyncResult("fetch_failed", commit=_as_commit(want), reason=str(exc)), now)
     except UntrustedInputError as exc:
@@ -623,8 +609,7 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache
 def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> str:
     """Fetch, verify, select and plan; return the plan as readable text. Changes nothing on the device.
 
-    It holds the apply lock like a sync: the fetch writes the repository cache, and a sync clears
-    the lock files it finds there on the premise that no other process is using the cache.
+    It holds the apply lock like a sync; its fetch holds the cache's fetch lock like every fetch.
 
     Raises:
         LockedError: a sync holds the apply lock (try again when it is done).

@@ -1,7 +1,13 @@
 """The run loop of ``edge-agent run``: sync on a timer or a nudge, check drift, stop at a safe point.
 
-One thread does all the work, so two applies never overlap inside the daemon; the apply lock
-(``state_dir/apply.lock``) keeps a concurrent ``edge-agent sync`` out as well. Timers:
+One thread does all the applying, so two applies never overlap inside the daemon; the apply lock
+(``state_dir/apply.lock``) keeps a concurrent ``edge-agent sync`` out as well. A sync is two steps:
+the fetch runs in a worker thread holding only the repository cache's fetch lock
+(:func:`~edge_agent.prefetch.prefetch`), and when it is done the loop runs the rest of the sync
+(verify, plan, apply, record) under the apply lock from the cache. A slow or hostile mirror can
+hold a fetch for up to ``repo.fetch_deadline``; meanwhile drift checks and health reports go on, as
+they need the apply lock but not the mirror. At most one fetch runs at a time; a nudge that arrives
+during a fetch starts another sync right after this one. Timers:
 
 * sync at start (which first undoes a transaction a crash left open), then every ``intervals.poll``;
   after a ``fetch_failed`` the next attempt comes after a capped exponential backoff with full
@@ -53,6 +59,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeFleetError, LockedError
 from edge_agent.logs import log_context
+from edge_agent.prefetch import Prefetched, prefetch
 from edge_agent.report.service import Reporter
 
 __all__ = ["Daemon", "install_signal_handlers", "run"]
@@ -60,6 +67,39 @@ __all__ = ["Daemon", "install_signal_handlers", "run"]
 log = logging.getLogger(__name__)
 
 _MAX_WAIT = 0.5  # how often an idle loop looks at the stop event, in seconds
+_STOP_JOIN = 1.0  # how long a stopping daemon waits for a fetch in flight (abandoning one is safe)
+
+
+class _FetchJob:
+    """One fetch of ``want`` into the repository cache, in its own thread (no apply lock held)."""
+
+    def __init__(self, config: AgentConfig, want: str | None, on_done: Callable[[], None]) -> None:
+        self.want = want
+        self._on_done = on_done
+        self.result: Prefetched | None = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._config = config
+        self._thread = threading.Thread(target=self._run, name="edge-agent-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with log_context(device=self._config.device_id):
+            try:
+                self.result = prefetch(self._config, self.want)
+            except EdgeFleetError as exc:  # a config problem: reported by the sync step
+                self.error = exc
+            finally:
+                self._done.set()
+                self._on_done()
+
+    def done(self) -> bool:
+        """Whether the fetch has finished (either way)."""
+        return self._done.is_set()
+
+    def join(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the fetch to finish."""
+        self._thread.join(timeout)
 
 
 class Daemon:
@@ -90,6 +130,8 @@ class Daemon:
         self._on_drift = on_drift
         self._persisted_want: str | None = None
         self._reporter: Reporter | None = None
+        self._job: _FetchJob | None = None
+        self._nudged = False  # a sync was asked for (under _lock); _wake only wakes the loop
         self.syncs = 0
         self.drift_checks = 0
         self.health_reports = 0
@@ -103,6 +145,7 @@ class Daemon:
         with self._lock:
             if want is not None:
                 self._want = want
+            self._nudged = True
         self._wake.set()
 
     def set_desired(self, want: str | None) -> None:
@@ -112,6 +155,7 @@ class Daemon:
         """
         with self._lock:
             self._want = want
+            self._nudged = True
         self._wake.set()
 
     def on_desired(self, revision: str, release: int, rollout_id: str | None) -> None:
@@ -130,6 +174,11 @@ class Daemon:
     def on_nudge(self) -> None:
         """Handle the broadcast nudge: fetch at once instead of at the next poll."""
         self.request_sync()
+
+    def _take_nudge(self) -> bool:
+        with self._lock:
+            nudged, self._nudged = self._nudged, False
+            return nudged
 
     def _take_want(self) -> str | None:
         with self._lock:
@@ -160,12 +209,19 @@ class Daemon:
         if self._reporter is not None:
             self._reporter.notify()
 
-    def _sync(self) -> float:
-        """Run one sync; return the seconds until the next one."""
+    def _start_fetch(self) -> None:
+        """Start the fetch step of a sync in the worker thread."""
         want = self._take_want()
         self._persist_want(want)
+        self._job = _FetchJob(self.config, want, self._wake.set)
+
+    def _sync(self, job: _FetchJob) -> float:
+        """Run the rest of a sync once ``job`` has fetched; return the seconds until the next one."""
+        if job.error is not None:
+            log.error("sync could not run: %s", job.error)
+            return self._backoff.next_delay()
         try:
-            result = sync_once(self.config, want=want, cache=self._cache)
+            result = sync_once(self.config, want=job.want, cache=self._cache, prefetched=job.result)
         except LockedError as exc:
             log.info("sync skipped: %s", exc)
             return min(self.config.intervals.poll, max(self.config.backoff.base, 1.0))
@@ -242,6 +298,9 @@ class Daemon:
             try:
                 self._loop()
             finally:
+                job, self._job = self._job, None
+                if job is not None:
+                    job.join(_STOP_JOIN)
                 reporter, self._reporter = self._reporter, None
                 if reporter is not None:
                     reporter.stop()
@@ -253,12 +312,21 @@ class Daemon:
         next_sync = now
         next_drift = now + intervals.drift
         next_health = now if self._reporter is not None else float("inf")
+        again = False  # a sync was asked for while a fetch was in flight
         while not self.stop.is_set():
+            self._wake.clear()  # every reason to wake is a flag or a time, read after this
             now = self._clock()
-            if self._wake.is_set() or now >= next_sync:
-                self._wake.clear()
-                delay = self._sync()  # the wait counts from the end of the attempt, not its start
-                next_sync = self._clock() + delay
+            again = self._take_nudge() or again
+            job = self._job
+            if job is not None and job.done():
+                self._job = None
+                delay = self._sync(job)  # the wait counts from the end of the attempt, not its start
+                next_sync = now if again else self._clock() + delay
+                again = False
+                continue
+            if job is None and (again or now >= next_sync):
+                again = False
+                self._start_fetch()
                 continue
             if now >= next_drift:
                 self._drift()
@@ -268,8 +336,8 @@ class Daemon:
                 self._health()
                 next_health = self._clock() + intervals.health
                 continue
-            self._wake.wait(min(next_sync - now, next_drift - now, next_health - now, _MAX_WAIT))
-
+            until_sync = next_sync - now if job is None else _MAX_WAIT
+            self._wake.wait(max(0.0, min(until_sync, next_drift - now, next_health - now, _MAX_WAIT)))
 
 def run(config: AgentConfig, *, stop: threading.Event) -> None:
     """Run the agent until ``stop`` is set (see :class:`Daemon`)."""
