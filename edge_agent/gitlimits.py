@@ -291,7 +291,7 @@ def _inflate(reader: _Reader, declared: int, keep: bool, deadline: Deadline) -> 
             raise CorruptObject(f"pack object inflates past its declared size of {declared} bytes")
         if keep:
             out.append(produced)
-    reader.unread(d.unused_data + pending)
+    reader.unread(d.unused_data)  # at the end, the input left over (unconsumed_tail repeats it)
     if got != declared:
         raise CorruptObject(f"pack object inflates to {got} bytes, not its declared {declared}")
     return b"".join(out)
