@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dulwich.objects import Commit, Tree
+from dulwich.repo import Repo
 
 from edge_agent.agent import status, sync_once
 from tests.support.fetch_child import run_child
-from tests.support.hostile_git import HostileGitServer, bomb_pack
+from tests.support.hostile_git import HostileGitServer, bomb_pack, loose_zero_blob
 from tests.support.mirror import GitDaemon
 from tests.test_agent_e2e import AgentFleet, bundle, snapshot
 
@@ -88,3 +90,30 @@ def test_agent_sync_against_a_bomb_leaves_the_device_as_it_was(fleet: AgentFleet
     assert snapshot(fleet.root) == root_before
     assert _cache_state(fleet.state_dir / "repo") == cache_before
     assert status(fleet.config)["installed"]["commit"] == first.commit
+
+
+def test_read_tree_refuses_an_oversized_blob_from_its_header(tmp_path: Path) -> None:
+    # A cache that already holds a 1 GiB blob (stored before the caps existed, or under larger
+    # ones): reading the tree refuses the file from its object header instead of inflating it.
+    cache = tmp_path / "cache"
+    repo = Repo.init_bare(str(cache), mkdir=True)
+    sha, body = loose_zero_blob(GIB)
+    (cache / "objects" / sha[:2]).mkdir(parents=True, exist_ok=True)
+    (cache / "objects" / sha[:2] / sha[2:]).write_bytes(body)
+    tree = Tree()
+    tree.add(b"bomb.bin", 0o100644, sha.encode())
+    commit = Commit()
+    commit.tree = tree.id
+    commit.author = commit.committer = b"Test Operator <operator@example.invalid>"
+    commit.author_time = commit.commit_time = 0
+    commit.author_timezone = commit.commit_timezone = 0
+    commit.message = b"big\n"
+    repo.object_store.add_object(tree)
+    repo.object_store.add_object(commit)
+    repo.close()
+    got = run_child({"mode": "read_tree", "cache": str(cache), "commit": commit.id.decode(),
+                     "limit_mib": LIMIT_MIB})
+    print(f"read_tree of a cached 1 GiB blob: {got}")
+    assert got["error"] == "FileIntegrityError"
+    assert got["reason"] == "bomb.bin is 1073741824 bytes, over the 16777216 limit"
+    assert got["peak_rss_kib"] < RSS_BOUND_KIB

@@ -2,6 +2,7 @@
 
     python -m tests.support.fetch_child '{"mode": "fetch", "url": ..., "cache": ..., "limit_mib": 512}'
     python -m tests.support.fetch_child '{"mode": "sync", "config": ".../agent.yaml", "limit_mib": 512}'
+    python -m tests.support.fetch_child '{"mode": "read_tree", "cache": ..., "commit": ..., "limit_mib": 512}'
 
 ``RLIMIT_AS`` is set before dulwich is imported, so a fetch that inflates a bomb whole fails with
 ``MemoryError`` inside this child instead of eating the machine. It prints one JSON object: the
@@ -45,9 +46,13 @@ def _fetch(args: dict[str, Any]) -> dict[str, Any]:
     from edge_agent.source import Source  # noqa: PLC0415
 
     limits = FetchLimits(**args.get("limits", {}))
-    with Source(args["url"], "main", Path(args["cache"]), timeout=args.get("timeout", 5.0),
+    url = args.get("url", "git://127.0.0.1:9/unused.git")
+    with Source(url, "main", Path(args["cache"]), timeout=args.get("timeout", 5.0),
                 limits=limits) as source:
         try:
+            if args["mode"] == "read_tree":
+                files = source.read_tree(args["commit"])
+                return {"ok": sorted(files)}
             result = source.fetch()
         except EdgeFleetError as exc:
             return {"error": type(exc).__name__, "reason": str(exc)}
@@ -72,7 +77,7 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     limit = int(args["limit_mib"]) * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    result = _fetch(args) if args["mode"] == "fetch" else _sync(args)
+    result = _sync(args) if args["mode"] == "sync" else _fetch(args)
     status = Path("/proc/self/status").read_text().split("VmHWM:")[1]
     result["peak_rss_kib"] = int(status.split()[0])
     print(json.dumps(result))

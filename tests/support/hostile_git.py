@@ -35,7 +35,7 @@ import zlib
 from types import TracebackType
 from typing import Self
 
-__all__ = ["Bomb", "HostileGitServer", "bomb_pack"]
+__all__ = ["Bomb", "HostileGitServer", "bomb_pack", "loose_zero_blob"]
 
 MiB = 1024 * 1024
 _BLOCK = MiB
@@ -96,6 +96,23 @@ def _zeros_sha(size: int) -> bytes:
     for _ in range(size // _BLOCK):
         h.update(zeros)
     return h.digest()
+
+
+def loose_zero_blob(size: int) -> tuple[str, bytes]:
+    """A loose blob object of ``size`` zero bytes (a multiple of 1 MiB): (hex sha, file content)."""
+    assert size % _BLOCK == 0
+    assert size >= 2 * _BLOCK
+    hdr = b"blob %d\0" % size
+    c = zlib.compressobj(9)
+    first = c.compress(hdr + bytes(_BLOCK - len(hdr))) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(_BLOCK)) + c.flush(zlib.Z_FULL_FLUSH)
+    assert c.compress(bytes(_BLOCK)) + c.flush(zlib.Z_FULL_FLUSH) == block
+    tail = c.compress(bytes(len(hdr))) + c.flush()
+    start = zlib.adler32(hdr)
+    a, b = start & 0xFFFF, start >> 16
+    adler = (((b + size * a) % 65521) << 16) | a  # appending n zeros: a stays, b grows by n * a
+    body = first + block * (size // _BLOCK - 1) + tail[:-4] + struct.pack(">I", adler)
+    return _zeros_sha(size).hex(), body
 
 
 class Bomb:
