@@ -87,6 +87,7 @@ __all__ = [
     "event_payload",
     "pause",
     "plan_only",
+    "recover_interrupted",
     "report_health",
     "resume",
     "set_assigned_revision",
@@ -604,6 +605,26 @@ def _sync_locked(rt: _Runtime, want: str | None, now: datetime, cache: SyncCache
             if cache is not None and cache.verified is not verified:
                 cache.verified, cache.desired = replace(verified, trust_changed=False), desired
         return _finish(rt, result, now, quiet=outcome.status == "noop" and same)
+
+
+def recover_interrupted(config: AgentConfig, *, now: datetime | None = None) -> None:
+    """Undo a transaction a crash left open and record it, as the first step of every sync does (the
+    daemon calls it at start, before its first fetch, so no drift check meets a half-applied release).
+
+    Raises:
+        LockedError: another apply is running (it recovers first itself).
+        ConfigError: the device profile cannot be loaded.
+        StateError: the state database cannot be used.
+    """
+    with log_context(device=config.device_id), apply_lock(config.state_dir):
+        rt = _open_runtime(config)
+        try:
+            recovered = recover(rt.state, rt.ctx)
+            if recovered is not None:
+                _record(rt, "recovered", now=_now(now), commit=None, release=None, reason=recovered.reason,
+                        status=recovered.status)
+        finally:
+            rt.close()
 
 
 def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> str:

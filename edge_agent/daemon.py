@@ -9,7 +9,9 @@ hold a fetch for up to ``repo.fetch_deadline``; meanwhile drift checks and healt
 they need the apply lock but not the mirror. At most one fetch runs at a time; a nudge that arrives
 during a fetch starts another sync right after this one. Timers:
 
-* sync at start (which first undoes a transaction a crash left open), then every ``intervals.poll``;
+* at start, undo a transaction a crash left open (before the first fetch, so drift checks that run
+  while it waits on the mirror never meet a half-applied release);
+* sync at start, then every ``intervals.poll``;
   after a ``fetch_failed`` the next attempt comes after a capped exponential backoff with full
   jitter (``backoff.base`` .. ``backoff.cap``) instead, and a success resets the backoff;
 * a drift check every ``intervals.drift`` (enforce: correct and record; audit: record only);
@@ -51,6 +53,7 @@ from edge_agent.agent import (
     SyncResult,
     assigned_revision,
     check_drift,
+    recover_interrupted,
     report_health,
     set_assigned_revision,
     sync_once,
@@ -240,6 +243,14 @@ class Daemon:
         self._backoff.reset()
         return self.config.intervals.poll
 
+    def _recover(self) -> None:
+        try:
+            recover_interrupted(self.config)
+        except LockedError as exc:
+            log.info("recovery skipped: %s (the apply holding the lock recovers first)", exc)
+        except EdgeFleetError as exc:
+            log.error("recovery could not run: %s (the first sync tries again)", exc)
+
     def _drift(self) -> None:
         try:
             report = check_drift(self.config, now=datetime.now().astimezone())
@@ -294,6 +305,7 @@ class Daemon:
             log.info("agent started (mode %s, poll %ss, drift %ss)", self.config.mode,
                      self.config.intervals.poll, self.config.intervals.drift)
             self._load_want()
+            self._recover()
             self._reporter = self._start_reporter()
             try:
                 self._loop()
