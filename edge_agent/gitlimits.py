@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import time
 import zlib
@@ -39,8 +40,8 @@ from typing import IO, Any
 
 from edge_agent.errors import FetchError
 
-__all__ = ["CorruptObject", "Deadline", "FetchLimits", "LimitExceeded", "PackStats", "fetch_lock",
-           "guard_protocol", "object_header", "scan_pack"]
+__all__ = ["CorruptObject", "Deadline", "FetchLimits", "HeaderReader", "LimitExceeded", "PackStats",
+           "fetch_lock", "guard_protocol", "object_header", "scan_pack"]
 
 MiB = 1024 * 1024
 _CHUNK = 64 * 1024
@@ -406,46 +407,73 @@ def _loose_header(path: Path) -> tuple[bytes | None, int] | None:
     return fields[0], int(fields[1])
 
 
-def _packed_header(filename: str, offset: int, hash_size: int) -> tuple[bytes | None, int]:
+def _packed_header(data: bytes, hash_size: int) -> tuple[bytes | None, int]:
     """The type (None for a delta) and inflated size (a delta: its declared result size) of the
-    packed object at ``offset``."""
-    with open(filename, "rb") as f:
-        f.seek(offset)
-        reader = _Reader(f)
-        kind, size = _varint_header(reader)
-        if kind in _BASE_TYPES:
-            return _TYPE_NAMES[kind], size
-        if kind == _OFS_DELTA:
-            _skip_ofs(reader)
-        elif kind == _REF_DELTA:
-            reader.read_exact(hash_size)
-        else:
-            raise CorruptObject(f"pack object has unknown type {kind}")
-        head = zlib.decompressobj().decompress(reader.read_some(256), 32)
+    packed object whose first bytes are ``data``."""
+    reader = _Reader(io.BytesIO(data))
+    kind, size = _varint_header(reader)
+    if kind in _BASE_TYPES:
+        return _TYPE_NAMES[kind], size
+    if kind == _OFS_DELTA:
+        _skip_ofs(reader)
+    elif kind == _REF_DELTA:
+        reader.read_exact(hash_size)
+    else:
+        raise CorruptObject(f"pack object has unknown type {kind}")
+    head = zlib.decompressobj().decompress(reader.read_some(256), 32)
     _base, index = _delta_varint(head, 0)
     result, _ = _delta_varint(head, index)
     return None, result
 
 
-def object_header(store: Any, sha: bytes) -> tuple[bytes | None, int] | None:
-    """Return the type (``b"blob"``, ``b"tree"``, ...; None for a packed delta) and the inflated
-    size of object ``sha`` (hex) in a dulwich disk object store, reading only headers; None when
-    the object is in none of the store's packs or loose objects (for example in an alternate).
+class HeaderReader:
+    """Reads object headers from one dulwich disk object store, keeping its pack files open until
+    :meth:`close` (use it as a context manager around a walk of many objects)."""
 
-    Raises:
-        CorruptObject: the object's header cannot be read.
-    """
-    hash_size = len(sha) // 2
-    for pack in store.packs:
-        try:
-            offset = pack.index.object_offset(sha)
-        except KeyError:
-            continue
-        path = getattr(pack, "_data_path", None)  # dulwich exposes the pack's full path nowhere else
-        if not isinstance(path, str):
-            return None
-        try:
-            return _packed_header(path, offset, hash_size)
-        except (OSError, zlib.error) as exc:
-            raise CorruptObject(f"cannot read the header of object {sha.decode('ascii')}: {exc}") from exc
-    return _loose_header(Path(store.path) / sha[:2].decode("ascii") / sha[2:].decode("ascii"))
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._fds: dict[str, int] = {}
+
+    def header(self, sha: bytes) -> tuple[bytes | None, int] | None:
+        """Return the type (``b"blob"``, ``b"tree"``, ...; None for a packed delta) and the inflated
+        size of object ``sha`` (hex), reading only headers; None when the object is in none of the
+        store's packs or loose objects (for example in an alternate).
+
+        Raises:
+            CorruptObject: the object's header cannot be read.
+        """
+        hash_size = len(sha) // 2
+        for pack in self._store.packs:
+            try:
+                offset = pack.index.object_offset(sha)
+            except KeyError:
+                continue
+            path = getattr(pack, "_data_path", None)  # dulwich exposes the pack's full path nowhere else
+            if not isinstance(path, str):
+                return None
+            try:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                return _packed_header(os.pread(fd, 320, offset), hash_size)
+            except (OSError, zlib.error) as exc:
+                raise CorruptObject(f"cannot read the header of object {sha.decode('ascii')}: {exc}") from exc
+        return _loose_header(Path(self._store.path) / sha[:2].decode("ascii") / sha[2:].decode("ascii"))
+
+    def close(self) -> None:
+        """Close the pack files opened."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> HeaderReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def object_header(store: Any, sha: bytes) -> tuple[bytes | None, int] | None:
+    """:meth:`HeaderReader.header` of one object (see there)."""
+    with HeaderReader(store) as reader:
+        return reader.header(sha)

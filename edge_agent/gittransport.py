@@ -48,7 +48,7 @@ from dulwich.objects import Blob, ObjectID, Tree
 from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH, DEFAULT_GIT_PROTOCOL_VERSION_SEND, Protocol
 
 from edge_agent.errors import FetchError
-from edge_agent.gitlimits import CorruptObject, Deadline, FetchLimits, guard_protocol, object_header
+from edge_agent.gitlimits import CorruptObject, Deadline, FetchLimits, HeaderReader, guard_protocol
 
 __all__ = ["HaveWalker", "PackSpool", "PackTooLarge", "SourceAuth", "causes", "is_want_refused",
            "make_client", "one_line", "redact", "transport_reason", "tree_objects"]
@@ -407,11 +407,12 @@ class HaveWalker:
         """The mirror has none of the haves."""
 
 
-def checked_header(store: Any, sha: ObjectID, expected: bytes, limits: FetchLimits) -> tuple[int, bool]:
+def checked_header(headers: HeaderReader, sha: ObjectID, expected: bytes,
+                   limits: FetchLimits) -> tuple[int, bool]:
     """Check the type and size of ``sha`` from its header; return its size and whether the header
     gave the type (not for a packed delta: then the caller must look at the loaded object)."""
     try:
-        header = object_header(store, sha)
+        header = headers.header(sha)
     except CorruptObject as exc:
         raise FetchError(f"cannot read object {sha.decode('ascii')} from the mirror: {exc}") from exc
     if header is None:
@@ -435,31 +436,33 @@ def tree_objects(store: Any, tree_sha: ObjectID, skip: set[ObjectID], limits: Fe
     found: set[ObjectID] = set()
     stack = [tree_sha]
     total = 0
-    while stack:
-        deadline.check()
-        sha = stack.pop()
-        if sha in skip or sha in found:
-            continue
-        found.add(sha)
-        checked_header(store, sha, b"tree", limits)
-        tree = store[sha]
-        if not isinstance(tree, Tree):
-            raise FetchError(f"tree entry {sha.decode('ascii')} is a {tree.type_name.decode()}, not a tree")
-        total += len(tree.as_raw_string())
-        for entry in tree.iteritems():
-            if entry.sha in skip or entry.sha in found:
+    with HeaderReader(store) as headers:
+        while stack:
+            deadline.check()
+            sha = stack.pop()
+            if sha in skip or sha in found:
                 continue
-            if stat.S_IFMT(entry.mode) == _MODE_TREE:
-                stack.append(entry.sha)
-            elif entry.mode != _MODE_GITLINK:
-                size, typed = checked_header(store, entry.sha, b"blob", limits)
-                if not typed:
-                    obj = store[entry.sha]
-                    if not isinstance(obj, Blob):
-                        raise FetchError(f"tree entry {entry.sha.decode('ascii')} is a "
-                                         f"{obj.type_name.decode()} where the tree says blob")
-                total += size
-                found.add(entry.sha)
-            if total > limits.max_inflated_bytes:
-                raise limits.breach("max_inflated_bytes", f"tree of over {total} bytes")
+            found.add(sha)
+            checked_header(headers, sha, b"tree", limits)
+            tree = store[sha]
+            if not isinstance(tree, Tree):
+                kind = tree.type_name.decode()
+                raise FetchError(f"tree entry {sha.decode('ascii')} is a {kind} where the tree says tree")
+            total += len(tree.as_raw_string())
+            for entry in tree.iteritems():
+                if entry.sha in skip or entry.sha in found:
+                    continue
+                if stat.S_IFMT(entry.mode) == _MODE_TREE:
+                    stack.append(entry.sha)
+                elif entry.mode != _MODE_GITLINK:
+                    size, typed = checked_header(headers, entry.sha, b"blob", limits)
+                    if not typed:
+                        obj = store[entry.sha]
+                        if not isinstance(obj, Blob):
+                            raise FetchError(f"tree entry {entry.sha.decode('ascii')} is a "
+                                             f"{obj.type_name.decode()} where the tree says blob")
+                    total += size
+                    found.add(entry.sha)
+                if total > limits.max_inflated_bytes:
+                    raise limits.breach("max_inflated_bytes", f"tree of over {total} bytes")
     return found

@@ -56,9 +56,9 @@ from edge_agent.gitlimits import (
     CorruptObject,
     Deadline,
     FetchLimits,
+    HeaderReader,
     LimitExceeded,
     fetch_lock,
-    object_header,
     scan_pack,
 )
 from edge_agent.gittransport import (
@@ -504,32 +504,35 @@ class Source:
         files: dict[str, bytes] = {}
         total = 0
         stack: list[tuple[str, ObjectID]] = [("", root)]
-        while stack:
-            prefix, tree_sha = stack.pop()
-            self._check_size(store, tree_sha, prefix or "/", self.limits.max_object_bytes)
-            tree = self._load(store, tree_sha, Tree, prefix or "/")
-            for entry in tree.iteritems():
-                name, mode, sha = entry.path, entry.mode, entry.sha
-                path = prefix + self._entry_name(name, prefix)
-                if stat.S_IFMT(mode) == _MODE_TREE:
-                    stack.append((path + "/", sha))
-                    continue
-                if mode == _MODE_GITLINK:
-                    raise FileIntegrityError(f"submodule in the release tree cannot be verified: {path}")
-                if stat.S_IFMT(mode) == _MODE_SYMLINK:
-                    raise FileIntegrityError(f"symlink in the release tree cannot be verified: {path}")
-                if not stat.S_ISREG(mode):
-                    raise FileIntegrityError(f"unsupported entry mode {mode:o} in the release tree: {path}")
-                if len(files) >= max_files:
-                    raise FileIntegrityError(f"release tree has more than {max_files} files")
-                self._check_size(store, sha, path, max_file_bytes)
-                data = self._load(store, sha, Blob, path).as_raw_string()
-                if len(data) > max_file_bytes:
-                    raise FileIntegrityError(f"{path} is {len(data)} bytes, over the {max_file_bytes} limit")
-                total += len(data)
-                if total > max_total_bytes:
-                    raise FileIntegrityError(f"release tree is over the {max_total_bytes}-byte limit")
-                files[path] = bytes(data)
+        with HeaderReader(store) as headers:
+            while stack:
+                prefix, tree_sha = stack.pop()
+                self._check_size(headers, tree_sha, prefix or "/", self.limits.max_object_bytes)
+                tree = self._load(store, tree_sha, Tree, prefix or "/")
+                for entry in tree.iteritems():
+                    name, mode, sha = entry.path, entry.mode, entry.sha
+                    path = prefix + self._entry_name(name, prefix)
+                    if stat.S_IFMT(mode) == _MODE_TREE:
+                        stack.append((path + "/", sha))
+                        continue
+                    if mode == _MODE_GITLINK:
+                        raise FileIntegrityError(f"submodule in the release tree cannot be verified: {path}")
+                    if stat.S_IFMT(mode) == _MODE_SYMLINK:
+                        raise FileIntegrityError(f"symlink in the release tree cannot be verified: {path}")
+                    if not stat.S_ISREG(mode):
+                        raise FileIntegrityError(
+                            f"unsupported entry mode {mode:o} in the release tree: {path}")
+                    if len(files) >= max_files:
+                        raise FileIntegrityError(f"release tree has more than {max_files} files")
+                    self._check_size(headers, sha, path, max_file_bytes)
+                    data = self._load(store, sha, Blob, path).as_raw_string()
+                    if len(data) > max_file_bytes:
+                        raise FileIntegrityError(
+                            f"{path} is {len(data)} bytes, over the {max_file_bytes} limit")
+                    total += len(data)
+                    if total > max_total_bytes:
+                        raise FileIntegrityError(f"release tree is over the {max_total_bytes}-byte limit")
+                    files[path] = bytes(data)
         return files
 
     @staticmethod
@@ -543,10 +546,10 @@ class Source:
         return text
 
     @staticmethod
-    def _check_size(store: Any, sha: ObjectID, where: str, limit: int) -> None:
+    def _check_size(headers: HeaderReader, sha: ObjectID, where: str, limit: int) -> None:
         """Refuse ``sha`` when its header says it inflates past ``limit``, before inflating it."""
         try:
-            header = object_header(store, sha)
+            header = headers.header(sha)
         except CorruptObject as exc:
             raise FetchError(f"cannot read {where} from the cache: {exc}") from exc
         if header is not None and header[1] > limit:
