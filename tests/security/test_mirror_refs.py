@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fetch_child import run_child
-from tests.support.hostile_git import HostileGitServer
+from tests.support.hostile_git import HostileGitServer, HostileHttpServer
 
 LIMIT_MIB = 512
 RSS_BOUND_KIB = 256 * 1024
@@ -49,3 +49,24 @@ def test_dripping_mirror_is_cut_off_at_the_fetch_deadline(tmp_path: Path) -> Non
     assert got["error"] == "FetchError"
     assert got["reason"].startswith("fetch exceeds repo.fetch_deadline (3s)")
     assert sent < 60  # cut off long before the drip ran dry
+
+
+def test_endless_http_advertisement_is_cut_off_in_bytes(tmp_path: Path) -> None:
+    with HostileHttpServer(endless_refs=True) as mirror:
+        got = run_child({"mode": "fetch", "url": mirror.url(), "cache": str(tmp_path / "cache"),
+                         "limit_mib": LIMIT_MIB})
+    print(f"endless HTTP advertisement: {got}")
+    assert got["error"] == "FetchError"
+    assert "exceeds repo.max_ref_advertisement_bytes (2097152)" in got["reason"]
+    assert got["peak_rss_kib"] < RSS_BOUND_KIB
+
+
+def test_dripping_http_mirror_is_cut_off_at_the_fetch_deadline(tmp_path: Path) -> None:
+    with HostileHttpServer(drip=1.0, max_lines=60) as mirror:
+        got = run_child({"mode": "fetch", "url": mirror.url(), "cache": str(tmp_path / "cache"),
+                         "timeout": 5.0, "limit_mib": LIMIT_MIB, "limits": {"fetch_deadline": 3.0}})
+        sent = mirror.lines_sent
+    print(f"dripping HTTP mirror: {got} ({sent} lines sent)")
+    assert got["error"] == "FetchError"
+    assert got["reason"].startswith("fetch exceeds repo.fetch_deadline (3s)")
+    assert sent < 60

@@ -9,7 +9,10 @@ haves and ``done``, answers ``NAK`` and sends a pack over side-band-64k. Its mis
   (stopping after ``max_lines`` or when the client hangs up);
 * ``drip=<seconds>``: advertise one ref every ``drip`` seconds (at most ``max_lines``).
 
-The server runs in a thread, accepts any number of connections (each in its own thread) and is
+``HostileHttpServer`` does the same two advertisement misbehaviours over smart HTTP: its
+``info/refs`` response never ends (``endless_refs``) or drips (``drip``).
+
+The servers run in a thread, accepts any number of connections (each in its own thread) and is
 stopped by ``close()``, which also shuts every client socket; every loop is bounded in lines and
 time.
 
@@ -32,10 +35,11 @@ import struct
 import threading
 import time
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Self
 
-__all__ = ["Bomb", "HostileGitServer", "bomb_pack", "loose_zero_blob"]
+__all__ = ["Bomb", "HostileGitServer", "HostileHttpServer", "bomb_pack", "loose_zero_blob"]
 
 MiB = 1024 * 1024
 _BLOCK = MiB
@@ -247,6 +251,85 @@ class HostileGitServer:
         self._acceptor.join(2.0)
         for thread in self._threads:
             thread.join(2.0)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class _AdvertisementHandler(BaseHTTPRequestHandler):
+    server: _HostileHttp
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep the test output quiet."""
+
+    def do_GET(self) -> None:
+        """Answer ``info/refs`` with an advertisement that never ends or drips."""
+        owner = self.server.owner
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        caps = b"side-band-64k thin-pack ofs-delta shallow agent=hostile/1"
+        with contextlib.suppress(OSError):
+            self.wfile.write(pkt(b"# service=git-upload-pack\n") + pkt(None)
+                             + pkt(owner.commit + b" HEAD\0" + caps + b"\n"))
+            owner.advertise(self.wfile.write, time.monotonic())
+
+
+class _HostileHttp(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, owner: HostileHttpServer) -> None:
+        super().__init__(("127.0.0.1", 0), _AdvertisementHandler)
+        self.owner = owner
+
+
+class HostileHttpServer:
+    """A misbehaving smart-HTTP mirror on 127.0.0.1 (see the module docstring)."""
+
+    def __init__(self, *, endless_refs: bool = False, drip: float | None = None, max_lines: int = 2_000_000,
+                 ref_name_bytes: int = 20) -> None:
+        assert endless_refs or drip is not None
+        self.commit = b"1" * 40
+        self.drip = drip
+        self.max_lines = max_lines
+        self.ref_name_bytes = ref_name_bytes
+        self.lines_sent = 0
+        self._stop = threading.Event()
+        self._server = _HostileHttp(self)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="hostile-http", daemon=True)
+        self._thread.start()
+
+    def url(self, repo: str = "fleet.git") -> str:
+        """The http:// URL of a repository on this server."""
+        return f"http://127.0.0.1:{self.port}/{repo}"
+
+    def advertise(self, write: object, started: float) -> None:
+        """Write ref lines with ``write`` until stopped, at ``max_lines``, or after the hard stop."""
+        pad = b"r" * self.ref_name_bytes
+        batch = 1 if self.drip is not None else 512
+        while (not self._stop.is_set() and self.lines_sent < self.max_lines
+               and time.monotonic() - started < _HARD_STOP):
+            lines = []
+            for _ in range(batch):
+                lines.append(pkt(self.commit + b" refs/heads/%s%d\n" % (pad, self.lines_sent)))
+                self.lines_sent += 1
+            write(b"".join(lines))  # type: ignore[operator]
+            if self.drip is not None:
+                self._stop.wait(self.drip)
+
+    def close(self) -> None:
+        """Stop serving (the writers stop at their next line)."""
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(2.0)
 
     def __enter__(self) -> Self:
         return self
