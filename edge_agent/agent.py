@@ -67,12 +67,13 @@ from edge_agent.errors import (
 from edge_agent.fsafe import FsRoot
 from edge_agent.identity import load_encryption_private
 from edge_agent.logs import log_context
+from edge_agent.prefetch import Prefetched, open_source
 from edge_agent.profiles import DeviceProfile, load_profile
 from edge_agent.release import DesiredState, DeviceIdentity, select
 from edge_agent.report import messages
 from edge_agent.resources import SecretFile
 from edge_agent.runner import Runner
-from edge_agent.source import Source, SourceAuth
+from edge_agent.source import Source
 from edge_agent.state import Managed, StateDB
 from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
 from edge_agent.trust.sealed import open_sealed
@@ -89,6 +90,7 @@ __all__ = [
     "event_payload",
     "pause",
     "plan_only",
+    "recover_interrupted",
     "report_health",
     "resume",
     "set_assigned_revision",
@@ -100,14 +102,13 @@ log = logging.getLogger(__name__)
 
 STATE_DB = "state.db"
 LOCK_FILE = "apply.lock"
-REPO_CACHE = "repo"
 BACKUP_DIR = "backups"
 DIGEST_KEY_FILE = "digest.key"
 _META_PAUSED = "paused"
 _META_TREE = "installed_tree_digest"
 _META_SYNC_STATE = "report.sync_state"
 _META_DRIFT = "report.drift"
-_META_ASSIGNED = "assigned_revision"
+_META_ASSIGNED = selection.META_ASSIGNED
 _MAX_MOUNTS = 16
 _COMMIT_RE = re.compile(r"[0-9a-f]{7,64}")
 SECRET_SUFFIX = ".sealed.json"  # noqa: S105 - a file name suffix, not a secret
@@ -253,17 +254,7 @@ def _open_runtime(config: AgentConfig) -> _Runtime:
     backups = state_dir / BACKUP_DIR
     backups.mkdir(exist_ok=True, mode=0o700)
     key = _digest_key(state_dir)
-    auth = config.repo.auth
-    try:
-        source = Source(
-            config.repo.url, config.repo.branch, state_dir / REPO_CACHE,
-            max_bytes=config.repo.max_fetch_bytes, depth=1, timeout=config.repo.timeout,
-            auth=SourceAuth(token=_read_secret_file(auth.token_file), username=auth.username,
-                            password=_read_secret_file(auth.password_file), ssh_key=auth.ssh_key,
-                            ssh_known_hosts=auth.ssh_known_hosts),
-        )
-    except ValueError as exc:
-        raise ConfigError(f"repo: {exc}") from exc
+    source = open_source(config)
     fs = FsRoot(config.root, profile.allowed_roots, denied_roots=profile.denied_roots, blob_key=key)
     try:
         state = StateDB(state_dir / STATE_DB)
@@ -276,15 +267,6 @@ def _open_runtime(config: AgentConfig) -> _Runtime:
         secret_digest=lambda data: hmac.new(key, data, hashlib.sha256).hexdigest(),
     )
     return _Runtime(config=config, state=state, profile=profile, ctx=ctx, runner=runner, source=source)
-
-
-def _read_secret_file(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise FetchError(f"cannot read credential file {path}: {exc.strerror or exc}") from exc
 
 
 def _with_payloads(ctx: Context, payloads: Mapping[str, bytes]) -> Context:
@@ -348,16 +330,19 @@ def _tree_digest(tree: Mapping[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime,
-                      seen: list[str] | None = None, cache: SyncCache | None = None) -> _Verified:
+def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime, seen: list[str] | None = None, *,
+                      cache: SyncCache | None = None, prefetched: Prefetched | None = None) -> _Verified:
     """Fetch, then verify the tree completely (``seen`` receives the fetched commit).
 
     With a ``cache`` holding this very commit under the same trust root, only expiry and the
     rollback floor are checked again (the tree, its hashes and signatures cannot have changed).
 
+    ``prefetched``, when it fetched this very ``want``, stands for the fetch (:mod:`edge_agent.prefetch`).
+
     Raises FetchError or an UntrustedInputError.
     """
-    fetched = rt.source.fetch(want)
+    ready = prefetched is not None and prefetched.want == want
+    fetched = prefetched.get() if prefetched is not None and ready else rt.source.fetch(want)
     if seen is not None:
         seen.append(fetched.commit)
     hit = None if cache is None else cache.verified
@@ -537,7 +522,8 @@ def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, managed: Mapping[str
 
 
 def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | None = None,
-              cache: SyncCache | None = None, assigned: str | None = None) -> SyncResult:
+              cache: SyncCache | None = None, assigned: str | None = None,
+              prefetched: Prefetched | None = None) -> SyncResult:
     """Run one fetch -> verify -> select -> plan -> apply -> record cycle.
 
     Args:
@@ -551,6 +537,8 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
         cache: the daemon's :class:`SyncCache` (None: verify everything from scratch).
         assigned: the revision the fleet server assigned, as the daemon follows it (None: the
             persisted one).
+        prefetched: the daemon's fetch of the target (:func:`edge_agent.selection.target_for`),
+            done before the apply lock was taken; used only when it fetched the revision chosen here.
 
     Raises:
         LockedError: another apply is running.
@@ -560,21 +548,18 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
     with log_context(device=config.device_id), apply_lock(config.state_dir):
         rt = _open_runtime(config)
         try:
-            assigned = assigned or rt.state.get_meta(_META_ASSIGNED) or None
-            baseline = selection.load_baseline(rt.state)
-            target = selection.choose(want=want, assigned=assigned, baseline=baseline,
-                                      installed=rt.state.installed())
-            return _sync_locked(rt, target, _now(now), cache)
+            target = selection.target_in(rt.state, want=want, assigned=assigned)
+            return _sync_locked(rt, target, _now(now), cache, prefetched)
         finally:
             rt.close()
 
 
 def _sync_locked(rt: _Runtime, target: selection.Target, now: datetime,
-                 cache: SyncCache | None = None) -> SyncResult:
+                 cache: SyncCache | None = None, prefetched: Prefetched | None = None) -> SyncResult:
     want = target.revision
     recovered = recover(rt.state, rt.ctx)
     try:
-        rt.source.clear_stale_locks()  # we hold the apply lock: a lock file here outlived its process
+        rt.source.clear_stale_locks()  # under the cache's fetch lock: a lock file here outlived its process
     except FetchError as exc:
         return _finish(rt, SyncResult("fetch_failed", commit=_as_commit(want), reason=str(exc)), now)
     if recovered is not None:
@@ -583,7 +568,7 @@ def _sync_locked(rt: _Runtime, target: selection.Target, now: datetime,
     installed = rt.state.installed()
     seen: list[str] = []
     try:
-        verified = _fetch_and_verify(rt, want, now, seen, cache)
+        verified = _fetch_and_verify(rt, want, now, seen, cache=cache, prefetched=prefetched)
     except FetchError as exc:
         return _finish(rt, SyncResult("fetch_failed", commit=_as_commit(want), reason=str(exc)), now)
     except UntrustedInputError as exc:
@@ -635,11 +620,30 @@ def _sync_locked(rt: _Runtime, target: selection.Target, now: datetime,
         return _finish(rt, result, now, quiet=outcome.status == "noop" and same)
 
 
+def recover_interrupted(config: AgentConfig, *, now: datetime | None = None) -> None:
+    """Undo a transaction a crash left open and record it, as the first step of every sync does (the
+    daemon calls it at start, before its first fetch, so no drift check meets a half-applied release).
+
+    Raises:
+        LockedError: another apply is running (it recovers first itself).
+        ConfigError: the device profile cannot be loaded.
+        StateError: the state database cannot be used.
+    """
+    with log_context(device=config.device_id), apply_lock(config.state_dir):
+        rt = _open_runtime(config)
+        try:
+            recovered = recover(rt.state, rt.ctx)
+            if recovered is not None:
+                _record(rt, "recovered", now=_now(now), commit=None, release=None, reason=recovered.reason,
+                        status=recovered.status)
+        finally:
+            rt.close()
+
+
 def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> str:
     """Fetch, verify, select and plan; return the plan as readable text. Changes nothing on the device.
 
-    It holds the apply lock like a sync: the fetch writes the repository cache, and a sync clears
-    the lock files it finds there on the premise that no other process is using the cache.
+    It holds the apply lock like a sync; its fetch holds the cache's fetch lock like every fetch.
 
     Raises:
         LockedError: a sync holds the apply lock (try again when it is done).

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_agent.config_section import LOG_LEVELS, ConfigSection, parse_duration
 from edge_agent.errors import ConfigError, KeyFileError
+from edge_agent.gitlimits import FetchLimits
 from edge_agent.report.messages import MAX_LABEL_VALUE, MAX_LABELS
 from edge_agent.trust.keys import parse_verify_key
 
@@ -60,6 +61,19 @@ class RepoConfig:
     auth: RepoAuth = field(default_factory=RepoAuth)
     max_fetch_bytes: int = 256 * 1024 * 1024
     timeout: float = 30.0
+    max_object_bytes: int = FetchLimits.max_object_bytes
+    max_inflated_bytes: int = FetchLimits.max_inflated_bytes
+    max_refs: int = FetchLimits.max_refs
+    max_ref_advertisement_bytes: int = FetchLimits.max_ref_advertisement_bytes
+    fetch_deadline: float = FetchLimits.fetch_deadline
+
+    @property
+    def fetch_limits(self) -> FetchLimits:
+        """The bounds every fetch from this mirror runs under."""
+        return FetchLimits(max_object_bytes=self.max_object_bytes,
+                           max_inflated_bytes=self.max_inflated_bytes, max_refs=self.max_refs,
+                           max_ref_advertisement_bytes=self.max_ref_advertisement_bytes,
+                           fetch_deadline=self.fetch_deadline, key_prefix="repo.")
 
 
 @dataclass(frozen=True)
@@ -174,7 +188,9 @@ def _profile_dirs(top: _Section) -> tuple[Path, ...]:
 def _repo(top: _Section) -> RepoConfig:
     if not top.has("repo"):
         raise ConfigError("repo: is required")
-    s = top.section("repo", frozenset({"url", "branch", "auth", "max_fetch_bytes", "timeout"}))
+    s = top.section("repo", frozenset({"url", "branch", "auth", "max_fetch_bytes", "timeout",
+                                       "max_object_bytes", "max_inflated_bytes", "max_refs",
+                                       "max_ref_advertisement_bytes", "fetch_deadline"}))
     url = s.mirror_url("url")
     if url is None:
         raise ConfigError("repo.url: is required")
@@ -188,7 +204,13 @@ def _repo(top: _Section) -> RepoConfig:
         raise ConfigError("repo.auth: give token_file or password_file, not both")
     return RepoConfig(url=url, branch=branch, auth=auth,
                       max_fetch_bytes=s.size("max_fetch_bytes", 256 * 1024 * 1024),
-                      timeout=s.duration("timeout", 30.0))
+                      timeout=s.duration("timeout", 30.0),
+                      max_object_bytes=s.size("max_object_bytes", FetchLimits.max_object_bytes),
+                      max_inflated_bytes=s.size("max_inflated_bytes", FetchLimits.max_inflated_bytes),
+                      max_refs=s.int_("max_refs", FetchLimits.max_refs, minimum=1, maximum=10_000_000),
+                      max_ref_advertisement_bytes=s.size("max_ref_advertisement_bytes",
+                                                         FetchLimits.max_ref_advertisement_bytes),
+                      fetch_deadline=s.duration("fetch_deadline", FetchLimits.fetch_deadline))
 
 
 def _trust(top: _Section) -> TrustConfig:

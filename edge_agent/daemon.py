@@ -1,12 +1,20 @@
 """The run loop of ``edge-agent run``: sync on a timer or a nudge, check drift, stop at a safe point.
 
-One thread does all the work, so two applies never overlap inside the daemon; the apply lock
-(``state_dir/apply.lock``) keeps a concurrent ``edge-agent sync`` out as well. Timers:
+One thread does all the applying, so two applies never overlap inside the daemon; the apply lock
+(``state_dir/apply.lock``) keeps a concurrent ``edge-agent sync`` out as well. A sync is two steps:
+the fetch runs in a worker thread holding only the repository cache's fetch lock
+(:func:`~edge_agent.prefetch.prefetch`), and when it is done the loop runs the rest of the sync
+(verify, plan, apply, record) under the apply lock from the cache. A slow or hostile mirror can
+hold a fetch for up to ``repo.fetch_deadline``; meanwhile drift checks and health reports go on, as
+they need the apply lock but not the mirror. At most one fetch runs at a time; a nudge that arrives
+during a fetch starts another sync right after this one. Timers:
 
-* sync at start (which first undoes a transaction a crash left open), then every ``intervals.poll``;
-  a device with an ``mqtt`` section that has neither an assignment nor a fleet baseline yet first
-  waits up to :data:`FIRST_SYNC_WAIT` seconds for the broker's retained ones (either wakes it), so a
-  new device starts on the fleet's last-good release rather than the branch head;
+* at start, undo a transaction a crash left open (before the first fetch, so drift checks that run
+  while it waits on the mirror never meet a half-applied release);
+* sync at start, then every ``intervals.poll``; a device with an ``mqtt`` section that has neither
+  an assignment nor a fleet baseline yet first waits up to :data:`FIRST_SYNC_WAIT` seconds for the
+  broker's retained ones (either wakes it), so a new device starts on the fleet's last-good release
+  rather than the branch head;
   after a ``fetch_failed`` the next attempt comes after a capped exponential backoff with full
   jitter (``backoff.base`` .. ``backoff.cap``) instead, and a success resets the backoff;
 * a drift check every ``intervals.drift`` (enforce: correct and record; audit: record only);
@@ -51,6 +59,7 @@ from edge_agent.agent import (
     SyncResult,
     assigned_revision,
     check_drift,
+    recover_interrupted,
     report_health,
     set_assigned_revision,
     sync_once,
@@ -59,8 +68,9 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgeFleetError, LockedError
 from edge_agent.logs import log_context
+from edge_agent.prefetch import Prefetched, prefetch
 from edge_agent.report.service import Reporter
-from edge_agent.selection import Baseline, fleet_baseline, set_fleet_baseline
+from edge_agent.selection import Baseline, fleet_baseline, set_fleet_baseline, target_for
 
 __all__ = ["Daemon", "install_signal_handlers", "run"]
 
@@ -70,6 +80,42 @@ _MAX_WAIT = 0.5  # how often an idle loop looks at the stop event, in seconds
 FIRST_SYNC_WAIT = 5.0
 """Seconds a device that never heard from a fleet server (no assignment, no baseline) waits for the
 broker's retained ``desired`` or baseline before its first sync follows the branch head instead."""
+_STOP_JOIN = 1.0  # how long a stopping daemon waits for a fetch in flight (abandoning one is safe)
+
+
+class _FetchJob:
+    """One fetch of ``target`` (None: the branch head) into the repository cache, in its own thread
+    (no apply lock held); ``assigned`` is the assignment the sync after it follows."""
+
+    def __init__(self, config: AgentConfig, assigned: str | None, target: str | None,
+                 on_done: Callable[[], None]) -> None:
+        self.assigned = assigned
+        self.target = target
+        self._on_done = on_done
+        self.result: Prefetched | None = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._config = config
+        self._thread = threading.Thread(target=self._run, name="edge-agent-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with log_context(device=self._config.device_id):
+            try:
+                self.result = prefetch(self._config, self.target)
+            except EdgeFleetError as exc:  # a config problem: reported by the sync step
+                self.error = exc
+            finally:
+                self._done.set()
+                self._on_done()
+
+    def done(self) -> bool:
+        """Whether the fetch has finished (either way)."""
+        return self._done.is_set()
+
+    def join(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the fetch to finish."""
+        self._thread.join(timeout)
 
 
 class Daemon:
@@ -102,6 +148,8 @@ class Daemon:
         self._baseline: Baseline | None = None
         self._persisted_baseline: Baseline | None = None
         self._reporter: Reporter | None = None
+        self._job: _FetchJob | None = None
+        self._nudged = False  # a sync was asked for (under _lock); _wake only wakes the loop
         self.syncs = 0
         self.drift_checks = 0
         self.health_reports = 0
@@ -115,6 +163,7 @@ class Daemon:
         with self._lock:
             if want is not None:
                 self._want = want
+            self._nudged = True
         self._wake.set()
 
     def set_desired(self, want: str | None) -> None:
@@ -124,6 +173,7 @@ class Daemon:
         """
         with self._lock:
             self._want = want
+            self._nudged = True
         self._wake.set()
 
     def on_desired(self, revision: str, release: int, rollout_id: str | None) -> None:
@@ -151,6 +201,8 @@ class Daemon:
                 return
             self._baseline = baseline
             assigned = self._want is not None
+            if not assigned:
+                self._nudged = True
         log.info("fleet baseline: release %s (%s)", release, revision)
         if not assigned:
             self._wake.set()
@@ -158,6 +210,11 @@ class Daemon:
     def on_nudge(self) -> None:
         """Handle the broadcast nudge: fetch at once instead of at the next poll."""
         self.request_sync()
+
+    def _take_nudge(self) -> bool:
+        with self._lock:
+            nudged, self._nudged = self._nudged, False
+            return nudged
 
     def _take_want(self) -> str | None:
         with self._lock:
@@ -214,13 +271,25 @@ class Daemon:
         if self._reporter is not None:
             self._reporter.notify()
 
-    def _sync(self) -> float:
-        """Run one sync; return the seconds until the next one."""
+    def _start_fetch(self) -> None:
+        """Start the fetch step of a sync in the worker thread."""
         want = self._take_want()
         self._persist_want(want)
         self._persist_baseline()
         try:
-            result = sync_once(self.config, assigned=want, cache=self._cache)
+            target = target_for(self.config, assigned=want).revision
+        except EdgeFleetError as exc:  # the sync step meets it again and reports it
+            log.error("cannot read what to follow: %s", exc)
+            target = want
+        self._job = _FetchJob(self.config, want, target, self._wake.set)
+
+    def _sync(self, job: _FetchJob) -> float:
+        """Run the rest of a sync once ``job`` has fetched; return the seconds until the next one."""
+        if job.error is not None:
+            log.error("sync could not run: %s", job.error)
+            return self._backoff.next_delay()
+        try:
+            result = sync_once(self.config, assigned=job.assigned, cache=self._cache, prefetched=job.result)
         except LockedError as exc:
             log.info("sync skipped: %s", exc)
             return min(self.config.intervals.poll, max(self.config.backoff.base, 1.0))
@@ -238,6 +307,14 @@ class Daemon:
             return min(delay, self.config.intervals.poll)
         self._backoff.reset()
         return self.config.intervals.poll
+
+    def _recover(self) -> None:
+        try:
+            recover_interrupted(self.config)
+        except LockedError as exc:
+            log.info("recovery skipped: %s (the apply holding the lock recovers first)", exc)
+        except EdgeFleetError as exc:
+            log.error("recovery could not run: %s (the first sync tries again)", exc)
 
     def _drift(self) -> None:
         try:
@@ -293,10 +370,14 @@ class Daemon:
             log.info("agent started (mode %s, poll %ss, drift %ss)", self.config.mode,
                      self.config.intervals.poll, self.config.intervals.drift)
             self._load_want()
+            self._recover()
             self._reporter = self._start_reporter()
             try:
                 self._loop()
             finally:
+                job, self._job = self._job, None
+                if job is not None:
+                    job.join(_STOP_JOIN)
                 reporter, self._reporter = self._reporter, None
                 if reporter is not None:
                     reporter.stop()
@@ -308,12 +389,21 @@ class Daemon:
         next_sync = now + self._first_sync_delay()
         next_drift = now + intervals.drift
         next_health = now if self._reporter is not None else float("inf")
+        again = False  # a sync was asked for while a fetch was in flight
         while not self.stop.is_set():
+            self._wake.clear()  # every reason to wake is a flag or a time, read after this
             now = self._clock()
-            if self._wake.is_set() or now >= next_sync:
-                self._wake.clear()
-                delay = self._sync()  # the wait counts from the end of the attempt, not its start
-                next_sync = self._clock() + delay
+            again = self._take_nudge() or again
+            job = self._job
+            if job is not None and job.done():
+                self._job = None
+                delay = self._sync(job)  # the wait counts from the end of the attempt, not its start
+                next_sync = now if again else self._clock() + delay
+                again = False
+                continue
+            if job is None and (again or now >= next_sync):
+                again = False
+                self._start_fetch()
                 continue
             if now >= next_drift:
                 self._drift()
@@ -323,8 +413,8 @@ class Daemon:
                 self._health()
                 next_health = self._clock() + intervals.health
                 continue
-            self._wake.wait(min(next_sync - now, next_drift - now, next_health - now, _MAX_WAIT))
-
+            until_sync = next_sync - now if job is None else _MAX_WAIT
+            self._wake.wait(max(0.0, min(until_sync, next_drift - now, next_health - now, _MAX_WAIT)))
 
 def run(config: AgentConfig, *, stop: threading.Event) -> None:
     """Run the agent until ``stop`` is set (see :class:`Daemon`)."""

@@ -36,10 +36,14 @@ __all__ = [
     "load_baseline",
     "set_fleet_baseline",
     "store_baseline",
+    "target_for",
+    "target_in",
 ]
 
 STATE_DB = "state.db"
 _META_BASELINE = "fleet_baseline"
+META_ASSIGNED = "assigned_revision"
+"""The state-database key of the revision the fleet server assigned (absent: none)."""
 
 INSTRUCTED = frozenset({"local", "assigned"})
 """The sources that may install a release older than the installed one."""
@@ -73,6 +77,35 @@ def choose(*, want: str | None, assigned: str | None, baseline: Baseline | None,
             return Target(installed.commit, "baseline")
         return Target(baseline.revision, "baseline")
     return Target(None, "head")
+
+
+def target_in(state: StateDB, *, want: str | None = None, assigned: str | None = None) -> Target:
+    """Return what a sync aims at on the device whose state database is ``state``.
+
+    ``assigned`` None means the persisted assignment; the baseline and the installed release are
+    read from ``state`` too.
+
+    Raises:
+        StateError: the state database cannot be read.
+    """
+    assigned = assigned or state.get_meta(META_ASSIGNED) or None
+    return choose(want=want, assigned=assigned, baseline=load_baseline(state), installed=state.installed())
+
+
+def target_for(config: AgentConfig, *, assigned: str | None = None) -> Target:
+    """Return what the next sync of the device of ``config`` aims at (:func:`target_in`), so that the
+    daemon can fetch it before taking the apply lock.
+
+    Raises:
+        StateError: the state database cannot be read.
+    """
+    if not (config.state_dir / STATE_DB).exists():
+        return choose(want=None, assigned=assigned, baseline=None, installed=None)
+    state = StateDB(config.state_dir / STATE_DB)
+    try:
+        return target_in(state, assigned=assigned)
+    finally:
+        state.close()
 
 
 def check_monotonic(target: Target, version: int, installed: Installed | None) -> None:

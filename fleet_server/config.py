@@ -20,6 +20,7 @@ import yaml
 
 from edge_agent.config_section import LOG_LEVELS, ConfigSection
 from edge_agent.errors import KeyFileError
+from edge_agent.gitlimits import FetchLimits
 from edge_agent.trust.keys import parse_verify_key
 from fleet_server.errors import ServerConfigError
 
@@ -120,6 +121,19 @@ class GitConfig:
     webhook_secret_file: Path | None = None
     trust: GitTrust = field(default_factory=GitTrust)
     cache_dir: Path = Path("/var/cache/fleet-server/git")
+    max_object_bytes: int = FetchLimits.max_object_bytes
+    max_inflated_bytes: int = FetchLimits.max_inflated_bytes
+    max_refs: int = FetchLimits.max_refs
+    max_ref_advertisement_bytes: int = FetchLimits.max_ref_advertisement_bytes
+    fetch_deadline: float = FetchLimits.fetch_deadline
+
+    @property
+    def fetch_limits(self) -> FetchLimits:
+        """The bounds every fetch from the mirror runs under (the same as on a device)."""
+        return FetchLimits(max_object_bytes=self.max_object_bytes,
+                           max_inflated_bytes=self.max_inflated_bytes, max_refs=self.max_refs,
+                           max_ref_advertisement_bytes=self.max_ref_advertisement_bytes,
+                           fetch_deadline=self.fetch_deadline, key_prefix="git.")
 
 
 @dataclass(frozen=True)
@@ -199,7 +213,8 @@ def _http(top: _Section) -> HttpConfig:
 
 def _git(top: _Section) -> GitConfig:
     s = top.section("git", frozenset({"url", "branch", "poll_interval", "webhook_secret_file", "trust",
-                                      "cache_dir"}))
+                                      "cache_dir", "max_object_bytes", "max_inflated_bytes", "max_refs",
+                                      "max_ref_advertisement_bytes", "fetch_deadline"}))
     url = s.mirror_url("url")
     branch = s.branch("branch", "main")
     t = s.section("trust", frozenset({"keys", "threshold"}))
@@ -220,7 +235,13 @@ def _git(top: _Section) -> GitConfig:
     return GitConfig(url=url, branch=branch, poll_interval=s.duration("poll_interval", 60.0),
                      webhook_secret_file=s.path("webhook_secret_file"),
                      trust=GitTrust(keys=unique, threshold=threshold),
-                     cache_dir=s.req_path("cache_dir", Path("/var/cache/fleet-server/git")))
+                     cache_dir=s.req_path("cache_dir", Path("/var/cache/fleet-server/git")),
+                     max_object_bytes=s.size("max_object_bytes", FetchLimits.max_object_bytes),
+                     max_inflated_bytes=s.size("max_inflated_bytes", FetchLimits.max_inflated_bytes),
+                     max_refs=s.int_("max_refs", FetchLimits.max_refs, minimum=1, maximum=10_000_000),
+                     max_ref_advertisement_bytes=s.size("max_ref_advertisement_bytes",
+                                                        FetchLimits.max_ref_advertisement_bytes),
+                     fetch_deadline=s.duration("fetch_deadline", FetchLimits.fetch_deadline))
 
 
 _TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "log_level"})

@@ -92,7 +92,8 @@ class GitPlans:
     def __init__(self, config: ServerConfig, store: Store, runner: RolloutRunner,
                  nudge: Callable[[str, int], None], baseline: FleetBaseline | None = None) -> None:
         assert config.git.url is not None
-        self._source = Source(config.git.url, config.git.branch, Path(config.git.cache_dir))
+        self._source = Source(config.git.url, config.git.branch, Path(config.git.cache_dir),
+                              limits=config.git.fetch_limits)
         self._store = store
         self._runner = runner
         self._nudge = nudge

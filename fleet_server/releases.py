@@ -139,7 +139,7 @@ class GitWatcher:
         if metrics is None:
             metrics = ReleaseMetrics(CollectorRegistry())
         self.metrics = metrics
-        self._source = Source(git.url, git.branch, Path(git.cache_dir))
+        self._source = Source(git.url, git.branch, Path(git.cache_dir), limits=git.fetch_limits)
         self._trust = TrustRoot(keys=frozenset(git.trust.keys), threshold=git.trust.threshold)
         self._interval = float(git.poll_interval)
         self._store = store
