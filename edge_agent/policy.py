@@ -37,8 +37,8 @@ SYSCTL_CONFIG_PATHS = ("/etc/sysctl.conf", "/etc/sysctl.d", "/run/sysctl.d", "/u
                        "/lib/sysctl.d", "/usr/local/lib/sysctl.d")
 """Files and directories ``systemd-sysctl`` / ``sysctl --system`` read at boot."""
 _LINK_DIR_SUFFIXES = (".wants", ".requires", ".upholds")
-_MODE_BITS = (("setuid", 0o4000, "a setuid"), ("setgid", 0o2000, "a setgid"),
-              ("world_writable", 0o002, "a world-writable"))
+_MODE_BITS = (("setuid", 0o4000, "sets the setuid bit"), ("setgid", 0o2000, "sets the setgid bit"),
+              ("world_writable", 0o002, "is world-writable"))
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,10 @@ def _mode_refusal(res: Resource, profile: DeviceProfile) -> str | None:
         return None
     bits = list(_MODE_BITS)
     if isinstance(res, SecretFile):
-        bits.append(("world_readable_secret", 0o004, "a world-readable secret"))
+        bits.append(("world_readable_secret", 0o004, "makes a secret world-readable"))
     for opt_in, bit, what in bits:
         if res.mode & bit and opt_in not in profile.allow_modes:
-            return (f"mode {res.mode:04o} sets {what} bit, which device profile {profile.name!r} refuses "
+            return (f"mode {res.mode:04o} {what}, which device profile {profile.name!r} refuses "
                     f"(allow_modes: [{opt_in}] opts in)")
     return None
 
