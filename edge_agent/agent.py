@@ -72,7 +72,7 @@ from edge_agent.profiles import DeviceProfile, load_profile
 from edge_agent.release import DesiredState, DeviceIdentity, select
 from edge_agent.report import messages
 from edge_agent.resources import SecretFile
-from edge_agent.runner import Runner
+from edge_agent.runner import CommandEnv, Runner
 from edge_agent.source import Source
 from edge_agent.state import Managed, StateDB
 from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
@@ -265,13 +265,14 @@ def _open_runtime(config: AgentConfig) -> _Runtime:
     ctx = Context(
         fs=fs, runner=runner, payloads={}, open_secret=_secret_opener(state_dir), backup_store=backups,
         secret_digest=lambda data: hmac.new(key, data, hashlib.sha256).hexdigest(),
+        command_env=CommandEnv(device=config.device_id),
     )
     return _Runtime(config=config, state=state, profile=profile, ctx=ctx, runner=runner, source=source)
 
 
-def _with_payloads(ctx: Context, payloads: Mapping[str, bytes]) -> Context:
-    return Context(fs=ctx.fs, runner=ctx.runner, payloads=payloads, open_secret=ctx.open_secret,
-                   backup_store=ctx.backup_store, secret_digest=ctx.secret_digest)
+def _with_payloads(ctx: Context, payloads: Mapping[str, bytes], version: int, commit: str) -> Context:
+    who = replace(ctx.command_env, release=version, commit=commit)
+    return replace(ctx, payloads=payloads, command_env=who)
 
 
 def _as_commit(value: str | None) -> str | None:
@@ -504,18 +505,18 @@ def _finish(rt: _Runtime, result: SyncResult, now: datetime, *, quiet: bool = Fa
     return result
 
 
-def _make_checks(desired: DesiredState, rt: _Runtime) -> Callable[[], list[CheckResult]]:
+def _make_checks(desired: DesiredState, rt: _Runtime, ctx: Context) -> Callable[[], list[CheckResult]]:
     def checks() -> list[CheckResult]:
-        return run_checks(desired.checks, rt.runner, rt.config.root)
+        return run_checks(desired.checks, rt.runner, rt.config.root, ctx.command_env)
 
     return checks
 
 
 def _apply(rt: _Runtime, desired: DesiredState, plan: Plan, managed: Mapping[str, Managed], *, version: int,
            commit: str) -> Outcome:
-    ctx = _with_payloads(rt.ctx, desired.payloads)
+    ctx = _with_payloads(rt.ctx, desired.payloads, version, commit)
     return apply_plan(plan, desired, ctx, rt.state, txn_id=secrets.token_hex(16), version=version,
-                      commit=commit, run_checks=_make_checks(desired, rt), managed=managed)
+                      commit=commit, run_checks=_make_checks(desired, rt, ctx), managed=managed)
 
 
 # --- the operations ------------------------------------------------------------------------------
@@ -591,7 +592,7 @@ def _sync_locked(rt: _Runtime, target: selection.Target, now: datetime,
                 desired = cache.desired
             else:
                 desired = _desired(rt, verified.tree)
-            ctx = _with_payloads(rt.ctx, desired.payloads)
+            ctx = _with_payloads(rt.ctx, desired.payloads, version, commit)
             missing = _unavailable(desired, rt, ctx)
             if missing:
                 reason = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
@@ -656,7 +657,7 @@ def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | N
         try:
             verified = _fetch_and_verify(rt, want, _now(now))
             desired = _desired(rt, verified.tree)
-            ctx = _with_payloads(rt.ctx, desired.payloads)
+            ctx = _with_payloads(rt.ctx, desired.payloads, verified.release.version, verified.commit)
             missing = _unavailable(desired, rt, ctx)
             if missing:
                 reason = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
@@ -700,7 +701,7 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
                 return DriftReport((), False)
             desired, version, commit = loaded
             with log_context(commit=commit, release=version):
-                ctx = _with_payloads(rt.ctx, desired.payloads)
+                ctx = _with_payloads(rt.ctx, desired.payloads, version, commit)
                 managed = rt.state.managed()
                 findings = tuple(detect_drift(desired, managed, ctx))
                 if not findings:
@@ -853,7 +854,8 @@ def report_health(config: AgentConfig, *, now: datetime | None = None) -> list[C
         try:
             loaded = _installed_desired(rt)
             desired = loaded[0] if loaded is not None else None
-            results = run_checks(desired.checks, rt.runner, config.root) if desired is not None else []
+            who = CommandEnv(config.device_id, loaded[1], loaded[2]) if loaded is not None else None
+            results = run_checks(desired.checks, rt.runner, config.root, who) if desired is not None else []
             metrics = telemetry.sample(_health_mounts(config, desired))
             msg = reporter.health_report(config.device_id, commit=loaded[2] if loaded else None,
                                          release=loaded[1] if loaded else None, ts=when, metrics=metrics,

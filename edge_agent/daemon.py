@@ -29,7 +29,7 @@ the one followed now calls :meth:`Daemon.set_desired` (so it is synced at once, 
 every trust check); a repeat of the followed revision (a retained re-delivery) is a no-op. The
 assigned revision is persisted in the state database, so a restart follows it from the first sync
 on. The broadcast nudge calls :meth:`Daemon.request_sync`. The retained fleet baseline
-(``<prefix>/_broadcast/desired``) calls :meth:`Daemon.on_baseline`: it is persisted before the next
+(``<prefix>/_broadcast/baseline``) calls :meth:`Daemon.on_baseline`: it is persisted before the next
 sync and, on a device without an assignment, wakes the loop (:mod:`edge_agent.selection` says what a
 sync follows). After every operation the sender is
 woken to publish the reports the operation queued. Without an ``mqtt`` section reports simply wait

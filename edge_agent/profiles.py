@@ -4,8 +4,15 @@ A profile is local configuration shipped with the agent (``device_profiles/*.yam
 tree, installed under ``/usr/share/edge-agent/profiles``); it is never read from the config repo.
 It names the directories (or exact files) a release may write (``allowed_roots``), the ones it
 must never touch even inside those (``denied_roots``, e.g. the agent's own configuration and
-state), the resource kinds the device's drivers may apply, and default health checks that run
-after every apply.
+state), the resource kinds the device's drivers may apply (``drivers``), the health-check kinds a
+release may declare (``health_checks``), the systemd units and sysctl keys it may manage
+(``systemd_units``, ``sysctl_keys``: glob patterns), the file modes it may set beyond the safe ones
+(``allow_modes``), and default health checks that run after every apply.
+
+Absent keys take the safe defaults (documented in ``docs/config-repo.md``): ``health_checks``
+every kind that runs no code of the release, plus ``command`` only when ``drivers`` lists
+``command``; ``systemd_units`` and ``sysctl_keys`` none; ``allow_modes`` none. What a profile
+allows is enforced by :mod:`edge_agent.policy`.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ from pathlib import Path
 
 from edge_agent.errors import BundleError, ConfigError, PathError
 from edge_agent.paths import validate_device_path
-from edge_agent.resources import RESOURCE_KINDS, HealthCheck, parse_check
+from edge_agent.resources import CHECK_KINDS, RESOURCE_KINDS, HealthCheck, parse_check
 from edge_agent.yamlsafe import load_yaml
 
 __all__ = [
+    "CODE_CHECK_KINDS",
     "INSTALLED_PROFILE_DIR",
+    "MODE_OPT_INS",
     "PROFILE_NAME",
     "DeviceProfile",
     "load_all_profiles",
@@ -34,7 +43,14 @@ log = logging.getLogger(__name__)
 
 INSTALLED_PROFILE_DIR = Path("/usr/share/edge-agent/profiles")
 PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
-_KEYS = frozenset({"name", "description", "allowed_roots", "denied_roots", "drivers", "health"})
+_KEYS = frozenset({"name", "description", "allowed_roots", "denied_roots", "drivers", "health",
+                   "health_checks", "systemd_units", "sysctl_keys", "allow_modes"})
+CODE_CHECK_KINDS = frozenset({"command"})
+"""Health-check kinds that run code of the release."""
+MODE_OPT_INS = frozenset({"setuid", "setgid", "world_writable", "world_readable_secret"})
+"""What ``allow_modes`` may name; each is refused unless the profile lists it."""
+_SAFE_CHECK_KINDS = frozenset(CHECK_KINDS) - CODE_CHECK_KINDS
+_PATTERN = re.compile(r"^[A-Za-z0-9:_.@\\*?\[\]!/\-]{1,256}$")
 _MAX_PROFILE_BYTES = 256 * 1024
 
 
@@ -48,6 +64,14 @@ class DeviceProfile:
     health: tuple[HealthCheck, ...]
     description: str = ""
     denied_roots: tuple[str, ...] = ()
+    #: health-check kinds a release may declare (the profile's own ``health`` is trusted)
+    check_kinds: frozenset[str] = _SAFE_CHECK_KINDS
+    #: glob patterns of the systemd units a ``systemd_unit`` resource (or a file in a unit directory) may name
+    systemd_units: tuple[str, ...] = ()
+    #: glob patterns of the sysctl keys a ``sysctl`` resource may set
+    sysctl_keys: tuple[str, ...] = ()
+    #: modes allowed beyond the safe ones: a subset of :data:`MODE_OPT_INS`
+    allow_modes: frozenset[str] = frozenset()
 
 
 def _roots(value: Mapping[str, object], key: str, *, required: bool) -> tuple[str, ...]:
@@ -63,6 +87,21 @@ def _roots(value: Mapping[str, object], key: str, *, required: bool) -> tuple[st
         except PathError as exc:
             raise ConfigError(f"profile {key!r}: {exc}") from exc
     return tuple(roots)
+
+
+def _names(value: Mapping[str, object], key: str, known: frozenset[str] | None) -> tuple[str, ...] | None:
+    """A list of names (``None`` when absent); with ``known``, each must be one of them, else a pattern."""
+    raw = value.get(key)
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise ConfigError(f"{key!r} must be a list of strings")
+    for v in raw:
+        if known is not None and v not in known:
+            raise ConfigError(f"{key!r}: unknown value {v!r} (known: {', '.join(sorted(known))})")
+        if known is None and not _PATTERN.match(v):
+            raise ConfigError(f"{key!r}: invalid pattern {v!r}")
+    return tuple(raw)
 
 
 def parse_profile(value: object) -> DeviceProfile:
@@ -101,10 +140,17 @@ def parse_profile(value: object) -> DeviceProfile:
     try:
         allowed = _roots(value, "allowed_roots", required=True)
         denied = _roots(value, "denied_roots", required=False)
+        checks = _names(value, "health_checks", frozenset(CHECK_KINDS))
+        units = _names(value, "systemd_units", None) or ()
+        keys = _names(value, "sysctl_keys", None) or ()
+        modes = _names(value, "allow_modes", MODE_OPT_INS) or ()
     except ConfigError as exc:
         raise ConfigError(f"profile {name}: {exc}") from exc
+    if checks is None:
+        checks = tuple(_SAFE_CHECK_KINDS | (CODE_CHECK_KINDS if "command" in drivers else frozenset()))
     return DeviceProfile(name=name, allowed_roots=allowed, drivers=frozenset(drivers), health=tuple(health),
-                         description=description, denied_roots=denied)
+                         description=description, denied_roots=denied, check_kinds=frozenset(checks),
+                         systemd_units=units, sysctl_keys=keys, allow_modes=frozenset(modes))
 
 
 def _load_file(path: Path) -> DeviceProfile:

@@ -3,8 +3,9 @@
 :func:`select` parses ``fleet.yaml`` and *every* bundle of the tree: a release is signed and
 applied as a whole, so a broken bundle anywhere refuses the release on every device rather than
 leaving devices to disagree about which half of it was valid. It then keeps the bundles whose
-``targets`` match the device, applies their overlays, enforces the device profile (allowed and
-denied roots, allowed drivers) and resolves every payload to the bytes to write.
+``targets`` match the device, applies their overlays, enforces the device profile on every
+resource and health check (:mod:`edge_agent.policy`: roots, kinds, units, sysctl keys, modes) and
+resolves every payload to the bytes to write.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.bundle import Bundle, DeviceIdentity, ResolvedBundle, builtin_values, parse_bundle
-from edge_agent.errors import BundleError, ConfinementError, DriverUnavailable
+from edge_agent.errors import BundleError
 from edge_agent.fleetfile import FleetDefaults, parse_fleet_file
-from edge_agent.paths import check_confined, is_under
+from edge_agent.policy import Refusal, check_refusal, resource_refusal
 from edge_agent.profiles import DeviceProfile
 from edge_agent.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit
 from edge_agent.yamlsafe import load_yaml
@@ -95,18 +96,9 @@ def _fleet(tree: Mapping[str, bytes]) -> FleetDefaults:
         raise BundleError(exc.reason, exc.where, file=FLEET_FILE) from exc
 
 
-def _check_profile(res: Resource, profile: DeviceProfile, file: str) -> None:
-    if res.kind not in profile.drivers:
-        raise DriverUnavailable(f"{file}: resource {res.id!r}: kind {res.kind!r} is not allowed by "
-                                f"device profile {profile.name!r}")
-    for p in res.paths:
-        try:
-            check_confined(p, profile.allowed_roots)
-        except ConfinementError as exc:
-            raise ConfinementError(f"{file}: resource {res.id!r}: {exc} of profile {profile.name!r}") from exc
-        if is_under(p, profile.denied_roots):
-            raise ConfinementError(f"{file}: resource {res.id!r}: {p} is under a root device profile "
-                                   f"{profile.name!r} denies")
+def _enforce(refusal: Refusal | None, file: str) -> None:
+    if refusal is not None:
+        raise refusal.error(f"{file}: {refusal.message}")
 
 
 def _payload(res: Resource, rb: ResolvedBundle, tree: Mapping[str, bytes], values: Mapping[str, str],
@@ -149,8 +141,9 @@ def select(tree: Mapping[str, bytes], device: DeviceIdentity, profile: DevicePro
             a resource id is declared by two bundles the device receives, a ``watch`` names an
             unknown id, or a template refers to an unknown value.
         ConfinementError: a resource writes outside the profile's allowed roots (or inside a
-            denied one).
-        DriverUnavailable: a resource kind is not among the profile's drivers.
+            denied one), or configures a unit or sysctl file the profile does not allow.
+        DriverUnavailable: a resource or health-check kind, a unit, a sysctl key or a mode the
+            profile does not allow.
     """
     fleet = _fleet(tree)
     chosen = [b for b in _parse_all(tree) if b.targets_device(device)]
@@ -170,11 +163,13 @@ def select(tree: Mapping[str, bytes], device: DeviceIdentity, profile: DevicePro
                 raise BundleError(f"resource id {res.id!r} is declared by bundles {owner[res.id]!r} and "
                                   f"{bundle.name!r}, which both target this device", file=file)
             owner[res.id] = bundle.name
-            _check_profile(res, profile, file)
+            _enforce(resource_refusal(res, profile), file)
             data = _payload(res, rb, tree, values, file)
             if data is not None:
                 payloads[res.id] = data
             resources.append(res)
+        for check in bundle.health:
+            _enforce(check_refusal(check, profile), file)
         checks.extend((bundle.name, c) for c in bundle.health)
     for res in resources:
         watch = res.watch if isinstance(res, SystemdUnit | CommandRes) else ()

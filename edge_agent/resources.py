@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from edge_agent.envspec import parse_env
 from edge_agent.errors import BundleError, PathError
 from edge_agent.paths import validate_device_path, validate_repo_path
 
@@ -42,8 +43,9 @@ __all__ = [
 
 Where = tuple[str | int, ...]
 
-_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|path|mount|target)$")
-_SYSCTL_NAME = re.compile(r"^[a-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$")
+# Neither may start with "-": a name reaches systemctl/sysctl argv and must never read as an option.
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@\\][A-Za-z0-9:_.@\\-]*\.(service|socket|timer|path|mount|target)$")
+_SYSCTL_NAME = re.compile(r"^[a-z0-9_][a-z0-9_\-]*(\.[A-Za-z0-9_\-]+)+$")
 _ACCOUNT = re.compile(r"^([a-z_][a-z0-9_\-]*\$?|[0-9]+)$")
 _ID = re.compile(r"^[A-Za-z0-9_.:/@\-]{1,200}$")
 
@@ -147,6 +149,10 @@ class _Fields:
         if isinstance(v, list) and v and all(isinstance(a, str) for a in v):
             return tuple(v)
         raise BundleError(f"{name!r} must be a shell string or a non-empty list of strings", self.at(name))
+
+    def env_map(self, name: str = "env") -> tuple[tuple[str, str], ...]:
+        """Read an ``env:`` mapping (see :func:`edge_agent.envspec.parse_env`)."""
+        return parse_env(self.raw.get(name), self.at(name))
 
     def str_list(self, name: str) -> tuple[str, ...]:
         v = self.raw.get(name)
@@ -297,6 +303,7 @@ class CommandRes(Resource):
     timeout: float = 60.0
     watch: tuple[str, ...] = ()
     refresh_only: bool = False
+    env: tuple[tuple[str, str], ...] = ()
 
 
 RESOURCE_KINDS: dict[str, type[Resource]] = {
@@ -379,12 +386,19 @@ def _absent(raw: Mapping[str, Any], bundle: str, where: Where) -> Resource:
     return Absent(id=_rid(f, "absent", path), bundle=bundle, path=path)
 
 
+def _checked_name(f: _Fields, field: str, what: str, pattern: re.Pattern[str]) -> str:
+    name = f.req_str(field)
+    if name.startswith("-"):
+        raise BundleError(f"invalid {what} {name!r}: a name must not start with '-'", f.at(field))
+    if not pattern.match(name):
+        raise BundleError(f"invalid {what} {name!r}", f.at(field))
+    return name
+
+
 def _systemd_unit(raw: Mapping[str, Any], bundle: str, where: Where) -> Resource:
     fields = {"name", "content", "source", "unit_dir", "enabled", "running", "watch"}
     f = _Fields(raw, where, _COMMON | fields)
-    name = f.req_str("name")
-    if not _UNIT_NAME.match(name):
-        raise BundleError(f"invalid systemd unit name {name!r}", f.at("name"))
+    name = _checked_name(f, "name", "systemd unit name", _UNIT_NAME)
     content, source = _content_or_source(f, required=False)
     unit_dir = f.device_path("unit_dir", required=False) or "/etc/systemd/system"
     return SystemdUnit(
@@ -395,9 +409,7 @@ def _systemd_unit(raw: Mapping[str, Any], bundle: str, where: Where) -> Resource
 
 def _sysctl(raw: Mapping[str, Any], bundle: str, where: Where) -> Resource:
     f = _Fields(raw, where, _COMMON | {"name", "value", "persist"})
-    name = f.req_str("name")
-    if not _SYSCTL_NAME.match(name):
-        raise BundleError(f"invalid sysctl name {name!r}", f.at("name"))
+    name = _checked_name(f, "name", "sysctl name", _SYSCTL_NAME)
     value = f.req_str("value")
     if "\n" in value or "\x00" in value:
         raise BundleError("sysctl value must be one line", f.at("value"))
@@ -420,7 +432,7 @@ def _secret_file(raw: Mapping[str, Any], bundle: str, where: Where) -> Resource:
 
 def _command(raw: Mapping[str, Any], bundle: str, where: Where) -> Resource:
     f = _Fields(raw, where, _COMMON | {"name", "run", "creates", "unless", "onlyif", "timeout", "watch",
-                                       "refresh_only"})
+                                       "refresh_only", "env"})
     name = f.req_str("name")
     run = f.argv_or_shell("run", required=True)
     assert run is not None
@@ -428,7 +440,7 @@ def _command(raw: Mapping[str, Any], bundle: str, where: Where) -> Resource:
         id=_rid(f, "command", name), bundle=bundle, name=name, run=run,
         creates=f.device_path("creates", required=False), unless=f.argv_or_shell("unless", required=False),
         onlyif=f.argv_or_shell("onlyif", required=False), timeout=f.number("timeout", 60.0) or 60.0,
-        watch=f.str_list("watch"), refresh_only=bool(f.bool_("refresh_only", False)),
+        watch=f.str_list("watch"), refresh_only=bool(f.bool_("refresh_only", False)), env=f.env_map(),
     )
 
 
@@ -456,6 +468,7 @@ class CommandCheck(HealthCheck):
 
     kind: ClassVar[str] = "command"
     run: tuple[str, ...] | str = ()
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -528,7 +541,7 @@ def parse_check(raw: object, where: Where = ()) -> HealthCheck:
         known = ", ".join(sorted(CHECK_KINDS))
         raise BundleError(f"unknown health check kind {kind!r} (known: {known})", (*where, "kind"))
     extra = {
-        "command": {"run"}, "systemd_active": {"unit"}, "tcp": {"host", "port"},
+        "command": {"run", "env"}, "systemd_active": {"unit"}, "tcp": {"host", "port"},
         "http": {"url", "expect_status"}, "disk_free": {"path", "min_free_percent"},
         "memory": {"max_used_percent"}, "temperature": {"max_celsius"},
     }[str(kind)]
@@ -538,11 +551,9 @@ def parse_check(raw: object, where: Where = ()) -> HealthCheck:
     if kind == "command":
         run = f.argv_or_shell("run", required=True)
         assert run is not None
-        return CommandCheck(name=name, timeout=timeout, run=run)
+        return CommandCheck(name=name, timeout=timeout, run=run, env=f.env_map())
     if kind == "systemd_active":
-        unit = f.req_str("unit")
-        if not _UNIT_NAME.match(unit):
-            raise BundleError(f"invalid systemd unit name {unit!r}", f.at("unit"))
+        unit = _checked_name(f, "unit", "systemd unit name", _UNIT_NAME)
         return SystemdActiveCheck(name=name, timeout=timeout, unit=unit)
     if kind == "tcp":
         port = f.number("port", minimum=1)

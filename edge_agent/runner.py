@@ -6,6 +6,14 @@ as an argv list. Each command starts in a new session so that on timeout its who
 (including background children) is killed. Output goes to anonymous temporary files rather than
 pipes, so a background child that keeps the descriptors open cannot hang the agent; each stream is
 capped at :data:`OUTPUT_CAP` bytes and decoded as UTF-8 with replacement.
+
+Two kinds of process, two environments. The agent's own tools (``systemctl``, ``sysctl``) run with
+the agent's environment (:meth:`Runner.run`). Code of the release (``command`` resources and their
+guards, ``command`` health checks) runs through :meth:`Runner.run_release_command`: working
+directory the device root, and a clean environment built here and nowhere else
+(:func:`release_environment`): ``PATH`` (:data:`SAFE_PATH`), ``LANG=C.UTF-8``,
+``EDGE_FLEET_ROOT``, ``EDGE_FLEET_DEVICE``, ``EDGE_FLEET_RELEASE`` and ``EDGE_FLEET_COMMIT`` (when
+known), then the command's own ``env:`` mapping. Nothing else of the agent's environment reaches it.
 """
 
 from __future__ import annotations
@@ -18,14 +26,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from edge_agent.errors import ApplyError
 
-__all__ = ["OUTPUT_CAP", "RunResult", "Runner"]
+__all__ = ["OUTPUT_CAP", "SAFE_PATH", "CommandEnv", "RunResult", "Runner", "release_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,35 @@ OUTPUT_CAP = 64 * 1024
 """Bytes kept of each of stdout and stderr."""
 
 _KILL_GRACE = 2.0
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+"""The ``PATH`` of every command of a release (an ``env:`` mapping may set another)."""
+
+
+@dataclass(frozen=True)
+class CommandEnv:
+    """The device and release a command of the release runs for (empty: not known here)."""
+
+    device: str = ""
+    release: int | None = None
+    commit: str | None = None
+
+
+def release_environment(root: Path, who: CommandEnv, extra: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+    """Return the whole environment of a command of the release on the device rooted at ``root``.
+
+    ``extra`` is the command's validated ``env:`` mapping (it cannot set ``EDGE_FLEET_*``).
+    """
+    env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "EDGE_FLEET_ROOT": str(root),
+           "EDGE_FLEET_DEVICE": who.device}
+    if who.release is not None:
+        env["EDGE_FLEET_RELEASE"] = str(who.release)
+    if who.commit is not None:
+        env["EDGE_FLEET_COMMIT"] = who.commit
+    for name, value in extra:
+        if not name.startswith("EDGE_FLEET_"):
+            env[name] = value
+    return env
 
 
 @dataclass(frozen=True)
@@ -70,7 +107,7 @@ class Runner:
 
     def run(self, cmd: Sequence[str] | str, *, timeout: float, env: Mapping[str, str] | None = None,
             cwd: Path | None = None) -> RunResult:
-        """Run ``cmd`` and wait for it at most ``timeout`` seconds.
+        """Run one of the agent's own tools and wait for it at most ``timeout`` seconds.
 
         Args:
             cmd: an argv list, or a string run through ``/bin/sh -c``.
@@ -81,12 +118,25 @@ class Runner:
         Raises:
             ApplyError: the command cannot be started (not found, not executable, bad cwd).
         """
-        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        if not argv:
-            raise ApplyError("cannot run an empty command")
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
+        return self._spawn(cmd, timeout, full_env, cwd)
+
+    def run_release_command(self, cmd: Sequence[str] | str, *, timeout: float, root: Path, who: CommandEnv,
+                            env: Iterable[tuple[str, str]] = ()) -> RunResult:
+        """Run a command of the release: in ``root``, with only :func:`release_environment`.
+
+        Raises:
+            ApplyError: the command cannot be started (not found on :data:`SAFE_PATH`, not executable).
+        """
+        return self._spawn(cmd, timeout, release_environment(root, who, env), root)
+
+    def _spawn(self, cmd: Sequence[str] | str, timeout: float, full_env: Mapping[str, str],
+               cwd: Path | None) -> RunResult:
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        if not argv:
+            raise ApplyError("cannot run an empty command")
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,

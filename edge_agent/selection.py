@@ -6,7 +6,7 @@ A device follows, first match wins (``docs/agent-config.md``):
    --want``);
 2. ``assigned``: the revision the fleet server assigned to this device (its retained ``desired``
    message, persisted in the state database);
-3. ``baseline``: the fleet baseline, the retained ``<prefix>/_broadcast/desired`` naming the fleet's
+3. ``baseline``: the fleet baseline, the retained ``<prefix>/_broadcast/baseline`` naming the fleet's
    last-good release (persisted too). A baseline older than the installed release keeps the device
    on what it runs: the baseline never moves a device backwards;
 4. ``head``: the branch head, only while no fleet server has ever spoken to the device.

@@ -1,6 +1,6 @@
 """The fleet baseline: the last-good release a device without its own assignment runs.
 
-One retained message for the whole fleet (``<prefix>/_broadcast/desired``), so moving it costs one
+One retained message for the whole fleet (``<prefix>/_broadcast/baseline``), so moving it costs one
 publish however many devices there are. The rule (``docs/rollouts.md``):
 
 * a release recorded whose fleet.yaml declares no ``rollout:`` is not governed by a rollout: the

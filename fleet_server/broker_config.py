@@ -5,8 +5,8 @@ Every device authenticates with its device id as user name (and, with
 a random password. The ACL names every device explicitly (no ``pattern`` rules, so nothing depends
 on how ``%u`` is substituted): a device may write only ``<prefix>/<id>/{status,events,health,online}``
 and read only ``<prefix>/<id>/desired``, the broadcast nudge and the fleet baseline
-(``<prefix>/_broadcast/desired``). The server user reads ``<prefix>/#`` and writes
-``<prefix>/+/desired`` (which covers the baseline), the baseline and the nudge; no device id can be
+(``<prefix>/_broadcast/baseline``). The server user reads ``<prefix>/#`` and writes
+``<prefix>/+/desired``, the baseline and the nudge; no device id can be
 ``_broadcast``, so no device writes either broadcast. Several server users may be named: because
 the user name is the client id, every server process (MQTT 5 shared subscriptions) and tool that
 connects at the same time needs its own, or they would take each other's session over.

@@ -434,7 +434,7 @@ class Ingestor:
 
     def publish_baseline(self, revision: str, release: int, *, wait: float = 0.0) -> None:
         """Publish the retained QoS 1 fleet baseline: the last-good release every device without an
-        assignment runs (``<prefix>/_broadcast/desired``).
+        assignment runs (``<prefix>/_broadcast/baseline``).
 
         Raises:
             MessageError: a field is invalid.

@@ -10,8 +10,10 @@ The rules (documented for operators in ``docs/config-repo.md``):
 * Payloads: every ``source`` exists inside its bundle directory (a symlink leading out is an
   escape), every overlay replacement exists, templates name only known values, every
   ``secret_file`` names a sealed-secret document.
-* Profiles: the profiles a bundle's selectors name must each allow every path and kind; a bundle
-  with a selector naming no profile needs at least one known profile that allows each resource.
+* Profiles: the profiles a bundle's selectors name must each allow every resource and health
+  check (``edge_agent.policy``: paths, kinds, systemd units, sysctl keys, modes; the same message
+  the agent refuses a release with); a bundle with a selector naming no profile needs at least one
+  known profile that allows each of them.
 * References: ``watch`` names a resource id some bundle declares; an id declared by two bundles
   is a warning (a device targeted by both refuses the release).
 * Plaintext secrets in inline content, values and payload files (see ``_secret_findings``);
@@ -38,9 +40,9 @@ from edge_agent.bundle import (
 )
 from edge_agent.errors import BundleError, YamlError
 from edge_agent.fleetfile import fleet_problems
-from edge_agent.paths import is_under
+from edge_agent.policy import Refusal, check_refusal, resource_refusal
 from edge_agent.profiles import DeviceProfile, load_all_profiles
-from edge_agent.resources import CommandRes, File, Resource, SecretFile, SystemdUnit
+from edge_agent.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit, parse_check
 from edge_agent.yamlsafe import LocatedDoc, load_yaml
 from fleet_server.rollouts.plan import PlanRef, parse_fleet_rollout, parse_plan
 
@@ -216,8 +218,10 @@ class _BundleLint:
             self.err(("targets",), "the bundle has no targets, so it applies to no device", "warning")
         for res, where in located:
             self._check_payload(res, where)
-            self._check_profiles(res, where)
+            self._check_profiles(res, f"resource {res.id!r}", where)
             self._check_inline_secrets(res, where)
+        for check, where in self._located_checks():
+            self._check_profiles(check, f"health check {check.name!r}", where)
         self._check_overlay_files()
         self._check_templates(located)
         for key, value in self.bundle.values.items():
@@ -255,6 +259,17 @@ class _BundleLint:
                 if res not in seen:
                     seen.add(res)
                     out.append((res, ("overlays", i, "resources", patched.get(res.id, 0))))
+        return out
+
+    def _located_checks(self) -> list[tuple[HealthCheck, Where]]:
+        """The bundle's health checks that parse, each with its location (bad ones are format errors)."""
+        raw_list = self.bundle.raw.get("health")
+        out: list[tuple[HealthCheck, Where]] = []
+        for i, raw in enumerate(raw_list if isinstance(raw_list, list) else []):
+            try:
+                out.append((parse_check(raw, ("health", i)), ("health", i)))
+            except BundleError:
+                continue  # already reported by the format check
         return out
 
     def _payload_path(self, rel: str, where: Where) -> Path | None:
@@ -307,7 +322,8 @@ class _BundleLint:
                 unnamed = True
         return named, unnamed
 
-    def _check_profiles(self, res: Resource, where: Where) -> None:
+    def _check_profiles(self, item: Resource | HealthCheck, subject: str, where: Where) -> None:
+        """Report what the named profiles refuse (the agent's own message), or what no profile allows."""
         if not self.profiles:
             return
         named, unnamed = self._profiles_for(self.bundle.targets)
@@ -317,12 +333,14 @@ class _BundleLint:
             profile = self.profiles.get(name)
             if profile is None:
                 continue
-            refusal = _refusal(res, profile)
-            if refusal:
-                self.err(where, f"resource {res.id!r}: {refusal}")
-        if unnamed and not any(_refusal(res, p) is None for p in self.profiles.values()):
-            self.err(where, f"resource {res.id!r}: no known device profile allows it "
-                            f"({'; '.join(_refusal(res, p) or '' for p in self.profiles.values())})")
+            refusal = _refusal_of(item, profile)
+            if refusal is not None:
+                self.err(where, refusal.message)
+        if unnamed:
+            refusals = [_refusal_of(item, p) for p in self.profiles.values()]
+            if all(r is not None for r in refusals):
+                reasons = "; ".join(r.reason for r in refusals if r is not None)
+                self.err(where, f"{subject}: no known device profile allows it ({reasons})")
 
     def _check_templates(self, located: list[tuple[Resource, Where]]) -> None:
         known = set(self.bundle.values) | set(BUILTIN_VALUES)
@@ -397,15 +415,9 @@ class _BundleLint:
                                                  "sealed secret")
 
 
-def _refusal(res: Resource, profile: DeviceProfile) -> str | None:
-    if res.kind not in profile.drivers:
-        return f"kind {res.kind!r} is not allowed by profile {profile.name!r}"
-    for p in res.paths:
-        if not is_under(p, profile.allowed_roots):
-            return f"{p} is outside the allowed roots of profile {profile.name!r}"
-        if is_under(p, profile.denied_roots):
-            return f"{p} is under a root profile {profile.name!r} denies"
-    return None
+def _refusal_of(item: Resource | HealthCheck, profile: DeviceProfile) -> Refusal | None:
+    """The agent's own refusal of a resource or health check (``None``: the profile allows it)."""
+    return resource_refusal(item, profile) if isinstance(item, Resource) else check_refusal(item, profile)
 
 
 def _text_lines(data: bytes) -> list[str]:

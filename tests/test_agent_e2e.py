@@ -35,6 +35,8 @@ PROFILE = {
     "allowed_roots": ["/etc", "/opt", "/srv"],
     "drivers": ["file", "directory", "symlink", "absent", "secret_file", "command", "systemd_unit",
                 "sysctl"],
+    "systemd_units": ["*"],
+    "sysctl_keys": ["*"],
 }
 
 
@@ -449,7 +451,7 @@ def test_gateway_units_and_sysctl_with_restart_on_watch(fleet: AgentFleet,
     fleet.publish(gateway_release(port=9443))
     assert sync_once(fleet.config).outcome == "applied"
     restarts = [c for c in fake.calls("systemctl") if c[1] in ("restart", "try-restart")]
-    assert [c[2] for c in restarts] == ["gateway-app.service"]
+    assert [c[2:] for c in restarts] == [["--", "gateway-app.service"]]
     # A failing health check puts everything back, the kernel parameter included.
     before = snapshot(fleet.root)
     bad = gateway_release(port=1, somaxconn="4096",

@@ -59,12 +59,12 @@ def app(**kw: object) -> SystemdUnit:
 def test_unit_install_enable_start_then_noop(root: Path, ctx: Context, fake: FakeSystem) -> None:
     changes = plan(app(enabled=True, running=True), ctx)
     assert [c.action for c in changes] == ["create", "daemon-reload", "enable", "start"]
-    assert fake.calls() == [["systemctl", "is-enabled", "app.service"],
-                            ["systemctl", "is-active", "app.service"]]
+    assert fake.calls() == [["systemctl", "is-enabled", "--", "app.service"],
+                            ["systemctl", "is-active", "--", "app.service"]]
     fake.clear_calls()
     apply(changes, ctx)
     verbs = [c[1:] for c in fake.calls() if c[1] not in ("is-enabled", "is-active")]
-    assert verbs == [["daemon-reload"], ["enable", "app.service"], ["start", "app.service"]]
+    assert verbs == [["daemon-reload"], ["enable", "--", "app.service"], ["start", "--", "app.service"]]
     assert (root / "etc/systemd/system/app.service").read_bytes() == UNIT
     assert fake.unit("app.service") == {"enabled": "enabled", "active": "active"}
     assert plan(app(enabled=True, running=True), ctx) == []
@@ -79,7 +79,7 @@ def test_changed_unit_file_of_a_running_unit_reloads_and_restarts(root: Path, ct
     assert "+ExecStart=/usr/bin/app" in changes[0].diff
     fake.clear_calls()
     apply(changes, ctx)
-    assert ["systemctl", "try-restart", "app.service"] in fake.calls()
+    assert ["systemctl", "try-restart", "--", "app.service"] in fake.calls()
     assert fake.state()["starts"]["app.service"] == 1
 
 
@@ -109,7 +109,7 @@ def test_failed_start_raises_and_undo_restores_the_unit(root: Path, ctx: Context
         for r in reversed(records):
             d.undo(r, ctx)
     assert fake.unit("app.service") == {"enabled": "disabled", "active": "failed"}
-    assert ["systemctl", "disable", "app.service"] in fake.calls()
+    assert ["systemctl", "disable", "--", "app.service"] in fake.calls()
 
 
 def test_restart_change_only_restarts_a_running_unit(ctx: Context, fake: FakeSystem) -> None:
@@ -134,14 +134,14 @@ def test_sysctl_set_persist_and_whitespace(root: Path, ctx: Context, fake: FakeS
     fake.set_sysctl("net.ipv4.tcp_rmem", "4096\t87380\t6291456")
     same = Sysctl(id="s", bundle="b", name="net.ipv4.tcp_rmem", value="4096 87380  6291456", persist=False)
     assert plan(same, ctx) == []
-    assert fake.calls() == [["sysctl", "-n", "net.ipv4.tcp_rmem"]]
+    assert fake.calls() == [["sysctl", "-n", "--", "net.ipv4.tcp_rmem"]]
     fake.set_sysctl("net.ipv4.ip_forward", "0")
     res = Sysctl(id="f", bundle="b", name="net.ipv4.ip_forward", value="1")
     changes = plan(res, ctx)
     assert [c.action for c in changes] == ["set", "create"]
     fake.clear_calls()
     journal = apply(changes, ctx)
-    assert ["sysctl", "-w", "net.ipv4.ip_forward=1"] in fake.calls()
+    assert ["sysctl", "-w", "--", "net.ipv4.ip_forward=1"] in fake.calls()
     assert fake.sysctl("net.ipv4.ip_forward") == "1"
     dropin = root / "etc/sysctl.d/60-edge-fleet-net.ipv4.ip_forward.conf"
     assert dropin.read_text() == "net.ipv4.ip_forward = 1\n"

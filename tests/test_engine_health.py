@@ -170,7 +170,7 @@ def _fake_systemctl(bin_dir: Path, active_units: set[str]) -> None:
         "import sys\n"
         f"active = set({units!r}.split())\n"
         "args = sys.argv[1:]\n"
-        "sys.exit(0 if args[:2] == ['is-active', '--quiet'] and args[2] in active else 3)\n")
+        "sys.exit(0 if args[:3] == ['is-active', '--quiet', '--'] and args[3] in active else 3)\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
 
 

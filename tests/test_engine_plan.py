@@ -147,7 +147,7 @@ def test_restart_applies_through_try_restart(tmp_path: Path, fake: FakeSystem, s
     fake.clear_calls()
     out = apply_plan(plan, desired, ctx, state, txn_id="t1", version=1, commit="c1", run_checks=list)
     assert out.status == "applied", out
-    assert ["systemctl", "try-restart", "web.service"] in fake.calls("systemctl")
+    assert ["systemctl", "try-restart", "--", "web.service"] in fake.calls("systemctl")
     assert fake.state()["starts"]["web.service"] == 1
 
 

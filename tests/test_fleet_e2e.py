@@ -72,7 +72,9 @@ def release_files(version_text: str) -> dict[str, str]:
     bundle = {
         "targets": [{"labels": {"role": "gateway"}}],
         "resources": [{"kind": "file", "path": "/etc/motd", "content": version_text, "mode": "0644"}],
-        "health": [{"kind": "command", "name": "motd-present", "run": ["true"], "timeout": 5}],
+        # the gateway profile runs no command of the release, health checks included
+        "health": [{"kind": "disk_free", "name": "root-free", "path": "/", "min_free_percent": 0,
+                    "timeout": 5}],
     }
     return {"fleet.yaml": "description: e2e fleet\n", "bundles/motd/bundle.yaml": yaml.safe_dump(bundle)}
 

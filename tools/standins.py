@@ -24,7 +24,9 @@ with open(LOG, "a") as f:
 with open(STATE) as f:
     st = json.load(f)
 units = st.setdefault("units", {{}})
-args = [a for a in argv if not a.startswith("-")]
+# like getopt: "--" ends the options, everything after it is an operand even if it starts with "-"
+head, tail = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+args = [a for a in head if not a.startswith("-")] + tail
 verb, names = (args[0], args[1:]) if args else ("", [])
 
 def known(name):
@@ -104,12 +106,16 @@ def missing(name):
     print(f"sysctl: cannot stat {{path}}: No such file or directory", file=sys.stderr)
     sys.exit(255)
 
-if argv[:1] == ["-n"] and len(argv) == 2:
-    if argv[1] not in values:
-        missing(argv[1])
-    print(values[argv[1]])
-elif argv[:1] == ["-w"] and len(argv) == 2 and "=" in argv[1]:
-    name, value = argv[1].split("=", 1)
+# like getopt: "--" ends the options, everything after it is an operand even if it starts with "-"
+head, tail = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+opts = [a for a in head if a.startswith("-")]
+operands = [a for a in head if not a.startswith("-")] + tail
+if opts == ["-n"] and len(operands) == 1:
+    if operands[0] not in values:
+        missing(operands[0])
+    print(values[operands[0]])
+elif opts == ["-w"] and len(operands) == 1 and "=" in operands[0]:
+    name, value = operands[0].split("=", 1)
     if name not in values:
         missing(name)
     if name in st.get("readonly", []):

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from edge_agent.errors import ApplyError, DriverError
+from edge_agent.runner import CommandEnv
 
 if TYPE_CHECKING:
     from edge_agent.fsafe import FsRoot
@@ -123,6 +124,8 @@ class Context:
         open_secret: ``(resource, sealed document) -> plaintext`` with the device key.
         backup_store: directory where capture blobs are kept.
         secret_digest: keyed digest (HMAC-SHA256, device-local key) of secret content.
+        command_env: the device and release commands of the release run for (their
+            ``EDGE_FLEET_*`` variables, see :func:`edge_agent.runner.release_environment`).
     """
 
     fs: FsRoot
@@ -131,6 +134,7 @@ class Context:
     open_secret: Callable[[SecretFile, bytes], bytes]
     backup_store: Path
     secret_digest: Callable[[bytes], str]
+    command_env: CommandEnv = field(default_factory=CommandEnv)
 
 
 class Driver(ABC):

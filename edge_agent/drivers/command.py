@@ -8,9 +8,11 @@ therefore ignores commands.
 A ``refresh_only`` command plans its ``run`` change like any other (guards still apply), tagged
 ``data["refresh_only"] = True``; the engine keeps it only when a watched resource changed.
 
-Every command (and guard) runs through ``ctx.runner`` with ``res.timeout``, working directory the
-device root and ``EDGE_FLEET_ROOT=<device root>`` in its environment. A non-zero exit or a timeout
-raises :class:`ApplyError` with the exit code and the last line of its error output (capped).
+Every command (and guard) runs through ``ctx.runner.run_release_command`` with ``res.timeout``:
+working directory the device root, a clean environment (``PATH``, ``LANG``, ``EDGE_FLEET_ROOT``,
+``EDGE_FLEET_DEVICE``, ``EDGE_FLEET_RELEASE``, ``EDGE_FLEET_COMMIT``; see
+:func:`edge_agent.runner.release_environment`) plus the resource's ``env:``. A non-zero exit or a
+timeout raises :class:`ApplyError` with the exit code and the last line of its error output (capped).
 
 Commands cannot be undone: :meth:`CommandDriver.snapshot` returns ``[]`` and a rollback does not
 reverse what a command did. Pruning a command does nothing.
@@ -18,6 +20,7 @@ reverse what a command did. Pruning a command does nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,15 +49,15 @@ def _show(cmd: Cmd) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def run_command(cmd: Cmd | list[str], timeout: float, ctx: Context) -> RunResult:
-    """Run ``cmd`` with the device root as working directory and ``EDGE_FLEET_ROOT`` set.
+def run_command(cmd: Cmd | list[str], timeout: float, ctx: Context,
+                env: Iterable[tuple[str, str]] = ()) -> RunResult:
+    """Run ``cmd`` of the release in the device root with the clean environment plus ``env``.
 
     Raises:
         ApplyError: the command cannot be started.
     """
-    root = ctx.fs.root
-    return ctx.runner.run(cmd if isinstance(cmd, str) else list(cmd), timeout=timeout,
-                          env={"EDGE_FLEET_ROOT": str(root)}, cwd=root)
+    return ctx.runner.run_release_command(cmd if isinstance(cmd, str) else list(cmd), timeout=timeout,
+                                          root=ctx.fs.root, who=ctx.command_env, env=env)
 
 
 class CommandDriver(Driver):
@@ -72,9 +75,9 @@ class CommandDriver(Driver):
         assert isinstance(res, CommandRes)
         if res.creates is not None and ctx.fs.guard_exists(res.creates):
             return CommandObserved(f"{res.creates} exists")
-        if res.unless is not None and run_command(res.unless, res.timeout, ctx).ok:
+        if res.unless is not None and run_command(res.unless, res.timeout, ctx, res.env).ok:
             return CommandObserved(f"unless guard passed: {_show(res.unless)}")
-        if res.onlyif is not None and not run_command(res.onlyif, res.timeout, ctx).ok:
+        if res.onlyif is not None and not run_command(res.onlyif, res.timeout, ctx, res.env).ok:
             return CommandObserved(f"onlyif guard failed: {_show(res.onlyif)}")
         return CommandObserved(None)
 
@@ -87,7 +90,7 @@ class CommandDriver(Driver):
         run: str | list[str] = res.run if isinstance(res.run, str) else list(res.run)
         return [Change(res.id, self.kind, "run", f"run {res.name}: {_show(res.run)}",
                        data={"name": res.name, "run": run, "timeout": res.timeout,
-                             "refresh_only": res.refresh_only})]
+                             "refresh_only": res.refresh_only, "env": dict(res.env)})]
 
     def apply(self, change: Change, ctx: Context) -> None:
         """Run the command.
@@ -101,7 +104,8 @@ class CommandDriver(Driver):
         run = data["run"]
         cmd: str | list[str] = run if isinstance(run, str) else [str(a) for a in run]
         timeout = float(data["timeout"])
-        result = run_command(cmd, timeout, ctx)
+        env = data.get("env") or {}
+        result = run_command(cmd, timeout, ctx, [(str(k), str(v)) for k, v in env.items()])
         if result.timed_out:
             raise ApplyError(f"command {data['name']} timed out after {timeout:g}s")
         if result.returncode != 0:
@@ -124,7 +128,10 @@ class CommandDriver(Driver):
         def j(v: Cmd | None) -> str | list[str] | None:
             return list(v) if isinstance(v, tuple) else v
 
-        spec = {"kind": self.kind, "name": res.name, "run": j(res.run), "creates": res.creates,
-                "unless": j(res.unless), "onlyif": j(res.onlyif), "timeout": res.timeout,
-                "refresh_only": res.refresh_only, "watch": list(res.watch)}
+        spec: dict[str, Any] = {
+            "kind": self.kind, "name": res.name, "run": j(res.run), "creates": res.creates,
+            "unless": j(res.unless), "onlyif": j(res.onlyif), "timeout": res.timeout,
+            "refresh_only": res.refresh_only, "watch": list(res.watch)}
+        if res.env:  # absent when empty, so the specs recorded before ``env`` existed stay the same
+            spec["env"] = dict(res.env)
         return spec, spec_digest(spec)

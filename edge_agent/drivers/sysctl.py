@@ -57,7 +57,7 @@ def read_sysctl(name: str, ctx: Context) -> tuple[str | None, str | None]:
     Raises:
         ApplyError: sysctl cannot be run.
     """
-    result = ctx.runner.run(["sysctl", "-n", name], timeout=_TIMEOUT)
+    result = ctx.runner.run(["sysctl", "-n", "--", name], timeout=_TIMEOUT)
     if result.ok:
         return normalise(result.stdout), None
     return None, result.last_error_line() or f"sysctl -n {name} exited {result.returncode}"
@@ -171,7 +171,7 @@ class SysctlDriver(Driver):
 
 
 def _write(name: str, value: str, ctx: Context) -> None:
-    result = ctx.runner.run(["sysctl", "-w", f"{name}={value}"], timeout=_TIMEOUT)
+    result = ctx.runner.run(["sysctl", "-w", "--", f"{name}={value}"], timeout=_TIMEOUT)
     if not result.ok:
         why = "timed out" if result.timed_out else f"failed with exit code {result.returncode}"
         line = result.last_error_line()

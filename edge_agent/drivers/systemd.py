@@ -88,8 +88,9 @@ class SystemdObserved:
     state: UnitState
 
 
-def _systemctl(ctx: Context, *args: str, timeout: float = _ACTION_TIMEOUT) -> RunResult:
-    return ctx.runner.run(["systemctl", *args], timeout=timeout)
+def _systemctl(ctx: Context, verb: str, *names: str, timeout: float = _ACTION_TIMEOUT) -> RunResult:
+    """``systemctl VERB -- NAMES``: a unit name never reads as an option."""
+    return ctx.runner.run(["systemctl", verb, *(("--", *names) if names else ())], timeout=timeout)
 
 
 def _first_word(text: str, default: str) -> str:

@@ -3,7 +3,9 @@
 A check never raises: whatever goes wrong (a timeout, a refused connection, a command that is not
 there) becomes a failed :class:`CheckResult` with a one-line ``detail``. Commands and
 ``systemctl`` go through :class:`edge_agent.runner.Runner` (which kills the process group on
-timeout); network and psutil checks run in a worker thread that is abandoned when its time is up
+timeout); a ``command`` check runs exactly like a ``command`` resource: working directory the
+device root, the clean environment of :func:`edge_agent.runner.release_environment` plus its
+``env:``; network and psutil checks run in a worker thread that is abandoned when its time is up
 (their sockets carry the same timeout, so the thread ends soon after).
 """
 
@@ -29,7 +31,7 @@ from edge_agent.resources import (
     TcpCheck,
     TemperatureCheck,
 )
-from edge_agent.runner import Runner
+from edge_agent.runner import CommandEnv, Runner
 
 __all__ = ["CheckResult", "failed_checks", "run_check", "run_checks"]
 
@@ -50,13 +52,15 @@ class CheckResult:
     duration: float
 
 
-def run_checks(checks: Sequence[tuple[str, HealthCheck]], runner: Runner, fs_root: Path) -> list[CheckResult]:
+def run_checks(checks: Sequence[tuple[str, HealthCheck]], runner: Runner, fs_root: Path,
+               who: CommandEnv | None = None) -> list[CheckResult]:
     """Run every ``(bundle, check)`` in order and return one result each (never raises).
 
     ``fs_root`` is the directory that stands for ``/`` on this device; ``disk_free`` paths are
-    device paths resolved under it.
+    device paths resolved under it, and ``command`` checks run in it. ``who`` names the device and
+    release for their ``EDGE_FLEET_*`` variables.
     """
-    return [run_check(bundle, check, runner, fs_root) for bundle, check in checks]
+    return [run_check(bundle, check, runner, fs_root, who) for bundle, check in checks]
 
 
 def failed_checks(results: Sequence[CheckResult]) -> list[CheckResult]:
@@ -64,11 +68,12 @@ def failed_checks(results: Sequence[CheckResult]) -> list[CheckResult]:
     return [r for r in results if not r.ok]
 
 
-def run_check(bundle: str, check: HealthCheck, runner: Runner, fs_root: Path) -> CheckResult:
+def run_check(bundle: str, check: HealthCheck, runner: Runner, fs_root: Path,
+              who: CommandEnv | None = None) -> CheckResult:
     """Run one check of ``bundle`` within ``check.timeout`` seconds and return its result."""
     start = time.monotonic()
     try:
-        ok, detail = _dispatch(check, runner, fs_root)
+        ok, detail = _dispatch(check, runner, fs_root, who or CommandEnv())
     except (EdgeFleetError, OSError, ValueError) as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     duration = time.monotonic() - start
@@ -79,9 +84,9 @@ def run_check(bundle: str, check: HealthCheck, runner: Runner, fs_root: Path) ->
                        duration=round(duration, 3))
 
 
-def _dispatch(check: HealthCheck, runner: Runner, fs_root: Path) -> tuple[bool, str]:
+def _dispatch(check: HealthCheck, runner: Runner, fs_root: Path, who: CommandEnv) -> tuple[bool, str]:
     if isinstance(check, CommandCheck):
-        return _command(check, runner)
+        return _command(check, runner, fs_root, who)
     if isinstance(check, SystemdActiveCheck):
         return _systemd_active(check, runner)
     if isinstance(check, TcpCheck):
@@ -99,8 +104,9 @@ def _dispatch(check: HealthCheck, runner: Runner, fs_root: Path) -> tuple[bool, 
     return False, f"unknown health check kind {check.kind!r}"
 
 
-def _command(check: CommandCheck, runner: Runner) -> tuple[bool, str]:
-    result = runner.run(check.run, timeout=check.timeout)
+def _command(check: CommandCheck, runner: Runner, fs_root: Path, who: CommandEnv) -> tuple[bool, str]:
+    result = runner.run_release_command(check.run, timeout=check.timeout, root=fs_root, who=who,
+                                        env=check.env)
     if result.timed_out:
         return False, f"timed out after {check.timeout:g}s"
     if result.returncode != 0:
@@ -110,7 +116,7 @@ def _command(check: CommandCheck, runner: Runner) -> tuple[bool, str]:
 
 
 def _systemd_active(check: SystemdActiveCheck, runner: Runner) -> tuple[bool, str]:
-    result = runner.run(["systemctl", "is-active", "--quiet", check.unit], timeout=check.timeout)
+    result = runner.run(["systemctl", "is-active", "--quiet", "--", check.unit], timeout=check.timeout)
     if result.timed_out:
         return False, f"systemctl timed out after {check.timeout:g}s"
     if result.returncode != 0:

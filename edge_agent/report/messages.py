@@ -9,7 +9,7 @@ Topics (``prefix`` defaults to ``fleet/v1``)::
     <prefix>/<device>/online     device → server, retained    true on connect; the last will says false
     <prefix>/<device>/desired    server → device, retained    the revision the device should run
     <prefix>/_broadcast/nudge    server → all devices         a new release: fetch now
-    <prefix>/_broadcast/desired  server → all devices,        the fleet baseline: the last-good
+    <prefix>/_broadcast/baseline  server → all devices,        the fleet baseline: the last-good
                                  retained                     release a device without its own
                                                               assignment runs
 
@@ -94,7 +94,7 @@ DEVICE_KINDS = ("status", "events", "health", "online", "desired")
 
 NUDGE_KIND = "nudge"
 BASELINE_KIND = "baseline"
-"""The kind of the retained fleet baseline, published on ``<prefix>/_broadcast/desired``."""
+"""The kind of the retained fleet baseline, published on ``<prefix>/_broadcast/baseline``."""
 KINDS = (*DEVICE_KINDS, NUDGE_KIND, BASELINE_KIND)
 """Every kind :func:`decode` understands."""
 
@@ -159,12 +159,12 @@ def nudge_topic(prefix: str) -> str:
 
 
 def baseline_topic(prefix: str) -> str:
-    """Return the retained fleet baseline topic ``<prefix>/_broadcast/desired``.
+    """Return the retained fleet baseline topic ``<prefix>/_broadcast/baseline``.
 
     Raises:
         MessageError: ``bad_field`` for an invalid prefix.
     """
-    return f"{_check_prefix(prefix)}/{_BROADCAST}/desired"
+    return f"{_check_prefix(prefix)}/{_BROADCAST}/{BASELINE_KIND}"
 
 
 def parse_topic(prefix: str, topic_name: str) -> tuple[str | None, str] | None:
@@ -183,7 +183,7 @@ def parse_topic(prefix: str, topic_name: str) -> tuple[str | None, str] | None:
     if device == _BROADCAST:
         if kind == NUDGE_KIND:
             return None, NUDGE_KIND
-        return (None, BASELINE_KIND) if kind == "desired" else None
+        return (None, BASELINE_KIND) if kind == BASELINE_KIND else None
     if kind not in DEVICE_KINDS or not DEVICE_ID_RE.match(device):
         return None
     return device, kind

@@ -9,7 +9,7 @@
   published retained on every connect; a clean :meth:`MqttLink.stop` publishes ``online=false``
   itself, because a clean disconnect does not fire the will;
 * on every connect it subscribes (QoS 1) to its own ``desired`` topic, the broadcast nudge and the
-  retained fleet baseline (``<prefix>/_broadcast/desired``), and hands each valid message to
+  retained fleet baseline (``<prefix>/_broadcast/baseline``), and hands each valid message to
   ``on_desired`` / ``on_nudge`` / ``on_baseline``. Invalid messages are logged and
   dropped; nothing is ever raised into paho's thread. A retained ``desired`` is delivered again
   after each reconnect, so the callback must tolerate repeats;

@@ -1,7 +1,7 @@
 """The fleet baseline through the ACL of `fleetctl broker-config`, enforced by a real Mosquitto:
 every device reads it, only a server user writes it.
 
-Before the baseline the generated ACL gave devices no read rule for ``<prefix>/_broadcast/desired``,
+Before the baseline the generated ACL gave devices no read rule for ``<prefix>/_broadcast/baseline``,
 so a device never received it and followed the branch head.
 """
 
@@ -21,7 +21,7 @@ from tests.test_broker_acl import _generate, _password
 pytestmark = pytest.mark.timeout(60)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-TOPIC = "fleet/v1/_broadcast/desired"
+TOPIC = "fleet/v1/_broadcast/baseline"
 
 
 def test_devices_read_the_baseline_and_only_the_server_writes_it(

@@ -13,8 +13,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_the_baseline_topic_and_round_trip() -> None:
-    assert m.baseline_topic("fleet/v1") == "fleet/v1/_broadcast/desired"
-    assert m.parse_topic("fleet/v1", "fleet/v1/_broadcast/desired") == (None, m.BASELINE_KIND)
+    assert m.baseline_topic("fleet/v1") == "fleet/v1/_broadcast/baseline"
+    assert m.parse_topic("fleet/v1", "fleet/v1/_broadcast/baseline") == (None, m.BASELINE_KIND)
     msg = m.baseline_message(revision=COMMIT, release=3, ts=1_700_000_000.0)
     assert msg == {"schema": m.SCHEMA_VERSION, "ts": "2023-11-14T22:13:20.000Z", "revision": COMMIT,
                    "release": 3}

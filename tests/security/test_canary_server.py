@@ -22,7 +22,7 @@ from tests.support.broker import Mosquitto, Subscriber
 pytestmark = pytest.mark.timeout(60)
 
 C1, C2, C3 = ("1" * 40, "2" * 40, "3" * 40)
-TOPIC = "fleet/v1/_broadcast/desired"
+TOPIC = "fleet/v1/_broadcast/baseline"
 
 
 class Server:

@@ -150,7 +150,7 @@ def test_a_running_agent_goes_back_only_by_its_assignment(fleet: AgentFleet, tmp
              and (fleet.root / "etc/app/release").read_text() == "2\n", "release 2 from the head")
         # an older fleet baseline does not move the device back, nor does the mirror
         baseline = m.encode(m.baseline_message(revision=v1, release=1, ts=time.time()))
-        assert publish(broker.port, "fleet/v1/_broadcast/desired", baseline, retain=True).returncode == 0
+        assert publish(broker.port, "fleet/v1/_broadcast/baseline", baseline, retain=True).returncode == 0
         replay(fleet, v1)
         syncs = agent.daemon.syncs
         wait(lambda: agent.daemon.syncs >= syncs + 3, "three more polls")

@@ -8,8 +8,10 @@ for the sub-commands the drivers use:
 * ``systemctl is-enabled|is-active|enable|disable|start|stop|restart|try-restart|daemon-reload``;
   a unit is known when the state has it or a file of that name is in one of the unit directories;
   :meth:`FakeSystem.fail_start` makes ``start``/``restart`` of a unit fail (exit 1, unit ``failed``).
-* ``sysctl -n NAME`` and ``sysctl -w NAME=VALUE``; unknown names fail with exit 255 like the real
-  tool, and :meth:`FakeSystem.set_readonly` makes writes to a name fail with "permission denied".
+* ``sysctl -n NAME`` and ``sysctl -w NAME=VALUE``; both tools take ``--`` before their operands as
+  the real ones do (everything after it is an operand, even with a leading ``-``); unknown names
+  fail with exit 255 like the real tool, and :meth:`FakeSystem.set_readonly` makes writes to a
+  name fail with "permission denied".
 """
 
 from __future__ import annotations
