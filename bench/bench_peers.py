@@ -52,7 +52,7 @@ from bench.bench_apply import (
     timed,
 )
 
-__all__ = ["PEERS_VENV", "ensure_peers", "main", "peer_env", "run"]
+__all__ = ["PEERS_VENV", "comparison_group", "ensure_peers", "main", "peer_env", "run"]
 
 PEERS_VENV = Path(__file__).resolve().parent / ".peers-venv"
 PEER_PACKAGES = ("ansible-core", "pyinfra")
@@ -187,7 +187,8 @@ TOOLS_WARM = ("agent_warm", "baseline")
 """In-process figures at the full count: the agent's sync in a warm interpreter, the minimal writer."""
 
 
-def _group(samples: dict[str, list[float]], files: int, tools: tuple[str, ...], runs: int) -> dict[str, Any]:
+def comparison_group(samples: dict[str, list[float]], files: int, tools: tuple[str, ...],
+                     runs: int) -> dict[str, Any]:
     """Medians, per-file medians and the runs behind them for ``tools`` applying ``files`` files."""
     med = {f"{t}_{ph}": statistics.median(samples[f"{t}_{ph}"]) for t in tools for ph in ("first", "noop")}
     return {"files": files, "tools": list(tools), "runs": runs, "median_seconds": med,
@@ -278,9 +279,9 @@ def run(n_files: int, n_common: int, runs: int, ansible_runs: int) -> dict[str, 
             return {k.rsplit("@", 1)[0]: v for k, v in samples.items() if k.endswith(f"@{n}")}
 
         groups = {
-            "all_peers": _group(of(n_common), n_common, TOOLS_ALL, min(runs, ansible_runs)),
-            "agent_pyinfra": _group(of(n_files), n_files, TOOLS_PAIR, runs),
-            "in_process": _group(of(n_files), n_files, TOOLS_WARM, runs),
+            "all_peers": comparison_group(of(n_common), n_common, TOOLS_ALL, min(runs, ansible_runs)),
+            "agent_pyinfra": comparison_group(of(n_files), n_files, TOOLS_PAIR, runs),
+            "in_process": comparison_group(of(n_files), n_files, TOOLS_WARM, runs),
         }
         return {"files": n_files, "common_files": n_common, "runs": runs, "ansible_runs": ansible_runs,
                 "peers": peer_versions(), "python_start_seconds": statistics.median(samples["python_start"]),
