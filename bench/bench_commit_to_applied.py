@@ -21,7 +21,7 @@ with ``fleetctl release sign``. For each of N commits:
 Prints p50/p95/max of push-to-applied and of each stage (``--json``: one JSON object). Only
 127.0.0.1 is used; every process this starts is stopped by its pid.
 
-    python -m bench.bench_commit_to_applied [--commits 30] [--bundles 4] [--files-per-bundle 10] [--json]
+    python -m bench.bench_commit_to_applied [--commits 50] [--bundles 4] [--files-per-bundle 10] [--json]
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ STAGES = (("push_to_applied", "git push -> sync_succeeded (whole path)"),
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures (JSON with ``--json``); exit 1 when a commit was not applied."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--commits", type=int, default=30)
+    ap.add_argument("--commits", type=int, default=50)
     ap.add_argument("--bundles", type=int, default=4)
     ap.add_argument("--files-per-bundle", type=int, default=10)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
