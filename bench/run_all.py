@@ -131,10 +131,12 @@ def ingest_rows(stdout: str, cmd: str) -> list[Row]:
         else:
             what, ref = "1 process, plain subscription", "1 bare paho process, plain subscription"
         lossless = ing["loss"] == 0 and ing["dropped"] == 0 and bare["loss"] == 0 and msub["loss"] == 0
+        pub = ph.get("publishers")
+        offered = f"; publishers offered {pub['rate']:,.0f} msg/s" if pub else ""
         ratio_b = ing["rate"] / bare["rate"] if bare["rate"] and nbare == n else float("nan")
         rows.append(Row(f"ingest, {r['messages']} msgs QoS 1, {what} (absolute msg/s on this machine)",
                         f"{ing['rate']:,.0f} msg/s, loss {ing['loss']}",
-                        f"{ref}: {bare['rate']:,.0f} msg/s, loss {bare['loss']}", _x(ratio_b),
+                        f"{ref}: {bare['rate']:,.0f} msg/s, loss {bare['loss']}{offered}", _x(ratio_b),
                         "≥ 0.8× bare paho at the same process count, zero loss",
                         _met(ratio_b >= 0.8 and lossless), cmd))
         if not ph["shared"]:
@@ -145,7 +147,8 @@ def ingest_rows(stdout: str, cmd: str) -> list[Row]:
         else:
             rows.append(Row(f"ingest, {what}: absolute capacity only", f"{ing['rate']:,.0f} msg/s",
                             f"1 `mosquitto_sub` process in the same phase: {msub['rate']:,.0f} msg/s, "
-                            f"loss {msub['loss']} (other work split: no ratio)", "", "(no goal)", "—", cmd))
+                            f"loss {msub['loss']} (other work split: no ratio){offered}", "", "(no goal)", "—",
+                            cmd))
     return rows
 
 
@@ -380,7 +383,9 @@ def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
             rates = "; ".join(
                 f"{ph['workers']} ingest process(es) {ph['ingest']['rate']:,.0f} msg/s beside "
                 f"{ph['bare_paho'].get('processes', 1)} bare subscriber(s) {ph['bare_paho']['rate']:,.0f} msg/s "
-                f"and one `mosquitto_sub` {ph['mosquitto_sub']['rate']:,.0f} msg/s" for ph in r["phases"])
+                f"and one `mosquitto_sub` {ph['mosquitto_sub']['rate']:,.0f} msg/s"
+                + (f", the publishers offering {ph['publishers']['rate']:,.0f} msg/s" if "publishers" in ph else "")
+                for ph in r["phases"])
             notes.append(
                 f"- **Ingest and shared subscriptions.** Measured on {r['cpus']} CPUs, absolute rates of each "
                 f"phase: {rates}. In a shared phase the N ingest processes are compared with N bare subscribers "
@@ -392,7 +397,8 @@ def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
                 "were retried (nothing lost: unacknowledged messages stay at the broker). With the broker, four "
                 "publisher processes, `mosquitto_sub` and the bare subscribers on the same cores, extra Python "
                 "processes add contention, not capacity, on this machine; compare the absolute rates across "
-                "phases, not the ratios, for what more processes bring.")
+                "phases, not the ratios, for what more processes bring. A consumer whose rate equals the "
+                "publishers' kept up with what was offered: its capacity may be higher.")
         except (ValueError, KeyError, ZeroDivisionError):
             pass
     fp = metas.get("footprint", {}).get("stdout")
