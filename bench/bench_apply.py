@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -175,27 +176,27 @@ def main() -> int:
         for run in range(args.runs):
             cfg = device_config(base, f"cli{run}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg)
-            rows["cli_first"].append(timed(lambda c=cfg: cli_sync(c)))
-            rows["cli_noop"].append(timed(lambda c=cfg: cli_sync(c)))
+            rows["cli_first"].append(timed(partial(cli_sync, cfg)))
+            rows["cli_noop"].append(timed(partial(cli_sync, cfg)))
             rows["py_start"].append(timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)))
 
             cfg2 = device_config(base, f"inproc{run}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg2)
             config = load_config(cfg2)
             cache = SyncCache()  # what the daemon keeps between syncs
-            rows["inproc_first"].append(timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
-            rows["inproc_noop"].append(timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
+            rows["inproc_first"].append(timed(partial(sync_once, config, now=datetime.now(UTC), cache=cache)))
+            rows["inproc_noop"].append(timed(partial(sync_once, config, now=datetime.now(UTC), cache=cache)))
 
             broot = base / f"base{run}"
             broot.mkdir()
             files = contents(args.files)
-            rows["base_first"].append(timed(lambda r=broot, f=files: baseline_apply(r, f)))
-            rows["base_noop"].append(timed(lambda r=broot, f=files: baseline_apply(r, f)))
+            rows["base_first"].append(timed(partial(baseline_apply, broot, files)))
+            rows["base_noop"].append(timed(partial(baseline_apply, broot, files)))
         med = {k: statistics.median(v) for k, v in rows.items()}
         idle_rss, idle_cpu = idle_daemon_rss(base / "cli0" / "agent.yaml", args.idle_seconds)
 
         print(f"# agent reconcile, {args.files} file resources, median of {args.runs} runs")
-        print("| measurement | edge-agent | baseline | ratio |")
+        print("| measurement | edge-agent | baseline (in-process) | ratio |")
         print("|---|---|---|---|")
         print(f"| first apply, in-process | {med['inproc_first']*1000:.0f} ms | {med['base_first']*1000:.0f} ms "
               f"| {med['inproc_first']/med['base_first']:.1f}x |")

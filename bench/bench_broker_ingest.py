@@ -7,13 +7,21 @@ process, subscribed at once with QoS 1:
 
 - the ingest path: ``Ingestor`` + ``Store`` (manual acknowledgement after the SQLite commit), one
   process with a plain subscription, or N processes of one share group writing the same database;
-- a bare paho subscriber (QoS 1, automatic acknowledgement, counts only);
-- ``mosquitto_sub -q 1 -C <total>`` (the broker's own C client, output to a file).
+- as many bare paho subscribers (QoS 1, automatic acknowledgement, counts only) as there are ingest
+  processes: one with a plain subscription in the plain phase, N sharing a group of their own
+  (``$share/bench-bare/...``) in a shared phase, so the reference does the same work split the same
+  way as the N ingest processes (a single bare subscriber would itself starve as processes are
+  added, and a ratio to it would read as capacity that is not there);
+- ``mosquitto_sub -q 1 -C <total>`` (the broker's own C client, one process, output to a file).
 
 Publisher processes (those of :mod:`bench.bench_ingest`: status + health of many device ids, QoS 1)
 send a fixed number of messages. A consumer's rate is what it received (stored, for the ingest path)
-divided by the time from the start signal to its last message; loss is what it never got. Only
-127.0.0.1 is used; every process this starts is stopped by pid.
+divided by the time from the start signal to its last message (for N processes of one group: all
+they received together, to the last message any of them got); loss is what it never got. The
+publishers' own rate (every message acknowledged by the broker, to the last publisher's exit) is
+reported too: a consumer that keeps up with it shows only that it kept up. Every rate
+is absolute capacity on this machine, where the broker, the publishers and every consumer share the
+same cores. Only 127.0.0.1 is used; every process this starts is stopped by pid.
 
     python -m bench.bench_broker_ingest [--messages 40000] [--devices 2000] [--publishers 4]
                                         [--workers 2,4] [--json]
@@ -65,30 +73,35 @@ def ingest_worker(port: int, db: str, client_id: str, share_group: str | None, r
     store.close()
 
 
-def bare_main(port: int, total: int, ready: Any, out: Any) -> None:
-    """A bare paho subscriber: count QoS 1 messages until ``total`` or the timeout; report (count, last)."""
+def bare_main(port: int, index: int, share_group: str | None, counts: Any, lasts: Any, ready: Any,
+              stop: Any) -> None:
+    """A bare paho subscriber (QoS 1, automatic acknowledgement, counts only) until ``stop`` is set.
+
+    With ``share_group`` it subscribes through ``$share/<group>/...``, one of several processes that
+    split the messages between them, as the ingest processes of a shared phase do. It keeps its count
+    in ``counts[index]`` and the time of its last message in ``lasts[index]`` (shared memory).
+    """
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    state = {"count": 0, "last": 0.0}
-    done = threading.Event()
+    share = f"$share/{share_group}/" if share_group else ""
+    state = {"count": 0}
 
     def on_message(_c: mqtt.Client, _u: object, _msg: mqtt.MQTTMessage) -> None:
         state["count"] += 1
-        state["last"] = time.monotonic()
-        if state["count"] >= total:
-            done.set()
+        lasts[index] = time.monotonic()
+        counts[index] = state["count"]
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-bare-{index}", protocol=mqtt.MQTTv5)
     client.on_message = on_message
     client.on_subscribe = lambda *_a: ready.set()
-    client.on_connect = lambda c, *_a: c.subscribe([(f"{PREFIX}/+/status", 1), (f"{PREFIX}/+/health", 1)])
+    client.on_connect = lambda c, *_a: c.subscribe([(f"{share}{PREFIX}/+/status", 1),
+                                                    (f"{share}{PREFIX}/+/health", 1)])
     client.connect("127.0.0.1", port)
     client.loop_start()
-    done.wait(TIMEOUT)
+    stop.wait(TIMEOUT + 60)
     client.disconnect()
     client.loop_stop()
-    out.put((state["count"], state["last"]))
 
 
 def _stored(db: Path) -> tuple[int, int]:
@@ -119,7 +132,9 @@ def run_phase(work: Path, workers: int, shared: bool, messages: int, devices: in
     procs: list[Any] = []
     msub: subprocess.Popen[bytes] | None = None
     with Mosquitto(work / "broker", extra_lines=BROKER_LINES) as broker:
-        stop = ctx.Event()
+        stop, bare_stop = ctx.Event(), ctx.Event()
+        bare_counts = ctx.Array("q", workers, lock=False)
+        bare_lasts = ctx.Array("d", workers, lock=False)
         try:
             readies = []
             for n in range(workers):
@@ -128,9 +143,12 @@ def run_phase(work: Path, workers: int, shared: bool, messages: int, devices: in
                 procs.append(ctx.Process(target=ingest_worker, args=(broker.port, str(db), f"bench-server-{n}",
                                                                      group, ready, stop)))
                 readies.append(ready)
-            bare_ready, bare_out = ctx.Event(), ctx.Queue()
-            procs.append(ctx.Process(target=bare_main, args=(broker.port, total, bare_ready, bare_out)))
-            readies.append(bare_ready)
+            bare_group = "bench-bare" if shared else None
+            for n in range(workers):  # the same work: as many bare processes, sharing their own group
+                ready = ctx.Event()
+                procs.append(ctx.Process(target=bare_main, args=(broker.port, n, bare_group, bare_counts,
+                                                                 bare_lasts, ready, bare_stop)))
+                readies.append(ready)
             for p in procs:
                 p.start()
             msub_out = work / "mosquitto_sub.out"
@@ -140,8 +158,12 @@ def run_phase(work: Path, workers: int, shared: bool, messages: int, devices: in
                                          "-t", f"{PREFIX}/+/status", "-t", f"{PREFIX}/+/health"],
                                         stdout=sink, stderr=subprocess.DEVNULL)
             msub_done: list[float] = []
-            waiter = threading.Thread(target=lambda: (msub.wait(TIMEOUT), msub_done.append(time.monotonic())),
-                                      daemon=True)
+
+            def wait_msub(proc: subprocess.Popen[bytes] = msub) -> None:
+                proc.wait(TIMEOUT)
+                msub_done.append(time.monotonic())
+
+            waiter = threading.Thread(target=wait_msub, daemon=True)
             for r in readies:
                 if not r.wait(60):
                     raise SystemExit("a consumer did not subscribe within 60 s")
@@ -157,21 +179,26 @@ def run_phase(work: Path, workers: int, shared: bool, messages: int, devices: in
             start.set()
             ingest_done: float | None = None
             deadline = t0 + TIMEOUT
+            pubs_done: float | None = None
             while time.monotonic() < deadline:
                 stored, _ = _stored(db)
                 if ingest_done is None and stored >= total:
                     ingest_done = time.monotonic()
-                if ingest_done is not None and msub_done and not bare_out.empty():
+                if pubs_done is None and not any(p.is_alive() for p in pubs):
+                    pubs_done = time.monotonic()
+                if ingest_done is not None and msub_done and sum(bare_counts) >= total:
                     break
                 time.sleep(0.01)
             stored, dropped = _stored(db)
-            bare_count, bare_last = bare_out.get(timeout=TIMEOUT) if bare_ready.is_set() else (0, 0.0)
+            bare_count, bare_last = sum(bare_counts), max(bare_lasts)
             msub_count = len(msub_out.read_bytes().splitlines())
             msub_last = msub_done[0] if msub_done else time.monotonic()
             for p in pubs:
                 p.join(timeout=60)
+            pubs_done = pubs_done or time.monotonic()
         finally:
             stop.set()
+            bare_stop.set()
             for p in procs:
                 p.join(timeout=15)
                 if p.is_alive() and p.pid is not None:
@@ -188,8 +215,12 @@ def run_phase(work: Path, workers: int, shared: bool, messages: int, devices: in
 
     ingest = figures(stored, ingest_done or time.monotonic())
     ingest["dropped"] = dropped
+    bare = figures(bare_count, bare_last)
+    bare.update(processes=workers, share_group=bare_group)
+    # what the publishers offered: every message acknowledged by the broker, to the last publisher's exit
+    offered = figures(total, pubs_done)
     return {"workers": workers, "shared": shared, "total": total, "ingest": ingest,
-            "bare_paho": figures(bare_count, bare_last), "mosquitto_sub": figures(msub_count, msub_last)}
+            "bare_paho": bare, "mosquitto_sub": figures(msub_count, msub_last), "publishers": offered}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,16 +248,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"# ingest vs the broker: {out['messages']} messages (status + health, QoS 1), "
           f"{args.devices} devices, {args.publishers} publisher processes, {out['cpus']} CPUs")
-    print("| ingest processes | consumer | msg/s | loss | ingest / bare paho | ingest / mosquitto_sub |")
-    print("|---|---|---|---|---|---|")
+    print("| ingest processes | consumer | msg/s | loss | ingest / bare paho (same process count) |")
+    print("|---|---|---|---|---|")
     for ph in results:
         label = f"{ph['workers']} ({'shared' if ph['shared'] else 'plain'})"
         ing, bare, msub = ph["ingest"], ph["bare_paho"], ph["mosquitto_sub"]
+        ratio = ing["rate"] / bare["rate"] if bare["rate"] else float("nan")
         print(f"| {label} | fleet server ingest | {ing['rate']:,.0f} | {ing['loss']} (dropped {ing['dropped']}) "
-              f"| {ing['rate'] / bare['rate'] if bare['rate'] else float('nan'):.2f} "
-              f"| {ing['rate'] / msub['rate'] if msub['rate'] else float('nan'):.2f} |")
-        print(f"| {label} | bare paho | {bare['rate']:,.0f} | {bare['loss']} | | |")
-        print(f"| {label} | mosquitto_sub | {msub['rate']:,.0f} | {msub['loss']} | | |")
+              f"| {ratio:.2f} |")
+        print(f"| {label} | bare paho, {bare['processes']} process(es) | {bare['rate']:,.0f} | {bare['loss']} | |")
+        print(f"| {label} | mosquitto_sub, 1 process | {msub['rate']:,.0f} | {msub['loss']} | |")
+        print(f"| {label} | (offered by the publishers) | {ph['publishers']['rate']:,.0f} | | |")
     return 0
 
 

@@ -1,24 +1,28 @@
 """Agent reconcile vs Ansible and pyinfra: the same desired state, first apply and no-op re-run.
 
 The desired state is N files (about 1 KB each, in 20 directories, mode 0644) under a temporary
-root, the same one :mod:`bench.bench_apply` builds. It is applied, in the same run on the same
-machine, by:
+root, the same one :mod:`bench.bench_apply` builds. Every comparison sets the same work on both
+sides, in the same run on the same machine, in three groups:
 
-- ``edge-agent sync --once`` (a signed release in a ``file://`` mirror; a fresh process each time,
-  interpreter start-up, fetch and signature check included) and ``edge_agent.agent.sync_once`` in
-  a warm interpreter (what the daemon pays per sync);
-- the minimal Python baseline of :mod:`bench.bench_apply` (digest compare, temp + fsync + rename);
-- ``pyinfra @local`` with one ``files.put`` per file;
-- ``ansible-playbook -c local`` with the ``copy`` module in a loop over fewer files (default 100:
-  Ansible needs more than half a second per file), compared per file.
+- ``all_peers``: whole processes, ``--common-files`` files each (default 100: Ansible needs more
+  than half a second per file, so it cannot take the full count in every run):
+  ``edge-agent sync --once`` (a signed release of that many files in a ``file://`` mirror; a fresh
+  process each time, interpreter start-up, fetch and signature check included), ``pyinfra @local``
+  with one ``files.put`` per file, and ``ansible-playbook -c local`` with ``copy`` in a loop;
+- ``agent_pyinfra``: whole processes, ``--files`` files each (default 500): the same agent command
+  and pyinfra;
+- ``in_process``: ``--files`` files each, no process start-up on either side:
+  ``edge_agent.agent.sync_once`` in a warm interpreter (what the daemon pays per sync, its
+  ``SyncCache`` kept between the two calls) and the minimal Python writer of
+  :mod:`bench.bench_apply` (digest compare, temp + fsync + rename).
 
-Each tool applies into a fresh empty root (first apply), then runs again with nothing to change
-(no-op); every root is checked afterwards: every file present with the right bytes and mode. The
-peers are installed by this command into ``bench/.peers-venv`` (``pip install ansible-core
-pyinfra``), never into the project's virtualenv. Prints a table of medians and the per-file ratios,
-and with ``--json`` a JSON object instead.
+A warm in-process figure is never set against a whole process of a peer. Each tool applies into a
+fresh empty root (first apply), then runs again with nothing to change (no-op); every root is
+checked afterwards: every file present with the right bytes and mode. The peers are installed by
+this command into ``bench/.peers-venv`` (``pip install ansible-core pyinfra``), never into the
+project's virtualenv. Prints a table per group, and with ``--json`` a JSON object instead.
 
-    python -m bench.bench_peers [--files 500] [--ansible-files 100] [--runs 3] [--json]
+    python -m bench.bench_peers [--files 500] [--common-files 100] [--runs 3] [--ansible-runs 3] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,7 @@ from bench.bench_apply import (
     timed,
 )
 
-__all__ = ["PEERS_VENV", "ensure_peers", "main", "peer_env", "run"]
+__all__ = ["PEERS_VENV", "comparison_group", "ensure_peers", "main", "peer_env", "run"]
 
 PEERS_VENV = Path(__file__).resolve().parent / ".peers-venv"
 PEER_PACKAGES = ("ansible-core", "pyinfra")
@@ -174,8 +179,31 @@ def check_root(root: Path, files: dict[str, bytes]) -> None:
 
 # --- the benchmark -----------------------------------------------------------------------------------
 
-def run(n_files: int, n_ansible: int, runs: int, ansible_runs: int) -> dict[str, Any]:
-    """Run every tool ``runs`` times (Ansible ``ansible_runs`` times); return medians and ratios."""
+TOOLS_ALL = ("agent_cli", "pyinfra", "ansible")
+"""Whole processes compared at the common count: ``edge-agent sync --once``, pyinfra, Ansible."""
+TOOLS_PAIR = ("agent_cli", "pyinfra")
+"""Whole processes compared at the full count (Ansible is too slow to take it in every run)."""
+TOOLS_WARM = ("agent_warm", "baseline")
+"""In-process figures at the full count: the agent's sync in a warm interpreter, the minimal writer."""
+
+
+def comparison_group(samples: dict[str, list[float]], files: int, tools: tuple[str, ...],
+                     runs: int) -> dict[str, Any]:
+    """Medians, per-file medians and the runs behind them for ``tools`` applying ``files`` files."""
+    med = {f"{t}_{ph}": statistics.median(samples[f"{t}_{ph}"]) for t in tools for ph in ("first", "noop")}
+    return {"files": files, "tools": list(tools), "runs": runs, "median_seconds": med,
+            "per_file_seconds": {k: v / files for k, v in med.items()},
+            "samples": {k: samples[k] for k in med}}
+
+
+def run(n_files: int, n_common: int, runs: int, ansible_runs: int) -> dict[str, Any]:
+    """Run every tool ``runs`` times (Ansible ``ansible_runs`` times); return medians by comparison group.
+
+    Three groups, each comparing the same work: ``all_peers`` (whole processes of the agent, pyinfra
+    and Ansible, ``n_common`` files each), ``agent_pyinfra`` (whole processes of the agent and
+    pyinfra, ``n_files`` each) and ``in_process`` (the agent's sync in a warm interpreter and the
+    minimal Python writer, ``n_files`` each, no process start-up on either side).
+    """
     from edge_agent.agent import SyncCache, sync_once
     from edge_agent.config import load_config
 
@@ -184,8 +212,11 @@ def run(n_files: int, n_ansible: int, runs: int, ansible_runs: int) -> dict[str,
     base = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     try:
         files = contents(n_files)
-        ans_files = dict(list(files.items())[:n_ansible])
-        url, trust = make_release(base, n_files)
+        common = contents(n_common)
+        releases = {}
+        for n in sorted({n_files, n_common}):
+            (base / f"release{n}").mkdir()
+            releases[n] = make_release(base / f"release{n}", n)
         src = write_sources(base, files)
         env = peer_env(base / "peer-home")
         samples: dict[str, list[float]] = {}
@@ -193,96 +224,109 @@ def run(n_files: int, n_ansible: int, runs: int, ansible_runs: int) -> dict[str,
         def add(key: str, seconds: float) -> None:
             samples.setdefault(key, []).append(seconds)
 
-        for run_no in range(runs):
-            cfg = device_config(base, f"cli{run_no}", url, trust)
+        def agent_cli(tag: str, n: int, want: dict[str, bytes]) -> None:
+            url, trust = releases[n]
+            cfg = device_config(base, f"cli{n}-{tag}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg)
-            add("agent_cli_first", timed(lambda c=cfg: cli_sync(c)))
-            add("agent_cli_noop", timed(lambda c=cfg: cli_sync(c)))
-            check_root(cfg.parent / "root", files)
+            add(f"agent_cli_first@{n}", timed(lambda: cli_sync(cfg)))
+            add(f"agent_cli_noop@{n}", timed(lambda: cli_sync(cfg)))
+            check_root(cfg.parent / "root", want)
 
-            cfg2 = device_config(base, f"warm{run_no}", url, trust)
+        def pyinfra(tag: str, n: int, want: dict[str, bytes]) -> None:
+            root = base / f"pyinfra{n}-{tag}"
+            argv = [str(peer_bin / "pyinfra"), "@local", str(pyinfra_deploy(base, src, want, root)), "-y"]
+            add(f"pyinfra_first@{n}", timed(lambda: run_peer(argv, env, base)))
+            add(f"pyinfra_noop@{n}", timed(lambda: run_peer(argv, env, base)))
+            check_root(root, want)
+
+        for run_no in range(runs):
+            tag = str(run_no)
+            # whole processes, the full count: the agent and pyinfra
+            agent_cli(tag, n_files, files)
+            pyinfra(tag, n_files, files)
+            # whole processes, the common count: the agent, pyinfra and Ansible
+            if run_no < ansible_runs:
+                if n_common != n_files:
+                    agent_cli(tag, n_common, common)
+                    pyinfra(tag, n_common, common)
+                aroot = base / f"ansible{n_common}-{tag}"
+                play = ansible_playbook(base, src, common, aroot)
+                argv = [str(peer_bin / "ansible-playbook"), "-c", "local", "-i", "localhost,", str(play)]
+                add(f"ansible_first@{n_common}", timed(partial(run_peer, argv, env, base)))
+                add(f"ansible_noop@{n_common}", timed(partial(run_peer, argv, env, base)))
+                check_root(aroot, common)
+            # in-process, the full count: the agent's sync in a warm interpreter and the minimal writer
+            url, trust = releases[n_files]
+            cfg2 = device_config(base, f"warm{tag}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg2)
             config = load_config(cfg2)
             cache = SyncCache()  # what the daemon keeps between syncs
-            add("agent_daemon_first", timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
-            add("agent_daemon_noop", timed(lambda c=config, k=cache: sync_once(c, now=datetime.now(UTC), cache=k)))
+            add(f"agent_warm_first@{n_files}",
+                timed(partial(sync_once, config, now=datetime.now(UTC), cache=cache)))
+            add(f"agent_warm_noop@{n_files}",
+                timed(partial(sync_once, config, now=datetime.now(UTC), cache=cache)))
             check_root(cfg2.parent / "root", files)
-
-            broot = base / f"baseline{run_no}"
+            broot = base / f"baseline{tag}"
             broot.mkdir()
-            add("baseline_first", timed(lambda r=broot: baseline_apply(r, files)))
-            add("baseline_noop", timed(lambda r=broot: baseline_apply(r, files)))
+            add(f"baseline_first@{n_files}", timed(partial(baseline_apply, broot, files)))
+            add(f"baseline_noop@{n_files}", timed(partial(baseline_apply, broot, files)))
             check_root(broot, files)
 
             add("python_start", timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)))
-
-            proot = base / f"pyinfra{run_no}"
-            deploy = pyinfra_deploy(base, src, files, proot)
-            argv = [str(peer_bin / "pyinfra"), "@local", str(deploy), "-y"]
-            add("pyinfra_first", timed(lambda a=argv: run_peer(a, env, base)))
-            add("pyinfra_noop", timed(lambda a=argv: run_peer(a, env, base)))
-            check_root(proot, files)
-
-            if run_no < ansible_runs:
-                aroot = base / f"ansible{run_no}"
-                play = ansible_playbook(base, src, ans_files, aroot)
-                argv = [str(peer_bin / "ansible-playbook"), "-c", "local", "-i", "localhost,", str(play)]
-                add("ansible_first", timed(lambda a=argv: run_peer(a, env, base)))
-                add("ansible_noop", timed(lambda a=argv: run_peer(a, env, base)))
-                check_root(aroot, ans_files)
             print(f"run {run_no + 1}/{runs} done", file=sys.stderr)
 
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        count = {"agent_cli": n_files, "agent_daemon": n_files, "baseline": n_files, "pyinfra": n_files,
-                 "ansible": n_ansible}
-        per_file = {f"{tool}_{phase}": med[f"{tool}_{phase}"] / n for tool, n in count.items()
-                    for phase in ("first", "noop")}
-        ratios = {
-            # how many times faster per file the one-shot agent is than each peer
-            "ansible_vs_agent_noop": per_file["ansible_noop"] / per_file["agent_cli_noop"],
-            "ansible_vs_agent_first": per_file["ansible_first"] / per_file["agent_cli_first"],
-            "pyinfra_vs_agent_noop": per_file["pyinfra_noop"] / per_file["agent_cli_noop"],
-            "pyinfra_vs_agent_first": per_file["pyinfra_first"] / per_file["agent_cli_first"],
-            # how many times slower than the floor the daemon's sync is
-            "agent_daemon_vs_baseline_first": med["agent_daemon_first"] / med["baseline_first"],
-            "agent_daemon_vs_baseline_noop": med["agent_daemon_noop"] / med["baseline_noop"],
+        def of(n: int) -> dict[str, list[float]]:
+            return {k.rsplit("@", 1)[0]: v for k, v in samples.items() if k.endswith(f"@{n}")}
+
+        groups = {
+            "all_peers": comparison_group(of(n_common), n_common, TOOLS_ALL, min(runs, ansible_runs)),
+            "agent_pyinfra": comparison_group(of(n_files), n_files, TOOLS_PAIR, runs),
+            "in_process": comparison_group(of(n_files), n_files, TOOLS_WARM, runs),
         }
-        return {"files": n_files, "ansible_files": n_ansible, "runs": runs, "ansible_runs": ansible_runs,
-                "peers": peer_versions(), "median_seconds": med, "per_file_seconds": per_file,
-                "ratios": ratios, "samples": samples}
+        return {"files": n_files, "common_files": n_common, "runs": runs, "ansible_runs": ansible_runs,
+                "peers": peer_versions(), "python_start_seconds": statistics.median(samples["python_start"]),
+                "groups": groups}
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
+LABELS = {"agent_cli": "edge-agent sync --once (whole process)", "agent_warm": "agent sync, warm process (in-process)",
+          "baseline": "baseline writer (in-process)", "pyinfra": "pyinfra @local files.put (whole process)",
+          "ansible": "ansible-playbook -c local copy (whole process)"}
+
+
 def print_table(r: dict[str, Any]) -> None:
-    """Print the figures of :func:`run` as a Markdown table."""
-    med, pf = r["median_seconds"], r["per_file_seconds"]
-    print(f"# reconcile: {r['files']} files (Ansible {r['ansible_files']}), median of {r['runs']} runs "
-          f"(Ansible {r['ansible_runs']}); peers {r['peers']}")
-    print("| tool | files | first apply | per file | no-op | per file |")
-    print("|---|---|---|---|---|---|")
-    rows = (("edge-agent sync --once", "agent_cli", r["files"]), ("agent sync, warm (daemon)", "agent_daemon",
-            r["files"]), ("baseline (hash + atomic write)", "baseline", r["files"]),
-            ("pyinfra @local files.put", "pyinfra", r["files"]),
-            ("ansible-playbook -c local copy", "ansible", r["ansible_files"]))
-    for label, key, n in rows:
-        print(f"| {label} | {n} | {med[key + '_first'] * 1000:.0f} ms | {pf[key + '_first'] * 1000:.3f} ms "
-              f"| {med[key + '_noop'] * 1000:.0f} ms | {pf[key + '_noop'] * 1000:.3f} ms |")
-    print(f"interpreter start-up (python -c pass): {med['python_start'] * 1000:.0f} ms")
-    for name, value in r["ratios"].items():
-        print(f"{name}: {value:.1f}x")
+    """Print the figures of :func:`run` as Markdown tables, one per comparison group."""
+    print(f"# reconcile, median of {r['runs']} runs (Ansible {r['ansible_runs']}); peers {r['peers']}")
+    for name, g in r["groups"].items():
+        med, pf = g["median_seconds"], g["per_file_seconds"]
+        print(f"\n## {name}: {g['files']} files each")
+        print("| tool | first apply | per file | no-op | per file |")
+        print("|---|---|---|---|---|")
+        for tool in g["tools"]:
+            print(f"| {LABELS[tool]} | {med[tool + '_first'] * 1000:.0f} ms | {pf[tool + '_first'] * 1000:.3f} ms "
+                  f"| {med[tool + '_noop'] * 1000:.1f} ms | {pf[tool + '_noop'] * 1000:.3f} ms |")
+        first, *others = g["tools"]
+        for other in others:
+            for ph in ("first", "noop"):
+                a, b = med[f"{first}_{ph}"], med[f"{other}_{ph}"]
+                print(f"{ph}: {other} / {first} = {b / a:.2f}x" if name != "in_process"
+                      else f"{ph}: {first} / {other} = {a / b:.2f}x")
+    print(f"\ninterpreter start-up (python -c pass): {r['python_start_seconds'] * 1000:.0f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a table, or JSON with ``--json``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--files", type=int, default=500)
-    ap.add_argument("--ansible-files", type=int, default=100)
+    ap.add_argument("--files", type=int, default=500, help="files of the agent-vs-pyinfra and in-process groups")
+    ap.add_argument("--common-files", type=int, default=100,
+                    help="files every tool (the agent, pyinfra and Ansible) applies in the three-way group")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ansible-runs", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = ap.parse_args(argv)
-    result = run(args.files, min(args.ansible_files, args.files), args.runs, min(args.ansible_runs, args.runs))
+    result = run(args.files, min(args.common_files, args.files), args.runs,
+                 min(args.ansible_runs, args.runs))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
