@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet-server/server.yaml")
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+MAX_BODY_BYTES_LIMIT = 64 * 1024 * 1024
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHARE_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -100,6 +102,10 @@ class HttpConfig:
     port: int = 8080
     admin_token_file: Path | None = None
     read_token_file: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body any route accepts (413 past it, refused before it is read)."""
+    body_timeout: float = 30.0
+    """Longest wait, in seconds, for the next piece of a request body (408 past it)."""
 
 
 @dataclass(frozen=True)
@@ -192,9 +198,13 @@ def _ingest(top: _Section) -> IngestConfig:
 
 
 def _http(top: _Section) -> HttpConfig:
-    s = top.section("http", frozenset({"host", "port", "admin_token_file", "read_token_file"}))
+    s = top.section("http", frozenset({"host", "port", "admin_token_file", "read_token_file",
+                                       "max_body_bytes", "body_timeout"}))
     return HttpConfig(host=s.str_("host", "127.0.0.1"), port=s.int_("port", 8080, minimum=0, maximum=65535),
-                      admin_token_file=s.path("admin_token_file"), read_token_file=s.path("read_token_file"))
+                      admin_token_file=s.path("admin_token_file"), read_token_file=s.path("read_token_file"),
+                      max_body_bytes=s.size("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024,
+                                            maximum=MAX_BODY_BYTES_LIMIT),
+                      body_timeout=s.duration("body_timeout", 30.0))
 
 
 def _git(top: _Section) -> GitConfig:
