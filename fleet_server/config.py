@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edge_agent.config_section import LOG_LEVELS, ConfigSection
-from edge_agent.errors import KeyFileError
+from edge_agent.errors import KeyFileError, YamlError
 from edge_agent.trust.keys import parse_verify_key
+from edge_agent.yamlsafe import YamlSyntaxError, excerpt, load_yaml
 from fleet_server.errors import ServerConfigError
 
 __all__ = [
@@ -41,6 +40,8 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/fleet-server/server.yaml")
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 MAX_BODY_BYTES_LIMIT = 64 * 1024 * 1024
+MAX_SET_VALUE_BYTES = 64 * 1024
+"""Largest value one ``--set section.key=value`` may carry."""
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHARE_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -250,14 +251,14 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if not dotted or any(not p for p in parts):
-        raise ServerConfigError(f"--set {dotted!r}: must be section.key=value")
+        raise ServerConfigError(f"--set {excerpt(dotted)!r}: must be section.key=value")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ServerConfigError(f"{'.'.join(parts[:i + 1])}: must be a mapping")
+            raise ServerConfigError(f"{excerpt('.'.join(parts[:i + 1]))}: must be a mapping")
         node = child
     node[parts[-1]] = value
 
@@ -290,21 +291,26 @@ def load_server_config(path: Path | None, overrides: Mapping[str, Any] | None = 
 
 def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
     """Turn ``--set section.key=value`` strings into overrides; each value is read as a YAML scalar
-    or list (``1884`` is a number, ``true`` a boolean, ``[a, b]`` a list, anything else text).
+    or list (``1884`` is a number, ``true`` a boolean, ``[a, b]`` a list, anything else text) by the
+    same safe loader as the config file.
 
     Raises:
-        ServerConfigError: an item has no ``=`` or an empty key.
+        ServerConfigError: an item has no ``=`` or an empty key, or its value uses a refused YAML
+            feature (anchors, aliases, tags, duplicate keys, deep nesting) or is over 64 KiB.
     """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ServerConfigError(f"--set {item!r}: must be section.key=value")
+            raise ServerConfigError(f"--set {excerpt(item)!r}: must be section.key=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = load_yaml(text.encode("utf-8", "surrogateescape"), name=f"--set {excerpt(key)}",
+                              max_bytes=MAX_SET_VALUE_BYTES).value if text.strip() else None
+        except YamlSyntaxError:
             value = text
+        except YamlError as exc:
+            raise ServerConfigError(f"--set {excerpt(key)}: {exc.reason.partition(': ')[2]}") from exc
         if isinstance(value, Mapping):
             value = text
         out[key] = value
