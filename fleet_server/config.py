@@ -18,6 +18,7 @@ from typing import Any
 
 from edge_agent.config_section import LOG_LEVELS, ConfigSection
 from edge_agent.errors import KeyFileError, YamlError
+from edge_agent.report.messages import MAX_MESSAGE_BYTES
 from edge_agent.trust.keys import parse_verify_key
 from edge_agent.yamlsafe import YamlSyntaxError, excerpt, load_yaml
 from fleet_server.errors import ServerConfigError
@@ -88,7 +89,7 @@ class StoreConfig:
 class IngestConfig:
     """Limits and batching of the MQTT ingest path."""
 
-    max_payload_bytes: int = 65536
+    max_payload_bytes: int = MAX_MESSAGE_BYTES
     batch_size: int = 1000
     batch_interval: float = 0.1
     unknown_devices: str = "accept"
@@ -190,7 +191,8 @@ def _ingest(top: _Section) -> IngestConfig:
     if interval > 60:
         raise ServerConfigError("ingest.batch_interval: must be at most 60s")
     return IngestConfig(
-        max_payload_bytes=s.size("max_payload_bytes", 65536, minimum=256, maximum=16 * 1024 * 1024),
+        max_payload_bytes=s.size("max_payload_bytes", MAX_MESSAGE_BYTES, minimum=256,
+                                 maximum=16 * 1024 * 1024),
         batch_size=s.int_("batch_size", 1000, minimum=1, maximum=100000),
         batch_interval=interval,
         unknown_devices=s.choice("unknown_devices", "accept", ("accept", "refuse")),
