@@ -224,3 +224,17 @@ def test_stalled_body_is_answered_408_and_closed(server: Server) -> None:
     answer = _parse(raw, 1)
     assert answer.status == 408
     assert answer.body == {"error": "request body stalled for more than 1s"}
+
+
+def test_expect_100_continue_is_answered_401_without_inviting_the_body(server: Server) -> None:
+    """A client that asks before sending (``Expect: 100-continue``) is refused at once and never told
+    to go on: uvicorn sends ``100 Continue`` only when the application starts reading."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10.0) as sock:
+        sock.sendall(b"POST /api/v1/devices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 104857600\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 401 "), raw[:200]
+    assert b"100 Continue" not in raw
+    assert _parse(raw, 0).body == {"error": "admin token required"}
