@@ -169,7 +169,7 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
         routers.append(rollouts_router(actions.rollouts, tokens))
     for router in routers:
         app.include_router(router)
-    install_dashboard(app, store, tokens)
+    routers.append(install_dashboard(app, store, tokens))
 
     def every_route() -> list[BaseRoute]:
         return [*(route for router in routers for route in router.routes), *app.router.routes]
