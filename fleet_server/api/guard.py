@@ -14,7 +14,9 @@
    limit).
 
 Requests that match no route, or only with another method, pass through untouched (404 and 405
-read no body). Every refusal is the API's JSON shape ``{"error": "<reason>"}``.
+read no body). Every refusal is the API's JSON shape ``{"error": "<reason>"}`` and carries
+``Connection: close``: uvicorn would otherwise read and discard the rest of an unread body to keep
+the connection alive.
 """
 
 from __future__ import annotations
@@ -39,20 +41,22 @@ log = logging.getLogger(__name__)
 
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
+_CLOSE = {"Connection": "close"}
+"""Sent with every refusal: the server closes the connection instead of draining an unread body."""
+
 
 class BodyTooLarge(StarletteHTTPException):
     """A request body grew past its cap while it was being read (answered 413)."""
 
     def __init__(self, limit: int, what: str) -> None:
-        super().__init__(413, f"{what} over {limit} bytes")
+        super().__init__(413, f"{what} over {limit} bytes", headers=dict(_CLOSE))
 
 
 class BodyStalled(StarletteHTTPException):
     """No piece of a request body arrived within the body timeout (answered 408)."""
 
     def __init__(self, timeout: float) -> None:
-        super().__init__(408, f"request body stalled for more than {timeout:g}s",
-                         headers={"Connection": "close"})
+        super().__init__(408, f"request body stalled for more than {timeout:g}s", headers=dict(_CLOSE))
 
 
 def webhook_precheck(tokens: Tokens, headers: Headers) -> None:
@@ -78,7 +82,7 @@ def webhook_precheck(tokens: Tokens, headers: Headers) -> None:
 
 def _refusal(exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
-                        headers=dict(exc.headers) if exc.headers else None)
+                        headers={**(exc.headers or {}), **_CLOSE})
 
 
 class RequestGuard:
