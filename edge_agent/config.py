@@ -18,6 +18,7 @@ from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.gitlimits import FetchLimits
 from edge_agent.report.messages import MAX_LABEL_VALUE, MAX_LABELS
 from edge_agent.trust.keys import parse_verify_key
+from edge_agent.yamlsafe import excerpt
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -167,7 +168,7 @@ def _labels(top: _Section) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in raw.items():
         if not isinstance(k, str) or not _LABEL_KEY.match(k):
-            raise ConfigError(f"labels.{k}: invalid label name")
+            raise ConfigError(f"labels.{excerpt(str(k))}: invalid label name")
         if isinstance(v, bool) or not isinstance(v, str | int | float):
             raise ConfigError(f"labels.{k}: value must be a string")
         out[k] = str(v)

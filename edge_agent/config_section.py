@@ -7,17 +7,19 @@ a subclass sets another).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-import yaml
-
 from edge_agent.durations import parse_seconds
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, YamlError
+from edge_agent.yamlsafe import excerpt, load_yaml
 
-__all__ = ["LOG_LEVELS", "MAX_CONFIG_BYTES", "URL_SCHEMES", "ConfigSection", "parse_duration"]
+__all__ = ["LOG_LEVELS", "MAX_CONFIG_BYTES", "URL_SCHEMES", "ConfigSection", "parse_duration",
+           "read_config_bytes"]
 
 MAX_CONFIG_BYTES = 1024 * 1024
 URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
@@ -44,6 +46,34 @@ def parse_duration(value: object, name: str) -> float:
     return seconds
 
 
+def read_config_bytes(path: Path, error: type[Exception]) -> bytes:
+    """Return the bytes of the regular file at ``path`` (symbolic links followed), at most
+    :data:`MAX_CONFIG_BYTES`; a FIFO, device or directory is refused before anything is read.
+
+    Raises:
+        error: the file cannot be opened, is not a regular file or is over the cap.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"cannot read {path}: not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise error(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise error(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    return data
+
+
 class ConfigSection:
     """Typed reads from one mapping of the config, with the dotted name for errors.
 
@@ -61,7 +91,7 @@ class ConfigSection:
             raise self.error(f"{name or self.document}: must be a mapping")
         unknown = sorted(str(k) for k in raw if k not in allowed)
         if unknown:
-            raise self.error(f"{self._join(name, unknown[0])}: unknown key")
+            raise self.error(f"{self._join(name, excerpt(unknown[0]))}: unknown key")
         self.raw: Mapping[str, Any] = raw
         self.name = name
         self.base_dir = base_dir
@@ -70,20 +100,25 @@ class ConfigSection:
     def read_yaml(cls, path: Path) -> object:
         """The parsed YAML of the config file at ``path`` (None when empty), at most 1 MiB read.
 
+        The file must be a regular file (a symbolic link to one is followed); a FIFO, a device such
+        as ``/dev/zero`` or a directory is refused without reading it. The text goes through
+        :func:`edge_agent.yamlsafe.load_yaml`: one document, no anchors or aliases, no duplicate
+        keys, nesting at most 64 deep.
+
         Raises:
-            the section's ``error``: unreadable, too large, not UTF-8 or not YAML.
+            the section's ``error``: unreadable, not a regular file, too large, not UTF-8 or not
+            (safe) YAML; YAML errors name the file and line.
         """
+        data = read_config_bytes(path, cls.error)
         try:
-            with path.open("rb") as fh:
-                data = fh.read(MAX_CONFIG_BYTES + 1)
-        except OSError as exc:
-            raise cls.error(f"cannot read {path}: {exc.strerror or exc}") from exc
-        if len(data) > MAX_CONFIG_BYTES:
-            raise cls.error(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise cls.error(f"{path}: not valid YAML: not UTF-8 text (byte {exc.start})") from exc
         try:
-            return yaml.safe_load(data.decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise cls.error(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+            return load_yaml(data, name=str(path), max_bytes=MAX_CONFIG_BYTES).value
+        except YamlError as exc:
+            reason = exc.reason.partition(": ")[2]
+            raise cls.error(f"{path}: not valid YAML: line {exc.line}: {reason}") from exc
 
     @staticmethod
     def _join(name: str, key: str) -> str:
@@ -116,7 +151,7 @@ class ConfigSection:
         if v is None:
             return default
         if pattern is not None and not pattern.match(v):
-            raise self.error(f"{self.at(key)}: invalid value {v[:60]!r}")
+            raise self.error(f"{self.at(key)}: invalid value {excerpt(v)!r}")
         return v
 
     def req_str(self, key: str) -> str:
@@ -137,7 +172,7 @@ class ConfigSection:
         """A Git branch name (no ``..``, no leading ``/`` or ``-``), or ``default`` when absent."""
         branch = self.str_(key, default)
         if not _BRANCH.match(branch) or ".." in branch or branch.startswith(("/", "-")):
-            raise self.error(f"{self.at(key)}: invalid branch name {branch!r}")
+            raise self.error(f"{self.at(key)}: invalid branch name {excerpt(branch)!r}")
         return branch
 
     def topic_prefix(self, key: str, default: str) -> str:
@@ -154,7 +189,7 @@ class ConfigSection:
             return default
         text = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
         if text not in choices:
-            raise self.error(f"{self.at(key)}: must be one of {', '.join(choices)}, got {v!r}")
+            raise self.error(f"{self.at(key)}: must be one of {', '.join(choices)}, got {excerpt(repr(v))}")
         return str(text)
 
     def int_(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
@@ -180,7 +215,7 @@ class ConfigSection:
         if isinstance(v, bool) or not isinstance(v, int):
             raise self.error(f"{self.at(key)}: must be an integer")
         if not minimum <= v <= maximum:
-            raise self.error(f"{self.at(key)}: must be from {minimum} to {maximum}, got {v}")
+            raise self.error(f"{self.at(key)}: must be from {minimum} to {maximum}, got {excerpt(str(v))}")
         return v
 
     def duration(self, key: str, default: float) -> float:

@@ -5,6 +5,11 @@ The config repo is untrusted input, so loading is deliberately narrow: one docum
 only the plain YAML types (mapping, sequence, string, integer, float, boolean, null; a timestamp
 stays the string it was written as). The result remembers where each value came from so that
 ``fleetctl lint`` can name a line for every problem.
+
+Every YAML file the project reads goes through :func:`load_yaml`: config-repo bundles and
+``fleet.yaml``, ``agent.yaml``, ``server.yaml`` and the values of ``fleet-server --set``. Nesting is
+refused past 64 levels while the text is scanned, before any node is built, and an error never
+echoes more than :data:`EXCERPT_CHARS` characters of a value (:func:`excerpt`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,25 @@ import yaml
 
 from edge_agent.errors import YamlError
 
-__all__ = ["DEFAULT_MAX_BYTES", "LocatedDoc", "load_yaml"]
+__all__ = ["DEFAULT_MAX_BYTES", "EXCERPT_CHARS", "MAX_DEPTH", "LocatedDoc", "YamlSyntaxError", "excerpt",
+           "load_yaml"]
 
 DEFAULT_MAX_BYTES = 1024 * 1024
-_MAX_DEPTH = 64
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and sequences a document may have."""
+EXCERPT_CHARS = 60
+"""Most characters of a value an error message shows."""
+_START_EVENTS = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_END_EVENTS = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+
+
+class YamlSyntaxError(YamlError):
+    """The text does not parse as YAML at all (as opposed to a refused feature or an over-cap size)."""
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """Return ``text`` cut to its first ``limit`` characters, ``…`` marking a cut (for error messages)."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PLAIN_SCALAR_TAGS = frozenset(
@@ -78,9 +98,9 @@ def load_yaml(data: bytes, *, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> 
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         reason = " ".join(" ".join(str(p).split()) for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        raise YamlError(f"YAML syntax error: {reason}", _mark_line(mark), name) from exc
+        raise YamlSyntaxError(f"YAML syntax error: {excerpt(reason, 200)}", _mark_line(mark), name) from exc
     except yaml.YAMLError as exc:
-        raise YamlError(f"YAML error: {' '.join(str(exc).split())}", 1, name) from exc
+        raise YamlSyntaxError(f"YAML error: {excerpt(' '.join(str(exc).split()), 200)}", 1, name) from exc
     except RecursionError as exc:
         raise YamlError("document nests too deeply", 1, name) from exc
     if node is None:
@@ -93,7 +113,15 @@ def load_yaml(data: bytes, *, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> 
 
 def _refuse_aliases_and_streams(data: bytes, name: str) -> None:
     documents = 0
+    depth = 0
     for event in yaml.parse(data, Loader=_Loader):
+        if isinstance(event, _START_EVENTS):
+            depth += 1
+            if depth > MAX_DEPTH + 1:
+                raise YamlError(f"document nests too deeply (more than {MAX_DEPTH} levels)",
+                                _mark_line(event.start_mark), name)
+        elif isinstance(event, _END_EVENTS):
+            depth -= 1
         if isinstance(event, yaml.AliasEvent):
             raise YamlError("YAML aliases (*name) are not allowed", _mark_line(event.start_mark), name)
         if getattr(event, "anchor", None) is not None:
@@ -110,11 +138,11 @@ def _construct(
 ) -> Any:
     line = _mark_line(node.start_mark)
     lines.setdefault(where, line)
-    if depth > _MAX_DEPTH:
+    if depth > MAX_DEPTH:
         raise YamlError("document nests too deeply", line, name)
     if isinstance(node, yaml.MappingNode):
         if node.tag != _MAP_TAG:
-            raise YamlError(f"unsupported YAML tag {node.tag}", line, name)
+            raise YamlError(f"unsupported YAML tag {excerpt(node.tag)}", line, name)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key_line = _mark_line(key_node.start_mark)
@@ -124,13 +152,13 @@ def _construct(
                 raise YamlError("YAML merge keys (<<) are not allowed", key_line, name)
             key = _scalar(key_node, loader, name)
             if key in out:
-                raise YamlError(f"duplicate key {key!r}", key_line, name)
+                raise YamlError(f"duplicate key {excerpt(repr(key))}", key_line, name)
             lines[(*where, key)] = key_line
             out[key] = _construct(value_node, (*where, key), lines, loader, name=name, depth=depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         if node.tag != _SEQ_TAG:
-            raise YamlError(f"unsupported YAML tag {node.tag}", line, name)
+            raise YamlError(f"unsupported YAML tag {excerpt(node.tag)}", line, name)
         return [_construct(item, (*where, i), lines, loader, name=name, depth=depth + 1)
                 for i, item in enumerate(node.value)]
     return _scalar(node, loader, name)
@@ -140,8 +168,9 @@ def _scalar(node: Any, loader: Any, name: str) -> Any:
     if node.tag == _TIMESTAMP_TAG:
         return str(node.value)
     if node.tag not in _PLAIN_SCALAR_TAGS:
-        raise YamlError(f"unsupported YAML tag {node.tag}", _mark_line(node.start_mark), name)
+        raise YamlError(f"unsupported YAML tag {excerpt(node.tag)}", _mark_line(node.start_mark), name)
     try:
         return loader.construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError) as exc:
-        raise YamlError(f"bad scalar {node.value!r}: {exc}", _mark_line(node.start_mark), name) from exc
+        raise YamlError(f"bad scalar {excerpt(repr(node.value))}: {excerpt(str(exc))}",
+                        _mark_line(node.start_mark), name) from exc

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edge_agent.config_section import LOG_LEVELS, ConfigSection
-from edge_agent.errors import KeyFileError
+from edge_agent.errors import KeyFileError, YamlError
 from edge_agent.gitlimits import FetchLimits
+from edge_agent.report.messages import MAX_MESSAGE_BYTES
 from edge_agent.trust.keys import parse_verify_key
+from edge_agent.yamlsafe import YamlSyntaxError, excerpt, load_yaml
 from fleet_server.errors import ServerConfigError
 
 __all__ = [
@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet-server/server.yaml")
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+MAX_BODY_BYTES_LIMIT = 64 * 1024 * 1024
+MAX_SET_VALUE_BYTES = 64 * 1024
+"""Largest value one ``--set section.key=value`` may carry."""
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHARE_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -86,7 +90,7 @@ class StoreConfig:
 class IngestConfig:
     """Limits and batching of the MQTT ingest path."""
 
-    max_payload_bytes: int = 65536
+    max_payload_bytes: int = MAX_MESSAGE_BYTES
     batch_size: int = 1000
     batch_interval: float = 0.1
     unknown_devices: str = "accept"
@@ -101,6 +105,10 @@ class HttpConfig:
     port: int = 8080
     admin_token_file: Path | None = None
     read_token_file: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body any route accepts (413 past it, refused before it is read)."""
+    body_timeout: float = 30.0
+    """Longest wait, in seconds, for the next piece of a request body (408 past it)."""
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,8 @@ def _ingest(top: _Section) -> IngestConfig:
     if interval > 60:
         raise ServerConfigError("ingest.batch_interval: must be at most 60s")
     return IngestConfig(
-        max_payload_bytes=s.size("max_payload_bytes", 65536, minimum=256, maximum=16 * 1024 * 1024),
+        max_payload_bytes=s.size("max_payload_bytes", MAX_MESSAGE_BYTES, minimum=256,
+                                 maximum=16 * 1024 * 1024),
         batch_size=s.int_("batch_size", 1000, minimum=1, maximum=100000),
         batch_interval=interval,
         unknown_devices=s.choice("unknown_devices", "accept", ("accept", "refuse")),
@@ -206,9 +215,13 @@ def _ingest(top: _Section) -> IngestConfig:
 
 
 def _http(top: _Section) -> HttpConfig:
-    s = top.section("http", frozenset({"host", "port", "admin_token_file", "read_token_file"}))
+    s = top.section("http", frozenset({"host", "port", "admin_token_file", "read_token_file",
+                                       "max_body_bytes", "body_timeout"}))
     return HttpConfig(host=s.str_("host", "127.0.0.1"), port=s.int_("port", 8080, minimum=0, maximum=65535),
-                      admin_token_file=s.path("admin_token_file"), read_token_file=s.path("read_token_file"))
+                      admin_token_file=s.path("admin_token_file"), read_token_file=s.path("read_token_file"),
+                      max_body_bytes=s.size("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1024,
+                                            maximum=MAX_BODY_BYTES_LIMIT),
+                      body_timeout=s.duration("body_timeout", 30.0))
 
 
 def _git(top: _Section) -> GitConfig:
@@ -261,14 +274,14 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     if not dotted or any(not p for p in parts):
-        raise ServerConfigError(f"--set {dotted!r}: must be section.key=value")
+        raise ServerConfigError(f"--set {excerpt(dotted)!r}: must be section.key=value")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ServerConfigError(f"{'.'.join(parts[:i + 1])}: must be a mapping")
+            raise ServerConfigError(f"{excerpt('.'.join(parts[:i + 1]))}: must be a mapping")
         node = child
     node[parts[-1]] = value
 
@@ -301,21 +314,26 @@ def load_server_config(path: Path | None, overrides: Mapping[str, Any] | None = 
 
 def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
     """Turn ``--set section.key=value`` strings into overrides; each value is read as a YAML scalar
-    or list (``1884`` is a number, ``true`` a boolean, ``[a, b]`` a list, anything else text).
+    or list (``1884`` is a number, ``true`` a boolean, ``[a, b]`` a list, anything else text) by the
+    same safe loader as the config file.
 
     Raises:
-        ServerConfigError: an item has no ``=`` or an empty key.
+        ServerConfigError: an item has no ``=`` or an empty key, or its value uses a refused YAML
+            feature (anchors, aliases, tags, duplicate keys, deep nesting) or is over 64 KiB.
     """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ServerConfigError(f"--set {item!r}: must be section.key=value")
+            raise ServerConfigError(f"--set {excerpt(item)!r}: must be section.key=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            value = load_yaml(text.encode("utf-8", "surrogateescape"), name=f"--set {excerpt(key)}",
+                              max_bytes=MAX_SET_VALUE_BYTES).value if text.strip() else None
+        except YamlSyntaxError:
             value = text
+        except YamlError as exc:
+            raise ServerConfigError(f"--set {excerpt(key)}: {exc.reason.partition(': ')[2]}") from exc
         if isinstance(value, Mapping):
             value = text
         out[key] = value

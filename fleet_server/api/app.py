@@ -14,8 +14,12 @@ Endpoints (details and examples in ``docs/api.md``):
 
 Every error is JSON ``{"error": "<reason>"}`` with a fitting status code: 400 for bad input
 (including query values FastAPI rejects, which it would answer with 422), 401/403 for credentials,
-404, 405, 413 for an over-large webhook body, 503 when the store or the Git watcher is unavailable.
-Bad input never produces a 500.
+404, 405, 413 for a body over ``http.max_body_bytes`` (the webhook's over ``MAX_WEBHOOK_BYTES``),
+503 when the store or the Git watcher is unavailable. Bad input never produces a 500.
+
+:class:`fleet_server.api.guard.RequestGuard` sits in front of every route: a state-changing call is
+refused (401/403) on its ``Authorization`` header before its body is read, and no body is read past
+its cap.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from edge_agent.errors import StateError
 from fleet_server import __version__
 from fleet_server.api.auth import Tokens, load_tokens, require_admin, require_read, signature_valid
 from fleet_server.api.dashboard import install_dashboard
+from fleet_server.api.guard import RequestGuard
 from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
@@ -48,7 +54,10 @@ __all__ = ["MAX_WEBHOOK_BYTES", "ApiActions", "ApiStore", "create_app"]
 log = logging.getLogger(__name__)
 
 MAX_WEBHOOK_BYTES = 1024 * 1024
-"""Largest webhook body accepted (Git hosts send push payloads well under this)."""
+"""Largest webhook body accepted (Git hosts send push payloads well under this); never more than
+``http.max_body_bytes``."""
+
+WEBHOOK_PATH = "/api/v1/hooks/git"
 
 
 class ApiStore(FleetReader, DeviceRegistry, Protocol):
@@ -155,13 +164,21 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
     app = FastAPI(title="edge-fleet server", version=__version__, openapi_url="/api/v1/openapi.json",
                   docs_url=None, redoc_url=None)
     _install_error_handlers(app)
-    app.include_router(fleet_router(store, tokens))
-    app.include_router(enroll_router(store, tokens))
+    routers = [fleet_router(store, tokens), enroll_router(store, tokens)]
     if actions.rollouts is not None:
-        app.include_router(rollouts_router(actions.rollouts, tokens))
-    install_dashboard(app, store, tokens)
+        routers.append(rollouts_router(actions.rollouts, tokens))
+    for router in routers:
+        app.include_router(router)
+    routers.append(install_dashboard(app, store, tokens))
 
-    @app.post("/api/v1/hooks/git", status_code=202)
+    def every_route() -> list[BaseRoute]:
+        return [*(route for router in routers for route in router.routes), *app.router.routes]
+
+    app.add_middleware(RequestGuard, routes=every_route, tokens=tokens,
+                       max_body_bytes=config.http.max_body_bytes, webhook_path=WEBHOOK_PATH,
+                       webhook_max_bytes=MAX_WEBHOOK_BYTES, body_timeout=config.http.body_timeout)
+
+    @app.post(WEBHOOK_PATH, status_code=202)
     async def git_webhook(
         request: Request,
         x_hub_signature_256: Annotated[str | None, Header()] = None,

@@ -68,11 +68,13 @@ _PAGE_HEADERS = {
 
 
 def install_dashboard(app: FastAPI, store: FleetReader, tokens: Tokens, *,
-                      refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> None:
+                      refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> APIRouter:
     """Add the dashboard pages, the health-history endpoint and ``/static`` (CSS, JavaScript, icon)
-    to ``app``; see :func:`dashboard_router` for the arguments."""
-    app.include_router(dashboard_router(store, tokens, refresh_seconds=refresh_seconds))
+    to ``app``; see :func:`dashboard_router` for the arguments. Return the router of the pages."""
+    router = dashboard_router(store, tokens, refresh_seconds=refresh_seconds)
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return router
 
 
 def dashboard_router(store: FleetReader, tokens: Tokens, *,

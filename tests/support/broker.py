@@ -9,7 +9,8 @@ sessions survive a restart: SIGTERM makes Mosquitto save it), and logs to ``mosq
 By default anonymous clients are allowed; with ``password_file`` and ``acl_file`` it authenticates
 and authorises. ``base_config`` replaces the generated listener and auth lines with given text
 (for example the snippet ``fleetctl broker-config`` writes); it must open a listener on
-127.0.0.1 at ``port``.
+127.0.0.1 at ``port``. Its ``persistence_location`` line, if any, is dropped: the database always
+stays in the work directory.
 
 The process is stopped by its pid (SIGTERM, then SIGKILL after a bound), never by name. The pytest
 fixture ``mosquitto_broker`` gives a started broker to one test function.
@@ -72,7 +73,9 @@ class Mosquitto:
         # As root, Mosquitto drops privileges to "mosquitto" unless told to stay the current user.
         lines = [f"user {pwd.getpwuid(os.getuid()).pw_name}"]
         if self.base_config is not None:
-            lines.append(self.base_config.strip())
+            # the database stays in the work directory: a given persistence_location is replaced
+            lines += [line for line in self.base_config.strip().splitlines()
+                      if not line.startswith("persistence_location")]
         else:
             lines += ["per_listener_settings false", f"listener {self.port} 127.0.0.1"]
             if self.password_file is not None:
