@@ -544,7 +544,8 @@ class RolloutRunner:
         old = live.state
         state, effects = step(old, event)
         live.state = state
-        if effects or state.phase != old.phase or state.waves != old.waves or state.devices is not old.devices:
+        if effects or state.phase != old.phase or state.waves != old.waves \
+                or state.devices is not old.devices:
             live.dirty = True
         self._effects(state.rollout_id, effects, write)
 
