@@ -228,7 +228,8 @@ class _Work:
                        paused_from=self.paused_from, clock=self.now, recent_assignments=tuple(self.recent),
                        rollback_started=self.rollback_started, superseded_by=self.superseded_by,
                        seen_actions=tuple(self.seen_actions[-_ACTION_MEMORY:]),
-                       index=self.index if isinstance(self.index, FleetIndex) else None)
+                       index=self.index if isinstance(self.index, FleetIndex) else None,
+                       changed=frozenset(self.changed))
 
     @property
     def plan(self) -> RolloutPlan:

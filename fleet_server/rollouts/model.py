@@ -21,7 +21,7 @@ __all__ = [
     "ROLLBACK", "SETTLED", "Abort", "AssignRelease", "Audit", "DeviceJoined", "DeviceOnline", "DeviceReport",
     "DeviceState", "DeviceStatus", "Effect", "Event", "GateDecision", "GateEvaluated", "OperatorEvent",
     "Pause", "Phase", "PhaseChanged", "Promote", "ReleaseRef", "Resume", "Rollback", "RolloutState", "Start",
-    "Supersede", "Tick", "WaveProgress",
+    "Supersede", "Tick", "WaveProgress", "device_dict",
 ]
 
 Phase = Literal["pending", "running", "waiting_approval", "paused", "halted", "rolling_back", "rolled_back",
@@ -122,15 +122,18 @@ class RolloutState:
     #: kept by the engine between steps; rebuilt when absent or describing another device map;
     #: never stored, never compared
     index: Any = field(default=None, compare=False, repr=False)
+    #: the devices the step that returned this state changed (never stored, never compared)
+    changed: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return the state as JSON-able data (the plan as the document it was parsed from)."""
+    def to_dict(self, *, devices: bool = True) -> dict[str, Any]:
+        """Return the state as JSON-able data (the plan as the document it was parsed from); with
+        ``devices=False``, ``"devices"`` is None (the runner stores each device as its own row)."""
         return {
             "rollout_id": self.rollout_id,
             "release": _ref_dict(self.release), "previous": _ref_dict(self.previous),
             "plan": {"source": self.plan.source, "raw": _plain(self.plan.raw)},
             "phase": self.phase, "wave": self.wave,
-            "devices": {d: {**vars(s), "metrics": dict(s.metrics)} for d, s in self.devices.items()},
+            "devices": {d: device_dict(s) for d, s in self.devices.items()} if devices else None,
             "waves": [vars(w).copy() for w in self.waves],
             "gates": [{**vars(g), "reasons": list(g.reasons), "tripped": list(g.tripped)}
                       for g in self.gates],
@@ -165,6 +168,11 @@ class RolloutState:
             rollback_started=data["rollback_started"], superseded_by=str(data["superseded_by"]),
             seen_actions=tuple(data["seen_actions"]),
         )
+
+
+def device_dict(status: DeviceStatus) -> dict[str, Any]:
+    """Return one device's status as JSON-able data (as :meth:`RolloutState.to_dict` writes it)."""
+    return {**vars(status), "metrics": dict(status.metrics)}
 
 
 def _phase(value: object) -> Phase:
