@@ -21,7 +21,7 @@ state's :class:`~.index.FleetIndex`. The rules are documented in ``docs/rollouts
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -34,7 +34,7 @@ from .gates import (
     failure_gates_pass,
     merge_results,
 )
-from .index import Derived, FleetIndex
+from .index import FleetIndex
 from .membership import NOT_TARGETED, DeviceInfo, assign_waves
 from .model import (
     ASSIGNING,
@@ -72,23 +72,17 @@ from .model import (
 )
 from .plan import RolloutPlan
 from .windows import in_any_window
+from .work import DeriveFactory, Probe, Work
 
 __all__ = [
     "DEVICE_STATES", "OUTCOMES", "PHASES", "Abort", "AssignRelease", "Audit", "DeriveFactory", "DeviceJoined",
     "DeviceOnline", "DeviceReport", "DeviceStatus", "Effect", "Event", "GateDecision", "GateEvaluated",
     "Pause", "Phase", "PhaseChanged", "Promote", "ReleaseRef", "Resume", "Rollback", "RolloutState", "Start",
-    "Supersede", "Tick", "WaveProgress", "check_action", "judge_action", "new_rollout", "step", "step_using",
-    "wave_counts",
+    "Supersede", "Tick", "WaveProgress", "check_action", "judge_action", "new_rollout",
+    "report_changes", "step", "step_using", "wave_counts",
 ]
 
 log = logging.getLogger(__name__)
-
-_ACTION_MEMORY = 64
-_RATE_PERIOD = 60.0
-
-DeriveFactory = Callable[[RolloutState], Derived]
-"""Returns the derived quantities of a state's devices, for one step to update (see :mod:`.index`)."""
-
 
 # --- construction and queries --------------------------------------------------------------------
 
@@ -137,7 +131,7 @@ def check_action(state: RolloutState, event: Event) -> str | None:
     """
     if not isinstance(event, OPERATOR):
         return None
-    work = _Work(state, event.now, lambda s: FleetIndex.build(s.rollout_id, len(s.plan.waves), s.devices)
+    work = Work(state, event.now, lambda s: FleetIndex.build(s.rollout_id, len(s.plan.waves), s.devices)
                  if len(s.devices) < 1000 else _index(s))
     _advance(work)
     return _refusal(work, event)
@@ -146,7 +140,7 @@ def check_action(state: RolloutState, event: Event) -> str | None:
 def judge_action(state: RolloutState, event: OperatorEvent) -> tuple[str | None, RolloutState, list[Effect]]:
     """Return ``(refusal, state, effects)``: why the operator ``event`` changes nothing (with ``state``
     unchanged and no effects), or None with the result of :func:`step`. One advance serves both."""
-    work = _Work(state, event.now, _index)
+    work = Work(state, event.now, _index)
     _advance(work)
     refusal = _refusal(work, event)
     if refusal is not None:
@@ -157,7 +151,7 @@ def judge_action(state: RolloutState, event: OperatorEvent) -> tuple[str | None,
     return None, work.freeze(), work.effects
 
 
-def _refusal(w: _Work, event: OperatorEvent) -> str | None:
+def _refusal(w: Work, event: OperatorEvent) -> str | None:
     """Why the operator ``event`` changes nothing in ``w`` (already advanced to its time), or None."""
     phase = w.phase
     if _action_key(event) in w.seen_actions:
@@ -189,84 +183,13 @@ def _refusal(w: _Work, event: OperatorEvent) -> str | None:
 # --- the step --------------------------------------------------------------------------------------
 
 
-class _Work:
-    """A mutable view of the state for the length of one step: the devices it changed (over the
-    state's unchanged map), the index it keeps up to date, and the effects it produced."""
-
-    def __init__(self, s: RolloutState, now: float, derive: DeriveFactory) -> None:
-        self.s = s
-        self.now = max(s.clock, now)
-        self.phase: Phase = s.phase
-        self.wave = s.wave
-        self.base: Mapping[str, DeviceStatus] = s.devices
-        self.changed: dict[str, DeviceStatus] = {}
-        self.index = derive(s)
-        if isinstance(self.index, FleetIndex):
-            self.index.owner = None  # updated by this step: describes no map until frozen
-        self.waves = list(s.waves)
-        self.gates = list(s.gates)
-        self.halted_reason = s.halted_reason
-        self.tripped = s.tripped
-        self.paused_from = s.paused_from
-        cutoff = self.now - _RATE_PERIOD
-        recent = s.recent_assignments  # ascending: appended at the step's clock, which never goes back
-        self.recent = [t for t in recent if t > cutoff] if recent and recent[0] <= cutoff else list(recent)
-        self.rollback_started = s.rollback_started
-        self.superseded_by = s.superseded_by
-        self.seen_actions = list(s.seen_actions)
-        self.effects: list[Effect] = []
-
-    def freeze(self) -> RolloutState:
-        devices = self.s.devices
-        if self.changed:
-            devices = DeviceMap.of(devices).evolve(self.changed)
-        if isinstance(self.index, FleetIndex):
-            self.index.owner = devices
-        return replace(self.s, phase=self.phase, wave=self.wave, devices=devices,
-                       waves=tuple(self.waves),
-                       gates=tuple(self.gates), halted_reason=self.halted_reason, tripped=self.tripped,
-                       paused_from=self.paused_from, clock=self.now, recent_assignments=tuple(self.recent),
-                       rollback_started=self.rollback_started, superseded_by=self.superseded_by,
-                       seen_actions=tuple(self.seen_actions[-_ACTION_MEMORY:]),
-                       index=self.index if isinstance(self.index, FleetIndex) else None,
-                       changed=frozenset(self.changed))
-
-    @property
-    def plan(self) -> RolloutPlan:
-        return self.s.plan
-
-    def get(self, device: str) -> DeviceStatus | None:
-        status = self.changed.get(device)
-        return status if status is not None else self.base.get(device)
-
-    def dev(self, device: str) -> DeviceStatus:
-        status = self.changed.get(device)
-        return status if status is not None else self.base[device]
-
-    def device_count(self) -> int:
-        return len(self.base) + sum(1 for d in self.changed if d not in self.base)
-
-    def audit(self, actor: str, action: str, reason: str, **detail: Any) -> None:
-        self.effects.append(Audit(actor=actor, action=action, reason=reason, detail=detail, at=self.now))
-
-    def set_phase(self, new: Phase, reason: str, actor: str, action: str, **detail: Any) -> None:
-        old, self.phase = self.phase, new
-        log.info("rollout %s: %s -> %s (%s)", self.s.rollout_id, old, new, reason)
-        self.effects.append(PhaseChanged(old=old, new=new, reason=reason))
-        self.audit(actor, action, reason, old=old, new=new, wave=self.wave, **detail)
-
-    def update(self, device: str, **changes: Any) -> bool:
-        current = self.dev(device)
-        new = replace(current, **changes)
-        if new == current:
-            return False
-        self.changed[device] = new
-        self.index.change(device, current, new)
-        return True
-
-    def add(self, device: str, status: DeviceStatus) -> None:
-        self.changed[device] = status
-        self.index.change(device, None, status)
+def report_changes(state: RolloutState, event: DeviceReport) -> bool:
+    """Tell whether ``event`` would change its device as ``state`` stands (before advancing to the
+    event's time). The runner does not step a report that changes nothing: the tick's ``Tick``
+    advances the rollout to the same time. O(1)."""
+    probe = Probe(state, event.now)
+    _report(probe, event)
+    return probe.changed
 
 
 def step(state: RolloutState, event: Event) -> tuple[RolloutState, list[Effect]]:
@@ -281,7 +204,7 @@ def step(state: RolloutState, event: Event) -> tuple[RolloutState, list[Effect]]
 def step_using(state: RolloutState, event: Event, derive: DeriveFactory) -> tuple[RolloutState, list[Effect]]:
     """:func:`step` with the derived quantities of the devices kept by ``derive(state)`` (the tests
     compare the incremental index with a naive recomputation through this)."""
-    work = _Work(state, event.now, derive)
+    work = Work(state, event.now, derive)
     if isinstance(event, OPERATOR):
         # An action is judged against the rollout at the action's time, so what fell due before it
         # happens first. Judging the stale state instead would refuse an action that a replay (seeing
@@ -302,7 +225,7 @@ def step_using(state: RolloutState, event: Event, derive: DeriveFactory) -> tupl
     _advance(work)
     return work.freeze(), work.effects
 
-def _operator(w: _Work, e: OperatorEvent) -> None:
+def _operator(w: Work, e: OperatorEvent) -> None:
     if isinstance(e, Start):
         w.set_phase("running", e.reason or "rollout started", e.actor, "start",
                     release=w.s.release.version, devices=w.device_count())
@@ -330,7 +253,7 @@ def _operator(w: _Work, e: OperatorEvent) -> None:
                     superseded_by=e.new_rollout_id)
 
 
-def _report(w: _Work, e: DeviceReport) -> None:
+def _report(w: Work | Probe, e: DeviceReport) -> None:
     dev = w.get(e.device)
     if dev is None or e.outcome not in OUTCOMES:
         return
@@ -368,7 +291,7 @@ def _answers_assignment(dev: DeviceStatus, e: DeviceReport) -> bool:
     return dev.assigned_at is not None and e.now > dev.assigned_at
 
 
-def _new_release_report(w: _Work, dev: DeviceStatus, e: DeviceReport) -> dict[str, Any]:
+def _new_release_report(w: Work | Probe, dev: DeviceStatus, e: DeviceReport) -> dict[str, Any]:
     wave = w.plan.waves[dev.wave]
     changes: dict[str, Any] = {}
     if e.release_version is not None:
@@ -394,7 +317,7 @@ def _new_release_report(w: _Work, dev: DeviceStatus, e: DeviceReport) -> dict[st
     return changes
 
 
-def _online(w: _Work, e: DeviceOnline) -> None:
+def _online(w: Work, e: DeviceOnline) -> None:
     dev = w.get(e.device)
     if dev is None or dev.online == e.online:
         return
@@ -406,7 +329,7 @@ def _online(w: _Work, e: DeviceOnline) -> None:
     w.update(e.device, **changes)
 
 
-def _joined(w: _Work, e: DeviceJoined) -> None:
+def _joined(w: Work, e: DeviceJoined) -> None:
     info = e.device_info
     if w.get(info.id) is not None:
         return
@@ -420,7 +343,7 @@ def _joined(w: _Work, e: DeviceJoined) -> None:
 # --- advancing -------------------------------------------------------------------------------------
 
 
-def _advance(w: _Work) -> None:
+def _advance(w: Work) -> None:
     for _ in range(4 * len(w.plan.waves) + 8):
         changed = _dispatch(w)
         if w.phase == "running":
@@ -436,7 +359,7 @@ def _advance(w: _Work) -> None:
             return
 
 
-def _dispatch(w: _Work) -> bool:
+def _dispatch(w: Work) -> bool:
     """Assign what the phase wants: assigning, the new release to the devices of the waves started so
     far; rolling back, the previous release to every device that took the new one. Offline devices
     still ``pending`` become ``offline``; online ones are assigned in (wave, hash) order within the
@@ -468,7 +391,7 @@ def _dispatch(w: _Work) -> bool:
     return True
 
 
-def _time_out(w: _Work) -> bool:
+def _time_out(w: Work) -> bool:
     wave = w.plan.waves[w.wave]
     due = w.index.due(w.wave, w.now, wave.timeout)
     reason = f"no report within {wave.timeout}s"
@@ -482,7 +405,7 @@ def _time_out(w: _Work) -> bool:
     return bool(due)
 
 
-def _mark_reported(w: _Work) -> bool:
+def _mark_reported(w: Work) -> bool:
     progress = w.waves[w.wave]
     if progress.all_reported is not None:
         return False
@@ -496,12 +419,12 @@ def _mark_reported(w: _Work) -> bool:
     return True
 
 
-def _failure_result(w: _Work) -> GateResult:
+def _failure_result(w: Work) -> GateResult:
     return evaluate_failures(w.plan.waves[w.wave], reported=w.index.reported(w.wave),
                              failed=w.index.failed(w.wave))
 
 
-def _fail_fast(w: _Work) -> bool:
+def _fail_fast(w: Work) -> bool:
     if failure_gates_pass(w.plan.waves[w.wave], reported=w.index.reported(w.wave),
                           failures=w.index.failures(w.wave)):
         return False
@@ -509,7 +432,7 @@ def _fail_fast(w: _Work) -> bool:
     return True
 
 
-def _end_soak(w: _Work) -> bool:
+def _end_soak(w: Work) -> bool:
     progress = w.waves[w.wave]
     if progress.soak_until is None or w.now < progress.soak_until or progress.result:
         return False
@@ -519,7 +442,7 @@ def _end_soak(w: _Work) -> bool:
     return True
 
 
-def _decide(w: _Work, result: GateResult) -> None:
+def _decide(w: Work, result: GateResult) -> None:
     k = w.wave
     wave = w.plan.waves[k]
     w.gates.append(GateDecision(wave=k, at=w.now, passed=result.passed, reasons=result.reasons,
@@ -546,14 +469,14 @@ def _decide(w: _Work, result: GateResult) -> None:
         w.set_phase("halted", reason + suffix, ENGINE, "halt", tripped=list(result.tripped))
 
 
-def _start_wave(w: _Work, k: int) -> None:
+def _start_wave(w: Work, k: int) -> None:
     w.wave = k
     w.waves[k] = replace(w.waves[k], started=w.now)
     w.audit(ENGINE, "wave_started", f"wave {k + 1} ({w.plan.waves[k].name}) started", wave=k,
             devices=w.index.wave_size(k))
 
 
-def _next_wave(w: _Work, actor: str, reason: str = "", **detail: Any) -> None:
+def _next_wave(w: Work, actor: str, reason: str = "", **detail: Any) -> None:
     k = w.wave
     w.waves[k] = replace(w.waves[k], finished=w.waves[k].finished or w.now)
     if k + 1 >= len(w.plan.waves):
@@ -566,18 +489,18 @@ def _next_wave(w: _Work, actor: str, reason: str = "", **detail: Any) -> None:
     _start_wave(w, k + 1)
 
 
-def _begin_rollback(w: _Work, reason: str, actor: str, **detail: Any) -> None:
+def _begin_rollback(w: Work, reason: str, actor: str, **detail: Any) -> None:
     w.rollback_started = w.now
     previous = w.s.previous
     assert previous is not None
     w.set_phase("rolling_back", reason, actor, "rollback", to_version=previous.version, **detail)
 
 
-def _rollback_timeout(w: _Work) -> int:
+def _rollback_timeout(w: Work) -> int:
     return max(wave.timeout for wave in w.plan.waves[: w.wave + 1])
 
 
-def _finish_rollback(w: _Work) -> bool:
+def _finish_rollback(w: Work) -> bool:
     started = w.rollback_started if w.rollback_started is not None else w.now
     if w.index.rollback_waiting() and w.now < started + _rollback_timeout(w):
         return False
