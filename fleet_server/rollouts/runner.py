@@ -429,9 +429,9 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                     break
 
     def _feed_registry(self, now: float, write: RolloutWrite, recheck: set[str]) -> int:
-        """Compare the registry rows changed since the last tick (all of them the first time), and
-        the devices whose rollout status changed in the last tick, with the rollouts; return how
-        many rows were read."""
+        """Compare the registry rows changed since the last tick (all of them the first time; at most
+        ``tick_budget`` after that), and the devices whose rollout status changed in the last tick
+        (with their cached row), with the rollouts; return how many rows were read."""
         if self._registry is None:
             self._registry_seq = self._store.registry_change_head()
             rows = self._store.device_snapshot()
@@ -451,7 +451,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
             cached = known.get(device_id)
             if cached is not None:
                 self._compare(device_id, cached, now, write)
-        return len(rows) + len(recheck)
+        return len(rows)  # a compare with the cached row reads nothing: not counted
 
     # --- stepping and persisting ---------------------------------------------------------------------
 
