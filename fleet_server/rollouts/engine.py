@@ -127,12 +127,12 @@ def check_action(state: RolloutState, event: Event) -> str | None:
     The action is judged against the rollout as it stands at the event's time: what fell due
     between the state's clock and ``event.now`` (timeouts, soaks, gates) counts, exactly as in
     :func:`step`. Device events and ticks always apply (None). The API uses this to answer a
-    refused action. (It works on a copy of the state's index; :func:`judge_action` does not.)
+    refused action. It builds its own index (O(fleet)) and leaves the state's alone;
+    :func:`judge_action` judges and applies in one advance.
     """
     if not isinstance(event, OPERATOR):
         return None
-    work = Work(state, event.now, lambda s: FleetIndex.build(s.rollout_id, len(s.plan.waves), s.devices)
-                 if len(s.devices) < 1000 else _index(s))
+    work = Work(state, event.now, lambda s: FleetIndex.build(s.rollout_id, len(s.plan.waves), s.devices))
     _advance(work)
     return _refusal(work, event)
 
