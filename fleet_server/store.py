@@ -45,6 +45,8 @@ import sqlite_utils
 
 from edge_agent.errors import StateError
 
+from .store_rollouts import ROLLOUT_SCHEMA, RolloutStoreMixin, migrate_rollouts
+
 __all__ = [
     "INGEST_KINDS",
     "SCHEMA_VERSION",
@@ -84,11 +86,6 @@ _SCHEMA: tuple[str, ...] = (
     "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, actor TEXT NOT NULL,"
     " action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, release INTEGER NOT NULL,"
-    " [commit] TEXT NOT NULL, previous INTEGER, plan TEXT NOT NULL, state TEXT NOT NULL,"
-    " phase TEXT NOT NULL, wave INTEGER NOT NULL,"
-    " actor TEXT, reason TEXT, created REAL NOT NULL, updated REAL NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS rollouts_by_created ON rollouts (created)",
     "CREATE TABLE IF NOT EXISTS rollout_assignments (device TEXT PRIMARY KEY, rollout_id TEXT NOT NULL,"
     " release INTEGER NOT NULL, [commit] TEXT NOT NULL, assigned_at REAL NOT NULL, published_at REAL)",
     "CREATE TABLE IF NOT EXISTS rollout_gates (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL,"
@@ -99,6 +96,7 @@ _SCHEMA: tuple[str, ...] = (
     " pending INTEGER NOT NULL, offline INTEGER NOT NULL,"
     " deferred INTEGER NOT NULL, skipped INTEGER NOT NULL, PRIMARY KEY (rollout_id, wave, ts))",
     "CREATE INDEX IF NOT EXISTS audit_by_target ON audit (target, id)",
+    *ROLLOUT_SCHEMA,
 )
 SCHEMA_VERSION = 1
 
@@ -230,6 +228,7 @@ class RolloutWrite:
         samples: wave progress samples (``rollout_id, wave, ts, done, failed, pending, offline,
             deferred, skipped``).
         cursor: the runner's read positions (``events``, ``health``: the last row id consumed).
+        devices: rollout device rows that changed (``rollout_id, device, wave, state, data``).
     """
 
     rollouts: list[dict[str, Any]] = field(default_factory=list)
@@ -238,6 +237,7 @@ class RolloutWrite:
     assignments: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     cursor: dict[str, int] | None = None
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
 
 _ROLLOUT_SUMMARY = "id, release, [commit], previous, phase, wave, actor, reason, created, updated"
@@ -256,7 +256,7 @@ def _insert_or_ignore(conn: sqlite3.Connection, table: str, rows: Sequence[Mappi
                      [tuple(r[c] for c in columns) for r in rows])
 
 
-class Store:
+class Store(RolloutStoreMixin):
     """The fleet server's database (see the module docstring). Safe to share between threads."""
 
     def __init__(self, path: Path) -> None:
@@ -291,6 +291,7 @@ class Store:
             try:
                 for statement in _SCHEMA:
                     self._wconn.execute(statement)
+                migrate_rollouts(self._wconn)
                 row = self._wconn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if row is not None and int(row[0]) > SCHEMA_VERSION:
                     raise StateError(f"fleet database {self.path} has schema {row[0]}, newer than "
@@ -714,8 +715,8 @@ class Store:
         with self._writing("store rollout state"), self._db.atomic():
             for row in write.rollouts:
                 self._wconn.execute(
-                    "INSERT INTO rollouts (id, release, [commit], previous, plan, state, phase, wave, actor,"
-                    " reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    "INSERT INTO rollout_records (id, release, [commit], previous, plan, state, phase, wave,"
+                    " actor, reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (id) DO UPDATE SET state = excluded.state, phase = excluded.phase,"
                     " wave = excluded.wave,"
                     " updated = excluded.updated",
@@ -744,6 +745,7 @@ class Store:
                     " offline, deferred, skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(s["rollout_id"], s["wave"], s["ts"], s["done"], s["failed"], s["pending"], s["offline"],
                       s["deferred"], s["skipped"]) for s in write.samples])
+            self._write_rollout_devices(write.devices)
             if write.cursor is not None:
                 self._wconn.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -843,8 +845,10 @@ class Store:
             row = conn.execute("SELECT [commit] FROM releases WHERE version = ?", (int(version),)).fetchone()
         return None if row is None else str(row[0])
 
-    def rollout_rows(self, *, phases: Sequence[str] | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Return rollouts newest first, with their state decoded; only the given phases when set.
+    def rollout_rows(self, *, phases: Sequence[str] | None = None, limit: int = 100,
+                     with_state: bool = True) -> list[dict[str, Any]]:
+        """Return rollouts newest first, with their state decoded (unless ``with_state`` is False: then
+        as :meth:`rollout_summaries` returns them); only the given phases when set.
 
         Raises:
             StateError: the database cannot be read.
@@ -853,9 +857,12 @@ class Store:
         if phases is not None:
             where = f" WHERE phase IN ({','.join('?' * len(phases))})"
             params = list(phases)
+        columns = "*" if with_state else _ROLLOUT_SUMMARY
         with self._reading("read rollouts") as conn:
-            rows = conn.execute(f"SELECT * FROM rollouts{where} ORDER BY created DESC, id DESC LIMIT ?",  # noqa: S608
-                                [*params, max(0, int(limit))]).fetchall()
+            rows = conn.execute(f"SELECT {columns} FROM rollouts{where} ORDER BY created DESC, id DESC"  # noqa: S608
+                                " LIMIT ?", [*params, max(0, int(limit))]).fetchall()
+        if not with_state:
+            return [dict(r) for r in rows]
         return [{**dict(r), "plan": _unjson(r["plan"]), "state": _unjson(r["state"])} for r in rows]
 
     def rollout_summaries(self, limit: int = 100) -> list[dict[str, Any]]:

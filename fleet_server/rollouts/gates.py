@@ -17,7 +17,8 @@ from typing import Any
 
 from .plan import TelemetryGate, Wave
 
-__all__ = ["GateResult", "evaluate_failures", "evaluate_telemetry", "extract_metrics", "merge_results"]
+__all__ = ["GateResult", "evaluate_failures", "evaluate_telemetry", "extract_metrics", "failure_gates_pass",
+           "merge_results"]
 
 _OPS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le, ">": operator.gt,
                                                     ">=": operator.ge}
@@ -48,6 +49,16 @@ def evaluate_failures(wave: Wave, *, reported: int, failed: Sequence[str]) -> Ga
               "rate_judged": rate_judged}
     return GateResult(passed=not reasons, reasons=tuple(reasons),
                       tripped=tuple(sorted(failed)) if reasons else (), detail=detail)
+
+
+def failure_gates_pass(wave: Wave, *, reported: int, failures: int) -> bool:
+    """Tell whether :func:`evaluate_failures` passes with ``failures`` failed devices, from the counts
+    alone (the engine asks this on every step; the device list is built only when a gate trips)."""
+    if wave.max_failures is not None and failures > wave.max_failures:
+        return False
+    rate = failures / reported if reported else 0.0
+    rate_judged = wave.max_failure_rate is not None and reported >= wave.min_reported
+    return not (rate_judged and wave.max_failure_rate is not None and rate > wave.max_failure_rate)
 
 
 def _check_values(checks: object) -> dict[str, float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edge_agent.bundle import DeviceIdentity
@@ -24,7 +24,7 @@ from edge_agent.bundle import DeviceIdentity
 from .plan import RolloutPlan
 
 __all__ = ["NOT_TARGETED", "DeviceInfo", "assign_waves", "hash_key", "is_targeted", "order_devices",
-           "wave_of_new_device"]
+           "wave_of_new_device", "wave_of_new_device_ordered"]
 
 NOT_TARGETED = -1
 """What :func:`wave_of_new_device` returns for a device the plan's ``target`` does not select."""
@@ -119,23 +119,31 @@ def wave_of_new_device(plan: RolloutPlan, device: DeviceInfo, rollout_id: str,
     """
     if device.id in current_assignment:
         return current_assignment[device.id]
+    hashed = _hash_placed_waves(plan)
+    keyed = sorted((hash_key(member, rollout_id), w) for member, w in current_assignment.items()
+                   if w in hashed)
+
+    def predecessor(key: str) -> int | None:
+        before = [w for k, w in keyed if k < key]
+        return before[-1] if before else None
+
+    wave = wave_of_new_device_ordered(plan, device, rollout_id, predecessor)
+    return NOT_TARGETED if wave is None else wave
+
+
+def wave_of_new_device_ordered(plan: RolloutPlan, device: DeviceInfo, rollout_id: str,
+                               predecessor: Callable[[str], int | None]) -> int | None:
+    """Return the wave of a device not yet placed that joins during the rollout (None: untargeted),
+    by the rule of :func:`wave_of_new_device`. ``predecessor(key)`` returns the wave of the member
+    of a ``percent``/``count`` wave or the last wave with the greatest hash key below ``key``, or
+    None when there is none (the caller keeps those members in hash order)."""
     if not is_targeted(plan, device):
-        return NOT_TARGETED
+        return None
     if _is_canary(plan, device):
         return 0
     last = len(plan.waves) - 1
     for index, wave in enumerate(plan.waves[:last]):
         if wave.selector is not None and wave.selector.matches(device.identity()):
             return index
-    hashed = _hash_placed_waves(plan)
-    mine = hash_key(device.id, rollout_id)
-    best: tuple[str, int] | None = None
-    for member, wave_index in current_assignment.items():
-        if wave_index not in hashed:
-            continue
-        key = hash_key(member, rollout_id)
-        if key < mine and (best is None or key > best[0]):
-            best = (key, wave_index)
-    if best is not None:
-        return best[1]
-    return min(hashed)
+    before = predecessor(hash_key(device.id, rollout_id))
+    return before if before is not None else min(_hash_placed_waves(plan))

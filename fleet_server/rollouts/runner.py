@@ -1,21 +1,26 @@
 """The rollout runner: drives the pure state machine (:mod:`.engine`) with real events and carries out
 its effects.
 
-Where events come from: the runner **polls the store** (``events`` and ``health`` rows above a cursor,
-and a snapshot of the device registry for online, paused, joined devices) once a tick, instead of a
-callback from the ingest writer. Polling is the simpler robust choice: the store is already the
-durable queue the ingest path commits to, the cursor is committed in the same transaction as the
-rollout states it produced (a crash replays the rows after it, and the engine ignores what it has
-seen), and the ingest path knows nothing about rollouts. One tick costs two indexed range reads and
-one scan of the device registry (about 10 ms for 10,000 devices).
+Where events come from: the runner **polls the store** once a tick, instead of a callback from the
+ingest writer: ``events`` and ``health`` rows above a cursor, and the registry rows changed since
+the last tick (``device_changes``, kept by triggers: a device inserted, or its online, release,
+paused, labels or profile changed; see :mod:`fleet_server.store_rollouts`). Polling is the simpler
+robust choice: the store is already the durable queue the ingest path commits to, the cursor is
+committed in the same transaction as the rollout states it produced (a crash replays the rows after
+it, and the engine ignores what it has seen), and the ingest path knows nothing about rollouts. The
+whole registry is read once after a load (or when no rollout was held), then only what changed.
 
-Mapping of device reports to engine events (see ``docs/rollouts.md``): ``sync_succeeded`` ->
-``applied``, ``sync_failed`` -> ``failed``, ``sync_refused`` -> ``refused``, ``sync_rolled_back``
--> ``rolled_back``, a ``paused`` event or a status with ``paused: true`` -> ``deferred``; a status
-showing the release the device was assigned -> ``applied`` (a no-op sync sends no event); a health
-sample with a failing check -> ``health_failed``, a passing one -> ``applied`` carrying the metrics
-for the telemetry gates. Engine time is the server's clock when the row is read (strictly
-increasing, so a report read after an assignment is stamped after it), never the device's.
+Mapping of device reports to engine events: see :mod:`.runner_io`. Besides the history, a registry
+row showing the release the device was assigned is ``applied`` (a no-op sync sends no event) and
+one showing ``paused: true`` is ``deferred``; a device whose registry row or rollout status changed
+is compared again at the next tick (so an assignment made in one tick is matched with the registry
+in the next). Engine time is the server's clock when the row is read (strictly increasing, so a
+report read after an assignment is stamped after it), never the device's.
+
+Bounded ticks: a tick handles at most ``tick_budget`` registry changes and history rows; the rest
+waits for the next tick, so a backlog never holds the lock (or the interpreter) for long and ingest
+keeps up. API reads use the views published after each tick (:mod:`.runner_views`) and never wait
+for one; operator actions take the lock between two ticks.
 
 Effects: ``AssignRelease`` becomes a row of ``rollout_assignments`` (written unpublished in the same
 transaction as the state, then published as the retained ``desired`` message and marked published:
@@ -23,8 +28,9 @@ a transactional outbox, so an assignment is never lost and never published diffe
 restart); ``Audit`` rows go to the audit log (target ``rollout/<id>``); ``GateEvaluated`` to the gate
 history; wave counts are sampled into ``rollout_samples`` whenever they change.
 
-State is persisted once per tick (every step of the tick, with all their audit rows, in one
-transaction): serialising a 10,000-device state takes about 60 ms, too much for every report.
+State is persisted once per tick, as deltas: the rollout row (everything but the devices) and one
+``rollout_devices`` row per device that changed since the last write, with every audit row of the
+tick, in one transaction (see :mod:`fleet_server.store_rollouts`).
 """
 
 from __future__ import annotations
@@ -35,24 +41,22 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.errors import BrokerError, BundleError, MessageError, StateError
-from edge_agent.yamlsafe import load_yaml
 from fleet_server.errors import UsageError
 from fleet_server.store import RolloutWrite, Store
 
-from .engine import (
+from .engine import judge_action, new_rollout, step, wave_counts
+from .membership import is_targeted
+from .model import (
     Abort,
     AssignRelease,
     Audit,
-    DeviceJoined,
-    DeviceOnline,
-    DeviceReport,
     Effect,
     Event,
     GateEvaluated,
+    OperatorEvent,
     Pause,
     Promote,
     ReleaseRef,
@@ -62,13 +66,13 @@ from .engine import (
     Start,
     Supersede,
     Tick,
-    check_action,
-    new_rollout,
-    step,
-    wave_counts,
+    device_dict,
 )
-from .membership import DeviceInfo, is_targeted
-from .plan import RolloutPlan, parse_fleet_rollout, parse_plan
+from .plan import RolloutPlan, parse_plan
+from .runner_feed import RunnerFeed
+from .runner_io import device_info, plan_from_tree, progress_counts, report_from_event, report_from_health
+from .runner_live import Live, Registry
+from .runner_views import RolloutView, RunnerReads, state_from_row
 
 __all__ = [
     "ACTIONS",
@@ -95,87 +99,11 @@ FINAL_PHASES = ("rolled_back", "succeeded", "aborted", "superseded")
 _SERVING = ("succeeded", "rolled_back")
 ACTIONS = ("pause", "resume", "promote", "abort", "rollback")
 """Operator actions :meth:`RolloutRunner.act` takes."""
-_EVENT_OUTCOMES = {"sync_succeeded": "applied", "sync_failed": "failed", "sync_refused": "refused",
-                   "sync_rolled_back": "rolled_back", "paused": "deferred"}
 _READ_CHUNK = 5000
-_PROGRESS_KEYS = ("done", "failed", "pending", "offline", "deferred", "skipped")
+TICK_BUDGET = 20000
+"""Registry changes plus history rows one tick handles at most (the rest waits for the next tick)."""
 
-
-def report_from_event(row: Mapping[str, Any], now: float) -> DeviceReport | None:
-    """Turn one stored ``events`` row into the engine's :class:`DeviceReport` (None when it says nothing
-    about a rollout). A ``paused`` event is ``deferred`` with no release (the lock holds whatever comes)."""
-    outcome = _EVENT_OUTCOMES.get(str(row.get("type")))
-    if outcome is None:
-        return None
-    release = row.get("release")
-    version = release if isinstance(release, int) and outcome != "deferred" else None
-    return DeviceReport(device=str(row["device"]), now=now, outcome=outcome, release_version=version)
-
-
-def report_from_health(row: Mapping[str, Any], now: float) -> DeviceReport | None:
-    """Turn one stored ``health`` sample into a :class:`DeviceReport`: ``health_failed`` when a check
-    failed, else ``applied`` with the sample (metrics and checks) for the telemetry gates. None when
-    the device's release is unknown."""
-    release = row.get("release")
-    if not isinstance(release, int):
-        return None
-    raw_checks = row.get("checks")
-    checks: list[Any] = raw_checks if isinstance(raw_checks, list) else []
-    failing = any(isinstance(c, Mapping) and c.get("ok") is False for c in checks)
-    health = {"metrics": row.get("metrics") or {}, "checks": checks}
-    return DeviceReport(device=str(row["device"]), now=now, outcome="health_failed" if failing else "applied",
-                        release_version=release, health=health)
-
-
-def plan_from_tree(tree: Mapping[str, bytes], name: str | None = None) -> RolloutPlan | None:
-    """Return a plan from a verified release tree: ``rollouts/<name>.yaml`` when ``name`` is given, else
-    the default plan fleet.yaml's ``rollout:`` declares (inline, or ``{plan: NAME}``); None when
-    fleet.yaml declares none.
-
-    Raises:
-        UsageError: the named plan is not in the tree.
-        BundleError: fleet.yaml or the plan is invalid (YamlError for malformed YAML).
-    """
-    if name is None:
-        fleet = tree.get("fleet.yaml")
-        if fleet is None:
-            return None
-        doc = load_yaml(fleet, name="fleet.yaml").value
-        declared = parse_fleet_rollout(doc.get("rollout") if isinstance(doc, Mapping) else None)
-        if declared is None or isinstance(declared, RolloutPlan):
-            return declared
-        name = declared.name
-    for suffix in (".yaml", ".yml"):
-        path = f"rollouts/{name}{suffix}"
-        if path in tree:
-            return parse_plan(load_yaml(tree[path], name=path).value, source=path)
-    raise UsageError(f"no rollout plan rollouts/{name}.yaml in the release")
-
-
-def progress_counts(counts: Mapping[str, int]) -> dict[str, int]:
-    """Group one wave's device states for the progress bars and charts: ``done`` (applied),
-    ``failed`` (failed, refused, rolled back), ``pending`` (pending, assigned), ``offline``,
-    ``deferred``, ``skipped``."""
-    return {"done": counts.get("applied", 0),
-            "failed": counts.get("failed", 0) + counts.get("refused", 0) + counts.get("rolled_back", 0),
-            "pending": counts.get("pending", 0) + counts.get("assigned", 0),
-            "offline": counts.get("offline", 0), "deferred": counts.get("deferred", 0),
-            "skipped": counts.get("skipped", 0)}
-
-
-@dataclass
-class _Live:
-    """One rollout the runner drives, with what it last persisted."""
-
-    state: RolloutState
-    actor: str
-    reason: str
-    created: float
-    last_counts: list[dict[str, int]]
-    dirty: bool = True
-
-
-class RolloutRunner:
+class RolloutRunner(RunnerFeed, RunnerReads):
     """Runs every active rollout of one fleet server (see the module docstring). Thread-safe.
 
     Args:
@@ -186,22 +114,27 @@ class RolloutRunner:
         plan_loader: returns the plan named ``rollouts/<name>.yaml`` for ``plan_name`` starts
             (raises UsageError when unknown); None: named plans are not available.
         default_plan: the plan used when a start names none (fleet.yaml ``rollout:``), or None.
+        tick_budget: registry changes plus history rows one tick handles at most.
     """
 
     def __init__(self, store: Store, publish_desired: PublishDesired, *,
                  clock: Callable[[], float] = time.time, tick_interval: float = 1.0,
                  plan_loader: Callable[[str], RolloutPlan] | None = None,
-                 default_plan: RolloutPlan | None = None) -> None:
+                 default_plan: RolloutPlan | None = None, tick_budget: int = TICK_BUDGET) -> None:
         self._store = store
         self._publish = publish_desired
         self._clock = clock
         self._interval = tick_interval
         self._plan_loader = plan_loader
         self.default_plan = default_plan
+        self._budget = max(1, int(tick_budget))
         self._lock = threading.RLock()
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Live] = {}
+        self._views: Mapping[str, RolloutView] = {}
         self._cursor: dict[str, int] = {"events": 0, "health": 0}
-        self._known: dict[str, dict[str, Any]] | None = None
+        self._registry: dict[str, Registry] | None = None
+        self._registry_seq = 0
+        self._recheck: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loaded = False
@@ -228,27 +161,32 @@ class RolloutRunner:
         """
         with self._lock:
             self._live.clear()
-            rows = self._store.rollout_rows(limit=1000)
             serving_taken = False
-            for row in rows:
-                phase = row["phase"]
+            for summary in self._store.rollout_rows(limit=1000, with_state=False):
+                phase = summary["phase"]
                 if phase in FINAL_PHASES:
                     if phase not in _SERVING or serving_taken:
                         continue
                     serving_taken = True
+                row = self._store.rollout_row(summary["id"])
+                if row is None:
+                    continue
                 try:
-                    state = RolloutState.from_dict(row["state"])
+                    state = state_from_row(row)
                 except (BundleError, KeyError, TypeError, ValueError) as exc:
                     log.error("rollout %s cannot be reloaded (left as it is): %s", row["id"], exc)
                     continue
-                self._live[state.rollout_id] = _Live(state, row.get("actor") or "", row.get("reason") or "",
-                                                     float(row["created"]), wave_counts(state), dirty=False)
+                self._live[state.rollout_id] = Live(state, row.get("actor") or "", row.get("reason") or "",
+                                                    float(row["created"]), wave_counts(state), dirty=False,
+                                                    updated=float(row["updated"]))
             cursor = self._store.rollout_cursor()
             self._cursor = cursor if cursor is not None else self._store.history_heads()
             self._cursor.setdefault("events", 0)
             self._cursor.setdefault("health", 0)
-            self._known = None
+            self._registry = None
+            self._recheck.clear()
             self._loaded = True
+            self._publish_views()
             self._publish_pending()
             log.info("rollout runner: %s rollout(s) loaded", len(self._live))
             return len(self._live)
@@ -349,9 +287,9 @@ class RolloutRunner:
             now = self._now()
             rid = rollout_id or f"r{int(now)}-{release}-{uuid.uuid4().hex[:6]}"
             snapshot = self._store.device_snapshot()
-            devices = [_info(d) for d in snapshot]
+            devices = [device_info(d) for d in snapshot]
             targeted = [d for d in devices if is_targeted(plan, d)]
-            previous = self._previous(release, [d for d in snapshot if is_targeted(plan, _info(d))])
+            previous = self._previous(release, [d for d in snapshot if is_targeted(plan, device_info(d))])
             state = new_rollout(rid, plan, release=ReleaseRef(release, commit), previous=previous,
                                 devices=targeted, now=now)
             write = RolloutWrite()
@@ -361,7 +299,7 @@ class RolloutRunner:
             for other_id in [k for k, v in self._live.items() if v.state.phase in FINAL_PHASES]:
                 self._persist_one(self._live[other_id], write, now)
                 del self._live[other_id]
-            live = _Live(state, actor, reason, now, wave_counts(state))
+            live = Live(state, actor, reason, now, wave_counts(state), all_devices=True)
             self._live[rid] = live
             self._step(live, Start(now=now, actor=actor, reason=reason), write)
             self._commit(write, now)
@@ -393,7 +331,7 @@ class RolloutRunner:
             commit = self._store.release_commit(version) or revision
             if isinstance(commit, str) and commit:
                 return ReleaseRef(version, commit)
-        for row in self._store.rollout_rows(phases=("succeeded",), limit=20):
+        for row in self._store.rollout_rows(phases=("succeeded",), limit=20, with_state=False):
             if int(row["release"]) < release:
                 return ReleaseRef(int(row["release"]), str(row["commit"]))
         return None
@@ -406,14 +344,14 @@ class RolloutRunner:
         Raises:
             StateError: the database cannot be read.
         """
-        with self._lock:
-            return rollout_id in self._live or self._store.rollout_row(rollout_id) is not None
+        return rollout_id in self._views or self._store.rollout_exists(rollout_id)
 
     def act(self, rollout_id: str, action: str, *, actor: str, reason: str,
             wave: int | None = None) -> str | None:
         """Apply an operator ``action`` (one of :data:`ACTIONS`); return why it was refused, or None.
 
-        A final rollout (not held in memory) is reloaded for ``rollback``.
+        A final rollout (not held in memory) is reloaded for ``rollback``. The action waits at most
+        for the tick in progress (ticks are bounded), never for a backlog.
 
         Raises:
             UsageError: the action or the rollout is unknown.
@@ -427,10 +365,10 @@ class RolloutRunner:
                 row = self._store.rollout_row(rollout_id)
                 if row is None:
                     raise UsageError(f"no rollout {rollout_id}")
-                live = _Live(RolloutState.from_dict(row["state"]), row.get("actor") or "",
-                             row.get("reason") or "", float(row["created"]), [], dirty=False)
+                live = Live(state_from_row(row), row.get("actor") or "", row.get("reason") or "",
+                            float(row["created"]), [], dirty=False, updated=float(row["updated"]))
             now = self._now()
-            event: Event
+            event: OperatorEvent
             if action == "pause":
                 event = Pause(actor=actor, reason=reason, now=now)
             elif action == "resume":
@@ -441,20 +379,21 @@ class RolloutRunner:
                 event = Abort(actor=actor, reason=reason, now=now)
             else:
                 event = Rollback(actor=actor, reason=reason, now=now)
-            refusal = check_action(live.state, event)
+            refusal, state, effects = judge_action(live.state, event)
             if refusal is not None:
                 return refusal
             self._live[rollout_id] = live
             write = RolloutWrite()
-            self._step(live, event, write)
+            self._apply(live, state, effects, write)
             self._commit(write, now)
             return None
 
     # --- ticking -----------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Read what devices reported since the last tick, step every live rollout with it and a
-        ``Tick``, persist and publish.
+        """Read what devices reported since the last tick (at most ``tick_budget`` registry changes
+        and history rows; the rest next tick), step every live rollout with it and a ``Tick``, persist,
+        publish, and publish the views API reads use.
 
         Raises:
             StateError: the database cannot be read or written (nothing of the tick is kept; the next
@@ -466,98 +405,80 @@ class RolloutRunner:
             now = self._now()
             write = RolloutWrite()
             cursor = dict(self._cursor)
-            if self._live:
-                self._feed_registry(now, write)
-                self._feed_history(cursor, now, write)
-                for live in list(self._live.values()):
-                    self._step(live, Tick(now=now), write)
-            else:
-                cursor = self._store.history_heads()
-                self._known = None
-            write.cursor = cursor
-            self._commit(write, now)
+            registry, registry_seq, recheck = self._registry, self._registry_seq, self._recheck
+            try:
+                if self._live:
+                    self._recheck = set()
+                    used = self._feed_registry(now, write, recheck)
+                    self._feed_history(cursor, now, write, max(0, self._budget - used))
+                    for live in list(self._live.values()):
+                        self._step(live, Tick(now=now), write)
+                else:
+                    cursor = self._store.history_heads()
+                    self._registry = None
+                write.cursor = cursor
+                self._commit(write, now)
+            except BaseException:  # the next tick reads the same rows and compares the same devices again
+                self._registry, self._registry_seq = registry, registry_seq
+                self._recheck |= recheck
+                raise
             self._cursor = cursor
 
-    def _feed_history(self, cursor: dict[str, int], now: float, write: RolloutWrite) -> None:
-        while True:
-            rows = self._store.events_after(cursor["events"], _READ_CHUNK)
-            for row in rows:
-                report = report_from_event(row, now)
-                if report is not None:
-                    self._report(report, write)
-            if rows:
-                log.debug("rollout runner: %s event(s) after %s for %s", len(rows), cursor["events"],
-                          sorted(self._live))
-                cursor["events"] = int(rows[-1]["id"])
-            if len(rows) < _READ_CHUNK:
-                break
-        while True:
-            rows = self._store.health_after(cursor["health"], _READ_CHUNK)
-            for row in rows:
-                report = report_from_health(row, now)
-                if report is not None:
-                    self._report(report, write)
-            if rows:
-                cursor["health"] = int(rows[-1]["id"])
-            if len(rows) < _READ_CHUNK:
-                break
+    def _feed_history(self, cursor: dict[str, int], now: float, write: RolloutWrite, budget: int) -> None:
+        for kind, read, convert in (("events", self._store.events_after, report_from_event),
+                                    ("health", self._store.health_after, report_from_health)):
+            while budget > 0:
+                rows = read(cursor[kind], min(_READ_CHUNK, budget))
+                for row in rows:
+                    report = convert(row, now)
+                    if report is not None:
+                        self._report(report, write)
+                if rows:
+                    cursor[kind] = int(rows[-1]["id"])
+                budget -= len(rows)
+                if len(rows) < _READ_CHUNK:
+                    break
 
-    def _feed_registry(self, now: float, write: RolloutWrite) -> None:
-        snapshot = {d["id"]: d for d in self._store.device_snapshot()}
-        known, first = self._known, self._known is None
-        for device_id, row in snapshot.items():
-            before = None if known is None else known.get(device_id)
-            info = _info(row)
-            for live in list(self._live.values()):
-                dev = live.state.devices.get(device_id)
-                if dev is None:
-                    if (before is None or first) and is_targeted(live.state.plan, info):
-                        self._step(live, DeviceJoined(device_info=info, now=now), write)
-                    continue
-                online = row.get("online")
-                if isinstance(online, bool) and online != dev.online:
-                    self._step(live, DeviceOnline(device=device_id, online=online, now=now), write)
-                    dev = live.state.devices[device_id]
-                if dev.state not in ("assigned", "offline"):
-                    continue
-                s = live.state
-                wanted = s.release.version if dev.target == "new" else \
-                    s.previous.version if dev.target == "previous" and s.previous is not None else None
-                if wanted is not None and row.get("release") == wanted:
-                    # the status says it runs what it was assigned (a no-op sync sends no event)
-                    self._step(live, DeviceReport(device=device_id, now=now, outcome="applied",
-                                                  release_version=wanted), write)
-                elif row.get("paused") and dev.target == "new":
-                    self._step(live, DeviceReport(device=device_id, now=now, outcome="deferred",
-                                                  release_version=None), write)
-        self._known = snapshot
-
-    def _report(self, report: DeviceReport, write: RolloutWrite) -> None:
-        for live in list(self._live.values()):
-            dev = live.state.devices.get(report.device)
-            if dev is None:
-                continue
-            s = live.state
-            versions = {s.release.version} | ({s.previous.version} if s.previous else set())
-            if report.release_version is not None and report.release_version not in versions and dev.online \
-                    and dev.state != "offline":
-                continue
-            if report.outcome == "applied" and dev.state == "applied" and dev.online \
-                    and dev.version == report.release_version:
-                wave = s.plan.waves[dev.wave]
-                if not (report.health and wave.gates and dev.wave == s.wave):
-                    continue
-            self._step(live, report, write)
+    def _feed_registry(self, now: float, write: RolloutWrite, recheck: set[str]) -> int:
+        """Compare the registry rows changed since the last tick (all of them the first time; at most
+        ``tick_budget`` after that), and the devices whose rollout status changed in the last tick
+        (with their cached row), with the rollouts; return how many rows were read."""
+        if self._registry is None:
+            self._registry_seq = self._store.registry_change_head()
+            rows = self._store.device_snapshot()
+            self._registry = {}
+            for row in rows:
+                self._registry_row(row, now, write, first=True)
+            return len(rows)
+        rows = self._store.registry_changes(self._registry_seq, self._budget)
+        recheck = set(recheck)
+        for row in rows:
+            recheck.discard(str(row["id"]))
+            self._registry_row(row, now, write, first=False)
+        if rows:
+            self._registry_seq = int(rows[-1]["seq"])
+        known = self._registry
+        for device_id in recheck:
+            cached = known.get(device_id)
+            if cached is not None:
+                self._compare(device_id, cached, now, write)
+        return len(rows)  # a compare with the cached row reads nothing: not counted
 
     # --- stepping and persisting ---------------------------------------------------------------------
 
-    def _step(self, live: _Live, event: Event, write: RolloutWrite) -> None:
-        old = live.state
-        state, effects = step(old, event)
-        live.state = state
+    def _step(self, live: Live, event: Event, write: RolloutWrite) -> None:
+        state, effects = step(live.state, event)
+        self._apply(live, state, effects, write)
+
+    def _apply(self, live: Live, state: RolloutState, effects: Sequence[Effect], write: RolloutWrite) -> None:
+        old, live.state = live.state, state
         if state.phase != old.phase:
             self._phase_changes.append((state, old.phase))
-        if effects or state.phase != old.phase or state.waves != old.waves or state.devices != old.devices:
+        if state.changed:
+            live.dirty_devices |= state.changed
+            self._recheck |= state.changed
+            live.dirty = True
+        elif effects or state.phase != old.phase or state.waves != old.waves:
             live.dirty = True
         self._effects(state.rollout_id, effects, write)
 
@@ -577,24 +498,30 @@ class RolloutRunner:
                 write.gates.append({"rollout_id": rollout_id, "wave": effect.wave, "at": None,
                                     "passed": effect.passed, "detail": dict(effect.detail)})
 
-    def _persist_one(self, live: _Live, write: RolloutWrite, now: float) -> None:
+    def _persist_one(self, live: Live, write: RolloutWrite, now: float) -> None:
         s = live.state
+        data = s.to_dict(devices=False)
         write.rollouts.append({"id": s.rollout_id, "release": s.release.version, "commit": s.release.commit,
                                "previous": s.previous.version if s.previous else None,
-                               "plan": {"source": s.plan.source, "raw": s.to_dict()["plan"]["raw"]},
-                               "state": s.to_dict(), "phase": s.phase, "wave": s.wave, "actor": live.actor,
-                               "reason": live.reason, "created": live.created, "updated": now})
+                               "plan": data["plan"], "state": data, "phase": s.phase, "wave": s.wave,
+                               "actor": live.actor, "reason": live.reason, "created": live.created,
+                               "updated": now})
+        changed = s.devices if live.all_devices else live.dirty_devices
+        for device in changed:
+            status = s.devices[device]
+            write.devices.append({"rollout_id": s.rollout_id, "device": device, "wave": status.wave,
+                                  "state": status.state, "data": device_dict(status)})
         counts = wave_counts(s)
         if counts != live.last_counts:
             for k, c in enumerate(counts):
                 write.samples.append({"rollout_id": s.rollout_id, "wave": k, "ts": now, **progress_counts(c)})
             live.last_counts = counts
-        live.dirty = False
+        live.dirty, live.all_devices, live.dirty_devices, live.updated = False, False, set(), now
 
     def _commit(self, write: RolloutWrite, now: float) -> None:
-        for live in self._live.values():
-            if live.dirty:
-                self._persist_one(live, write, now)
+        dirty = [live for live in self._live.values() if live.dirty]
+        for live in dirty:
+            self._persist_one(live, write, now)
         for a in write.assignments:
             a["assigned_at"] = now
         for g in write.gates:
@@ -605,10 +532,16 @@ class RolloutRunner:
         write.assignments = list(latest.values())
         if write.rollouts or write.audit or write.assignments or write.samples or write.gates \
                 or write.cursor is not None:
-            self._store.write_rollouts(write)
+            try:
+                self._store.write_rollouts(write)
+            except StateError:
+                for live in dirty:  # not written: written again, whole, by the next commit
+                    live.dirty = live.all_devices = True
+                raise
         for rid in [k for k, v in self._live.items()
                     if v.state.phase in ("aborted", "superseded")]:
             del self._live[rid]
+        self._publish_views()
         if write.assignments:
             self._publish_pending()
         self._notify_phase_changes()
@@ -623,6 +556,11 @@ class RolloutRunner:
             except Exception:  # a listener bug must not end the tick; logged with its traceback
                 log.exception("rollout runner: phase listener failed for %s", state.rollout_id)
 
+    def _publish_views(self) -> None:
+        """Replace the views reads use with the rollouts as they stand now."""
+        self._views = {rid: RolloutView(live.state, tuple(wave_counts(live.state)), live.actor, live.reason,
+                                        live.created, live.updated) for rid, live in self._live.items()}
+
     def _publish_pending(self) -> None:
         published: list[tuple[str, int, str]] = []
         for row in self._store.assignments(unpublished=True):
@@ -633,85 +571,3 @@ class RolloutRunner:
                 continue
             published.append((row["device"], int(row["release"]), row["rollout_id"]))
         self._store.mark_published(published, self._clock())
-
-    # --- reading -----------------------------------------------------------------------------------
-
-    def state(self, rollout_id: str) -> RolloutState | None:
-        """Return the current state of a rollout (from memory when live, else from the store).
-
-        Raises:
-            StateError: the database cannot be read.
-        """
-        with self._lock:
-            live = self._live.get(rollout_id)
-            if live is not None:
-                return live.state
-        row = self._store.rollout_row(rollout_id)
-        return None if row is None else RolloutState.from_dict(row["state"])
-
-    def summaries(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Return rollouts newest first without their device maps (for listings).
-
-        Raises:
-            StateError: the database cannot be read.
-        """
-        rows = self._store.rollout_summaries(limit)
-        for row in rows:
-            samples = self._store.latest_rollout_samples(row["id"])
-            row["wave_count"] = len(samples)
-            row["waves"] = [{"progress": {k: s[k] for k in _PROGRESS_KEYS}} for s in samples]
-        return rows
-
-    def metrics_snapshot(self) -> list[dict[str, Any]]:
-        """Return per held rollout its id, release, phase, wave, device counts per wave and gate
-        decisions per wave (``{"passed": n, "failed": n}``), for the Prometheus collector."""
-        out = []
-        for s in self.live_states():
-            gates = [{"passed": 0, "failed": 0} for _ in s.plan.waves]
-            for g in s.gates:
-                gates[g.wave]["passed" if g.passed else "failed"] += 1
-            out.append({"id": s.rollout_id, "release": s.release.version, "phase": s.phase, "wave": s.wave,
-                        "waves": wave_counts(s), "gates": gates})
-        return out
-
-    def live_states(self) -> list[RolloutState]:
-        """Return the states of the rollouts the runner holds (for metrics), newest first."""
-        with self._lock:
-            return [v.state for v in sorted(self._live.values(), key=lambda v: v.created, reverse=True)]
-
-    def describe(self, rollout_id: str) -> dict[str, Any] | None:
-        """Return one rollout for the API: summary, waves with counts, devices, gate decisions, audit,
-        progress samples; None when unknown.
-
-        Raises:
-            StateError: the database cannot be read.
-        """
-        state = self.state(rollout_id)
-        row = self._store.rollout_row(rollout_id)
-        if state is None or row is None:
-            return None
-        counts = wave_counts(state)
-        waves = []
-        for k, (wave, progress) in enumerate(zip(state.plan.waves, state.waves, strict=True)):
-            waves.append({"index": k, "name": wave.name, "promotion": wave.promotion, "soak": wave.soak,
-                          "started": progress.started, "soak_until": progress.soak_until,
-                          "finished": progress.finished, "result": progress.result,
-                          "states": counts[k], "progress": progress_counts(counts[k]),
-                          "devices": sum(counts[k].values())})
-        devices = {d: {"wave": s.wave, "state": s.state, "reason": s.reason, "online": s.online,
-                       "target": s.target, "version": s.version} for d, s in sorted(state.devices.items())}
-        return {"id": rollout_id, "release": state.release.version, "commit": state.release.commit,
-                "previous": state.previous.version if state.previous else None, "plan": state.plan.name,
-                "phase": state.phase, "wave": state.wave, "halted_reason": state.halted_reason,
-                "tripped": list(state.tripped), "superseded_by": state.superseded_by,
-                "actor": row.get("actor"), "reason": row.get("reason"), "created": row["created"],
-                "updated": row["updated"], "waves": waves, "devices": devices,
-                "gates": self._store.rollout_gates(rollout_id),
-                "audit": self._store.rollout_audit(rollout_id),
-                "samples": self._store.rollout_samples(rollout_id)}
-
-
-def _info(row: Mapping[str, Any]) -> DeviceInfo:
-    labels = row.get("labels") if isinstance(row.get("labels"), Mapping) else {}
-    return DeviceInfo(id=str(row["id"]), labels={str(k): str(v) for k, v in (labels or {}).items()},
-                      profile=str(row.get("profile") or ""), online=row.get("online") is not False)
