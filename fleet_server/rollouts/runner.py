@@ -655,9 +655,13 @@ class RolloutRunner:
         with self._lock:
             return [v.state for v in sorted(self._live.values(), key=lambda v: v.created, reverse=True)]
 
+    # --- the API's read path ---------------------------------------------------------------------
+    # ``describe`` and ``devices`` serve ``GET /api/v1/rollouts/{id}`` and ``.../devices``; written in
+    # the simplest correct way over :meth:`state` until the incremental engine provides cheaper ones.
+
     def describe(self, rollout_id: str) -> dict[str, Any] | None:
-        """Return one rollout for the API: summary, waves with counts, devices, gate decisions, audit,
-        progress samples; None when unknown.
+        """Return one rollout for the API without its per-device map: summary, waves with counts, gate
+        decisions, audit, progress samples, and ``device_count``; None when unknown.
 
         Raises:
             StateError: the database cannot be read.
@@ -674,18 +678,35 @@ class RolloutRunner:
                           "finished": progress.finished, "result": progress.result,
                           "states": counts[k], "progress": progress_counts(counts[k]),
                           "devices": sum(counts[k].values())})
-        devices = {d: {"wave": s.wave, "state": s.state, "reason": s.reason, "online": s.online,
-                       "target": s.target, "version": s.version} for d, s in sorted(state.devices.items())}
         return {"id": rollout_id, "release": state.release.version, "commit": state.release.commit,
                 "previous": state.previous.version if state.previous else None, "plan": state.plan.name,
                 "phase": state.phase, "wave": state.wave, "halted_reason": state.halted_reason,
                 "tripped": list(state.tripped), "superseded_by": state.superseded_by,
                 "actor": row.get("actor"), "reason": row.get("reason"), "created": row["created"],
-                "updated": row["updated"], "waves": waves, "devices": devices,
+                "updated": row["updated"], "waves": waves, "device_count": len(state.devices),
                 "gates": self._store.rollout_gates(rollout_id),
                 "audit": self._store.rollout_audit(rollout_id),
                 "samples": self._store.rollout_samples(rollout_id)}
 
+    def devices(self, rollout_id: str, *, wave: int | None = None, state: str | None = None,
+                offset: int = 0, limit: int = 100) -> dict[str, Any] | None:
+        """Return one page of a rollout's devices ordered by id, only those of ``wave`` and in
+        ``state`` when given: ``{"devices": [...], "total": n}`` (``total`` counts every match);
+        None when the rollout is unknown.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        current = self.state(rollout_id)
+        if current is None:
+            return None
+        matches = [(d, s) for d, s in current.devices.items()
+                   if (wave is None or s.wave == wave) and (state is None or s.state == state)]
+        matches.sort(key=lambda item: item[0])
+        page = matches[max(0, offset):max(0, offset) + max(0, limit)]
+        return {"total": len(matches),
+                "devices": [{"id": d, "wave": s.wave, "state": s.state, "reason": s.reason,
+                             "online": s.online, "target": s.target, "version": s.version} for d, s in page]}
 
 def _info(row: Mapping[str, Any]) -> DeviceInfo:
     labels = row.get("labels") if isinstance(row.get("labels"), Mapping) else {}
