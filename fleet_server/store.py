@@ -852,6 +852,17 @@ class Store:
                                 " LIMIT ?", (max(0, int(limit)),)).fetchall()
         return [dict(r) for r in rows]
 
+    def rollout_summary(self, rollout_id: str) -> dict[str, Any] | None:
+        """Return one rollout without its plan and state (as :meth:`rollout_summaries`), or None.
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        with self._reading("read a rollout") as conn:
+            row = conn.execute(f"SELECT {_ROLLOUT_SUMMARY} FROM rollouts WHERE id = ?",  # noqa: S608
+                               (rollout_id,)).fetchone()
+        return None if row is None else dict(row)
+
     def rollout_row(self, rollout_id: str) -> dict[str, Any] | None:
         """Return one rollout with its plan and state decoded, or None.
 

@@ -5,6 +5,7 @@ publish them)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,3 +165,28 @@ def test_fleetctl_rollout_devices_and_status(site: Site, capsys: pytest.CaptureF
     assert f"{len(DEVICES)} device(s): fleetctl rollout devices {site.rollout_id} lists them" in status
     assert fleetctl.main(["rollout", "devices", site.rollout_id, "--state", "exploded", *common]) == 1
     assert "state must be one of" in capsys.readouterr().err
+
+
+def test_reads_answer_while_a_tick_holds_the_runner(site: Site) -> None:
+    path = f"/api/v1/rollouts/{site.rollout_id}"
+    before = site.get(path).json()
+    held, release = threading.Event(), threading.Event()
+
+    def long_tick() -> None:  # what a tick over a large fleet does: hold the runner's lock for seconds
+        with site.runner._lock:
+            held.set()
+            release.wait(30.0)
+
+    ticker = threading.Thread(target=long_tick, daemon=True)
+    ticker.start()
+    try:
+        assert held.wait(5.0)
+        during = httpx.get(f"{site.url}{path}", headers={"Authorization": f"Bearer {READER}"}, timeout=5.0)
+        assert during.status_code == 200
+        assert during.json()["waves"] == before["waves"]
+        page = httpx.get(f"{site.url}{path}/devices", params={"limit": 3},
+                         headers={"Authorization": f"Bearer {READER}"}, timeout=5.0)
+        assert [d["id"] for d in page.json()["devices"]] == DEVICES[:3]
+    finally:
+        release.set()
+        ticker.join(10.0)

@@ -658,6 +658,23 @@ class RolloutRunner:
     # --- the API's read path ---------------------------------------------------------------------
     # ``describe`` and ``devices`` serve ``GET /api/v1/rollouts/{id}`` and ``.../devices``; written in
     # the simplest correct way over :meth:`state` until the incremental engine provides cheaper ones.
+    # While a tick holds the lock they answer the state the API last read between two ticks (states
+    # are immutable; at most one tick old) instead of waiting for the tick to end.
+
+    def _api_state(self, rollout_id: str) -> RolloutState | None:
+        seen: dict[str, RolloutState] = self.__dict__.setdefault("_api_seen", {})
+        if self._lock.acquire(blocking=False):
+            try:
+                live = self._live.get(rollout_id)
+                if live is not None:
+                    seen[rollout_id] = live.state
+                    return live.state
+                seen.pop(rollout_id, None)
+            finally:
+                self._lock.release()
+        elif rollout_id in seen:
+            return seen[rollout_id]
+        return self.state(rollout_id)
 
     def describe(self, rollout_id: str) -> dict[str, Any] | None:
         """Return one rollout for the API without its per-device map: summary, waves with counts, gate
@@ -666,8 +683,8 @@ class RolloutRunner:
         Raises:
             StateError: the database cannot be read.
         """
-        state = self.state(rollout_id)
-        row = self._store.rollout_row(rollout_id)
+        state = self._api_state(rollout_id)
+        row = self._store.rollout_summary(rollout_id)
         if state is None or row is None:
             return None
         counts = wave_counts(state)
@@ -697,7 +714,7 @@ class RolloutRunner:
         Raises:
             StateError: the database cannot be read.
         """
-        current = self.state(rollout_id)
+        current = self._api_state(rollout_id)
         if current is None:
             return None
         matches = [(d, s) for d, s in current.devices.items()
