@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -206,10 +207,6 @@ def _fleet_ids(count: int) -> dict[str, dict[str, str]]:
     return {f"dev-{i:06d}": ({"canary": "true"} if i < canaries else {}) for i in range(count)}
 
 
-def _ingested(metrics: Mapping[str, float]) -> dict[str, int]:
-    return {k: int(metrics.get(f"fleet_messages_ingested_total{{kind={k}}}", 0)) for k in _KINDS}
-
-
 def _receive_lag(metrics: Mapping[str, float]) -> dict[str, float | None]:
     """The device-to-receipt delay from the ``fleet_ingest_lag_seconds`` histogram (the devices run
     on this machine's clock): the upper bound of the bucket holding the 95th percentile, and the
@@ -224,14 +221,24 @@ def _receive_lag(metrics: Mapping[str, float]) -> dict[str, float | None]:
     return {"p95_le_seconds": p95_le, "over_5s_share": round(1 - within_5 / total, 4)}
 
 
-def _drain(server: ServerProcess, sent_total: int, timeout: float) -> dict[str, float]:
-    """Wait (bounded) until the server committed as much as was sent, or stopped making progress."""
+def _stored_counters(db: Path) -> dict[str, int]:
+    """The server's persistent ingest counters (``ingested.<kind>``, ``dropped.<reason>``), read from
+    its database by a second connection (WAL: no lock on the server's writers)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+    try:
+        return {str(n): int(v) for n, v in conn.execute("SELECT name, value FROM counters")}
+    finally:
+        conn.close()
+
+
+def _drain(server: ServerProcess, sent_total: int, timeout: float) -> dict[str, int]:
+    """Wait (bounded) until the server committed as much as was sent, or made no progress for 10 s;
+    return its counters."""
     deadline = time.monotonic() + timeout
     last, still = -1, 0
-    metrics = scrape(server.url, server.token)
+    counters = _stored_counters(server.db)
     while time.monotonic() < deadline:
-        done = sum(_ingested(metrics).values()) + int(sum(v for k, v in metrics.items()
-                                                          if k.startswith("fleet_messages_dropped_total")))
+        done = sum(v for k, v in counters.items() if k.startswith(("ingested.", "dropped.")))
         if done >= sent_total:
             break
         still = still + 1 if done == last else 0
@@ -239,8 +246,16 @@ def _drain(server: ServerProcess, sent_total: int, timeout: float) -> dict[str, 
             break
         last = done
         time.sleep(1.0)
-        metrics = scrape(server.url, server.token)
-    return metrics
+        counters = _stored_counters(server.db)
+    return counters
+
+
+def _scrape_or_empty(server: ServerProcess) -> dict[str, float]:
+    try:
+        return scrape(server.url, server.token)
+    except (httpx.HTTPError, ValueError) as exc:
+        _log(f"/metrics unavailable at the end of the run: {exc}")
+        return {}
 
 
 class _Fleet:
@@ -372,9 +387,10 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
             out["rollout_cpu_seconds"] = round(server.cpu_seconds() - cpu0, 1)
             counts = fleet.stop()
             sent_total = sum(counts["sent"].values())
-            metrics = _drain(server, sent_total, 120.0)
-            stored = _ingested(metrics)
-            dropped = int(sum(v for k, v in metrics.items() if k.startswith("fleet_messages_dropped_total")))
+            counters = _drain(server, sent_total, 120.0)
+            stored = {k: counters.get(f"ingested.{k}", 0) for k in _KINDS}
+            dropped = sum(v for k, v in counters.items() if k.startswith("dropped."))
+            metrics = _scrape_or_empty(server)
             cpu = server.cpu_seconds() - cpu_start
             out.update({
                 "sent": counts["sent"], "stored": stored, "dropped": dropped, "broker_acked_all": counts["acked"],
@@ -442,8 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.devices]
     runs = []
     for size in sizes:
-        result = run(size, waves=args.waves, timeout=args.timeout, publishers=args.publishers,
-                     heartbeat=args.heartbeat, seed=args.seed)
+        try:
+            result = run(size, waves=args.waves, timeout=args.timeout, publishers=args.publishers,
+                         heartbeat=args.heartbeat, seed=args.seed)
+        except Exception as exc:  # one size failing must still leave the others' figures and a named gap
+            result = {"devices": size, "waves": args.waves, "timeout": args.timeout, "finished": False,
+                      "phase": f"benchmark failed: {type(exc).__name__}: {exc}"[:300]}
         runs.append(result)
         _log("\n".join(_goal_lines(result)))
     sys.stdout.write(json.dumps({"goals": GOALS, "runs": runs}, indent=2) + "\n")

@@ -449,10 +449,42 @@ class RolloutCollector(Collector):
     ``fleet_rollout_phase{rollout,release,phase}`` (1 for the current phase, 0 for the others),
     ``fleet_rollout_wave{rollout}`` (the current wave, 0-based), ``fleet_rollout_devices{rollout,wave,state}``
     and ``fleet_rollout_gate_evaluations{rollout,wave,result}`` (gate decisions so far).
+
+    The runner answers only between two ticks, and a tick over a large fleet can last long: a scrape
+    waits at most ``wait`` seconds for it, then serves the snapshot of the previous scrape (the
+    fetch goes on in the background, one at a time), so ``/metrics`` never hangs on a tick.
     """
 
-    def __init__(self, source: RolloutSource) -> None:
+    def __init__(self, source: RolloutSource, *, wait: float = 0.5) -> None:
         self._source = source
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._last: list[dict[str, Any]] = []
+        self._pending: threading.Event | None = None
+
+    def _fetch(self, done: threading.Event) -> None:
+        try:
+            snapshot = self._source.metrics_snapshot()
+            with self._lock:
+                self._last = snapshot
+        except Exception:  # a failing runner must not break the scrape
+            log.exception("rollout metrics unavailable for this scrape")
+        finally:
+            with self._lock:
+                self._pending = None
+            done.set()
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            done = self._pending
+            if done is None:
+                done = self._pending = threading.Event()
+                fetch = threading.Thread(target=self._fetch, args=(done,), name="rollout-metrics",
+                                         daemon=True)
+                fetch.start()
+        done.wait(self._wait)
+        with self._lock:
+            return self._last
 
     def collect(self) -> Iterator[Metric]:
         """Yield the rollout metrics of every rollout the runner holds."""
@@ -465,7 +497,7 @@ class RolloutCollector(Collector):
         gates = GaugeMetricFamily("fleet_rollout_gate_evaluations",
                                   "Gate decisions of a rollout wave, by result.",
                                   labels=["rollout", "wave", "result"])
-        for r in self._source.metrics_snapshot():
+        for r in self._snapshot():
             rid = str(r["id"])
             for name in ROLLOUT_PHASES:
                 phase.add_metric([rid, str(r["release"]), name], 1.0 if name == r["phase"] else 0.0)

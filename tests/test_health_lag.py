@@ -5,6 +5,7 @@ connection holds (so the writer cannot commit), the real Ingestor and the real a
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,3 +124,32 @@ def test_healthz_is_degraded_while_received_messages_wait_for_the_store(server: 
     delay = server.gauge("fleet_ingest_commit_delay_seconds")
     assert delay is not None
     assert delay > MAX_LAG
+
+
+class SlowRunner:
+    """A rollout source that answers at once, then blocks as a long tick does."""
+
+    def __init__(self) -> None:
+        self.free = threading.Event()
+        self.free.set()
+        self.calls = 0
+
+    def metrics_snapshot(self) -> list[dict[str, Any]]:
+        assert self.free.wait(30.0)
+        self.calls += 1
+        return [{"id": "r-1", "release": 2, "phase": "running", "wave": self.calls,
+                 "waves": [{"applied": 3}], "gates": [{"passed": 1, "failed": 0}]}]
+
+
+def test_metrics_answer_while_the_runner_is_busy() -> None:
+    runner = SlowRunner()
+    metrics = ServerMetrics()
+    metrics.attach_rollouts(runner)
+    assert b'fleet_rollout_wave{rollout="r-1"} 1.0' in metrics.exposition()
+    runner.free.clear()  # a tick holds the runner from now on (the old collector blocked on it)
+    text = metrics.exposition()
+    assert b'fleet_rollout_wave{rollout="r-1"} 1.0' in text  # the previous snapshot
+    assert b"fleet_ingest_queue_depth" in text
+    runner.free.set()
+    wait_for(lambda: b'fleet_rollout_wave{rollout="r-1"} 2.0' in metrics.exposition(), 10.0,
+             "the fresh snapshot once the tick ended")
