@@ -1,14 +1,28 @@
-"""Rollout of a simulated fleet: 10,000 devices through 4 waves with zero soak.
+"""Rollout of a simulated fleet through a real broker and a real ``fleet-server`` process.
 
-    .venv/bin/python bench/bench_rollout.py [--devices 10000] [--waves 4]
+    .venv/bin/python -m bench.bench_rollout [--devices 10000 | --sizes 10000,30000,100000] [--waves 4]
+                                            [--timeout 600] [--publishers 2] [--heartbeat 60]
 
-A real Mosquitto (anonymous, no ACLs: one simulated-fleet client publishes for every device id),
-the real fleet-server parts (Store, Ingestor, RolloutRunner ticking every second) in this process,
-and a :class:`SimFleet` in a child process: one paho client that answers every retained
-``desired`` message with the reports a device sends after a successful sync (``sync_succeeded`` and
-a ``status``), exactly in the message schema the agent uses. Reports the wall time from ``start``
-to ``succeeded`` and the CPU share of the server process (user + system CPU seconds / wall seconds)
-during it. Everything runs on 127.0.0.1; the broker and the child are stopped by pid.
+Per fleet size: a real Mosquitto on a free loopback port (anonymous, no ACLs), a real
+``fleet-server`` process (``python -m fleet_server.main``, embedded SQLite, 127.0.0.1 only) and
+the simulated devices of :mod:`bench.load_fleet` in ``--publishers`` child processes, one MQTT
+connection each publishing for its slice of the device ids. The devices register (``online`` and a
+first ``status``), heartbeat every ``--heartbeat`` seconds (``status`` and ``health`` in turn: about
+1,700 messages/s at 100,000 devices), and answer each assignment after 1-5 s (seeded) with
+``sync_succeeded``, or ``sync_failed`` for 0.5 % of them (so the wave gates, max 5 % failures, are
+exercised and pass). The benchmark starts a 4-wave rollout (1 %, 10 %, 50 %, 100 %, zero soak)
+through ``POST /api/v1/rollouts`` and, once a second while it runs, times the first page of
+``GET /api/v1/devices``, the dashboard's ``GET /api/v1/summary`` and ``GET /api/v1/rollouts/{id}``
+(what ``fleetctl rollout status`` reads), reads the ingest backlog age from ``/healthz`` and the
+server's RSS from ``/proc``.
+
+Figures, each printed beside its goal: registration time, rollout wall time from start to
+succeeded (``not finished in T s`` after ``--timeout``), lost reports (published and acknowledged
+by the broker, minus committed by the server, per kind, after the fleet stops and the server
+drains), ingest lag (max and p95 of the backlog age), p95 latency of the three calls, server peak
+RSS and server CPU seconds per device. The JSON on stdout feeds ``bench/run_all.py``.
+
+:class:`SimFleet` (one paho client, one object per device, used by the tests) stays here.
 """
 
 from __future__ import annotations
@@ -17,8 +31,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import shutil
+import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -27,14 +42,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.load_fleet import FleetOptions, fleet_process
+from bench.rollout_probe import Sampler, ServerProcess, p95, scrape
 from edge_agent.report import messages as m
+from fleet_server.store import Store
 
-__all__ = ["SimFleet", "main"]
+__all__ = ["GOALS", "SimFleet", "main", "run"]
 
 PREFIX = "fleet/v1"
 
@@ -166,95 +185,289 @@ class SimFleet:
             self._apply(device)
 
 
-def _fleet_main(port: int, count: int, initial: tuple[int, str], ready: Any, stop: Any) -> None:
-    devices = {f"dev-{i:05d}": ({"canary": "true"} if i < 10 else {}) for i in range(count)}
-    fleet = SimFleet(port, devices, initial=initial, client_id="bench-fleet")
-    fleet.start(timeout=60.0)
-    ready.set()
-    stop.wait(3600)
-    fleet.stop()
+GOALS = {"wall_seconds": 300.0, "lost": 0, "lag_seconds": 5.0, "p95_ms": 100.0, "rss_mib": 500.0}
+"""The targets each figure is printed beside (wall time: the goal at 100,000 devices)."""
+_KINDS = ("online", "status", "health", "events")
+_FINAL = ("succeeded", "halted", "rolled_back", "aborted", "superseded")
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _log(text: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+    sys.stderr.flush()
 
 
-def run(devices: int, waves: int, timeout: float) -> dict[str, Any]:
-    """Run the benchmark once and return its figures."""
-    from fleet_server.config import parse_server_config
-    from fleet_server.ingest import Ingestor
-    from fleet_server.metrics import ServerMetrics
-    from fleet_server.rollouts.plan import parse_plan
-    from fleet_server.rollouts.runner import RolloutRunner
-    from fleet_server.store import Store
+def _plan(waves: int) -> dict[str, Any]:
+    percents = [1.0, 10.0, 50.0, 100.0] if waves == 4 else [round(100 * (i + 1) / waves, 2) for i in range(waves)]
+    return {"name": "bench", "waves": [{"name": f"wave-{i + 1}", "percent": p, "soak": 0, "timeout": 1800,
+                                        "max_failure_rate": 0.05} for i, p in enumerate(percents)]}
+
+
+def _fleet_ids(count: int) -> dict[str, dict[str, str]]:
+    canaries = max(10, count // 1000)
+    return {f"dev-{i:06d}": ({"canary": "true"} if i < canaries else {}) for i in range(count)}
+
+
+def _receive_lag(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """The device-to-receipt delay from the ``fleet_ingest_lag_seconds`` histogram (the devices run
+    on this machine's clock): the upper bound of the bucket holding the 95th percentile, and the
+    share of messages received more than 5 s after they were sent."""
+    buckets = sorted((float(k.split("le=")[1].rstrip("}")), v) for k, v in metrics.items()
+                     if k.startswith("fleet_ingest_lag_seconds_bucket"))
+    total = buckets[-1][1] if buckets else 0.0
+    if not total:
+        return {"p95_le_seconds": None, "over_5s_share": None}
+    p95_le = next(le for le, count in buckets if count >= 0.95 * total)
+    within_5 = max((count for le, count in buckets if le <= 5.0), default=0.0)
+    return {"p95_le_seconds": p95_le, "over_5s_share": round(1 - within_5 / total, 4)}
+
+
+def _stored_counters(db: Path) -> dict[str, int]:
+    """The server's persistent ingest counters (``ingested.<kind>``, ``dropped.<reason>``), read from
+    its database by a second connection (WAL: no lock on the server's writers)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+    try:
+        return {str(n): int(v) for n, v in conn.execute("SELECT name, value FROM counters")}
+    finally:
+        conn.close()
+
+
+def _drain(server: ServerProcess, sent_total: int, timeout: float) -> dict[str, int]:
+    """Wait (bounded) until the server committed as much as was sent, or made no progress for 10 s;
+    return its counters."""
+    deadline = time.monotonic() + timeout
+    last, still = -1, 0
+    counters = _stored_counters(server.db)
+    while time.monotonic() < deadline:
+        done = sum(v for k, v in counters.items() if k.startswith(("ingested.", "dropped.")))
+        if done >= sent_total:
+            break
+        still = still + 1 if done == last else 0
+        if still >= 10:
+            break
+        last = done
+        time.sleep(1.0)
+        counters = _stored_counters(server.db)
+    return counters
+
+
+def _scrape_or_empty(server: ServerProcess) -> dict[str, float]:
+    try:
+        return scrape(server.url, server.token)
+    except (httpx.HTTPError, ValueError) as exc:
+        _log(f"/metrics unavailable at the end of the run: {exc}")
+        return {}
+
+
+class _Fleet:
+    """The simulated fleet: ``publishers`` child processes (see :mod:`bench.load_fleet`)."""
+
+    def __init__(self, port: int, count: int, publishers: int, options: FleetOptions) -> None:
+        ids = _fleet_ids(count)
+        names = list(ids)
+        ctx = mp.get_context("spawn")
+        self.pipes: list[Any] = []
+        self.children: list[Any] = []
+        for k in range(publishers):
+            part = {d: ids[d] for d in names[k::publishers]}
+            parent, child = ctx.Pipe()
+            opts = FleetOptions(options.initial, options.heartbeat, options.answer_delay, options.failure_rate,
+                                options.seed + k)
+            proc = ctx.Process(target=fleet_process, args=(port, part, opts, f"bench-fleet-{k}", child),
+                               daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.children.append(proc)
+
+    def _collect(self, what: str, timeout: float) -> list[dict[str, Any]]:
+        answers = []
+        deadline = time.monotonic() + timeout
+        for pipe in self.pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"a simulated-fleet process did not answer {what!r} within {timeout:g}s")
+            tag, body = pipe.recv()
+            assert tag == what
+            answers.append(body)
+        return answers
+
+    def registered(self, timeout: float) -> list[dict[str, Any]]:
+        """Wait until every child published and got acknowledged its registration messages."""
+        return self._collect("registered", timeout)
+
+    def beat(self) -> None:
+        """Start the heartbeats."""
+        for pipe in self.pipes:
+            pipe.send("beat")
+
+    def stop(self, timeout: float = 90.0) -> dict[str, Any]:
+        """Stop every child; return the summed counts of what was sent and answered."""
+        for pipe in self.pipes:
+            pipe.send("stop")
+        answers = self._collect("stopped", timeout)
+        sent = {k: sum(a["sent"].get(k, 0) for a in answers) for k in _KINDS}
+        answered = {k: sum(a["answered"].get(k, 0) for a in answers) for k in ("applied", "failed")}
+        return {"sent": sent, "answered": answered, "acked": all(a["acked"] for a in answers)}
+
+    def kill(self) -> None:
+        """Stop the children by pid (bounded)."""
+        for proc in self.children:
+            proc.join(5.0)
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(5.0)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int = 2, heartbeat: float = 60.0,
+        seed: int = 1) -> dict[str, Any]:
+    """Run the benchmark for one fleet size and return its figures (see the module docstring)."""
     from tests.support.broker import Mosquitto
+    from tests.support.mirror import free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     old, new = (1, "1" * 40), (2, "2" * 40)
+    out: dict[str, Any] = {"devices": devices, "waves": waves, "timeout": timeout, "publishers": publishers,
+                           "heartbeat": heartbeat, "finished": False, "phase": "not started"}
+    fleet: _Fleet | None = None
+    server = ServerProcess(work, 0, free_port())
     try:
-        with Mosquitto(work / "broker", extra_lines=["max_inflight_messages 1000",
-                                                     "max_queued_messages 1000000"]) as broker:
-            config = parse_server_config({"mqtt": {"port": broker.port, "client_id": "bench-server"},
-                                          "store": {"path": str(work / "fleet.db")}}, work)
-            store = Store(config.store.path)
-            metrics = ServerMetrics()
-            ingestor = Ingestor(config, store, metrics.ingest)
-            ingestor.start()
-            ingestor.wait_connected(10.0)
-            ctx = mp.get_context("spawn")
-            ready, stop = ctx.Event(), ctx.Event()
-            child = ctx.Process(target=_fleet_main, args=(broker.port, devices, old, ready, stop))
-            child.start()
-            try:
-                ready.wait(120)
-                deadline = time.monotonic() + 120
-                while store.count_devices() < devices and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                for version, commit in (old, new):
-                    store.record_release(version, commit, ["bench"], time.time())
-                percents = [round(100 * (i + 1) / waves, 2) for i in range(waves)]
-                plan = parse_plan({"waves": [{"percent": p, "soak": 0, "timeout": 600} for p in percents]},
-                                  source="bench.yaml")
-                runner = RolloutRunner(store, ingestor.publish_desired, tick_interval=1.0)
-                runner.load()
-                cpu0, t0 = _cpu(), time.monotonic()
-                rid = runner.start(new[0], plan, actor="bench", reason="bench")
-                runner.start_thread()
-                phase = "running"
-                while time.monotonic() - t0 < timeout:
-                    state = runner.state(rid)
-                    phase = state.phase if state else "missing"
-                    if phase in ("succeeded", "halted", "rolled_back", "aborted"):
-                        break
-                    time.sleep(0.2)
-                wall, cpu = time.monotonic() - t0, _cpu() - cpu0
-                runner.stop()
-                summary = store.summary()
-            finally:
-                stop.set()
-                child.join(30)
-                if child.is_alive() and child.pid is not None:
-                    os.kill(child.pid, 9)
-                ingestor.stop()
+        with Mosquitto(work / "broker", extra_lines=["max_inflight_messages 1000", "max_queued_messages 10000000",
+                                                     "autosave_interval 600"]) as broker:
+            server = ServerProcess(work, broker.port, int(server.url.rsplit(":", 1)[1]))
+            store = Store(server.db)  # the releases the Git watcher would have recorded
+            for version, commit in (old, new):
+                store.record_release(version, commit, ["bench"], time.time())
             store.close()
+            server.start()
+            cpu_start = server.cpu_seconds()
+            t_reg = time.monotonic()
+            fleet = _Fleet(broker.port, devices, publishers,
+                           FleetOptions(initial=old, heartbeat=heartbeat, seed=seed))
+            fleet.registered(max(120.0, devices / 200))
+            http = httpx.Client(base_url=server.url, timeout=30.0,
+                                headers={"Authorization": f"Bearer {server.token}"})
+            reg_deadline = time.monotonic() + max(120.0, devices / 200)
+            known = 0
+            while time.monotonic() < reg_deadline:
+                known = int(http.get("/api/v1/devices", params={"limit": 1}).json()["total"])
+                if known >= devices:
+                    break
+                time.sleep(0.5)
+            out["registration_seconds"] = round(time.monotonic() - t_reg, 1) if known >= devices else None
+            out["registered"] = known
+            _log(f"{devices} devices: {known} registered in {time.monotonic() - t_reg:.1f} s")
+            if known < devices:
+                out["phase"] = f"registration not finished in {reg_deadline - t_reg:.0f} s"
+                return out
+            fleet.beat()
+            cpu0, t0 = server.cpu_seconds(), time.monotonic()
+            answer = http.post("/api/v1/rollouts", json={"release": new[0], "plan": _plan(waves), "reason": "bench"},
+                               headers={"X-Actor": "bench"})
+            if answer.status_code != 201:
+                out["phase"] = f"start refused: {answer.status_code} {answer.text[:200]}"
+                return out
+            rid = str(answer.json()["id"])
+            sampler = Sampler(server, rid)
+            sampler.start()
+            last_log = 0.0
+            while time.monotonic() - t0 < timeout and sampler.phase not in _FINAL:
+                time.sleep(0.5)
+                if time.monotonic() - last_log >= 30:
+                    last_log = time.monotonic()
+                    progress = [w.get("progress", {}).get("done") for w in sampler.detail.get("waves", [])]
+                    _log(f"{devices} devices: {sampler.phase} after {time.monotonic() - t0:.0f} s, done per wave "
+                         f"{progress}, lag {sampler.lag[-1] if sampler.lag else None}")
+            wall = time.monotonic() - t0
+            sampler.stop()
+            out["phase"] = sampler.phase
+            out["finished"] = sampler.phase == "succeeded"
+            out["wall_seconds"] = round(wall, 1)
+            out["rollout_cpu_seconds"] = round(server.cpu_seconds() - cpu0, 1)
+            counts = fleet.stop()
+            sent_total = sum(counts["sent"].values())
+            counters = _drain(server, sent_total, 120.0)
+            stored = {k: counters.get(f"ingested.{k}", 0) for k in _KINDS}
+            dropped = sum(v for k, v in counters.items() if k.startswith("dropped."))
+            metrics = _scrape_or_empty(server)
+            cpu = server.cpu_seconds() - cpu_start
+            out.update({
+                "sent": counts["sent"], "stored": stored, "dropped": dropped, "broker_acked_all": counts["acked"],
+                "lost": sent_total - sum(stored.values()), "answered": counts["answered"],
+                "lag_max_seconds": round(max(sampler.lag), 2) if sampler.lag else None,
+                "lag_p95_seconds": round(p95(sampler.lag) or 0.0, 2) if sampler.lag else None,
+                "commit_delay_seconds": metrics.get("fleet_ingest_commit_delay_seconds"),
+                "receive_lag": _receive_lag(metrics),
+                "p95_ms": {k: _ms(p95(v)) for k, v in sampler.latency.items()},
+                "max_ms": {k: _ms(max(v)) if v else None for k, v in sampler.latency.items()},
+                "samples": len(sampler.latency["devices"]), "call_errors": sampler.errors,
+                "rss_max_mib": round(max([server.rss_peak_mib(), *sampler.rss]), 1),
+                "server_cpu_seconds": round(cpu, 1), "cpu_ms_per_device": round(1000 * cpu / devices, 2),
+                "waves_done": [w.get("progress", {}).get("done") for w in sampler.detail.get("waves", [])],
+            })
+            http.close()
     finally:
+        if fleet is not None:
+            fleet.kill()
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    return {"devices": devices, "waves": waves, "phase": phase, "wall_seconds": round(wall, 2),
-            "server_cpu_seconds": round(cpu, 2), "server_cpu_share": round(cpu / wall, 3) if wall else None,
-            "releases": summary["releases"]}
+    return out
+
+
+def _goal_lines(r: Mapping[str, Any]) -> list[str]:
+    g = GOALS
+
+    def line(name: str, value: object, goal: str) -> str:
+        return f"  {name:<24}{value!s:<30}{goal}"
+
+    wall = f"{r['wall_seconds']:.1f} s" if r.get("finished") else f"not finished in {r['timeout']:.0f} s ({r['phase']})"
+    lines = [f"== {r['devices']:,} devices, {r['waves']} waves",
+             line("registration", f"{r.get('registration_seconds')} s", ""),
+             line("rollout wall time", wall, f"goal <= {g['wall_seconds']:.0f} s at 100,000")]
+    if "lost" not in r:
+        return lines
+    p = r["p95_ms"]
+    lines += [
+        line("lost reports", r["lost"], f"goal {g['lost']} (sent {sum(r['sent'].values())}, "
+             f"stored {sum(r['stored'].values())}, dropped {r['dropped']})"),
+        line("ingest lag max / p95", f"{r['lag_max_seconds']} / {r['lag_p95_seconds']} s",
+             f"goal < {g['lag_seconds']:.0f} s (received, not committed)"),
+        line("send-to-receipt p95 <=", f"{r['receive_lag']['p95_le_seconds']} s",
+             f"{r['receive_lag']['over_5s_share']} of messages over 5 s (device ts to receipt)"),
+        line("p95 GET /api/v1/devices", f"{p['devices']} ms", f"goal <= {g['p95_ms']:.0f} ms"),
+        line("p95 GET /api/v1/summary", f"{p['summary']} ms", f"goal <= {g['p95_ms']:.0f} ms"),
+        line("p95 rollout status", f"{p['rollout']} ms", f"goal <= {g['p95_ms']:.0f} ms"),
+        line("server RSS max", f"{r['rss_max_mib']} MiB", f"goal <= {g['rss_mib']:.0f} MB"),
+        line("server CPU per device", f"{r['cpu_ms_per_device']} ms", f"({r['server_cpu_seconds']} s in all)")]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print its figures as JSON; exit 1 when the rollout did not succeed."""
+    """Run the benchmark for each size, print the figures beside their goals (stderr) and as JSON
+    (stdout); exit 1 when a rollout did not succeed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--devices", type=int, default=10000)
+    parser.add_argument("--devices", type=int, default=10000, help="one fleet size (default 10000)")
+    parser.add_argument("--sizes", help="several fleet sizes, comma-separated (e.g. 10000,30000,100000)")
     parser.add_argument("--waves", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a rollout may take per size")
+    parser.add_argument("--publishers", type=int, default=2, help="simulated-fleet processes (MQTT connections)")
+    parser.add_argument("--heartbeat", type=float, default=60.0, help="seconds between a device's heartbeats")
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    result = run(args.devices, args.waves, args.timeout)
-    sys.stdout.write(json.dumps(result, indent=2) + "\n")
-    return 0 if result["phase"] == "succeeded" else 1
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.devices]
+    runs = []
+    for size in sizes:
+        try:
+            result = run(size, waves=args.waves, timeout=args.timeout, publishers=args.publishers,
+                         heartbeat=args.heartbeat, seed=args.seed)
+        except Exception as exc:  # one size failing must still leave the others' figures and a named gap
+            result = {"devices": size, "waves": args.waves, "timeout": args.timeout, "finished": False,
+                      "phase": f"benchmark failed: {type(exc).__name__}: {exc}"[:300]}
+        runs.append(result)
+        _log("\n".join(_goal_lines(result)))
+    sys.stdout.write(json.dumps({"goals": GOALS, "runs": runs}, indent=2) + "\n")
+    return 0 if all(r.get("finished") for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class IngestConfig:
     batch_interval: float = 0.1
     unknown_devices: str = "accept"
     queue_size: int = 100000
+    max_lag: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def _store(top: _Section) -> StoreConfig:
 
 def _ingest(top: _Section) -> IngestConfig:
     s = top.section("ingest", frozenset({"max_payload_bytes", "batch_size", "batch_interval",
-                                         "unknown_devices", "queue_size"}))
+                                         "unknown_devices", "queue_size", "max_lag"}))
     interval = s.duration("batch_interval", 0.1)
     if interval > 60:
         raise ServerConfigError("ingest.batch_interval: must be at most 60s")
@@ -211,6 +212,7 @@ def _ingest(top: _Section) -> IngestConfig:
         batch_interval=interval,
         unknown_devices=s.choice("unknown_devices", "accept", ("accept", "refuse")),
         queue_size=s.int_("queue_size", 100000, minimum=1, maximum=10_000_000),
+        max_lag=s.duration("max_lag", 30.0),
     )
 
 

@@ -22,6 +22,12 @@ Receive path, built so that a crash loses nothing the broker was told we have::
   id); retained messages are never sent to a shared subscription.
 * Subscriptions use retain handling 1: retained ``status``/``online`` messages are sent again only
   when the subscription is new (a fresh session), not on every reconnect.
+* Falling behind is visible: :meth:`Ingestor.backlog_age` is the age of the oldest message received
+  and not yet committed (``fleet_ingest_backlog_age_seconds``, and ``/healthz`` says ``degraded``
+  past ``ingest.max_lag``), ``fleet_ingest_commit_delay_seconds`` the receipt-to-commit time of the
+  last batch, and ``fleet_broker_connected`` whether the client is connected.
+* The receive path never takes the rollout runner's lock: the network thread only decodes and
+  queues, and the runner learns of reports by reading the store (see ``rollouts/runner.py``).
 * Drops are counted by reason (:data:`fleet_server.metrics.DROP_REASONS`) in the metrics at once and
   in the store's persistent counters with the next batch. Nothing a device sends can raise out of
   the callback.
@@ -111,6 +117,7 @@ class Ingestor:
         self._writer_stop = threading.Event()
         self._idle = threading.Condition(threading.Lock())
         self._pending = 0  # messages queued or in the writer, not yet committed (guarded by _idle)
+        self._taken_since: float | None = None  # receipt of the oldest message the writer holds
         self._writer: threading.Thread | None = None
         self._known: set[str] = set()
         self._unknown_until: dict[str, float] = {}
@@ -245,6 +252,7 @@ class Ingestor:
             first = self._queue.get(timeout=0.2)
         except queue.Empty:
             return []
+        self._taken_since = first.received_at
         items = [first]
         deadline = time.monotonic() + self._ingest.batch_interval
         while len(items) < self._ingest.batch_size:
@@ -284,6 +292,7 @@ class Ingestor:
         for kind, n in ingested.items():
             self._metrics.ingested(kind, n)
         self._metrics.observe_batch(len(batch))
+        self._metrics.observe_commit_delay(self._clock() - min(it.received_at for it in items))
         with self._state_lock:
             generation = self._generation
         for it in items:
@@ -308,6 +317,7 @@ class Ingestor:
                     self._settled(len(items) + self._discard_queue())
                     return
             self._metrics.set_queue_depth(self._queue.qsize())
+            self._taken_since = None
             self._settled(len(items))
 
     def _settled(self, n: int) -> None:
@@ -325,6 +335,16 @@ class Ingestor:
             except queue.Empty:
                 return discarded
             discarded += 1
+
+    def backlog_age(self) -> float:
+        """Return how long the oldest message received and not yet committed has waited, in seconds
+        (0 when every received message is committed)."""
+        oldest = self._taken_since
+        with self._queue.mutex:  # the queue is FIFO: its head is the oldest message not yet taken
+            head = self._queue.queue[0].received_at if self._queue.queue else None
+        if oldest is None or (head is not None and head < oldest):
+            oldest = head
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until every queued message is committed; return whether that happened."""
@@ -352,6 +372,7 @@ class Ingestor:
             log.warning("cannot preload known devices: %s", exc)
         self._writer = threading.Thread(target=self._writer_main, name="ingest-writer", daemon=True)
         self._writer.start()
+        self._metrics.bind(self)
         self._accepting.set()
         if not connect:
             return

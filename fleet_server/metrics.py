@@ -2,7 +2,9 @@
 
 Four groups (described in ``docs/metrics.md``; the rollout metrics in ``docs/rollouts.md``):
 
-* :class:`IngestMetrics` — counters, histograms and a gauge the MQTT ingest path updates as it works.
+* :class:`IngestMetrics` — counters, histograms and gauges the MQTT ingest path updates as it works,
+  plus the ingest state read at scrape time once an ingest path is bound (backlog age, broker
+  connection), which ``/healthz`` reads too.
 * :class:`ReleaseMetrics` — what the Git watcher saw: polls, verified and refused releases.
 * :class:`FleetCollector` — computed at scrape time from the store: devices by sync state and online,
   and the GitOps service levels. The store computes the aggregates in SQL; the pure
@@ -38,6 +40,7 @@ __all__ = [
     "FleetCollector",
     "FleetSource",
     "IngestMetrics",
+    "IngestState",
     "ReleaseMetrics",
     "RolloutCollector",
     "RolloutSource",
@@ -74,6 +77,39 @@ _DRIFT_DETECTED = "drift_detected"
 # --- ingest and release counters -----------------------------------------------------------------
 
 
+class IngestState(Protocol):
+    """What the ingest path tells about itself at scrape time (``fleet_server.ingest.Ingestor``)."""
+
+    def backlog_age(self) -> float:
+        """Return the age in seconds of the oldest message received and not yet committed (0 when none)."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """True while connected to the broker."""
+        ...
+
+
+class _IngestStateCollector(Collector):
+    """``fleet_ingest_backlog_age_seconds`` and ``fleet_broker_connected``, read from the bound ingest
+    path at scrape time (absent while none is bound)."""
+
+    def __init__(self, owner: IngestMetrics) -> None:
+        self._owner = owner
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the two gauges when an ingest path is bound."""
+        age, connected = self._owner.backlog_age(), self._owner.broker_connected()
+        if age is not None:
+            yield GaugeMetricFamily("fleet_ingest_backlog_age_seconds",
+                                    "Age of the oldest device message received, not yet committed (0: none).",
+                                    value=age)
+        if connected is not None:
+            yield GaugeMetricFamily("fleet_broker_connected",
+                                    "1 while the server's MQTT client is connected to the broker, else 0.",
+                                    value=1.0 if connected else 0.0)
+
+
 class IngestMetrics:
     """Collectors the MQTT ingest path updates; registered on ``registry`` at construction.
 
@@ -98,6 +134,11 @@ class IngestMetrics:
         self.queue_depth = Gauge(
             "fleet_ingest_queue_depth", "Messages received and waiting for the store writer.",
             registry=registry)
+        self.commit_delay = Gauge(
+            "fleet_ingest_commit_delay_seconds",
+            "Receipt of the oldest message of the last committed batch to its commit.", registry=registry)
+        self._state: IngestState | None = None
+        registry.register(_IngestStateCollector(self))
         for kind in MESSAGE_KINDS:
             self.messages_ingested.labels(kind=kind)
         for reason in DROP_REASONS:
@@ -122,6 +163,25 @@ class IngestMetrics:
     def set_queue_depth(self, depth: int) -> None:
         """Set the number of messages waiting for the writer."""
         self.queue_depth.set(depth)
+
+    def observe_commit_delay(self, seconds: float) -> None:
+        """Record how long the oldest message of the batch just committed waited since its receipt."""
+        self.commit_delay.set(max(0.0, seconds))
+
+    def bind(self, state: IngestState) -> None:
+        """Read the backlog age and the broker connection from ``state`` from now on (the server's
+        ingest path binds itself when it starts)."""
+        self._state = state
+
+    def backlog_age(self) -> float | None:
+        """Return the age of the oldest received, uncommitted message (None while no ingest is bound)."""
+        state = self._state
+        return None if state is None else max(0.0, state.backlog_age())
+
+    def broker_connected(self) -> bool | None:
+        """Return whether the ingest path is connected to the broker (None while none is bound)."""
+        state = self._state
+        return None if state is None else bool(state.connected)
 
 
 class ReleaseMetrics:
@@ -389,10 +449,42 @@ class RolloutCollector(Collector):
     ``fleet_rollout_phase{rollout,release,phase}`` (1 for the current phase, 0 for the others),
     ``fleet_rollout_wave{rollout}`` (the current wave, 0-based), ``fleet_rollout_devices{rollout,wave,state}``
     and ``fleet_rollout_gate_evaluations{rollout,wave,result}`` (gate decisions so far).
+
+    The runner answers only between two ticks, and a tick over a large fleet can last long: a scrape
+    waits at most ``wait`` seconds for it, then serves the snapshot of the previous scrape (the
+    fetch goes on in the background, one at a time), so ``/metrics`` never hangs on a tick.
     """
 
-    def __init__(self, source: RolloutSource) -> None:
+    def __init__(self, source: RolloutSource, *, wait: float = 0.5) -> None:
         self._source = source
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._last: list[dict[str, Any]] = []
+        self._pending: threading.Event | None = None
+
+    def _fetch(self, done: threading.Event) -> None:
+        try:
+            snapshot = self._source.metrics_snapshot()
+            with self._lock:
+                self._last = snapshot
+        except Exception:  # a failing runner must not break the scrape
+            log.exception("rollout metrics unavailable for this scrape")
+        finally:
+            with self._lock:
+                self._pending = None
+            done.set()
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            done = self._pending
+            if done is None:
+                done = self._pending = threading.Event()
+                fetch = threading.Thread(target=self._fetch, args=(done,), name="rollout-metrics",
+                                         daemon=True)
+                fetch.start()
+        done.wait(self._wait)
+        with self._lock:
+            return self._last
 
     def collect(self) -> Iterator[Metric]:
         """Yield the rollout metrics of every rollout the runner holds."""
@@ -405,7 +497,7 @@ class RolloutCollector(Collector):
         gates = GaugeMetricFamily("fleet_rollout_gate_evaluations",
                                   "Gate decisions of a rollout wave, by result.",
                                   labels=["rollout", "wave", "result"])
-        for r in self._source.metrics_snapshot():
+        for r in self._snapshot():
             rid = str(r["id"])
             for name in ROLLOUT_PHASES:
                 phase.add_metric([rid, str(r["release"]), name], 1.0 if name == r["phase"] else 0.0)

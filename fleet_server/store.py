@@ -97,6 +97,8 @@ _SCHEMA: tuple[str, ...] = (
     " deferred INTEGER NOT NULL, skipped INTEGER NOT NULL, PRIMARY KEY (rollout_id, wave, ts))",
     "CREATE INDEX IF NOT EXISTS audit_by_target ON audit (target, id)",
     *ROLLOUT_SCHEMA,
+    # covers summary(): one scan of a narrow index instead of four scans of the table
+    "CREATE INDEX IF NOT EXISTS devices_by_summary ON devices (sync_state, online, release)",
 )
 SCHEMA_VERSION = 1
 
@@ -569,14 +571,21 @@ class Store(RolloutStoreMixin):
             StateError: the database cannot be read.
         """
         with self._reading("summarise the fleet") as conn:
-            total = int(conn.execute("SELECT count(*) FROM devices").fetchone()[0])
-            by_state = {str(r[0] if r[0] is not None else "unknown"): int(r[1]) for r in conn.execute(
-                "SELECT sync_state, count(*) FROM devices GROUP BY sync_state ORDER BY sync_state")}
-            online = int(conn.execute("SELECT count(*) FROM devices WHERE online = 1").fetchone()[0])
-            releases = [{"release": r[0], "devices": int(r[1])} for r in conn.execute(
-                "SELECT release, count(*) FROM devices GROUP BY release ORDER BY release")]
-        return {"devices": total, "by_sync_state": by_state, "online": online, "offline": total - online,
-                "releases": releases}
+            groups = conn.execute("SELECT sync_state, online, release, count(*) FROM devices"
+                                  " GROUP BY sync_state, online, release").fetchall()
+        total = online = 0
+        by_state: dict[str, int] = {}
+        by_release: dict[int | None, int] = {}
+        for sync_state, is_online, release, count in groups:
+            n = int(count)
+            total += n
+            online += n if is_online == 1 else 0
+            key = str(sync_state if sync_state is not None else "unknown")
+            by_state[key] = by_state.get(key, 0) + n
+            by_release[release] = by_release.get(release, 0) + n
+        ordered = sorted(by_release.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0))
+        return {"devices": total, "by_sync_state": dict(sorted(by_state.items())), "online": online,
+                "offline": total - online, "releases": [{"release": r, "devices": n} for r, n in ordered]}
 
     def counters(self) -> dict[str, int]:
         """Return the persistent ingest counters (name -> total).

@@ -352,9 +352,13 @@ def test_fleet_server_process_ingests_serves_and_stops_on_sigterm(tmp_path, brok
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port(http_port, timeout=20.0, alive=lambda: proc.poll() is None)
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5) as r:
-            assert json.loads(r.read()) == {"status": "ok"}
-        time.sleep(0.5)  # subscribed
+        health: dict[str, object] = {}
+        deadline = time.monotonic() + 10.0
+        while health.get("status") != "ok" and time.monotonic() < deadline:  # ok once connected
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5) as r:
+                health = json.loads(r.read())
+            time.sleep(0.1)
+        assert health == {"status": "ok", "broker_connected": True, "ingest_backlog_seconds": 0.0}
         publisher.send(t("dev-e2e", "status"), m.encode(m.status_message(
             "dev-e2e", commit=COMMIT, release=2, sync_state="applied", drift={}, paused=False, ts=now_ts(),
             labels={"site": "north", "canary": "true"}, profile="rpi4")))

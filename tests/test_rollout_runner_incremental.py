@@ -121,7 +121,7 @@ def test_a_tick_writes_only_the_device_rows_that_changed(store: Store) -> None:
     assert written[-1] == 1
     page = runner.devices(rid, state="applied")
     assert page is not None
-    assert (page["total"], [d["device"] for d in page["devices"]]) == (1, ["dev-03"])
+    assert (page["total"], [d["id"] for d in page["devices"]]) == (1, ["dev-03"])
 
 
 def test_a_tick_handles_at_most_its_budget_and_the_rest_next_tick(store: Store) -> None:
@@ -183,7 +183,7 @@ def test_reads_are_served_while_a_tick_holds_the_runner(store: Store) -> None:
     assert "devices" not in results["describe"]
     assert results["describe"]["waves"][0]["states"] == {"assigned": 6}
     assert results["devices"]["total"] == 6
-    assert [d["device"] for d in results["devices"]["devices"]] == ["dev-02", "dev-03", "dev-04"]
+    assert [d["id"] for d in results["devices"]["devices"]] == ["dev-02", "dev-03", "dev-04"]
 
 
 # The rollouts table as the previous layout created it (one JSON state per rollout, devices inside).

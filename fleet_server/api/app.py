@@ -10,7 +10,7 @@ Endpoints (details and examples in ``docs/api.md``):
     GET  /api/v1/audit              the audit log
     POST /api/v1/hooks/git          webhook: poll the Git mirror now (HMAC signature or admin token)
     GET  /metrics                   Prometheus text exposition
-    GET  /healthz                   liveness (no authentication)
+    GET  /healthz                   liveness: ok or degraded with reasons (no authentication)
 
 Every error is JSON ``{"error": "<reason>"}`` with a fitting status code: 400 for bad input
 (including query values FastAPI rejects, which it would answer with 422), 401/403 for credentials,
@@ -44,6 +44,7 @@ from fleet_server.api.guard import RequestGuard
 from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
+from fleet_server.health import health_status
 from fleet_server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -200,8 +201,8 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        """Answer ``{"status": "ok"}`` while the server runs."""
-        return {"status": "ok"}
+    def healthz() -> dict[str, Any]:
+        """Answer ``ok``, or ``degraded`` with the reasons (broker unreachable, ingest lag): see health.py."""
+        return health_status(metrics.ingest, max_lag=config.ingest.max_lag)
 
     return app

@@ -5,7 +5,9 @@ Each page is a Jinja2 template holding the layout and what is known without read
 JSON API: ``static/dashboard.js`` fetches it every few seconds (with the bearer token the viewer
 pasted into the page, kept in ``sessionStorage``) and draws tables and SVG charts
 (``static/charts.js``). So a page never shows more than its viewer may read, and state changes go
-through the same authenticated API calls as ``fleetctl``. No CDN, no build step: everything the
+through the same authenticated API calls as ``fleetctl``. A rollout page reads the rollout's
+summary and one page of its devices (``/api/v1/rollouts/{id}/devices``, filtered by wave and
+state), never the whole device map. No CDN, no build step: everything the
 browser loads is served from ``static/``.
 
 The router also adds ``GET /api/v1/devices/{id}/health?hours=H`` (health samples of the last hours,
@@ -30,6 +32,7 @@ from fastapi.templating import Jinja2Templates
 from edge_agent.report.messages import DEVICE_ID_RE
 from fleet_server.api.auth import Tokens, require_read
 from fleet_server.api.routes_fleet import FleetReader
+from fleet_server.rollouts.engine import DEVICE_STATES
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
@@ -122,7 +125,8 @@ def dashboard_router(store: FleetReader, tokens: Tokens, *,
         """One rollout: a chart per wave, the gate decisions and the operator buttons."""
         if not ROLLOUT_ID_RE.match(rollout_id):
             raise HTTPException(400, "malformed rollout id")
-        return page(request, "rollout.html", f"Rollout {rollout_id}", nav="rollouts", rollout_id=rollout_id)
+        return page(request, "rollout.html", f"Rollout {rollout_id}", nav="rollouts", rollout_id=rollout_id,
+                    device_states=DEVICE_STATES)
 
     @router.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:

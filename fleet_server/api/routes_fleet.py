@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query
 
 from edge_agent.report.messages import DEVICE_ID_RE
 from fleet_server.api.auth import Tokens, require_read
+from fleet_server.api.cache import CachedRead
 
 __all__ = ["FleetReader", "fleet_router", "parse_label_filters"]
 
@@ -89,6 +90,7 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
         require_read(tokens, authorization)
 
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
+    summary = CachedRead(store.summary)
 
     @router.get("/devices")
     def list_devices(
@@ -117,8 +119,9 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
 
     @router.get("/summary")
     def get_summary() -> dict[str, Any]:
-        """Return fleet totals: devices, by sync state, online/offline, devices per release."""
-        return store.summary()
+        """Return fleet totals: devices, by sync state, online/offline, devices per release, and when
+        they were counted (``as_of``; the counts are at most a few seconds old)."""
+        return summary.get()
 
     @router.get("/releases")
     def get_releases(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Rollout routes under ``/api/v1/rollouts``: list, one rollout, start, and the operator actions.
 
     GET  /api/v1/rollouts                newest first (read token when configured)
-    GET  /api/v1/rollouts/{id}           state, waves with counts, devices, gates, audit, samples
+    GET  /api/v1/rollouts/{id}           summary: state, waves with counts, gates, audit, samples
+    GET  /api/v1/rollouts/{id}/devices   the rollout's devices, one page (wave=, state=, offset=, limit=)
     POST /api/v1/rollouts                {release, plan (inline mapping) | plan_name, reason} -> 201
     POST /api/v1/rollouts/{id}/{action}  pause | resume | promote | abort | rollback; {reason, wave?}
 
@@ -10,6 +11,11 @@ runner's lock never blocks the event loop. POSTs need the admin token. The actor
 audit log is the ``X-Actor`` header (a short name), else ``admin``. A refused action answers 409
 with the engine's reason; an unknown rollout 404; a bad plan 400 with the place in the plan
 (``waves.1.percent: ...``).
+
+``GET /api/v1/rollouts/{id}`` carries no per-device map (at 100,000 devices it took most of a second
+and the dashboard polls it): ``device_count`` says how many devices the rollout covers, and the
+devices themselves are read a page at a time (default :data:`DEFAULT_DEVICE_PAGE`, at most
+:data:`MAX_DEVICE_PAGE`) with the total of the filtered listing.
 """
 
 from __future__ import annotations
@@ -23,10 +29,17 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query
 from edge_agent.errors import BundleError
 from fleet_server.api.auth import Tokens, require_admin, require_read
 from fleet_server.errors import UsageError
+from fleet_server.rollouts.engine import DEVICE_STATES
 from fleet_server.rollouts.plan import RolloutPlan
 from fleet_server.rollouts.runner import ACTIONS
 
-__all__ = ["RolloutControl", "actor_name", "request_reason", "rollouts_router"]
+__all__ = ["DEFAULT_DEVICE_PAGE", "MAX_DEVICE_PAGE", "RolloutControl", "actor_name", "request_reason",
+           "rollouts_router"]
+
+DEFAULT_DEVICE_PAGE = 100
+"""Devices per page of ``GET /api/v1/rollouts/{id}/devices`` when ``limit`` is not given."""
+MAX_DEVICE_PAGE = 1000
+"""The largest ``limit`` that listing takes."""
 
 _ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -59,7 +72,12 @@ class RolloutControl(Protocol):
         ...
 
     def describe(self, rollout_id: str) -> dict[str, Any] | None:
-        """Return one rollout in full, or None."""
+        """Return one rollout's summary (no per-device map), or None."""
+        ...
+
+    def devices(self, rollout_id: str, *, wave: int | None = None, state: str | None = None,
+                offset: int = 0, limit: int = 100) -> dict[str, Any] | None:
+        """Return one page of a rollout's devices (``devices``, ``total``), or None when unknown."""
         ...
 
     def summaries(self, limit: int) -> list[dict[str, Any]]:
@@ -128,12 +146,31 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
 
     @router.get("/{rollout_id}")
     def get_rollout(rollout_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
-        """Return one rollout: state, waves with counts, devices, gate decisions, audit, progress samples."""
+        """Return one rollout: state, waves with counts, gates, audit, progress samples (no devices)."""
         require_read(tokens, authorization)
         detail = control.describe(_rollout_id(rollout_id))
         if detail is None:
             raise HTTPException(404, f"no rollout {rollout_id}")
         return detail
+
+    @router.get("/{rollout_id}/devices")
+    def rollout_devices(rollout_id: str, *,
+                        wave: Annotated[int | None, Query(ge=0, le=1000)] = None,
+                        state: Annotated[str | None, Query(max_length=32)] = None,
+                        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+                        limit: Annotated[int, Query(ge=1, le=MAX_DEVICE_PAGE)] = DEFAULT_DEVICE_PAGE,
+                        authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        """Return one page of a rollout's devices ordered by id, filtered by wave (0-based) and state,
+        with the total of the filtered listing."""
+        require_read(tokens, authorization)
+        rid = _rollout_id(rollout_id)
+        if state is not None and state not in DEVICE_STATES:
+            raise HTTPException(400, f"state must be one of {', '.join(DEVICE_STATES)}")
+        page = control.devices(rid, wave=wave, state=state, offset=offset, limit=limit)
+        if page is None:
+            raise HTTPException(404, f"no rollout {rid}")
+        return {"id": rid, "wave": wave, "state": state, "offset": offset, "limit": limit,
+                "total": page["total"], "devices": page["devices"]}
 
     @router.post("", status_code=201)
     def start_rollout(body: Annotated[dict[str, Any], Body()],

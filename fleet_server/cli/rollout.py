@@ -1,4 +1,5 @@
-"""`fleetctl rollout start|status|watch|pause|resume|promote|abort|rollback`: the fleet server's rollouts.
+"""`fleetctl rollout start|status|watch|devices|pause|resume|promote|abort|rollback`: the fleet server's
+rollouts.
 
 Talks to ``/api/v1/rollouts`` with the same client as ``fleetctl devices`` (``--server``,
 ``$FLEET_SERVER``; ``--token-file`` holds the admin token for the actions, or the read token for
@@ -8,6 +9,9 @@ Talks to ``/api/v1/rollouts`` with the same client as ``fleetctl devices`` (``--
 offline, ``.`` pending) with the counts; on a terminal it redraws in place, otherwise it prints a
 line per change. It exits 0 when the rollout succeeded, 1 when it halted, rolled back, was aborted
 or superseded, or when ``--timeout`` passed first.
+
+``status`` and ``watch`` read the rollout's summary (waves with counts, never a per-device map);
+``devices`` lists the rollout's devices one page at a time, filtered by wave and state.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from fleet_server.cli.common import print_json
 from fleet_server.cli.devices import DEFAULT_SERVER, _read_token, api_get, api_post, server_url
 from fleet_server.errors import ApiError, UsageError
 
-__all__ = ["BAR_WIDTH", "format_rollout", "format_rollouts", "progress_bar", "register", "watch_exit_code"]
+__all__ = ["BAR_WIDTH", "format_devices", "format_rollout", "format_rollouts", "progress_bar", "register",
+           "watch_exit_code"]
 
 BAR_WIDTH = 30
 _BASE = "/api/v1/rollouts"
@@ -73,7 +78,24 @@ def format_rollout(r: Mapping[str, Any]) -> str:
         lines.append(_wave_line(i, wave, int(r.get("wave", 0))))
     if r.get("halted_reason"):
         lines.append(f"halted: {r['halted_reason']}")
+    if r.get("device_count") is not None:
+        lines.append(f"{r['device_count']} device(s): fleetctl rollout devices {r.get('id')} lists them")
     return "\n".join(lines) + "\n"
+
+
+def format_devices(page: Mapping[str, Any]) -> str:
+    """Return one page of a rollout's devices as an aligned table, with where it sits in the total."""
+    rows = [("DEVICE", "WAVE", "STATE", "ONLINE", "TARGET", "VERSION", "REASON")]
+    devices = page.get("devices") or []
+    for d in devices:
+        rows.append((str(d.get("id")), str(int(d.get("wave", 0)) + 1), str(d.get("state")),
+                     "yes" if d.get("online") else "no", str(d.get("target") or "-"),
+                     "-" if d.get("version") is None else str(d.get("version")), str(d.get("reason") or "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in rows]
+    offset, total = int(page.get("offset", 0) or 0), int(page.get("total", 0) or 0)
+    where = f"{offset + 1}-{offset + len(devices)} of {total}" if devices else f"none of {total}"
+    return "\n".join(lines) + f"\ndevices {where}\n"
 
 
 def format_rollouts(rollouts: Sequence[Mapping[str, Any]]) -> str:
@@ -155,6 +177,36 @@ def _run_status(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_rollout(rollout))
     return 0
+
+
+def _run_devices(args: argparse.Namespace) -> int:
+    server, token = _client(args)
+    query: list[tuple[str, str]] = [("offset", str(args.offset)), ("limit", str(args.limit))]
+    if args.wave is not None:
+        query.append(("wave", str(args.wave - 1)))
+    if args.state is not None:
+        query.append(("state", args.state))
+    path = f"{_BASE}/{urllib.parse.quote(args.rollout_id, safe='')}/devices"
+    answer = api_get(server, path, query, token=token, timeout=args.http_timeout)
+    if not isinstance(answer, dict) or not isinstance(answer.get("devices"), list):
+        raise ApiError(f"fleet server answered an unexpected document for the devices of {args.rollout_id}")
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(format_devices(answer))
+    return 0
+
+
+def _count(minimum: int, maximum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}")
+        return value
+    return parse
 
 
 def _run_watch(args: argparse.Namespace) -> int:
@@ -259,6 +311,19 @@ def register(subparsers: Any) -> None:
                        help="seconds between refreshes (default: 1)")
     _client_options(watch)
     watch.set_defaults(func=_run_watch)
+
+    devices = sub.add_parser("devices", help="list a rollout's devices, one page at a time")
+    devices.add_argument("rollout_id", metavar="ID", help="the rollout")
+    devices.add_argument("--wave", type=_count(1, 1000), metavar="N",
+                         help="only the devices of wave N (1-based)")
+    devices.add_argument("--state", metavar="STATE",
+                         help="only the devices in this state (applied, failed, ...)")
+    devices.add_argument("--offset", type=_count(0, 10**9), default=0, metavar="N",
+                         help="skip the first N devices (default: 0)")
+    devices.add_argument("--limit", type=_count(1, 1000), default=100, metavar="N",
+                         help="devices per page, at most 1000 (default: 100)")
+    _client_options(devices)
+    devices.set_defaults(func=_run_devices)
 
     for action in _ACTIONS:
         p = sub.add_parser(action, help=f"{action} a rollout (admin token)")

@@ -48,7 +48,7 @@ def state_from_row(row: Mapping[str, Any]) -> RolloutState:
 
 
 def _device_entry(device: str, status: Mapping[str, Any]) -> dict[str, Any]:
-    return {"device": device, "wave": status["wave"], "state": status["state"], "reason": status["reason"],
+    return {"id": device, "wave": status["wave"], "state": status["state"], "reason": status["reason"],
             "online": status["online"], "target": status["target"], "version": status["version"]}
 
 
@@ -101,10 +101,10 @@ class RunnerReads:
         """Return the states of the rollouts the runner holds (for metrics), newest first."""
         return [v.state for v in sorted(self._views.values(), key=lambda v: v.created, reverse=True)]
 
-    def describe(self, rollout_id: str, *, devices: bool = True) -> dict[str, Any] | None:
+    def describe(self, rollout_id: str, *, devices: bool = False) -> dict[str, Any] | None:
         """Return one rollout for the API: summary, waves with counts, gate decisions, audit, progress
-        samples and, unless ``devices`` is False, every device (use :meth:`devices` to page them);
-        None when unknown.
+        samples, ``device_count`` and, only when ``devices`` is True, every device (the API pages
+        them with :meth:`devices` instead); None when unknown.
 
         Raises:
             StateError: the database cannot be read.
@@ -138,14 +138,14 @@ class RunnerReads:
                "audit": self._store.rollout_audit(rollout_id),
                "samples": self._store.rollout_samples(rollout_id)}
         if devices:
-            out["devices"] = {d: {k: v for k, v in _device_entry(d, device_dict(s)).items() if k != "device"}
+            out["devices"] = {d: {k: v for k, v in _device_entry(d, device_dict(s)).items() if k != "id"}
                               for d, s in sorted(state.devices.items())}
         return out
 
     def devices(self, rollout_id: str, *, wave: int | None = None, state: str | None = None,
                 offset: int = 0, limit: int = 100) -> dict[str, Any] | None:
         """Return one page of a rollout's devices, by device id, only those of ``wave`` and in
-        ``state`` when given: ``{"total", "offset", "limit", "devices": [{device, wave, state,
+        ``state`` when given: ``{"total", "offset", "limit", "devices": [{id, wave, state,
         reason, online, target, version}]}``; None when the rollout is unknown. Served from the
         device rows the runner wrote with its last tick, without the device map.
 

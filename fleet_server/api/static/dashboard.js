@@ -338,10 +338,55 @@
     const parts = [...(d.reasons || []), ...(d.tripped || []).map((t) => `tripped: ${t}`)];
     return parts.join("; ") || "–";
   }
+  // The rollout's devices, one page at a time (the summary carries no per-device map).
+  const RO_PAGE = 100;
+  function roOffset() { return Math.max(0, Number(params.get("offset")) || 0); }
+  function roPageHref(offset) {
+    const q = new URLSearchParams(params); q.set("offset", String(Math.max(0, offset)));
+    return `${window.location.pathname}?${q}`;
+  }
+  function roDeviceQuery() {
+    const q = new URLSearchParams({offset: String(roOffset()), limit: String(RO_PAGE)});
+    if (params.get("wave")) q.set("wave", String(Number(params.get("wave")) - 1));
+    if (params.get("state")) q.set("state", params.get("state"));
+    return q;
+  }
+  function fillRolloutDevices(r, list) {
+    setText("ro-device-count", r.device_count === undefined ? "" : `(${r.device_count} in the rollout)`);
+    const waveSelect = $("ro-f-wave");
+    if (waveSelect.options.length === 1) {
+      (r.waves || []).forEach((w, i) => {
+        const opt = node("option", `${i + 1}${w.name ? ` (${w.name})` : ""}`); opt.value = String(i + 1);
+        waveSelect.appendChild(opt);
+      });
+      waveSelect.value = params.get("wave") || "";
+    }
+    const tbody = clear($("ro-device-table").tBodies[0]);
+    for (const d of list.devices) {
+      const tr = node("tr"); tr.dataset.device = d.id;
+      const idCell = node("td"); idCell.appendChild(link(`/devices/${encodeURIComponent(d.id)}`, d.id)); tr.appendChild(idCell);
+      tr.appendChild(node("td", d.wave + 1));
+      const st = node("td"); st.appendChild(statePill(d.state)); tr.appendChild(st);
+      const on = node("td"); on.appendChild(onlinePill(d.online)); tr.appendChild(on);
+      tr.appendChild(node("td", d.version ?? "–"));
+      tr.appendChild(node("td", d.reason || "–"));
+      tbody.appendChild(tr);
+    }
+    if (list.devices.length === 0) {
+      const tr = node("tr"); const td = node("td", "no device matches these filters", "muted"); td.colSpan = 6;
+      tr.appendChild(td); tbody.appendChild(tr);
+    }
+    const offset = roOffset();
+    $("ro-page-info").textContent = list.total ? `${offset + 1}–${offset + list.devices.length} of ${list.total}` : "0 devices";
+    $("ro-prev-page").disabled = offset === 0;
+    $("ro-next-page").disabled = offset + list.devices.length >= list.total;
+  }
   async function refreshRollout() {
     const id = body.dataset.rolloutId;
-    const res = await api(`/api/v1/rollouts/${encodeURIComponent(id)}`);
+    const [res, list] = await Promise.all([api(`/api/v1/rollouts/${encodeURIComponent(id)}`),
+      api(`/api/v1/rollouts/${encodeURIComponent(id)}/devices?${roDeviceQuery()}`)]);
     if (!res.ok) throw new Error(explain(res));
+    if (!list.ok) throw new Error(explain(list));
     const r = res.data.rollout || res.data;
     clear($("ro-phase")).appendChild(statePill(r.phase));
     body.dataset.phase = r.phase;
@@ -370,8 +415,21 @@
       const tr = node("tr"); const td = node("td", "no gate judged yet", "muted"); td.colSpan = 4;
       tr.appendChild(td); tbody.appendChild(tr);
     }
+    fillRolloutDevices(r, list.data);
   }
   function initRollout() {
+    $("ro-f-state").value = params.get("state") || "";
+    if (params.get("refresh")) {
+      const hidden = node("input"); hidden.type = "hidden"; hidden.name = "refresh"; hidden.value = params.get("refresh");
+      $("ro-filters").appendChild(hidden);
+    }
+    $("ro-filters").addEventListener("submit", () => {
+      for (const field of $("ro-filters").querySelectorAll("select")) {
+        if (field.value === "") field.disabled = true;  // keep the URL short: no empty filters
+      }
+    });
+    $("ro-prev-page").addEventListener("click", () => { window.location.href = roPageHref(roOffset() - RO_PAGE); });
+    $("ro-next-page").addEventListener("click", () => { window.location.href = roPageHref(roOffset() + RO_PAGE); });
     for (const button of document.querySelectorAll("button.act")) {
       button.addEventListener("click", async () => {
         const action = button.dataset.action;

@@ -1,0 +1,202 @@
+"""The measuring side of the rollout benchmark: a real ``fleet-server`` process, and a sampler that
+times the API calls an operator makes while a rollout runs.
+
+:class:`ServerProcess` starts ``python -m fleet_server.main`` on a generated configuration (the
+embedded SQLite default, 127.0.0.1 only), reads its CPU time and memory from ``/proc``, and stops
+it by pid (SIGTERM, then SIGKILL after a bound). :class:`Sampler` calls, once a second, the first
+page of ``GET /api/v1/devices``, the dashboard's ``GET /api/v1/summary``, ``GET
+/api/v1/rollouts/{id}`` (what ``fleetctl rollout status ID`` and ``watch`` read) and ``/healthz``
+(the ingest backlog age), and keeps every latency, lag and RSS sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["Sampler", "ServerProcess", "p95", "scrape"]
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_CALL_TIMEOUT = 10.0
+
+
+def p95(values: list[float]) -> float | None:
+    """Return the 95th percentile (nearest rank) of ``values``, None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+
+
+def scrape(url: str, token: str | None = None) -> dict[str, float]:
+    """Return every sample of ``GET /metrics`` as ``name{label=value,...}`` -> value."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30.0).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+    return out
+
+
+class ServerProcess:
+    """A ``fleet-server`` process on a configuration written into ``workdir``.
+
+    Args:
+        workdir: where the configuration, the database, the admin token and the log live.
+        mqtt_port: the broker's port on 127.0.0.1.
+        http_port: the API's port on 127.0.0.1.
+    """
+
+    def __init__(self, workdir: Path, mqtt_port: int, http_port: int) -> None:
+        self.workdir = workdir
+        self.db = workdir / "fleet.db"
+        self.token = "bench-admin-token"
+        self.url = f"http://127.0.0.1:{http_port}"
+        token_file = workdir / "admin.token"
+        token_file.write_text(self.token + "\n")
+        token_file.chmod(0o600)
+        self.config = workdir / "server.yaml"
+        self.config.write_text(
+            f"mqtt:\n  host: 127.0.0.1\n  port: {mqtt_port}\n  client_id: bench-server\n"
+            f"store:\n  path: {self.db}\n"
+            f"http:\n  host: 127.0.0.1\n  port: {http_port}\n  admin_token_file: {token_file}\n"
+            "log_level: warning\n")
+        self.log = workdir / "server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait (bounded) until ``/healthz`` says ok (connected to the broker).
+
+        Raises:
+            RuntimeError: it exited or did not become healthy in time.
+        """
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen([sys.executable, "-m", "fleet_server.main", "--config", str(self.config)],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"fleet-server exited with {self._proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2.0).json().get("status") == "ok":
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"fleet-server not healthy within {timeout:g}s; see {self.log}")
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self._proc is not None
+        return self._proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server used so far (its threads included)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+    def _status_kib(self, key: str) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
+        return 0.0
+
+    def rss_mib(self) -> float:
+        """The server's resident memory now, in MiB."""
+        return self._status_kib("VmRSS") / 1024
+
+    def rss_peak_mib(self) -> float:
+        """The server's peak resident memory so far (VmHWM), in MiB."""
+        return self._status_kib("VmHWM") / 1024
+
+    def stop(self) -> None:
+        """SIGTERM by pid, SIGKILL after 30 s; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10.0)
+
+
+class Sampler:
+    """Once a second: the latency of three API reads, the ingest backlog age, the phase, the RSS.
+
+    Args:
+        server: the server to sample.
+        rollout_id: the rollout whose summary is read.
+    """
+
+    def __init__(self, server: ServerProcess, rollout_id: str) -> None:
+        self.server = server
+        self.rollout_id = rollout_id
+        self.latency: dict[str, list[float]] = {"devices": [], "summary": [], "rollout": []}
+        self.errors: dict[str, int] = {"devices": 0, "summary": 0, "rollout": 0}
+        self.lag: list[float] = []
+        self.rss: list[float] = []
+        self.phase = "pending"
+        self.detail: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._http = httpx.Client(base_url=server.url, timeout=_CALL_TIMEOUT,
+                                  headers={"Authorization": f"Bearer {server.token}"})
+
+    def _timed(self, name: str, path: str) -> Any:
+        t0 = time.perf_counter()
+        try:
+            answer = self._http.get(path)
+            body = answer.json() if answer.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            body = None
+        self.latency[name].append(time.perf_counter() - t0)
+        if body is None:
+            self.errors[name] += 1
+        return body
+
+    def sample(self) -> None:
+        """Take one sample of everything."""
+        self._timed("devices", "/api/v1/devices?limit=100")
+        self._timed("summary", "/api/v1/summary")
+        detail = self._timed("rollout", f"/api/v1/rollouts/{self.rollout_id}")
+        if isinstance(detail, dict):
+            self.detail = detail
+            self.phase = str(detail.get("phase"))
+        try:
+            health = self._http.get("/healthz").json()
+            self.lag.append(float(health.get("ingest_backlog_seconds", 0.0)))
+        except (httpx.HTTPError, ValueError):
+            pass
+        with contextlib.suppress(OSError):
+            self.rss.append(self.server.rss_mib())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.sample()
+            self._stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
+
+    def start(self) -> None:
+        """Start sampling in a thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling (bounded wait) and close the HTTP client."""
+        self._stop.set()
+        self._thread.join(3 * _CALL_TIMEOUT + 5)
+        self._http.close()

@@ -1,0 +1,45 @@
+"""What ``GET /healthz`` answers: ``ok``, or ``degraded`` with the reasons.
+
+The server stays up and keeps answering while degraded (the probe is a liveness check: restarting a
+server that is only behind would make it further behind), so the answer is always HTTP 200 and the
+verdict is in the body::
+
+    {"status": "ok", "broker_connected": true, "ingest_backlog_seconds": 0.0}
+    {"status": "degraded", "reasons": ["broker unreachable"], "broker_connected": false, ...}
+
+Reasons: ``broker unreachable`` while the server's MQTT client is disconnected, and
+``ingest lag N s over the M s limit`` while the oldest message received and not yet committed is
+older than ``ingest.max_lag``. A server without an MQTT ingest path (an API-only test app) reports
+neither field and is ``ok``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleet_server.metrics import IngestMetrics
+
+__all__ = ["BROKER_UNREACHABLE", "health_status"]
+
+BROKER_UNREACHABLE = "broker unreachable"
+"""The reason given while the server's MQTT client is not connected."""
+
+
+def health_status(ingest: IngestMetrics, *, max_lag: float) -> dict[str, Any]:
+    """Return the ``/healthz`` document for the ingest state ``ingest`` reads, with the lag limit
+    ``max_lag`` seconds."""
+    reasons: list[str] = []
+    answer: dict[str, Any] = {}
+    connected = ingest.broker_connected()
+    if connected is not None:
+        answer["broker_connected"] = connected
+        if not connected:
+            reasons.append(BROKER_UNREACHABLE)
+    backlog = ingest.backlog_age()
+    if backlog is not None:
+        answer["ingest_backlog_seconds"] = round(backlog, 3)
+        if backlog > max_lag:
+            reasons.append(f"ingest lag {backlog:.1f} s over the {max_lag:g} s limit")
+    if reasons:
+        return {"status": "degraded", "reasons": reasons, **answer}
+    return {"status": "ok", **answer}
