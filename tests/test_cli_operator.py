@@ -305,6 +305,11 @@ def test_signing_with_the_wrong_kind_of_key_says_which(tmp_path: Path, key: tupl
         assert code == 1
         assert kind in err
     assert not (repo / MANIFEST_PATH).exists()
+    for path, prefix in ((public_file, "ed25519:"), (x_public_file, "x25519:")):
+        code, _, err = run(capsys, "keys", "public", path)
+        assert code == 1
+        assert err == (f"fleetctl: {path} holds a public key already ({prefix}...); 'keys public' reads "
+                       "the private key file it came from\n")
 
 
 # --- help with examples ------------------------------------------------------------------------------

@@ -55,6 +55,15 @@ def _more(examples: str) -> str:
     return examples.removeprefix("examples:\n")
 
 
+def _head(path: Path) -> bytes:
+    """Return the first bytes of the file at ``path`` (empty when unreadable: loading says why)."""
+    try:
+        with Path(path).open("rb") as fh:
+            return fh.read(_HEAD_BYTES).lstrip()
+    except OSError:
+        return b""
+
+
 def load_signing_keys(paths: Sequence[Path]) -> list[SigningKey]:
     """Load each ed25519 private key file of ``paths``, in order.
 
@@ -64,11 +73,7 @@ def load_signing_keys(paths: Sequence[Path]) -> list[SigningKey]:
     """
     keys: list[SigningKey] = []
     for path in paths:
-        try:
-            with Path(path).open("rb") as fh:
-                head = fh.read(_HEAD_BYTES).lstrip()
-        except OSError:
-            head = b""  # loading reports why it cannot be read
+        head = _head(path)
         for prefix, kind in _KINDS:
             if head.startswith(prefix):
                 raise KeyFileError(f"{path} holds {kind}; {_NEEDED}")
@@ -138,13 +143,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _key_type(path: Path) -> str:
-    """Guess the kind of a key file from its first bytes; loading it checks everything else."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(len(_X25519_PRIVATE))
-    except OSError:
-        return "ed25519"
-    return "x25519" if head == _X25519_PRIVATE else "ed25519"
+    """Guess the kind of a private key file from its first bytes; loading it checks everything else.
+
+    Raises:
+        KeyFileError: the file holds a public key (``ed25519:`` or ``x25519:``), not a private one.
+    """
+    head = _head(path)
+    for prefix in (ED25519_PREFIX, X25519_PREFIX):
+        if head.startswith(prefix.encode()):
+            raise KeyFileError(f"{path} holds a public key already ({prefix}...); 'keys public' reads the "
+                               "private key file it came from")
+    return "x25519" if head.startswith(_X25519_PRIVATE) else "ed25519"
 
 
 def run_public(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ def parse_duration(text: str, option: str = "--expires") -> timedelta:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``release sign|cosign|verify`` to the fleetctl parser."""
+    """Add ``release sign|cosign|verify|list|show`` to the fleetctl parser."""
     release = subparsers.add_parser(
         "release", help="sign and verify releases; list what the fleet server recorded",
         description="Sign a config repo as a release and verify it; list and show the releases the "
@@ -136,10 +136,10 @@ def _summary(release: VerifiedRelease) -> dict[str, Any]:
             "files": len(release.files), "signers": sorted(release.signers), "message": release.message}
 
 
-def _text(verb: str, release: VerifiedRelease) -> str:
+def _text(verb: str, release: VerifiedRelease, suffix: str = "") -> str:
     text = (f"{verb} release {release.version} ({len(release.files)} files, floor "
             f"{release.rollback_floor}), expires {format_time(release.expires)}, signed by "
-            f"{', '.join(sorted(release.signers))}")
+            f"{', '.join(sorted(release.signers))}{suffix}")
     return text + (f"\nmessage: {release.message}" if release.message else "")
 
 
@@ -217,5 +217,5 @@ def run_verify(args: argparse.Namespace) -> int:
         sys.stderr.write(f"fleetctl: {exc}\n")
         return 1
     summary = _summary(release) | {"ok": True, "trust_root_version": used.version}
-    emit(summary, _text("verified", release) + f" (trust root version {used.version})", as_json=args.json)
+    emit(summary, _text("verified", release, f" (trust root version {used.version})"), as_json=args.json)
     return 0
