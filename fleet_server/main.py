@@ -20,22 +20,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from edge_agent.errors import EdgeFleetError, StateError
 from edge_agent.logs import setup_logging
 from edge_agent.source import Source
 from fleet_server import __version__
-from fleet_server.api.app import ApiActions, create_app
-from fleet_server.baseline import FleetBaseline, log_phase_errors
-from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
-from fleet_server.errors import FleetError, UsageError
-from fleet_server.ingest import Ingestor
-from fleet_server.metrics import ServerMetrics
-from fleet_server.releases import GitWatcher
-from fleet_server.rollouts.plan import RolloutPlan
-from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
-from fleet_server.store import Store
+from fleet_server.extras import exit_without_server_extras
+
+try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a device has none of them
+    import uvicorn
+
+    from fleet_server.api.app import ApiActions, create_app
+    from fleet_server.baseline import FleetBaseline, log_phase_errors
+    from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
+    from fleet_server.errors import FleetError, UsageError
+    from fleet_server.ingest import Ingestor
+    from fleet_server.metrics import ServerMetrics
+    from fleet_server.releases import GitWatcher
+    from fleet_server.rollouts.plan import RolloutPlan
+    from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
+    from fleet_server.store import Store
+except ImportError as _missing:
+    exit_without_server_extras(_missing)
 
 __all__ = ["GitPlans", "Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
 

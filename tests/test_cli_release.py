@@ -49,11 +49,21 @@ def keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, tuple[
     return out
 
 
+WEB_BUNDLE = """targets:
+  - labels: {role: web}
+resources:
+  - kind: file
+    path: /etc/nginx/nginx.conf
+    source: nginx.conf
+"""
+
+
 def make_repo(root: Path) -> Path:
+    """A config repo that passes `fleetctl lint` (sign refuses one that does not)."""
     repo = root / "config"
     (repo / "bundles" / "web").mkdir(parents=True)
-    (repo / "fleet.yaml").write_text("reconcile_interval: 60\n")
-    (repo / "bundles" / "web" / "bundle.yaml").write_text("name: web\n")
+    (repo / "fleet.yaml").write_text("description: test fleet\n")
+    (repo / "bundles" / "web" / "bundle.yaml").write_text(WEB_BUNDLE)
     (repo / "bundles" / "web" / "nginx.conf").write_text("server {}\n")
     return repo
 

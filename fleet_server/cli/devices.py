@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -22,16 +23,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fleet_server.cli.common import print_json
+from fleet_server.cli.common import ExamplesHelpFormatter, print_json
 from fleet_server.errors import ApiError, UsageError
 
-__all__ = ["DEFAULT_SERVER", "api_get", "api_post", "format_device", "format_devices_table", "register",
+__all__ = ["DEFAULT_SERVER", "SYNC_STATES", "api_get", "api_post", "client_options", "format_device",
+           "format_devices_table", "format_time", "page_limit", "positive_seconds", "read_token", "register",
            "server_url"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 _MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 _MAX_TOKEN_BYTES = 4096
 _EVENTS_SHOWN = 10
+_MAX_HTTP_TIMEOUT = 86400.0
+SYNC_STATES = ("unknown", "in_sync", "drifted", "paused", "refused", "rolled_back", "failed", "fetch_failed")
+"""Every ``sync_state`` a device reports (docs/mqtt.md); ``devices --state`` accepts only these."""
+
+_DEVICES_EXAMPLES = """examples:
+  fleetctl devices --server http://fleet.example:8080 --token-file read.token
+  fleetctl devices --label site=berlin --label ring=canary --online
+  fleetctl devices --state failed --json
+  fleetctl devices --limit 1000 --offset 1000        # the second page of 1,000
+"""
+_DEVICE_EXAMPLES = """examples:
+  fleetctl device gw-berlin-0042
+  fleetctl device gw-berlin-0042 --json --timeout 30
+"""
+_ENROLL_EXAMPLES = """examples:
+  fleetctl enroll gw-berlin-0042 --label site=berlin --label role=gateway --profile gateway \\
+      --reason "new site" --token-file /etc/fleet-server/admin.token
+"""
 
 
 def server_url(option: str | None) -> str:
@@ -47,7 +67,12 @@ def server_url(option: str | None) -> str:
     return url.rstrip("/")
 
 
-def _read_token(path: Path | None) -> str | None:
+def read_token(path: Path | None) -> str | None:
+    """Return the API token held in the file at ``path``, or None when no file is given.
+
+    Raises:
+        UsageError: the file cannot be read, is empty or is over 4 KiB.
+    """
     if path is None:
         return None
     try:
@@ -59,6 +84,25 @@ def _read_token(path: Path | None) -> str | None:
     if not token or len(data) > _MAX_TOKEN_BYTES:
         raise UsageError(f"token file {path} is empty or too large")
     return token
+
+
+_read_token = read_token  # the name `fleetctl rollout` imports
+
+
+def positive_seconds(text: str) -> float:
+    """Parse ``--timeout``: a positive, finite number of seconds (at most a day), for argparse.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, with a one-line reason.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= _MAX_HTTP_TIMEOUT):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of seconds (at most {int(_MAX_HTTP_TIMEOUT)}), got {text[:40]!r}")
+    return value
 
 
 def _error_reason(body: bytes) -> str:
@@ -142,7 +186,8 @@ def _when(ts: object, now: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
-def _iso(ts: object) -> str:
+def format_time(ts: object) -> str:
+    """Return a Unix time as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC), or ``-`` when it is not a number."""
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         return "-"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -162,8 +207,12 @@ def _labels(labels: object) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-def format_devices_table(devices: Sequence[Mapping[str, Any]], total: int, *, now: float) -> str:
-    """Return the devices as an aligned text table, with a line saying how many there are in all."""
+def format_devices_table(devices: Sequence[Mapping[str, Any]], total: int, *, now: float,
+                         offset: int = 0) -> str:
+    """Return the devices as an aligned text table, with a line saying how many there are in all.
+
+    ``offset`` is how many matching devices come before this page (``--offset``).
+    """
     header = ("DEVICE", "ONLINE", "SYNC STATE", "RELEASE", "REVISION", "LAST SEEN", "LABELS")
     rows = [header]
     for d in devices:
@@ -174,7 +223,14 @@ def format_devices_table(devices: Sequence[Mapping[str, Any]], total: int, *, no
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
     shown = len(devices)
-    lines.append(f"{shown} device(s)" if shown == total else f"{shown} of {total} device(s)")
+    if shown == total and not offset:
+        lines.append(f"{shown} device(s)")
+    elif not offset:
+        lines.append(f"{shown} of {total} device(s)")
+    elif shown:
+        lines.append(f"{shown} of {total} device(s): numbers {offset + 1} to {offset + shown}")
+    else:
+        lines.append(f"0 of {total} device(s): --offset {offset} is past the last one")
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +245,7 @@ def format_device(detail: Mapping[str, Any], *, now: float) -> str:
         f"revision:    {_cell(d.get('revision'))}",
         f"profile:     {_cell(d.get('profile'))}",
         f"labels:      {_labels(d.get('labels'))}",
-        f"last seen:   {_iso(d.get('last_seen'))} ({_when(d.get('last_seen'), now)})",
+        f"last seen:   {format_time(d.get('last_seen'))} ({_when(d.get('last_seen'), now)})",
     ]
     if d.get("last_error"):
         lines.append(f"last error:  {d['last_error']}")
@@ -198,23 +254,24 @@ def format_device(detail: Mapping[str, Any], *, now: float) -> str:
     for e in events[:_EVENTS_SHOWN]:
         reason = f"  {e['reason']}" if e.get("reason") else ""
         kind, release = _cell(e.get("type")), _cell(e.get("release"))
-        lines.append(f"  {_iso(e.get('ts'))}  {kind}  release {release}{reason}")
+        lines.append(f"  {format_time(e.get('ts'))}  {kind}  release {release}{reason}")
     health = detail.get("health") or []
     if health:
         latest = health[0]
         checks = latest.get("checks") or []
         failing = [c.get("name") for c in checks if isinstance(c, Mapping) and not c.get("ok")]
-        lines.append(f"health:      {_iso(latest.get('ts'))}, {len(checks)} check(s), "
+        lines.append(f"health:      {format_time(latest.get('ts'))}, {len(checks)} check(s), "
                      + (f"failing: {', '.join(map(str, failing))}" if failing else "all passing"))
     return "\n".join(lines) + "\n"
 
 
-def _client_options(parser: argparse.ArgumentParser, role: str = "read") -> None:
+def client_options(parser: argparse.ArgumentParser, role: str = "read") -> None:
+    """Add ``--server``, ``--token-file``, ``--timeout`` and ``--json`` to a command that calls the server."""
     parser.add_argument("--server", metavar="URL",
                         help=f"fleet server base URL (default: $FLEET_SERVER or {DEFAULT_SERVER})")
     parser.add_argument("--token-file", type=Path, metavar="FILE", help=f"file holding the API {role} token")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="seconds to wait for the server (default: 10)")
+    parser.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
+                        help="seconds to wait for the server, a positive number (default: 10)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer")
 
 
@@ -235,8 +292,8 @@ def _run_devices(args: argparse.Namespace) -> int:
         query.append(("sync_state", args.state))
     if args.online is not None:
         query.append(("online", "true" if args.online else "false"))
-    query.append(("limit", str(args.limit)))
-    token = _read_token(args.token_file)
+    query += [("limit", str(args.limit)), ("offset", str(args.offset))]
+    token = read_token(args.token_file)
     answer = api_get(server, "/api/v1/devices", query, token=token, timeout=args.timeout)
     if not isinstance(answer, dict) or not isinstance(answer.get("devices"), list):
         raise ApiError("fleet server answered an unexpected document for /api/v1/devices")
@@ -245,7 +302,7 @@ def _run_devices(args: argparse.Namespace) -> int:
         return 0
     devices = answer["devices"]
     total = answer["total"] if isinstance(answer.get("total"), int) else len(devices)
-    sys.stdout.write(format_devices_table(devices, total, now=time.time()))
+    sys.stdout.write(format_devices_table(devices, total, now=time.time(), offset=args.offset))
     return 0
 
 
@@ -258,7 +315,7 @@ def _device_document(answer: object, path: str) -> dict[str, Any]:
 def _run_device(args: argparse.Namespace) -> int:
     server = server_url(args.server)
     path = "/api/v1/devices/" + urllib.parse.quote(args.device_id, safe="")
-    answer = _device_document(api_get(server, path, token=_read_token(args.token_file), timeout=args.timeout),
+    answer = _device_document(api_get(server, path, token=read_token(args.token_file), timeout=args.timeout),
                               path)
     if args.json:
         print_json(answer)
@@ -287,7 +344,7 @@ def _run_enroll(args: argparse.Namespace) -> int:
         body["labels"] = labels
     if args.profile is not None:
         body["profile"] = args.profile
-    answer = _device_document(api_post(server, "/api/v1/devices", body, token=_read_token(args.token_file),
+    answer = _device_document(api_post(server, "/api/v1/devices", body, token=read_token(args.token_file),
                                        actor=args.actor, timeout=args.timeout), "/api/v1/devices")
     if args.json:
         print_json(answer)
@@ -300,44 +357,68 @@ def _run_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-def _limit(text: str) -> int:
+def page_limit(text: str) -> int:
+    """Parse ``--limit``: a whole number from 1 to 1000 (the API's page size), for argparse.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
     try:
         value = int(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
     if not 1 <= value <= 1000:
         raise argparse.ArgumentTypeError("must be between 1 and 1000")
+    return value
+
+
+def _offset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
+    if not 0 <= value <= 10**9:
+        raise argparse.ArgumentTypeError("must be a whole number from 0")
     return value
 
 
 def register(subparsers: Any) -> None:
     """Add the ``devices``, ``device`` and ``enroll`` sub-commands."""
     devices = subparsers.add_parser("devices", help="list the fleet's devices from the fleet server",
-                                    description="List devices known to the fleet server.")
-    _client_options(devices)
+                                    description="List devices known to the fleet server, ordered by "
+                                                "id, one page at a time (--limit, --offset).",
+                                    epilog=_DEVICES_EXAMPLES,
+                                    formatter_class=ExamplesHelpFormatter)
+    client_options(devices)
     devices.add_argument("--label", action="append", metavar="KEY=VALUE",
                          help="only devices with this label (repeatable: all must match)")
-    devices.add_argument("--state", metavar="STATE", help="only devices in this sync state (e.g. in_sync)")
+    devices.add_argument("--state", metavar="STATE", choices=SYNC_STATES,
+                         help="only devices in this sync state: " + ", ".join(SYNC_STATES))
     online = devices.add_mutually_exclusive_group()
     online.add_argument("--online", dest="online", action="store_const", const=True, default=None,
                         help="only devices that are online")
     online.add_argument("--offline", dest="online", action="store_const", const=False,
                         help="only devices that are offline")
-    devices.add_argument("--limit", type=_limit, default=1000,
-                         help="at most this many devices (default: 1000)")
+    devices.add_argument("--limit", type=page_limit, default=1000,
+                         help="at most this many devices, 1 to 1000 (default: 1000)")
+    devices.add_argument("--offset", type=_offset, default=0, metavar="N",
+                         help="skip the first N matching devices, for the next page (default: 0)")
     devices.set_defaults(func=_run_devices)
 
     device = subparsers.add_parser("device", help="show one device from the fleet server",
-                                   description="Show one device, its newest events and health.")
+                                   description="Show one device, its newest events and health.",
+                                   epilog=_DEVICE_EXAMPLES,
+                                   formatter_class=ExamplesHelpFormatter)
     device.add_argument("device_id", metavar="ID", help="the device id")
-    _client_options(device)
+    client_options(device)
     device.set_defaults(func=_run_device)
 
     enroll = subparsers.add_parser(
         "enroll", help="make a device known to the fleet server before it reports (admin token)",
         description="Enroll a device: with ingest.unknown_devices: refuse only enrolled devices are "
                     "heard. Labels and a profile given here hold until the device reports its own. "
-                    "Enrolling a known device again sets what is given. Recorded in the audit log.")
+                    "Enrolling a known device again sets what is given. Recorded in the audit log.",
+        epilog=_ENROLL_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     enroll.add_argument("device_id", metavar="ID", help="the device id (as in its agent.yaml)")
     enroll.add_argument("--label", action="append", metavar="KEY=VALUE",
                         help="a label for rollout selectors until the device reports its own (repeatable)")
@@ -345,5 +426,5 @@ def register(subparsers: Any) -> None:
     enroll.add_argument("--reason", metavar="TEXT", help="why, for the audit log")
     enroll.add_argument("--actor", default=os.environ.get("USER") or None, metavar="NAME",
                         help="who, for the audit log (default: $USER)")
-    _client_options(enroll, role="admin")
+    client_options(enroll, role="admin")
     enroll.set_defaults(func=_run_enroll)

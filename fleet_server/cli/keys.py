@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
+from nacl.signing import SigningKey
+
+from edge_agent.errors import KeyFileError
 from edge_agent.trust.keys import (
+    ED25519_PREFIX,
+    X25519_PREFIX,
     format_encryption_public,
     format_verify_key,
     generate_encryption_key,
@@ -13,31 +19,91 @@ from edge_agent.trust.keys import (
     load_encryption_key,
     load_signing_key,
 )
-from fleet_server.cli.common import emit
+from fleet_server.cli.common import ExamplesHelpFormatter, emit
 from fleet_server.signing import rotate_root
 
-__all__ = ["register"]
+__all__ = ["load_signing_keys", "register"]
 
 _X25519_PRIVATE = b"x25519-private:"
+_HEAD_BYTES = 64
+_NEEDED = "signing needs an ed25519 private key file (fleetctl keys generate --out FILE)"
+_KINDS = (
+    (_X25519_PRIVATE, "an x25519 private key (a device or escrow key for sealed secrets)"),
+    (ED25519_PREFIX.encode(), "an ed25519 public key, not the private key file it was printed from"),
+    (X25519_PREFIX.encode(), "an x25519 public key (a device's sealed-secret key)"),
+)
+
+_GENERATE_EXAMPLES = """examples:
+  fleetctl keys generate --out ~/.edge-fleet/alice.key             # an ed25519 release signing key
+  fleetctl keys generate --out device.key --type x25519            # a key that receives sealed secrets
+  fleetctl keys generate --out ~/.edge-fleet/alice.key --force     # replace it: the old key is lost
+"""
+_PUBLIC_EXAMPLES = """examples:
+  fleetctl keys public ~/.edge-fleet/alice.key          # ed25519:<base64>, for --trust and agent.yaml
+  fleetctl keys public /etc/edge-agent/device.key --json
+"""
+_ROTATE_EXAMPLES = """examples:
+  # genesis: the key set the devices are configured with
+  fleetctl keys rotate config/ --trust ed25519:A --trust ed25519:B --threshold 2 --key a.key --key b.key
+  # rotation: signed by 2 of the current keys and 2 of the new ones
+  fleetctl keys rotate config/ --trust ed25519:B --trust ed25519:C --threshold 2 \\
+      --key a.key --key b.key --key c.key
+"""
+
+
+def _more(examples: str) -> str:
+    return examples.removeprefix("examples:\n")
+
+
+def _head(path: Path) -> bytes:
+    """Return the first bytes of the file at ``path`` (empty when unreadable: loading says why)."""
+    try:
+        with Path(path).open("rb") as fh:
+            return fh.read(_HEAD_BYTES).lstrip()
+    except OSError:
+        return b""
+
+
+def load_signing_keys(paths: Sequence[Path]) -> list[SigningKey]:
+    """Load each ed25519 private key file of ``paths``, in order.
+
+    Raises:
+        KeyFileError: a file is missing, unsafe or malformed, or holds another kind of key (the
+            reason names the kind found and the kind needed).
+    """
+    keys: list[SigningKey] = []
+    for path in paths:
+        head = _head(path)
+        for prefix, kind in _KINDS:
+            if head.startswith(prefix):
+                raise KeyFileError(f"{path} holds {kind}; {_NEEDED}")
+        keys.append(load_signing_key(path))
+    return keys
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``keys generate|public|rotate`` to the fleetctl parser."""
+    examples = _GENERATE_EXAMPLES + _more(_PUBLIC_EXAMPLES) + _more(_ROTATE_EXAMPLES)
     keys = subparsers.add_parser("keys", help="generate and rotate signing keys",
-                                 description="Generate key files, show public keys, rotate root keys.")
+                                 description="Generate key files, show public keys, rotate root keys.",
+                                 epilog=examples, formatter_class=ExamplesHelpFormatter)
     sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
 
     gen = sub.add_parser("generate", help="create a private key file (0600) and print its public key",
-                         description="Create a private key file (mode 0600) and print its public key.")
+                         description="Create a private key file (mode 0600) and print its public key. "
+                                     "An existing file is kept unless --force is given.",
+                         epilog=_GENERATE_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     gen.add_argument("--out", required=True, type=Path, metavar="KEYFILE", help="where to write the key")
     gen.add_argument("--type", choices=("ed25519", "x25519"), default="ed25519",
                      help="ed25519 signs releases (default); x25519 receives sealed secrets")
-    gen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    gen.add_argument("--force", action="store_true",
+                     help="overwrite an existing key file (the old key is lost for good)")
     gen.add_argument("--json", action="store_true", help="print a JSON object")
     gen.set_defaults(func=run_generate)
 
     pub = sub.add_parser("public", help="print the public key of a private key file",
-                         description="Print the public key of a private key file.")
+                         description="Print the public key of a private key file.",
+                         epilog=_PUBLIC_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     pub.add_argument("keyfile", type=Path, metavar="KEYFILE")
     pub.add_argument("--json", action="store_true", help="print a JSON object")
     pub.set_defaults(func=run_public)
@@ -46,7 +112,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "rotate", help="write the next root key set (.fleet/root/<N>.json)",
         description="Write .fleet/root/<N+1>.json naming the new trusted keys and threshold, signed by "
                     "every --key. It must be signed by the threshold of the current root's keys and of "
-                    "the new keys. With no root file yet, writes 1.json (the genesis root).")
+                    "the new keys. With no root file yet, writes 1.json (the genesis root).",
+        epilog=_ROTATE_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     rot.add_argument("repo_dir", type=Path, metavar="REPO_DIR")
     rot.add_argument("--trust", action="append", required=True, metavar="PUBKEY",
                      help="a public key of the new key set (repeat)")
@@ -59,7 +126,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Create the key file and print its public key; return the exit code."""
+    """Create the key file and print its public key; return the exit code.
+
+    Raises:
+        KeyFileError: the file exists and ``--force`` was not given, or it cannot be written.
+    """
+    if not args.force and (args.out.exists() or args.out.is_symlink()):
+        raise KeyFileError(f"{args.out} exists; refusing to overwrite a key (add --force to replace it: "
+                           "the old key is lost, and anything signed or sealed to it needs the new one)")
     if args.type == "x25519":
         public = format_encryption_public(generate_encryption_key(args.out, overwrite=args.force).public_key)
     else:
@@ -69,13 +143,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _key_type(path: Path) -> str:
-    """Guess the kind of a key file from its first bytes; loading it checks everything else."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(len(_X25519_PRIVATE))
-    except OSError:
-        return "ed25519"
-    return "x25519" if head == _X25519_PRIVATE else "ed25519"
+    """Guess the kind of a private key file from its first bytes; loading it checks everything else.
+
+    Raises:
+        KeyFileError: the file holds a public key (``ed25519:`` or ``x25519:``), not a private one.
+    """
+    head = _head(path)
+    for prefix in (ED25519_PREFIX, X25519_PREFIX):
+        if head.startswith(prefix.encode()):
+            raise KeyFileError(f"{path} holds a public key already ({prefix}...); 'keys public' reads the "
+                               "private key file it came from")
+    return "x25519" if head.startswith(_X25519_PRIVATE) else "ed25519"
 
 
 def run_public(args: argparse.Namespace) -> int:
@@ -95,7 +173,7 @@ def run_public(args: argparse.Namespace) -> int:
 
 def run_rotate(args: argparse.Namespace) -> int:
     """Write the next root metadata file; return the exit code."""
-    signing_keys = [load_signing_key(path) for path in args.key]
+    signing_keys = load_signing_keys(args.key)
     summary = rotate_root(args.repo_dir, args.trust, threshold=args.threshold, signing_keys=signing_keys)
     text = (f"wrote {summary.path} (root version {summary.version}: {summary.threshold} of "
             f"{len(summary.keys)} keys, signed by {len(summary.signers)} key(s))")

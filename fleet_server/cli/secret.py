@@ -18,7 +18,7 @@ from edge_agent.trust.keys import (
     load_encryption_key,
     parse_encryption_public,
 )
-from fleet_server.cli.common import emit
+from fleet_server.cli.common import ExamplesHelpFormatter, emit
 from fleet_server.errors import UsageError
 
 __all__ = ["register"]
@@ -156,6 +156,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_INSPECT_EXAMPLES = """examples:
+  fleetctl secret inspect config/secrets/wifi-psk.sealed.json
+  fleetctl secret inspect config/secrets/wifi-psk.sealed.json --json
+"""
+_KEYGEN_EXAMPLES = """examples:
+  fleetctl secret keygen --out ~/.edge-fleet/escrow.key     # prints x25519:<base64>
+"""
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``fleetctl secret`` and its actions (seal, inspect, add-recipient, remove-recipient, keygen)."""
     parser = subparsers.add_parser("secret", help="seal secrets to device encryption keys",
@@ -173,7 +181,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--out", metavar="FILE", help="write the sealed file here instead of stdout")
     p.set_defaults(func=_cmd_seal)
 
-    p = actions.add_parser("inspect", help="show id, version and recipients (never the value)")
+    p = actions.add_parser("inspect", help="show id, version and recipients (never the value)",
+                           description="Show a sealed file's id, version and recipient keys; the value "
+                                       "stays sealed (no key is needed or read).",
+                           epilog=_INSPECT_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_inspect)
@@ -196,6 +207,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--remove", required=True, metavar="PUBKEY", help="x25519:<base64> key to remove")
     p.set_defaults(func=_cmd_remove_recipient)
 
-    p = actions.add_parser("keygen", help="create an x25519 key file (e.g. an operator escrow key)")
+    p = actions.add_parser("keygen", help="create an x25519 key file (e.g. an operator escrow key)",
+                           description="Create an x25519 private key file (mode 0600) that sealed "
+                                       "secrets can be addressed to, and print its public key.",
+                           epilog=_KEYGEN_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     p.add_argument("--out", required=True, metavar="KEYFILE", help="private key file to create (0600)")
     p.set_defaults(func=_cmd_keygen)
