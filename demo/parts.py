@@ -92,11 +92,11 @@ def start_broker(children: Children, work: Path, device_ids: Sequence[str], log:
     ids = work / "device-ids.txt"
     ids.write_text("".join(f"{d}\n" for d in device_ids))
     run_tool([BIN / "fleetctl", "broker-config", "--out", out, "--devices", ids, "--port", str(port),
-              "--bind", "127.0.0.1"])
+              "--bind", "127.0.0.1", "--data-dir", out])
     conf = out / "mosquitto.conf"
     # As root, Mosquitto would drop privileges to its own user; it must keep ours to read the files.
     conf.write_text(f"user {pwd.getpwuid(os.getuid()).pw_name}\n" + conf.read_text()
-                    + f"persistence_location {out}/\nlog_dest file {out / 'mosquitto.log'}\n")
+                    + f"log_dest file {out / 'mosquitto.log'}\n")
     proc = children.start("mosquitto", "broker", [_mosquitto(), "-c", conf], log)
     wait_for_port(port, "mosquitto", alive=lambda: proc.poll() is None)
     return port, out / "credentials"

@@ -191,7 +191,9 @@ def test_reports_arrive_on_the_broker_and_decode(fleet: AgentFleet, broker: Mosq
         agent = RunningAgent(cfg)
         try:
             assert sub.wait(has_event("sync_succeeded", sha), 20), sub.lines[-20:]
-            assert sub.wait(lambda s: len(decoded(s, "health")) >= 2, 10), sub.lines[-20:]
+            # health reports go out from the start; wait for two that carry the installed release
+            assert sub.wait(lambda s: sum(h["commit"] == sha for h in decoded(s, "health")) >= 2, 10), \
+                sub.lines[-20:]
             wait_until(lambda: outbox_count(fleet) <= 2, "the outbox to drain")
         finally:
             agent.stop()

@@ -76,6 +76,11 @@ def test_generated_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert _password(out, "dev-a") == before
     assert _fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "--rotate"]) == 0
     assert _password(out, "dev-a") != before
+    assert "persistence_location /var/lib/mosquitto/" in (out / "mosquitto.conf").read_text().splitlines()
+    # --data-dir names where the broker keeps its database
+    data = tmp_path / "data"
+    assert _fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "--data-dir", str(data)]) == 0
+    assert f"persistence_location {data}/" in (out / "mosquitto.conf").read_text().splitlines()
 
 
 def test_invalid_input_is_refused(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fleet_server.broker_config import read_device_ids, write_broker_config
+from fleet_server.broker_config import DEFAULT_DATA_DIR, read_device_ids, write_broker_config
 from fleet_server.cli.common import emit
 from fleet_server.errors import UsageError
 
@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cmd.add_argument("--bind", metavar="ADDRESS", help="the listener address in mosquitto.conf")
     cmd.add_argument("--conf-dir", type=Path, metavar="DIR",
                      help="where the files will be installed, as named in mosquitto.conf (default: --out)")
+    cmd.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, metavar="DIR",
+                     help="the broker's persistence_location: where it keeps retained messages and "
+                          f"sessions (default: {DEFAULT_DATA_DIR}/)")
     cmd.add_argument("--rotate", action="store_true", help="generate new passwords for everyone")
     cmd.add_argument("--json", action="store_true", help="print a JSON object")
     cmd.set_defaults(func=run_broker_config)
@@ -54,7 +57,7 @@ def run_broker_config(args: argparse.Namespace) -> int:
     files = write_broker_config(
         args.out, read_device_ids(args.devices), server_users=args.server_user or ["fleet-server"],
         server_password=server_password, prefix=args.prefix, port=args.port, bind=args.bind,
-        conf_dir=args.conf_dir, rotate=args.rotate)
+        conf_dir=args.conf_dir, data_dir=args.data_dir, rotate=args.rotate)
     summary = {
         "out": str(files.out), "passwd": str(files.passwd), "acl": str(files.acl), "conf": str(files.conf),
         "credentials": str(files.credentials), "devices": len(files.devices),
