@@ -39,6 +39,10 @@ from edge_agent.report import messages as m
 __all__ = ["FleetOptions", "LoadFleet", "fleet_process"]
 
 PREFIX = "fleet/v1"
+MAX_UNACKED = 20_000
+"""Messages a connection may have published and not yet seen acknowledged. paho keys its queue of
+outgoing QoS 1 messages by message id (1..65535): queueing more than that at once reuses the id of
+a message still queued, which then is never sent nor acknowledged, so publishing waits below it."""
 _CHECKS = [{"name": "app", "ok": True}]
 
 
@@ -84,6 +88,8 @@ class LoadFleet:
         self._rng = random.Random(options.seed)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)  # fewer than MAX_UNACKED messages unacknowledged
+        self._sent_total = 0
         self._heap: list[tuple[float, int, str, str]] = []
         self._seq = 0
         self._stop = threading.Event()
@@ -102,10 +108,14 @@ class LoadFleet:
     def _on_publish(self, *_args: Any) -> None:
         with self._lock:
             self._acked += 1
+            self._room.notify_all()
 
     def _send(self, device: str, kind: str, msg: dict[str, Any], *, retain: bool = False) -> None:
         with self._lock:
+            while self._sent_total - self._acked >= MAX_UNACKED and not self._stop.is_set():
+                self._room.wait(0.5)
             self.sent[kind] += 1
+            self._sent_total += 1
         self._client.publish(m.topic(PREFIX, device, kind), m.encode(msg), qos=1, retain=retain)
 
     def _status(self, device: str, dev: _Device, *, labels: bool = False) -> None:

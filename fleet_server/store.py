@@ -2,9 +2,10 @@
 
 One database file (sqlite-utils on the standard ``sqlite3`` driver) in WAL mode with
 ``synchronous=NORMAL``: a committed batch survives a crash of the server process, and readers never
-block the ingest writer. Two connections: one for writes (the ingest writer, audit, releases,
-pruning), one for reads (the HTTP API, metrics), each guarded by its own lock so that any thread may
-call any method.
+block the ingest writer. One connection for writes (the ingest writer, audit, releases, pruning),
+guarded by a lock, and a small pool of read connections (the HTTP API, metrics, the rollout runner),
+each used by one thread at a time, so that any thread may call any method and an API read never
+queues behind another thread's long read.
 
 Tables: ``devices`` (the registry: one row per device, the latest status, online state and event),
 ``events`` (history; each row keeps the commit time of its release when the release is known, so
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -58,6 +60,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_READERS = 4
+"""Read connections at most (each serves one thread at a time)."""
 
 INGEST_KINDS = ("status", "events", "health", "online")
 """The device-to-server message kinds, which are also the last level of their topics."""
@@ -269,11 +274,16 @@ class Store(RolloutStoreMixin):
         """
         self.path = Path(path)
         self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
+        # Readers: up to _READERS connections, each used by one thread at a time, so an API read
+        # does not queue behind the rollout runner's or the metrics' reads (WAL readers run at once).
+        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._reader_slots = threading.BoundedSemaphore(_READERS)
+        self._pool_lock = threading.Lock()
+        self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._wconn = self._connect()
-            self._rconn = self._connect()
+            self._readers.put(self._connect())
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open the fleet database {self.path}: {exc}") from exc
         self._db = sqlite_utils.Database(self._wconn, execute_plugins=False)
@@ -317,17 +327,37 @@ class Store(RolloutStoreMixin):
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._read_lock:
+        with self._reader_slots:
+            if self._closed:
+                raise StateError(f"cannot {what} from {self.path}: the store is closed")
             try:
-                yield self._rconn
+                conn = self._readers.get_nowait()
+            except queue.Empty:
+                try:
+                    conn = self._connect()
+                except sqlite3.Error as exc:
+                    raise StateError(f"cannot {what} from {self.path}: {exc}") from exc
+            try:
+                yield conn
             except sqlite3.Error as exc:
                 raise StateError(f"cannot {what} from {self.path}: {exc}") from exc
+            finally:
+                with self._pool_lock:
+                    if self._closed:
+                        conn.close()
+                    else:
+                        self._readers.put(conn)
 
     def close(self) -> None:
-        """Close both connections (idempotent)."""
-        with self._write_lock, self._read_lock:
+        """Close every connection (idempotent); a read in progress closes its own when it ends."""
+        with self._write_lock, self._pool_lock:
+            self._closed = True
             self._wconn.close()
-            self._rconn.close()
+            while True:
+                try:
+                    self._readers.get_nowait().close()
+                except queue.Empty:
+                    break
 
     # --- ingest ----------------------------------------------------------------------------------
 
