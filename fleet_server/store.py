@@ -342,11 +342,14 @@ class Store(RolloutStoreMixin):
             except sqlite3.Error as exc:
                 raise StateError(f"cannot {what} from {self.path}: {exc}") from exc
             finally:
-                with self._pool_lock:
-                    if self._closed:
-                        conn.close()
-                    else:
-                        self._readers.put(conn)
+                self._give_back(conn)
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._readers.put(conn)
 
     def close(self) -> None:
         """Close every connection (idempotent); a read in progress closes its own when it ends."""
