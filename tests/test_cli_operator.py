@@ -156,6 +156,15 @@ def test_timeout_must_be_a_positive_number(command: list[str], value: str,
     assert f"argument --timeout: must be a positive number of seconds (at most 86400), got {value!r}" in line
 
 
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "ten"])
+def test_rollout_timeouts_must_be_positive_and_finite(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    server = f"http://127.0.0.1:{free_port()}"
+    line = usage_error(capsys, "rollout", "status", "--server", server, "--http-timeout", value)
+    assert f"--http-timeout: must be a positive number of seconds (at most 86400), got {value!r}" in line
+    line = usage_error(capsys, "rollout", "watch", "r-1", "--server", server, "--timeout", value)
+    assert "argument --timeout:" in line
+
+
 # --- a real API server -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

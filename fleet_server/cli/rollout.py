@@ -17,6 +17,7 @@ or superseded, or when ``--timeout`` passed first.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -28,7 +29,14 @@ from typing import Any
 from edge_agent.errors import BundleError, YamlError
 from edge_agent.yamlsafe import load_yaml
 from fleet_server.cli.common import print_json
-from fleet_server.cli.devices import DEFAULT_SERVER, _read_token, api_get, api_post, server_url
+from fleet_server.cli.devices import (
+    DEFAULT_SERVER,
+    _read_token,
+    api_get,
+    api_post,
+    positive_seconds,
+    server_url,
+)
 from fleet_server.errors import ApiError, UsageError
 
 __all__ = ["BAR_WIDTH", "format_devices", "format_rollout", "format_rollouts", "progress_bar", "register",
@@ -265,9 +273,9 @@ def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError("must be a finite number of seconds more than 0")
     return value
 
 
@@ -276,7 +284,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
                         help=f"fleet server base URL (default: $FLEET_SERVER or {DEFAULT_SERVER})")
     parser.add_argument("--token-file", type=Path, metavar="FILE",
                         help="file holding the API token (admin token for start and the actions)")
-    parser.add_argument("--http-timeout", type=_positive, default=10.0, metavar="SECONDS",
+    parser.add_argument("--http-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
                         help="seconds to wait for each answer of the server (default: 10)")
     parser.add_argument("--actor", default=os.environ.get("USER") or None,
                         help="your name in the audit log (default: $USER)")
