@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_agent.config_section import LOG_LEVELS, ConfigSection, parse_duration
+from edge_agent.config_section import (
+    FETCH_LIMIT_KEYS,
+    LOG_LEVELS,
+    ConfigSection,
+    fetch_limit_values,
+    parse_duration,
+)
 from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.gitlimits import FetchLimits
 from edge_agent.report.messages import MAX_LABEL_VALUE, MAX_LABELS
@@ -189,9 +195,8 @@ def _profile_dirs(top: _Section) -> tuple[Path, ...]:
 def _repo(top: _Section) -> RepoConfig:
     if not top.has("repo"):
         raise ConfigError("repo: is required")
-    s = top.section("repo", frozenset({"url", "branch", "auth", "max_fetch_bytes", "timeout",
-                                       "max_object_bytes", "max_inflated_bytes", "max_refs",
-                                       "max_ref_advertisement_bytes", "fetch_deadline"}))
+    s = top.section("repo", frozenset({"url", "branch", "auth", "max_fetch_bytes", "timeout"})
+                    | FETCH_LIMIT_KEYS)
     url = s.mirror_url("url")
     if url is None:
         raise ConfigError("repo.url: is required")
@@ -206,12 +211,7 @@ def _repo(top: _Section) -> RepoConfig:
     return RepoConfig(url=url, branch=branch, auth=auth,
                       max_fetch_bytes=s.size("max_fetch_bytes", 256 * 1024 * 1024),
                       timeout=s.duration("timeout", 30.0),
-                      max_object_bytes=s.size("max_object_bytes", FetchLimits.max_object_bytes),
-                      max_inflated_bytes=s.size("max_inflated_bytes", FetchLimits.max_inflated_bytes),
-                      max_refs=s.int_("max_refs", FetchLimits.max_refs, minimum=1, maximum=10_000_000),
-                      max_ref_advertisement_bytes=s.size("max_ref_advertisement_bytes",
-                                                         FetchLimits.max_ref_advertisement_bytes),
-                      fetch_deadline=s.duration("fetch_deadline", FetchLimits.fetch_deadline))
+                      **fetch_limit_values(s))
 
 
 def _trust(top: _Section) -> TrustConfig:

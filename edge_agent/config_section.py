@@ -18,8 +18,8 @@ from edge_agent.durations import parse_seconds
 from edge_agent.errors import ConfigError, YamlError
 from edge_agent.yamlsafe import excerpt, load_yaml
 
-__all__ = ["LOG_LEVELS", "MAX_CONFIG_BYTES", "URL_SCHEMES", "ConfigSection", "parse_duration",
-           "read_config_bytes"]
+__all__ = ["FETCH_LIMIT_KEYS", "LOG_LEVELS", "MAX_CONFIG_BYTES", "URL_SCHEMES", "ConfigSection",
+           "fetch_limit_values", "parse_duration", "read_config_bytes"]
 
 MAX_CONFIG_BYTES = 1024 * 1024
 URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
@@ -245,3 +245,25 @@ class ConfigSection:
         p = self.path(key, default)
         assert p is not None
         return p
+
+
+FETCH_LIMIT_KEYS = frozenset({"max_object_bytes", "max_inflated_bytes", "max_refs",
+                              "max_ref_advertisement_bytes", "fetch_deadline"})
+"""The keys of a mirror's fetch bounds, the same under the agent's ``repo:`` and the server's ``git:``."""
+
+
+def fetch_limit_values(s: ConfigSection) -> dict[str, Any]:
+    """Return the fetch bounds of ``s`` (the :data:`FETCH_LIMIT_KEYS`, defaults where absent) as
+    keyword arguments for a config dataclass.
+
+    Raises:
+        the section's error type: a bound of the wrong type or out of range.
+    """
+    from edge_agent.gitlimits import FetchLimits  # noqa: PLC0415 - only configs with a mirror need it
+
+    return {"max_object_bytes": s.size("max_object_bytes", FetchLimits.max_object_bytes),
+            "max_inflated_bytes": s.size("max_inflated_bytes", FetchLimits.max_inflated_bytes),
+            "max_refs": s.int_("max_refs", FetchLimits.max_refs, minimum=1, maximum=10_000_000),
+            "max_ref_advertisement_bytes": s.size("max_ref_advertisement_bytes",
+                                                  FetchLimits.max_ref_advertisement_bytes),
+            "fetch_deadline": s.duration("fetch_deadline", FetchLimits.fetch_deadline)}

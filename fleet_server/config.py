@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.config_section import LOG_LEVELS, ConfigSection
+from edge_agent.config_section import FETCH_LIMIT_KEYS, LOG_LEVELS, ConfigSection, fetch_limit_values
 from edge_agent.errors import KeyFileError, YamlError
 from edge_agent.gitlimits import FetchLimits
 from edge_agent.report.messages import MAX_MESSAGE_BYTES
@@ -228,8 +228,7 @@ def _http(top: _Section) -> HttpConfig:
 
 def _git(top: _Section) -> GitConfig:
     s = top.section("git", frozenset({"url", "branch", "poll_interval", "webhook_secret_file", "trust",
-                                      "cache_dir", "max_object_bytes", "max_inflated_bytes", "max_refs",
-                                      "max_ref_advertisement_bytes", "fetch_deadline"}))
+                                      "cache_dir"}) | FETCH_LIMIT_KEYS)
     url = s.mirror_url("url")
     branch = s.branch("branch", "main")
     t = s.section("trust", frozenset({"keys", "threshold"}))
@@ -251,12 +250,7 @@ def _git(top: _Section) -> GitConfig:
                      webhook_secret_file=s.path("webhook_secret_file"),
                      trust=GitTrust(keys=unique, threshold=threshold),
                      cache_dir=s.req_path("cache_dir", Path("/var/cache/fleet-server/git")),
-                     max_object_bytes=s.size("max_object_bytes", FetchLimits.max_object_bytes),
-                     max_inflated_bytes=s.size("max_inflated_bytes", FetchLimits.max_inflated_bytes),
-                     max_refs=s.int_("max_refs", FetchLimits.max_refs, minimum=1, maximum=10_000_000),
-                     max_ref_advertisement_bytes=s.size("max_ref_advertisement_bytes",
-                                                        FetchLimits.max_ref_advertisement_bytes),
-                     fetch_deadline=s.duration("fetch_deadline", FetchLimits.fetch_deadline))
+                     **fetch_limit_values(s))
 
 
 _TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "log_level"})
