@@ -138,6 +138,24 @@ class RolloutStoreMixin:
                                 [*params, max(0, int(limit)), max(0, int(offset))]).fetchall()
         return total, [{"device": str(r[0]), **json.loads(r[1])} for r in rows]
 
+    def rollout_supersessions(self, rollout_ids: Sequence[str]) -> dict[str, tuple[str, float | None]]:
+        """Return ``{rollout id: (superseded_by, superseded_at)}`` for those of ``rollout_ids`` a newer
+        rollout superseded (read from the records, without their devices).
+
+        Raises:
+            StateError: the database cannot be read.
+        """
+        if not rollout_ids:
+            return {}
+        with self._reading("read rollout supersessions") as conn:
+            rows = conn.execute(
+                "SELECT id, json_extract(state, '$.superseded_by') AS by,"
+                " json_extract(state, '$.superseded_at') AS at FROM rollout_records"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(rollout_ids)),)).fetchall()
+        return {str(r["id"]): (str(r["by"]), None if r["at"] is None else float(r["at"]))
+                for r in rows if r["by"]}
+
     def rollout_exists(self, rollout_id: str) -> bool:
         """Tell whether a rollout with this id is stored (without reading its state).
 

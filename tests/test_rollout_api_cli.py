@@ -214,6 +214,15 @@ def test_fleetctl_start_status_watch_and_actions(api: Api, capsys: pytest.Captur
     code, out, err = fleetctl_run(api, capsys, "start", "--release", "3", "--plan", str(plan_file), "--json")
     assert code == 0, err
     bad = json.loads(out)["id"]
+    # the succeeded rollout keeps its outcome once superseded; being superseded is shown beside it
+    code, out, err = fleetctl_run(api, capsys, "watch", rid, "--timeout", "5", "--interval", "0.2")
+    assert code == 0, err
+    code, out, _ = fleetctl_run(api, capsys, "status", rid)
+    assert f"phase succeeded  wave 2 of 2  superseded by {bad}" in out
+    code, out, _ = fleetctl_run(api, capsys, "status", "--json")
+    listed = {r["id"]: r for r in json.loads(out)["rollouts"]}
+    assert (listed[rid]["phase"], listed[rid]["superseded_by"]) == ("succeeded", bad)
+    assert listed[bad]["superseded_by"] is None
     code, out, _ = fleetctl_run(api, capsys, "watch", bad, "--timeout", "20", "--interval", "0.2")
     assert code == 1
     assert "halted" in out

@@ -354,6 +354,27 @@ def test_supersede_stops_assignments() -> None:
     assert len(d.assigned()) == before
 
 
+def test_a_succeeded_rollout_keeps_its_outcome_when_superseded() -> None:
+    d = Driver(_make(THREE_WAVES))
+    d.send(Start(T0))
+    d.run_until(_phase("succeeded"), every=30)
+    effects = d.send(Supersede("r2", d.now + 5))
+    assert d.state.phase == "succeeded"
+    assert (d.state.superseded_by, d.state.superseded_at) == ("r2", d.now + 5)
+    assert not [e for e in effects if isinstance(e, PhaseChanged)]
+    audits = [e for e in effects if isinstance(e, Audit)]
+    assert [(a.action, a.detail["phase"], a.detail["superseded_by"]) for a in audits] == \
+        [("supersede", "succeeded", "r2")]
+    assert RolloutState.from_dict(json.loads(json.dumps(d.state.to_dict()))) == d.state
+    # a superseded rollout serves no late device and takes no action any more
+    before = len(d.assigned())
+    d.send(DeviceJoined(DeviceInfo("dev-late", {"site": "a"}), d.now + 10))
+    d.send(Tick(d.now + 600))
+    assert len(d.assigned()) == before
+    refusal = check_action(d.state, Rollback("bob", "undo", d.now + 1))
+    assert refusal == "the rollout is succeeded and was superseded by rollout r2"
+
+
 def test_pause_resume_abort_and_operator_rollback() -> None:
     d = Driver(_make(THREE_WAVES))
     d.send(Start(T0))

@@ -321,6 +321,34 @@ def test_a_newer_release_supersedes_the_running_rollout(servers, fleets, clock):
     assert new_state.previous is not None
 
 
+def test_a_succeeded_rollout_stays_succeeded_when_a_newer_one_supersedes_it(servers, fleets, clock):
+    server = servers()
+    fleet = fleets(fleet_of(6))
+    ready(server, fleet, (OLD, NEW, NEWER))
+    first = server.runner.start(NEW[0], plan({"soak": 0}, {"percent": 100, "soak": 0}), actor="alice",
+                                reason="v2")
+    assert drive(server, first, lambda ph: ph == "succeeded") == "succeeded"
+    second = server.runner.start(NEWER[0], plan({"soak": 0}, {"percent": 100, "soak": 0}), actor="alice",
+                                 reason="v3")
+    old = server.runner.state(first)
+    assert old is not None
+    assert (old.phase, old.superseded_by) == ("succeeded", second)
+    described = server.runner.describe(first)
+    assert described is not None
+    assert (described["phase"], described["superseded_by"]) == ("succeeded", second)
+    assert described["superseded_at"] is not None
+    actions = [a["action"] for a in server.store.rollout_audit(first)]
+    assert actions[-1] == "rollout.supersede"
+    assert "rollout.succeed" in actions
+    assert server.runner.act(first, "rollback", actor="bob", reason="too late") is not None
+    assert drive(server, second, lambda ph: ph == "succeeded") == "succeeded"
+    # a restart serves from the newest rollout, not the superseded one
+    server.stop()
+    again = servers()
+    again.runner.load()
+    assert [s.rollout_id for s in again.runner.live_states()] == [second]
+
+
 def test_paused_device_shows_deferred_not_failed(servers, fleets, clock):
     server = servers()
     fleet = fleets(fleet_of(8, canaries=0))

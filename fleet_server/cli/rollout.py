@@ -7,8 +7,9 @@ Talks to ``/api/v1/rollouts`` with the same client as ``fleetctl devices`` (``--
 
 ``watch`` draws one hand-rolled text progress bar per wave (``#`` done, ``x`` failed, ``o``
 offline, ``.`` pending) with the counts; on a terminal it redraws in place, otherwise it prints a
-line per change. It exits 0 when the rollout succeeded, 1 when it halted, rolled back, was aborted
-or superseded, or when ``--timeout`` passed first.
+line per change. It exits 0 when the rollout succeeded (also when a newer rollout superseded it
+since: that is a separate fact), 1 when it halted, rolled back, was aborted or was superseded
+before it finished, or when ``--timeout`` passed first.
 
 ``status`` and ``watch`` read the rollout's summary (waves with counts, never a per-device map);
 ``devices`` lists the rollout's devices one page at a time, filtered by wave and state.
@@ -81,7 +82,8 @@ def format_rollout(r: Mapping[str, Any]) -> str:
     commit = str(r.get("commit") or "")[:12]
     lines = [f"rollout {r.get('id')}  release {r.get('release')} ({commit})  previous {r.get('previous')}  "
              f"plan {r.get('plan')}",
-             f"phase {r.get('phase')}  wave {int(r.get('wave', 0)) + 1} of {len(r.get('waves') or [])}"]
+             f"phase {r.get('phase')}  wave {int(r.get('wave', 0)) + 1} of {len(r.get('waves') or [])}"
+             + (f"  superseded by {r['superseded_by']}" if r.get("superseded_by") else "")]
     for i, wave in enumerate(r.get("waves") or []):
         lines.append(_wave_line(i, wave, int(r.get("wave", 0))))
     if r.get("halted_reason"):
@@ -108,10 +110,11 @@ def format_devices(page: Mapping[str, Any]) -> str:
 
 def format_rollouts(rollouts: Sequence[Mapping[str, Any]]) -> str:
     """Return the rollout list as an aligned table."""
-    rows = [("ROLLOUT", "RELEASE", "PREVIOUS", "PHASE", "WAVE", "ACTOR")]
+    rows = [("ROLLOUT", "RELEASE", "PREVIOUS", "PHASE", "WAVE", "ACTOR", "SUPERSEDED BY")]
     for r in rollouts:
         rows.append((str(r.get("id")), str(r.get("release")), str(r.get("previous")), str(r.get("phase")),
-                     str(int(r.get("wave", 0)) + 1), str(r.get("actor") or "-")))
+                     str(int(r.get("wave", 0)) + 1), str(r.get("actor") or "-"),
+                     str(r.get("superseded_by") or "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in rows]
     return "\n".join(lines) + f"\n{len(rollouts)} rollout(s)\n"

@@ -42,6 +42,7 @@ from .model import (
     ENGINE,
     FAILURES,
     OPERATOR,
+    OUTCOME_PHASES,
     OUTCOMES,
     PHASES,
     ROLLBACK,
@@ -156,6 +157,8 @@ def _refusal(w: Work, event: OperatorEvent) -> str | None:
     phase = w.phase
     if _action_key(event) in w.seen_actions:
         return "this action was applied already"
+    if w.superseded_by:
+        return f"the rollout is {phase} and was superseded by rollout {w.superseded_by}"
     if isinstance(event, Start):
         return None if phase == "pending" else f"the rollout is {phase}, not pending"
     if isinstance(event, Pause):
@@ -248,9 +251,14 @@ def _operator(w: Work, e: OperatorEvent) -> None:
     elif isinstance(e, Rollback):
         _begin_rollback(w, e.reason, e.actor)
     else:
-        w.superseded_by = e.new_rollout_id
-        w.set_phase("superseded", f"superseded by rollout {e.new_rollout_id}", "system", "supersede",
-                    superseded_by=e.new_rollout_id)
+        w.superseded_by, w.superseded_at = e.new_rollout_id, w.now
+        if w.phase in OUTCOME_PHASES:
+            # A finished rollout keeps its outcome; it only stops serving late and returning devices.
+            w.audit("system", "supersede", f"superseded by rollout {e.new_rollout_id}; its outcome stays "
+                    f"{w.phase}", phase=w.phase, wave=w.wave, superseded_by=e.new_rollout_id)
+        else:
+            w.set_phase("superseded", f"superseded by rollout {e.new_rollout_id}", "system", "supersede",
+                        superseded_by=e.new_rollout_id)
 
 
 def _report(w: Work | Probe, e: DeviceReport) -> None:
@@ -365,7 +373,7 @@ def _dispatch(w: Work) -> bool:
     still ``pending`` become ``offline``; online ones are assigned in (wave, hash) order within the
     rate limit and, assigning, the maintenance windows."""
     rollback = w.phase in ROLLBACK
-    if w.phase not in ASSIGNING and not rollback:
+    if (w.phase not in ASSIGNING and not rollback) or w.superseded_by:
         return False
     changed = False
     for device in w.index.offline_pending(rollback, w.wave):

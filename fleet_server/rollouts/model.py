@@ -17,8 +17,9 @@ from .membership import DeviceInfo
 from .plan import RolloutPlan, parse_plan
 
 __all__ = [
-    "ASSIGNING", "DEVICE_STATES", "ENGINE", "FAILURES", "OPERATOR", "OUTCOMES", "PHASES", "REPORTED",
-    "ROLLBACK", "SETTLED", "Abort", "AssignRelease", "Audit", "DeviceJoined", "DeviceOnline", "DeviceReport",
+    "ASSIGNING", "DEVICE_STATES", "ENGINE", "FAILURES", "OPERATOR", "OUTCOMES", "OUTCOME_PHASES", "PHASES",
+    "REPORTED", "ROLLBACK", "SETTLED", "Abort", "AssignRelease", "Audit", "DeviceJoined", "DeviceOnline",
+    "DeviceReport",
     "DeviceState", "DeviceStatus", "Effect", "Event", "GateDecision", "GateEvaluated", "OperatorEvent",
     "Pause", "Phase", "PhaseChanged", "Promote", "ReleaseRef", "Resume", "Rollback", "RolloutState", "Start",
     "Supersede", "Tick", "WaveProgress", "device_dict",
@@ -39,6 +40,8 @@ SETTLED = frozenset({"applied", "deferred", "skipped"}) | FAILURES
 REPORTED = frozenset({"applied"}) | FAILURES
 ASSIGNING = frozenset({"running", "waiting_approval", "succeeded"})
 ROLLBACK = frozenset({"rolling_back", "rolled_back"})
+#: the phases that are a finished rollout's outcome: ``Supersede`` leaves them as they are
+OUTCOME_PHASES = frozenset({"succeeded", "rolled_back", "aborted"})
 _ACTION_MEMORY = 64
 _RATE_PERIOD = 60.0
 
@@ -117,6 +120,7 @@ class RolloutState:
     recent_assignments: tuple[float, ...] = ()
     rollback_started: float | None = None
     superseded_by: str = ""
+    superseded_at: float | None = None
     seen_actions: tuple[str, ...] = ()
     #: the derived quantities of ``devices`` (per-wave counters, pending sets; see :mod:`.index`),
     #: kept by the engine between steps; rebuilt when absent or describing another device map;
@@ -141,7 +145,7 @@ class RolloutState:
             "paused_from": self.paused_from, "clock": self.clock,
             "recent_assignments": list(self.recent_assignments),
             "rollback_started": self.rollback_started, "superseded_by": self.superseded_by,
-            "seen_actions": list(self.seen_actions),
+            "superseded_at": self.superseded_at, "seen_actions": list(self.seen_actions),
         }
 
     @classmethod
@@ -166,7 +170,7 @@ class RolloutState:
             paused_from=str(data["paused_from"]), clock=float(data["clock"]),
             recent_assignments=tuple(float(t) for t in data["recent_assignments"]),
             rollback_started=data["rollback_started"], superseded_by=str(data["superseded_by"]),
-            seen_actions=tuple(data["seen_actions"]),
+            superseded_at=_optional_time(data.get("superseded_at")), seen_actions=tuple(data["seen_actions"]),
         )
 
 
@@ -179,6 +183,10 @@ def _phase(value: object) -> Phase:
     if value not in PHASES:
         raise ValueError(f"unknown rollout phase {value!r}")
     return value
+
+
+def _optional_time(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _ref_dict(ref: ReleaseRef | None) -> dict[str, Any] | None:
@@ -295,7 +303,8 @@ class Rollback:
 
 @dataclass(frozen=True)
 class Supersede:
-    """A newer release started rollout ``new_rollout_id``; this one stops assigning."""
+    """A newer release started rollout ``new_rollout_id``; this one stops assigning. A finished
+    rollout (succeeded, rolled back, aborted) keeps its phase: being superseded is a separate fact."""
 
     new_rollout_id: str
     now: float

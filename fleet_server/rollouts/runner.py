@@ -153,8 +153,9 @@ class RolloutRunner(RunnerFeed, RunnerReads):
 
     def load(self) -> int:
         """Reload every rollout that is not final (plus the newest succeeded or rolled-back one, which
-        keeps serving late devices), republish assignments not yet published, and set the read cursor
-        (the stored one, else the current end of history). Return how many rollouts were loaded.
+        keeps serving late devices unless a newer rollout superseded it), republish assignments not yet
+        published, and set the read cursor (the stored one, else the current end of history). Return
+        how many rollouts were loaded.
 
         Raises:
             StateError: the database cannot be read or written.
@@ -175,6 +176,8 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                     state = state_from_row(row)
                 except (BundleError, KeyError, TypeError, ValueError) as exc:
                     log.error("rollout %s cannot be reloaded (left as it is): %s", row["id"], exc)
+                    continue
+                if state.superseded_by:  # finished, then superseded: serves no device any more
                     continue
                 self._live[state.rollout_id] = Live(state, row.get("actor") or "", row.get("reason") or "",
                                                     float(row["created"]), wave_counts(state), dirty=False,

@@ -72,13 +72,16 @@ class RunnerReads:
         return None if row is None else state_from_row(row)
 
     def summaries(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Return rollouts newest first without their device maps (for listings).
+        """Return rollouts newest first without their device maps (for listings), each with
+        ``superseded_by`` / ``superseded_at`` (None unless a newer rollout superseded it).
 
         Raises:
             StateError: the database cannot be read.
         """
         rows = self._store.rollout_summaries(limit)
+        superseded = self._store.rollout_supersessions([str(r["id"]) for r in rows])
         for row in rows:
+            row["superseded_by"], row["superseded_at"] = superseded.get(str(row["id"]), (None, None))
             samples = self._store.latest_rollout_samples(row["id"])
             row["wave_count"] = len(samples)
             row["waves"] = [{"progress": {k: s[k] for k in PROGRESS_KEYS}} for s in samples]
@@ -132,7 +135,8 @@ class RunnerReads:
         out = {"id": rollout_id, "release": state.release.version, "commit": state.release.commit,
                "previous": state.previous.version if state.previous else None, "plan": state.plan.name,
                "phase": state.phase, "wave": state.wave, "halted_reason": state.halted_reason,
-               "tripped": list(state.tripped), "superseded_by": state.superseded_by, **who, "waves": waves,
+               "tripped": list(state.tripped), "superseded_by": state.superseded_by or None,
+               "superseded_at": state.superseded_at, **who, "waves": waves,
                "device_count": len(state.devices),
                "gates": self._store.rollout_gates(rollout_id),
                "audit": self._store.rollout_audit(rollout_id),

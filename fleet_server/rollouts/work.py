@@ -96,6 +96,7 @@ class Work:
         self.recent = Recent(recent)
         self.rollback_started = s.rollback_started
         self.superseded_by = s.superseded_by
+        self.superseded_at = s.superseded_at
         self.seen_actions = list(s.seen_actions)
         self.effects: list[Effect] = []
 
@@ -110,6 +111,7 @@ class Work:
                        gates=tuple(self.gates), halted_reason=self.halted_reason, tripped=self.tripped,
                        paused_from=self.paused_from, clock=self.now, recent_assignments=self.recent.value(),
                        rollback_started=self.rollback_started, superseded_by=self.superseded_by,
+                       superseded_at=self.superseded_at,
                        seen_actions=tuple(self.seen_actions[-ACTION_MEMORY:]),
                        index=self.index if isinstance(self.index, FleetIndex) else None,
                        changed=frozenset(self.changed))

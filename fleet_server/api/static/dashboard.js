@@ -289,7 +289,9 @@
       const tr = node("tr"); tr.dataset.rollout = r.id;
       const idCell = node("td"); idCell.appendChild(link(`/rollouts/${encodeURIComponent(r.id)}`, r.id)); tr.appendChild(idCell);
       tr.appendChild(node("td", releaseText(r.release, null)));
-      const ph = node("td"); ph.appendChild(statePill(r.phase)); tr.appendChild(ph);
+      const ph = node("td"); ph.appendChild(statePill(r.phase));
+      if (r.superseded_by) ph.appendChild(node("span", ` superseded by ${r.superseded_by}`, "muted superseded"));
+      tr.appendChild(ph);
       tr.appendChild(node("td", waveText(r)));
       tr.appendChild(node("td", progressText(r.waves)));
       tr.appendChild(node("td", when(r.created)));
@@ -398,6 +400,11 @@
     setText("ro-plan", r.plan);
     setText("ro-wave", waveText(r));
     setText("ro-halted", r.halted_reason || "–");
+    const superseded = clear($("ro-superseded"));
+    if (r.superseded_by) {
+      superseded.appendChild(link(`/rollouts/${encodeURIComponent(r.superseded_by)}`, r.superseded_by));
+      if (r.superseded_at) superseded.appendChild(node("span", ` at ${when(r.superseded_at)}`, "muted"));
+    } else superseded.textContent = "–";
     const container = $("waves");
     (r.waves || []).forEach((wave, i) => {
       waveSection(container, i, wave, (r.samples || []).filter((sample) => sample.wave === i));
