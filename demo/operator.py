@@ -30,9 +30,9 @@ waves:
     soak: 2s
     max_failure_rate: 0.05
     timeout: 60s
-    promotion: manual
   - name: everyone
     percent: 100
+    pause_before: true
     soak: 0s
     max_failure_rate: 0.02
     timeout: 60s

@@ -2,8 +2,8 @@
 
 On a terminal the bars redraw in place (like ``fleetctl rollout watch``); otherwise (a pipe, a test)
 a wave's line is printed once, when its gates are decided, so the output stays short. A wave that
-waits for approval (``promotion: manual``) is promoted with ``fleetctl rollout promote``, as an
-operator would after looking at it.
+waits for approval (``pause_before: true`` on the next wave) is promoted with ``fleetctl rollout
+promote``, as an operator would after looking at it.
 """
 
 from __future__ import annotations
@@ -120,7 +120,9 @@ def follow_rollout(server: FleetServer, rollout_id: str, *, timeout: float = 120
         if phase == "waiting_approval" and wave not in promoted:
             promoted.add(wave)
             _promote(server, rollout_id, wave)
-            note = (f"{indent}wave {wave + 1} needs approval: "
+            gated = wave if wave < len(waves) and not waves[wave].get("started") else wave + 1
+            name = waves[gated].get("name", "") if gated < len(waves) else ""
+            note = (f"{indent}wave {gated + 1} ({name}) needs approval before it starts: "
                     f"fleetctl rollout promote {rollout_id} --wave {wave + 1}")
             if tty:
                 sys.stdout.write(f"\x1b[{drawn}F\x1b[J{note}\n")

@@ -69,7 +69,7 @@ def test_demo_runs_the_whole_story_with_20_devices_and_cleans_up(tmp_path: Path)
     assert "20 edge-agent daemons online" in out
     # release 1 and release 2 go through every wave; release 3 fails at the canaries and is undone
     assert out.count("phase succeeded") == 2
-    assert out.count("needs approval: fleetctl rollout promote") == 2
+    assert out.count("wave 3 (everyone) needs approval before it starts: fleetctl rollout promote") == 2
     assert "release 1 on 20/20 devices" in out
     assert "release 2 on 20/20 devices" in out
     assert "phase rolled_back" in out

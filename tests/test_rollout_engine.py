@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -373,6 +374,47 @@ def test_a_succeeded_rollout_keeps_its_outcome_when_superseded() -> None:
     assert len(d.assigned()) == before
     refusal = check_action(d.state, Rollback("bob", "undo", d.now + 1))
     assert refusal == "the rollout is succeeded and was superseded by rollout r2"
+
+
+@pytest.mark.parametrize(("gated", "soaks"), [(0, (60, 60, 60)), (1, (60, 60, 60)), (2, (60, 60, 60)),
+                                             (1, (0, 0, 0)), (2, (0, 0, 0))])
+def test_pause_before_assigns_no_device_of_the_gated_wave_before_approval(gated: int,
+                                                                          soaks: tuple[int, ...]) -> None:
+    raw = {"waves": [{**w, "soak": soak} for w, soak in zip(THREE_WAVES["waves"], soaks, strict=True)]}
+    raw["waves"][gated]["pause_before"] = True
+    d = Driver(_make(raw))
+    d.send(Start(T0))
+    d.run_until(_phase("waiting_approval"), every=30)
+    gated_devices = {x for x, s in d.state.devices.items() if s.wave == gated}
+    for _ in range(40):  # time passes: still nothing of the gated wave, whatever is due
+        d.now += 600
+        d.send(Tick(d.now))
+        d.send(DeviceOnline(sorted(gated_devices)[0], False, d.now + 1))
+        d.send(DeviceOnline(sorted(gated_devices)[0], True, d.now + 2))
+    assert d.state.phase == "waiting_approval"
+    assert not gated_devices & set(d.assigned())
+    assert {d.state.devices[x].state for x in gated_devices} == {"pending"}
+    assert d.state.waves[gated].started is None
+    assert all(d.state.waves[k].result == "passed" for k in range(gated))
+    d.send(Promote("erin", "approved", d.now + 10))
+    d.run_until(_phase("succeeded"), every=30)
+    assert gated_devices <= set(d.assigned())
+    waits = [e for e in d.effects if isinstance(e, PhaseChanged) and e.new == "waiting_approval"]
+    assert len(waits) == 1
+    assert f"before wave {gated + 1} ({raw['waves'][gated]['name']})" in \
+        next(a.detail.get("waiting", a.reason) for a in d.effects
+             if isinstance(a, Audit) and a.detail.get("new") == "waiting_approval")
+
+
+def test_a_wave_left_empty_by_its_percent_is_empty_not_passed() -> None:
+    # 3 canaries of 30: a 2 % wave wants ceil(0.6) = 1 device in it and the waves before it: none left
+    raw = {"waves": [{"name": "canary", "soak": 0}, {"name": "tiny", "percent": 2, "soak": 0},
+                     {"name": "all", "percent": 100, "soak": 0, "pause_before": True}]}
+    d = Driver(_make(raw, n=30, canaries=3))
+    d.send(Start(T0))
+    d.run_until(_phase("waiting_approval"), every=30)
+    assert [w.result for w in d.state.waves] == ["passed", "empty", ""]
+    assert not [x for x, s in d.state.devices.items() if s.wave == 1]
 
 
 def test_pause_resume_abort_and_operator_rollback() -> None:

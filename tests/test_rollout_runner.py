@@ -182,6 +182,34 @@ def test_three_waves_all_healthy_promote_in_order(servers, fleets, clock):
     assert samples[-1]["done"] > 0
 
 
+def test_pause_before_holds_the_gated_wave_until_an_operator_approves(servers, fleets, clock):
+    server = servers()
+    fleet = fleets(fleet_of(12))
+    ready(server, fleet)
+    p = plan({"name": "canary", "soak": 0}, {"name": "half", "percent": 50, "soak": 0, "pause_before": True},
+             {"name": "rest", "percent": 100, "soak": 0})
+    rid = server.runner.start(NEW[0], p, actor="alice", reason="test")
+    waiting = drive(server, rid, lambda ph: ph == "waiting_approval", clock=clock, step_seconds=5)
+    assert waiting == "waiting_approval"
+    for _ in range(10):  # more ticks and time change nothing
+        clock.now += 600
+        server.ingestor.drain(1.0)
+        server.runner.tick()
+    state = server.runner.state(rid)
+    assert state is not None
+    assert state.phase == "waiting_approval"
+    gated = {d for d, s in state.devices.items() if s.wave == 1}
+    assert gated
+    assigned = {a["device"] for a in server.store.assignments()}
+    assert assigned == {d for d, s in state.devices.items() if s.wave == 0}
+    assert not gated & {d for d, got in fleet.received.items() if got}
+    assert waves_started(server, rid) == [0]
+    assert server.runner.act(rid, "promote", actor="bob", reason="canaries look fine") is None
+    assert drive(server, rid, lambda ph: ph == "succeeded", clock=clock, step_seconds=5) == "succeeded"
+    assert waves_started(server, rid) == [0, 1, 2]
+    assert set(fleet.running.values()) == {NEW}
+
+
 def test_failing_canary_halts_wave_one_and_rolls_it_back(servers, fleets, clock):
     server = servers()
     canaries = {f"dev-{i:02d}" for i in range(3)}

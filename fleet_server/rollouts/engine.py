@@ -230,6 +230,11 @@ def step_using(state: RolloutState, event: Event, derive: DeriveFactory) -> tupl
 
 def _operator(w: Work, e: OperatorEvent) -> None:
     if isinstance(e, Start):
+        if w.plan.waves[0].pause_before:
+            w.set_phase("waiting_approval", e.reason or "rollout started", e.actor, "start",
+                        release=w.s.release.version, devices=w.device_count(),
+                        waiting=f"approval before wave 1 ({w.plan.waves[0].name})")
+            return
         w.set_phase("running", e.reason or "rollout started", e.actor, "start",
                     release=w.s.release.version, devices=w.device_count())
         _start_wave(w, 0)
@@ -245,7 +250,11 @@ def _operator(w: Work, e: OperatorEvent) -> None:
         if overridden:
             w.halted_reason, w.tripped = "", ()
             w.waves[w.wave] = replace(w.waves[w.wave], result="promoted")
-        _next_wave(w, e.actor, e.reason or "promoted by an operator", overridden_halt=overridden)
+        if w.waves[w.wave].started is None:  # approval before the first wave (pause_before)
+            w.set_phase("running", e.reason or "promoted by an operator", e.actor, "promote")
+            _start_wave(w, w.wave)
+        else:
+            _next_wave(w, e.actor, e.reason or "promoted by an operator", overridden_halt=overridden)
     elif isinstance(e, Abort):
         w.set_phase("aborted", e.reason, e.actor, "abort")
     elif isinstance(e, Rollback):
@@ -375,6 +384,8 @@ def _dispatch(w: Work) -> bool:
     rollback = w.phase in ROLLBACK
     if (w.phase not in ASSIGNING and not rollback) or w.superseded_by:
         return False
+    if not rollback and w.waves[w.wave].started is None:  # the first wave waits for its approval
+        return False
     changed = False
     for device in w.index.offline_pending(rollback, w.wave):
         changed = w.update(device, state="offline", since=w.now) or changed
@@ -459,10 +470,14 @@ def _decide(w: Work, result: GateResult) -> None:
                                    detail={**(result.detail or {}), "reasons": list(result.reasons),
                                            "tripped": list(result.tripped)}))
     if result.passed:
-        w.waves[k] = replace(w.waves[k], result="passed")
-        if wave.promotion == "manual":
-            w.set_phase("waiting_approval", f"wave {k + 1} ({wave.name}) passed; waiting for approval",
-                        ENGINE, "wait_approval")
+        # a wave without devices proved nothing: it is "empty", not "passed"
+        w.waves[k] = replace(w.waves[k], result="passed" if w.index.wave_size(k) else "empty")
+        following = w.plan.waves[k + 1] if k + 1 < len(w.plan.waves) else None
+        if wave.promotion == "manual" or (following is not None and following.pause_before):
+            why = (f"; waiting for approval before wave {k + 2} ({following.name})"
+                   if following is not None and following.pause_before else "; waiting for approval")
+            w.set_phase("waiting_approval", f"wave {k + 1} ({wave.name}) passed{why}", ENGINE,
+                        "wait_approval")
         else:
             _next_wave(w, ENGINE)
         return

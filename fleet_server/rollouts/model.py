@@ -80,7 +80,8 @@ class DeviceStatus:
 
 @dataclass(frozen=True)
 class WaveProgress:
-    """The timestamps of one wave and how it ended (``passed``, ``failed``, ``promoted`` or ``""``)."""
+    """The timestamps of one wave and how it ended (``passed``, ``empty`` (it had no device, so its
+    gates judged nothing), ``failed``, ``promoted`` or ``""``)."""
 
     started: float | None = None
     all_reported: float | None = None

@@ -44,7 +44,8 @@ _MAX_DURATION = 7 * 86400
 _PLAN_KEYS = frozenset({"name", "description", "waves", "target", "canary_first", "canary_label",
                         "rate_limit_per_minute", "maintenance_windows", "rollback_on_failure"})
 _WAVE_KEYS = frozenset({"name", "percent", "count", "selector", "soak", "max_failure_rate", "max_failures",
-                        "min_reported", "timeout", "offline", "promotion", "on_failure", "gates"})
+                        "min_reported", "timeout", "offline", "promotion", "pause_before", "on_failure",
+                        "gates"})
 _GATE_KEYS = frozenset({"metric", "op", "value", "for_devices"})
 _WINDOW_KEYS = frozenset({"cron", "duration"})
 _ZERO = re.compile(r"^0+[smhd]?$")
@@ -66,7 +67,11 @@ class TelemetryGate:
 
 @dataclass(frozen=True)
 class Wave:
-    """One wave of a plan; exactly one of ``percent``, ``count``, ``selector`` (see docs/rollouts.md)."""
+    """One wave of a plan; exactly one of ``percent``, ``count``, ``selector`` (see docs/rollouts.md).
+
+    ``pause_before``: an operator approves the wave before any of its devices is assigned;
+    ``promotion: manual``: an operator approves the *next* wave once this one passed.
+    """
 
     name: str
     percent: float | None = None
@@ -79,6 +84,7 @@ class Wave:
     timeout: int = 1800
     offline: str = "pending"
     promotion: str = "auto"
+    pause_before: bool = False
     on_failure: str = "halt"
     gates: tuple[TelemetryGate, ...] = ()
 
@@ -194,6 +200,9 @@ def _parse_wave(raw: object, where: Where, index: int, *, canary_first: bool, on
     count = None if w.get("count") is None else _int(w["count"], (*where, "count"), 1)
     selector = None if w.get("selector") is None else parse_selector(w["selector"], (*where, "selector"))
     max_rate = w.get("max_failure_rate", 0.0)
+    pause_before = w.get("pause_before", False)
+    if not isinstance(pause_before, bool):
+        raise BundleError("must be true or false", (*where, "pause_before"))
     gates_raw = w.get("gates", [])
     if not isinstance(gates_raw, list):
         raise BundleError("'gates' must be a list", (*where, "gates"))
@@ -207,6 +216,7 @@ def _parse_wave(raw: object, where: Where, index: int, *, canary_first: bool, on
         timeout=_duration(w.get("timeout", 1800), (*where, "timeout"), allow_zero=False),
         offline=_choice(w.get("offline", "pending"), (*where, "offline"), OFFLINE_RULES),
         promotion=_choice(w.get("promotion", "auto"), (*where, "promotion"), ("auto", "manual")),
+        pause_before=pause_before,
         on_failure=_choice(w.get("on_failure", on_failure), (*where, "on_failure"), ("halt", "rollback")),
         gates=tuple(_parse_gate(g, (*where, "gates", i)) for i, g in enumerate(gates_raw)),
     )

@@ -127,7 +127,8 @@ class RunnerReads:
                    "updated": row["updated"]}
         waves = []
         for k, (wave, progress) in enumerate(zip(state.plan.waves, state.waves, strict=True)):
-            waves.append({"index": k, "name": wave.name, "promotion": wave.promotion, "soak": wave.soak,
+            waves.append({"index": k, "name": wave.name, "promotion": wave.promotion,
+                          "pause_before": wave.pause_before, "soak": wave.soak,
                           "started": progress.started, "soak_until": progress.soak_until,
                           "finished": progress.finished, "result": progress.result,
                           "states": counts[k], "progress": progress_counts(counts[k]),

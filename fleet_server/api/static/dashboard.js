@@ -316,7 +316,8 @@
     }
     const p = progressOf(wave);
     section.querySelector("h3").textContent = `Wave ${index + 1}: ${wave.name || ""}` +
-      (wave.promotion === "manual" ? " (manual promotion)" : "");
+      (wave.pause_before ? " (approval before it starts)" : "") +
+      (wave.promotion === "manual" ? " (approval after it passes)" : "");
     const meta = section.querySelector(".wave-meta");
     meta.textContent = `${p.done} done · ${p.failed} failed · ${p.pending} pending · ${p.offline} offline` +
       (wave.result ? ` · ${wave.result}` : "");
