@@ -162,6 +162,12 @@ def test_device_filters_combine(api: Api) -> None:
     assert _ids(api.get("/api/v1/devices", online="true")) == ["cam-01"]
     assert _ids(api.get("/api/v1/devices", online="false")) == ["cam-02", "gw-01", "gw-02"]
     assert _ids(api.get("/api/v1/devices", label="site:nowhere")) == []
+    # key=value, as fleetctl and the dashboard write it, is the same filter
+    assert _ids(api.get("/api/v1/devices", label=["ring=canary", "site=south"])) == ["gw-01"]
+    assert _ids(api.get("/api/v1/devices", label=["ring=canary", "site:south"])) == ["gw-01"]
+    refused = api.get("/api/v1/devices", label="site")
+    assert refused.status_code == 400
+    assert "key=value" in refused.json()["error"]
     page = api.get("/api/v1/devices", limit=2, offset=1)
     assert _ids(page) == ["cam-02", "gw-01"]
     assert page.json()["total"] == 4
@@ -198,6 +204,9 @@ BAD_INPUTS: list[tuple[str, dict[str, Any]]] = [
     ("/api/v1/devices", {"label": "no-colon"}),
     ("/api/v1/devices", {"label": ":empty-key"}),
     ("/api/v1/devices", {"label": ["a:1", "a:2"]}),
+    ("/api/v1/devices", {"label": ["a=1", "a:2"]}),
+    ("/api/v1/devices", {"label": "=empty-key"}),
+    ("/api/v1/devices", {"label": "empty-value="}),
     ("/api/v1/devices", {"sync_state": "NOT A STATE"}),
     ("/api/v1/devices", {"sync_state": "x" * 100}),
     ("/api/v1/releases", {"limit": "1e9"}),

@@ -241,13 +241,18 @@ def test_overview_shows_the_fleet_without_console_errors(site: Site) -> None:
 def test_label_filter_narrows_the_table(site: Site) -> None:
     page = site.page("/")
     page.wait_for_selector("#device-table tr[data-device='cam-01']", timeout=WAIT_MS)
-    page.fill("#f-label", "site:south class:camera")
+    page.fill("#f-label", "site=south class=camera")
     page.click("#filters button[type=submit]")
     wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 2",
                            timeout=WAIT_MS)
     assert table_devices(page) == ["cam-04", "cam-05"]
-    assert "label=site%3Asouth+class%3Acamera" in page.url
-    assert page.input_value("#f-label") == "site:south class:camera"
+    assert "label=site%3Dsouth+class%3Dcamera" in page.url
+    assert page.input_value("#f-label") == "site=south class=camera"
+    # the older key:value form is read too
+    page.goto(site.url + "/?label=site:south+class:camera")
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 2",
+                           timeout=WAIT_MS)
+    assert table_devices(page) == ["cam-04", "cam-05"]
     # a label chip filters by that label; a state bar by that sync state
     page.goto(site.url + "/")
     page.wait_for_selector("#device-table tr[data-device='sensor-01']", timeout=WAIT_MS)
@@ -264,9 +269,18 @@ def test_label_filter_narrows_the_table(site: Site) -> None:
     wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 2",
                            timeout=WAIT_MS)
     assert table_devices(page) == ["cam-05", "gw-03"]
-    page.goto(site.url + "/?label=site:nowhere")
+    page.goto(site.url + "/?label=site=nowhere")
     page.wait_for_selector("text=no device matches these filters", timeout=WAIT_MS)
     assert site.console == []
+
+
+def test_a_refused_label_filter_keeps_the_fleet_counts_and_says_why(site: Site) -> None:
+    page = site.page("/?label=site")
+    page.wait_for_selector("#device-table td.filter-error", timeout=WAIT_MS)
+    assert "label filter must be key=value" in page.inner_text("#device-table td.filter-error")
+    wait_js(page, "document.getElementById('sum-devices').textContent === '10'", timeout=WAIT_MS)
+    assert "in_sync" in page.inner_text("#sum-states")
+    assert "key=value" in page.inner_text("#status-line")
 
 
 def test_overview_refreshes_when_a_device_reports(site: Site) -> None:

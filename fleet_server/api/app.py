@@ -2,7 +2,7 @@
 
 Endpoints (details and examples in ``docs/api.md``):
 
-    GET  /api/v1/devices            devices, filtered (label=k:v repeated, sync_state, online), paged
+    GET  /api/v1/devices            devices, filtered (label=k=v repeated, sync_state, online), paged
     GET  /api/v1/devices/{id}       one device with its newest events and health samples
     POST /api/v1/devices            enroll a device before it reports (admin token; audited)
     GET  /api/v1/summary            fleet totals

@@ -16,6 +16,7 @@ __all__ = ["FleetReader", "fleet_router", "parse_label_filters"]
 MAX_PAGE = 1000
 _SYNC_STATE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _MAX_LABEL_PART = 128
+_LABEL_SEPARATOR = re.compile(r"[=:]")
 _DEVICE_EVENTS = 50
 _DEVICE_HEALTH = 100
 
@@ -59,18 +60,29 @@ class FleetReader(Protocol):
         ...
 
 
+def _split_label_term(raw: str) -> tuple[str, str] | None:
+    """Split one label filter ``key=value`` (the documented form, as in fleetctl and kubectl; the
+    older ``key:value`` is accepted too) at its first ``=`` or ``:``, which a label key never holds;
+    None when it has neither."""
+    cut = _LABEL_SEPARATOR.search(raw)
+    if cut is None:
+        return None
+    return raw[:cut.start()], raw[cut.end():]
+
+
 def parse_label_filters(values: list[str]) -> dict[str, str]:
-    """Turn ``["k:v", ...]`` query values into a label mapping.
+    """Turn ``["k=v", ...]`` query values (``k:v`` accepted too) into a label mapping.
 
     Raises:
-        HTTPException: 400 for a value without ``:``, an empty or over-long key or value, or the
-            same key twice.
+        HTTPException: 400 for a value without ``=`` or ``:``, an empty or over-long key or value,
+            or the same key twice.
     """
     labels: dict[str, str] = {}
     for raw in values:
-        key, sep, value = raw.partition(":")
-        if not sep or not key or not value or len(key) > _MAX_LABEL_PART or len(value) > _MAX_LABEL_PART:
-            raise HTTPException(400, f"label filter must be key:value, got {raw[:60]!r}")
+        key, value = _split_label_term(raw) or ("", "")
+        if not key or not value or len(key) > _MAX_LABEL_PART or len(value) > _MAX_LABEL_PART:
+            raise HTTPException(400, f"label filter must be key=value (key:value is accepted too), "
+                                     f"got {raw[:60]!r}")
         if key in labels:
             raise HTTPException(400, f"label {key[:60]!r} is given twice")
         labels[key] = value
@@ -94,7 +106,7 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
 
     @router.get("/devices")
     def list_devices(
-        label: Annotated[list[str], Query(description="label filter key:value, repeatable")] = [],  # noqa: B006
+        label: Annotated[list[str], Query(description="label filter key=value, repeatable")] = [],  # noqa: B006
         sync_state: Annotated[str | None, Query(max_length=32)] = None,
         online: Annotated[bool | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,

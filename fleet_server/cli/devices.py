@@ -281,7 +281,7 @@ def _label_query(values: Sequence[str]) -> list[tuple[str, str]]:
         key, sep, value = raw.partition("=")
         if not sep or not key or not value:
             raise UsageError(f"--label must be KEY=VALUE, got {raw!r}")
-        query.append(("label", f"{key}:{value}"))
+        query.append(("label", f"{key}={value}"))
     return query
 
 

@@ -164,13 +164,21 @@
   async function refreshOverview() {
     const offset = Math.max(0, Number(params.get("offset")) || 0);
     const [summary, list] = await Promise.all([api("/api/v1/summary"), api(`/api/v1/devices?${filterQuery(offset)}`)]);
-    if (!summary.ok) throw new Error(explain(summary));
-    if (!list.ok) throw new Error(explain(list));
-    const s = summary.data;
-    setText("sum-devices", s.devices); setText("sum-online", s.online); setText("sum-offline", s.offline);
-    bars($("sum-states"), Object.entries(s.by_sync_state), (name) => filterHref("sync_state", name));
-    bars($("sum-releases"), s.releases.map((r) => [r.release === null ? "none" : `release ${r.release}`, r.devices]));
+    // The fleet-wide counts never depend on the filters: drawn first, whatever the listing says.
+    if (summary.ok) {
+      const s = summary.data;
+      setText("sum-devices", s.devices); setText("sum-online", s.online); setText("sum-offline", s.offline);
+      bars($("sum-states"), Object.entries(s.by_sync_state), (name) => filterHref("sync_state", name));
+      bars($("sum-releases"), s.releases.map((r) => [r.release === null ? "none" : `release ${r.release}`, r.devices]));
+    }
     const tbody = clear($("device-table").tBodies[0]);
+    if (!list.ok) {
+      const tr = node("tr"); const td = node("td", `filter refused: ${explain(list)}`, "bad filter-error"); td.colSpan = 8;
+      tr.appendChild(td); tbody.appendChild(tr);
+      $("page-info").textContent = ""; $("prev-page").disabled = true; $("next-page").disabled = true;
+      throw new Error(explain(list));
+    }
+    if (!summary.ok) throw new Error(explain(summary));
     for (const d of list.data.devices) {
       const tr = node("tr"); tr.dataset.device = d.id;
       const idCell = node("td"); idCell.appendChild(link(`/devices/${encodeURIComponent(d.id)}`, d.id)); tr.appendChild(idCell);
@@ -179,7 +187,7 @@
       tr.appendChild(node("td", d.release ?? "–"));
       tr.appendChild(node("td", driftText(d.drift), d.drift && d.drift.count ? "warn" : "muted"));
       const labels = node("td", null, "labels");
-      for (const [k, v] of Object.entries(d.labels || {})) labels.appendChild(link(filterHref("label", `${k}:${v}`), `${k}=${v}`, "chip"));
+      for (const [k, v] of Object.entries(d.labels || {})) labels.appendChild(link(filterHref("label", `${k}=${v}`), `${k}=${v}`, "chip"));
       tr.appendChild(labels);
       tr.appendChild(node("td", d.last_event ? `${d.last_event} · ${ago(d.last_event_ts)}` : "–"));
       tr.appendChild(node("td", ago(d.last_seen)));
