@@ -620,3 +620,77 @@ def test_rollout_page_says_when_the_server_takes_no_action(tmp_path: Path, brows
         assert "no admin token configured" in page.inner_text("#actions-readonly")
         assert not page.is_visible("button[data-action='pause']")
     store.close()
+
+
+# --- drawing: a finished wave, a narrow screen, disabled buttons -----------------------------------
+
+RIGHT_EDGE_LAYER = """n => {
+  const svg = document.querySelector(`section[data-wave='${n}'] svg`);
+  const box = svg.getBoundingClientRect();
+  // just inside the plot's right edge (12 px margin in charts.js), half way up the plot
+  const hit = document.elementFromPoint(box.left + box.width - 15, box.top + box.height * 78 / 170);
+  return hit && hit.getAttribute("class");
+}"""
+
+
+def test_a_finished_wave_is_drawn_in_its_final_state(rollout_site: RolloutSite) -> None:
+    site, rid = rollout_site.site, rollout_site.rollout_id
+    page = site.page(f"/rollouts/{rid}?refresh=0.5", token=ADMIN)
+    wait_js(page, "document.querySelector(\"section[data-wave='0'] .wave-meta\")?.dataset.pending === '2'")
+    rollout_site.report({"cam-01": "sync_succeeded", "gw-01": "sync_succeeded"})
+    wait_js(page, "document.getElementById('ro-wave').textContent === '2 of 2'")
+    assert "2 done" in page.inner_text("section[data-wave='0'] .wave-meta")
+    assert "passed" in page.inner_text("section[data-wave='0'] .wave-meta")
+    # the chart ends in the wave's final state (done, green), not in the pending grey it started in
+    deadline = time.monotonic() + WAIT_MS / 1000
+    layer = None
+    while time.monotonic() < deadline:
+        layer = page.evaluate(RIGHT_EDGE_LAYER, 0)
+        if layer == "area s-done":
+            break
+        page.wait_for_timeout(100)
+    assert layer == "area s-done"
+    assert site.console == []
+
+
+def _overflow(page: Any) -> int:
+    return int(page.evaluate("document.documentElement.scrollWidth - window.innerWidth"))
+
+
+def test_a_narrow_screen_shows_the_pages_without_sideways_scrolling(rollout_site: RolloutSite) -> None:
+    site, rid = rollout_site.site, rollout_site.rollout_id
+    context = site.browser.new_context(viewport={"width": 375, "height": 740})
+    try:
+        page = context.new_page()
+        page.goto(f"{site.url}/")
+        wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 10")
+        assert _overflow(page) <= 0
+        page.goto(f"{site.url}/rollouts/{rid}")
+        page.wait_for_selector("section[data-wave='1'] svg path, section[data-wave='1'] svg text",
+                               timeout=WAIT_MS)
+        assert _overflow(page) <= 0
+        page.goto(f"{site.url}/rollouts")
+        page.wait_for_selector(f"#rollout-table tr[data-rollout='{rid}']", timeout=WAIT_MS)
+        assert _overflow(page) <= 0
+    finally:
+        context.close()
+
+
+def test_a_disabled_abort_button_looks_disabled(rollout_site: RolloutSite) -> None:
+    site, rid = rollout_site.site, rollout_site.rollout_id
+    page = site.page(f"/rollouts/{rid}?refresh=0.5", token=ADMIN)
+    page.wait_for_selector("button[data-action='abort']", state="visible", timeout=WAIT_MS)
+    wait_js(page, "document.body.dataset.phase === 'running'")
+    style = "b => { const s = getComputedStyle(b); return [s.color, s.borderColor, s.cursor]; }"
+    enabled = page.eval_on_selector("button[data-action='abort']", style)
+    aborted = httpx.post(f"{site.url}/api/v1/rollouts/{rid}/abort", json={"reason": "test"},
+                         headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5.0)
+    assert aborted.status_code == 200
+    wait_js(page, "document.querySelector(\"button[data-action='abort']\").disabled")
+    disabled = page.eval_on_selector("button[data-action='abort']", style)
+    pause = page.eval_on_selector("button[data-action='pause']", style)
+    assert disabled[0] != enabled[0]  # no longer the danger red
+    assert disabled[1] != enabled[1]
+    assert disabled == pause  # drawn like every other disabled button
+    assert disabled[2] == "not-allowed"
+    assert site.console == []

@@ -332,11 +332,15 @@
     for (const k of KINDS) meta.dataset[k] = String(p[k]);
     section.dataset.samples = String(samples.length);
     const points = samples.map((sample) => ({t: sample.ts, ...progressOf({progress: sample})}));
-    if (points.length > 0 && wave.started && !wave.finished) points.push({t: Date.now() / 1000, ...p});
+    // Each count holds until the next sample, and the last one until now: without this point the
+    // final state (a finished wave's, above all) would be drawn zero pixels wide.
+    if (points.length > 0 && wave.started) {
+      points.push({t: Math.max(Date.now() / 1000, points[points.length - 1].t + 1), ...p});
+    }
     Charts.stacked(section.querySelector("svg"), {
       times: points.map((q) => q.t),
       layers: KINDS.map((k) => ({cls: `s-${k}`, values: points.map((q) => q[k])})),
-      emptyText: wave.started ? "no progress sampled yet" : "not started",
+      emptyText: wave.devices === 0 ? "no device in this wave" : wave.started ? "no progress sampled yet" : "not started",
     });
   }
   // The phases in which the engine takes each action (it refuses the rest with 409 anyway).
