@@ -113,9 +113,18 @@ _EVENT_ENVELOPE = frozenset({*_EVENT_COLUMNS, "schema", "kind"})
 # Keys of a status message copied to the device row (message key -> column).
 _STATUS_FIELDS = (("release", "release"), ("revision", "revision"), ("sync_state", "sync_state"),
                   ("last_error", "last_error"), ("profile", "profile"))
+# Events whose reason becomes the device's ``last_error`` (a ``sync_succeeded`` clears it).
+_ERROR_EVENTS = frozenset({"sync_failed", "sync_refused", "sync_rolled_back"})
 _DEVICE_COLUMNS = ("id", "labels", "profile", "first_seen", "last_seen", "online", "online_ts", "release",
                    "revision", "sync_state", "paused", "pause_reason", "drift", "last_error", "status_ts",
                    "last_event", "last_event_ts", "registered")
+
+
+def _last_error(event: Mapping[str, Any]) -> str:
+    """``sync_refused (release 3): <reason>``: what a device's latest failure event says."""
+    release = _int(event.get("release"))
+    where = f" (release {release})" if release is not None else ""
+    return f"{event.get('type')}{where}: {_text(event.get('reason')) or 'no reason given'}"[:500]
 
 
 def to_epoch(value: object) -> float | None:
@@ -426,6 +435,10 @@ class Store(RolloutStoreMixin):
             m, upd = r.message, touch(r)
             upd["last_event"] = _text(m.get("type"))
             upd["last_event_ts"] = r.ts
+            if m.get("type") in _ERROR_EVENTS:  # the latest refusal or failure, until a success
+                upd["last_error"] = _last_error(m)
+            elif m.get("type") == "sync_succeeded":
+                upd["last_error"] = None
         for r in batch.health:
             touch(r)
         return updates

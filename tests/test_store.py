@@ -99,6 +99,32 @@ def test_batch_upserts_devices_and_keeps_history(store: Store):
     assert store.counters() == {"dropped.spoofed": 3, "ingested.status": 1}
 
 
+def test_last_error_is_the_latest_refusal_or_failure_until_a_success(store: Store):
+    def event(kind: str, ts: float, **kw):
+        return status("d1", type=kind, ts=ts, commit="c" * 40, **kw)
+
+    b = IngestBatch()
+    b.add("status", status("d1", release=1, sync_state="in_sync"), 10.0)
+    b.add("events", event("sync_refused", 11.0, release=3, reason="commit is not SSH-signed"), 11.0)
+    store.apply_batch(b)
+    d = store.device("d1")
+    assert d is not None
+    assert d["last_error"] == "sync_refused (release 3): commit is not SSH-signed"
+    b = IngestBatch()  # another status (no last_error in it) and an unrelated event keep it
+    b.add("status", status("d1", release=1, sync_state="refused"), 12.0)
+    b.add("events", event("drift_detected", 13.0, release=1), 13.0)
+    store.apply_batch(b)
+    assert store.device("d1")["last_error"] == "sync_refused (release 3): commit is not SSH-signed"
+    b = IngestBatch()
+    b.add("events", event("sync_failed", 14.0, release=4, reason="health check web failed"), 14.0)
+    store.apply_batch(b)
+    assert store.device("d1")["last_error"] == "sync_failed (release 4): health check web failed"
+    b = IngestBatch()
+    b.add("events", event("sync_succeeded", 15.0, release=4), 15.0)
+    store.apply_batch(b)
+    assert store.device("d1")["last_error"] is None
+
+
 def test_later_batches_update_only_what_they_carry(store: Store):
     b = IngestBatch()
     b.add("status", status("d1", release=1, sync_state="applied", labels={"a": "1"}), 10.0)
