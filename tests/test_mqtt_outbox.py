@@ -223,6 +223,25 @@ def test_online_is_retained_and_a_clean_stop_says_offline(mosquitto_broker: Mosq
         assert states == [True, False]
 
 
+def test_a_session_taken_over_by_the_same_device_id_is_logged_as_such(
+        mosquitto_broker: Mosquitto, links: Links, caplog: pytest.LogCaptureFixture) -> None:
+    link = links.start(MqttSettings(host="127.0.0.1", port=mosquitto_broker.port, device_id="dev-1",
+                                    reconnect_min=5.0, reconnect_max=5.0, keepalive=5))
+    assert link.wait_connected(10)
+    # anyone holding the device's credentials: Mosquitto closes the older session's socket
+    with caplog.at_level("WARNING", logger="edge_agent.report.mqtt"), \
+            Subscriber(mosquitto_broker.port, ["fleet/v1/dev-1/desired"], client_id="dev-1") as other:
+        other.wait_subscribed(1)
+        deadline = time.monotonic() + 10
+        while link.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not link.connected
+    lost = [r.getMessage() for r in caplog.records if "lost the broker connection" in r.getMessage()]
+    assert lost
+    assert "another client connected with this device's id" in lost[0]
+    assert "Unspecified error" not in lost[0]
+
+
 _CRASHING_DEVICE = """
 import os, sys
 from edge_agent.report.mqtt import MqttLink, MqttSettings

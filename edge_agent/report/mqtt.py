@@ -48,7 +48,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import BrokerError, ConfigError, MessageError
 from edge_agent.report import messages
 
-__all__ = ["MqttLink", "MqttSettings", "PublishTracking", "settings_from_config"]
+__all__ = ["MqttLink", "MqttSettings", "PublishTracking", "disconnect_cause", "settings_from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,22 @@ class PublishTracking:
     def reason_code(self) -> int | None:
         """The acknowledgement's reason code (0 = success), or None before it arrived."""
         return self._reason
+
+
+_SESSION_TAKEN_OVER = 0x8E
+
+
+def disconnect_cause(reason: ReasonCode | None, flags: Any) -> str:
+    """Say why the broker connection ended, for the log: paho's own ``Unspecified error`` for a
+    closed socket says nothing, and Mosquitto closes the socket without a reason when another
+    client connects with the same client id (the device id) and takes the session over."""
+    code = int(reason.value) if isinstance(reason, ReasonCode) else None
+    if code == _SESSION_TAKEN_OVER:
+        return "session taken over: another client connected with this device's id"
+    if getattr(flags, "is_disconnect_packet_from_server", False):
+        return f"the broker disconnected this device: {reason}"
+    return ("closed without a reason: the network or the broker failed, or another client connected "
+            "with this device's id and credentials and took its session over")
 
 
 class MqttLink:
@@ -388,7 +404,7 @@ class MqttLink:
             return
         self._jitter_next_wait()
         if was_connected:
-            log.warning("lost the broker connection (%s); reconnecting", reason)
+            log.warning("lost the broker connection (%s); reconnecting", disconnect_cause(reason, flags))
 
     def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
                         properties: Any) -> None:
