@@ -156,9 +156,16 @@ def _lint_rollouts(repo_dir: Path, report: _Report) -> None:
         if doc is None:
             continue
         try:
-            parse_plan(doc.value, source=rel)
+            plan = parse_plan(doc.value, source=rel)
         except BundleError as exc:
             report.bundle_error(rel, doc, exc)
+            continue
+        last = len(plan.waves) - 1
+        if plan.waves[last].promotion == "manual":
+            report.add(rel, doc.line(("waves", last, "promotion")),
+                       "promotion: manual asks approval AFTER this wave passed, i.e. once every device has "
+                       "the release; to approve before any device of this wave is assigned, use "
+                       "pause_before: true", "warning")
 
 
 @dataclass(frozen=True)

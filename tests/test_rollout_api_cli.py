@@ -258,6 +258,14 @@ def test_lint_checks_rollout_plans_with_lines(tmp_path: Path) -> None:
     assert ("fleet.yaml", 3, "rollout plan rollouts/missing.yaml does not exist") in problems
     assert any(f == "rollouts/fast.yaml" and line == 3 and "cumulative" in r for f, line, r in problems)
     assert not any(f == "rollouts/ok.yaml" for f, _, _ in problems)
+    late_plan = "waves:\n  - {soak: 0}\n  - percent: 100\n    promotion: manual\n"
+    (repo / "rollouts" / "late.yaml").write_text(late_plan)
+    warnings = {(p.file, p.line, p.reason) for p in lint_repo(repo, []) if p.severity == "warning"}
+    late = [(line, r) for f, line, r in warnings if f == "rollouts/late.yaml"]
+    assert len(late) == 1
+    assert late[0][0] == 4
+    assert "use pause_before: true" in late[0][1]
+    assert not any(f == "rollouts/ok.yaml" for f, _, _ in warnings)
     (repo / "fleet.yaml").write_text("rollout:\n  waves:\n    - {percent: 100, promotion: sometimes}\n")
     problems = {(p.file, p.line, p.reason) for p in lint_repo(repo, []) if p.severity == "error"}
     assert ("fleet.yaml", 3, "must be one of auto, manual") in problems
