@@ -694,3 +694,30 @@ def test_a_disabled_abort_button_looks_disabled(rollout_site: RolloutSite) -> No
     assert disabled == pause  # drawn like every other disabled button
     assert disabled[2] == "not-allowed"
     assert site.console == []
+
+
+def test_a_succeeded_rollout_stays_succeeded_on_the_pages_once_superseded(rollout_site: RolloutSite) -> None:
+    site, runner = rollout_site.site, rollout_site.runner
+    assert runner.act(rollout_site.rollout_id, "abort", actor="alice", reason="replaced") is None
+    quick = runner.resolve_plan({"canary_first": False, "waves": [
+        {"name": "all", "percent": 100, "soak": 0, "timeout": 1, "offline": "skipped"}]}, None)
+    first = runner.start(8, quick, actor="alice", reason="release 8 again")
+    online = [d for d, _, _, up, _ in FLEET if up]
+    rollout_site.report(dict.fromkeys(online, "sync_succeeded"))
+    deadline = time.monotonic() + 10
+    while runner.state(first).phase != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        runner.tick()
+    assert runner.state(first).phase == "succeeded"
+    site.store.record_release(9, "f" * 40, ["ed25519:key"], time.time())
+    second = runner.start(9, quick, actor="alice", reason="release 9")
+    page = site.page("/rollouts")
+    page.wait_for_selector(f"#rollout-table tr[data-rollout='{first}'] .superseded", timeout=WAIT_MS)
+    row = page.inner_text(f"#rollout-table tr[data-rollout='{first}']")
+    assert "succeeded" in row
+    assert f"superseded by {second}" in row
+    detail = site.page(f"/rollouts/{first}")
+    detail.wait_for_selector("#ro-superseded a", timeout=WAIT_MS)
+    assert detail.inner_text("#ro-phase") == "succeeded"
+    assert detail.inner_text("#ro-superseded a") == second
+    assert site.console == []
