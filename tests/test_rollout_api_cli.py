@@ -245,6 +245,15 @@ def test_text_rendering() -> None:
                                       "result": "failed"}]})
     assert "halted: wave 0 failed" in text
     assert "> wave 1 canary" in text
+    waiting = {"id": "r2", "phase": "waiting_approval", "wave": 1, "waves": [
+        {"name": "canary", "started": 1.0, "result": "passed"},
+        {"name": "quarter", "started": 2.0, "result": "empty"},
+        {"name": "everyone", "started": None, "result": ""}]}
+    assert ("waiting for approval before wave 3 (everyone) starts: fleetctl rollout promote r2 --wave 2"
+            in format_rollout(waiting))
+    first = {"id": "r3", "phase": "waiting_approval", "wave": 0,
+             "waves": [{"name": "canary", "started": None}]}
+    assert "before wave 1 (canary) starts: fleetctl rollout promote r3 --wave 1" in format_rollout(first)
 
 
 def test_lint_checks_rollout_plans_with_lines(tmp_path: Path) -> None:

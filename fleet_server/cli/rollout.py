@@ -88,9 +88,21 @@ def format_rollout(r: Mapping[str, Any]) -> str:
         lines.append(_wave_line(i, wave, int(r.get("wave", 0))))
     if r.get("halted_reason"):
         lines.append(f"halted: {r['halted_reason']}")
+    if r.get("phase") == "waiting_approval":
+        lines.append(_approval_line(r))
     if r.get("device_count") is not None:
         lines.append(f"{r['device_count']} device(s): fleetctl rollout devices {r.get('id')} lists them")
     return "\n".join(lines) + "\n"
+
+
+def _approval_line(r: Mapping[str, Any]) -> str:
+    waves = r.get("waves") or []
+    current = int(r.get("wave", 0))
+    gated = current if current < len(waves) and not waves[current].get("started") else current + 1
+    command = f"fleetctl rollout promote {r.get('id')} --wave {current + 1} --reason ..."
+    if gated >= len(waves):
+        return f"waiting for approval to finish: {command}"
+    return f"waiting for approval before wave {gated + 1} ({waves[gated].get('name', '')}) starts: {command}"
 
 
 def format_devices(page: Mapping[str, Any]) -> str:
