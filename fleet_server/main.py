@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import EdgeFleetError, StateError
+from edge_agent.errors import EdgeFleetError
 from edge_agent.logs import setup_logging
 from edge_agent.source import Source
 from fleet_server import __version__
@@ -32,13 +32,13 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.api.app import ApiActions, create_app
     from fleet_server.baseline import FleetBaseline, log_phase_errors
     from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
-    from fleet_server.errors import FleetError, UsageError
+    from fleet_server.errors import FleetError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
     from fleet_server.metrics import ServerMetrics
     from fleet_server.releases import GitWatcher
     from fleet_server.rollouts.plan import RolloutPlan
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
-    from fleet_server.store import Store
+    from fleet_server.store import AuditStore, FleetStore, IngestStore, Store
 except ImportError as _missing:
     exit_without_server_extras(_missing)
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 class Pruner:
     """Deletes history past its retention every ``store.prune_interval`` seconds, in a thread."""
 
-    def __init__(self, store: Store, config: ServerConfig) -> None:
+    def __init__(self, store: IngestStore, config: ServerConfig) -> None:
         self._store = store
         self._config = config.store
         self._stop = threading.Event()
@@ -61,7 +61,7 @@ class Pruner:
         try:
             cfg = self._config
             return self._store.prune(time.time(), cfg.events_retention, cfg.health_retention)
-        except StateError as exc:
+        except StoreError as exc:
             log.error("retention pruning failed: %s", exc)
             return 0
 
@@ -94,7 +94,7 @@ class GitPlans:
     fetch. ``named`` serves ``plan_name`` starts from the newest recorded release.
     """
 
-    def __init__(self, config: ServerConfig, store: Store, runner: RolloutRunner,
+    def __init__(self, config: ServerConfig, store: AuditStore, runner: RolloutRunner,
                  nudge: Callable[[str, int], None], baseline: FleetBaseline | None = None) -> None:
         assert config.git.url is not None
         self._source = Source(config.git.url, config.git.branch, Path(config.git.cache_dir),
@@ -133,7 +133,7 @@ class GitPlans:
 
         Raises:
             UsageError: no release is recorded, or it has no such plan.
-            BundleError: the plan is invalid.
+            PlanError: the plan is invalid.
             FetchError: the release is not in the cache.
         """
         newest = self._store.releases(limit=1)
@@ -195,7 +195,7 @@ def run_server(config: ServerConfig) -> None:
     """Run the fleet server until SIGTERM/SIGINT, then stop every part cleanly.
 
     Raises:
-        StateError: the database cannot be opened.
+        StoreError: the database cannot be opened.
         BrokerError: the broker settings cannot be used.
         ServerConfigError: a token or secret file cannot be read.
     """
@@ -204,7 +204,7 @@ def run_server(config: ServerConfig) -> None:
     # one page of devices waited up to 5 ms per row behind a busy ingest thread (p95 0.33 s at
     # 100,000 heartbeating devices, bench/bench_rollout.py). 1 ms bounds that wait.
     sys.setswitchinterval(_SWITCH_INTERVAL)
-    store = Store(config.store.path)
+    store: FleetStore = Store(config.store.path)
     metrics = ServerMetrics()
     ingestor: Ingestor | None = None
     watcher: GitWatcher | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -289,6 +290,67 @@ def test_drain_waits_for_a_batch_the_writer_has_taken_but_not_committed(tmp_path
         assert store.counters() == {}
         assert ingestor.drain(10.0)
         assert store.counters() == {"dropped.malformed_json": 1}
+    finally:
+        ingestor.stop()
+        store.close()
+
+
+def test_a_bug_in_the_write_path_is_retried_not_counted_as_a_refused_message(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(ingest_module, "_RETRY_PAUSE", 0.05)
+    config = make_config(tmp_path, 1)
+    store = Store(config.store.path)
+    metrics = ServerMetrics()
+    ingestor = Ingestor(config, store, metrics.ingest)
+    real_apply = store.apply_batch
+    calls = {"n": 0, "broken": True}
+
+    def apply_with_a_bug(batch):
+        calls["n"] += 1
+        if calls["broken"]:
+            raise TypeError("a bug in the write path")
+        return real_apply(batch)
+
+    monkeypatch.setattr(store, "apply_batch", apply_with_a_bug)
+    ingestor.start(connect=False)
+    try:
+        event = m.encode(m.event_message("dev-b", type="sync_succeeded", commit=COMMIT, release=4,
+                                         ts=now_ts()))
+        assert ingestor.handle_message(t("dev-b", "events"), event) is None
+        assert wait_until(lambda: calls["n"] >= 3, timeout=10.0)  # retried, not given up on
+        assert metrics.registry.get_sample_value("fleet_messages_dropped_total",
+                                                 {"reason": "store_refused"}) == 0
+        assert "the ingest writer failed" in caplog.text
+        calls["broken"] = False
+        assert ingestor.drain(10.0)
+        assert [e["type"] for e in store.device_events("dev-b")] == ["sync_succeeded"]
+        assert store.counters() == {"ingested.events": 1}
+    finally:
+        ingestor.stop()
+        store.close()
+
+
+def test_a_message_the_database_refuses_is_dropped_and_counted_and_the_rest_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest_module, "_IDLE_FLUSH", 0.5)  # one batch for the three messages
+    config = make_config(tmp_path, 1)
+    store = Store(config.store.path)
+    conn = sqlite3.connect(config.store.path)  # a real constraint of the real database refuses one row
+    conn.execute("CREATE TRIGGER refuse_dev_x BEFORE INSERT ON health WHEN NEW.device = 'dev-x'"
+                 " BEGIN SELECT RAISE(ABORT, 'refused by a constraint'); END")
+    conn.commit()
+    conn.close()
+    metrics = ServerMetrics()
+    ingestor = Ingestor(config, store, metrics.ingest)
+    ingestor.start(connect=False)
+    try:
+        for dev in ("dev-a", "dev-x", "dev-c"):
+            health = m.encode(m.health_message(dev, commit=COMMIT, release=4, ts=now_ts(),
+                                               metrics={"cpu": 1.0}, checks=[]))
+            assert ingestor.handle_message(t(dev, "health"), health) is None
+        assert ingestor.drain(10.0)
+        assert metrics.registry.get_sample_value("fleet_messages_dropped_total",
+                                                 {"reason": "store_refused"}) == 1
+        assert store.counters() == {"dropped.store_refused": 1, "ingested.health": 2}
+        assert [len(store.device_health(d)) for d in ("dev-a", "dev-x", "dev-c")] == [1, 0, 1]
     finally:
         ingestor.stop()
         store.close()

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from bench.bench_rollout import SimFleet
-from edge_agent.errors import BundleError
 from fleet_server.config import parse_server_config
-from fleet_server.errors import UsageError
+from fleet_server.errors import PlanError, UsageError
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.engine import DeviceReport
@@ -381,5 +380,5 @@ def test_plan_from_tree() -> None:
     assert inline.waves[0].percent == 100
     with pytest.raises(UsageError):
         plan_from_tree({"fleet.yaml": b"rollout: {plan: missing}\n"})
-    with pytest.raises(BundleError):
+    with pytest.raises(PlanError):
         plan_from_tree({"fleet.yaml": b"rollout: {plan: bad}\n", "rollouts/bad.yaml": b"waves: []\n"})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import fleet_server.store as store_mod
-from edge_agent.errors import StateError
+from fleet_server.errors import StoreError
 from fleet_server.store import IngestBatch, Store, to_epoch
 
 
@@ -26,7 +26,8 @@ def status(device: str, **kw):
 
 def test_all_is_pinned():
     assert set(store_mod.__all__) == {"INGEST_KINDS", "SCHEMA_VERSION", "IngestBatch", "Received", "Store",
-                                      "RolloutWrite", "to_epoch"}
+                                      "RolloutWrite", "to_epoch", "SqliteStore", "FleetStore", "IngestStore",
+                                      "ReadStore", "RolloutStore", "AuditStore"}
 
 
 def test_to_epoch_accepts_seconds_and_iso_text():
@@ -49,13 +50,13 @@ def test_wal_and_schema_version(tmp_path: Path):
     conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
     conn.commit()
     conn.close()
-    with pytest.raises(StateError, match="newer"):
+    with pytest.raises(StoreError, match="newer"):
         Store(tmp_path / "fleet.db")
 
 
 def test_unopenable_path_is_a_state_error(tmp_path: Path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(StateError, match="cannot open"):
+    with pytest.raises(StoreError, match="cannot open"):
         Store(tmp_path / "file" / "fleet.db")
 
 
@@ -135,7 +136,7 @@ def test_batch_is_all_or_nothing(store: Store, tmp_path: Path):
     bad.add("events", status("d2", type="sync_succeeded"), 2.0)
     bad.add("health", status("d2", metrics={"x": 1}), 2.0)
     bad.count("ingested.status")
-    with pytest.raises(StateError, match=r"ingest batch.*no room"):
+    with pytest.raises(StoreError, match=r"ingest batch.*no room"):
         store.apply_batch(bad)
     assert not store.known_device("d2")
     assert store.device_events("d2") == []

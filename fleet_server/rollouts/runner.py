@@ -43,9 +43,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from edge_agent.errors import BrokerError, BundleError, MessageError, StateError
-from fleet_server.errors import UsageError
-from fleet_server.store import RolloutWrite, Store
+from edge_agent.errors import MessageError
+from fleet_server.errors import BrokerError, PlanError, StoreError, UsageError
+from fleet_server.store import FleetStore, RolloutWrite
 
 from .engine import judge_action, new_rollout, step, wave_counts
 from .membership import is_targeted
@@ -117,7 +117,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         tick_budget: registry changes plus history rows one tick handles at most.
     """
 
-    def __init__(self, store: Store, publish_desired: PublishDesired, *,
+    def __init__(self, store: FleetStore, publish_desired: PublishDesired, *,
                  clock: Callable[[], float] = time.time, tick_interval: float = 1.0,
                  plan_loader: Callable[[str], RolloutPlan] | None = None,
                  default_plan: RolloutPlan | None = None, tick_budget: int = TICK_BUDGET) -> None:
@@ -157,7 +157,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         (the stored one, else the current end of history). Return how many rollouts were loaded.
 
         Raises:
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         with self._lock:
             self._live.clear()
@@ -173,7 +173,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                     continue
                 try:
                     state = state_from_row(row)
-                except (BundleError, KeyError, TypeError, ValueError) as exc:
+                except (PlanError, KeyError, TypeError, ValueError) as exc:
                     log.error("rollout %s cannot be reloaded (left as it is): %s", row["id"], exc)
                     continue
                 self._live[state.rollout_id] = Live(state, row.get("actor") or "", row.get("reason") or "",
@@ -195,7 +195,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         """Load (if not done) and tick every ``tick_interval`` seconds in a background thread.
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         if not self._loaded:
             self.load()
@@ -207,7 +207,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         while not self._stop.wait(self._interval):
             try:
                 self.tick()
-            except StateError as exc:
+            except StoreError as exc:
                 log.error("rollout runner: tick failed (retried next tick): %s", exc)
             except Exception:  # a bug must not end the runner; logged with its traceback
                 log.exception("rollout runner: tick failed unexpectedly")
@@ -235,7 +235,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
 
         Raises:
             UsageError: both or neither are given and there is no default, or the plan is unknown.
-            BundleError: the inline plan is invalid (``where`` locates it).
+            PlanError: the inline plan is invalid (``where`` locates it).
         """
         if plan is not None and plan_name is not None:
             raise UsageError("give either an inline plan or a plan name, not both")
@@ -273,7 +273,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
 
         Raises:
             UsageError: the release is unknown, or not newer than a rollout in progress.
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         with self._lock:
             if not self._loaded:
@@ -312,7 +312,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         rollout when None); return its id, or None when none started (logged).
 
         Raises:
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         if plan is None:
             log.info("release %s: fleet.yaml declares no rollout plan; no rollout started", release)
@@ -342,7 +342,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         """Tell whether a rollout with this id was ever started.
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         return rollout_id in self._views or self._store.rollout_exists(rollout_id)
 
@@ -355,7 +355,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
 
         Raises:
             UsageError: the action or the rollout is unknown.
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         if action not in ACTIONS:
             raise UsageError(f"unknown rollout action {action!r}")
@@ -396,7 +396,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         publish, and publish the views API reads use.
 
         Raises:
-            StateError: the database cannot be read or written (nothing of the tick is kept; the next
+            StoreError: the database cannot be read or written (nothing of the tick is kept; the next
                 tick reads the same rows again).
         """
         with self._lock:
@@ -534,7 +534,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                 or write.cursor is not None:
             try:
                 self._store.write_rollouts(write)
-            except StateError:
+            except StoreError:
                 for live in dirty:  # not written: written again, whole, by the next commit
                     live.dirty = live.all_devices = True
                 raise
