@@ -234,6 +234,8 @@ class FleetStore(IngestStore, ReadStore, AuditStore, RolloutStore, Protocol):
     """The whole store: every concern, the backend's name (``sqlite`` or ``postgresql``) and ``close``."""
 
     backend: str
+    schema_versions: tuple[int, int]
+    """The schema version the store had when opened and the one it has now (after migrations)."""
 
     def device_columns(self) -> tuple[str, ...]:
         """Return the columns of a device row, in table order."""

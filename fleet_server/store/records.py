@@ -18,7 +18,7 @@ they are converted on the way in.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -193,6 +193,24 @@ def registry_row(row: Mapping[str, Any]) -> dict[str, Any]:
     for flag in ("online", "paused"):
         out[flag] = None if out.get(flag) is None else bool(out[flag])
     return out
+
+
+def fleet_summary(groups: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
+    """Fold ``(sync_state, online, release, count)`` groups of the registry into the fleet totals
+    ``summary`` returns."""
+    total = online = 0
+    by_state: dict[str, int] = {}
+    by_release: dict[int | None, int] = {}
+    for sync_state, is_online, release, count in groups:
+        n = int(count)
+        total += n
+        online += n if is_online == 1 else 0
+        key = str(sync_state if sync_state is not None else "unknown")
+        by_state[key] = by_state.get(key, 0) + n
+        by_release[release] = by_release.get(release, 0) + n
+    ordered = sorted(by_release.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0))
+    return {"devices": total, "by_sync_state": dict(sorted(by_state.items())), "online": online,
+            "offline": total - online, "releases": [{"release": r, "devices": n} for r, n in ordered]}
 
 
 def device_updates(batch: IngestBatch) -> dict[str, dict[str, Any]]:

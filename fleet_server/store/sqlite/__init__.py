@@ -33,8 +33,8 @@ class SqliteStore(SqliteIngest, SqliteReads, SqliteRollouts, SqliteFeed, SqliteA
         """
         super().__init__(path)
         try:
-            with self._writing("create the schema"):
-                create_schema(self._wconn, self.path)
+            with self._writing("bring the schema up to date"):
+                self.schema_versions = create_schema(self._wconn, self.path)
         except StoreError:
             self.close()
             raise

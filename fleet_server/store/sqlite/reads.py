@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fleet_server.store.records import DEVICE_COLUMNS, device_row, event_row, from_json
+from fleet_server.store.records import DEVICE_COLUMNS, device_row, event_row, fleet_summary, from_json
 from fleet_server.store.sqlite.connection import SqliteConnections
 
 __all__ = ["SqliteReads"]
@@ -106,19 +106,7 @@ class SqliteReads(SqliteConnections):
         with self._reading("summarise the fleet") as conn:
             groups = conn.execute("SELECT sync_state, online, release, count(*) FROM devices"
                                   " GROUP BY sync_state, online, release").fetchall()
-        total = online = 0
-        by_state: dict[str, int] = {}
-        by_release: dict[int | None, int] = {}
-        for sync_state, is_online, release, count in groups:
-            n = int(count)
-            total += n
-            online += n if is_online == 1 else 0
-            key = str(sync_state if sync_state is not None else "unknown")
-            by_state[key] = by_state.get(key, 0) + n
-            by_release[release] = by_release.get(release, 0) + n
-        ordered = sorted(by_release.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0))
-        return {"devices": total, "by_sync_state": dict(sorted(by_state.items())), "online": online,
-                "offline": total - online, "releases": [{"release": r, "devices": n} for r, n in ordered]}
+        return fleet_summary(tuple(g) for g in groups)
 
     def counters(self) -> dict[str, int]:
         """Return the persistent ingest counters (name -> total).
