@@ -24,9 +24,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge_agent.errors import BrokerError, MessageError, StateError
+from edge_agent.errors import MessageError
+from fleet_server.errors import BrokerError, StoreError
 from fleet_server.rollouts.engine import RolloutState
-from fleet_server.store import Store
+from fleet_server.store import FleetStore
 
 __all__ = ["FleetBaseline", "PublishBaseline", "log_phase_errors"]
 
@@ -47,7 +48,7 @@ class FleetBaseline:
         clock: POSIX time for audit entries.
     """
 
-    def __init__(self, store: Store, publish: PublishBaseline, *,
+    def __init__(self, store: FleetStore, publish: PublishBaseline, *,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._publish = publish
@@ -58,7 +59,7 @@ class FleetBaseline:
         """Return the baseline ``(release, commit)``, None when the fleet has none yet.
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         return self._store.fleet_baseline()
 
@@ -66,7 +67,7 @@ class FleetBaseline:
         """Load the stored baseline (seeding it when none is stored) and publish it retained; return it.
 
         Raises:
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         with self._lock:
             current = self._store.fleet_baseline()
@@ -97,7 +98,7 @@ class FleetBaseline:
         already is.
 
         Raises:
-            StateError: the database cannot be written (nothing is published then).
+            StoreError: the database cannot be written (nothing is published then).
         """
         with self._lock:
             if self._store.fleet_baseline() == (release, commit):
@@ -114,7 +115,7 @@ class FleetBaseline:
         newest recorded release below ``release`` (what devices following the head ran until now).
 
         Raises:
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         if self._store.fleet_baseline() is not None:
             return
@@ -129,7 +130,7 @@ class FleetBaseline:
         release the baseline names moves it back to the rollout's previous release.
 
         Raises:
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         release = state.release
         if state.phase == "succeeded":
@@ -155,7 +156,7 @@ def log_phase_errors(baseline: FleetBaseline) -> Callable[[RolloutState, str], N
     def listener(state: RolloutState, old_phase: str) -> None:
         try:
             baseline.on_phase(state, old_phase)
-        except StateError as exc:
+        except StoreError as exc:
             log.error("fleet baseline not moved for rollout %s (%s -> %s): %s", state.rollout_id, old_phase,
                       state.phase, exc)
 

@@ -11,6 +11,7 @@ file (the working directory when there is none). Every field and its default is 
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +79,27 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where the SQLite database lives and how long history is kept (seconds)."""
+    """Which database the server keeps its state in and how long history is kept (seconds).
+
+    ``url`` is ``sqlite://<path>`` (the default, made from ``path`` when not given) or
+    ``postgresql://user@host:port/database``, whose password is read from ``password_file``.
+    """
 
     path: Path = Path("/var/lib/fleet-server/fleet.db")
     events_retention: float = 30 * 86400.0
     health_retention: float = 7 * 86400.0
     prune_interval: float = 3600.0
+    url: str = ""
+    password_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            object.__setattr__(self, "url", f"sqlite://{self.path}")
+
+    @property
+    def backend(self) -> str:
+        """``sqlite`` or ``postgresql``, from the URL's scheme."""
+        return "sqlite" if self.url.startswith("sqlite://") else "postgresql"
 
 
 @dataclass(frozen=True)
@@ -191,9 +207,50 @@ def _mqtt(top: _Section) -> MqttConfig:
     )
 
 
+_PG_SCHEMES = ("postgresql", "postgres")
+
+
+def _store_url(s: _Section) -> tuple[str, Path]:
+    """Read ``store.url`` (or the older ``store.path``): the URL and, for SQLite, the file."""
+    default = Path("/var/lib/fleet-server/fleet.db")
+    if not s.has("url"):
+        path = s.req_path("path", default)
+        return f"sqlite://{path}", path
+    if s.has("path"):
+        raise ServerConfigError("store.path: give store.url or store.path, not both "
+                                "(store.path FILE is store.url sqlite://FILE)")
+    url = s.req_str("url")
+    if url.startswith("sqlite://"):
+        if not url[len("sqlite://"):]:
+            raise ServerConfigError("store.url: sqlite:// needs a file, as in "
+                                    "sqlite:///var/lib/fleet-server/fleet.db")
+        path = Path(url[len("sqlite://"):])
+        path = path if path.is_absolute() else s.base_dir / path
+        return f"sqlite://{path}", path
+    try:
+        parts = urllib.parse.urlsplit(url)
+        has_password = parts.password is not None
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError as exc:
+        raise ServerConfigError(f"store.url: not a valid URL: {exc}") from exc
+    if parts.scheme not in _PG_SCHEMES:
+        raise ServerConfigError("store.url: must be sqlite://FILE or postgresql://USER@HOST:PORT/DATABASE")
+    query = urllib.parse.parse_qs(parts.query)
+    if has_password or "password" in query:
+        raise ServerConfigError("store.url: must not carry a password (put it in store.password_file)")
+    if not parts.hostname or not parts.path.strip("/") or not port_ok:
+        raise ServerConfigError("store.url: must be postgresql://USER@HOST:PORT/DATABASE")
+    return url, default
+
+
 def _store(top: _Section) -> StoreConfig:
-    s = top.section("store", frozenset({"path", "events_retention", "health_retention", "prune_interval"}))
-    return StoreConfig(path=s.req_path("path", Path("/var/lib/fleet-server/fleet.db")),
+    s = top.section("store", frozenset({"path", "url", "password_file", "events_retention",
+                                        "health_retention", "prune_interval"}))
+    url, path = _store_url(s)
+    password_file = s.path("password_file")
+    if password_file is not None and url.startswith("sqlite://"):
+        raise ServerConfigError("store.password_file: only a postgresql:// store.url takes a password")
+    return StoreConfig(path=path, url=url, password_file=password_file,
                        events_retention=s.duration("events_retention", 30 * 86400.0),
                        health_retention=s.duration("health_retention", 7 * 86400.0),
                        prune_interval=s.duration("prune_interval", 3600.0))

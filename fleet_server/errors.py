@@ -4,7 +4,11 @@
     ├── UsageError (ValueError)      a command was given bad arguments or input
     ├── LintFailed                   `fleetctl lint` found problems (the report is already printed)
     ├── ServerConfigError (ValueError)  the fleet server's configuration is invalid
-    └── ApiError                     the fleet server answered with an error or could not be reached
+    ├── ApiError                     the fleet server answered with an error or could not be reached
+    ├── StoreError                   the fleet database cannot be opened, read or written
+    │   └── StoreRefused             the database refuses this data (retrying the same write cannot help)
+    ├── BrokerError (OSError)        the MQTT broker cannot be reached, refused, or did not acknowledge
+    └── PlanError (ValueError)       a rollout plan (or maintenance window) is invalid
 
 Errors shared with the agent (trust, bundle format, keys) come from ``edge_agent.errors`` and are
 caught at the same place in the entry points.
@@ -12,7 +16,8 @@ caught at the same place in the entry points.
 
 from __future__ import annotations
 
-__all__ = ["ApiError", "FleetError", "LintFailed", "ServerConfigError", "UsageError"]
+__all__ = ["ApiError", "BrokerError", "FleetError", "LintFailed", "PlanError", "ServerConfigError",
+           "StoreError", "StoreRefused", "UsageError"]
 
 
 class FleetError(Exception):
@@ -33,3 +38,32 @@ class ServerConfigError(FleetError, ValueError):
 
 class ApiError(FleetError):
     """The fleet server answered with an error or could not be reached."""
+
+
+class StoreError(FleetError):
+    """The fleet database cannot be opened, read or written (the operation stored nothing)."""
+
+
+class StoreRefused(StoreError):
+    """The database refuses the data of a write (a value out of range, a broken constraint): the same
+    write would fail again, unlike a database that is unavailable for a while."""
+
+
+class BrokerError(FleetError, OSError):
+    """Talking to the MQTT broker failed; the operation may be retried later."""
+
+
+class PlanError(FleetError, ValueError):
+    """A rollout plan, or a maintenance window in it, does not follow the format.
+
+    ``where`` is the location inside the document (keys and list indexes from its top), so that
+    ``fleetctl lint`` can map it to a line; ``file`` is the repo-relative file when known.
+    """
+
+    def __init__(self, reason: str, where: tuple[str | int, ...] = (), file: str = "") -> None:
+        self.reason = reason
+        self.where = where
+        self.file = file
+        loc = ".".join(str(p) for p in where)
+        prefix = f"{file}: " if file else ""
+        super().__init__(f"{prefix}{loc + ': ' if loc else ''}{reason}")

@@ -50,7 +50,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.errors import BrokerError, MessageError, StateError
+from edge_agent.errors import MessageError
 from edge_agent.report.messages import (
     baseline_message,
     baseline_topic,
@@ -63,8 +63,9 @@ from edge_agent.report.messages import (
     topic,
 )
 from fleet_server.config import ServerConfig
+from fleet_server.errors import BrokerError, StoreError, StoreRefused
 from fleet_server.metrics import IngestMetrics
-from fleet_server.store import INGEST_KINDS, IngestBatch, Store, to_epoch
+from fleet_server.store import INGEST_KINDS, IngestBatch, IngestStore, to_epoch
 
 __all__ = ["Ingestor"]
 
@@ -101,7 +102,7 @@ class Ingestor:
         clock: returns POSIX time (received_at stamps); injected for tests.
     """
 
-    def __init__(self, config: ServerConfig, store: Store, metrics: IngestMetrics, *,
+    def __init__(self, config: ServerConfig, store: IngestStore, metrics: IngestMetrics, *,
                  clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._mqtt = config.mqtt
@@ -233,7 +234,7 @@ class Ingestor:
             return False
         try:
             known = self._store.known_device(device)
-        except StateError as exc:
+        except StoreError as exc:
             log.warning("cannot check device %s: %s", device, exc)
             return False
         if known:
@@ -266,7 +267,9 @@ class Ingestor:
         return items
 
     def _write(self, items: list[_Item]) -> bool:
-        """Commit one batch; on success acknowledge its messages and count them. False on failure."""
+        """Commit one batch; on success acknowledge its messages and count them. False when the store
+        cannot be written (retried later); a message the store refuses is dropped and counted; any
+        other exception is a bug and propagates."""
         batch = IngestBatch()
         ingested: dict[str, int] = {}
         for it in items:
@@ -279,16 +282,16 @@ class Ingestor:
             batch.count(f"ingested.{kind}", n)
         try:
             self._store.apply_batch(batch)
-        except StateError as exc:
-            log.error("cannot store a batch of %s messages (will retry, not acknowledged): %s",
-                      len(items), exc)
-            return False
-        except Exception as exc:  # noqa: BLE001 - a message the store cannot take: find it, drop it, go on
+        except StoreRefused as exc:  # a message the store cannot take: find it, drop it, go on
             if len(items) > 1:
                 return all([self._write([it]) for it in items])
             log.warning("dropping a %s message the store refuses: %s", items[0].kind, exc)
             self._metrics.dropped("store_refused")
             return self._write([dataclasses.replace(items[0], message=None, drop="store_refused")])
+        except StoreError as exc:
+            log.error("cannot store a batch of %s messages (will retry, not acknowledged): %s",
+                      len(items), exc)
+            return False
         for kind, n in ingested.items():
             self._metrics.ingested(kind, n)
         self._metrics.observe_batch(len(batch))
@@ -311,7 +314,7 @@ class Ingestor:
                 if self._writer_stop.is_set() and self._queue.empty():
                     return
                 continue
-            while not self._write(items):
+            while not self._write_or_report(items):
                 if self._writer_stop.wait(_RETRY_PAUSE):
                     log.error("stopping with %s messages not stored; the broker keeps them", len(items))
                     self._settled(len(items) + self._discard_queue())
@@ -319,6 +322,17 @@ class Ingestor:
             self._metrics.set_queue_depth(self._queue.qsize())
             self._taken_since = None
             self._settled(len(items))
+
+    def _write_or_report(self, items: list[_Item]) -> bool:
+        """:meth:`_write`, reporting a failure that is not the store's (a bug of the write path) with
+        its traceback and returning False: its messages stay unacknowledged, the writer retries them,
+        and the backlog age shows the stall; a bug is never counted as a refused message."""
+        try:
+            return self._write(items)
+        except Exception:
+            log.exception("the ingest writer failed on a batch of %s messages (not acknowledged, retried)",
+                          len(items))
+            return False
 
     def _settled(self, n: int) -> None:
         """Mark ``n`` accepted messages as no longer pending; wake drain() when none are left."""
@@ -368,7 +382,7 @@ class Ingestor:
         """
         try:
             self._known = self._store.known_devices() if self._ingest.unknown_devices == "refuse" else set()
-        except StateError as exc:
+        except StoreError as exc:
             log.warning("cannot preload known devices: %s", exc)
         self._writer = threading.Thread(target=self._writer_main, name="ingest-writer", daemon=True)
         self._writer.start()

@@ -44,6 +44,7 @@ from edge_agent.policy import Refusal, check_refusal, resource_refusal
 from edge_agent.profiles import DeviceProfile, load_all_profiles
 from edge_agent.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit, parse_check
 from edge_agent.yamlsafe import LocatedDoc, load_yaml
+from fleet_server.errors import PlanError
 from fleet_server.rollouts.plan import PlanRef, parse_fleet_rollout, parse_plan
 
 __all__ = ["ALLOW_SECRET_MARKER", "SEALED_SECRET_TYPE", "LintProblem", "lint_repo"]
@@ -85,7 +86,7 @@ class _Report:
     def add(self, file: str, line: int, reason: str, severity: Severity = "error") -> None:
         self.problems.append(LintProblem(file, max(1, line), reason, severity))
 
-    def bundle_error(self, file: str, doc: LocatedDoc, exc: BundleError) -> None:
+    def bundle_error(self, file: str, doc: LocatedDoc, exc: BundleError | PlanError) -> None:
         self.add(file, doc.line(exc.where), exc.reason)
 
 
@@ -137,7 +138,7 @@ def _lint_default_plan(repo_dir: Path, doc: LocatedDoc, report: _Report) -> None
     """Check fleet.yaml's ``rollout:``: an inline plan, or ``{plan: NAME}`` naming an existing plan."""
     try:
         declared = parse_fleet_rollout(doc.value.get("rollout"))
-    except BundleError as exc:
+    except PlanError as exc:
         report.bundle_error("fleet.yaml", doc, exc)
         return
     if isinstance(declared, PlanRef) and not any(
@@ -157,7 +158,7 @@ def _lint_rollouts(repo_dir: Path, report: _Report) -> None:
             continue
         try:
             plan = parse_plan(doc.value, source=rel)
-        except BundleError as exc:
+        except PlanError as exc:
             report.bundle_error(rel, doc, exc)
             continue
         last = len(plan.waves) - 1

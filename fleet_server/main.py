@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import EdgeFleetError, StateError
+from edge_agent.errors import EdgeFleetError
 from edge_agent.logs import setup_logging
 from edge_agent.source import Source
 from fleet_server import __version__
@@ -32,17 +32,17 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.api.app import ApiActions, create_app
     from fleet_server.baseline import FleetBaseline, log_phase_errors
     from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
-    from fleet_server.errors import FleetError, UsageError
+    from fleet_server.errors import FleetError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
     from fleet_server.metrics import ServerMetrics
     from fleet_server.releases import GitWatcher
     from fleet_server.rollouts.plan import RolloutPlan
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
-    from fleet_server.store import Store
+    from fleet_server.store import AuditStore, FleetStore, IngestStore, open_store
 except ImportError as _missing:
     exit_without_server_extras(_missing)
 
-__all__ = ["GitPlans", "Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
+__all__ = ["GitPlans", "Pruner", "build_parser", "main", "migrate", "overrides_from_args", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 class Pruner:
     """Deletes history past its retention every ``store.prune_interval`` seconds, in a thread."""
 
-    def __init__(self, store: Store, config: ServerConfig) -> None:
+    def __init__(self, store: IngestStore, config: ServerConfig) -> None:
         self._store = store
         self._config = config.store
         self._stop = threading.Event()
@@ -61,7 +61,7 @@ class Pruner:
         try:
             cfg = self._config
             return self._store.prune(time.time(), cfg.events_retention, cfg.health_retention)
-        except StateError as exc:
+        except StoreError as exc:
             log.error("retention pruning failed: %s", exc)
             return 0
 
@@ -94,7 +94,7 @@ class GitPlans:
     fetch. ``named`` serves ``plan_name`` starts from the newest recorded release.
     """
 
-    def __init__(self, config: ServerConfig, store: Store, runner: RolloutRunner,
+    def __init__(self, config: ServerConfig, store: AuditStore, runner: RolloutRunner,
                  nudge: Callable[[str, int], None], baseline: FleetBaseline | None = None) -> None:
         assert config.git.url is not None
         self._source = Source(config.git.url, config.git.branch, Path(config.git.cache_dir),
@@ -133,7 +133,7 @@ class GitPlans:
 
         Raises:
             UsageError: no release is recorded, or it has no such plan.
-            BundleError: the plan is invalid.
+            PlanError: the plan is invalid.
             FetchError: the release is not in the cache.
         """
         newest = self._store.releases(limit=1)
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mqtt-port", type=int, help="same as --set mqtt.port=N")
     parser.add_argument("--http-port", type=int, help="same as --set http.port=N")
     parser.add_argument("--db", help="same as --set store.path=FILE")
+    parser.add_argument("command", nargs="?", choices=("run", "migrate"), default="run",
+                        help="run the server (the default), or apply the store's schema migrations and exit")
     return parser
 
 
@@ -195,7 +197,7 @@ def run_server(config: ServerConfig) -> None:
     """Run the fleet server until SIGTERM/SIGINT, then stop every part cleanly.
 
     Raises:
-        StateError: the database cannot be opened.
+        StoreError: the database cannot be opened, or was written by a newer server.
         BrokerError: the broker settings cannot be used.
         ServerConfigError: a token or secret file cannot be read.
     """
@@ -204,7 +206,7 @@ def run_server(config: ServerConfig) -> None:
     # one page of devices waited up to 5 ms per row behind a busy ingest thread (p95 0.33 s at
     # 100,000 heartbeating devices, bench/bench_rollout.py). 1 ms bounds that wait.
     sys.setswitchinterval(_SWITCH_INTERVAL)
-    store = Store(config.store.path)
+    store = open_store(config.store)
     metrics = ServerMetrics()
     ingestor: Ingestor | None = None
     watcher: GitWatcher | None = None
@@ -249,6 +251,24 @@ def run_server(config: ServerConfig) -> None:
         log.info("fleet server stopped")
 
 
+def migrate(config: ServerConfig) -> str:
+    """Bring the store's schema up to date (what opening it does) and return a one-line report.
+
+    Raises:
+        StoreError: the database cannot be opened or reached, or was written by a newer server.
+        ServerConfigError: the store's password file cannot be read.
+    """
+    store: FleetStore = open_store(config.store)
+    try:
+        before, after = store.schema_versions
+    finally:
+        store.close()
+    where = config.store.url
+    if before == after:
+        return f"fleet database {where}: schema {after}, up to date"
+    return f"fleet database {where}: schema {before} -> {after}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fleet-server``; return the exit code (0 after a clean stop, 1 on failure, 2 usage)."""
     args = build_parser().parse_args(argv)
@@ -258,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = DEFAULT_CONFIG_PATH
         config = load_server_config(path, overrides_from_args(args))
         setup_logging(config.log_level)
+        if args.command == "migrate":
+            sys.stdout.write(migrate(config) + "\n")
+            return 0
         run_server(config)
     except (EdgeFleetError, FleetError) as exc:
         sys.stderr.write(f"fleet-server: {exc}\n")

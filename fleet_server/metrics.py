@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge_agent.errors import StateError
+from fleet_server.errors import StoreError
 
 __all__ = [
     "COMMIT_TO_APPLIED_BUCKETS",
@@ -328,7 +328,7 @@ def read_service_levels(source: FleetSource, *, since: float) -> ServiceLevels:
     """Read the aggregates for events received at or after ``since`` and build the service levels.
 
     Raises:
-        StateError: the store cannot be read.
+        StoreError: the store cannot be read.
     """
     return service_levels(source.event_counts(since=since), applied=source.applied_from_releases(since=since),
                           commit_to_applied=source.commit_to_applied(since=since),
@@ -372,7 +372,7 @@ class FleetCollector(Collector):
             if cached is None or not 0 <= now - cached[0] < self._min_interval:
                 try:
                     cached = (now, self._compute(now))
-                except StateError as exc:
+                except StoreError as exc:
                     log.warning("fleet metrics unavailable for this scrape: %s", exc)
                     return
                 self._cached = cached

@@ -30,5 +30,7 @@ def scrubbed_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 # Shared fixtures of the test-support modules, registered once here.
 from tests.support.mirror import git_daemon, http_mirror, mirror_root  # noqa: E402
+from tests.support.stores import any_store, postgres_cluster, store_config  # noqa: E402
 
-__all__ = ["git_daemon", "http_mirror", "mirror_root", "scrubbed_env"]
+__all__ = ["any_store", "git_daemon", "http_mirror", "mirror_root", "postgres_cluster", "scrubbed_env",
+           "store_config"]

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import StateError
 from fleet_server.api.cache import CachedRead
+from fleet_server.errors import StoreError
 
 
 class Counter:
@@ -25,7 +25,7 @@ class Counter:
     def __call__(self) -> dict[str, Any]:
         assert self.gate.wait(10.0)
         if self.fail:
-            raise StateError("database is locked")
+            raise StoreError("database is locked")
         self.calls += 1
         return {"n": self.calls}
 
@@ -64,7 +64,7 @@ def test_a_failing_store_surfaces_once_the_copy_is_too_old() -> None:
     now[0] = 5.0
     assert cache.get()["n"] == 1  # stale but within max_stale; the refresh fails and is logged
     now[0] = 31.0
-    with pytest.raises(StateError):
+    with pytest.raises(StoreError):
         cache.get()
     read.fail = False
     assert cache.get() == {"n": 2, "as_of": 31.0}
@@ -73,5 +73,5 @@ def test_a_failing_store_surfaces_once_the_copy_is_too_old() -> None:
 def test_the_first_read_fails_loudly() -> None:
     read = Counter()
     read.fail = True
-    with pytest.raises(StateError):
+    with pytest.raises(StoreError):
         CachedRead(read).get()

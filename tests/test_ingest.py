@@ -20,12 +20,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.report import messages as m
 from fleet_server import ingest as ingest_module
-from fleet_server.config import ServerConfig, parse_server_config
+from fleet_server.config import ServerConfig, StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
-from fleet_server.store import Store
+from fleet_server.store import Store, open_store
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.mirror import free_port, wait_for_port
+from tests.support.stores import run_sql
 
 PREFIX = "fleet/v1"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -38,9 +39,15 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield b
 
 
-def make_config(tmp_path: Path, port: int, **sections: Any) -> ServerConfig:
-    raw: dict[str, Any] = {"mqtt": {"port": port, "client_id": "fleet-server-test"},
-                           "store": {"path": str(tmp_path / "fleet.db")}}
+def make_config(tmp_path: Path, port: int, *, store: StoreConfig | None = None,
+                **sections: Any) -> ServerConfig:
+    """The server's config on ``port``; the store is ``store`` (either backend), else an SQLite file."""
+    where: dict[str, Any] = {"path": str(tmp_path / "fleet.db")}
+    if store is not None and store.backend == "postgresql":
+        where = {"url": store.url, "password_file": str(store.password_file)}
+    elif store is not None:
+        where = {"path": str(store.path)}
+    raw: dict[str, Any] = {"mqtt": {"port": port, "client_id": "fleet-server-test"}, "store": where}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return parse_server_config(raw, tmp_path)
@@ -50,7 +57,7 @@ class Server:
     """An Ingestor with its store and metrics, stopped by the test's finaliser."""
 
     def __init__(self, config: ServerConfig) -> None:
-        self.store = Store(config.store.path)
+        self.store = open_store(config.store)
         self.metrics = ServerMetrics()
         self.ingestor = Ingestor(config, self.store, self.metrics.ingest)
 
@@ -133,8 +140,8 @@ def now_ts() -> float:
     return time.time()
 
 
-def test_reports_from_several_devices_arrive(tmp_path, broker, publisher, servers):
-    server = servers(make_config(tmp_path, broker.port)).start()
+def test_reports_from_several_devices_arrive(tmp_path, broker, publisher, servers, store_config):
+    server = servers(make_config(tmp_path, broker.port, store=store_config)).start()
     for i in range(5):
         dev = f"dev-{i}"
         publisher.send(t(dev, "online"), m.encode(m.online_message(dev, True, now_ts())), retain=True)
@@ -168,8 +175,9 @@ def test_reports_from_several_devices_arrive(tmp_path, broker, publisher, server
     assert reg.get_sample_value("fleet_ingest_lag_seconds_count") == 20
 
 
-def test_bad_messages_are_dropped_and_counted(tmp_path, broker, publisher, servers):
-    server = servers(make_config(tmp_path, broker.port, ingest={"max_payload_bytes": 1024})).start()
+def test_bad_messages_are_dropped_and_counted(tmp_path, broker, publisher, servers, store_config):
+    server = servers(make_config(tmp_path, broker.port, store=store_config,
+                                 ingest={"max_payload_bytes": 1024})).start()
     good = m.encode(m.online_message("dev-1", True, now_ts()))
     publisher.send(t("dev-1", "online"), b"{not json")
     publisher.send(t("dev-1", "online"), b"\xff\xfe")
@@ -190,9 +198,10 @@ def test_bad_messages_are_dropped_and_counted(tmp_path, broker, publisher, serve
         "dropped.oversized": 1, "dropped.spoofed": 1, "ingested.online": 1})
 
 
-def test_unknown_devices_are_refused_under_the_refuse_policy(tmp_path, broker, publisher, servers):
-    config = make_config(tmp_path, broker.port, ingest={"unknown_devices": "refuse"})
-    seed = Store(config.store.path)
+def test_unknown_devices_are_refused_under_the_refuse_policy(tmp_path, broker, publisher, servers,
+                                                            store_config):
+    config = make_config(tmp_path, broker.port, store=store_config, ingest={"unknown_devices": "refuse"})
+    seed = open_store(config.store)
     seed.register_device("known-1", labels={"site": "a"})
     seed.close()
     server = servers(config).start()
@@ -208,8 +217,9 @@ def test_unknown_devices_are_refused_under_the_refuse_policy(tmp_path, broker, p
 
 
 @pytest.mark.slow
-def test_flood_of_20k_messages_is_absorbed_and_the_server_keeps_serving(tmp_path, broker, servers):
-    server = servers(make_config(tmp_path, broker.port)).start()
+def test_flood_of_20k_messages_is_absorbed_and_the_server_keeps_serving(tmp_path, broker, servers,
+                                                                        store_config):
+    server = servers(make_config(tmp_path, broker.port, store=store_config)).start()
     pubs = [Publisher(broker.port, f"flood-{k}") for k in range(2)]
     try:
         good = 0
@@ -247,8 +257,9 @@ def test_flood_of_20k_messages_is_absorbed_and_the_server_keeps_serving(tmp_path
     assert wait_until(lambda: server.store.known_device("dev-late"))
 
 
-def test_messages_sent_while_the_server_is_down_are_not_lost(tmp_path, broker, publisher, servers):
-    config = make_config(tmp_path, broker.port)
+def test_messages_sent_while_the_server_is_down_are_not_lost(tmp_path, broker, publisher, servers,
+                                                            store_config):
+    config = make_config(tmp_path, broker.port, store=store_config)
     first = servers(config).start()
     first.stop()  # persistent session: the broker keeps queueing for the server's client id
     for i in range(300):
@@ -289,6 +300,68 @@ def test_drain_waits_for_a_batch_the_writer_has_taken_but_not_committed(tmp_path
         assert store.counters() == {}
         assert ingestor.drain(10.0)
         assert store.counters() == {"dropped.malformed_json": 1}
+    finally:
+        ingestor.stop()
+        store.close()
+
+
+def test_a_bug_in_the_write_path_is_retried_not_counted_as_a_refused_message(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(ingest_module, "_RETRY_PAUSE", 0.05)
+    config = make_config(tmp_path, 1)
+    store = Store(config.store.path)
+    metrics = ServerMetrics()
+    ingestor = Ingestor(config, store, metrics.ingest)
+    real_apply = store.apply_batch
+    calls = {"n": 0, "broken": True}
+
+    def apply_with_a_bug(batch):
+        calls["n"] += 1
+        if calls["broken"]:
+            raise TypeError("a bug in the write path")
+        return real_apply(batch)
+
+    monkeypatch.setattr(store, "apply_batch", apply_with_a_bug)
+    ingestor.start(connect=False)
+    try:
+        event = m.encode(m.event_message("dev-b", type="sync_succeeded", commit=COMMIT, release=4,
+                                         ts=now_ts()))
+        assert ingestor.handle_message(t("dev-b", "events"), event) is None
+        assert wait_until(lambda: calls["n"] >= 3, timeout=10.0)  # retried, not given up on
+        assert metrics.registry.get_sample_value("fleet_messages_dropped_total",
+                                                 {"reason": "store_refused"}) == 0
+        assert "the ingest writer failed" in caplog.text
+        calls["broken"] = False
+        assert ingestor.drain(10.0)
+        assert [e["type"] for e in store.device_events("dev-b")] == ["sync_succeeded"]
+        assert store.counters() == {"ingested.events": 1}
+    finally:
+        ingestor.stop()
+        store.close()
+
+
+def test_a_message_the_database_refuses_is_dropped_and_counted_and_the_rest_stored(tmp_path, monkeypatch,
+                                                                                   store_config):
+    monkeypatch.setattr(ingest_module, "_IDLE_FLUSH", 0.5)  # one batch for the three messages
+    config = make_config(tmp_path, 1, store=store_config)
+    store = open_store(config.store)
+    # a real constraint of the real database refuses one row
+    run_sql(store_config,
+            sqlite="CREATE TRIGGER refuse_dev_x BEFORE INSERT ON health WHEN NEW.device = 'dev-x'"
+                   " BEGIN SELECT RAISE(ABORT, 'refused by a constraint'); END",
+            postgresql="ALTER TABLE health ADD CONSTRAINT refuse_dev_x CHECK (device <> 'dev-x')")
+    metrics = ServerMetrics()
+    ingestor = Ingestor(config, store, metrics.ingest)
+    ingestor.start(connect=False)
+    try:
+        for dev in ("dev-a", "dev-x", "dev-c"):
+            health = m.encode(m.health_message(dev, commit=COMMIT, release=4, ts=now_ts(),
+                                               metrics={"cpu": 1.0}, checks=[]))
+            assert ingestor.handle_message(t(dev, "health"), health) is None
+        assert ingestor.drain(10.0)
+        assert metrics.registry.get_sample_value("fleet_messages_dropped_total",
+                                                 {"reason": "store_refused"}) == 1
+        assert store.counters() == {"dropped.store_refused": 1, "ingested.health": 2}
+        assert [len(store.device_health(d)) for d in ("dev-a", "dev-x", "dev-c")] == [1, 0, 1]
     finally:
         ingestor.stop()
         store.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from fleet_server.metrics import (
     read_service_levels,
     service_levels,
 )
-from fleet_server.store import IngestBatch, Store
+from fleet_server.store import FleetStore, IngestBatch, Store
 
 NOW = 1_800_000_000.0
 RELEASE_COMMIT = "a" * 40
@@ -38,10 +37,9 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    db = Store(tmp_path / "fleet.db")
-    yield db
-    db.close()
+def store(any_store: FleetStore) -> FleetStore:
+    """A new store on each backend (SQLite, PostgreSQL)."""
+    return any_store
 
 
 def _event(batch: IngestBatch, device: str, kind: str, ts: float, commit: str | None,
@@ -50,7 +48,7 @@ def _event(batch: IngestBatch, device: str, kind: str, ts: float, commit: str | 
     batch.add("events", msg, ts + 1.0 if received_at is None else received_at)
 
 
-def _fill(store: Store) -> None:
+def _fill(store: FleetStore) -> None:
     """A fleet with known history (see the expected values in the tests below)."""
     early = IngestBatch()
     _event(early, "dev-1", "sync_succeeded", NOW - 900, RELEASE_COMMIT)     # 100 s after the commit
@@ -77,7 +75,7 @@ def _fill(store: Store) -> None:
     store.apply_batch(batch)
 
 
-def test_service_levels_from_store_have_exact_values(store: Store) -> None:
+def test_service_levels_from_store_have_exact_values(store: FleetStore) -> None:
     _fill(store)
     levels = read_service_levels(store, since=NOW - 7 * 86400)
     assert (levels.syncs_succeeded, levels.syncs_failed, levels.syncs_refused, levels.syncs_rolled_back) \
@@ -92,7 +90,7 @@ def test_service_levels_from_store_have_exact_values(store: Store) -> None:
     assert levels.signed_change_share == pytest.approx(2 / 3)
 
 
-def test_window_excludes_older_events(store: Store) -> None:
+def test_window_excludes_older_events(store: FleetStore) -> None:
     _fill(store)
     everything = read_service_levels(store, since=0.0)
     assert everything.syncs_failed == 2
@@ -121,7 +119,7 @@ def test_histogram_buckets_are_cumulative() -> None:
     assert buckets == [("5.0", 2.0), ("60.0", 3.0), ("+Inf", 4.0)]
 
 
-def test_exposition_has_fleet_and_service_level_metrics(store: Store) -> None:
+def test_exposition_has_fleet_and_service_level_metrics(store: FleetStore) -> None:
     _fill(store)
     server_metrics = ServerMetrics()
     server_metrics.attach_fleet(store, clock=lambda: NOW)
@@ -146,7 +144,7 @@ def test_exposition_has_fleet_and_service_level_metrics(store: Store) -> None:
         1 for name, _ in samples if name == "fleet_drift_correction_seconds_bucket")
 
 
-def test_empty_store_exports_no_ratios(store: Store) -> None:
+def test_empty_store_exports_no_ratios(store: FleetStore) -> None:
     server_metrics = ServerMetrics()
     server_metrics.attach_fleet(store, clock=lambda: NOW)
     samples = _samples(server_metrics.exposition().decode())
@@ -155,7 +153,7 @@ def test_empty_store_exports_no_ratios(store: Store) -> None:
     assert samples[("fleet_commit_to_applied_seconds_count", ())] == 0
 
 
-def test_collector_caches_between_scrapes(store: Store) -> None:
+def test_collector_caches_between_scrapes(store: FleetStore) -> None:
     clock = [NOW]
     collector = FleetCollector(store, min_interval=30.0, clock=lambda: clock[0])
     registry = CollectorRegistry()
@@ -200,7 +198,7 @@ def test_ingest_metrics_count_and_observe() -> None:
     assert registry.get_sample_value("fleet_ingest_queue_depth") == 17
 
 
-def test_two_servers_do_not_share_collectors(store: Store) -> None:
+def test_two_servers_do_not_share_collectors(store: FleetStore) -> None:
     first, second = ServerMetrics(), ServerMetrics()
     first.ingest.dropped("oversized")
     assert second.registry.get_sample_value("fleet_messages_dropped_total", {"reason": "oversized"}) == 0

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge_agent.errors import BundleError
+from fleet_server.errors import PlanError
 from fleet_server.rollouts.plan import PlanRef, RolloutPlan, parse_fleet_rollout, parse_plan
 
 EXAMPLE = """
@@ -142,7 +142,7 @@ def test_every_field() -> None:
     ({"name": "../etc", "waves": [{"count": 2}]}, ("name",), "name must be"),
 ])
 def test_errors_name_their_location(raw: object, where: tuple[str | int, ...], words: str) -> None:
-    with pytest.raises(BundleError) as info:
+    with pytest.raises(PlanError) as info:
         parse_plan(raw, source="rollouts/bad.yaml")
     assert info.value.where == where
     assert info.value.file == "rollouts/bad.yaml"
@@ -156,11 +156,11 @@ def test_fleet_rollout_reference_inline_and_absent() -> None:
     inline = parse_fleet_rollout({"waves": [{"percent": 100}]})
     assert isinstance(inline, RolloutPlan)
     assert inline.name == "default"
-    with pytest.raises(BundleError) as info:
+    with pytest.raises(PlanError) as info:
         parse_fleet_rollout({"waves": [{"percent": "lots"}]})
     assert info.value.where == ("rollout", "waves", 0, "percent")
     assert info.value.file == "fleet.yaml"
-    with pytest.raises(BundleError) as info:
+    with pytest.raises(PlanError) as info:
         parse_fleet_rollout({"plan": "default", "waves": []})
     assert info.value.where == ("rollout",)
 

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from bench.bench_rollout import SimFleet
-from edge_agent.errors import BundleError
-from fleet_server.config import parse_server_config
-from fleet_server.errors import UsageError
+from fleet_server.config import StoreConfig, parse_server_config
+from fleet_server.errors import PlanError, UsageError
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.engine import DeviceReport
@@ -29,7 +28,7 @@ from fleet_server.rollouts.runner import (
     report_from_event,
     report_from_health,
 )
-from fleet_server.store import Store
+from fleet_server.store import open_store
 from tests.support.broker import Mosquitto
 
 OLD = (1, "1" * 40)
@@ -50,10 +49,9 @@ class Clock:
 class Server:
     """Store + Ingestor + RolloutRunner: the fleet server's rollout path, without HTTP."""
 
-    def __init__(self, tmp_path: Path, port: int, clock: Clock) -> None:
-        config = parse_server_config({"mqtt": {"port": port, "client_id": "fleet-server-rollouts"},
-                                      "store": {"path": str(tmp_path / "fleet.db")}}, tmp_path)
-        self.store = Store(config.store.path)
+    def __init__(self, tmp_path: Path, port: int, clock: Clock, store: StoreConfig) -> None:
+        config = parse_server_config({"mqtt": {"port": port, "client_id": "fleet-server-rollouts"}}, tmp_path)
+        self.store = open_store(store)
         self.metrics = ServerMetrics()
         self.ingestor = Ingestor(config, self.store, self.metrics.ingest)
         self.ingestor.start()
@@ -78,11 +76,12 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def servers(tmp_path: Path, broker: Mosquitto, clock: Clock) -> Iterator[Callable[[], Server]]:
+def servers(tmp_path: Path, broker: Mosquitto, clock: Clock,
+            store_config: StoreConfig) -> Iterator[Callable[[], Server]]:
     started: list[Server] = []
 
     def make() -> Server:
-        s = Server(tmp_path, broker.port, clock)
+        s = Server(tmp_path, broker.port, clock, store_config)
         started.append(s)
         return s
 
@@ -437,5 +436,5 @@ def test_plan_from_tree() -> None:
     assert inline.waves[0].percent == 100
     with pytest.raises(UsageError):
         plan_from_tree({"fleet.yaml": b"rollout: {plan: missing}\n"})
-    with pytest.raises(BundleError):
+    with pytest.raises(PlanError):
         plan_from_tree({"fleet.yaml": b"rollout: {plan: bad}\n", "rollouts/bad.yaml": b"waves: []\n"})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from fleet_server.rollouts.engine import ReleaseRef, Start, new_rollout, step
 from fleet_server.rollouts.membership import DeviceInfo
 from fleet_server.rollouts.plan import parse_plan
 from fleet_server.rollouts.runner import RolloutRunner
-from fleet_server.store import IngestBatch, RolloutWrite, Store
+from fleet_server.store import FleetStore, IngestBatch, RolloutWrite, Store
 
 OLD, NEW = (1, "1" * 40), (2, "2" * 40)
 T0 = 1_700_000_000.0
@@ -38,13 +37,12 @@ class Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "fleet.db")
-    yield s
-    s.close()
+def store(any_store: FleetStore) -> FleetStore:
+    """A new store on each backend (SQLite, PostgreSQL)."""
+    return any_store
 
 
-def _status(store: Store, devices: list[str], release: tuple[int, str], at: float, *,
+def _status(store: FleetStore, devices: list[str], release: tuple[int, str], at: float, *,
             paused: bool = False) -> None:
     batch = IngestBatch()
     for d in devices:
@@ -53,7 +51,7 @@ def _status(store: Store, devices: list[str], release: tuple[int, str], at: floa
     store.apply_batch(batch)
 
 
-def _fleet(store: Store, n: int) -> list[str]:
+def _fleet(store: FleetStore, n: int) -> list[str]:
     devices = [f"dev-{i:02d}" for i in range(n)]
     batch = IngestBatch()
     for d in devices:
@@ -66,14 +64,14 @@ def _fleet(store: Store, n: int) -> list[str]:
     return devices
 
 
-def _succeeded(store: Store, devices: list[str], at: float) -> None:
+def _succeeded(store: FleetStore, devices: list[str], at: float) -> None:
     batch = IngestBatch()
     for d in devices:
         batch.add("events", event_message(d, type="sync_succeeded", commit=NEW[1], release=NEW[0], ts=at), at)
     store.apply_batch(batch)
 
 
-def _runner(store: Store, clock: Clock, **kwargs: Any) -> tuple[RolloutRunner, list[str]]:
+def _runner(store: FleetStore, clock: Clock, **kwargs: Any) -> tuple[RolloutRunner, list[str]]:
     published: list[str] = []
     runner = RolloutRunner(store, lambda device, _rev, _rel, _rid: published.append(device), clock=clock,
                            **kwargs)
@@ -81,7 +79,7 @@ def _runner(store: Store, clock: Clock, **kwargs: Any) -> tuple[RolloutRunner, l
     return runner, published
 
 
-def test_registry_changes_list_only_devices_whose_rollout_fields_changed(store: Store) -> None:
+def test_registry_changes_list_only_devices_whose_rollout_fields_changed(store: FleetStore) -> None:
     _fleet(store, 3)
     head = store.registry_change_head()
     _status(store, ["dev-00", "dev-01"], OLD, T0)  # heartbeats: nothing the rollouts look at changed
@@ -98,7 +96,7 @@ def test_registry_changes_list_only_devices_whose_rollout_fields_changed(store: 
     assert [r["id"] for r in store.registry_changes(changed[-1]["seq"])] == ["dev-new"]
 
 
-def test_a_tick_writes_only_the_device_rows_that_changed(store: Store) -> None:
+def test_a_tick_writes_only_the_device_rows_that_changed(store: FleetStore) -> None:
     devices = _fleet(store, 20)
     clock = Clock()
     runner, published = _runner(store, clock)
@@ -124,7 +122,7 @@ def test_a_tick_writes_only_the_device_rows_that_changed(store: Store) -> None:
     assert (page["total"], [d["id"] for d in page["devices"]]) == (1, ["dev-03"])
 
 
-def test_a_tick_handles_at_most_its_budget_and_the_rest_next_tick(store: Store) -> None:
+def test_a_tick_handles_at_most_its_budget_and_the_rest_next_tick(store: FleetStore) -> None:
     devices = _fleet(store, 12)
     clock = Clock()
     runner, _ = _runner(store, clock, tick_budget=5)
@@ -160,7 +158,7 @@ def test_a_device_reporting_its_release_in_the_registry_is_applied_the_tick_afte
     assert {state.devices[d].state for d in devices[1:]} == {"assigned"}
 
 
-def test_reads_are_served_while_a_tick_holds_the_runner(store: Store) -> None:
+def test_reads_are_served_while_a_tick_holds_the_runner(store: FleetStore) -> None:
     _fleet(store, 6)
     clock = Clock()
     runner, _ = _runner(store, clock)
@@ -237,7 +235,7 @@ def test_a_store_with_the_previous_rollout_layout_loads_and_resumes(tmp_path: Pa
         reopened.close()
 
 
-def test_reads_of_a_rollout_not_held_do_not_wait_for_a_tick(store: Store) -> None:
+def test_reads_of_a_rollout_not_held_do_not_wait_for_a_tick(store: FleetStore) -> None:
     """The lock-free reads also hold for a rollout the runner does not hold (read from the store)."""
     _fleet(store, 3)
     clock = Clock()

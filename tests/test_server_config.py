@@ -95,6 +95,39 @@ def test_command_line_shortcuts(tmp_path: Path):
     assert (c.mqtt.port, c.http.port, c.store.path, c.ingest.batch_size) == (1885, 0, tmp_path / "x.db", 10)
 
 
+def test_store_url_defaults_to_the_sqlite_path_and_takes_postgresql(tmp_path: Path):
+    assert load_server_config(None, {}).store.url == "sqlite:///var/lib/fleet-server/fleet.db"
+    old = load_server_config(None, {"store.path": str(tmp_path / "old.db")}).store
+    assert (old.url, old.path, old.backend) == (f"sqlite://{tmp_path / 'old.db'}", tmp_path / "old.db",
+                                                "sqlite")
+    args = build_parser().parse_args(["--set", "store.url=postgresql://fleet@127.0.0.1:5432/fleet",
+                                      "--set", "store.password_file=db.password"])
+    pg_store = load_server_config(None, overrides_from_args(args)).store
+    assert (pg_store.url, pg_store.backend) == ("postgresql://fleet@127.0.0.1:5432/fleet", "postgresql")
+    assert pg_store.password_file == Path.cwd() / "db.password"
+    relative = parse_server_config({"store": {"url": "sqlite://data/fleet.db"}}, tmp_path).store
+    assert relative.path == tmp_path / "data/fleet.db"
+    assert relative.url == f"sqlite://{relative.path}"
+
+
+@pytest.mark.parametrize(("store", "reason"), [
+    ({"url": "postgresql://fleet:s3cret@db:5432/fleet"}, "must not carry a password"),
+    ({"url": "postgresql://fleet@db:5432/fleet?password=s3cret"}, "must not carry a password"),
+    ({"url": "mysql://fleet@db/fleet"}, "must be sqlite://FILE or postgresql://"),
+    ({"url": "postgresql://fleet@db:5432/"}, "must be postgresql://USER@HOST:PORT/DATABASE"),
+    ({"url": "postgresql://fleet@db:99999/fleet"}, "not a valid URL"),
+    ({"url": "sqlite://"}, "needs a file"),
+    ({"url": "sqlite:///x.db", "path": "/y.db"}, "not both"),
+    ({"password_file": "/etc/p"}, "only a postgresql:// store.url takes a password"),
+])
+def test_bad_store_urls_are_refused_in_one_line_without_the_password(store, reason):
+    with pytest.raises(ServerConfigError, match=r"^store\.") as info:
+        parse_server_config({"store": store}, Path("/"))
+    assert reason in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(("overrides", "field"), [
     ({"mqtt.port": 0}, "mqtt.port"),
     ({"mqtt.port": "x"}, "mqtt.port"),

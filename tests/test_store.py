@@ -1,4 +1,5 @@
-"""The fleet server's SQLite store: real SQLite files in tmp_path, no mocks."""
+"""The fleet server's store on both backends: real SQLite files in tmp_path and real PostgreSQL
+databases (``store`` is parametrised over the backends), no mocks."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from pathlib import Path
 import pytest
 
 import fleet_server.store as store_mod
-from edge_agent.errors import StateError
-from fleet_server.store import IngestBatch, Store, to_epoch
+from fleet_server.config import StoreConfig
+from fleet_server.errors import StoreError
+from fleet_server.store import FleetStore, IngestBatch, Store, open_store, to_epoch
+from tests.support.stores import run_sql
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "fleet.db")
-    yield s
-    s.close()
+def store(any_store: FleetStore) -> FleetStore:
+    return any_store
 
 
 def status(device: str, **kw):
@@ -26,7 +27,9 @@ def status(device: str, **kw):
 
 def test_all_is_pinned():
     assert set(store_mod.__all__) == {"INGEST_KINDS", "SCHEMA_VERSION", "IngestBatch", "Received", "Store",
-                                      "RolloutWrite", "to_epoch"}
+                                      "RolloutWrite", "to_epoch", "SqliteStore", "FleetStore", "IngestStore",
+                                      "ReadStore", "RolloutStore", "AuditStore", "open_store",
+                                      "read_password"}
 
 
 def test_to_epoch_accepts_seconds_and_iso_text():
@@ -49,17 +52,17 @@ def test_wal_and_schema_version(tmp_path: Path):
     conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
     conn.commit()
     conn.close()
-    with pytest.raises(StateError, match="newer"):
+    with pytest.raises(StoreError, match="newer"):
         Store(tmp_path / "fleet.db")
 
 
 def test_unopenable_path_is_a_state_error(tmp_path: Path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(StateError, match="cannot open"):
+    with pytest.raises(StoreError, match="cannot open"):
         Store(tmp_path / "file" / "fleet.db")
 
 
-def test_batch_upserts_devices_and_keeps_history(store: Store):
+def test_batch_upserts_devices_and_keeps_history(store: FleetStore):
     b = IngestBatch()
     b.add("status", status("d1", release=3, revision="c3", sync_state="applied", drift={"drifted": 0},
                            labels={"site": "north", "canary": "true"}, profile="pi4"), 100.0)
@@ -99,7 +102,7 @@ def test_batch_upserts_devices_and_keeps_history(store: Store):
     assert store.counters() == {"dropped.spoofed": 3, "ingested.status": 1}
 
 
-def test_last_error_is_the_latest_refusal_or_failure_until_a_success(store: Store):
+def test_last_error_is_the_latest_refusal_or_failure_until_a_success(store: FleetStore):
     def event(kind: str, ts: float, **kw):
         return status("d1", type=kind, ts=ts, commit="c" * 40, **kw)
 
@@ -125,7 +128,7 @@ def test_last_error_is_the_latest_refusal_or_failure_until_a_success(store: Stor
     assert store.device("d1")["last_error"] is None
 
 
-def test_later_batches_update_only_what_they_carry(store: Store):
+def test_later_batches_update_only_what_they_carry(store: FleetStore):
     b = IngestBatch()
     b.add("status", status("d1", release=1, sync_state="applied", labels={"a": "1"}), 10.0)
     b.add("online", status("d1", online=True), 10.0)
@@ -150,18 +153,21 @@ def test_later_batches_update_only_what_they_carry(store: Store):
     assert store.counters() == {"dropped.oversized": 2}
 
 
-def test_batch_is_all_or_nothing(store: Store, tmp_path: Path):
-    # a real SQLite failure in the middle of the batch: a trigger refuses health rows
-    conn = sqlite3.connect(tmp_path / "fleet.db")
-    conn.execute("CREATE TRIGGER no_health BEFORE INSERT ON health BEGIN SELECT RAISE(ABORT, 'no room'); END")
-    conn.commit()
-    conn.close()
+def test_batch_is_all_or_nothing(store: FleetStore, store_config: StoreConfig):
+    # a real database failure in the middle of the batch: a trigger refuses health rows
+    run_sql(store_config,
+            sqlite="CREATE TRIGGER no_health BEFORE INSERT ON health"
+                   " BEGIN SELECT RAISE(ABORT, 'no room'); END",
+            postgresql="CREATE FUNCTION no_room() RETURNS trigger LANGUAGE plpgsql AS"
+                       " $$ BEGIN RAISE EXCEPTION 'no room'; END $$;"
+                       " CREATE TRIGGER no_health BEFORE INSERT ON health FOR EACH ROW"
+                       " EXECUTE FUNCTION no_room()")
     bad = IngestBatch()
     bad.add("status", status("d2", release=1), 2.0)
     bad.add("events", status("d2", type="sync_succeeded"), 2.0)
     bad.add("health", status("d2", metrics={"x": 1}), 2.0)
     bad.count("ingested.status")
-    with pytest.raises(StateError, match=r"ingest batch.*no room"):
+    with pytest.raises(StoreError, match=r"ingest batch.*no room"):
         store.apply_batch(bad)
     assert not store.known_device("d2")
     assert store.device_events("d2") == []
@@ -177,7 +183,7 @@ def test_unknown_kind_is_refused():
         IngestBatch().add("desired", {"device": "d"}, 1.0)
 
 
-def _fleet(store: Store) -> None:
+def _fleet(store: FleetStore) -> None:
     b = IngestBatch()
     for i in range(10):
         labels = {"site": "north" if i < 4 else "south", "canary": "true" if i == 0 else "false"}
@@ -188,7 +194,7 @@ def _fleet(store: Store) -> None:
     store.apply_batch(b)
 
 
-def test_device_filters_and_paging(store: Store):
+def test_device_filters_and_paging(store: FleetStore):
     _fleet(store)
     ids = [d["id"] for d in store.devices()]
     assert ids == [f"dev{i:02d}" for i in range(10)]
@@ -206,7 +212,7 @@ def test_device_filters_and_paging(store: Store):
     assert store.known_devices() == {f"dev{i:02d}" for i in range(10)}
 
 
-def test_summary(store: Store):
+def test_summary(store: FleetStore):
     assert store.summary() == {"devices": 0, "by_sync_state": {}, "online": 0, "offline": 0, "releases": []}
     _fleet(store)
     s = store.summary()
@@ -216,7 +222,7 @@ def test_summary(store: Store):
     assert s["releases"] == [{"release": 4, "devices": 3}, {"release": 5, "devices": 7}]
 
 
-def test_events_and_health_are_newest_first_and_bounded(store: Store):
+def test_events_and_health_are_newest_first_and_bounded(store: FleetStore):
     b = IngestBatch()
     for i in range(20):
         b.add("events", status("d1", ts=float(i), type="drift_detected"), 100.0 + i)
@@ -228,7 +234,7 @@ def test_events_and_health_are_newest_first_and_bounded(store: Store):
     assert store.device_events("d2") == []
 
 
-def test_release_records_and_commit_to_applied(store: Store):
+def test_release_records_and_commit_to_applied(store: FleetStore):
     b = IngestBatch()
     b.add("events", status("d1", ts=1100.0, type="sync_succeeded", commit="aaa", release=7), 1100.0)
     store.apply_batch(b)
@@ -254,7 +260,7 @@ def test_release_records_and_commit_to_applied(store: Store):
     assert store.event_counts(since=1120.0) == {"sync_succeeded": 2}
 
 
-def test_drift_recovery_times(store: Store):
+def test_drift_recovery_times(store: FleetStore):
     b = IngestBatch()
     b.add("events", status("d1", ts=10.0, type="drift_detected"), 10.0)
     b.add("events", status("d1", ts=14.0, type="drift_corrected"), 14.0)
@@ -265,7 +271,7 @@ def test_drift_recovery_times(store: Store):
     assert sorted(store.drift_recovery_times()) == [4.0, 30.0]
 
 
-def test_audit_log(store: Store):
+def test_audit_log(store: FleetStore):
     store.add_audit("alice", "rollout.pause", "rollout-7", "canary error rate", {"wave": 1}, now=5.0)
     store.add_audit("bob", "rollout.resume", "rollout-7", "fixed", now=6.0)
     entries = store.audit()
@@ -275,7 +281,7 @@ def test_audit_log(store: Store):
     assert store.audit(limit=1)[0]["detail"] is None
 
 
-def test_register_device(store: Store):
+def test_register_device(store: FleetStore):
     assert not store.known_device("new-1")
     store.register_device("new-1", labels={"site": "x"}, profile="pi4", now=3.0)
     assert store.known_device("new-1")
@@ -291,7 +297,7 @@ def test_register_device(store: Store):
     assert d["first_seen"] == 3.0
 
 
-def test_a_status_with_labels_and_profile_updates_the_registry_and_the_device_report_wins(store: Store):
+def test_a_status_with_labels_and_profile_updates_the_registry_and_the_device_report_wins(store: FleetStore):
     store.register_device("gw-1", labels={"site": "registered"}, profile="generic-linux", now=1.0)
     store.register_device("gw-2", labels={"site": "north"}, now=1.0)
 
@@ -332,7 +338,7 @@ def test_a_status_with_labels_and_profile_updates_the_registry_and_the_device_re
     assert store.count_devices(label={"site": "north"}) == 1
 
 
-def test_prune_by_received_time(store: Store):
+def test_prune_by_received_time(store: FleetStore):
     b = IngestBatch()
     for i in range(12000):
         b.add("health", status("d1", ts=float(i), metrics={}), float(i))
@@ -346,7 +352,7 @@ def test_prune_by_received_time(store: Store):
     assert store.prune(now=12000.0, events_max_age=4500.0, health_max_age=1000.0) == 0
 
 
-def test_concurrent_readers_and_writer(store: Store):
+def test_concurrent_readers_and_writer(store: FleetStore):
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -376,13 +382,13 @@ def test_concurrent_readers_and_writer(store: Store):
     assert store.summary()["releases"] == [{"release": 19, "devices": 200}]
 
 
-def test_batches_persist_across_reopen(tmp_path: Path):
-    s = Store(tmp_path / "fleet.db")
+def test_batches_persist_across_reopen(store_config: StoreConfig):
+    s = open_store(store_config)
     b = IngestBatch()
     b.add("status", status("d1", release=2), 1.0)
     s.apply_batch(b)
     s.close()
-    s2 = Store(tmp_path / "fleet.db")
+    s2 = open_store(store_config)
     try:
         d = s2.device("d1")
         assert d is not None
@@ -391,7 +397,7 @@ def test_batches_persist_across_reopen(tmp_path: Path):
         s2.close()
 
 
-def test_redelivered_events_and_health_are_stored_once(store: Store):
+def test_redelivered_events_and_health_are_stored_once(store: FleetStore):
     for _ in range(2):
         b = IngestBatch()
         b.add("events", status("d1", ts=5.0, type="sync_failed", reason="x"), 6.0)

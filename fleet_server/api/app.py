@@ -36,7 +36,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
-from edge_agent.errors import StateError
 from fleet_server import __version__
 from fleet_server.api.auth import Tokens, load_tokens, require_admin, require_read, signature_valid
 from fleet_server.api.dashboard import install_dashboard
@@ -44,6 +43,7 @@ from fleet_server.api.guard import RequestGuard
 from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
+from fleet_server.errors import StoreError
 from fleet_server.health import health_status
 from fleet_server.metrics import ServerMetrics
 
@@ -113,7 +113,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StateError, store_error)
+    app.add_exception_handler(StoreError, store_error)
     app.add_exception_handler(Exception, unexpected_error)
 
 

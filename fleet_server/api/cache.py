@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_agent.errors import StateError
+from fleet_server.errors import StoreError
 
 __all__ = ["CachedRead"]
 
@@ -32,7 +32,7 @@ class CachedRead:
     The answer gets an ``as_of`` key: the POSIX time the copy was computed.
 
     Args:
-        compute: the read (raises StateError when the store cannot be read).
+        compute: the read (raises StoreError when the store cannot be read).
         ttl: seconds a copy is served before a refresh starts.
         max_stale: seconds after which a request computes in line instead of answering the copy.
         clock: returns POSIX time (injected by tests).
@@ -59,7 +59,7 @@ class CachedRead:
     def _refresh(self) -> None:
         try:
             self._fresh()
-        except StateError as exc:
+        except StoreError as exc:
             log.warning("cannot refresh a cached read (the old copy is served): %s", exc)
         finally:
             with self._lock:
@@ -69,7 +69,7 @@ class CachedRead:
         """Return the cached answer, starting a background refresh when it is ``ttl`` seconds old.
 
         Raises:
-            StateError: there is no usable copy and the store cannot be read.
+            StoreError: there is no usable copy and the store cannot be read.
         """
         now = self._clock()
         with self._lock:

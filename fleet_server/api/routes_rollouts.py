@@ -28,7 +28,7 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query
 
 from edge_agent.errors import BundleError
 from fleet_server.api.auth import Tokens, require_admin, require_read
-from fleet_server.errors import UsageError
+from fleet_server.errors import PlanError, UsageError
 from fleet_server.rollouts.engine import DEVICE_STATES
 from fleet_server.rollouts.plan import RolloutPlan
 from fleet_server.rollouts.runner import ACTIONS
@@ -183,7 +183,7 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
         reason = request_reason(body)
         try:
             plan = control.resolve_plan(plan_doc, plan_name)
-        except BundleError as exc:
+        except (PlanError, BundleError) as exc:
             where = ".".join(str(p) for p in exc.where)
             raise HTTPException(400, f"invalid plan: {where + ': ' if where else ''}{exc.reason}") from exc
         except UsageError as exc:

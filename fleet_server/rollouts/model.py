@@ -154,7 +154,7 @@ class RolloutState:
         """Rebuild a state written by :meth:`to_dict`.
 
         Raises:
-            BundleError: the stored plan no longer parses.
+            PlanError: the stored plan no longer parses.
             KeyError, TypeError, ValueError: the data is not a stored state.
         """
         plan = parse_plan(data["plan"]["raw"], source=data["plan"]["source"])

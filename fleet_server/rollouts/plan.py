@@ -1,8 +1,8 @@
 """Rollout plans: ``rollouts/<name>.yaml`` and the ``rollout:`` key of ``fleet.yaml``.
 
 Pure: takes the already-loaded YAML value and returns frozen dataclasses, or raises
-:class:`BundleError` whose ``where`` locates the problem inside the document (``fleetctl lint``
-maps it to a line). The format and every default are documented in ``docs/rollouts.md``.
+:class:`~fleet_server.errors.PlanError` whose ``where`` locates the problem inside the document
+(``fleetctl lint`` maps it to a line). The format and every default are documented in ``docs/rollouts.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 from edge_agent.bundle import Selector, parse_selector
 from edge_agent.errors import BundleError
 from edge_agent.fleetfile import parse_duration
+from fleet_server.errors import PlanError
 
 from .windows import MaintenanceWindow, parse_cron
 
@@ -114,10 +115,10 @@ class PlanRef:
 
 def _mapping(value: object, where: Where, allowed: frozenset[str], what: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise BundleError(f"{what} must be a mapping", where)
+        raise PlanError(f"{what} must be a mapping", where)
     unknown = sorted(str(k) for k in value if k not in allowed)
     if unknown:
-        raise BundleError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})",
+        raise PlanError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})",
                           (*where, unknown[0]))
     return value
 
@@ -131,29 +132,29 @@ def _duration(value: object, where: Where, *, allow_zero: bool) -> int:
 
 def _int(value: object, where: Where, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BundleError("must be a whole number", where)
+        raise PlanError("must be a whole number", where)
     if value < minimum:
-        raise BundleError(f"must be at least {minimum}", where)
+        raise PlanError(f"must be at least {minimum}", where)
     return value
 
 
 def _number(value: object, where: Where, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BundleError("must be a number", where)
+        raise PlanError("must be a number", where)
     if not low <= value <= high:
-        raise BundleError(f"must be from {low:g} to {high:g}", where)
+        raise PlanError(f"must be from {low:g} to {high:g}", where)
     return float(value)
 
 
 def _choice(value: object, where: Where, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise BundleError(f"must be one of {', '.join(choices)}", where)
+        raise PlanError(f"must be one of {', '.join(choices)}", where)
     return str(value)
 
 
 def _name(value: object, where: Where) -> str:
     if not isinstance(value, str) or not PLAN_NAME.match(value):
-        raise BundleError("a name must be 1-64 letters, digits, '_', '.' or '-'", where)
+        raise PlanError("a name must be 1-64 letters, digits, '_', '.' or '-'", where)
     return value
 
 
@@ -162,12 +163,12 @@ def _parse_gate(raw: object, where: Where) -> TelemetryGate:
     metric = g.get("metric")
     if not isinstance(metric, str) or not (metric in GATE_METRICS or (metric.startswith("check:")
                                                                       and len(metric) > 6)):
-        raise BundleError(f"metric must be one of {', '.join(GATE_METRICS)} or check:<name>",
+        raise PlanError(f"metric must be one of {', '.join(GATE_METRICS)} or check:<name>",
                           (*where, "metric"))
     is_check = metric.startswith("check:")
     op = _choice(g.get("op", ">=" if is_check else None), (*where, "op"), GATE_OPS)
     if "value" not in g and not is_check:
-        raise BundleError("'value' is required", (*where, "value"))
+        raise PlanError("'value' is required", (*where, "value"))
     value = _number(g.get("value", 1), (*where, "value"), -1e12, 1e12)
     raw_for = g.get("for_devices", "all")
     for_devices: str | float
@@ -177,12 +178,12 @@ def _parse_gate(raw: object, where: Where) -> TelemetryGate:
         try:
             for_devices = _number(float(raw_for[:-1]), (*where, "for_devices"), 0, 100)
         except ValueError as exc:
-            raise BundleError("for_devices must be any, all or a percentage",
+            raise PlanError("for_devices must be any, all or a percentage",
                               (*where, "for_devices")) from exc
     elif isinstance(raw_for, int | float) and not isinstance(raw_for, bool):
         for_devices = _number(raw_for, (*where, "for_devices"), 0, 100)
     else:
-        raise BundleError("for_devices must be any, all or a percentage", (*where, "for_devices"))
+        raise PlanError("for_devices must be any, all or a percentage", (*where, "for_devices"))
     return TelemetryGate(metric=metric, op=op, value=value, for_devices=for_devices)
 
 
@@ -191,12 +192,12 @@ def _parse_wave(raw: object, where: Where, index: int, *, canary_first: bool, on
     name = _name(w.get("name", f"wave-{index + 1}"), (*where, "name"))
     rules = [k for k in ("percent", "count", "selector") if w.get(k) is not None]
     if len(rules) > 1:
-        raise BundleError(f"a wave takes one of percent, count or selector, not {' and '.join(rules)}", where)
+        raise PlanError(f"a wave takes one of percent, count or selector, not {' and '.join(rules)}", where)
     if not rules and not (index == 0 and canary_first):
-        raise BundleError("a wave needs one of percent, count or selector", where)
+        raise PlanError("a wave needs one of percent, count or selector", where)
     percent = None if w.get("percent") is None else _number(w["percent"], (*where, "percent"), 0, 100)
     if percent is not None and percent <= 0:
-        raise BundleError("must be more than 0", (*where, "percent"))
+        raise PlanError("must be more than 0", (*where, "percent"))
     count = None if w.get("count") is None else _int(w["count"], (*where, "count"), 1)
     selector = None if w.get("selector") is None else parse_selector(w["selector"], (*where, "selector"))
     max_rate = w.get("max_failure_rate", 0.0)
@@ -205,7 +206,7 @@ def _parse_wave(raw: object, where: Where, index: int, *, canary_first: bool, on
         raise BundleError("must be true or false", (*where, "pause_before"))
     gates_raw = w.get("gates", [])
     if not isinstance(gates_raw, list):
-        raise BundleError("'gates' must be a list", (*where, "gates"))
+        raise PlanError("'gates' must be a list", (*where, "gates"))
     return Wave(
         name=name, percent=percent, count=count, selector=selector,
         soak=_duration(w.get("soak", 600), (*where, "soak"), allow_zero=True),
@@ -225,7 +226,7 @@ def _parse_wave(raw: object, where: Where, index: int, *, canary_first: bool, on
 def _parse_window(raw: object, where: Where) -> MaintenanceWindow:
     m = _mapping(raw, where, _WINDOW_KEYS, "a maintenance window")
     if "cron" not in m or "duration" not in m:
-        raise BundleError("a maintenance window needs 'cron' and 'duration'", where)
+        raise PlanError("a maintenance window needs 'cron' and 'duration'", where)
     return MaintenanceWindow(cron=parse_cron(m["cron"], (*where, "cron")),
                              duration=_duration(m["duration"], (*where, "duration"), allow_zero=False))
 
@@ -242,14 +243,16 @@ def parse_plan(value: object, *, source: str) -> RolloutPlan:
     the plan its default name (the file's stem).
 
     Raises:
-        BundleError: the first problem, with ``where`` and ``file``.
+        PlanError: the first problem, with ``where`` and ``file``.
     """
     try:
         return _parse_plan(value, source)
-    except BundleError as exc:
+    except PlanError as exc:
         if exc.file or not source:
             raise
-        raise BundleError(exc.reason, exc.where, source) from exc
+        raise PlanError(exc.reason, exc.where, source) from exc
+    except BundleError as exc:  # a selector or duration inside the plan, parsed by the shared format
+        raise PlanError(exc.reason, exc.where, exc.file or source) from exc
 
 
 def _parse_plan(value: object, source: str) -> RolloutPlan:
@@ -257,34 +260,34 @@ def _parse_plan(value: object, source: str) -> RolloutPlan:
     name = _name(p.get("name", _default_name(source)), ("name",))
     description = p.get("description", "")
     if not isinstance(description, str):
-        raise BundleError("must be a string", ("description",))
+        raise PlanError("must be a string", ("description",))
     canary_first = p.get("canary_first", True)
     if not isinstance(canary_first, bool):
-        raise BundleError("must be true or false", ("canary_first",))
+        raise PlanError("must be true or false", ("canary_first",))
     canary_label = p.get("canary_label", "canary")
     if not isinstance(canary_label, str) or not canary_label:
-        raise BundleError("must be a label name", ("canary_label",))
+        raise PlanError("must be a label name", ("canary_label",))
     rollback = p.get("rollback_on_failure", False)
     if not isinstance(rollback, bool):
-        raise BundleError("must be true or false", ("rollback_on_failure",))
+        raise PlanError("must be true or false", ("rollback_on_failure",))
     rate = p.get("rate_limit_per_minute")
     windows_raw = p.get("maintenance_windows", [])
     if not isinstance(windows_raw, list):
-        raise BundleError("must be a list", ("maintenance_windows",))
+        raise PlanError("must be a list", ("maintenance_windows",))
     waves_raw = p.get("waves")
     if not isinstance(waves_raw, list) or not waves_raw:
-        raise BundleError("a plan needs a non-empty list of waves", ("waves",))
+        raise PlanError("a plan needs a non-empty list of waves", ("waves",))
     waves = tuple(_parse_wave(w, ("waves", i), i, canary_first=canary_first,
                               on_failure="rollback" if rollback else "halt") for i, w in enumerate(waves_raw))
     seen: set[str] = set()
     last_percent = 0.0
     for i, wave in enumerate(waves):
         if wave.name in seen:
-            raise BundleError(f"duplicate wave name {wave.name!r}", ("waves", i, "name"))
+            raise PlanError(f"duplicate wave name {wave.name!r}", ("waves", i, "name"))
         seen.add(wave.name)
         if wave.percent is not None:
             if wave.percent < last_percent:
-                raise BundleError("percent is cumulative and must not decrease from wave to wave",
+                raise PlanError("percent is cumulative and must not decrease from wave to wave",
                                   ("waves", i, "percent"))
             last_percent = wave.percent
     return RolloutPlan(
@@ -304,19 +307,19 @@ def parse_fleet_rollout(value: object, *, source: str = "fleet.yaml") -> PlanRef
     Errors are located under ``rollout``.
 
     Raises:
-        BundleError: the reference or the inline plan is invalid.
+        PlanError: the reference or the inline plan is invalid.
     """
     if value is None or value == {}:
         return None
     if isinstance(value, Mapping) and "plan" in value:
         if set(value) != {"plan"}:
-            raise BundleError("'plan' names a plan in rollouts/ and takes no other keys", ("rollout",),
+            raise PlanError("'plan' names a plan in rollouts/ and takes no other keys", ("rollout",),
                               source)
         try:
             return PlanRef(_name(value["plan"], ("rollout", "plan")))
-        except BundleError as exc:
-            raise BundleError(exc.reason, exc.where, source) from exc
+        except PlanError as exc:
+            raise PlanError(exc.reason, exc.where, source) from exc
     try:
         return _parse_plan(value, "")
-    except BundleError as exc:
-        raise BundleError(exc.reason, ("rollout", *exc.where), source) from exc
+    except (PlanError, BundleError) as exc:
+        raise PlanError(exc.reason, ("rollout", *exc.where), source) from exc

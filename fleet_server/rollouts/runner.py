@@ -4,7 +4,7 @@ its effects.
 Where events come from: the runner **polls the store** once a tick, instead of a callback from the
 ingest writer: ``events`` and ``health`` rows above a cursor, and the registry rows changed since
 the last tick (``device_changes``, kept by triggers: a device inserted, or its online, release,
-paused, labels or profile changed; see :mod:`fleet_server.store_rollouts`). Polling is the simpler
+paused, labels or profile changed; see :mod:`fleet_server.store.sqlite.feed`). Polling is the simpler
 robust choice: the store is already the durable queue the ingest path commits to, the cursor is
 committed in the same transaction as the rollout states it produced (a crash replays the rows after
 it, and the engine ignores what it has seen), and the ingest path knows nothing about rollouts. The
@@ -30,7 +30,7 @@ history; wave counts are sampled into ``rollout_samples`` whenever they change.
 
 State is persisted once per tick, as deltas: the rollout row (everything but the devices) and one
 ``rollout_devices`` row per device that changed since the last write, with every audit row of the
-tick, in one transaction (see :mod:`fleet_server.store_rollouts`).
+tick, in one transaction (see :mod:`fleet_server.store.sqlite.feed`).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from edge_agent.errors import BrokerError, BundleError, MessageError, StateError
-from fleet_server.errors import UsageError
-from fleet_server.store import RolloutWrite, Store
+from edge_agent.errors import MessageError
+from fleet_server.errors import BrokerError, PlanError, StoreError, UsageError
+from fleet_server.store import FleetStore, RolloutWrite
 
 from .engine import judge_action, new_rollout, step, wave_counts
 from .membership import is_targeted
@@ -117,7 +117,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         tick_budget: registry changes plus history rows one tick handles at most.
     """
 
-    def __init__(self, store: Store, publish_desired: PublishDesired, *,
+    def __init__(self, store: FleetStore, publish_desired: PublishDesired, *,
                  clock: Callable[[], float] = time.time, tick_interval: float = 1.0,
                  plan_loader: Callable[[str], RolloutPlan] | None = None,
                  default_plan: RolloutPlan | None = None, tick_budget: int = TICK_BUDGET) -> None:
@@ -158,7 +158,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         how many rollouts were loaded.
 
         Raises:
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         with self._lock:
             self._live.clear()
@@ -174,7 +174,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                     continue
                 try:
                     state = state_from_row(row)
-                except (BundleError, KeyError, TypeError, ValueError) as exc:
+                except (PlanError, KeyError, TypeError, ValueError) as exc:
                     log.error("rollout %s cannot be reloaded (left as it is): %s", row["id"], exc)
                     continue
                 if state.superseded_by:  # finished, then superseded: serves no device any more
@@ -198,7 +198,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         """Load (if not done) and tick every ``tick_interval`` seconds in a background thread.
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         if not self._loaded:
             self.load()
@@ -210,7 +210,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         while not self._stop.wait(self._interval):
             try:
                 self.tick()
-            except StateError as exc:
+            except StoreError as exc:
                 log.error("rollout runner: tick failed (retried next tick): %s", exc)
             except Exception:  # a bug must not end the runner; logged with its traceback
                 log.exception("rollout runner: tick failed unexpectedly")
@@ -238,7 +238,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
 
         Raises:
             UsageError: both or neither are given and there is no default, or the plan is unknown.
-            BundleError: the inline plan is invalid (``where`` locates it).
+            PlanError: the inline plan is invalid (``where`` locates it).
         """
         if plan is not None and plan_name is not None:
             raise UsageError("give either an inline plan or a plan name, not both")
@@ -276,7 +276,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
 
         Raises:
             UsageError: the release is unknown, or not newer than a rollout in progress.
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         with self._lock:
             if not self._loaded:
@@ -315,7 +315,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         rollout when None); return its id, or None when none started (logged).
 
         Raises:
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         if plan is None:
             log.info("release %s: fleet.yaml declares no rollout plan; no rollout started", release)
@@ -345,7 +345,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         """Tell whether a rollout with this id was ever started.
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         return rollout_id in self._views or self._store.rollout_exists(rollout_id)
 
@@ -358,7 +358,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
 
         Raises:
             UsageError: the action or the rollout is unknown.
-            StateError: the database cannot be read or written.
+            StoreError: the database cannot be read or written.
         """
         if action not in ACTIONS:
             raise UsageError(f"unknown rollout action {action!r}")
@@ -399,7 +399,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         publish, and publish the views API reads use.
 
         Raises:
-            StateError: the database cannot be read or written (nothing of the tick is kept; the next
+            StoreError: the database cannot be read or written (nothing of the tick is kept; the next
                 tick reads the same rows again).
         """
         with self._lock:
@@ -537,7 +537,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                 or write.cursor is not None:
             try:
                 self._store.write_rollouts(write)
-            except StateError:
+            except StoreError:
                 for live in dirty:  # not written: written again, whole, by the next commit
                     live.dirty = live.all_devices = True
                 raise

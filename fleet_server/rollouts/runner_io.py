@@ -61,7 +61,8 @@ def plan_from_tree(tree: Mapping[str, bytes], name: str | None = None) -> Rollou
 
     Raises:
         UsageError: the named plan is not in the tree.
-        BundleError: fleet.yaml or the plan is invalid (YamlError for malformed YAML).
+        BundleError: fleet.yaml is invalid (YamlError for malformed YAML).
+        PlanError: the plan is invalid.
     """
     if name is None:
         fleet = tree.get("fleet.yaml")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleet_server.store import Store
+from fleet_server.store import FleetStore
 
 from .engine import wave_counts
 from .model import RolloutState, device_dict
@@ -38,7 +38,7 @@ def state_from_row(row: Mapping[str, Any]) -> RolloutState:
     """Return the state of a stored rollout row (as the store's ``rollouts`` view reads it).
 
     Raises:
-        BundleError: the stored plan no longer parses.
+        PlanError: the stored plan no longer parses.
         KeyError, TypeError, ValueError: the row holds no valid state.
     """
     data = row["state"]
@@ -55,7 +55,7 @@ def _device_entry(device: str, status: Mapping[str, Any]) -> dict[str, Any]:
 class RunnerReads:
     """The read side of :class:`~.runner.RolloutRunner` (see the module docstring)."""
 
-    _store: Store
+    _store: FleetStore
     _views: Mapping[str, RolloutView]
 
     def state(self, rollout_id: str) -> RolloutState | None:
@@ -63,7 +63,7 @@ class RunnerReads:
         store).
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         view = self._views.get(rollout_id)
         if view is not None:
@@ -76,7 +76,7 @@ class RunnerReads:
         ``superseded_by`` / ``superseded_at`` (None unless a newer rollout superseded it).
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         rows = self._store.rollout_summaries(limit)
         superseded = self._store.rollout_supersessions([str(r["id"]) for r in rows])
@@ -110,7 +110,7 @@ class RunnerReads:
         them with :meth:`devices` instead); None when unknown.
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         view = self._views.get(rollout_id)
         if view is not None:
@@ -155,7 +155,7 @@ class RunnerReads:
         device rows the runner wrote with its last tick, without the device map.
 
         Raises:
-            StateError: the database cannot be read.
+            StoreError: the database cannot be read.
         """
         offset, limit = max(0, int(offset)), max(0, min(int(limit), 1000))
         total, rows = self._store.rollout_devices_page(rollout_id, wave=wave, state=state, offset=offset,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from edge_agent.errors import BundleError
+from fleet_server.errors import PlanError
 
 __all__ = ["CronSpec", "MaintenanceWindow", "in_any_window", "parse_cron", "window_is_open"]
 
@@ -73,10 +73,10 @@ def _parse_field(text: str, name: str, low: int, high: int, where: Where) -> fro
                 if step_text:
                     end = high
         except ValueError as exc:
-            raise BundleError(f"cron {name} field {text!r} is not a number, range, step or list",
+            raise PlanError(f"cron {name} field {text!r} is not a number, range, step or list",
                               where) from exc
         if step < 1 or start < low or end > high or start > end:
-            raise BundleError(f"cron {name} field {text!r} is out of range {low}-{high}", where)
+            raise PlanError(f"cron {name} field {text!r} is out of range {low}-{high}", where)
         values.update(range(start, end + 1, step))
     return frozenset(values)
 
@@ -85,10 +85,10 @@ def parse_cron(text: object, where: Where = ()) -> CronSpec:
     """Parse a five-field cron expression (``"0 2 * * 1-5"``).
 
     Raises:
-        BundleError: not a string of five valid fields.
+        PlanError: not a string of five valid fields.
     """
     if not isinstance(text, str) or len(text.split()) != 5:
-        raise BundleError(f"{text!r} is not a cron expression of five fields (minute hour day month weekday)",
+        raise PlanError(f"{text!r} is not a cron expression of five fields (minute hour day month weekday)",
                           where)
     parts = text.split()
     sets = [_parse_field(p, name, lo, hi, where) for p, (name, lo, hi) in zip(parts, _FIELDS, strict=True)]

@@ -1,0 +1,111 @@
+"""The PostgreSQL store's connections: a psycopg 3 pool, one writer at a time.
+
+Reads take any connection of the pool (autocommit: a read holds no transaction open). Writes are
+serialised by a lock and each runs in one transaction on a pooled connection: rows get their ids
+(``events``, ``health``) and registry changes their ``seq`` in commit order, which the rollout
+runner's cursors rely on (it reads "everything after the last id it saw"), as with SQLite's single
+writer. The pool replaces a connection the server closed or lost; a write that fails on one stores
+nothing and raises, so the ingest writer retries it.
+
+Every psycopg or pool error is translated to :class:`~fleet_server.errors.StoreError`; a value the
+database refuses (out of range, a broken constraint) to its :class:`~fleet_server.errors.StoreRefused`.
+The password never appears in a message: it is not in the URL (the configuration refuses that).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from fleet_server.errors import StoreError, StoreRefused
+
+__all__ = ["PgConnection", "PgConnections", "insert_or_ignore"]
+
+PgConnection = psycopg.Connection[DictRow]
+
+_POOL_SIZE = 5
+"""Connections at most: one writer and readers for the API, metrics and the rollout runner."""
+_WAIT = 30.0
+"""Seconds to wait for a pooled connection (or for the first one when opening)."""
+
+
+def insert_or_ignore(conn: PgConnection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` (each with the keys of the first) into ``table`` in one ``executemany``,
+    skipping those a unique index already holds (a redelivered message)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join(["%s"] * len(columns))
+    with conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING",  # noqa: S608
+                        [tuple(r[c] for c in columns) for r in rows])
+
+
+class PgConnections:
+    """The connection pool of one PostgreSQL store; the base of every part of the PostgreSQL store."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, password: str | None) -> None:
+        """Connect to the database at ``url`` (``password`` from ``store.password_file``).
+
+        Raises:
+            StoreError: the database cannot be reached or refuses the login.
+        """
+        self.where = url
+        self._write_lock = threading.Lock()
+        self._closed = False
+        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, "connect_timeout": 10,
+                                  "application_name": "fleet-server"}
+        if password is not None:
+            kwargs["password"] = password
+        self._pool: ConnectionPool[PgConnection] = ConnectionPool(
+            url, kwargs=kwargs, min_size=1, max_size=_POOL_SIZE, open=False, timeout=_WAIT,
+            name="fleet-store")
+        try:
+            self._pool.open(wait=True, timeout=_WAIT)
+        except (psycopg.Error, PoolTimeout) as exc:
+            self._pool.close()
+            raise StoreError(f"cannot open the fleet database {self.where}: {_reason(exc)}") from exc
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[PgConnection]:
+        with self._write_lock:
+            if self._closed:
+                raise StoreError(f"cannot {what} in {self.where}: the store is closed")
+            try:
+                with self._pool.connection() as conn, conn.transaction():
+                    yield conn
+            except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+                raise StoreRefused(f"cannot {what} in {self.where}: {_reason(exc)}") from exc
+            except (psycopg.Error, PoolTimeout) as exc:
+                raise StoreError(f"cannot {what} in {self.where}: {_reason(exc)}") from exc
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[PgConnection]:
+        if self._closed:
+            raise StoreError(f"cannot {what} from {self.where}: the store is closed")
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreError(f"cannot {what} from {self.where}: {_reason(exc)}") from exc
+
+    def close(self) -> None:
+        """Close every connection (idempotent)."""
+        with self._write_lock:
+            self._closed = True
+            self._pool.close()
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of a driver error (PostgreSQL's own messages may add DETAIL lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

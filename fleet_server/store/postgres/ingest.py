@@ -1,0 +1,149 @@
+"""The PostgreSQL store's registry and ingest writes: one transaction per ingest batch, each kind of
+row written with one ``executemany`` (psycopg pipelines it: one round trip per batch, not per row),
+``ON CONFLICT`` for the upserts, enrolment and retention.
+
+The same semantics as the SQLite store: a device row is inserted once and then updated column by
+column, later messages of a batch winning; an event or health sample already stored (same device,
+time and type: a redelivery of the broker) is not stored twice; counters add up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fleet_server.store.postgres.connection import PgConnection, PgConnections, insert_or_ignore
+from fleet_server.store.records import (
+    IngestBatch,
+    Received,
+    device_updates,
+    event_commits,
+    event_rows,
+    health_row,
+    to_json,
+)
+
+__all__ = ["PgIngest"]
+
+log = logging.getLogger(__name__)
+
+_PRUNE_CHUNK = 5000
+
+
+class PgIngest(PgConnections):
+    """Registry and ingest writes of the PostgreSQL store (see the module docstring)."""
+
+    def apply_batch(self, batch: IngestBatch) -> None:
+        """Write one batch of decoded messages in ONE transaction: upsert the devices it concerns,
+        insert its events and health samples, add its counters. All or nothing. An event or
+        health sample already stored (same device, time and type: a redelivery) is not stored twice.
+
+        Raises:
+            StoreError: the database cannot be written (nothing of the batch is stored).
+        """
+        if not len(batch) and not batch.counters:
+            return
+        devices = device_updates(batch)
+        with self._writing("store an ingest batch") as conn:
+            _write_devices(conn, devices)
+            if batch.events:
+                insert_or_ignore(conn, "events", _event_rows(conn, batch.events))
+            if batch.health:
+                insert_or_ignore(conn, "health", [health_row(r) for r in batch.health])
+            if batch.counters:
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO counters (name, value) VALUES (%s, %s) ON CONFLICT (name)"
+                        " DO UPDATE SET value = counters.value + excluded.value",
+                        sorted(batch.counters.items()))
+
+    def register_device(self, device_id: str, *, labels: Mapping[str, str] | None = None,
+                        profile: str | None = None, now: float | None = None) -> None:
+        """Make ``device_id`` known before it ever reports (the ``unknown_devices: refuse`` policy
+        accepts only known devices). Labels and profile are set only when given; the next ``status``
+        from the device that carries labels or a profile replaces them (the device's report wins).
+
+        Raises:
+            StoreError: the database cannot be written.
+        """
+        at = time.time() if now is None else now
+        with self._writing("register a device") as conn:
+            conn.execute("INSERT INTO devices (id, first_seen, last_seen, registered) VALUES (%s, %s, %s, 1)"
+                         " ON CONFLICT (id) DO UPDATE SET registered = 1", (device_id, at, at))
+            if labels is not None:
+                conn.execute("UPDATE devices SET labels = %s WHERE id = %s",
+                             (to_json(dict(labels)), device_id))
+            if profile is not None:
+                conn.execute("UPDATE devices SET profile = %s WHERE id = %s", (profile, device_id))
+
+    def known_device(self, device_id: str) -> bool:
+        """Return True when the device has a registry row (it reported or was registered).
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        with self._reading("look a device up") as conn:
+            return conn.execute("SELECT 1 FROM devices WHERE id = %s", (device_id,)).fetchone() is not None
+
+    def known_devices(self) -> set[str]:
+        """Return the ids of every device with a registry row.
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        with self._reading("list device ids") as conn:
+            return {str(r["id"]) for r in conn.execute("SELECT id FROM devices")}
+
+    def prune(self, now: float, events_max_age: float, health_max_age: float) -> int:
+        """Delete events and health samples received longer ago than their maximum age; return how
+        many rows were deleted. Deletes in chunks so that ingest is never blocked for long.
+
+        Raises:
+            StoreError: the database cannot be written.
+        """
+        deleted = 0
+        for table, max_age in (("events", events_max_age), ("health", health_max_age)):
+            cutoff = now - max_age
+            while True:
+                with self._writing(f"prune {table}") as conn:
+                    cur = conn.execute(
+                        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE received_at < %s"  # noqa: S608
+                        " LIMIT %s)", (cutoff, _PRUNE_CHUNK))
+                    n = cur.rowcount
+                deleted += n
+                if n < _PRUNE_CHUNK:
+                    break
+        if deleted:
+            log.info("pruned %s old rows", deleted)
+        return deleted
+
+
+def _write_devices(conn: PgConnection, updates: Mapping[str, dict[str, Any]]) -> None:
+    """Insert the devices not known yet, then update each one's columns (grouped by the columns an
+    update sets, so each group is one ``executemany``)."""
+    if not updates:
+        return
+    fresh = [{"id": u["id"], "first_seen": u["first_seen"], "last_seen": u["last_seen"]}
+             for u in updates.values()]
+    insert_or_ignore(conn, "devices", fresh)
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for upd in updates.values():
+        columns = tuple(k for k in upd if k not in {"id", "first_seen"})
+        groups.setdefault(columns, []).append((*(upd[c] for c in columns), upd["id"]))
+    with conn.cursor() as cur:
+        for columns, params in groups.items():
+            assignments = ", ".join(f'"{c}" = %s' for c in columns)
+            cur.executemany(f"UPDATE devices SET {assignments} WHERE id = %s", params)  # noqa: S608
+
+
+def _event_rows(conn: PgConnection, events: Sequence[Received]) -> list[dict[str, Any]]:
+    """The event rows of a batch, each with its release's commit time when the release is known."""
+    commits = event_commits(events)
+    known: dict[str, float] = {}
+    if commits:
+        for row in conn.execute('SELECT "commit", committed_at FROM releases WHERE "commit" = ANY(%s)'
+                                " AND committed_at IS NOT NULL", (commits,)):
+            known[row["commit"]] = row["committed_at"]
+    return event_rows(events, known)

@@ -1,0 +1,132 @@
+"""The SQLite store's connections: one writer guarded by a lock, a small pool of readers, WAL.
+
+One database file (sqlite-utils on the standard ``sqlite3`` driver) in WAL mode with
+``synchronous=NORMAL``: a committed batch survives a crash of the server process, and readers never
+block the ingest writer. One connection for writes (the ingest writer, audit, releases, pruning),
+guarded by a lock, and a small pool of read connections (the HTTP API, metrics, the rollout runner),
+each used by one thread at a time, so that any thread may call any method and an API read never
+queues behind another thread's long read. Every ``sqlite3`` error is translated to
+:class:`~fleet_server.errors.StoreError`; a value the database cannot hold (an integer over 64 bits,
+a broken constraint) to its :class:`~fleet_server.errors.StoreRefused`.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from fleet_server.errors import StoreError, StoreRefused
+
+__all__ = ["SqliteConnections", "insert_or_ignore"]
+
+_READERS = 4
+"""Read connections at most (each serves one thread at a time)."""
+
+
+def insert_or_ignore(conn: sqlite3.Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` (each with the keys of the first; values already SQL types) into ``table``,
+    skipping those a unique index already holds. The ingest hot path: one ``executemany``, where a
+    generic insert would inspect every value of every row."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    names = ", ".join(f"[{c}]" for c in columns)
+    marks = ", ".join("?" * len(columns))
+    conn.executemany(f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})",  # noqa: S608
+                     [tuple(r[c] for c in columns) for r in rows])
+
+
+class SqliteConnections:
+    """The connections of one SQLite store file; the base of every part of the SQLite store."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        """Open the database at ``path`` (creating the file and its directory if needed).
+
+        Raises:
+            StoreError: the file cannot be opened.
+        """
+        self.path = Path(path)
+        self._write_lock = threading.Lock()
+        # Readers: up to _READERS connections, each used by one thread at a time, so an API read does
+        # not queue behind the rollout runner's or the metrics' reads (WAL readers run at once).
+        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._reader_slots = threading.BoundedSemaphore(_READERS)
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._wconn = self._connect()
+            self._readers.put(self._connect())
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the fleet database {self.path}: {exc}") from exc
+        self._db = sqlite_utils.Database(self._wconn, execute_plugins=False)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        with self._write_lock:
+            try:
+                yield
+            except (sqlite3.IntegrityError, sqlite3.DataError, OverflowError) as exc:
+                self._rollback()
+                raise StoreRefused(f"cannot {what} in {self.path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StoreError(f"cannot {what} in {self.path}: {exc}") from exc
+
+    def _rollback(self) -> None:
+        if self._wconn.in_transaction:
+            self._wconn.rollback()
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._reader_slots:
+            if self._closed:
+                raise StoreError(f"cannot {what} from {self.path}: the store is closed")
+            try:
+                conn = self._readers.get_nowait()
+            except queue.Empty:
+                try:
+                    conn = self._connect()
+                except sqlite3.Error as exc:
+                    raise StoreError(f"cannot {what} from {self.path}: {exc}") from exc
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot {what} from {self.path}: {exc}") from exc
+            finally:
+                self._give_back(conn)
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._readers.put(conn)
+
+    def close(self) -> None:
+        """Close every connection (idempotent); a read in progress closes its own when it ends."""
+        with self._write_lock, self._pool_lock:
+            self._closed = True
+            self._wconn.close()
+            while True:
+                try:
+                    self._readers.get_nowait().close()
+                except queue.Empty:
+                    break

@@ -1,0 +1,112 @@
+"""Versioned schema migrations on both backends: the shipped list, `fleet-server migrate`, the
+upgrade of a store that `main` wrote before migrations existed, and the refusal of a newer one.
+Real SQLite files and a real PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet_server.config import StoreConfig
+from fleet_server.errors import StoreError
+from fleet_server.main import main
+from fleet_server.store import open_store
+from fleet_server.store.migrations import BACKENDS, latest_version, migrations
+from tests.support.postgres import Postgres
+from tests.support.stores import run_sql
+
+MAIN_DUMP = Path(__file__).parent / "data" / "fleet-db-main.sql"
+
+
+@pytest.fixture(autouse=True)
+def own_logging() -> Iterator[None]:
+    """fleet-server's main() sends the process's logs to the (captured) stderr: undo that after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def store_args(config: StoreConfig) -> list[str]:
+    args = ["--set", f"store.url={config.url}"]
+    if config.password_file is not None:
+        args += ["--set", f"store.password_file={config.password_file}"]
+    return args
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_ships_an_ordered_list_without_gaps(backend: str):
+    found = migrations(backend)
+    assert [m.version for m in found] == list(range(1, len(found) + 1))
+    assert found[0].name == "initial"
+    assert all(m.sql.strip() for m in found)
+
+
+def test_both_backends_are_at_the_same_version():
+    assert latest_version("sqlite") == latest_version("postgresql")
+
+
+def test_a_store_main_wrote_before_migrations_is_upgraded_with_its_data(tmp_path: Path, capsys):
+    db = tmp_path / "fleet.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(MAIN_DUMP.read_text())
+    conn.close()
+    assert main(["--db", str(db), "migrate"]) == 0
+    latest = latest_version("sqlite")
+    assert capsys.readouterr().out == f"fleet database sqlite://{db}: schema 0 -> {latest}\n"
+    assert main(["--db", str(db), "migrate"]) == 0
+    assert capsys.readouterr().out.endswith(f"schema {latest}, up to date\n")
+    store = open_store(StoreConfig(path=db))
+    try:
+        device = store.device("dev-1")
+        assert device is not None
+        assert (device["release"], device["labels"], device["sync_state"]) == (3, {"site": "x"}, "applied")
+        assert [e["type"] for e in store.device_events("dev-1")] == ["sync_succeeded"]
+        assert len(store.device_health("dev-1")) == 1
+        assert store.counters() == {"ingested.status": 1}
+        assert [r["version"] for r in store.releases()] == [3]
+        assert [a["action"] for a in store.audit()] == ["enroll"]
+        assert store.fleet_baseline() == (2, "b" * 40)
+        assert store.rollout_cursor() == {"events": 1, "health": 1}
+        row = store.rollout_row("r1")
+        assert row is not None
+        assert row["state"]["devices"] == {"dev-1": {"wave": 0, "state": "applied"}}
+        assert [a["device"] for a in store.assignments()] == ["dev-1"]
+        assert store.registry_change_head() > 0
+    finally:
+        store.close()
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("SELECT version, name FROM schema_migrations").fetchall() == [(1, "initial")]
+    finally:
+        check.close()
+
+
+def test_migrate_creates_an_empty_postgresql_store(postgres_cluster: Postgres, capsys):
+    config = StoreConfig(url=postgres_cluster.create_database(migrated=False),
+                         password_file=postgres_cluster.password_file)
+    assert main([*store_args(config), "migrate"]) == 0
+    assert capsys.readouterr().out.endswith(f"schema 0 -> {latest_version('postgresql')}\n")
+    assert main([*store_args(config), "migrate"]) == 0
+    assert capsys.readouterr().out.endswith("up to date\n")
+
+
+def test_a_store_written_by_a_newer_server_is_refused_in_one_line(store_config: StoreConfig, capsys):
+    open_store(store_config).close()
+    run_sql(store_config,
+            sqlite="INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', 0)",
+            postgresql="INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'future', 0)")
+    with pytest.raises(StoreError, match="has schema 99, newer than"):
+        open_store(store_config)
+    assert main([*store_args(store_config), "migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "has schema 99, newer than" in err
+    assert "Traceback" not in err
