@@ -47,6 +47,7 @@ import sqlite_utils
 
 from edge_agent.errors import StateError
 
+from .store_pages import DevicePagesMixin
 from .store_rollouts import ROLLOUT_SCHEMA, RolloutStoreMixin, migrate_rollouts
 
 __all__ = [
@@ -263,7 +264,7 @@ def _insert_or_ignore(conn: sqlite3.Connection, table: str, rows: Sequence[Mappi
                      [tuple(r[c] for c in columns) for r in rows])
 
 
-class Store(RolloutStoreMixin):
+class Store(RolloutStoreMixin, DevicePagesMixin):
     """The fleet server's database (see the module docstring). Safe to share between threads."""
 
     def __init__(self, path: Path) -> None:
