@@ -48,7 +48,7 @@ import sqlite_utils
 from edge_agent.errors import StateError
 
 from .store_pages import DevicePagesMixin
-from .store_rollouts import ROLLOUT_SCHEMA, RolloutStoreMixin, migrate_rollouts
+from .store_rollouts import ROLLOUT_SCHEMA, RolloutStoreMixin, migrate_rollouts, rollout_device_statement
 
 __all__ = [
     "INGEST_KINDS",
@@ -249,6 +249,11 @@ class RolloutWrite:
 
 
 _ROLLOUT_SUMMARY = "id, release, [commit], previous, phase, wave, actor, reason, created, updated"
+_ROLLOUT_UPSERT = (
+    "INSERT INTO rollout_records (id, release, [commit], previous, plan, state, phase, wave,"
+    " actor, reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET state = excluded.state, phase = excluded.phase,"
+    " wave = excluded.wave, updated = excluded.updated")
 
 
 def _insert_or_ignore(conn: sqlite3.Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -755,44 +760,39 @@ class Store(RolloutStoreMixin, DevicePagesMixin):
         Raises:
             StateError: the database cannot be written (nothing is stored).
         """
+        # Every row is converted before the write lock is taken: the ingest writer waits for that lock,
+        # and converting the rows of a 50,000-device wave start inside it held ingest up for seconds.
+        statements: list[tuple[str, list[tuple[Any, ...]]]] = [(_ROLLOUT_UPSERT, [
+            (row["id"], int(row["release"]), row["commit"], row.get("previous"), _json(row["plan"]),
+             _json(row["state"]), row["phase"], int(row["wave"]), row.get("actor"), row.get("reason"),
+             row["created"], row["updated"]) for row in write.rollouts])]
+        statements.append((
+            "INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            [(a["at"], a["actor"], a["action"], a["target"], a["reason"],
+              _json(dict(a["detail"])) if a.get("detail") else None) for a in write.audit]))
+        statements.append((
+            "INSERT INTO rollout_gates (rollout_id, wave, at, passed, detail) VALUES (?, ?, ?, ?, ?)",
+            [(g["rollout_id"], g["wave"], g["at"], 1 if g["passed"] else 0, _json(g.get("detail")))
+             for g in write.gates]))
+        statements.append((
+            "INSERT OR REPLACE INTO rollout_assignments (device, rollout_id, release, [commit],"
+            " assigned_at, published_at) VALUES (?, ?, ?, ?, ?, NULL)",
+            [(a["device"], a["rollout_id"], int(a["release"]), a["commit"], a["assigned_at"])
+             for a in write.assignments]))
+        statements.append((
+            "INSERT OR REPLACE INTO rollout_samples (rollout_id, wave, ts, done, failed, pending,"
+            " offline, deferred, skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(s["rollout_id"], s["wave"], s["ts"], s["done"], s["failed"], s["pending"], s["offline"],
+              s["deferred"], s["skipped"]) for s in write.samples]))
+        statements.append(rollout_device_statement(write.devices))
+        if write.cursor is not None:
+            cursor = sorted(write.cursor.items())
+            statements.append(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                               [(f"rollout_cursor.{k}", str(int(v))) for k, v in cursor]))
         with self._writing("store rollout state"), self._db.atomic():
-            for row in write.rollouts:
-                self._wconn.execute(
-                    "INSERT INTO rollout_records (id, release, [commit], previous, plan, state, phase, wave,"
-                    " actor, reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET state = excluded.state, phase = excluded.phase,"
-                    " wave = excluded.wave,"
-                    " updated = excluded.updated",
-                    (row["id"], int(row["release"]), row["commit"], row.get("previous"), _json(row["plan"]),
-                     _json(row["state"]), row["phase"], int(row["wave"]), row.get("actor"), row.get("reason"),
-                     row["created"], row["updated"]))
-            if write.audit:
-                self._wconn.executemany(
-                    "INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(a["at"], a["actor"], a["action"], a["target"], a["reason"],
-                      _json(dict(a["detail"])) if a.get("detail") else None) for a in write.audit])
-            if write.gates:
-                self._wconn.executemany(
-                    "INSERT INTO rollout_gates (rollout_id, wave, at, passed, detail) VALUES (?, ?, ?, ?, ?)",
-                    [(g["rollout_id"], g["wave"], g["at"], 1 if g["passed"] else 0, _json(g.get("detail")))
-                     for g in write.gates])
-            if write.assignments:
-                self._wconn.executemany(
-                    "INSERT OR REPLACE INTO rollout_assignments (device, rollout_id, release, [commit],"
-                    " assigned_at, published_at) VALUES (?, ?, ?, ?, ?, NULL)",
-                    [(a["device"], a["rollout_id"], int(a["release"]), a["commit"], a["assigned_at"])
-                     for a in write.assignments])
-            if write.samples:
-                self._wconn.executemany(
-                    "INSERT OR REPLACE INTO rollout_samples (rollout_id, wave, ts, done, failed, pending,"
-                    " offline, deferred, skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(s["rollout_id"], s["wave"], s["ts"], s["done"], s["failed"], s["pending"], s["offline"],
-                      s["deferred"], s["skipped"]) for s in write.samples])
-            self._write_rollout_devices(write.devices)
-            if write.cursor is not None:
-                self._wconn.executemany(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    [(f"rollout_cursor.{k}", str(int(v))) for k, v in sorted(write.cursor.items())])
+            for sql, params in statements:
+                if params:
+                    self._wconn.executemany(sql, params)
 
     def fleet_baseline(self) -> tuple[int, str] | None:
         """Return the stored fleet baseline ``(release, commit)``, None before the first one.
@@ -999,11 +999,11 @@ class Store(RolloutStoreMixin, DevicePagesMixin):
         """
         if not published:
             return
+        params = [(at, d, int(v), r) for d, v, r in published]  # converted before the write lock
         with self._writing("mark assignments published"), self._db.atomic():
             self._wconn.executemany(
                 "UPDATE rollout_assignments SET published_at = ? WHERE device = ? AND release = ?"
-                " AND rollout_id = ? AND published_at IS NULL",
-                [(at, d, int(v), r) for d, v, r in published])
+                " AND rollout_id = ? AND published_at IS NULL", params)
 
     # --- retention -------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-__all__ = ["ROLLOUT_SCHEMA", "RolloutStoreMixin", "migrate_rollouts"]
+__all__ = ["ROLLOUT_SCHEMA", "RolloutStoreMixin", "migrate_rollouts", "rollout_device_statement"]
 
 ROLLOUT_SCHEMA: tuple[str, ...] = (
     "CREATE TABLE IF NOT EXISTS rollout_records (id TEXT PRIMARY KEY, release INTEGER NOT NULL,"
@@ -73,6 +73,16 @@ def migrate_rollouts(conn: sqlite3.Connection) -> None:
     conn.execute(_ROLLOUTS_VIEW)
 
 
+def rollout_device_statement(rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[Any, ...]]]:
+    """Return the upsert of rollout device rows (``rollout_id, device, wave, state, data``) and its
+    parameters, converted (``data`` as JSON) so the caller can run it inside its transaction with
+    nothing left to convert while it holds the write lock."""
+    return ("INSERT OR REPLACE INTO rollout_devices (rollout_id, device, wave, state, data)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(r["rollout_id"], r["device"], int(r["wave"]), r["state"],
+              json.dumps(r["data"], separators=(",", ":"))) for r in rows])
+
+
 _REGISTRY_COLUMNS = "d.id, d.labels, d.profile, d.online, d.paused, d.release, d.revision"
 
 
@@ -92,16 +102,6 @@ class RolloutStoreMixin:
 
     def _reading(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError
-
-    def _write_rollout_devices(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Upsert rollout device rows (``rollout_id, device, wave, state, data``) inside the caller's
-        transaction."""
-        if rows:
-            self._wconn.executemany(
-                "INSERT OR REPLACE INTO rollout_devices (rollout_id, device, wave, state, data)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(r["rollout_id"], r["device"], int(r["wave"]), r["state"],
-                  json.dumps(r["data"], separators=(",", ":"))) for r in rows])
 
     def rollout_device_rows(self, rollout_id: str) -> dict[str, dict[str, Any]]:
         """Return the stored device statuses of a rollout (device -> status as stored), by device.
