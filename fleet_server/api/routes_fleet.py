@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from fastapi.responses import Response
 
 from edge_agent.report.messages import DEVICE_ID_RE
 from fleet_server.api.auth import Tokens, require_read
@@ -32,6 +33,12 @@ class FleetReader(Protocol):
     def count_devices(self, *, label: dict[str, str] | None = None, sync_state: str | None = None,
                       online: bool | None = None) -> int:
         """Return how many devices match the filters."""
+        ...
+
+    def devices_page_json(self, *, label: dict[str, str] | None = None, sync_state: str | None = None,
+                          online: bool | None = None, limit: int = 100, offset: int = 0) -> str:
+        """Return one page of devices matching the filters with their total, as the JSON text of the
+        ``GET /api/v1/devices`` answer."""
         ...
 
     def device(self, device_id: str) -> dict[str, Any] | None:
@@ -104,21 +111,23 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
     summary = CachedRead(store.summary)
 
-    @router.get("/devices")
+    @router.get("/devices", response_class=Response, responses={200: {"content": {"application/json": {}}}})
     def list_devices(
         label: Annotated[list[str], Query(description="label filter key=value, repeatable")] = [],  # noqa: B006
         sync_state: Annotated[str | None, Query(max_length=32)] = None,
         online: Annotated[bool | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-    ) -> dict[str, Any]:
-        """List devices matching every filter given, ordered by id, one page at a time."""
+    ) -> Response:
+        """List devices matching every filter given, ordered by id, one page at a time, with how many
+        match in all (``{"devices": [...], "total": N, "limit": L, "offset": O}``)."""
         labels = parse_label_filters(label)
         if sync_state is not None and not _SYNC_STATE_RE.match(sync_state):
             raise HTTPException(400, "sync_state must be a lowercase word such as in_sync")
-        filters: dict[str, Any] = {"label": labels or None, "sync_state": sync_state, "online": online}
-        devices = store.devices(**filters, limit=limit, offset=offset)
-        return {"devices": devices, "total": store.count_devices(**filters), "limit": limit, "offset": offset}
+        # the store builds the whole answer as JSON text in one SQL statement (see store/sqlite/pages.py)
+        body = store.devices_page_json(label=labels or None, sync_state=sync_state, online=online,
+                                       limit=limit, offset=offset)
+        return Response(content=body, media_type="application/json")
 
     @router.get("/devices/{device_id}")
     def get_device(device_id: str) -> dict[str, Any]:

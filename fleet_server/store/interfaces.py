@@ -56,6 +56,12 @@ class ReadStore(Protocol):
         """Return devices (ordered by id) matching every given label, the sync state and online flag."""
         ...
 
+    def devices_page_json(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
+                          online: bool | None = None, limit: int = 100, offset: int = 0) -> str:
+        """Return the JSON text of the ``GET /api/v1/devices`` answer: one page of devices matching every
+        filter (ordered by id) with how many match in all."""
+        ...
+
     def count_devices(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
                       online: bool | None = None) -> int:
         """Return how many devices match the same filters as :meth:`devices`."""

@@ -5,6 +5,7 @@ answers as the SQLite store's).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,19 @@ class PgReads(PgConnections):
             rows = conn.execute(f"SELECT * FROM devices{where} ORDER BY id LIMIT %s OFFSET %s",  # noqa: S608
                                 [*params, max(0, int(limit)), max(0, int(offset))]).fetchall()
         return [device_row(r) for r in rows]
+
+    def devices_page_json(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
+                          online: bool | None = None, limit: int = 100, offset: int = 0) -> str:
+        """Return the JSON text of one page of devices matching every filter (ordered by id) with how
+        many match in all: ``{"devices": [...], "total": N, "limit": L, "offset": O}``.
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        limit, offset = max(0, int(limit)), max(0, int(offset))
+        page = self.devices(label=label, sync_state=sync_state, online=online, limit=limit, offset=offset)
+        total = self.count_devices(label=label, sync_state=sync_state, online=online)
+        return json.dumps({"devices": page, "total": total, "limit": limit, "offset": offset})
 
     def count_devices(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
                       online: bool | None = None) -> int:

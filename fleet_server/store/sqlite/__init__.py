@@ -2,7 +2,8 @@
 
 Its parts, one concern each, share the connections of :class:`.connection.SqliteConnections`:
 :mod:`.schema` (tables and their upgrades), :mod:`.ingest` (registry and ingest writes, retention),
-:mod:`.reads` (API, dashboard and metrics reads), :mod:`.rollouts` (the rollout runner's writes and
+:mod:`.reads` (API, dashboard and metrics reads) with :mod:`.pages`
+(the devices page as JSON text built by SQLite), :mod:`.rollouts` (the rollout runner's writes and
 the rollout reads), :mod:`.feed` (what changed since the runner last looked) and :mod:`.audit` (the
 audit log and recorded releases).
 """
@@ -15,14 +16,14 @@ from fleet_server.errors import StoreError
 from fleet_server.store.sqlite.audit import SqliteAudit
 from fleet_server.store.sqlite.feed import SqliteFeed
 from fleet_server.store.sqlite.ingest import SqliteIngest
-from fleet_server.store.sqlite.reads import SqliteReads
+from fleet_server.store.sqlite.pages import SqlitePages
 from fleet_server.store.sqlite.rollouts import SqliteRollouts
 from fleet_server.store.sqlite.schema import SCHEMA_VERSION, create_schema
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 
-class SqliteStore(SqliteIngest, SqliteReads, SqliteRollouts, SqliteFeed, SqliteAudit):
+class SqliteStore(SqliteIngest, SqlitePages, SqliteRollouts, SqliteFeed, SqliteAudit):
     """The fleet server's SQLite database (see the module docstring). Safe to share between threads."""
 
     def __init__(self, path: Path) -> None:

@@ -9,7 +9,7 @@ The ``rollouts`` view assembles each rollout's ``state`` with every device insid
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fleet_server.store.records import RolloutWrite, from_json, to_json
@@ -19,6 +19,11 @@ __all__ = ["SqliteRollouts"]
 
 
 _ROLLOUT_SUMMARY = "id, release, [commit], previous, phase, wave, actor, reason, created, updated"
+_ROLLOUT_UPSERT = (
+    "INSERT INTO rollout_records (id, release, [commit], previous, plan, state, phase, wave,"
+    " actor, reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET state = excluded.state, phase = excluded.phase,"
+    " wave = excluded.wave, updated = excluded.updated")
 
 
 class SqliteRollouts(SqliteConnections):
@@ -31,54 +36,43 @@ class SqliteRollouts(SqliteConnections):
         Raises:
             StoreError: the database cannot be written (nothing is stored).
         """
+        # Every row is converted before the write lock is taken: the ingest writer waits for that lock,
+        # and converting the rows of a 50,000-device wave start inside it held ingest up for seconds.
+        statements: list[tuple[str, list[tuple[Any, ...]]]] = [(_ROLLOUT_UPSERT, [
+            (row["id"], int(row["release"]), row["commit"], row.get("previous"), to_json(row["plan"]),
+             to_json(row["state"]), row["phase"], int(row["wave"]), row.get("actor"), row.get("reason"),
+             row["created"], row["updated"]) for row in write.rollouts])]
+        statements.append((
+            "INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            [(a["at"], a["actor"], a["action"], a["target"], a["reason"],
+              to_json(dict(a["detail"])) if a.get("detail") else None) for a in write.audit]))
+        statements.append((
+            "INSERT INTO rollout_gates (rollout_id, wave, at, passed, detail) VALUES (?, ?, ?, ?, ?)",
+            [(g["rollout_id"], g["wave"], g["at"], 1 if g["passed"] else 0, to_json(g.get("detail")))
+             for g in write.gates]))
+        statements.append((
+            "INSERT OR REPLACE INTO rollout_assignments (device, rollout_id, release, [commit],"
+            " assigned_at, published_at) VALUES (?, ?, ?, ?, ?, NULL)",
+            [(a["device"], a["rollout_id"], int(a["release"]), a["commit"], a["assigned_at"])
+             for a in write.assignments]))
+        statements.append((
+            "INSERT OR REPLACE INTO rollout_samples (rollout_id, wave, ts, done, failed, pending,"
+            " offline, deferred, skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(s["rollout_id"], s["wave"], s["ts"], s["done"], s["failed"], s["pending"], s["offline"],
+              s["deferred"], s["skipped"]) for s in write.samples]))
+        statements.append((
+            "INSERT OR REPLACE INTO rollout_devices (rollout_id, device, wave, state, data)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(r["rollout_id"], r["device"], int(r["wave"]), r["state"],
+              json.dumps(r["data"], separators=(",", ":"))) for r in write.devices]))
+        if write.cursor is not None:
+            cursor = sorted(write.cursor.items())
+            statements.append(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                               [(f"rollout_cursor.{k}", str(int(v))) for k, v in cursor]))
         with self._writing("store rollout state"), self._db.atomic():
-            for row in write.rollouts:
-                self._wconn.execute(
-                    "INSERT INTO rollout_records (id, release, [commit], previous, plan, state, phase, wave,"
-                    " actor, reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET state = excluded.state, phase = excluded.phase,"
-                    " wave = excluded.wave,"
-                    " updated = excluded.updated",
-                    (row["id"], int(row["release"]), row["commit"], row.get("previous"), to_json(row["plan"]),
-                     to_json(row["state"]), row["phase"], int(row["wave"]), row.get("actor"),
-                     row.get("reason"), row["created"], row["updated"]))
-            if write.audit:
-                self._wconn.executemany(
-                    "INSERT INTO audit (at, actor, action, target, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(a["at"], a["actor"], a["action"], a["target"], a["reason"],
-                      to_json(dict(a["detail"])) if a.get("detail") else None) for a in write.audit])
-            if write.gates:
-                self._wconn.executemany(
-                    "INSERT INTO rollout_gates (rollout_id, wave, at, passed, detail) VALUES (?, ?, ?, ?, ?)",
-                    [(g["rollout_id"], g["wave"], g["at"], 1 if g["passed"] else 0, to_json(g.get("detail")))
-                     for g in write.gates])
-            if write.assignments:
-                self._wconn.executemany(
-                    "INSERT OR REPLACE INTO rollout_assignments (device, rollout_id, release, [commit],"
-                    " assigned_at, published_at) VALUES (?, ?, ?, ?, ?, NULL)",
-                    [(a["device"], a["rollout_id"], int(a["release"]), a["commit"], a["assigned_at"])
-                     for a in write.assignments])
-            if write.samples:
-                self._wconn.executemany(
-                    "INSERT OR REPLACE INTO rollout_samples (rollout_id, wave, ts, done, failed, pending,"
-                    " offline, deferred, skipped) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(s["rollout_id"], s["wave"], s["ts"], s["done"], s["failed"], s["pending"], s["offline"],
-                      s["deferred"], s["skipped"]) for s in write.samples])
-            self._write_rollout_devices(write.devices)
-            if write.cursor is not None:
-                self._wconn.executemany(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    [(f"rollout_cursor.{k}", str(int(v))) for k, v in sorted(write.cursor.items())])
-
-    def _write_rollout_devices(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Upsert rollout device rows (``rollout_id, device, wave, state, data``) inside the caller's
-        transaction."""
-        if rows:
-            self._wconn.executemany(
-                "INSERT OR REPLACE INTO rollout_devices (rollout_id, device, wave, state, data)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(r["rollout_id"], r["device"], int(r["wave"]), r["state"],
-                  json.dumps(r["data"], separators=(",", ":"))) for r in rows])
+            for sql, params in statements:
+                if params:
+                    self._wconn.executemany(sql, params)
 
     def fleet_baseline(self) -> tuple[int, str] | None:
         """Return the stored fleet baseline ``(release, commit)``, None before the first one.
@@ -280,8 +274,8 @@ class SqliteRollouts(SqliteConnections):
         """
         if not published:
             return
+        params = [(at, d, int(v), r) for d, v, r in published]  # converted before the write lock
         with self._writing("mark assignments published"), self._db.atomic():
             self._wconn.executemany(
                 "UPDATE rollout_assignments SET published_at = ? WHERE device = ? AND release = ?"
-                " AND rollout_id = ? AND published_at IS NULL",
-                [(at, d, int(v), r) for d, v, r in published])
+                " AND rollout_id = ? AND published_at IS NULL", params)
