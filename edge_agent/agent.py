@@ -66,7 +66,7 @@ from edge_agent.errors import (
 )
 from edge_agent.fsafe import FsRoot
 from edge_agent.identity import load_encryption_private
-from edge_agent.logs import log_context
+from edge_agent.logs import log_context, release_words
 from edge_agent.prefetch import Prefetched, open_source
 from edge_agent.profiles import DeviceProfile, load_profile
 from edge_agent.release import DesiredState, DeviceIdentity, select
@@ -500,8 +500,8 @@ def _finish(rt: _Runtime, result: SyncResult, now: datetime, *, quiet: bool = Fa
         rt.state.set_meta(_META_DRIFT, json.dumps(reporter.drift_summary((), corrected=False)))
     _queue_status(rt.state, rt.config, now)
     level = logging.INFO if result.outcome in ("applied", "noop", "paused") else logging.WARNING
-    log.log(level, "sync %s: release %s commit %s changes %s%s", result.outcome, result.version,
-            result.commit, result.changes, f" ({result.reason})" if result.reason else "")
+    log.log(level, "sync %s: %s changes %s%s", result.outcome, release_words(result.version, result.commit),
+            result.changes, f" ({result.reason})" if result.reason else "")
     return result
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from edge_agent.errors import EdgeFleetError
-from edge_agent.logs import setup_logging
+from edge_agent.logs import release_words, setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -70,7 +70,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                    "reason": result.reason, "step": result.step, "changes": result.changes}, sys.stdout)
         sys.stdout.write("\n")
     else:
-        line = f"{result.outcome}: release {result.version} commit {result.commit} changes {result.changes}"
+        line = f"{result.outcome}: {release_words(result.version, result.commit)} changes {result.changes}"
         sys.stdout.write(line + "\n")
     if result.outcome in _OK_OUTCOMES:
         return 0
