@@ -5,6 +5,7 @@ The helpers at the top (``AgentFleet``, ``snapshot``) are shared with the CLI an
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -372,6 +373,13 @@ def test_plan_shows_a_diff_and_changes_nothing(fleet: AgentFleet) -> None:
     assert "/etc/app/app.conf" in text
     assert "-upstream = one" in text
     assert "+upstream = two" in text
+    # edge-agent plan --json: the same plan as one JSON document.
+    doc = json.loads(plan_only(fleet.config, as_json=True))
+    assert doc["release"] == 2
+    assert doc["noop"] is False
+    [change] = [c for c in doc["changes"] if "/etc/app/app.conf" in c["summary"]]
+    assert "+upstream = two" in change["diff"]
+    assert change["prune"] is False
     assert snapshot(fleet.root) == before
     assert status(fleet.config)["installed"]["version"] == 1
 

@@ -186,6 +186,12 @@ def test_fleetctl_start_status_watch_and_actions(api: Api, capsys: pytest.Captur
     assert code == 1
     assert "still waiting_approval" in err
     assert "wave 1 canary" in out
+    # --json: one compact object a line, and only when something changed (it waits for approval).
+    code, out, err = fleetctl_run(api, capsys, "watch", rid, "--json", "--timeout", "1", "--interval", "0.1")
+    assert code == 1
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    assert json.loads(lines[0])["phase"] == "waiting_approval"
     code, out, err = fleetctl_run(api, capsys, "resume", rid, "--reason", "nothing paused")
     assert code == 1
     assert "409" in err
