@@ -127,3 +127,17 @@ def test_a_new_key_directory_is_private(capsys: pytest.CaptureFixture[str]) -> N
     assert code == 0, err
     assert stat.S_IMODE(os.stat(keys).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(keys / "alice.key").st_mode) == 0o600
+
+
+def test_a_key_written_into_a_shared_directory_is_warned_about(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / ".edge-fleet"  # what earlier versions created 0755
+    old.mkdir(mode=0o755)
+    old.chmod(0o755)
+    code, _, err = run(capsys, "keys", "generate", "--out", str(old / "alice.key"))
+    assert code == 0
+    assert err == (f"fleetctl: warning: {old} is open to group or others (mode 755); keep keys in a "
+                   f"private directory: chmod 700 {old}\n")
+    old.chmod(0o700)
+    code, _, err = run(capsys, "keys", "generate", "--out", str(old / "bob.key"))
+    assert (code, err) == (0, "")

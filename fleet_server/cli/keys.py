@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,7 +140,20 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         public = format_verify_key(generate_signing_key(args.out, overwrite=args.force).verify_key)
     emit({"public_key": public, "type": args.type, "path": str(args.out)}, public, as_json=args.json)
+    _warn_if_shared(args.out.parent)
     return 0
+
+
+def _warn_if_shared(directory: Path) -> None:
+    """Say on stderr when a key's directory lets group or others in (an old ``~/.edge-fleet`` was
+    created 0755): the key file itself is 0600, but its name and neighbours are visible."""
+    try:
+        mode = (directory if str(directory) else Path(".")).stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077 and directory.resolve() != Path.cwd().resolve():
+        sys.stderr.write(f"fleetctl: warning: {directory} is open to group or others (mode "
+                         f"{mode & 0o777:o}); keep keys in a private directory: chmod 700 {directory}\n")
 
 
 def _key_type(path: Path) -> str:
