@@ -50,7 +50,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.drivers.base import Context, probe_kinds
 from edge_agent.engine.drift import DriftFinding, detect_drift
 from edge_agent.engine.health import CheckResult, run_checks
-from edge_agent.engine.plan import Plan, make_plan, render_plan
+from edge_agent.engine.plan import Plan, make_plan, plan_document, render_plan
 from edge_agent.engine.transaction import Outcome, apply_plan, recover
 from edge_agent.errors import (
     ConfigError,
@@ -66,7 +66,7 @@ from edge_agent.errors import (
 )
 from edge_agent.fsafe import FsRoot
 from edge_agent.identity import load_encryption_private
-from edge_agent.logs import log_context
+from edge_agent.logs import log_context, release_words
 from edge_agent.prefetch import Prefetched, open_source
 from edge_agent.profiles import DeviceProfile, load_profile
 from edge_agent.release import DesiredState, DeviceIdentity, select
@@ -500,8 +500,8 @@ def _finish(rt: _Runtime, result: SyncResult, now: datetime, *, quiet: bool = Fa
         rt.state.set_meta(_META_DRIFT, json.dumps(reporter.drift_summary((), corrected=False)))
     _queue_status(rt.state, rt.config, now)
     level = logging.INFO if result.outcome in ("applied", "noop", "paused") else logging.WARNING
-    log.log(level, "sync %s: release %s commit %s changes %s%s", result.outcome, result.version,
-            result.commit, result.changes, f" ({result.reason})" if result.reason else "")
+    log.log(level, "sync %s: %s changes %s%s", result.outcome, release_words(result.version, result.commit),
+            result.changes, f" ({result.reason})" if result.reason else "")
     return result
 
 
@@ -641,8 +641,10 @@ def recover_interrupted(config: AgentConfig, *, now: datetime | None = None) -> 
             rt.close()
 
 
-def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | None = None) -> str:
-    """Fetch, verify, select and plan; return the plan as readable text. Changes nothing on the device.
+def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | None = None,
+              as_json: bool = False) -> str:
+    """Fetch, verify, select and plan; return the plan as readable text (one JSON document when
+    ``as_json``). Changes nothing on the device.
 
     It holds the apply lock like a sync; its fetch holds the cache's fetch lock like every fetch.
 
@@ -663,6 +665,9 @@ def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | N
                 reason = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
                 raise DriverUnavailable(f"drivers unavailable on this device: {reason}")
             plan = make_plan(desired, rt.state.managed(), ctx)
+            if as_json:
+                return json.dumps({"release": verified.release.version, "commit": verified.commit,
+                                   **plan_document(plan)}, indent=2, sort_keys=True)
             header = f"release {verified.release.version} commit {verified.commit}\n"
             return header + render_plan(plan)
         finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from edge_agent.errors import EdgeFleetError
-from edge_agent.logs import setup_logging
+from edge_agent.logs import release_words, setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -31,6 +31,14 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     config = load_config(Path(args.config))
     setup_logging(config.log_level)
     return config
+
+
+def _emit(args: argparse.Namespace, doc: dict[str, object], text: str) -> None:
+    if args.json:
+        json.dump(doc, sys.stdout, sort_keys=True)
+    else:
+        sys.stdout.write(text)
+    sys.stdout.write("\n")
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -70,7 +78,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
                    "reason": result.reason, "step": result.step, "changes": result.changes}, sys.stdout)
         sys.stdout.write("\n")
     else:
-        line = f"{result.outcome}: release {result.version} commit {result.commit} changes {result.changes}"
+        line = f"{result.outcome}: {release_words(result.version, result.commit)} changes {result.changes}"
         sys.stdout.write(line + "\n")
     if result.outcome in _OK_OUTCOMES:
         return 0
@@ -83,7 +91,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from edge_agent.agent import plan_only  # noqa: PLC0415
 
     config = _config(args)
-    text = plan_only(config, want=args.want)
+    text = plan_only(config, want=args.want, as_json=args.json)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
 
@@ -123,7 +131,8 @@ def _cmd_pause(args: argparse.Namespace) -> int:
 
     config = _config(args)
     pause(config, args.reason)
-    sys.stdout.write(f"device {config.device_id}: paused ({args.reason.strip()})\n")
+    _emit(args, {"device": config.device_id, "paused": True, "reason": args.reason.strip()},
+          f"device {config.device_id}: paused ({args.reason.strip()})")
     return 0
 
 
@@ -132,8 +141,36 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     config = _config(args)
     resume(config)
-    sys.stdout.write(f"device {config.device_id}: resumed\n")
+    _emit(args, {"device": config.device_id, "paused": False}, f"device {config.device_id}: resumed")
     return 0
+
+
+_EXAMPLES = {
+    "init": "edge-agent init\n  edge-agent init --json --config /etc/edge-agent/agent.yaml",
+    "run": "edge-agent run                       # as the systemd unit does\n"
+           "  edge-agent run --config ./agent.yaml",
+    "sync": "edge-agent sync --once\n"
+            "  edge-agent sync --want 9f2c4e1 --json   # a signed commit, not the head",
+    "plan": "edge-agent plan                      # the diff a sync would apply\n"
+            "  edge-agent plan --want 9f2c4e1 -o json",
+    "status": "edge-agent status\n  edge-agent status --json | jq .installed",
+    "pause": 'edge-agent pause --reason "debugging nginx by hand"\n'
+             '  edge-agent pause --reason "INC-42" --json',
+    "resume": "edge-agent resume\n  edge-agent resume --json",
+}
+
+
+class _ExamplesFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps the description as usual and prints the examples epilog as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+def _json_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False)) or getattr(args, "output", "text") == "json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,27 +178,33 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), metavar="F",
                         help=f"agent configuration file (default {DEFAULT_CONFIG_PATH})")
-    parser = argparse.ArgumentParser(prog="edge-agent", description="The edge-fleet device agent.")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON instead of text")
+    output.add_argument("-o", "--output", choices=("text", "json"), default="text",
+                        help="output format: -o json is --json (default: text)")
+    parser = argparse.ArgumentParser(prog="edge-agent", description="The edge-fleet device agent.",
+                                     epilog="examples:\n" + "".join(f"  {e}\n" for e in _EXAMPLES.values()),
+                                     formatter_class=_ExamplesFormatter)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=text, description=text)
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str,
+            prints: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common, output] if prints else [common], help=text,
+                           description=text, epilog=f"examples:\n  {_EXAMPLES[name]}\n",
+                           formatter_class=_ExamplesFormatter)
         p.set_defaults(func=func)
         return p
 
-    add("init", _cmd_init, "create the device identity keys and print the public keys").add_argument(
-        "--json", action="store_true", help="print the keys as JSON")
-    add("run", _cmd_run, "the daemon: sync, watch drift and report until stopped")
+    add("init", _cmd_init, "create the device identity keys and print the public keys")
+    add("run", _cmd_run, "the daemon: sync, watch drift and report until stopped", prints=False)
     p = add("sync", _cmd_sync, "one fetch, verify, plan, apply, health and record cycle")
     p.add_argument("--once", action="store_true", help="run one cycle and exit (the only mode; accepted "
                    "for scripts)")
     p.add_argument("--want", metavar="COMMIT", help="apply this signed commit instead of the branch head")
-    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p = add("plan", _cmd_plan, "show what a sync would change, as a diff; changes nothing")
     p.add_argument("--want", metavar="COMMIT", help="plan this signed commit instead of the branch head")
-    add("status", _cmd_status, "show the installed release and the agent's state").add_argument(
-        "--json", action="store_true", help="print the status as JSON")
+    add("status", _cmd_status, "show the installed release and the agent's state")
     add("pause", _cmd_pause, "break-glass: stop applying and enforcing (audited and reported)").add_argument(
         "--reason", required=True, help="why the device is paused (recorded and reported)")
     add("resume", _cmd_resume, "apply and enforce again after pause")
@@ -172,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``edge-agent``; return the exit code (0 ok, 1 expected failure, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.json = _json_requested(args)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -18,6 +18,7 @@ from edge_agent.config_section import (
     LOG_LEVELS,
     ConfigSection,
     fetch_limit_values,
+    located_reason,
     parse_duration,
 )
 from edge_agent.errors import ConfigError, KeyFileError
@@ -293,8 +294,11 @@ def load_config(path: Path) -> AgentConfig:
         ConfigError: the file is missing, unreadable, not YAML, or a field is invalid.
     """
     path = Path(path)
-    raw = _Section.read_yaml(path)
-    if raw is None:
+    doc = _Section.read_located(path)
+    if doc.value is None:
         raise ConfigError(f"{path}: is empty")
     base = path.resolve().parent
-    return parse_config(raw, base)
+    try:
+        return parse_config(doc.value, base)
+    except ConfigError as exc:
+        raise ConfigError(located_reason(str(exc), path, doc)) from exc

@@ -7,6 +7,7 @@ a subclass sets another).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
@@ -16,10 +17,10 @@ from typing import Any, ClassVar, Self
 
 from edge_agent.durations import parse_seconds
 from edge_agent.errors import ConfigError, YamlError
-from edge_agent.yamlsafe import excerpt, load_yaml
+from edge_agent.yamlsafe import LocatedDoc, excerpt, load_yaml
 
 __all__ = ["FETCH_LIMIT_KEYS", "LOG_LEVELS", "MAX_CONFIG_BYTES", "URL_SCHEMES", "ConfigSection",
-           "fetch_limit_values", "parse_duration", "read_config_bytes"]
+           "fetch_limit_values", "located_reason", "parse_duration", "read_config_bytes"]
 
 MAX_CONFIG_BYTES = 1024 * 1024
 URL_SCHEMES = ("file://", "git://", "http://", "https://", "ssh://")
@@ -91,7 +92,9 @@ class ConfigSection:
             raise self.error(f"{name or self.document}: must be a mapping")
         unknown = sorted(str(k) for k in raw if k not in allowed)
         if unknown:
-            raise self.error(f"{self._join(name, excerpt(unknown[0]))}: unknown key")
+            near = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+            hint = f"; did you mean {self._join(name, near[0])}?" if near else ""
+            raise self.error(f"{self._join(name, excerpt(unknown[0]))}: unknown key{hint}")
         self.raw: Mapping[str, Any] = raw
         self.name = name
         self.base_dir = base_dir
@@ -109,13 +112,22 @@ class ConfigSection:
             the section's ``error``: unreadable, not a regular file, too large, not UTF-8 or not
             (safe) YAML; YAML errors name the file and line.
         """
+        return cls.read_located(path).value
+
+    @classmethod
+    def read_located(cls, path: Path) -> LocatedDoc:
+        """The config file at ``path`` as :meth:`read_yaml` reads it, with the line of every key.
+
+        Raises:
+            the section's ``error``: as :meth:`read_yaml`.
+        """
         data = read_config_bytes(path, cls.error)
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise cls.error(f"{path}: not valid YAML: not UTF-8 text (byte {exc.start})") from exc
         try:
-            return load_yaml(data, name=str(path), max_bytes=MAX_CONFIG_BYTES).value
+            return load_yaml(data, name=str(path), max_bytes=MAX_CONFIG_BYTES)
         except YamlError as exc:
             reason = exc.reason.partition(": ")[2]
             raise cls.error(f"{path}: not valid YAML: line {exc.line}: {reason}") from exc
@@ -267,3 +279,12 @@ def fetch_limit_values(s: ConfigSection) -> dict[str, Any]:
             "max_ref_advertisement_bytes": s.size("max_ref_advertisement_bytes",
                                                   FetchLimits.max_ref_advertisement_bytes),
             "fetch_deadline": s.duration("fetch_deadline", FetchLimits.fetch_deadline)}
+
+
+def located_reason(reason: str, path: Path, doc: LocatedDoc) -> str:
+    """``reason`` (a refusal starting with the dotted key it names) prefixed with ``path`` and, when
+    that key is in the file, its line: ``agent.yaml:2: lables: unknown key; did you mean labels?``."""
+    dotted, sep, _ = reason.partition(": ")
+    where = tuple(int(p) if p.isdigit() else p for p in dotted.split(".")) if sep and dotted else ()
+    line = doc.lines.get(where) if where else None
+    return f"{path}:{line}: {reason}" if line else f"{path}: {reason}"

@@ -16,10 +16,19 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, TextIO
 
-__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "current_context", "log_context", "setup_logging"]
+__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "current_context", "log_context", "release_words",
+           "setup_logging"]
 
 CONTEXT_FIELDS = ("device", "commit", "release")
 _context: ContextVar[dict[str, Any] | None] = ContextVar("edge_agent_log_context", default=None)
+
+
+def release_words(version: int | None, commit: str | None) -> str:
+    """Name a release for a log line or a printed result: ``release 3 commit 9f2c...``, ``commit
+    9f2c...`` (not verified yet), or ``no release`` (nothing fetched), never ``release None``."""
+    words = ([f"release {version}"] if version is not None else []) + \
+        ([f"commit {commit}"] if commit else [])
+    return " ".join(words) or "no release"
 
 
 def current_context() -> dict[str, Any]:

@@ -17,12 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.config_section import FETCH_LIMIT_KEYS, LOG_LEVELS, ConfigSection, fetch_limit_values
+from edge_agent.config_section import (
+    FETCH_LIMIT_KEYS,
+    LOG_LEVELS,
+    ConfigSection,
+    fetch_limit_values,
+    located_reason,
+)
 from edge_agent.errors import KeyFileError, YamlError
 from edge_agent.gitlimits import FetchLimits
 from edge_agent.report.messages import MAX_MESSAGE_BYTES
 from edge_agent.trust.keys import parse_verify_key
-from edge_agent.yamlsafe import YamlSyntaxError, excerpt, load_yaml
+from edge_agent.yamlsafe import LocatedDoc, YamlSyntaxError, excerpt, load_yaml
 from fleet_server.errors import ServerConfigError
 
 __all__ = [
@@ -353,16 +359,24 @@ def load_server_config(path: Path | None, overrides: Mapping[str, Any] | None = 
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()
+    doc: LocatedDoc | None = None
     if path is not None:
         path = Path(path)
-        loaded = _Section.read_yaml(path)
-        if loaded is not None and not isinstance(loaded, Mapping):
+        doc = _Section.read_located(path)
+        if doc.value is not None and not isinstance(doc.value, Mapping):
             raise ServerConfigError(f"{path}: must be a mapping of sections")
-        raw = _thaw(loaded or {})
+        raw = _thaw(doc.value or {})
         base = path.resolve().parent
     for dotted, value in (overrides or {}).items():
         _apply_override(raw, dotted, value)
-    return parse_server_config(raw, base)
+    try:
+        return parse_server_config(raw, base)
+    except ServerConfigError as exc:
+        named = str(exc).partition(": ")[0]
+        from_set = any(named == k or named.startswith(k + ".") for k in overrides or {})
+        if path is None or doc is None or from_set:
+            raise
+        raise ServerConfigError(located_reason(str(exc), path, doc)) from exc
 
 
 def parse_set_options(items: Sequence[str]) -> dict[str, Any]:

@@ -42,6 +42,13 @@ DEFAULT_CACHE_DIR = DEFAULT_BUILD_DIR / "cache"
 DEFAULT_PYTHON = Path("/usr/bin/python3")
 _MANYLINUX = re.compile(r"manylinux_(\d+)_(\d+)_")
 _LEGACY_MANYLINUX = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+SHTAB = "shtab==1.13.0"
+"""Generates the shell completions at build time; it is never installed in a package's venv."""
+COMPLETION_PARSERS = {"edge-agent": "edge_agent.cli", "fleetctl": "fleet_server.fleetctl"}
+"""The command whose completions a package ships -> the module whose ``build_parser()`` defines it."""
+COMPLETION_FILES = {"bash": "usr/share/bash-completion/completions/{cmd}",
+                    "zsh": "usr/share/zsh/vendor-completions/_{cmd}",
+                    "fish": "usr/share/fish/vendor_completions.d/{cmd}.fish"}
 
 
 class BuildError(Exception):
@@ -188,6 +195,38 @@ def _tools_pip(cache_dir: Path, python: Path) -> Path:
     if not pip.exists():
         _run([str(python), "-m", "venv", str(tools)], "create the build tools venv (needs python3-venv)")
     return pip
+
+
+def _shtab_path(cache_dir: Path, pip: Path) -> Path:
+    """Install :data:`SHTAB` (pure Python, no dependencies) into a build-only directory; return it."""
+    target = cache_dir / "shtab"
+    if not (target / "shtab").is_dir():
+        _run([str(pip), "install", "--quiet", "--no-deps", "--target", str(target), SHTAB],
+             f"install {SHTAB} for the shell completions")
+    return target
+
+
+def _write_completions(spec: PackageSpec, root: Path, shtab_dir: Path) -> list[Path]:
+    """Write bash, zsh and fish completions of each command of ``spec`` that has a parser, generated
+    by shtab from the argparse parser with the package's own venv (shtab is put on its path only for
+    this step, so the installed venv does not carry it)."""
+    python = root / spec.venv.lstrip("/") / "bin" / "python"
+    env = {**os.environ, "PYTHONPATH": str(shtab_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+    written: list[Path] = []
+    for cmd in spec.commands:
+        module = COMPLETION_PARSERS.get(cmd)
+        if module is None:
+            continue
+        for shell, pattern in COMPLETION_FILES.items():
+            code = (f"import importlib, shtab, sys; parser = importlib.import_module({module!r})"
+                    f".build_parser(); parser.prog = {cmd!r}; sys.stdout.write(shtab.complete(parser, "
+                    f"{shell!r}))")
+            text = _run([str(python), "-c", code], f"generate the {shell} completion of {cmd}", env=env)
+            dest = root / pattern.format(cmd=cmd)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text, encoding="utf-8")
+            written.append(dest)
+    return written
 
 
 def _project_wheel(build_dir: Path, pip: Path) -> Path:
@@ -399,6 +438,7 @@ def build_package(spec: PackageSpec, out_dir: Path, *, build_dir: Path = DEFAULT
     _say(f"{spec.name}: installing pinned wheels into {spec.venv}")
     wheels = _make_venv(spec, root, cache_dir, python, project)
     _stage(spec, root)
+    _write_completions(spec, root, _shtab_path(cache_dir, pip))
     _normalise_modes(root)
     for script in ("postinst", "prerm", "postrm"):
         (root / "DEBIAN" / script).chmod(0o755)

@@ -5,6 +5,7 @@ The helpers at the top (``AgentFleet``, ``snapshot``) are shared with the CLI an
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -244,14 +245,18 @@ def test_rollback_below_the_floor_is_refused_but_above_it_allowed(fleet: AgentFl
     assert status(fleet.config)["floor"] == 3
 
 
-def test_mirror_down_keeps_the_last_release(fleet: AgentFleet) -> None:
+def test_mirror_down_keeps_the_last_release(fleet: AgentFleet, caplog: pytest.LogCaptureFixture) -> None:
     fleet.publish(base_release(fleet.root))
     assert sync_once(fleet.config).outcome == "applied"
     before = snapshot(fleet.root)
     fleet.daemon.stop()
-    result = sync_once(fleet.config)
+    with caplog.at_level("INFO", logger="edge_agent"):
+        result = sync_once(fleet.config)
     assert result.outcome == "fetch_failed"
     assert result.reason
+    # Nothing was fetched: the log says so instead of "release None commit None".
+    assert "sync fetch_failed: no release changes 0" in caplog.text
+    assert "None" not in caplog.text
     assert snapshot(fleet.root) == before
     assert status(fleet.config)["installed"]["version"] == 1
     # Drift checks keep working offline from the local cache.
@@ -368,6 +373,13 @@ def test_plan_shows_a_diff_and_changes_nothing(fleet: AgentFleet) -> None:
     assert "/etc/app/app.conf" in text
     assert "-upstream = one" in text
     assert "+upstream = two" in text
+    # edge-agent plan --json: the same plan as one JSON document.
+    doc = json.loads(plan_only(fleet.config, as_json=True))
+    assert doc["release"] == 2
+    assert doc["noop"] is False
+    [change] = [c for c in doc["changes"] if "/etc/app/app.conf" in c["summary"]]
+    assert "+upstream = two" in change["diff"]
+    assert change["prune"] is False
     assert snapshot(fleet.root) == before
     assert status(fleet.config)["installed"]["version"] == 1
 

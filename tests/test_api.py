@@ -364,6 +364,7 @@ def test_module_exports_are_pinned() -> None:
     from fleet_server.api import auth, routes_fleet  # noqa: PLC0415
 
     assert sorted(api.__all__) == ["ApiActions", "ApiStore", "create_app"]
-    assert sorted(auth.__all__) == ["MAX_SECRET_BYTES", "Tokens", "bearer_token", "load_secret",
-                                    "load_tokens", "require_admin", "require_read", "signature_valid"]
+    assert sorted(auth.__all__) == ["MAX_SECRET_BYTES", "Tokens", "admin_access", "bearer_scheme",
+                                    "bearer_token", "load_secret", "load_tokens", "read_access",
+                                    "require_admin", "require_read", "signature_valid"]
     assert sorted(routes_fleet.__all__) == ["FleetReader", "fleet_router", "parse_label_filters"]

@@ -67,7 +67,8 @@ def test_bad_config_is_one_line_without_traceback(tmp_path: Path) -> None:
     cfg.write_text("device_id: a/b\nrepo: {url: 'git://127.0.0.1/x'}\n")
     proc = agent("status", "--config", str(cfg))
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "edge-agent: device_id: must be 1-64 characters of A-Z a-z 0-9 . _ -"
+    assert proc.stderr.strip() == (f"edge-agent: {cfg}:1: device_id: must be 1-64 characters of "
+                                   "A-Z a-z 0-9 . _ -")
     assert "Traceback" not in proc.stderr
     proc = agent("sync", "--once", "--config", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 1

@@ -175,3 +175,26 @@ def test_keygen_writes_an_escrow_key(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert main(["secret", "keygen", "--out", str(path)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_secret_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["secret", "keygen", "--out", str(tmp_path / "escrow.key"), "-o", "json"]) == 0
+    escrow = json.loads(capsys.readouterr().out)
+    assert (escrow["type"], escrow["path"]) == ("x25519", str(tmp_path / "escrow.key"))
+    assert main(["secret", "keygen", "--out", str(tmp_path / "dev.key"), "--json"]) == 0
+    device = json.loads(capsys.readouterr().out)["public_key"]
+    sealed_file = tmp_path / "s.sealed.json"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hunter2")))
+    assert main(["secret", "seal", "--id", "pw", "--to", escrow["public_key"], "--out",
+                          str(sealed_file), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"id": "pw", "version": 1, "recipients": [escrow["public_key"]],
+                               "path": str(sealed_file)}
+    assert "hunter2" not in out
+    key = str(tmp_path / "escrow.key")
+    assert main(["secret", "add-recipient", str(sealed_file), "--key", key, "--to", device, "--json"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["recipients"]) == sorted([escrow["public_key"], device])
+    assert main(["secret", "remove-recipient", str(sealed_file), "--key", key, "--remove", device,
+                 "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipients"] == [escrow["public_key"]]

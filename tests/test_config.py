@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -144,10 +145,35 @@ def test_invalid_fields_are_named(tmp_path: Path, patch: dict, field: str) -> No
             data.pop(k, None)
         else:
             data[k] = v
+    path = write(tmp_path, data)
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, data))
-    assert str(info.value).startswith(field + ":"), str(info.value)
+        load_config(path)
+    # The file, then the line of the key when it is in the file, then the dotted key.
+    shown = str(info.value)
+    assert re.match(rf"{re.escape(str(path))}:(\d+: )? ?{re.escape(field)}:", shown), shown
     assert "\n" not in str(info.value)
+
+
+def test_an_unknown_key_names_the_file_and_line_and_the_nearest_known_key(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("device_id: gw-1\nrepo:\n  url: https://git.example/config.git\n  branhc: main\n"
+                    "lables:\n  site: berlin\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:5: lables: unknown key; did you mean labels?"
+    (tmp_path / "agent.yaml").write_text("device_id: gw-1\nrepo:\n  url: https://git.example/c.git\n"
+                                         "  branhc: main\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}:4: repo.branhc: unknown key; did you mean repo.branch?"
+
+
+def test_a_missing_field_says_required(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("device_id: gw-1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: repo: is required"
 
 
 @pytest.mark.parametrize("text", ["", "device_id: [unclosed", "- a list\n", "\xff"])

@@ -77,7 +77,7 @@ def test_enroll_needs_the_admin_token(api: Api) -> None:
 
 
 @pytest.mark.parametrize(("body", "reason"), [
-    ({}, "id must be a device id"),
+    ({}, "id is required"),
     ({"id": "a/b"}, "id must be a device id"),
     ({"id": "x" * 65}, "id must be a device id"),
     ({"id": 7}, "id must be a device id"),

@@ -356,3 +356,23 @@ def test_default_server_config_matches_the_schema() -> None:
     assert config.git.cache_dir == Path("/var/cache/fleet-server/git")
     assert config.http.admin_token_file == Path("/etc/fleet-server/admin.token")
     assert config.git.url is None
+
+
+def test_both_packages_ship_shell_completions_without_shtab(debs: dict[str, Path],
+                                                            extracted: dict[str, Path]) -> None:
+    for name, commands in (("edge-agent", ("edge-agent",)), ("fleet-server", ("fleetctl",))):
+        files = listing(debs[name])
+        for cmd in commands:
+            for path in (f"/usr/share/bash-completion/completions/{cmd}",
+                         f"/usr/share/zsh/vendor-completions/_{cmd}",
+                         f"/usr/share/fish/vendor_completions.d/{cmd}.fish"):
+                assert files[path][0] == "-rw-r--r--", path
+        venv = f"/opt/{name}/lib/python3.11/site-packages"
+        assert not any(p.startswith(f"{venv}/shtab") for p in files), "shtab must not be installed"
+    bash = extracted["fleet-server"] / "usr/share/bash-completion/completions/fleetctl"
+    text = bash.read_text()
+    for word in ("rollout", "watch", "--http-timeout", "--json", "config"):
+        assert word in text, word
+    run("bash", "-n", str(bash))  # it parses
+    fish = (extracted["edge-agent"] / "usr/share/fish/vendor_completions.d/edge-agent.fish").read_text()
+    assert "plan" in fish

@@ -186,6 +186,12 @@ def test_fleetctl_start_status_watch_and_actions(api: Api, capsys: pytest.Captur
     assert code == 1
     assert "still waiting_approval" in err
     assert "wave 1 canary" in out
+    # --json: one compact object a line, and only when something changed (it waits for approval).
+    code, out, err = fleetctl_run(api, capsys, "watch", rid, "--json", "--timeout", "1", "--interval", "0.1")
+    assert code == 1
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    assert json.loads(lines[0])["phase"] == "waiting_approval"
     code, out, err = fleetctl_run(api, capsys, "resume", rid, "--reason", "nothing paused")
     assert code == 1
     assert "409" in err
@@ -307,3 +313,38 @@ def test_a_new_signed_release_starts_the_rollout_its_fleet_yaml_declares(api: Ap
         finally:
             watcher.stop()
             plans.close()
+
+
+def test_openapi_documents_every_body_and_the_bearer_scheme(api: Api) -> None:
+    schema = httpx.get(f"{api.url}/api/v1/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert [s["type"] for s in schemes.values()] == ["http"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    bodies = {}
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            if path.startswith("/api/v1/") and path != "/api/v1/hooks/git":
+                assert op.get("security"), f"{method} {path} documents no security"
+            if method == "post" and path != "/api/v1/hooks/git":
+                ref = op["requestBody"]["content"]["application/json"]["schema"]
+                bodies[(method, path)] = ref.get("$ref") or ref["anyOf"][0]["$ref"]
+    assert bodies == {
+        ("post", "/api/v1/devices"): "#/components/schemas/EnrollBody",
+        ("post", "/api/v1/rollouts"): "#/components/schemas/StartRolloutBody",
+        ("post", "/api/v1/rollouts/{rollout_id}/{action}"): "#/components/schemas/ActionBody",
+    }
+    start = schema["components"]["schemas"]["StartRolloutBody"]
+    assert start["required"] == ["release"]
+    assert start["additionalProperties"] is False
+    # The typed bodies answer as the hand-checked ones did.
+    headers = api.headers()
+    for body, reason in (({"release": True}, "release must be a release version (a whole number)"),
+                         ({"release": 1, "colour": "red"}, "unknown field(s): colour"),
+                         ({"release": 1, "plan": [1]}, "plan must be a mapping (the plan document)"),
+                         ({"release": 1, "reason": "r" * 1001},
+                          "reason must be text of at most 1000 characters"),
+                         ({}, "release is required")):
+        answer = httpx.post(f"{api.url}/api/v1/rollouts", json=body, headers=headers)
+        assert (answer.status_code, answer.json()) == (400, {"error": reason})
+    answer = httpx.post(f"{api.url}/api/v1/rollouts/r-1/promote", json={"wave": -1}, headers=headers)
+    assert (answer.status_code, answer.json()) == (400, {"error": "wave must be a wave index"})

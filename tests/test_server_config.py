@@ -182,3 +182,15 @@ def test_file_errors(tmp_path: Path):
 def test_parse_server_config_refuses_non_mapping(tmp_path: Path):
     with pytest.raises(ServerConfigError, match="config: must be a mapping"):
         parse_server_config([1], tmp_path)
+
+
+def test_an_unknown_key_names_the_file_line_and_nearest_key_but_a_set_value_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text("log_level: info\ningest:\n  bach_size: 10\n")
+    with pytest.raises(ServerConfigError) as info:
+        load_server_config(path)
+    assert str(info.value) == f"{path}:3: ingest.bach_size: unknown key; did you mean ingest.batch_size?"
+    path.write_text("log_level: info\n")
+    with pytest.raises(ServerConfigError) as info:
+        load_server_config(path, parse_set_options(["ingest.batch_size=0"]))
+    assert str(info.value).startswith("ingest.batch_size: ")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.drivers.base import Change, Context, get_driver, probe_kinds
 from edge_agent.resources import CommandRes, Directory, Resource, SystemdUnit
@@ -41,6 +41,7 @@ __all__ = [
     "Plan",
     "make_plan",
     "order_resources",
+    "plan_document",
     "render_plan",
 ]
 
@@ -209,6 +210,24 @@ def _prune_changes(dropped: Sequence[Managed], ctx: Context) -> list[Change]:
     return out
 
 
+def _shown_diff(change: Change) -> str:
+    """The diff a plan shows for ``change``: a ``secret_file`` change's is only the redaction marker."""
+    if change.kind == "secret_file" and change.diff:
+        return "(secret content redacted)"
+    return change.diff or ""
+
+
+def plan_document(plan: Plan) -> dict[str, Any]:
+    """Return the plan as a JSON-ready mapping (``edge-agent plan --json``): each change with its
+    resource, kind, action, summary, diff (secrets redacted as in :func:`render_plan`) and whether
+    it prunes; the resources in sync; the drivers unavailable."""
+    changes = [{"resource": c.resource_id, "kind": c.kind, "action": c.action, "summary": c.summary,
+                "diff": _shown_diff(c), "prune": prune}
+               for prune, group in ((False, plan.changes), (True, plan.prune)) for c in group]
+    return {"changes": changes, "in_sync": list(plan.in_sync), "unavailable": dict(plan.unavailable),
+            "noop": plan.is_noop}
+
+
 def render_plan(plan: Plan) -> str:
     """Return the plan as readable text: one line per change, then its diff (secrets redacted).
 
@@ -225,9 +244,7 @@ def render_plan(plan: Plan) -> str:
     for label, changes in (("", plan.changes), ("prune ", plan.prune)):
         for change in changes:
             lines.append(f"{label}{change.action:<13} {change.resource_id}: {change.summary}")
-            diff = change.diff
-            if change.kind == "secret_file" and diff:
-                diff = "(secret content redacted)"
+            diff = _shown_diff(change)
             if diff:
                 lines.extend("    " + ln for ln in diff.rstrip("\n").splitlines())
     total = len(plan.changes) + len(plan.prune)

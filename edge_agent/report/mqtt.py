@@ -23,6 +23,10 @@ Every paho exception is translated to :class:`BrokerError`. Publishing returns a
 :class:`PublishTracking` that completes when the broker acknowledges the message (PUBACK for QoS 1,
 PUBCOMP for QoS 2) and carries the acknowledgement's reason code (MQTT 5 brokers may refuse a
 publish, e.g. ``Not authorized``, in the acknowledgement itself).
+
+paho's own log lines go to the ``edge_agent.report.mqtt.paho`` logger at paho's level, except that
+once :meth:`MqttLink.stop` has begun, paho's "Client is not connected" (its network thread meeting
+the socket the clean disconnect just closed) is logged at debug: a clean stop logs nothing above info.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, LogLevel, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -51,6 +55,8 @@ from edge_agent.report import messages
 __all__ = ["MqttLink", "MqttSettings", "PublishTracking", "disconnect_cause", "settings_from_config"]
 
 log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(__name__ + ".paho")
+_NOT_CONNECTED = "Client is not connected"
 
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
 _STOP_ONLINE_WAIT = 2.0  # seconds a clean stop waits for the broker to take online=false
@@ -240,7 +246,7 @@ class MqttLink:
                 CallbackAPIVersion.VERSION2, client_id=s.device_id,
                 clean_session=None if v5 else False, protocol=_PROTOCOLS[s.protocol],
             )
-            client.enable_logger(logging.getLogger(__name__ + ".paho"))
+            client.on_log = self._handle_log
             client.connect_timeout = s.connect_timeout
             if s.username is not None:
                 client.username_pw_set(s.username, s.password)
@@ -395,6 +401,12 @@ class MqttLink:
         self._connected.clear()
         self._jitter_next_wait()
         log.warning("cannot connect to %s:%s; retrying", self.settings.host, self.settings.port)
+
+    def _handle_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
+        severity = paho.LOGGING_LEVEL.get(LogLevel(level), logging.DEBUG)
+        if self._stopped and text.startswith(_NOT_CONNECTED):
+            severity = logging.DEBUG  # the network thread meeting the socket a clean stop closed
+        _paho_log.log(severity, "%s", text)
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                            properties: Any) -> None:

@@ -89,7 +89,7 @@ def _write_private(path: Path, line: str, *, overwrite: bool) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path} exists; refusing to overwrite a key")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new key directory is private
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:

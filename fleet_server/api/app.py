@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
 from fleet_server import __version__
-from fleet_server.api.auth import Tokens, load_tokens, require_admin, require_read, signature_valid
+from fleet_server.api.auth import Tokens, load_tokens, read_access, require_admin, signature_valid
+from fleet_server.api.bodies import body_error_reason
 from fleet_server.api.dashboard import install_dashboard
 from fleet_server.api.guard import RequestGuard
 from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
@@ -101,7 +102,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return _error(400, _validation_reason(exc))
+        return _error(400, body_error_reason(exc.errors()) or _validation_reason(exc))
 
     async def store_error(_request: Request, exc: Exception) -> Response:
         log.error("store unavailable: %s", exc)
@@ -194,10 +195,9 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
         await run_in_threadpool(store.add_audit, actor, "git.poll", git_target, "webhook")
         return {"triggered": True}
 
-    @app.get("/metrics")
-    def prometheus_metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+    @app.get("/metrics", dependencies=[Depends(read_access(tokens))])
+    def prometheus_metrics() -> Response:
         """Return every metric in the Prometheus text format (read token needed when configured)."""
-        require_read(tokens, authorization)
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
     @app.get("/healthz")

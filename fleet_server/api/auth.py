@@ -7,7 +7,9 @@
 * The Git webhook is accepted with a valid ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the
   body>`` under ``git.webhook_secret_file``, or with the admin token.
 
-Missing credentials answer 401 (with ``WWW-Authenticate: Bearer``), wrong ones 403. Every
+The routes take the token through FastAPI's security scheme (:data:`bearer_scheme`, ``HTTPBearer``:
+the OpenAPI document lists it under ``securitySchemes``) with :func:`admin_access` and
+:func:`read_access`. Missing credentials answer 401 (with ``WWW-Authenticate: Bearer``), wrong ones 403. Every
 comparison uses :func:`hmac.compare_digest`. Secrets are never logged.
 """
 
@@ -16,19 +18,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleet_server.errors import ServerConfigError
 
 __all__ = [
     "MAX_SECRET_BYTES",
     "Tokens",
+    "admin_access",
+    "bearer_scheme",
     "bearer_token",
     "load_secret",
     "load_tokens",
+    "read_access",
     "require_admin",
     "require_read",
     "signature_valid",
@@ -138,3 +146,32 @@ def signature_valid(secret: bytes, body: bytes, header: str | None) -> bool:
         return False
     expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(header.strip().encode("ascii", "replace"), expected.encode("ascii"))
+
+
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="bearerToken",
+    description="Authorization: Bearer <token>. State-changing calls need the admin token "
+                "(http.admin_token_file); reads need the read token (http.read_token_file) when one "
+                "is configured, or the admin token.")
+"""The API's one security scheme; it only reads the header, :func:`require_admin` /
+:func:`require_read` decide."""
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
+
+
+def _header(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
+
+
+def admin_access(tokens: Tokens) -> Callable[[HTTPAuthorizationCredentials | None], None]:
+    """A route dependency that allows the request only with the admin token (:func:`require_admin`)."""
+    def check(credentials: Credentials) -> None:
+        require_admin(tokens, _header(credentials))
+    return check
+
+
+def read_access(tokens: Tokens) -> Callable[[HTTPAuthorizationCredentials | None], None]:
+    """A route dependency that allows a read as :func:`require_read` says."""
+    def check(credentials: Credentials) -> None:
+        require_read(tokens, _header(credentials))
+    return check

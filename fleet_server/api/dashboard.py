@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import jinja2
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from edge_agent.report.messages import DEVICE_ID_RE
-from fleet_server.api.auth import Tokens, require_read
+from fleet_server.api.auth import Tokens, read_access
 from fleet_server.api.routes_fleet import FleetReader
 from fleet_server.rollouts.engine import DEVICE_STATES
 
@@ -133,10 +133,7 @@ def dashboard_router(store: FleetReader, tokens: Tokens, *,
         """The icon browsers ask for on their own (the pages link ``/static/favicon.svg``)."""
         return Response((STATIC_DIR / "favicon.svg").read_bytes(), media_type="image/svg+xml")
 
-    def read_access(authorization: Annotated[str | None, Header()] = None) -> None:
-        require_read(tokens, authorization)
-
-    @router.get("/api/v1/devices/{device_id}/health", dependencies=[Depends(read_access)])
+    @router.get("/api/v1/devices/{device_id}/health", dependencies=[Depends(read_access(tokens))])
     def device_health_history(
         device_id: str,
         hours: Annotated[float, Query(gt=0, le=MAX_HEALTH_HOURS)] = 6.0,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import Response
 
 from edge_agent.report.messages import DEVICE_ID_RE
-from fleet_server.api.auth import Tokens, require_read
+from fleet_server.api.auth import Tokens, read_access
 from fleet_server.api.cache import CachedRead
 
 __all__ = ["FleetReader", "fleet_router", "parse_label_filters"]
@@ -104,11 +104,7 @@ def _device_id(device_id: str) -> str:
 
 def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
     """Build the router of the read endpoints; every one needs the read token when configured."""
-
-    def read_access(authorization: Annotated[str | None, Header()] = None) -> None:
-        require_read(tokens, authorization)
-
-    router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
+    router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access(tokens))])
     summary = CachedRead(store.summary)
 
     @router.get("/devices", response_class=Response, responses={200: {"content": {"application/json": {}}}})

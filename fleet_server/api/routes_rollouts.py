@@ -24,17 +24,17 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query
+from fastapi import APIRouter, Depends, Header, HTTPException, Query
 
 from edge_agent.errors import BundleError
-from fleet_server.api.auth import Tokens, require_admin, require_read
+from fleet_server.api.auth import Tokens, admin_access, read_access
+from fleet_server.api.bodies import ActionBody, StartRolloutBody
 from fleet_server.errors import PlanError, UsageError
 from fleet_server.rollouts.engine import DEVICE_STATES
 from fleet_server.rollouts.plan import RolloutPlan
 from fleet_server.rollouts.runner import ACTIONS
 
-__all__ = ["DEFAULT_DEVICE_PAGE", "MAX_DEVICE_PAGE", "RolloutControl", "actor_name", "request_reason",
-           "rollouts_router"]
+__all__ = ["DEFAULT_DEVICE_PAGE", "MAX_DEVICE_PAGE", "RolloutControl", "actor_name", "rollouts_router"]
 
 DEFAULT_DEVICE_PAGE = 100
 """Devices per page of ``GET /api/v1/rollouts/{id}/devices`` when ``limit`` is not given."""
@@ -43,7 +43,6 @@ MAX_DEVICE_PAGE = 1000
 
 _ACTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_MAX_REASON = 1000
 
 
 class RolloutControl(Protocol):
@@ -99,70 +98,40 @@ def actor_name(header: str | None) -> str:
     return name
 
 
-def request_reason(body: Mapping[str, Any]) -> str:
-    """Return the ``reason`` of a request body, whitespace folded (empty when absent).
-
-    Raises:
-        HTTPException: 400 when it is not text of at most 1,000 characters.
-    """
-    reason = body.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > _MAX_REASON:
-        raise HTTPException(400, f"reason must be text of at most {_MAX_REASON} characters")
-    return " ".join(reason.split())
-
-
 def _rollout_id(rollout_id: str) -> str:
     if not _ID_RE.match(rollout_id):
         raise HTTPException(400, "malformed rollout id")
     return rollout_id
 
 
-def _start_request(body: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | None, str | None]:
-    release = body.get("release")
-    if not isinstance(release, int) or isinstance(release, bool) or release < 0:
-        raise HTTPException(400, "release must be a release version (a whole number)")
-    plan = body.get("plan")
-    if plan is not None and not isinstance(plan, Mapping):
-        raise HTTPException(400, "plan must be a mapping (the plan document)")
-    plan_name = body.get("plan_name")
-    if plan_name is not None and not isinstance(plan_name, str):
-        raise HTTPException(400, "plan_name must be text")
-    unknown = sorted(set(body) - {"release", "plan", "plan_name", "reason"})
-    if unknown:
-        raise HTTPException(400, f"unknown field(s): {', '.join(unknown)}")
-    return release, plan, plan_name
-
-
 def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
     """Build the router of ``/api/v1/rollouts``."""
     router = APIRouter(prefix="/api/v1/rollouts")
+    reads = [Depends(read_access(tokens))]
+    admin = [Depends(admin_access(tokens))]
 
-    @router.get("")
-    def list_rollouts(limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-                      authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+    @router.get("", dependencies=reads)
+    def list_rollouts(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict[str, Any]:
         """List rollouts newest first."""
-        require_read(tokens, authorization)
         return {"rollouts": control.summaries(limit)}
 
-    @router.get("/{rollout_id}")
-    def get_rollout(rollout_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+    @router.get("/{rollout_id}", dependencies=reads)
+    def get_rollout(rollout_id: str) -> dict[str, Any]:
         """Return one rollout: state, waves with counts, gates, audit, progress samples (no devices)."""
-        require_read(tokens, authorization)
         detail = control.describe(_rollout_id(rollout_id))
         if detail is None:
             raise HTTPException(404, f"no rollout {rollout_id}")
         return detail
 
-    @router.get("/{rollout_id}/devices")
+    @router.get("/{rollout_id}/devices", dependencies=reads)
     def rollout_devices(rollout_id: str, *,
                         wave: Annotated[int | None, Query(ge=0, le=1000)] = None,
                         state: Annotated[str | None, Query(max_length=32)] = None,
                         offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
                         limit: Annotated[int, Query(ge=1, le=MAX_DEVICE_PAGE)] = DEFAULT_DEVICE_PAGE,
-                        authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+                        ) -> dict[str, Any]:
         """Return one page of a rollout's devices ordered by id, filtered by wave (0-based) and state,
         with the total of the filtered listing."""
-        require_read(tokens, authorization)
         rid = _rollout_id(rollout_id)
         if state is not None and state not in DEVICE_STATES:
             raise HTTPException(400, f"state must be one of {', '.join(DEVICE_STATES)}")
@@ -172,15 +141,12 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
         return {"id": rid, "wave": wave, "state": state, "offset": offset, "limit": limit,
                 "total": page["total"], "devices": page["devices"]}
 
-    @router.post("", status_code=201)
-    def start_rollout(body: Annotated[dict[str, Any], Body()],
-                      authorization: Annotated[str | None, Header()] = None,
+    @router.post("", status_code=201, dependencies=admin)
+    def start_rollout(body: StartRolloutBody,
                       x_actor: Annotated[str | None, Header()] = None) -> dict[str, Any]:
         """Start a rollout of a recorded signed release (admin token)."""
-        require_admin(tokens, authorization)
         actor = actor_name(x_actor)
-        release, plan_doc, plan_name = _start_request(body)
-        reason = request_reason(body)
+        release, plan_doc, plan_name, reason = body.release, body.plan, body.plan_name, body.reason
         try:
             plan = control.resolve_plan(plan_doc, plan_name)
         except (PlanError, BundleError) as exc:
@@ -197,22 +163,16 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
             raise HTTPException(409 if control.start_refusal(release) else 400, str(exc)) from exc
         return {"id": rollout_id, "release": release, "plan": plan.name}
 
-    @router.post("/{rollout_id}/{action}")
-    def rollout_action(rollout_id: str, action: str,
-                       body: Annotated[dict[str, Any] | None, Body()] = None,
-                       authorization: Annotated[str | None, Header()] = None,
+    @router.post("/{rollout_id}/{action}", dependencies=admin)
+    def rollout_action(rollout_id: str, action: str, body: ActionBody | None = None,
                        x_actor: Annotated[str | None, Header()] = None) -> dict[str, Any]:
         """Pause, resume, promote, abort or roll back a rollout (admin token); 409 when refused."""
-        require_admin(tokens, authorization)
         actor = actor_name(x_actor)
         if action not in ACTIONS:
             raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
         rid = _rollout_id(rollout_id)
-        data = body or {}
-        reason = request_reason(data)
-        wave = data.get("wave")
-        if wave is not None and (not isinstance(wave, int) or isinstance(wave, bool) or wave < 0):
-            raise HTTPException(400, "wave must be a wave index")
+        data = body or ActionBody()
+        reason, wave = data.reason, data.wave
         if not control.exists(rid):
             raise HTTPException(404, f"no rollout {rid}")
         refusal = control.act(rid, action, actor=actor, reason=reason, wave=wave)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fleet_server.broker_config import DEFAULT_DATA_DIR, read_device_ids, write_broker_config
-from fleet_server.cli.common import emit
+from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit
 from fleet_server.errors import UsageError
 
 __all__ = ["register"]
@@ -18,7 +18,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "broker-config", help="write Mosquitto password, ACL and config files for the fleet",
         description="Write passwd (hashed with mosquitto_passwd), acl, mosquitto.conf and "
                     "credentials/<id>.password (0600, to install on each device) under --out. Each "
-                    "device may publish only under its own id; existing credentials are reused.")
+                    "device may publish only under its own id; existing credentials are reused.",
+        epilog="""examples:
+  fleetctl broker-config --out /etc/mosquitto/fleet --devices devices.txt
+  fleetctl broker-config --out broker/ --devices gw-1 gw-2 --bind 10.0.0.5 --port 8883 --json
+  fleetctl broker-config --out /etc/mosquitto/fleet --devices devices.txt --rotate   # new passwords
+""", formatter_class=ExamplesHelpFormatter)
     cmd.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write into")
     cmd.add_argument("--devices", required=True, nargs="+", metavar="FILE_OR_ID",
                      help="device ids, or files with one id a line")
@@ -36,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="the broker's persistence_location: where it keeps retained messages and "
                           f"sessions (default: {DEFAULT_DATA_DIR}/)")
     cmd.add_argument("--rotate", action="store_true", help="generate new passwords for everyone")
-    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json_option(cmd, "print a JSON object")
     cmd.set_defaults(func=run_broker_config)
 
 

@@ -1,8 +1,8 @@
 """`fleetctl devices`, `fleetctl device ID` and `fleetctl enroll ID`: the fleet server's device registry.
 
-The server is ``--server URL``, else the ``FLEET_SERVER`` environment variable, else
-``http://127.0.0.1:8080``. ``--token-file`` holds the read token when the server requires one
-(the admin token for ``enroll``). The
+The server and token come from the options, the environment or the config file, as
+:mod:`fleet_server.cli.credentials` says (the read token when the server requires one, the admin
+token for ``enroll``). The
 HTTP client is the standard library's ``urllib`` (fleetctl stays light); every failure leaves as
 one-line :class:`ApiError`.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -20,21 +19,24 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from fleet_server.cli.common import ExamplesHelpFormatter, print_json
+from fleet_server.cli.common import (
+    ExamplesHelpFormatter,
+    add_json_option,
+    positive_seconds,
+    print_json,
+    server_options,
+)
+from fleet_server.cli.credentials import DEFAULT_SERVER, Client, read_token, resolve_client, server_url
 from fleet_server.errors import ApiError, UsageError
 
-__all__ = ["DEFAULT_SERVER", "SYNC_STATES", "api_get", "api_post", "client_options", "format_device",
+__all__ = ["DEFAULT_SERVER", "SYNC_STATES", "api_get", "api_post", "client_of", "format_device",
            "format_devices_table", "format_time", "page_limit", "positive_seconds", "read_token", "register",
            "server_url"]
 
-DEFAULT_SERVER = "http://127.0.0.1:8080"
 _MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-_MAX_TOKEN_BYTES = 4096
 _EVENTS_SHOWN = 10
-_MAX_HTTP_TIMEOUT = 86400.0
 SYNC_STATES = ("unknown", "in_sync", "drifted", "paused", "refused", "rolled_back", "failed", "fetch_failed")
 """Every ``sync_state`` a device reports (docs/mqtt.md); ``devices --state`` accepts only these."""
 
@@ -42,67 +44,18 @@ _DEVICES_EXAMPLES = """examples:
   fleetctl devices --server http://fleet.example:8080 --token-file read.token
   fleetctl devices --label site=berlin --label ring=canary --online
   fleetctl devices --state failed --json
+  fleetctl devices --context lab                      # server and token from fleetctl.yaml
   fleetctl devices --limit 1000 --offset 1000        # the second page of 1,000
 """
 _DEVICE_EXAMPLES = """examples:
   fleetctl device gw-berlin-0042
-  fleetctl device gw-berlin-0042 --json --timeout 30
+  fleetctl device gw-berlin-0042 --json --http-timeout 30
+  FLEET_TOKEN=$(cat read.token) fleetctl device gw-berlin-0042 -o json
 """
 _ENROLL_EXAMPLES = """examples:
   fleetctl enroll gw-berlin-0042 --label site=berlin --label role=gateway --profile gateway \\
       --reason "new site" --token-file /etc/fleet-server/admin.token
 """
-
-
-def server_url(option: str | None) -> str:
-    """Return the server base URL from ``--server``, ``FLEET_SERVER`` or the default, without a trailing /.
-
-    Raises:
-        UsageError: the URL is not http:// or https:// with a host.
-    """
-    url = option or os.environ.get("FLEET_SERVER") or DEFAULT_SERVER
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"fleet server URL must be http://HOST[:PORT] or https://..., got {url!r}")
-    return url.rstrip("/")
-
-
-def read_token(path: Path | None) -> str | None:
-    """Return the API token held in the file at ``path``, or None when no file is given.
-
-    Raises:
-        UsageError: the file cannot be read, is empty or is over 4 KiB.
-    """
-    if path is None:
-        return None
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_TOKEN_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read token file {path}: {exc.strerror or exc}") from exc
-    token = data.strip().decode("utf-8", "replace")
-    if not token or len(data) > _MAX_TOKEN_BYTES:
-        raise UsageError(f"token file {path} is empty or too large")
-    return token
-
-
-_read_token = read_token  # the name `fleetctl rollout` imports
-
-
-def positive_seconds(text: str) -> float:
-    """Parse ``--timeout``: a positive, finite number of seconds (at most a day), for argparse.
-
-    Raises:
-        argparse.ArgumentTypeError: anything else, with a one-line reason.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 < value <= _MAX_HTTP_TIMEOUT):
-        raise argparse.ArgumentTypeError(
-            f"must be a positive number of seconds (at most {int(_MAX_HTTP_TIMEOUT)}), got {text[:40]!r}")
-    return value
 
 
 def _error_reason(body: bytes) -> str:
@@ -265,14 +218,13 @@ def format_device(detail: Mapping[str, Any], *, now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def client_options(parser: argparse.ArgumentParser, role: str = "read") -> None:
-    """Add ``--server``, ``--token-file``, ``--timeout`` and ``--json`` to a command that calls the server."""
-    parser.add_argument("--server", metavar="URL",
-                        help=f"fleet server base URL (default: $FLEET_SERVER or {DEFAULT_SERVER})")
-    parser.add_argument("--token-file", type=Path, metavar="FILE", help=f"file holding the API {role} token")
-    parser.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
-                        help="seconds to wait for the server, a positive number (default: 10)")
-    parser.add_argument("--json", action="store_true", help="print the server's JSON answer")
+def client_of(args: argparse.Namespace) -> Client:
+    """Return the server and token the parsed server options (:func:`server_options`) lead to.
+
+    Raises:
+        UsageError: as :func:`fleet_server.cli.credentials.resolve_client` says.
+    """
+    return resolve_client(args.server, args.token_file, args.context)
 
 
 def _label_query(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -286,15 +238,14 @@ def _label_query(values: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _run_devices(args: argparse.Namespace) -> int:
-    server = server_url(args.server)
+    client = client_of(args)
     query = _label_query(args.label or [])
     if args.state:
         query.append(("sync_state", args.state))
     if args.online is not None:
         query.append(("online", "true" if args.online else "false"))
     query += [("limit", str(args.limit)), ("offset", str(args.offset))]
-    token = read_token(args.token_file)
-    answer = api_get(server, "/api/v1/devices", query, token=token, timeout=args.timeout)
+    answer = api_get(client.server, "/api/v1/devices", query, token=client.token, timeout=args.http_timeout)
     if not isinstance(answer, dict) or not isinstance(answer.get("devices"), list):
         raise ApiError("fleet server answered an unexpected document for /api/v1/devices")
     if args.json:
@@ -313,9 +264,9 @@ def _device_document(answer: object, path: str) -> dict[str, Any]:
 
 
 def _run_device(args: argparse.Namespace) -> int:
-    server = server_url(args.server)
+    client = client_of(args)
     path = "/api/v1/devices/" + urllib.parse.quote(args.device_id, safe="")
-    answer = _device_document(api_get(server, path, token=read_token(args.token_file), timeout=args.timeout),
+    answer = _device_document(api_get(client.server, path, token=client.token, timeout=args.http_timeout),
                               path)
     if args.json:
         print_json(answer)
@@ -337,15 +288,15 @@ def _labels_of(values: Sequence[str]) -> dict[str, str] | None:
 
 
 def _run_enroll(args: argparse.Namespace) -> int:
-    server = server_url(args.server)
+    client = client_of(args)
     body: dict[str, Any] = {"id": args.device_id, "reason": args.reason or ""}
     labels = _labels_of(args.label or [])
     if labels is not None:
         body["labels"] = labels
     if args.profile is not None:
         body["profile"] = args.profile
-    answer = _device_document(api_post(server, "/api/v1/devices", body, token=read_token(args.token_file),
-                                       actor=args.actor, timeout=args.timeout), "/api/v1/devices")
+    answer = _device_document(api_post(client.server, "/api/v1/devices", body, token=client.token,
+                                       actor=args.actor, timeout=args.http_timeout), "/api/v1/devices")
     if args.json:
         print_json(answer)
         return 0
@@ -385,11 +336,12 @@ def _offset(text: str) -> int:
 def register(subparsers: Any) -> None:
     """Add the ``devices``, ``device`` and ``enroll`` sub-commands."""
     devices = subparsers.add_parser("devices", help="list the fleet's devices from the fleet server",
+                                    parents=[server_options(legacy_timeout=True)],
                                     description="List devices known to the fleet server, ordered by "
                                                 "id, one page at a time (--limit, --offset).",
                                     epilog=_DEVICES_EXAMPLES,
                                     formatter_class=ExamplesHelpFormatter)
-    client_options(devices)
+    add_json_option(devices, "print the server's JSON answer")
     devices.add_argument("--label", action="append", metavar="KEY=VALUE",
                          help="only devices with this label (repeatable: all must match)")
     devices.add_argument("--state", metavar="STATE", choices=SYNC_STATES,
@@ -406,15 +358,17 @@ def register(subparsers: Any) -> None:
     devices.set_defaults(func=_run_devices)
 
     device = subparsers.add_parser("device", help="show one device from the fleet server",
+                                   parents=[server_options(legacy_timeout=True)],
                                    description="Show one device, its newest events and health.",
                                    epilog=_DEVICE_EXAMPLES,
                                    formatter_class=ExamplesHelpFormatter)
     device.add_argument("device_id", metavar="ID", help="the device id")
-    client_options(device)
+    add_json_option(device, "print the server's JSON answer")
     device.set_defaults(func=_run_device)
 
     enroll = subparsers.add_parser(
         "enroll", help="make a device known to the fleet server before it reports (admin token)",
+        parents=[server_options("admin", legacy_timeout=True)],
         description="Enroll a device: with ingest.unknown_devices: refuse only enrolled devices are "
                     "heard. Labels and a profile given here hold until the device reports its own. "
                     "Enrolling a known device again sets what is given. Recorded in the audit log.",
@@ -426,5 +380,5 @@ def register(subparsers: Any) -> None:
     enroll.add_argument("--reason", metavar="TEXT", help="why, for the audit log")
     enroll.add_argument("--actor", default=os.environ.get("USER") or None, metavar="NAME",
                         help="who, for the audit log (default: $USER)")
-    client_options(enroll, role="admin")
+    add_json_option(enroll, "print the server's JSON answer")
     enroll.set_defaults(func=_run_enroll)

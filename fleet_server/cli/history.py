@@ -13,8 +13,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleet_server.cli.common import ExamplesHelpFormatter, print_json
-from fleet_server.cli.devices import api_get, client_options, format_time, page_limit, read_token, server_url
+from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, print_json, server_options
+from fleet_server.cli.devices import api_get, client_of, format_time, page_limit
 from fleet_server.errors import ApiError, UsageError
 
 __all__ = ["add_release_history", "format_audit", "format_release", "format_releases", "register"]
@@ -106,9 +106,9 @@ def _listing(answer: object, key: str, path: str) -> list[dict[str, Any]]:
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    server, token = server_url(args.server), read_token(args.token_file)
-    answer = api_get(server, "/api/v1/releases", [("limit", str(args.limit))], token=token,
-                     timeout=args.timeout)
+    client = client_of(args)
+    answer = api_get(client.server, "/api/v1/releases", [("limit", str(args.limit))], token=client.token,
+                     timeout=args.http_timeout)
     releases = _listing(answer, "releases", "/api/v1/releases")
     if args.json:
         print_json(answer)
@@ -127,9 +127,10 @@ def _devices_on(summary: object, version: int) -> int | None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    server, token = server_url(args.server), read_token(args.token_file)
+    client = client_of(args)
+    server, token = client.server, client.token
     answer = api_get(server, "/api/v1/releases", [("limit", str(_MAX_PAGE))], token=token,
-                     timeout=args.timeout)
+                     timeout=args.http_timeout)
     releases = _listing(answer, "releases", "/api/v1/releases")
     found = [r for r in releases if r.get("version") == args.version]
     if not found:
@@ -140,7 +141,8 @@ def _run_show(args: argparse.Namespace) -> int:
         raise UsageError(f"the fleet server recorded no release {args.version}"
                          + (f" (newest: {newest}; see 'fleetctl release list')" if newest is not None
                             else " (it has recorded none yet)"))
-    devices = _devices_on(api_get(server, "/api/v1/summary", token=token, timeout=args.timeout), args.version)
+    summary = api_get(server, "/api/v1/summary", token=token, timeout=args.http_timeout)
+    devices = _devices_on(summary, args.version)
     if args.json:
         print_json({"release": found[0], "devices": devices})
     else:
@@ -149,8 +151,9 @@ def _run_show(args: argparse.Namespace) -> int:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    server, token = server_url(args.server), read_token(args.token_file)
-    answer = api_get(server, "/api/v1/audit", [("limit", str(args.limit))], token=token, timeout=args.timeout)
+    client = client_of(args)
+    answer = api_get(client.server, "/api/v1/audit", [("limit", str(args.limit))], token=client.token,
+                     timeout=args.http_timeout)
     entries = _listing(answer, "audit", "/api/v1/audit")
     if args.json:
         print_json(answer)
@@ -174,8 +177,9 @@ def add_release_history(actions: Any) -> None:
     listing = actions.add_parser(
         "list", help="list the signed releases the fleet server recorded, newest first",
         description="List the signed releases the fleet server's Git watcher verified and recorded, "
-                    "newest first.", epilog=_LIST_EXAMPLES, formatter_class=ExamplesHelpFormatter)
-    client_options(listing)
+                    "newest first.", epilog=_LIST_EXAMPLES, formatter_class=ExamplesHelpFormatter,
+        parents=[server_options(legacy_timeout=True)])
+    add_json_option(listing, "print the server's JSON answer")
     listing.add_argument("--limit", type=page_limit, default=50,
                          help="at most this many releases, 1 to 1000 (default: 50)")
     listing.set_defaults(func=_run_list)
@@ -185,9 +189,10 @@ def add_release_history(actions: Any) -> None:
         description="Show one recorded release: its commit, when it was committed and recorded, its "
                     "signers and how many devices report it now. Only the newest 1,000 releases "
                     "can be shown (the API has no older page).",
-        epilog=_SHOW_EXAMPLES, formatter_class=ExamplesHelpFormatter)
+        epilog=_SHOW_EXAMPLES, formatter_class=ExamplesHelpFormatter,
+        parents=[server_options(legacy_timeout=True)])
     show.add_argument("version", type=_version, metavar="N", help="the release number")
-    client_options(show)
+    add_json_option(show, "print the server's JSON answer")
     show.set_defaults(func=_run_show)
 
 
@@ -197,8 +202,9 @@ def register(subparsers: Any) -> None:
         "audit", help="show the fleet server's audit log, newest first",
         description="Show the fleet server's audit log, newest first: who did what to which target "
                     "and why (rollout actions, enrolments, webhook and admin Git polls).",
-        epilog=_AUDIT_EXAMPLES, formatter_class=ExamplesHelpFormatter)
-    client_options(audit)
+        epilog=_AUDIT_EXAMPLES, formatter_class=ExamplesHelpFormatter,
+        parents=[server_options(legacy_timeout=True)])
+    add_json_option(audit, "print the server's JSON answer")
     audit.add_argument("--limit", type=page_limit, default=100,
                        help="at most this many entries, 1 to 1000 (default: 100)")
     audit.set_defaults(func=_run_audit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from edge_agent.trust.keys import (
     load_encryption_key,
     load_signing_key,
 )
-from fleet_server.cli.common import ExamplesHelpFormatter, emit
+from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit
 from fleet_server.signing import rotate_root
 
 __all__ = ["load_signing_keys", "register"]
@@ -34,12 +35,12 @@ _KINDS = (
 )
 
 _GENERATE_EXAMPLES = """examples:
-  fleetctl keys generate --out ~/.edge-fleet/alice.key             # an ed25519 release signing key
-  fleetctl keys generate --out device.key --type x25519            # a key that receives sealed secrets
-  fleetctl keys generate --out ~/.edge-fleet/alice.key --force     # replace it: the old key is lost
+  fleetctl keys generate --out ~/.config/edge-fleet/keys/alice.key     # an ed25519 release signing key
+  fleetctl keys generate --out device.key --type x25519     # a key that receives sealed secrets
+  fleetctl keys generate --out ~/.config/edge-fleet/keys/alice.key --force   # the old key is lost
 """
 _PUBLIC_EXAMPLES = """examples:
-  fleetctl keys public ~/.edge-fleet/alice.key          # ed25519:<base64>, for --trust and agent.yaml
+  fleetctl keys public ~/.config/edge-fleet/keys/alice.key   # ed25519:<base64>, for --trust
   fleetctl keys public /etc/edge-agent/device.key --json
 """
 _ROTATE_EXAMPLES = """examples:
@@ -98,14 +99,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="ed25519 signs releases (default); x25519 receives sealed secrets")
     gen.add_argument("--force", action="store_true",
                      help="overwrite an existing key file (the old key is lost for good)")
-    gen.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json_option(gen, "print a JSON object")
     gen.set_defaults(func=run_generate)
 
     pub = sub.add_parser("public", help="print the public key of a private key file",
                          description="Print the public key of a private key file.",
                          epilog=_PUBLIC_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     pub.add_argument("keyfile", type=Path, metavar="KEYFILE")
-    pub.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json_option(pub, "print a JSON object")
     pub.set_defaults(func=run_public)
 
     rot = sub.add_parser(
@@ -121,7 +122,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="how many of the new keys must sign a release")
     rot.add_argument("--key", action="append", required=True, type=Path, metavar="KEYFILE",
                      help="a private key that signs the new root (repeat)")
-    rot.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json_option(rot, "print a JSON object")
     rot.set_defaults(func=run_rotate)
 
 
@@ -139,7 +140,20 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         public = format_verify_key(generate_signing_key(args.out, overwrite=args.force).verify_key)
     emit({"public_key": public, "type": args.type, "path": str(args.out)}, public, as_json=args.json)
+    _warn_if_shared(args.out.parent)
     return 0
+
+
+def _warn_if_shared(directory: Path) -> None:
+    """Say on stderr when a key's directory lets group or others in (an old ``~/.edge-fleet`` was
+    created 0755): the key file itself is 0600, but its name and neighbours are visible."""
+    try:
+        mode = (directory if str(directory) else Path(".")).stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077 and directory.resolve() != Path.cwd().resolve():
+        sys.stderr.write(f"fleetctl: warning: {directory} is open to group or others (mode "
+                         f"{mode & 0o777:o}); keep keys in a private directory: chmod 700 {directory}\n")
 
 
 def _key_type(path: Path) -> str:

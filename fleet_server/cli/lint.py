@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.profiles import INSTALLED_PROFILE_DIR
-from fleet_server.cli.common import print_json
+from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, print_json
 from fleet_server.errors import UsageError
 from fleet_server.lint import lint_repo
 
@@ -32,12 +32,16 @@ def register(subparsers: Any) -> None:
         "lint", help="check a config repo (schema, payloads, profiles, plaintext secrets)",
         description="Check a config repo and print every problem as FILE:LINE: SEVERITY: REASON. "
                     "Exits 1 when any error is found (warnings alone exit 0).",
+        epilog="""examples:
+  fleetctl lint config/
+  fleetctl lint config/ --profiles device_profiles/ --json    # for CI: one JSON document
+""", formatter_class=ExamplesHelpFormatter,
     )
     p.add_argument("repo_dir", metavar="REPO_DIR", type=Path, help="the config repo's working tree")
     p.add_argument("--profiles", metavar="DIR", type=Path, action="append", default=None,
                    help="a device-profile directory (repeatable; default: the checkout's device_profiles/ "
                         "or /usr/share/edge-agent/profiles)")
-    p.add_argument("--json", action="store_true", help="print the problems as one JSON document")
+    add_json_option(p, "print the problems as one JSON document")
     p.set_defaults(func=run)
 
 

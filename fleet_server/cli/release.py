@@ -16,7 +16,7 @@ from edge_agent.durations import parse_cli_seconds
 from edge_agent.errors import EdgeFleetError
 from edge_agent.trust.manifest import MAX_MESSAGE_CHARS, format_time
 from edge_agent.trust.verify import TrustRoot, VerifiedRelease
-from fleet_server.cli.common import ExamplesHelpFormatter, emit, print_json
+from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit, print_json
 from fleet_server.cli.history import add_release_history
 from fleet_server.cli.keys import load_signing_keys
 from fleet_server.cli.lint import default_profile_dirs
@@ -31,13 +31,13 @@ NO_LINT_NOTE = "[signed with --no-lint: not linted]"
 """Prefixed to the signed manifest's ``message`` when ``release sign --no-lint`` is used."""
 
 _SIGN_EXAMPLES = """examples:
-  fleetctl release sign config/ --key ~/.edge-fleet/alice.key --expires 30d --message "nginx 1.25"
+  fleetctl release sign config/ --key ~/.config/edge-fleet/keys/alice.key --expires 30d --message "nginx 1.25"
   fleetctl release sign config/ --key a.key --key b.key --expires 12h      # two signers at once
   fleetctl release sign config/ --key a.key --floor 12                      # retire releases below 12
   fleetctl release sign config/ --key a.key --no-lint --message "hotfix"   # emergency: recorded
 """
 _COSIGN_EXAMPLES = """examples:
-  fleetctl release cosign config/ --key ~/.edge-fleet/bob.key
+  fleetctl release cosign config/ --key ~/.config/edge-fleet/keys/bob.key
 """
 _VERIFY_EXAMPLES = """examples:
   fleetctl release verify config/ --trust ed25519:A --trust ed25519:B --threshold 2
@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="a device-profile directory for the lint (repeatable; as 'fleetctl lint')")
     sign.add_argument("--no-lint", action="store_true",
                       help="emergencies only: sign without linting; the signed message records it")
-    sign.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json_option(sign, "print a JSON object")
     sign.set_defaults(func=run_sign)
 
     cosign = sub.add_parser(
@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=_COSIGN_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     cosign.add_argument("repo_dir", type=Path, metavar="REPO_DIR")
     _add_key_option(cosign)
-    cosign.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json_option(cosign, "print a JSON object")
     cosign.set_defaults(func=run_cosign)
 
     verify = sub.add_parser(
@@ -120,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="how many trusted keys must sign (default 1)")
     verify.add_argument("--floor", type=int, default=0, metavar="N",
                         help="refuse versions below this rollback floor (default 0)")
-    verify.add_argument("--json", action="store_true", help="print a JSON object")
+    add_json_option(verify, "print a JSON object")
     verify.set_defaults(func=run_verify)
     add_release_history(sub)
 

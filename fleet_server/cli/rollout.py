@@ -1,15 +1,16 @@
 """`fleetctl rollout start|status|watch|devices|pause|resume|promote|abort|rollback`: the fleet server's
 rollouts.
 
-Talks to ``/api/v1/rollouts`` with the same client as ``fleetctl devices`` (``--server``,
-``$FLEET_SERVER``; ``--token-file`` holds the admin token for the actions, or the read token for
-``status``/``watch``). ``--actor`` (default ``$USER``) is sent as ``X-Actor`` and lands in the audit log.
+Talks to ``/api/v1/rollouts`` with the same client and server options as ``fleetctl devices``
+(the admin token for the actions, or the read token for ``status``/``watch``).
+``--actor`` (default ``$USER``) is sent as ``X-Actor`` and lands in the audit log.
 
 ``watch`` draws one hand-rolled text progress bar per wave (``#`` done, ``x`` failed, ``o``
 offline, ``.`` pending) with the counts; on a terminal it redraws in place, otherwise it prints a
 line per change. It exits 0 when the rollout succeeded (also when a newer rollout superseded it
 since: that is a separate fact), 1 when it halted, rolled back, was aborted or was superseded
-before it finished, or when ``--timeout`` passed first.
+before it finished, or when ``--timeout`` passed first. ``watch --json`` prints one compact JSON
+object a line, only when the rollout changed.
 
 ``status`` and ``watch`` read the rollout's summary (waves with counts, never a per-device map);
 ``devices`` lists the rollout's devices one page at a time, filtered by wave and state.
@@ -18,6 +19,7 @@ before it finished, or when ``--timeout`` passed first.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -27,17 +29,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_agent.durations import parse_cli_seconds
 from edge_agent.errors import BundleError, YamlError
 from edge_agent.yamlsafe import load_yaml
-from fleet_server.cli.common import print_json
-from fleet_server.cli.devices import (
-    DEFAULT_SERVER,
-    _read_token,
-    api_get,
-    api_post,
-    positive_seconds,
-    server_url,
-)
+from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, print_json, server_options
+from fleet_server.cli.devices import api_get, api_post, client_of
 from fleet_server.errors import ApiError, UsageError
 
 __all__ = ["BAR_WIDTH", "format_devices", "format_rollout", "format_rollouts", "progress_bar", "register",
@@ -140,7 +136,8 @@ def watch_exit_code(phase: str) -> int | None:
 
 
 def _client(args: argparse.Namespace) -> tuple[str, str | None]:
-    return server_url(args.server), _read_token(args.token_file)
+    client = client_of(args)
+    return client.server, client.token
 
 
 def _get_rollout(args: argparse.Namespace, rollout_id: str | None) -> dict[str, Any]:
@@ -238,14 +235,21 @@ def _run_watch(args: argparse.Namespace) -> int:
     drawn = 0
     last: dict[int, str] = {}
     last_phase = ""
+    last_json = ""
     rollout_id = args.rollout_id
     while True:
         r = _get_rollout(args, rollout_id)
         rollout_id = str(r["id"])
         phase = str(r.get("phase"))
         if args.json:
-            print_json({"id": rollout_id, "phase": phase, "wave": r.get("wave"),
-                        "waves": [w.get("progress") for w in r["waves"]]})
+            line = json.dumps({"id": rollout_id, "phase": phase, "wave": r.get("wave"),
+                               "halted_reason": r.get("halted_reason"),
+                               "waves": [{"name": w.get("name"), "result": w.get("result"),
+                                          "progress": w.get("progress")} for w in r["waves"]]},
+                              sort_keys=True, separators=(",", ":"))
+            if line != last_json:
+                sys.stdout.write(line + "\n")
+                last_json = line
         elif tty:
             text = format_rollout(r)
             sys.stdout.write((f"\x1b[{drawn}F\x1b[J" if drawn else "") + text)
@@ -295,24 +299,78 @@ def _positive(text: str) -> float:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", metavar="URL",
-                        help=f"fleet server base URL (default: $FLEET_SERVER or {DEFAULT_SERVER})")
-    parser.add_argument("--token-file", type=Path, metavar="FILE",
-                        help="file holding the API token (admin token for start and the actions)")
-    parser.add_argument("--http-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
-                        help="seconds to wait for each answer of the server (default: 10)")
     parser.add_argument("--actor", default=os.environ.get("USER") or None,
                         help="your name in the audit log (default: $USER)")
-    parser.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    add_json_option(parser, "print the server's JSON answer")
+
+
+_EXAMPLES = {
+    "start": """examples:
+  fleetctl rollout start --release 12 --plan-name default --reason "nginx 1.25" --token-file admin.token
+  fleetctl rollout start --release 12 --plan rollouts/canary.yaml --reason "canary first" --json
+""",
+    "status": """examples:
+  fleetctl rollout status                       # every rollout, newest first
+  fleetctl rollout status r-20260105-1 --json
+""",
+    "watch": """examples:
+  fleetctl rollout watch                        # the newest rollout, until it ends
+  fleetctl rollout watch r-20260105-1 --timeout 2h --interval 5
+  fleetctl rollout watch --json | jq -c .phase  # one JSON object a line, only on change
+""",
+    "devices": """examples:
+  fleetctl rollout devices r-20260105-1 --wave 2 --state failed
+  fleetctl rollout devices r-20260105-1 --offset 100 --limit 100 --json
+""",
+    "pause": """examples:
+  fleetctl rollout pause r-20260105-1 --reason "investigating failed canary"
+""",
+    "resume": """examples:
+  fleetctl rollout resume r-20260105-1 --reason "fixed the health check"
+""",
+    "promote": """examples:
+  fleetctl rollout promote r-20260105-1 --reason "canaries look good"
+  fleetctl rollout promote r-20260105-1 --wave 3 --reason "approved by ops"
+""",
+    "abort": """examples:
+  fleetctl rollout abort r-20260105-1 --reason "wrong release" --token-file admin.token
+""",
+    "rollback": """examples:
+  fleetctl rollout rollback r-20260105-1 --reason "errors in wave 2" --json
+""",
+}
+
+
+def _duration(text: str) -> float:
+    """Parse ``watch --timeout``: seconds (``90``) or a duration with a unit (``90m``, ``2h``)."""
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        try:
+            value = float(parse_cli_seconds(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        return _positive(str(value))
 
 
 def register(subparsers: Any) -> None:
     """Add the ``rollout`` command group."""
     rollout = subparsers.add_parser("rollout", help="start, watch and steer rollouts on the fleet server",
-                                    description="Start, watch and steer canary rollouts.")
+                                    description="Start, watch and steer canary rollouts.",
+                                    epilog="examples:\n" + "".join(
+                                        e.removeprefix("examples:\n") for e in _EXAMPLES.values()),
+                                    formatter_class=ExamplesHelpFormatter)
     sub = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
+    reads = server_options("read")
+    admin = server_options("admin")
 
-    start = sub.add_parser("start", help="start a rollout of a signed release")
+    def action(name: str, text: str, parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, help=text, description=text[0].upper() + text[1:] + ".", epilog=_EXAMPLES[name],
+            formatter_class=ExamplesHelpFormatter, parents=[parent])
+        return parser
+
+    start = action("start", "start a rollout of a signed release (admin token)", admin)
     start.add_argument("--release", type=int, required=True, metavar="V", help="the signed release version")
     plan = start.add_mutually_exclusive_group()
     plan.add_argument("--plan", type=Path, metavar="FILE", help="a rollout plan YAML file (sent inline)")
@@ -321,21 +379,22 @@ def register(subparsers: Any) -> None:
     _client_options(start)
     start.set_defaults(func=_run_start)
 
-    status = sub.add_parser("status", help="list rollouts, or show one with its waves")
+    status = action("status", "list rollouts, or show one with its waves", reads)
     status.add_argument("rollout_id", nargs="?", metavar="ID", help="the rollout (default: list them)")
     _client_options(status)
     status.set_defaults(func=_run_status)
 
-    watch = sub.add_parser("watch", help="follow a rollout wave by wave until it ends")
+    watch = action("watch", "follow a rollout wave by wave until it ends", reads)
     watch.add_argument("rollout_id", nargs="?", metavar="ID", help="the rollout (default: the newest)")
-    watch.add_argument("--timeout", type=_positive, default=3600.0, metavar="SECONDS",
-                       help="give up (exit 1) after this long (default: 3600)")
+    watch.add_argument("--timeout", type=_duration, default=3600.0, metavar="DURATION",
+                       help="the overall limit: give up (exit 1) after this long, in seconds or with a "
+                            "unit such as 90m or 2h (default: 3600); --http-timeout bounds each request")
     watch.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS",
                        help="seconds between refreshes (default: 1)")
     _client_options(watch)
     watch.set_defaults(func=_run_watch)
 
-    devices = sub.add_parser("devices", help="list a rollout's devices, one page at a time")
+    devices = action("devices", "list a rollout's devices, one page at a time", reads)
     devices.add_argument("rollout_id", metavar="ID", help="the rollout")
     devices.add_argument("--wave", type=_count(1, 1000), metavar="N",
                          help="only the devices of wave N (1-based)")
@@ -348,11 +407,11 @@ def register(subparsers: Any) -> None:
     _client_options(devices)
     devices.set_defaults(func=_run_devices)
 
-    for action in _ACTIONS:
-        p = sub.add_parser(action, help=f"{action} a rollout (admin token)")
+    for name in _ACTIONS:
+        p = action(name, f"{name} a rollout (admin token)", admin)
         p.add_argument("rollout_id", metavar="ID", help="the rollout")
         p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
-        if action == "promote":
+        if name == "promote":
             p.add_argument("--wave", type=int, metavar="N", help="the wave (1-based) you approve")
         _client_options(p)
-        p.set_defaults(func=_run_action, action=action)
+        p.set_defaults(func=_run_action, action=name)

@@ -18,7 +18,7 @@ from edge_agent.trust.keys import (
     load_encryption_key,
     parse_encryption_public,
 )
-from fleet_server.cli.common import ExamplesHelpFormatter, emit
+from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit
 from fleet_server.errors import UsageError
 
 __all__ = ["register"]
@@ -100,7 +100,12 @@ def _cmd_seal(args: argparse.Namespace) -> int:
     value = _read_stdin_value()
     document = sealed.seal(value, secret_id=args.id, version=args.version, recipients=recipients)
     if args.out is None:
-        sys.stdout.write(document.decode("ascii"))
+        sys.stdout.write(document.decode("ascii"))  # the sealed document is JSON already
+    elif args.json:
+        _write_atomically(Path(args.out), document)
+        info = sealed.inspect(document)
+        emit({"id": info.id, "version": info.version, "recipients": list(info.recipients),
+              "path": str(args.out)}, "", as_json=True)
     else:
         _write_atomically(Path(args.out), document)
         sys.stderr.write(f"sealed secret {args.id} version {args.version} to {len(set(args.to))} "
@@ -124,7 +129,8 @@ def _cmd_add_recipient(args: argparse.Namespace) -> int:
     updated = sealed.add_recipient(_read_sealed_file(path), opener=opener, new=new)
     _write_atomically(path, updated)
     info = sealed.inspect(updated)
-    sys.stdout.write(f"{path}: secret {info.id} now has {len(info.recipients)} recipient(s)\n")
+    emit({"path": str(path), "id": info.id, "version": info.version, "recipients": list(info.recipients)},
+         f"{path}: secret {info.id} now has {len(info.recipients)} recipient(s)", as_json=args.json)
     return 0
 
 
@@ -135,14 +141,16 @@ def _cmd_remove_recipient(args: argparse.Namespace) -> int:
     updated = sealed.remove_recipient(_read_sealed_file(path), opener=opener, remove=gone)
     _write_atomically(path, updated)
     info = sealed.inspect(updated)
-    sys.stdout.write(f"{path}: secret {info.id} re-sealed for {len(info.recipients)} recipient(s); "
-                     "rotate the value if the removed device may have read it\n")
+    emit({"path": str(path), "id": info.id, "version": info.version, "recipients": list(info.recipients)},
+         f"{path}: secret {info.id} re-sealed for {len(info.recipients)} recipient(s); "
+         "rotate the value if the removed device may have read it", as_json=args.json)
     return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     key = generate_encryption_key(Path(args.out))
-    sys.stdout.write(format_encryption_public(key.public_key) + "\n")
+    public = format_encryption_public(key.public_key)
+    emit({"public_key": public, "type": "x25519", "path": str(args.out)}, public, as_json=args.json)
     return 0
 
 
@@ -161,24 +169,44 @@ _INSPECT_EXAMPLES = """examples:
   fleetctl secret inspect config/secrets/wifi-psk.sealed.json --json
 """
 _KEYGEN_EXAMPLES = """examples:
-  fleetctl secret keygen --out ~/.edge-fleet/escrow.key     # prints x25519:<base64>
+  fleetctl secret keygen --out ~/.config/edge-fleet/keys/escrow.key   # prints x25519:<base64>
+  fleetctl secret keygen --out escrow.key --json
 """
+_SEAL_EXAMPLES = """examples:
+  printf %s "$WIFI_PSK" | fleetctl secret seal --id wifi-psk --to x25519:DEVICE --to x25519:ESCROW \\
+      --out config/secrets/wifi-psk.sealed.json
+  fleetctl secret seal --id api-token --version 2 --to x25519:DEVICE < token.txt > api-token.sealed.json
+"""
+_ADD_EXAMPLES = """examples:
+  fleetctl secret add-recipient config/secrets/wifi-psk.sealed.json \\
+      --key ~/.config/edge-fleet/keys/escrow.key --to x25519:NEWDEVICE
+"""
+_REMOVE_EXAMPLES = """examples:
+  fleetctl secret remove-recipient config/secrets/wifi-psk.sealed.json \\
+      --key ~/.config/edge-fleet/keys/escrow.key --remove x25519:OLDDEVICE --json
+"""
+_GROUP_EXAMPLES = "examples:\n" + "".join(
+    e.removeprefix("examples:\n") for e in (_SEAL_EXAMPLES, "examples:\n  fleetctl secret inspect "
+                                             "config/secrets/wifi-psk.sealed.json\n", _KEYGEN_EXAMPLES))
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``fleetctl secret`` and its actions (seal, inspect, add-recipient, remove-recipient, keygen)."""
     parser = subparsers.add_parser("secret", help="seal secrets to device encryption keys",
-                                   description=_DESCRIPTION,
+                                   description=_DESCRIPTION, epilog=_GROUP_EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="secret_command", metavar="ACTION", required=True)
 
     p = actions.add_parser("seal", help="seal the value read from stdin",
                            description="Read a value from stdin (byte for byte, nothing stripped) and "
-                                       "write it sealed to every --to key.")
+                                       "write it sealed to every --to key.",
+                           epilog=_SEAL_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     p.add_argument("--to", action="append", required=True, metavar="PUBKEY",
                    help="recipient x25519:<base64> encryption key (repeat for several)")
     p.add_argument("--id", required=True, help="secret id, 1-128 characters of [A-Za-z0-9._-]")
     p.add_argument("--version", type=_positive_int, default=1, help="secret version (default 1)")
     p.add_argument("--out", metavar="FILE", help="write the sealed file here instead of stdout")
+    add_json_option(p, "with --out: print what was sealed as JSON (without --out the sealed JSON "
+                       "document is printed)")
     p.set_defaults(func=_cmd_seal)
 
     p = actions.add_parser("inspect", help="show id, version and recipients (never the value)",
@@ -186,25 +214,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                        "stays sealed (no key is needed or read).",
                            epilog=_INSPECT_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(p, "print JSON")
     p.set_defaults(func=_cmd_inspect)
 
     p = actions.add_parser("add-recipient", help="wrap the same data key for one more device",
                            description="Rewrite FILE so that one more key can open it; --key must "
-                                       "already be a recipient (an escrow key).")
+                                       "already be a recipient (an escrow key).",
+                           epilog=_ADD_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     p.add_argument("file", metavar="FILE")
     p.add_argument("--key", required=True, metavar="OPENER_KEYFILE",
                    help="x25519 private key file of an existing recipient")
     p.add_argument("--to", required=True, metavar="PUBKEY", help="new recipient x25519:<base64> key")
+    add_json_option(p, "print the secret's id, version and recipients as JSON")
     p.set_defaults(func=_cmd_add_recipient)
 
     p = actions.add_parser("remove-recipient", help="re-seal for every recipient but one",
                            description="Rewrite FILE with a new data key for every recipient but "
-                                       "--remove; --key must be a recipient.")
+                                       "--remove; --key must be a recipient.",
+                           epilog=_REMOVE_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     p.add_argument("file", metavar="FILE")
     p.add_argument("--key", required=True, metavar="OPENER_KEYFILE",
                    help="x25519 private key file of an existing recipient")
     p.add_argument("--remove", required=True, metavar="PUBKEY", help="x25519:<base64> key to remove")
+    add_json_option(p, "print the secret's id, version and recipients as JSON")
     p.set_defaults(func=_cmd_remove_recipient)
 
     p = actions.add_parser("keygen", help="create an x25519 key file (e.g. an operator escrow key)",
@@ -212,4 +244,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                        "secrets can be addressed to, and print its public key.",
                            epilog=_KEYGEN_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     p.add_argument("--out", required=True, metavar="KEYFILE", help="private key file to create (0600)")
+    add_json_option(p, "print the public key as a JSON object")
     p.set_defaults(func=_cmd_keygen)
