@@ -616,7 +616,7 @@ class StateDB:
         to be undone) and the originals of managed resources (prune restores them). Backups of
         finished transactions are history: their blobs, old secret contents among them, may go.
 
-        The engine passes them to :func:`edge_agent.fsafe.referenced_blobs` to clean its blob store.
+        The engine passes them to :func:`edge_agent.fsafe_backup.referenced_blobs` to clean its blob store.
 
         Raises:
             StateError: the database cannot be read.

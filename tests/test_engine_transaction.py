@@ -18,7 +18,7 @@ from edge_agent.drivers.base import Context
 from edge_agent.engine.health import CheckResult, run_checks
 from edge_agent.engine.plan import make_plan
 from edge_agent.engine.transaction import Outcome, apply_plan, clean_backup_store, recover, undo_entries
-from edge_agent.fsafe import referenced_blobs
+from edge_agent.fsafe_backup import referenced_blobs
 from edge_agent.release import DesiredState
 from edge_agent.resources import Absent, CommandCheck, Directory, Symlink, SystemdUnit
 from edge_agent.runner import Runner

@@ -28,7 +28,7 @@ after recovery.
 Journal format: each journal entry's ``backup`` is the list of the driver's backup records, each
 tagged with an ``"engine"`` key ``{"driver": kind, "unit": systemd unit name or None, "action":
 action}`` so that recovery knows which driver undoes which record without the plan. The tag is
-removed before a record is handed to ``driver.undo``; ``fsafe.referenced_blobs`` reads the
+removed before a record is handed to ``driver.undo``; ``fsafe_backup.referenced_blobs`` reads the
 records as they are, so :func:`clean_backup_store` keeps every blob the journal still needs.
 """
 
@@ -47,7 +47,8 @@ from edge_agent.drivers.base import Change, Context, get_driver
 from edge_agent.engine.health import CheckResult
 from edge_agent.engine.plan import Plan
 from edge_agent.errors import EdgeFleetError, StateError
-from edge_agent.fsafe import is_temp_name, referenced_blobs
+from edge_agent.fsafe_backup import referenced_blobs
+from edge_agent.fsafe_fd import is_temp_name
 from edge_agent.release import DesiredState
 from edge_agent.resources import Resource
 from edge_agent.state import Managed, StateDB
