@@ -158,9 +158,9 @@ def apply_plan(
             log.info("apply %s %s: %s", change.action, change.resource_id, change.summary)
             driver.apply(change, ctx)
             state.journal_done(txn_id, seq)
-    except Exception as exc:  # noqa: BLE001 - any failure of a change rolls the transaction back
+    except EdgeFleetError as exc:  # drivers turn foreign failures into DriverError (drivers.base)
         failing = current.summary if current is not None else "transaction"
-        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgeFleetError) else str(exc)
+        reason = str(exc)
         log.warning("transaction %s: %s failed: %s; rolling back", txn_id, failing, reason)
         return _roll_back(txn_id, done, ctx, state, step=failing, reason=reason)
     except BaseException:
@@ -189,7 +189,7 @@ def apply_plan(
     try:
         put, forget = _managed_changes(desired, managed, ctx, first_records=first_records)
         state.finish_txn(txn_id, "committed", put=put, forget=forget)  # one commit: release and its rows
-    except Exception as exc:  # noqa: BLE001 - without its managed rows the release cannot stay applied
+    except EdgeFleetError as exc:  # without its managed rows the release cannot stay applied
         return _roll_back(txn_id, done, ctx, state, step="record managed resources", reason=str(exc))
     log.info("transaction %s committed (%s changes)", txn_id, len(done))
     _housekeeping(state, ctx)
@@ -272,7 +272,7 @@ def undo_entries(
                     get_driver(kind).undo(record, ctx)
                 else:
                     ctx.fs.restore(dict(record), ctx.backup_store)
-            except Exception as exc:  # noqa: BLE001 - keep undoing the rest, report every failure
+            except EdgeFleetError as exc:  # keep undoing the rest, report every failure
                 where = record.get("path") or record.get("name") or kind
                 problems.append(f"{where}: {exc}")
                 log.error("undo of %s failed: %s", where, exc)
@@ -300,7 +300,7 @@ def _refresh_units(units: Sequence[str], reload_needed: bool, ctx: Context) -> l
     for change in todo:
         try:
             driver.apply(change, ctx)
-        except Exception as exc:  # noqa: BLE001 - report, keep going
+        except EdgeFleetError as exc:  # report, keep going
             problems.append(f"{change.summary}: {exc}")
             log.error("%s failed: %s", change.summary, exc)
     return problems
