@@ -13,7 +13,8 @@ are updated (a resource managed for the first time remembers the backup record t
 first change as its ``original``, or a capture of what was there when it needed no change) and
 the transaction is marked ``committed``, in one SQLite commit: a crash can never leave the rows of
 the new release beside a transaction that recovery will undo (a resource the release dropped
-would then be forgotten while its file is put back). Any exception or failed check: every journaled entry is
+would then be forgotten while its file is put back). Any error (a driver's foreign exception arrives
+as a one-line DriverError, see :mod:`edge_agent.drivers.base`) or failed check: every journaled entry is
 undone newest first (a half-applied change is undone like a finished one — restoring a record is
 idempotent), systemd is reloaded and restarted where unit files or watched files were put back,
 and the transaction is marked ``rolled_back``.
