@@ -76,8 +76,6 @@ from edge_agent.runner import CommandEnv, Runner
 from edge_agent.source import Source
 from edge_agent.state import Managed, StateDB
 from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
-from edge_agent.trust.sealed import open_sealed
-from edge_agent.trust.sshsig import parse_allowed_signers, verify_commit
 from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
 
 __all__ = [
@@ -242,6 +240,9 @@ def _secret_opener(state_dir: Path) -> Callable[[SecretFile, bytes], bytes]:
             cache.append(load_encryption_private(state_dir))
         name = res.secret.rsplit("/", 1)[-1]
         expected = name.removesuffix(SECRET_SUFFIX)
+        # Imported on first use: a release without secrets never loads the envelope code.
+        from edge_agent.trust.sealed import open_sealed  # noqa: PLC0415
+
         return open_sealed(document, expected_id=expected, key=cache[0])
 
     return opener
@@ -385,6 +386,9 @@ def _check_commit_signature(rt: _Runtime, commit: str) -> None:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"trust.allowed_signers: cannot read {path}: {exc.strerror}") from exc
+    # Imported on first use: only devices with trust.allowed_signers check SSH-signed commits.
+    from edge_agent.trust.sshsig import parse_allowed_signers, verify_commit  # noqa: PLC0415
+
     signer = verify_commit(rt.source.commit_raw(commit), parse_allowed_signers(text))
     log.info("commit %s is signed by %s", commit, signer)
 

@@ -50,7 +50,7 @@ from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH, DEFAULT_GIT_PRO
 from edge_agent.errors import FetchError
 from edge_agent.gitlimits import CorruptObject, Deadline, FetchLimits, HeaderReader, guard_protocol
 
-__all__ = ["HaveWalker", "PackSpool", "PackTooLarge", "SourceAuth", "causes", "is_want_refused",
+__all__ = ["HaveWalker", "PackSpool", "PackTooLarge", "SourceAuth", "causes", "is_own_bug", "is_want_refused",
            "make_client", "one_line", "redact", "transport_reason", "tree_objects"]
 
 _TOKEN_USER = "x-access-token"  # noqa: S105 - a fixed user name, not a secret
@@ -260,6 +260,21 @@ def redact(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+_BUG_TYPES = (AttributeError, TypeError, NameError, AssertionError)
+_OWN_CODE = str(Path(__file__).resolve().parent) + "/"
+
+
+def is_own_bug(exc: BaseException) -> bool:
+    """Tell whether ``exc`` is a programming error raised in this package's own code (the innermost
+    frame of its traceback is ours): it must surface, not be retried as a ``FetchError``."""
+    tb = exc.__traceback__
+    if not isinstance(exc, _BUG_TYPES) or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:

@@ -22,34 +22,38 @@ __all__ = ["REPO_CACHE", "Prefetched", "open_source", "prefetch", "read_secret_f
 REPO_CACHE = "repo"
 
 
-def read_secret_file(path: Path | None) -> str | None:
-    """Return the stripped text of a credential file (None for no file).
+def read_secret_file(path: Path | None, key: str) -> str | None:
+    """Return the stripped text of the credential file configured as ``key`` (None for no file).
 
     Raises:
-        FetchError: the file cannot be read.
+        ConfigError: the file cannot be read or is not UTF-8 text (a setup problem, not a fetch
+            failure to retry).
     """
     if path is None:
         return None
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise FetchError(f"cannot read credential file {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from exc
 
 
 def open_source(config: AgentConfig) -> Source:
     """Return the :class:`Source` of ``config.repo`` with its cache in ``state_dir/repo``.
 
     Raises:
-        ConfigError: the repo section cannot be used (e.g. an ssh mirror without known hosts).
-        FetchError: a credential file cannot be read.
+        ConfigError: the repo section cannot be used (e.g. an ssh mirror without known hosts, or
+            an unreadable credential file).
     """
     repo, auth = config.repo, config.repo.auth
+    token = read_secret_file(auth.token_file, "repo.auth.token_file")
+    password = read_secret_file(auth.password_file, "repo.auth.password_file")
     try:
         return Source(
             repo.url, repo.branch, config.state_dir / REPO_CACHE,
             max_bytes=repo.max_fetch_bytes, depth=1, timeout=repo.timeout, limits=repo.fetch_limits,
-            auth=SourceAuth(token=read_secret_file(auth.token_file), username=auth.username,
-                            password=read_secret_file(auth.password_file), ssh_key=auth.ssh_key,
+            auth=SourceAuth(token=token, username=auth.username, password=password, ssh_key=auth.ssh_key,
                             ssh_known_hosts=auth.ssh_known_hosts),
         )
     except ValueError as exc:

@@ -67,6 +67,7 @@ from edge_agent.gittransport import (
     PackTooLarge,
     SourceAuth,
     causes,
+    is_own_bug,
     is_want_refused,
     make_client,
     one_line,
@@ -280,7 +281,9 @@ class Source:
             raise FetchError(f"no repository at the mirror URL ({self._display_url})") from exc
         except _WantRefused:
             raise
-        except Exception as exc:  # dulwich raises many unrelated types; translate all
+        except Exception as exc:  # dulwich raises many unrelated types; translate all but our bugs
+            if is_own_bug(exc):
+                raise
             breach = next((c for c in causes(exc) if isinstance(c, LimitExceeded)), None)
             if breach is not None:
                 raise FetchError(f"{breach} ({self._display_url})") from exc
@@ -405,6 +408,8 @@ class Source:
         try:
             repo.object_store.add_thin_pack(spool.file.read, None)
         except Exception as exc:  # a corrupt pack surfaces as many dulwich/zlib types
+            if is_own_bug(exc):
+                raise
             for leftover in object_dir.glob("tmp_pack_*"):
                 if leftover.name not in before:
                     leftover.unlink(missing_ok=True)
@@ -466,6 +471,8 @@ class Source:
         except KeyError as exc:
             raise FetchError(f"commit {commit} is not in the cache; fetch it first") from exc
         except Exception as exc:  # corrupt cache objects raise assorted dulwich errors
+            if is_own_bug(exc):
+                raise
             raise FetchError(f"cannot read commit {commit} from the cache: {one_line(exc)}") from exc
         if not isinstance(obj, Commit):
             raise FetchError(f"{commit} is a {obj.type_name.decode()}, not a commit")
@@ -562,6 +569,8 @@ class Source:
         except KeyError as exc:
             raise FetchError(f"object {sha.decode('ascii')} for {where} is not in the cache") from exc
         except Exception as exc:  # corrupt cache objects raise assorted dulwich errors
+            if is_own_bug(exc):
+                raise
             raise FetchError(f"cannot read {where} from the cache: {one_line(exc)}") from exc
         if not isinstance(obj, kind):
             kind_name = kind.__name__.lower()

@@ -70,6 +70,7 @@ class PackageSpec:
     recommends: tuple[str, ...] = ("systemd",)
     drop_packages: tuple[str, ...] = ()  # top-level import packages removed from the venv
     ship_profiles: bool = False
+    lean_bin: bool = False  # bin/ keeps only the interpreter links and the package's own commands
 
     @property
     def venv(self) -> str:
@@ -93,6 +94,7 @@ PACKAGES: dict[str, PackageSpec] = {
         conffiles=(("agent.yaml", "/etc/edge-agent/agent.yaml"),),
         drop_packages=("fleet_server",),
         ship_profiles=True,
+        lean_bin=True,
     ),
     "fleet-server": PackageSpec(
         name="fleet-server",
@@ -295,6 +297,8 @@ def _make_venv(spec: PackageSpec, root: Path, cache_dir: Path, python: Path, pro
                     (venv / "bin" / cmd).unlink(missing_ok=True)
                     dropped.add(f"../../../bin/{cmd}")
             _rewrite_record(info, dropped)
+    if spec.lean_bin:
+        _lean_bin(venv, site, spec.commands)
     _relocate(venv, spec.venv)
     for cmd in spec.commands:
         if not (venv / "bin" / cmd).exists():
@@ -303,6 +307,20 @@ def _make_venv(spec: PackageSpec, root: Path, cache_dir: Path, python: Path, pro
           "-s", str(root), "-p", "/", str(site)], "byte-compile the package venv")
     names = _requirement_names(requirements)
     return [w for w in wheels if w.name.split("-")[0].lower().replace("_", "-") in names]
+
+
+def _lean_bin(venv: Path, site: Path, commands: tuple[str, ...]) -> None:
+    """Remove from ``bin/`` what the package never runs: the activate scripts (``Activate.ps1``
+    among them) and the console scripts of its dependencies (dulwich's, cffi's); keep the
+    interpreter links and ``commands``. Their ``RECORD`` lines go too."""
+    removed: set[str] = set()
+    for entry in sorted((venv / "bin").iterdir()):
+        if entry.name in commands or entry.name.startswith("python"):
+            continue
+        entry.unlink()
+        removed.add(f"../../../bin/{entry.name}")
+    for info in site.glob("*.dist-info"):
+        _rewrite_record(info, removed)
 
 
 def _requirement_names(requirements: Path) -> set[str]:

@@ -15,6 +15,7 @@ from edge_agent.config import DEFAULT_PROFILE_DIRS, load_config, parse_duration
 from edge_agent.durations import parse_seconds
 from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.identity import init_identity, load_encryption_private, load_identity
+from edge_agent.prefetch import open_source, prefetch
 from edge_agent.trust.keys import format_verify_key
 
 KEY = format_verify_key(SigningKey(b"\x01" * 32).verify_key)
@@ -238,3 +239,17 @@ def test_labels_are_bounded_as_the_status_report_carries_them(tmp_path: Path) ->
         path.write_text(yaml.safe_dump({**base, "labels": labels}))
         with pytest.raises(ConfigError, match=reason):
             load_config(path)
+
+
+def test_unreadable_mirror_credential_file_is_a_config_error_not_a_fetch_error(tmp_path: Path) -> None:
+    """A credential file that cannot be read is a setup problem: ConfigError naming the key, which
+    the daemon reports instead of retrying a fetch that cannot succeed."""
+    (tmp_path / "token").mkdir()  # a directory: reading it fails even as root
+    data = minimal() | {"repo": {"url": "https://127.0.0.1/fleet.git",
+                                 "auth": {"token_file": "token"}},
+                        "state_dir": "state"}
+    cfg = load_config(write(tmp_path, data))
+    with pytest.raises(ConfigError, match=r"^repo\.auth\.token_file: cannot read .*token: Is a directory$"):
+        open_source(cfg)
+    with pytest.raises(ConfigError, match=r"repo\.auth\.token_file"):
+        prefetch(cfg, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -11,14 +12,17 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-from edge_agent.drivers.base import Context
+from edge_agent.drivers.base import Change, Context, get_driver
+from edge_agent.drivers.symlink import SymlinkDriver
 from edge_agent.engine.health import CheckResult, run_checks
 from edge_agent.engine.plan import make_plan
 from edge_agent.engine.transaction import Outcome, apply_plan, clean_backup_store, recover, undo_entries
-from edge_agent.fsafe import referenced_blobs
+from edge_agent.errors import ConfinementError, DriverError
+from edge_agent.fsafe_backup import referenced_blobs
 from edge_agent.release import DesiredState
 from edge_agent.resources import Absent, CommandCheck, Directory, Symlink, SystemdUnit
 from edge_agent.runner import Runner
@@ -368,3 +372,68 @@ def test_undo_goes_newest_first(root: Path) -> None:
     problems = undo_entries([("file", None, "update", [first]), ("file", None, "update", [second])], ctx)
     assert problems == []
     assert target.read_bytes() == b"original\n"
+
+
+def test_foreign_exception_in_a_driver_is_undone_and_reported_as_one_line_driver_error(
+    root: Path, state: StateDB, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A driver bug (a ValueError from the kind's own apply) becomes one driver error at
+    ``Driver.apply``: the transaction undoes the earlier changes and reports one line."""
+    (root / "etc" / "one.conf").write_bytes(b"one 0\n")
+    os.chmod(root / "etc" / "one.conf", 0o644)
+    ctx = make_context(root, allowed_roots=("/etc",))
+    before = tree_state(root)
+
+    def broken(self: SymlinkDriver, change: Change, ctx: Context) -> None:
+        raise ValueError("unexpected\nsecond line of a foreign message")
+
+    monkeypatch.setattr(SymlinkDriver, "_apply", broken)
+    p: dict[str, bytes] = {}
+    desired = desired_state([
+        file_res("/etc/one.conf", b"one 1\n", p),
+        file_res("/etc/two.conf", b"two\n", p),
+        Symlink(id="link", bundle="b", path="/etc/current", target="one.conf"),
+    ], p)
+    with caplog.at_level(logging.INFO):
+        out = apply(desired, ctx, state, root)
+    assert out.status == "rolled_back", out
+    assert out.reason == ("symlink: cannot create link: "
+                          "ValueError: unexpected second line of a foreign message")
+    assert "/etc/current" in (out.step or "")
+    assert tree_state(root) == before
+    assert state.managed() == {}
+    assert state.open_txn() is None
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.exc_info]
+
+
+def test_driver_entry_points_turn_foreign_exceptions_into_driver_errors(
+    root: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every entry point of the contract wraps what is not the agent's own error; our own errors
+    (a ConfinementError here) pass through unchanged."""
+    ctx = make_context(root, allowed_roots=("/etc",))
+    driver = get_driver("symlink")
+    res = Symlink(id="link", bundle="b", path="/etc/current", target="x")
+    change = Change("link", "symlink", "create", "create /etc/current", paths=("/etc/current",))
+
+    def fail(*_args: object) -> NoReturn:
+        raise KeyError("missing")
+
+    for name in ("_observe", "_apply", "_snapshot", "_undo", "_spec_of"):
+        monkeypatch.setattr(SymlinkDriver, name, fail)
+    calls: list[Callable[[], object]] = [
+        lambda: driver.observe(res, ctx), lambda: driver.apply(change, ctx),
+        lambda: driver.snapshot(change, ctx), lambda: driver.undo(["not", "a", "record"], ctx),
+        lambda: driver.spec_of(res, ctx),
+    ]
+    for call in calls:
+        with pytest.raises(DriverError, match=r"^symlink: cannot \w+ .*: KeyError: 'missing'$") as info:
+            call()
+        assert isinstance(info.value.__cause__, KeyError)
+
+    def refuse(*_args: object) -> NoReturn:
+        raise ConfinementError("own")
+
+    monkeypatch.setattr(SymlinkDriver, "_apply", refuse)
+    with pytest.raises(ConfinementError, match=r"^own$"):
+        driver.apply(change, ctx)

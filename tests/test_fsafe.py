@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import fsafe
+from edge_agent import fsafe, fsafe_backup, fsafe_fd
 from edge_agent.errors import ApplyError, ConfigError, ConfinementError, PathError
-from edge_agent.fsafe import TEMP_PREFIX, Entry, FsRoot, is_temp_name, referenced_blobs
+from edge_agent.fsafe import Entry, FsRoot
+from edge_agent.fsafe_backup import referenced_blobs
+from edge_agent.fsafe_fd import TEMP_PREFIX, is_temp_name
 
 UID = os.getuid()
 GID = os.getgid()
@@ -78,14 +80,10 @@ def snapshot(top: Path) -> dict[str, tuple[object, ...]]:
 
 
 def test_all_is_pinned() -> None:
-    assert set(fsafe.__all__) == {
-        "DEFAULT_MAX_BYTES",
-        "TEMP_PREFIX",
-        "Entry",
-        "FsRoot",
-        "is_temp_name",
-        "referenced_blobs",
-    }
+    assert set(fsafe.__all__) == {"DEFAULT_MAX_BYTES", "Entry", "FsRoot"}
+    assert set(fsafe_backup.__all__) == {
+        "RECORD_KINDS", "absent_record", "capture_at", "referenced_blobs", "restore"}
+    assert {"TEMP_PREFIX", "ParentWalk", "is_temp_name"} <= set(fsafe_fd.__all__)
 
 
 def test_missing_root_and_bad_allowed_roots_are_config_errors(tmp_path: Path) -> None:

@@ -176,12 +176,17 @@ def test_agent_file_list(debs: dict[str, Path]) -> None:
         assert f"/usr/share/edge-agent/profiles/{profile.name}" in files
     site = "/opt/edge-agent/lib/python3.11/site-packages"
     for module in ("edge_agent/cli.py", "edge_agent/__pycache__/cli.cpython-311.pyc", "paho/mqtt/client.py",
-                   "dulwich/client.py", "yaml/__init__.py", "nacl/signing.py", "sqlite_utils/db.py",
-                   "psutil/__init__.py"):
+                   "dulwich/client.py", "yaml/__init__.py", "nacl/signing.py", "psutil/__init__.py"):
         assert f"{site}/{module}" in files, module
-    # only the agent's runtime: no server packages, no fleet_server, no fleetctl
-    for absent in ("fastapi", "uvicorn", "prometheus_client", "fleet_server", "starlette"):
+    # only the agent's runtime: no server packages (sqlite-utils and its closure, pip among it), no
+    # fleet_server, no fleetctl
+    for absent in ("fastapi", "uvicorn", "prometheus_client", "fleet_server", "starlette", "sqlite_utils",
+                   "pip", "click", "tabulate", "dateutil", "tzdata"):
         assert f"{site}/{absent}" not in files, absent
+    # bin/ holds the interpreter links and edge-agent: no activate scripts, no dependency's tools
+    bin_dir = "/opt/edge-agent/bin/"
+    in_bin = {p.removeprefix(bin_dir) for p in files if p.startswith(bin_dir)}
+    assert in_bin == {"edge-agent", "python", "python3", "python3.11"}, in_bin
     assert "/opt/edge-agent/bin/fleetctl" not in files
     assert "/usr/bin/fleetctl" not in files
     # state is created by postinst with its own mode, never shipped
@@ -196,7 +201,7 @@ def test_server_file_list(debs: dict[str, Path]) -> None:
     assert f"/etc/fleet-server/{SERVER_CONFIG_PATH.name}" in files
     site = "/opt/fleet-server/lib/python3.11/site-packages"
     for module in ("fleet_server/fleetctl.py", "edge_agent/trust/keys.py", "fastapi/__init__.py",
-                   "uvicorn/__init__.py", "prometheus_client/__init__.py"):
+                   "uvicorn/__init__.py", "prometheus_client/__init__.py", "sqlite_utils/db.py"):
         assert f"{site}/{module}" in files, module
 
 
@@ -313,14 +318,20 @@ def test_venv_runs_from_the_tree_and_names_no_build_path(extracted: dict[str, Pa
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     out = run(python, "-m", "edge_agent.cli", "--version", cwd=tmp_path)
     assert out.strip() == f"edge-agent {version}"
-    out = run(python, "-c", "import sys, paho.mqtt, dulwich, yaml, nacl.signing, sqlite_utils, psutil; "
+    out = run(python, "-c", "import sys, paho.mqtt, dulwich, yaml, nacl.signing, psutil; "
               "import importlib.util as u; print(sys.prefix, u.find_spec('fastapi') is None, "
-              "u.find_spec('fleet_server') is None)", cwd=tmp_path)
-    prefix, no_fastapi, no_server = out.split()
+              "u.find_spec('fleet_server') is None, u.find_spec('sqlite_utils') is None)", cwd=tmp_path)
+    prefix, no_fastapi, no_server, no_sqlite_utils = out.split()
     assert Path(prefix) == agent / "opt/edge-agent"
-    assert (no_fastapi, no_server) == ("True", "True")
+    assert (no_fastapi, no_server, no_sqlite_utils) == ("True", "True", "True")
+    # every module of the device package imports in the agent's venv, without the server's libraries
+    out = run(python, "-c", "import importlib, pkgutil, edge_agent; "
+              "names = [m.name for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.')]; "
+              "[importlib.import_module(n) for n in names]; print(len(names))", cwd=tmp_path)
+    assert int(out) > 40
     server = extracted["fleet-server"] / "opt/fleet-server/bin/python"
-    run(server, "-c", "import fastapi, uvicorn, prometheus_client, fleet_server.fleetctl", cwd=tmp_path)
+    run(server, "-c", "import fastapi, uvicorn, prometheus_client, sqlite_utils, fleet_server.fleetctl",
+        cwd=tmp_path)
     # the byte code names the installed paths, and no file remembers where the build happened
     pyc = agent / "opt/edge-agent/lib/python3.11/site-packages/edge_agent/__pycache__/cli.cpython-311.pyc"
     assert b"/opt/edge-agent/lib/python3.11/site-packages/edge_agent/cli.py" in pyc.read_bytes()

@@ -344,3 +344,17 @@ def test_ssh_mirror_needs_pinned_host_key(tmp_path: Path) -> None:
     # front (tests/test_source_ssh.py fetches from a live sshd).
     with pytest.raises(ValueError, match="known_hosts"):
         Source("ssh://git@127.0.0.1:2222/fleet.git", "main", tmp_path / "c")
+
+
+def test_a_bug_in_our_own_fetch_code_surfaces_instead_of_a_retried_fetch_error(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A programming error raised in the project's own code inside the broad dulwich catch is not
+    turned into a FetchError (which the daemon would retry forever); dulwich's own errors still are."""
+    with _source(f"file://{fleet.bare}", tmp_path) as source:
+        repo = source._open_repo()
+        source.limits = None  # type: ignore[assignment]  # our code then fails on limits.max_refs
+        with pytest.raises(AttributeError, match="max_refs"):
+            source._fetch_once(repo, None, 1, deepen=True)  # the negotiating transport
+    with _source(str(tmp_path / "no-such-mirror"), tmp_path, "cache2") as source, pytest.raises(FetchError):
+        source.fetch()

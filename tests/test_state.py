@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent import state as state_mod
+from edge_agent import state_db, state_journal, state_outbox
 from edge_agent.errors import StateError
-from edge_agent.state import SCHEMA_VERSION, Installed, JournalEntry, Managed, StateDB
+from edge_agent.state import Installed, Managed, StateDB
+from edge_agent.state_db import SCHEMA_VERSION
+from edge_agent.state_journal import JournalEntry
 
 
 @pytest.fixture
@@ -30,19 +33,10 @@ def db(db_path: Path) -> Iterator[StateDB]:
 
 
 def test_all_is_pinned() -> None:
-    assert set(state_mod.__all__) == {
-        "OUTBOX_CLASSES",
-        "SCHEMA_VERSION",
-        "TXN_OUTCOMES",
-        "DriftFinding",
-        "Event",
-        "Installed",
-        "JournalEntry",
-        "Managed",
-        "OpenTxn",
-        "OutboxItem",
-        "StateDB",
-    }
+    assert set(state_mod.__all__) == {"DriftFinding", "Event", "Installed", "Managed", "StateDB"}
+    assert set(state_db.__all__) == {"SCHEMA_VERSION", "Database", "dumps_json", "loads_json", "now_or"}
+    assert set(state_journal.__all__) == {"TXN_OUTCOMES", "JournalEntry", "JournalTables", "OpenTxn"}
+    assert set(state_outbox.__all__) == {"OUTBOX_CLASSES", "OutboxItem", "OutboxTables"}
 
 
 def test_creates_private_dir_and_file_in_wal_mode(db: StateDB, db_path: Path) -> None:

@@ -37,7 +37,7 @@ class AbsentDriver(Driver):
 
     kind: ClassVar[str] = "absent"
 
-    def observe(self, res: Resource, ctx: Context) -> AbsentObserved:
+    def _observe(self, res: Resource, ctx: Context) -> AbsentObserved:
         """Look at the path of ``res``.
 
         Raises:
@@ -58,7 +58,7 @@ class AbsentDriver(Driver):
                        data={"path": res.path, "found_kind": entry.kind, "expected": "missing",
                              "found": f"{entry.kind} mode {entry.mode:04o}"})]
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Remove whatever is at the path (recursively for a directory).
 
         Raises:
@@ -72,7 +72,7 @@ class AbsentDriver(Driver):
         """Return ``[]``: what an absent resource removed stays removed (module docstring)."""
         return []
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return the path."""
         assert isinstance(res, Absent)
         spec = {"kind": self.kind, "path": res.path}

@@ -14,6 +14,12 @@ driver instance registered by kind in :mod:`edge_agent.drivers`. The engine call
 
 Guarantees owned here, not by each driver:
 
+* Errors are translated at one place: the public ``observe``, ``apply``, ``snapshot``, ``undo`` and
+  ``spec_of`` call the kind's ``_observe``, ``_apply``, ``_snapshot``, ``_undo`` and ``_spec_of`` and
+  turn any exception that is not one of the agent's own (an ``OSError``, ``ValueError``, a bug) into
+  a :class:`DriverError` (:class:`ApplyError` for changes) whose one line names the kind, the step
+  and the resource; the traceback goes to the debug log. The engine therefore catches only
+  :class:`~edge_agent.errors.EdgeFleetError`.
 * A driver never opens a device file itself: reads and writes go through ``ctx.fs``
   (:class:`edge_agent.fsafe.FsRoot`), which confines paths to the profile's allowed roots, refuses
   symlinked parents and special files, and writes atomically. The default :meth:`Driver.snapshot`
@@ -51,7 +57,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from edge_agent.errors import ApplyError, DriverError
+from edge_agent.errors import ApplyError, DriverError, EdgeFleetError
 from edge_agent.runner import CommandEnv
 
 if TYPE_CHECKING:
@@ -146,14 +152,24 @@ class Driver(ABC):
         """Return ``None`` when this driver can work on this device, else a one-line reason."""
         return None
 
-    @abstractmethod
     def observe(self, res: Resource, ctx: Context) -> Any:
         """Read the current state of ``res`` on the device; writes nothing.
 
         Raises:
             ConfinementError: the path is outside the allowed roots, behind a symlink or special.
-            DriverError: the state cannot be read.
+            DriverError: the state cannot be read (any failure that is not one of the agent's own
+                errors is turned into one here, naming the resource).
         """
+        try:
+            return self._observe(res, ctx)
+        except EdgeFleetError:
+            raise
+        except Exception as exc:  # the one place a driver's foreign error is translated
+            raise _foreign(DriverError, f"{self.kind}: cannot observe {res.id}", exc) from exc
+
+    @abstractmethod
+    def _observe(self, res: Resource, ctx: Context) -> Any:
+        """The kind's own reading of ``res`` (see :meth:`observe`)."""
 
     @abstractmethod
     def plan(self, res: Resource, observed: Any, ctx: Context) -> list[Change]:
@@ -163,17 +179,42 @@ class Driver(ABC):
         deterministic ``ctx.open_secret`` / ``ctx.secret_digest``).
         """
 
-    @abstractmethod
     def apply(self, change: Change, ctx: Context) -> None:
         """Make exactly one planned change.
 
         Raises:
-            ApplyError: the change could not be made.
+            ApplyError: the change could not be made (any failure that is not one of the agent's
+                own errors is turned into one here, naming the change).
             ConfinementError: a path turned out to be unsafe.
         """
+        try:
+            self._apply(change, ctx)
+        except EdgeFleetError:
+            raise
+        except Exception as exc:  # the one place a driver's foreign error is translated
+            what = f"{self.kind}: cannot {change.action} {change.resource_id}"
+            raise _foreign(ApplyError, what, exc) from exc
+
+    @abstractmethod
+    def _apply(self, change: Change, ctx: Context) -> None:
+        """The kind's own making of ``change`` (see :meth:`apply`)."""
 
     def snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
         """Return the backup records to journal before ``change`` is applied.
+
+        Raises:
+            ApplyError: the backup could not be taken (foreign failures are turned into one here).
+            ConfinementError: a path turned out to be unsafe.
+        """
+        try:
+            return self._snapshot(change, ctx)
+        except EdgeFleetError:
+            raise
+        except Exception as exc:  # the one place a driver's foreign error is translated
+            raise _foreign(ApplyError, f"{self.kind}: cannot back up {change.resource_id}", exc) from exc
+
+    def _snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
+        """The kind's backup records for ``change``.
 
         The default captures every path of ``change.paths`` through ``ctx.fs.capture`` (blobs
         fsync'd in ``ctx.backup_store``), recursively when the change deletes.
@@ -184,11 +225,20 @@ class Driver(ABC):
     def undo(self, record: Mapping[str, Any], ctx: Context) -> None:
         """Put back what one backup record describes; idempotent.
 
-        The default restores an ``fsafe`` capture record.
-
         Raises:
-            ApplyError: the record cannot be restored.
+            ApplyError: the record cannot be restored (foreign failures are turned into one here).
         """
+        try:
+            self._undo(record, ctx)
+        except EdgeFleetError:
+            raise
+        except Exception as exc:  # the one place a driver's foreign error is translated
+            where = (record.get("path") or record.get("name") if isinstance(record, Mapping) else None) \
+                or "a backup record"
+            raise _foreign(ApplyError, f"{self.kind}: cannot undo {where}", exc) from exc
+
+    def _undo(self, record: Mapping[str, Any], ctx: Context) -> None:
+        """The kind's restoring of ``record``; the default restores an ``fsafe`` capture record."""
         if "type" in record and record["type"] in ("sysctl", "unit_state"):
             raise ApplyError(f"driver {self.kind} cannot undo a {record['type']} record")
         ctx.fs.restore(dict(record), ctx.backup_store)
@@ -220,8 +270,18 @@ class Driver(ABC):
     def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return ``(spec, digest)`` remembered in the state database; never secret plaintext.
 
-        The default is the resource's fields plus the SHA-256 of its payload, if any.
+        Raises:
+            DriverError: the spec cannot be made (foreign failures are turned into one here).
         """
+        try:
+            return self._spec_of(res, ctx)
+        except EdgeFleetError:
+            raise
+        except Exception as exc:  # the one place a driver's foreign error is translated
+            raise _foreign(DriverError, f"{self.kind}: cannot describe {res.id}", exc) from exc
+
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+        """The kind's spec of ``res``: the default is its fields plus the SHA-256 of its payload."""
         spec = resource_spec(res)
         payload = ctx.payloads.get(res.id)
         if payload is not None:
@@ -244,6 +304,16 @@ class Driver(ABC):
     def unsupported(self, change: Change) -> ApplyError:
         """Return the error for an action this driver does not know."""
         return ApplyError(f"driver {self.kind} cannot apply action {change.action!r} ({change.resource_id})")
+
+
+def _foreign(cls: type[DriverError], what: str, exc: Exception) -> DriverError:
+    """The driver error for a failure that is not one of the agent's own: one line, naming it.
+
+    The traceback goes to the debug log only: a user sees the one-line reason.
+    """
+    log.debug("%s", what, exc_info=exc)
+    text = " ".join(str(exc).split())[:300]
+    return cls(f"{what}: {type(exc).__name__}: {text}" if text else f"{what}: {type(exc).__name__}")
 
 
 def path_prune_changes(resource_id: str, kind: str, path: str, original: Mapping[str, Any] | None,

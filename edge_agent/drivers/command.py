@@ -65,7 +65,7 @@ class CommandDriver(Driver):
 
     kind: ClassVar[str] = "command"
 
-    def observe(self, res: Resource, ctx: Context) -> CommandObserved:
+    def _observe(self, res: Resource, ctx: Context) -> CommandObserved:
         """Evaluate the guards.
 
         Raises:
@@ -92,7 +92,7 @@ class CommandDriver(Driver):
                        data={"name": res.name, "run": run, "timeout": res.timeout,
                              "refresh_only": res.refresh_only, "env": dict(res.env)})]
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Run the command.
 
         Raises:
@@ -113,7 +113,7 @@ class CommandDriver(Driver):
             raise ApplyError(f"command {data['name']} exited with code {result.returncode}"
                              f"{': ' + line if line else ''}")
 
-    def snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
+    def _snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
         """Return ``[]``: a command cannot be undone."""
         return []
 
@@ -121,7 +121,7 @@ class CommandDriver(Driver):
         """Return ``[]``: there is nothing to remove for a command."""
         return []
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return the command and its guards."""
         assert isinstance(res, CommandRes)
 

@@ -46,7 +46,7 @@ class DirectoryDriver(Driver):
 
     kind: ClassVar[str] = "directory"
 
-    def observe(self, res: Resource, ctx: Context) -> DirectoryObserved:
+    def _observe(self, res: Resource, ctx: Context) -> DirectoryObserved:
         """Look at the directory of ``res``.
 
         Raises:
@@ -85,7 +85,7 @@ class DirectoryDriver(Driver):
         return [Change(res.id, self.kind, "attrs", f"set attributes of {res.path}: {', '.join(drift)}{note}",
                        paths=(res.path,), data=data)]
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Create the directory, set its attributes, or (prune) remove it if empty / restore it.
 
         Raises:
@@ -118,7 +118,7 @@ class DirectoryDriver(Driver):
                 return
             raise
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return the path and the declared attributes."""
         assert isinstance(res, Directory)
         spec = {"kind": self.kind, "path": res.path, "mode": res.mode, "owner": res.owner, "group": res.group}

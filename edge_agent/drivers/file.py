@@ -324,7 +324,7 @@ class FileDriver(Driver):
 
     kind: ClassVar[str] = "file"
 
-    def observe(self, res: Resource, ctx: Context) -> FileObserved:
+    def _observe(self, res: Resource, ctx: Context) -> FileObserved:
         """Observe the file of ``res`` (see the module docstring).
 
         Raises:
@@ -339,7 +339,7 @@ class FileDriver(Driver):
         assert isinstance(res, File)
         return content_changes(res.id, self.kind, res.path, payload_of(res.id, ctx), observed, mode=res.mode)
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Write, re-attribute, delete (prune) or restore (prune) the file.
 
         Raises:
@@ -356,7 +356,7 @@ class FileDriver(Driver):
         else:
             raise self.unsupported(change)
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return the path, declared attributes and the payload's SHA-256."""
         assert isinstance(res, File)
         spec = {"kind": self.kind, "path": res.path, "mode": res.mode, "owner": res.owner, "group": res.group,

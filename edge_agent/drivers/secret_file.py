@@ -56,7 +56,7 @@ class SecretFileDriver(Driver):
 
     kind: ClassVar[str] = "secret_file"
 
-    def observe(self, res: Resource, ctx: Context) -> FileObserved:
+    def _observe(self, res: Resource, ctx: Context) -> FileObserved:
         """Observe the file; ``sha256`` of the result holds the KEYED digest of its content.
 
         Raises:
@@ -91,7 +91,7 @@ class SecretFileDriver(Driver):
                                default_mode=_SECRET_MODE, secret=True,
                                desired_digest=ctx.secret_digest(plain), extra=extra)
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Open the sealed document again and write (or re-attribute, delete, restore) the file.
 
         Raises:
@@ -116,7 +116,7 @@ class SecretFileDriver(Driver):
         else:
             raise self.unsupported(change)
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return path, attributes, the sealed document's SHA-256 and the keyed content digest.
 
         Raises:

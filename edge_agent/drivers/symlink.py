@@ -35,7 +35,7 @@ class SymlinkDriver(Driver):
 
     kind: ClassVar[str] = "symlink"
 
-    def observe(self, res: Resource, ctx: Context) -> SymlinkObserved:
+    def _observe(self, res: Resource, ctx: Context) -> SymlinkObserved:
         """Look at the path of ``res``.
 
         Raises:
@@ -70,7 +70,7 @@ class SymlinkDriver(Driver):
             summary = f"replace regular file {res.path} with a symlink -> {res.target}"
         return [Change(res.id, self.kind, "update", summary, paths=(res.path,), data=data)]
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Make the link, or (prune) delete / restore it.
 
         Raises:
@@ -87,7 +87,7 @@ class SymlinkDriver(Driver):
         else:
             raise self.unsupported(change)
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return the path and the target."""
         assert isinstance(res, Symlink)
         spec = {"kind": self.kind, "path": res.path, "target": res.target}

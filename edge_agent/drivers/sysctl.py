@@ -72,7 +72,7 @@ class SysctlDriver(Driver):
         """Need ``sysctl`` on PATH."""
         return None if ctx.runner.which("sysctl") else "sysctl not found on PATH"
 
-    def observe(self, res: Resource, ctx: Context) -> SysctlObserved:
+    def _observe(self, res: Resource, ctx: Context) -> SysctlObserved:
         """Read the current value and the drop-in file.
 
         Raises:
@@ -101,7 +101,7 @@ class SysctlDriver(Driver):
                                        mode=None, extra={"name": res.name, "value": want})
         return changes
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Run ``sysctl -w``, or write / delete / restore the drop-in.
 
         Raises:
@@ -121,15 +121,15 @@ class SysctlDriver(Driver):
         else:
             raise self.unsupported(change)
 
-    def snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
+    def _snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
         """Record the current value before ``set``; capture the drop-in otherwise."""
         if change.action == "set":
             name = str(change.data["name"])
             value, _ = read_sysctl(name, ctx)
             return [{"type": "sysctl", "name": name, "value": value}]
-        return super().snapshot(change, ctx)
+        return super()._snapshot(change, ctx)
 
-    def undo(self, record: Any, ctx: Context) -> None:
+    def _undo(self, record: Any, ctx: Context) -> None:
         """Set a recorded value back (nothing when it was unreadable), or restore the drop-in.
 
         Raises:
@@ -139,7 +139,7 @@ class SysctlDriver(Driver):
             if record.get("value") is not None:
                 _write(str(record["name"]), str(record["value"]), ctx)
             return
-        super().undo(record, ctx)
+        super()._undo(record, ctx)
 
     def prune(self, managed: Managed, ctx: Context) -> list[Change]:
         """Set the pre-agent value back and delete (or restore) the drop-in."""
@@ -162,7 +162,7 @@ class SysctlDriver(Driver):
                                       paths=(path,), data={"path": path}))
         return changes
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return name, value and the drop-in path."""
         assert isinstance(res, Sysctl)
         spec = {"kind": self.kind, "name": res.name, "value": normalise(res.value),

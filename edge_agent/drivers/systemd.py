@@ -129,7 +129,7 @@ class SystemdDriver(Driver):
             return "systemd is not running here (no /run/systemd/system)"
         return None
 
-    def observe(self, res: Resource, ctx: Context) -> SystemdObserved:
+    def _observe(self, res: Resource, ctx: Context) -> SystemdObserved:
         """Observe the unit file and the unit's enabled/active state.
 
         Raises:
@@ -173,7 +173,7 @@ class SystemdDriver(Driver):
             changes.append(restart_change(res, "unit file changed"))
         return changes
 
-    def apply(self, change: Change, ctx: Context) -> None:
+    def _apply(self, change: Change, ctx: Context) -> None:
         """Write the unit file, reload, or run one systemctl verb.
 
         Raises:
@@ -197,7 +197,7 @@ class SystemdDriver(Driver):
         else:
             raise self.unsupported(change)
 
-    def snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
+    def _snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
         """Capture the unit file, or record the unit's enabled/active state before a verb."""
         if change.action in _VERBS:
             name = str(change.data["name"])
@@ -207,9 +207,9 @@ class SystemdDriver(Driver):
                      "active": state.is_active}]
         if change.action == "daemon-reload":
             return []
-        return super().snapshot(change, ctx)
+        return super()._snapshot(change, ctx)
 
-    def undo(self, record: Any, ctx: Context) -> None:
+    def _undo(self, record: Any, ctx: Context) -> None:
         """Bring back a unit's enabled/active state, or restore a unit file and reload.
 
         Raises:
@@ -228,7 +228,7 @@ class SystemdDriver(Driver):
             elif active is False and now.is_active:
                 _check(_systemctl(ctx, "stop", name), f"stop {name}")
             return
-        super().undo(record, ctx)
+        super()._undo(record, ctx)
         _check(_systemctl(ctx, "daemon-reload"), "daemon-reload")
 
     def prune(self, managed: Managed, ctx: Context) -> list[Change]:
@@ -268,7 +268,7 @@ class SystemdDriver(Driver):
                 changes.append(Change(rid, self.kind, "daemon-reload", "systemctl daemon-reload", data=data))
         return changes
 
-    def spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
+    def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """Return name, unit file path and digest, and the declared enabled/running state."""
         assert isinstance(res, SystemdUnit)
         unit_sha = sha256(payload_of(res.id, ctx)).hexdigest() if res.unit_path else None

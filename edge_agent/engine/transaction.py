@@ -13,7 +13,8 @@ are updated (a resource managed for the first time remembers the backup record t
 first change as its ``original``, or a capture of what was there when it needed no change) and
 the transaction is marked ``committed``, in one SQLite commit: a crash can never leave the rows of
 the new release beside a transaction that recovery will undo (a resource the release dropped
-would then be forgotten while its file is put back). Any exception or failed check: every journaled entry is
+would then be forgotten while its file is put back). Any error (a driver's foreign exception arrives
+as a one-line DriverError, see :mod:`edge_agent.drivers.base`) or failed check: every journaled entry is
 undone newest first (a half-applied change is undone like a finished one — restoring a record is
 idempotent), systemd is reloaded and restarted where unit files or watched files were put back,
 and the transaction is marked ``rolled_back``.
@@ -28,7 +29,7 @@ after recovery.
 Journal format: each journal entry's ``backup`` is the list of the driver's backup records, each
 tagged with an ``"engine"`` key ``{"driver": kind, "unit": systemd unit name or None, "action":
 action}`` so that recovery knows which driver undoes which record without the plan. The tag is
-removed before a record is handed to ``driver.undo``; ``fsafe.referenced_blobs`` reads the
+removed before a record is handed to ``driver.undo``; ``fsafe_backup.referenced_blobs`` reads the
 records as they are, so :func:`clean_backup_store` keeps every blob the journal still needs.
 """
 
@@ -47,7 +48,8 @@ from edge_agent.drivers.base import Change, Context, get_driver
 from edge_agent.engine.health import CheckResult
 from edge_agent.engine.plan import Plan
 from edge_agent.errors import EdgeFleetError, StateError
-from edge_agent.fsafe import is_temp_name, referenced_blobs
+from edge_agent.fsafe_backup import referenced_blobs
+from edge_agent.fsafe_fd import is_temp_name
 from edge_agent.release import DesiredState
 from edge_agent.resources import Resource
 from edge_agent.state import Managed, StateDB
@@ -157,9 +159,9 @@ def apply_plan(
             log.info("apply %s %s: %s", change.action, change.resource_id, change.summary)
             driver.apply(change, ctx)
             state.journal_done(txn_id, seq)
-    except Exception as exc:  # noqa: BLE001 - any failure of a change rolls the transaction back
+    except EdgeFleetError as exc:  # drivers turn foreign failures into DriverError (drivers.base)
         failing = current.summary if current is not None else "transaction"
-        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgeFleetError) else str(exc)
+        reason = str(exc)
         log.warning("transaction %s: %s failed: %s; rolling back", txn_id, failing, reason)
         return _roll_back(txn_id, done, ctx, state, step=failing, reason=reason)
     except BaseException:
@@ -188,7 +190,7 @@ def apply_plan(
     try:
         put, forget = _managed_changes(desired, managed, ctx, first_records=first_records)
         state.finish_txn(txn_id, "committed", put=put, forget=forget)  # one commit: release and its rows
-    except Exception as exc:  # noqa: BLE001 - without its managed rows the release cannot stay applied
+    except EdgeFleetError as exc:  # without its managed rows the release cannot stay applied
         return _roll_back(txn_id, done, ctx, state, step="record managed resources", reason=str(exc))
     log.info("transaction %s committed (%s changes)", txn_id, len(done))
     _housekeeping(state, ctx)
@@ -271,7 +273,7 @@ def undo_entries(
                     get_driver(kind).undo(record, ctx)
                 else:
                     ctx.fs.restore(dict(record), ctx.backup_store)
-            except Exception as exc:  # noqa: BLE001 - keep undoing the rest, report every failure
+            except EdgeFleetError as exc:  # keep undoing the rest, report every failure
                 where = record.get("path") or record.get("name") or kind
                 problems.append(f"{where}: {exc}")
                 log.error("undo of %s failed: %s", where, exc)
@@ -299,7 +301,7 @@ def _refresh_units(units: Sequence[str], reload_needed: bool, ctx: Context) -> l
     for change in todo:
         try:
             driver.apply(change, ctx)
-        except Exception as exc:  # noqa: BLE001 - report, keep going
+        except EdgeFleetError as exc:  # report, keep going
             problems.append(f"{change.summary}: {exc}")
             log.error("%s failed: %s", change.summary, exc)
     return problems

@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 from edge_agent.errors import BrokerError, StateError
 from edge_agent.report.mqtt import MqttLink, PublishTracking
-from edge_agent.state import OutboxItem, StateDB
+from edge_agent.state import StateDB
+from edge_agent.state_outbox import OutboxItem
 
 __all__ = ["OutboxSender"]
 

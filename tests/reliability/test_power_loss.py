@@ -38,7 +38,7 @@ import yaml
 
 from edge_agent.agent import LOCK_FILE, plan_only, status, sync_once
 from edge_agent.config import load_config
-from edge_agent.fsafe import TEMP_PREFIX
+from edge_agent.fsafe_fd import TEMP_PREFIX
 from edge_agent.identity import init_identity, load_encryption_private
 from edge_agent.trust import sealed
 from tests.reliability.support import kill_pids, pids_with_arg
