@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent.report.messages import online_message, status_message
+from edge_core.messages import online_message, status_message
 from fleet_server.store import IngestBatch, Store
 
 __all__ = ["main"]

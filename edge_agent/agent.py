@@ -52,33 +52,33 @@ from edge_agent.engine.drift import DriftFinding, detect_drift
 from edge_agent.engine.health import CheckResult, run_checks
 from edge_agent.engine.plan import Plan, make_plan, render_plan
 from edge_agent.engine.transaction import Outcome, apply_plan, recover
-from edge_agent.errors import (
+from edge_agent.errors import LockedError
+from edge_agent.fsafe import FsRoot
+from edge_agent.identity import load_encryption_private
+from edge_agent.prefetch import Prefetched, open_source
+from edge_agent.release import DesiredState, DeviceIdentity, select
+from edge_agent.runner import CommandEnv, Runner
+from edge_agent.state import Managed, StateDB
+from edge_core import messages
+from edge_core.errors import (
     ConfigError,
     DriverUnavailable,
     ExpiredError,
     FetchError,
     FileMissing,
-    LockedError,
     MessageError,
     RollbackError,
     StateError,
     UntrustedInputError,
 )
-from edge_agent.fsafe import FsRoot
-from edge_agent.identity import load_encryption_private
-from edge_agent.logs import log_context
-from edge_agent.prefetch import Prefetched, open_source
-from edge_agent.profiles import DeviceProfile, load_profile
-from edge_agent.release import DesiredState, DeviceIdentity, select
-from edge_agent.report import messages
-from edge_agent.resources import SecretFile
-from edge_agent.runner import CommandEnv, Runner
-from edge_agent.source import Source
-from edge_agent.state import Managed, StateDB
-from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
-from edge_agent.trust.sealed import open_sealed
-from edge_agent.trust.sshsig import parse_allowed_signers, verify_commit
-from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
+from edge_core.logs import log_context
+from edge_core.profiles import DeviceProfile, load_profile
+from edge_core.resources import SecretFile
+from edge_core.source import Source
+from edge_core.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
+from edge_core.trust.sealed import open_sealed
+from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
+from edge_core.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
 
 __all__ = [
     "DriftReport",

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 
 __all__ = [
     "OUTBOX_CLASSES",

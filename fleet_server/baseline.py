@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge_agent.errors import BrokerError, MessageError, StateError
+from edge_core.errors import BrokerError, MessageError, StateError
 from fleet_server.rollouts.engine import RolloutState
 from fleet_server.store import Store
 

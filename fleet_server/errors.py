@@ -6,7 +6,7 @@
     ├── ServerConfigError (ValueError)  the fleet server's configuration is invalid
     └── ApiError                     the fleet server answered with an error or could not be reached
 
-Errors shared with the agent (trust, bundle format, keys) come from ``edge_agent.errors`` and are
+Errors shared with the agent (trust, bundle format, keys) come from ``edge_core.errors`` and are
 caught at the same place in the entry points.
 """
 

@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 
 __all__ = [
     "COMMIT_TO_APPLIED_BUCKETS",

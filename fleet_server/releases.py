@@ -1,8 +1,8 @@
 """The Git watcher: notices new signed releases on the mirror, verifies them, records them, nudges.
 
 ``GitWatcher`` fetches the branch head of the fleet's config repository through
-:class:`edge_agent.source.Source` (the only dulwich user) and checks each new head exactly as a
-device would (:mod:`edge_agent.trust.verify`): root rotations in ``.fleet/root/``, the release
+:class:`edge_core.source.Source` (the only dulwich user) and checks each new head exactly as a
+device would (:mod:`edge_core.trust.verify`): root rotations in ``.fleet/root/``, the release
 manifest's signatures, threshold and expiry, then every file of the tree against the manifest. A
 release that passes is recorded in the store (``record_release``); when it is new, the
 ``publish_nudge(revision, release)`` callback gets it (in ``fleet-server``, ``GitPlans.on_release``:
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from edge_agent.errors import (
+from edge_core.errors import (
     ExpiredError,
     FetchError,
     FileIntegrityError,
@@ -39,9 +39,9 @@ from edge_agent.errors import (
     UntrustedInputError,
     UntrustedKeyError,
 )
-from edge_agent.source import Source
-from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
-from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
+from edge_core.source import Source
+from edge_core.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
+from edge_core.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
 from fleet_server.errors import ServerConfigError
 from fleet_server.metrics import ReleaseMetrics
 

@@ -1,6 +1,6 @@
 """The I/O side of signing: collect a config repo's files, write the release manifest and root files.
 
-The pure parts (manifest format, signatures, verification) live in :mod:`edge_agent.trust`; this
+The pure parts (manifest format, signatures, verification) live in :mod:`edge_core.trust`; this
 module reads the working tree, reads and writes ``.fleet/release.json`` and ``.fleet/root/<N>.json``
 atomically, and turns what it finds into calls to those pure functions.
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from edge_agent.errors import FileIntegrityError, ManifestError, RootRotationError
-from edge_agent.paths import validate_repo_path
-from edge_agent.trust.canonical import canonical_bytes
-from edge_agent.trust.keys import format_verify_key
-from edge_agent.trust.manifest import (
+from edge_core.errors import FileIntegrityError, ManifestError, RootRotationError
+from edge_core.paths import validate_repo_path
+from edge_core.trust.canonical import canonical_bytes
+from edge_core.trust.keys import format_verify_key
+from edge_core.trust.manifest import (
     MANIFEST_PATH,
     MAX_FILES,
     MAX_MANIFEST_BYTES,
@@ -39,7 +39,7 @@ from edge_agent.trust.manifest import (
     sign_document,
     signature_is_valid,
 )
-from edge_agent.trust.verify import (
+from edge_core.trust.verify import (
     TrustRoot,
     VerifiedRelease,
     check_tree,

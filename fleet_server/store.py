@@ -45,7 +45,7 @@ from typing import Any
 
 import sqlite_utils
 
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 
 from .store_rollouts import ROLLOUT_SCHEMA, RolloutStoreMixin, migrate_rollouts
 

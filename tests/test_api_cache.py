@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 from fleet_server.api.cache import CachedRead
 
 

@@ -1,4 +1,4 @@
-"""edge_agent.bundle and edge_agent.resources: the bundle.yaml format, selectors and overlays."""
+"""edge_core.bundle and edge_core.resources: the bundle.yaml format, selectors and overlays."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from typing import Any
 
 import pytest
 
-from edge_agent.bundle import (
+from edge_core.bundle import (
     DeviceIdentity,
     Selector,
     bundle_problems,
     parse_bundle,
     parse_selector,
 )
-from edge_agent.errors import BundleError
-from edge_agent.resources import (
+from edge_core.errors import BundleError
+from edge_core.resources import (
     Absent,
     CommandCheck,
     CommandRes,
@@ -33,7 +33,7 @@ from edge_agent.resources import (
     parse_check,
     parse_resource,
 )
-from edge_agent.yamlsafe import load_yaml
+from edge_core.yamlsafe import load_yaml
 
 GOOD_RESOURCES: list[tuple[dict[str, Any], Any, str, dict[str, Any]]] = [
     ({"kind": "file", "path": "/etc/motd", "content": "hi\n", "mode": "0644"}, File, "file:/etc/motd",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.trust.keys import load_signing_key
-from edge_agent.trust.manifest import MANIFEST_PATH, read_unverified
+from edge_core.trust.keys import load_signing_key
+from edge_core.trust.manifest import MANIFEST_PATH, read_unverified
 from fleet_server.cli.release import parse_duration
 from fleet_server.errors import UsageError
 from fleet_server.fleetctl import main

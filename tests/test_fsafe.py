@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent import fsafe
-from edge_agent.errors import ApplyError, ConfigError, ConfinementError, PathError
+from edge_agent.errors import ApplyError
 from edge_agent.fsafe import TEMP_PREFIX, Entry, FsRoot, is_temp_name, referenced_blobs
+from edge_core.errors import ConfigError, ConfinementError, PathError
 
 UID = os.getuid()
 GID = os.getgid()

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge_agent.errors import BundleError
+from edge_core.errors import BundleError
 from fleet_server.rollouts.plan import PlanRef, RolloutPlan, parse_fleet_rollout, parse_plan
 
 EXAMPLE = """

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bench.bench_rollout import SimFleet
-from edge_agent.errors import BundleError
+from edge_core.errors import BundleError
 from fleet_server.config import parse_server_config
 from fleet_server.errors import UsageError
 from fleet_server.ingest import Ingestor

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import FetchError, FileIntegrityError
-from edge_agent.source import FetchResult, Source, SourceAuth
+from edge_core.errors import FetchError, FileIntegrityError
+from edge_core.source import FetchResult, Source, SourceAuth
 from tests.support.gitrepo import WorkRepo, git, make_bare
 from tests.support.mirror import (
     GitDaemon,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent import state as state_mod
-from edge_agent.errors import StateError
 from edge_agent.state import SCHEMA_VERSION, Installed, JournalEntry, Managed, StateDB
+from edge_core.errors import StateError
 
 
 @pytest.fixture

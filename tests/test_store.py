@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import fleet_server.store as store_mod
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 from fleet_server.store import IngestBatch, Store, to_epoch
 
 

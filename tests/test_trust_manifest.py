@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from edge_agent.errors import ManifestError, PathError
-from edge_agent.trust.canonical import canonical_bytes, parse_strict_json
-from edge_agent.trust.keys import format_verify_key
-from edge_agent.trust.manifest import (
+from edge_core.errors import ManifestError, PathError
+from edge_core.trust.canonical import canonical_bytes, parse_strict_json
+from edge_core.trust.keys import format_verify_key
+from edge_core.trust.manifest import (
     MANIFEST_PATH,
     add_signatures,
     build_release,

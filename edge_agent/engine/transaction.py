@@ -46,11 +46,11 @@ from typing import Any
 from edge_agent.drivers.base import Change, Context, get_driver
 from edge_agent.engine.health import CheckResult
 from edge_agent.engine.plan import Plan
-from edge_agent.errors import EdgeFleetError, StateError
 from edge_agent.fsafe import is_temp_name, referenced_blobs
 from edge_agent.release import DesiredState
-from edge_agent.resources import Resource
 from edge_agent.state import Managed, StateDB
+from edge_core.errors import EdgeFleetError, StateError
+from edge_core.resources import Resource
 
 __all__ = ["Outcome", "apply_plan", "clean_backup_store", "recover", "undo_entries"]
 

@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 from fleet_server import __version__
 from fleet_server.api.auth import Tokens, load_tokens, require_admin, require_read, signature_valid
 from fleet_server.api.dashboard import install_dashboard

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 
 __all__ = ["CachedRead"]
 

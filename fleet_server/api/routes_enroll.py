@@ -16,7 +16,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Body, Header, HTTPException, Response
 
-from edge_agent.report.messages import DEVICE_ID_RE, LABEL_KEY_RE, MAX_LABEL_VALUE, MAX_LABELS, PROFILE_RE
+from edge_core.messages import DEVICE_ID_RE, LABEL_KEY_RE, MAX_LABEL_VALUE, MAX_LABELS, PROFILE_RE
 from fleet_server.api.auth import Tokens, require_admin
 from fleet_server.api.routes_rollouts import actor_name, request_reason
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
 
-from edge_agent.report.messages import DEVICE_ID_RE
+from edge_core.messages import DEVICE_ID_RE
 from fleet_server.api.auth import Tokens, require_read
 from fleet_server.api.cache import CachedRead
 

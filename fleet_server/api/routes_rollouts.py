@@ -26,7 +26,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query
 
-from edge_agent.errors import BundleError
+from edge_core.errors import BundleError
 from fleet_server.api.auth import Tokens, require_admin, require_read
 from fleet_server.errors import UsageError
 from fleet_server.rollouts.engine import DEVICE_STATES

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from edge_agent.errors import KeyFileError
-from edge_agent.trust.keys import (
+from edge_core.errors import KeyFileError
+from edge_core.trust.keys import (
     ED25519_PREFIX,
     X25519_PREFIX,
     format_encryption_public,

@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import BundleError, YamlError
-from edge_agent.yamlsafe import load_yaml
+from edge_core.errors import BundleError, YamlError
+from edge_core.yamlsafe import load_yaml
 from fleet_server.cli.common import print_json
 from fleet_server.cli.devices import (
     DEFAULT_SERVER,

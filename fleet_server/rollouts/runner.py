@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from edge_agent.errors import BrokerError, BundleError, MessageError, StateError
+from edge_core.errors import BrokerError, BundleError, MessageError, StateError
 from fleet_server.errors import UsageError
 from fleet_server.store import RolloutWrite, Store
 

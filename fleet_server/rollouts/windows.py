@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from edge_agent.errors import BundleError
+from edge_core.errors import BundleError
 
 __all__ = ["CronSpec", "MaintenanceWindow", "in_any_window", "parse_cron", "window_is_open"]
 

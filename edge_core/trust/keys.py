@@ -17,7 +17,7 @@ from pathlib import Path
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
-from edge_agent.errors import KeyFileError
+from edge_core.errors import KeyFileError
 
 __all__ = [
     "ED25519_PREFIX",

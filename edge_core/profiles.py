@@ -12,7 +12,7 @@ release may declare (``health_checks``), the systemd units and sysctl keys it ma
 Absent keys take the safe defaults (documented in ``docs/config-repo.md``): ``health_checks``
 every kind that runs no code of the release, plus ``command`` only when ``drivers`` lists
 ``command``; ``systemd_units`` and ``sysctl_keys`` none; ``allow_modes`` none. What a profile
-allows is enforced by :mod:`edge_agent.policy`.
+allows is enforced by :mod:`edge_core.policy`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import BundleError, ConfigError, PathError
-from edge_agent.paths import validate_device_path
-from edge_agent.resources import CHECK_KINDS, RESOURCE_KINDS, HealthCheck, parse_check
-from edge_agent.yamlsafe import load_yaml
+from edge_core.errors import BundleError, ConfigError, PathError
+from edge_core.paths import validate_device_path
+from edge_core.resources import CHECK_KINDS, RESOURCE_KINDS, HealthCheck, parse_check
+from edge_core.yamlsafe import load_yaml
 
 __all__ = [
     "CODE_CHECK_KINDS",

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.durations import parse_seconds
-from edge_agent.errors import BundleError
+from edge_core.durations import parse_seconds
+from edge_core.errors import BundleError
 
 __all__ = ["FleetDefaults", "fleet_problems", "parse_duration", "parse_fleet_file"]
 

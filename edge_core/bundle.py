@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.errors import BundleError, PathError
-from edge_agent.paths import validate_repo_path
-from edge_agent.resources import (
+from edge_core.errors import BundleError, PathError
+from edge_core.paths import validate_repo_path
+from edge_core.resources import (
     RESOURCE_KINDS,
     File,
     HealthCheck,

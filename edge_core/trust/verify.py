@@ -2,7 +2,7 @@
 
 Nothing here reads files, the network or the clock: the caller passes the manifest bytes, the trust
 root, the current time and the highest rollback floor the device has verified. Every failed check
-raises its own class from :mod:`edge_agent.errors` with a one-line reason.
+raises its own class from :mod:`edge_core.errors` with a one-line reason.
 
 Order of the release checks (the first failure wins): size cap, structure, signatures, expiry,
 rollback. Then :func:`check_tree` / :func:`check_file` compare files with the verified manifest.
@@ -18,7 +18,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from edge_agent.errors import (
+from edge_core.errors import (
     ConfigError,
     ExpiredError,
     FileHashMismatch,
@@ -32,9 +32,9 @@ from edge_agent.errors import (
     UnlistedFile,
     UntrustedKeyError,
 )
-from edge_agent.trust.canonical import canonical_bytes
-from edge_agent.trust.keys import format_verify_key, parse_verify_key
-from edge_agent.trust.manifest import (
+from edge_core.trust.canonical import canonical_bytes
+from edge_core.trust.keys import format_verify_key, parse_verify_key
+from edge_core.trust.manifest import (
     MANIFEST_PATH,
     MAX_MANIFEST_BYTES,
     MAX_ROOT_BYTES,

@@ -12,7 +12,7 @@ Two kinds of "signed" part exist:
   ``.fleet/root/<N>.json``.
 
 This module is pure (no file, clock or network access). The structural parsers here are shared by
-the verifier (:mod:`edge_agent.trust.verify`) and the signing tools; they never check signatures.
+the verifier (:mod:`edge_core.trust.verify`) and the signing tools; they never check signatures.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey
 
-from edge_agent.errors import KeyFileError, ManifestError
-from edge_agent.paths import validate_repo_path
-from edge_agent.trust.canonical import canonical_bytes, parse_strict_json
-from edge_agent.trust.keys import format_verify_key, parse_verify_key
+from edge_core.errors import KeyFileError, ManifestError
+from edge_core.paths import validate_repo_path
+from edge_core.trust.canonical import canonical_bytes, parse_strict_json
+from edge_core.trust.keys import format_verify_key, parse_verify_key
 
 __all__ = [
     "MANIFEST_PATH",
