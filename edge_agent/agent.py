@@ -43,8 +43,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nacl.public import PrivateKey
-
 from edge_agent import reporter, selection, telemetry
 from edge_agent.config import AgentConfig
 from edge_agent.drivers.base import Context, probe_kinds
@@ -75,6 +73,7 @@ from edge_core.logs import log_context
 from edge_core.profiles import DeviceProfile, load_profile
 from edge_core.resources import SecretFile
 from edge_core.source import Source
+from edge_core.trust.keys import PrivateKey
 from edge_core.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
 from edge_core.trust.sealed import open_sealed
 from edge_core.trust.sshsig import parse_allowed_signers, verify_commit

@@ -11,11 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from nacl.public import PrivateKey
-from nacl.signing import SigningKey
-
 from edge_core.errors import KeyFileError
 from edge_core.trust.keys import (
+    PrivateKey,
+    SigningKey,
     format_encryption_public,
     format_verify_key,
     generate_encryption_key,

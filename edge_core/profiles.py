@@ -34,8 +34,8 @@ __all__ = [
     "MODE_OPT_INS",
     "PROFILE_NAME",
     "DeviceProfile",
-    "load_all_profiles",
     "load_profile",
+    "load_profile_file",
     "parse_profile",
 ]
 
@@ -153,7 +153,12 @@ def parse_profile(value: object) -> DeviceProfile:
                          systemd_units=units, sysctl_keys=keys, allow_modes=frozenset(modes))
 
 
-def _load_file(path: Path) -> DeviceProfile:
+def load_profile_file(path: Path) -> DeviceProfile:
+    """Load and check one profile file; its name must match the file's stem.
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid YAML, or is not a valid profile.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -182,27 +187,6 @@ def load_profile(name: str, search_dirs: Sequence[Path]) -> DeviceProfile:
     for d in search_dirs:
         candidate = Path(d) / f"{name}.yaml"
         if candidate.is_file():
-            return _load_file(candidate)
+            return load_profile_file(candidate)
     dirs = ", ".join(str(d) for d in search_dirs) or "(no directories)"
     raise ConfigError(f"device profile {name!r} not found in {dirs}")
-
-
-def load_all_profiles(search_dirs: Sequence[Path]) -> dict[str, DeviceProfile]:
-    """Load every ``*.yaml`` profile of ``search_dirs``; an earlier directory wins on a name clash.
-
-    Missing directories are skipped.
-
-    Raises:
-        ConfigError: a profile file is invalid.
-    """
-    found: dict[str, DeviceProfile] = {}
-    for d in search_dirs:
-        directory = Path(d)
-        if not directory.is_dir():
-            log.debug("profile directory %s does not exist", directory)
-            continue
-        for path in sorted(directory.glob("*.yaml")):
-            if path.stem in found:
-                continue
-            found[path.stem] = _load_file(path)
-    return found

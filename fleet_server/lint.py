@@ -30,20 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edge_core.bundle import (
-    BUILTIN_VALUES,
-    Bundle,
-    Selector,
-    apply_one_overlay,
-    default_resource_id,
-    parse_bundle_partial,
-)
+from edge_core.bundle import BUILTIN_VALUES, Bundle, Selector, apply_one_overlay, default_resource_id
 from edge_core.errors import BundleError, YamlError
-from edge_core.fleetfile import fleet_problems
 from edge_core.policy import Refusal, check_refusal, resource_refusal
-from edge_core.profiles import DeviceProfile, load_all_profiles
+from edge_core.profiles import DeviceProfile
 from edge_core.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit, parse_check
 from edge_core.yamlsafe import LocatedDoc, load_yaml
+from fleet_server.authoring.problems import fleet_problems, load_all_profiles, parse_bundle_partial
 from fleet_server.rollouts.plan import PlanRef, parse_fleet_rollout, parse_plan
 
 __all__ = ["ALLOW_SECRET_MARKER", "SEALED_SECRET_TYPE", "LintProblem", "lint_repo"]

@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry
-
 from edge_core.errors import (
     ExpiredError,
     FetchError,
@@ -137,7 +135,7 @@ class GitWatcher:
         if not git.url:
             raise ServerConfigError("git.url: the Git watcher needs the mirror's URL")
         if metrics is None:
-            metrics = ReleaseMetrics(CollectorRegistry())
+            metrics = ReleaseMetrics()
         self.metrics = metrics
         self._source = Source(git.url, git.branch, Path(git.cache_dir), limits=git.fetch_limits)
         self._trust = TrustRoot(keys=frozenset(git.trust.keys), threshold=git.trust.threshold)

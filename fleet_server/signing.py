@@ -16,27 +16,20 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from nacl.signing import SigningKey
-
 from edge_core.errors import FileIntegrityError, ManifestError, RootRotationError
 from edge_core.paths import validate_repo_path
 from edge_core.trust.canonical import canonical_bytes
-from edge_core.trust.keys import format_verify_key
+from edge_core.trust.keys import SigningKey, format_verify_key
 from edge_core.trust.manifest import (
     MANIFEST_PATH,
     MAX_FILES,
     MAX_MANIFEST_BYTES,
     MAX_ROOT_BYTES,
     ROOT_DIR,
-    add_signatures,
-    build_release,
-    build_root,
     file_digest,
     parse_root_fields,
     parse_signed_document,
-    read_unverified,
     root_path,
-    sign_document,
     signature_is_valid,
 )
 from edge_core.trust.verify import (
@@ -47,6 +40,13 @@ from edge_core.trust.verify import (
     verify_genesis_root,
     verify_release,
     verify_root_rotation,
+)
+from fleet_server.authoring.manifest import (
+    add_signatures,
+    build_release,
+    build_root,
+    read_unverified,
+    sign_document,
 )
 from fleet_server.errors import UsageError
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from edge_core.trust.keys import load_signing_key
-from edge_core.trust.manifest import MANIFEST_PATH, read_unverified
+from edge_core.trust.manifest import MANIFEST_PATH
+from fleet_server.authoring.manifest import read_unverified
 from fleet_server.cli.release import parse_duration
 from fleet_server.errors import UsageError
 from fleet_server.fleetctl import main

@@ -9,8 +9,9 @@ import pytest
 
 from edge_core.errors import ConfigError
 from edge_core.paths import is_under
-from edge_core.profiles import load_all_profiles, load_profile, parse_profile
+from edge_core.profiles import load_profile, parse_profile
 from edge_core.resources import RESOURCE_KINDS, DiskFreeCheck, MemoryCheck, TemperatureCheck
+from fleet_server.authoring.problems import load_all_profiles
 
 SHIPPED = Path(__file__).resolve().parent.parent / "device_profiles"
 

@@ -11,7 +11,6 @@ from nacl.signing import SigningKey
 from edge_core.errors import RootRotationError, ThresholdError, UntrustedKeyError
 from edge_core.trust.canonical import canonical_bytes
 from edge_core.trust.keys import format_verify_key
-from edge_core.trust.manifest import build_release, build_root, sign_document
 from edge_core.trust.verify import (
     TrustRoot,
     update_trust_root,
@@ -19,6 +18,7 @@ from edge_core.trust.verify import (
     verify_release,
     verify_root_rotation,
 )
+from fleet_server.authoring.manifest import build_release, build_root, sign_document
 
 NOW = datetime(2031, 3, 1, tzinfo=UTC)
 OLD = [SigningKey.generate() for _ in range(3)]
