@@ -63,7 +63,6 @@ from edge_core.errors import (
     DriverUnavailable,
     ExpiredError,
     FetchError,
-    FileMissing,
     MessageError,
     RollbackError,
     StateError,
@@ -74,10 +73,9 @@ from edge_core.profiles import DeviceProfile, load_profile
 from edge_core.resources import SecretFile
 from edge_core.source import Source
 from edge_core.trust.keys import PrivateKey
-from edge_core.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
 from edge_core.trust.sealed import open_sealed
 from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
-from edge_core.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
+from edge_core.trust.verify import TrustRoot, VerifiedRelease, tree_index, verify_tree
 
 __all__ = [
     "DriftReport",
@@ -308,24 +306,9 @@ def _stored_trust(config: AgentConfig, state: StateDB) -> TrustRoot:
     return TrustRoot(keys=frozenset(config.trust.keys), threshold=config.trust.threshold)
 
 
-def _root_documents(tree: Mapping[str, bytes]) -> dict[int, bytes]:
-    docs: dict[int, bytes] = {}
-    prefix = ROOT_DIR.rstrip("/") + "/"
-    for path, data in tree.items():
-        if path.startswith(prefix) and path.endswith(".json"):
-            stem = path[len(prefix):-len(".json")]
-            if stem.isdigit():
-                docs[int(stem)] = data
-    return docs
-
-
-def _tree_index(tree: Mapping[str, bytes]) -> dict[str, tuple[str, int]]:
-    return {p: (hashlib.sha256(d).hexdigest(), len(d)) for p, d in tree.items()}
-
-
 def _tree_digest(tree: Mapping[str, bytes]) -> str:
     h = hashlib.sha256()
-    for path, (digest, size) in sorted(_tree_index(tree).items()):
+    for path, (digest, size) in sorted(tree_index(tree).items()):
         h.update(f"{path}\0{digest}\0{size}\n".encode())
     return h.hexdigest()
 
@@ -359,14 +342,7 @@ def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime, seen: list[
             _check_commit_signature(rt, fetched.commit)
         tree = rt.source.read_tree(fetched.commit)
         current = _stored_trust(rt.config, rt.state)
-        docs = {v: d for v, d in _root_documents(tree).items() if v > current.version}
-        trust = update_trust_root(current, docs) if docs else current
-        manifest = tree.get(MANIFEST_PATH)
-        if manifest is None:
-            raise FileMissing(f"the release has no signed manifest at {MANIFEST_PATH}")
-        release = verify_release(manifest, trust, now=now, floor=rt.state.floor(),
-                                 max_bytes=MAX_MANIFEST_BYTES)
-        check_tree(release, _tree_index(tree))
+        release, trust = verify_tree(tree, current, now=now, floor=rt.state.floor())
     return _Verified(commit=fetched.commit, release=release, tree=tree, trust=trust,
                      trust_changed=trust != current)
 

@@ -36,10 +36,10 @@ from edge_core.trust.verify import (
     TrustRoot,
     VerifiedRelease,
     check_tree,
-    update_trust_root,
     verify_genesis_root,
     verify_release,
     verify_root_rotation,
+    verify_tree,
 )
 from fleet_server.authoring.manifest import (
     add_signatures,
@@ -381,22 +381,21 @@ def rotate_root(repo_dir: Path, new_keys: Sequence[str], *, threshold: int,
 
 def verify_repo(repo_dir: Path, trust: TrustRoot, *, now: datetime, floor: int) -> tuple[VerifiedRelease,
                                                                                         TrustRoot]:
-    """Verify the repo's manifest and files as a device would, after walking its root rotations.
+    """Verify the repo's root rotations, manifest and files as a device would.
 
-    Returns the verified release and the trust root it was verified with.
+    Returns the verified release and the trust root it was verified with. The verification is the
+    device's own (:func:`edge_core.trust.verify.verify_tree`) over the repo's files and manifest.
 
     Raises:
-        UsageError: there is no manifest.
+        UsageError: the files cannot be collected (see :func:`collect_release_files`).
+        UntrustedKeyError: there is no manifest, or no trusted key signed it.
         RootRotationError: a root file in the chain is invalid.
         ManifestError, PathError, SignatureError, ExpiredError, RollbackError, FileIntegrityError:
             the release fails that check.
     """
     repo_dir = Path(repo_dir)
-    trust = update_trust_root(trust, read_root_documents(repo_dir))
+    files = collect_release_files(repo_dir)
     document = read_manifest(repo_dir)
-    if document is None:
-        raise UsageError(f"no release manifest at {repo_dir / MANIFEST_PATH}; run 'fleetctl release sign'")
-    release = verify_release(document, trust, now=now, floor=floor)
-    check_tree(release, _tree_digests(collect_release_files(repo_dir)))
-    return release, trust
-
+    if document is not None:
+        files[MANIFEST_PATH] = document
+    return verify_tree(files, trust, now=now, floor=floor)

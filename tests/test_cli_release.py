@@ -235,7 +235,7 @@ def test_bad_duration_and_missing_manifest(tmp_path: Path, keys: dict[str, tuple
     assert "duration" in one_line_failure(code, err)
     assert not (repo / MANIFEST_PATH).exists()
     code, _, err = run(capsys, "release", "verify", repo, "--trust", keys["alice"][1])
-    assert "no release manifest" in one_line_failure(code, err)
+    assert "no signed manifest" in one_line_failure(code, err)
 
 
 def test_parse_duration_forms() -> None:
