@@ -73,7 +73,7 @@ __all__ = [
 
 
 class EdgeFleetError(Exception):
-    """Root of every error raised on purpose by edge_core, edge_agent and fleet_server."""
+    """Root of every error raised on purpose by edge_core and edge_agent (and of the shared ones the server raises)."""
 
 
 class ConfigError(EdgeFleetError, ValueError):
