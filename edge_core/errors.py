@@ -73,7 +73,7 @@ __all__ = [
 
 
 class EdgeFleetError(Exception):
-    """Root of every error raised on purpose by edge_core and edge_agent (and of the shared ones the server raises)."""
+    """Root of every error the project raises on purpose (the server also has its own root)."""
 
 
 class ConfigError(EdgeFleetError, ValueError):
