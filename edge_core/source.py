@@ -1,4 +1,4 @@
-"""Fetching releases from a Git mirror into a local cache: the only module that imports dulwich.
+"""Fetching releases from a Git mirror into a local cache (dulwich, with gitfetch and gittransport).
 
 The cache is a bare repository in ``cache_dir``. ``Source.fetch`` asks the mirror for one revision
 (the commit the fleet server assigned, else the branch head) with a shallow fetch (``depth``, 1 by
