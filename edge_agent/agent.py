@@ -61,7 +61,6 @@ from edge_core import messages
 from edge_core.errors import (
     ConfigError,
     DriverUnavailable,
-    ExpiredError,
     FetchError,
     MessageError,
     RollbackError,
@@ -75,7 +74,7 @@ from edge_core.source import Source
 from edge_core.trust.keys import PrivateKey
 from edge_core.trust.sealed import open_sealed
 from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
-from edge_core.trust.verify import TrustRoot, VerifiedRelease, tree_index, verify_tree
+from edge_core.trust.verify import TrustRoot, VerifiedRelease, recheck_release, tree_index, verify_tree
 
 __all__ = [
     "DriftReport",
@@ -331,11 +330,7 @@ def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime, seen: list[
     hit = None if cache is None else cache.verified
     if (hit is not None and hit.commit == fetched.commit
             and hit.trust == _stored_trust(rt.config, rt.state)):
-        if now >= hit.release.expires:
-            raise ExpiredError(f"release {hit.release.version} expired at {hit.release.expires.isoformat()}")
-        if hit.release.version < rt.state.floor():
-            floor = rt.state.floor()
-            raise RollbackError(f"release {hit.release.version} is below the rollback floor {floor}")
+        recheck_release(hit.release, now=now, floor=rt.state.floor())
         return hit
     with log_context(commit=fetched.commit):
         if rt.config.trust.allowed_signers is not None:

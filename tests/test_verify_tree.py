@@ -23,12 +23,13 @@ from nacl.signing import SigningKey
 
 import edge_agent.agent as agent_module
 import fleet_server.releases as releases_module
-from edge_agent.agent import sync_once
+from edge_agent.agent import SyncCache, sync_once
 from edge_agent.config import load_config
 from edge_agent.state import StateDB
+from edge_core.errors import ExpiredError, RollbackError
 from edge_core.trust.keys import format_verify_key
 from edge_core.trust.manifest import MANIFEST_PATH, root_path
-from edge_core.trust.verify import TreeVerdict, verify_tree
+from edge_core.trust.verify import TreeVerdict, TrustRoot, verify_tree
 from fleet_server.authoring.manifest import build_root, sign_document
 from fleet_server.config import GitConfig, GitTrust, ServerConfig
 from fleet_server.fleetctl import main as fleetctl
@@ -257,3 +258,37 @@ def test_one_case_one_outcome_on_every_path(case: Case, tmp_path: Path, monkeypa
     assert first.message is not None
     assert case.message is not None
     assert first.message.startswith(case.message)
+
+
+def test_the_daemons_cached_verdict_refuses_with_the_verifiers_own_messages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync that reuses a verified commit (the daemon's cache) checks expiry and the floor again;
+    the refusal reads exactly as the verifier's on the same tree."""
+    now = datetime.now(UTC)
+    work = WorkRepo.create(tmp_path / "work")
+    mirror = make_bare(tmp_path / "mirror.git")
+    _one_signature(work, now)
+    work.commit("release 1")
+    work.push(mirror)
+    device = tmp_path / "agent"
+    device.mkdir()
+    _through_agent(device, mirror, Case("ok", _one_signature), monkeypatch)
+    config = load_config(device / "agent.yaml")
+    cache = SyncCache()
+    assert sync_once(config, cache=cache, now=now).outcome in ("applied", "noop")
+    assert cache.verified is not None
+    tree = {p: (work.path / p).read_bytes() for p in (*FILES, MANIFEST_PATH)}
+
+    late = now + timedelta(days=2)
+    expired = sync_once(config, cache=cache, now=late)
+    with pytest.raises(ExpiredError) as fresh:
+        verify_tree(tree, TrustRoot(frozenset({A}), 1), now=late, floor=0)
+    assert (expired.outcome, expired.reason) == ("refused", str(fresh.value))
+
+    db = StateDB(config.state_dir / "state.db")
+    db.raise_floor(2)
+    db.close()
+    below = sync_once(config, cache=cache, now=now)
+    with pytest.raises(RollbackError) as fresh_floor:
+        verify_tree(tree, TrustRoot(frozenset({A}), 1), now=now, floor=2)
+    assert (below.outcome, below.reason) == ("refused", str(fresh_floor.value))

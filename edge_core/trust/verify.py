@@ -62,6 +62,7 @@ __all__ = [
     "VerifiedRelease",
     "check_file",
     "check_tree",
+    "recheck_release",
     "root_documents",
     "tree_index",
     "update_trust_root",
@@ -132,6 +133,28 @@ def _require_aware(now: datetime) -> None:
         raise ValueError("now must be timezone-aware")
 
 
+def _check_time_and_floor(version: int, expires: datetime, *, now: datetime, floor: int) -> None:
+    if now >= expires:
+        raise ExpiredError(f"release {version} expired at {format_time(expires)}")
+    if version < floor:
+        raise RollbackError(f"release {version} is below the rollback floor {floor}")
+
+
+def recheck_release(release: VerifiedRelease, *, now: datetime, floor: int) -> None:
+    """Check again what can change for a release verified earlier: its expiry and the floor.
+
+    For a caller that keeps a verified release (the daemon's sync cache); the errors and messages
+    are those of :func:`verify_release`.
+
+    Raises:
+        ExpiredError: ``now`` is at or after its expiry.
+        RollbackError: its version is below ``floor``.
+        ValueError: ``now`` is naive.
+    """
+    _require_aware(now)
+    _check_time_and_floor(release.version, release.expires, now=now, floor=floor)
+
+
 def verify_release(document: bytes, trust: TrustRoot, *, now: datetime, floor: int,
                    max_bytes: int = MAX_MANIFEST_BYTES) -> VerifiedRelease:
     """Verify a release manifest against a trust root at time ``now`` and return its contents.
@@ -164,10 +187,7 @@ def verify_release(document: bytes, trust: TrustRoot, *, now: datetime, floor: i
     if len(signers) < trust.threshold:
         raise ThresholdError(f"release {fields.version} has {len(signers)} valid trusted signature(s), "
                              f"{trust.threshold} required")
-    if now >= fields.expires:
-        raise ExpiredError(f"release {fields.version} expired at {format_time(fields.expires)}")
-    if fields.version < floor:
-        raise RollbackError(f"release {fields.version} is below the rollback floor {floor}")
+    _check_time_and_floor(fields.version, fields.expires, now=now, floor=floor)
     return VerifiedRelease(version=fields.version, rollback_floor=fields.rollback_floor,
                            created=fields.created, expires=fields.expires,
                            files=MappingProxyType(dict(fields.files)), signers=frozenset(signers),
