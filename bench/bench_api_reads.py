@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastapi.encoders import jsonable_encoder
 
-from edge_agent.report.messages import decode, encode, health_message, online_message, status_message
+from edge_core.messages import decode, encode, health_message, online_message, status_message
 from fleet_server.store import IngestBatch, Store
 
 __all__ = ["main"]

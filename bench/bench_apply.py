@@ -55,7 +55,7 @@ def compile_like_the_package() -> None:
     The third-party packages of the virtualenv were byte-compiled by pip when it installed them."""
     project = Path(__file__).resolve().parents[1]
     sh(sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
-       project / "edge_agent", project / "fleet_server")
+       project / "edge_core", project / "edge_agent", project / "fleet_server")
 
 
 def contents(n: int) -> dict[str, bytes]:

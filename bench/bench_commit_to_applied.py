@@ -48,7 +48,7 @@ from typing import Any
 import yaml
 
 from bench.bench_apply import BIN, REPO, compile_like_the_package
-from edge_agent.report import messages
+from edge_core import messages
 from tests.support.broker import Mosquitto
 from tests.support.gitrepo import WorkRepo, make_bare
 from tests.support.mirror import GitDaemon, free_port, wait_for_port

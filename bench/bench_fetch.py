@@ -1,8 +1,8 @@
-"""Incremental fetch of one one-file commit: edge_agent.source (dulwich, shallow) vs `git fetch`.
+"""Incremental fetch of one one-file commit: edge_core.source (dulwich, shallow) vs `git fetch`.
 
 A mirror with 5,000 commits over 200 files is built with `git fast-import`, served by `git daemon`
 on loopback. For each of 5 runs one new commit changing one file is pushed, then both clients
-fetch it: a shallow dulwich cache (edge_agent.source.Source) and a full `git clone`. Prints the
+fetch it: a shallow dulwich cache (edge_core.source.Source) and a full `git clone`. Prints the
 median wall time and the pack bytes each received.
 
     python -m bench.bench_fetch
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_agent.source import Source
+from edge_core.source import Source
 from tests.support.gitrepo import WorkRepo, git, make_bare
 from tests.support.mirror import GitDaemon
 
@@ -101,7 +101,7 @@ def main() -> int:
             source.close()
         d_med, g_med = statistics.median(d_times), statistics.median(g_times)
         print(f"{'client':<32}{'median s':>10}{'median bytes':>14}")
-        print(f"{'edge_agent.source (dulwich)':<32}{d_med:>10.4f}{int(statistics.median(d_bytes)):>14}")
+        print(f"{'edge_core.source (dulwich)':<32}{d_med:>10.4f}{int(statistics.median(d_bytes)):>14}")
         print(f"{'git fetch (full clone)':<32}{g_med:>10.4f}{int(statistics.median(g_bytes)):>14}")
         print(f"time ratio dulwich/git: {d_med / g_med:.2f}")
     return 0

@@ -39,7 +39,7 @@ __all__ = ["IMPORTS", "daemon_footprint", "import_costs", "importtime_top", "mai
 
 # Modules the daemon loads, in the order of the layers they belong to (each measured alone).
 IMPORTS = ("json", "logging", "ssl", "sqlite3", "yaml", "nacl.signing", "psutil", "paho.mqtt.client",
-           "dulwich.client", "edge_agent.config", "edge_agent.trust.verify", "edge_agent.source",
+           "dulwich.client", "edge_agent.config", "edge_core.trust.verify", "edge_core.source",
            "edge_agent.agent", "edge_agent.daemon")
 MIB = 2**20
 

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent.report import messages as m
+from edge_core import messages as m
 from fleet_server.config import parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load_fleet import FleetOptions, fleet_process
 from bench.rollout_probe import Sampler, ServerProcess, p95, scrape
-from edge_agent.report import messages as m
+from edge_core import messages as m
 from fleet_server.store import Store
 
 __all__ = ["GOALS", "SimFleet", "main", "run"]

@@ -27,9 +27,9 @@ from typing import Any
 
 import sqlite_utils
 
-from edge_agent.report import messages as m
-from edge_agent.source import Source
 from edge_agent.state import StateDB
+from edge_core import messages as m
+from edge_core.source import Source
 from fleet_server.store import IngestBatch, Store
 
 BATCH = 500

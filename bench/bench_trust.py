@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from edge_agent.trust.keys import format_verify_key
-from edge_agent.trust.manifest import build_release, sign_document
-from edge_agent.trust.sealed import open_sealed, seal
-from edge_agent.trust.verify import TrustRoot, check_tree, verify_release
+from edge_core.trust.keys import format_verify_key
+from edge_core.trust.sealed import open_sealed, seal
+from edge_core.trust.verify import TrustRoot, check_tree, verify_release
+from fleet_server.authoring.manifest import build_release, sign_document
 
 
 def main() -> int:

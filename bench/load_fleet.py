@@ -33,8 +33,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.errors import MessageError
-from edge_agent.report import messages as m
+from edge_core import messages as m
+from edge_core.errors import MessageError
 
 __all__ = ["FleetOptions", "LoadFleet", "fleet_process"]
 

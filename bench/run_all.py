@@ -180,7 +180,7 @@ _FETCH = re.compile(r"^(edge_agent\.source \(dulwich\)|git fetch \(full clone\))
 def fetch_rows(stdout: str, cmd: str) -> list[Row]:
     """Rows of :mod:`bench.bench_fetch` (its text output)."""
     found = {m.group(1).split()[0]: (float(m.group(2)), int(m.group(3))) for m in _FETCH.finditer(stdout)}
-    (dt, db), (gt, gb) = found["edge_agent.source"], found["git"]
+    (dt, db), (gt, gb) = found["edge_core.source"], found["git"]
     return [Row("incremental fetch of a one-file commit, 5,000-commit mirror (shallow dulwich)",
                 f"{_ms(dt)}, {db:,} bytes", f"`git fetch` {_ms(gt)}, {gb:,} bytes", _x(dt / gt),
                 "≤ 1× git's time", _met(dt / gt <= 1.0), cmd)]

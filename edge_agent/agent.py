@@ -43,8 +43,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nacl.public import PrivateKey
-
 from edge_agent import reporter, selection, telemetry
 from edge_agent.config import AgentConfig
 from edge_agent.drivers.base import Context, probe_kinds
@@ -52,31 +50,37 @@ from edge_agent.engine.drift import DriftFinding, detect_drift
 from edge_agent.engine.health import CheckResult, run_checks
 from edge_agent.engine.plan import Plan, make_plan, plan_document, render_plan
 from edge_agent.engine.transaction import Outcome, apply_plan, recover
-from edge_agent.errors import (
+from edge_agent.errors import LockedError
+from edge_agent.fsafe import FsRoot
+from edge_agent.identity import load_encryption_private
+from edge_agent.prefetch import Prefetched, open_source
+from edge_agent.release import DesiredState, DeviceIdentity, select
+from edge_agent.runner import CommandEnv, Runner
+from edge_agent.state import Managed, StateDB
+from edge_core import messages
+from edge_core.errors import (
     ConfigError,
     DriverUnavailable,
-    ExpiredError,
     FetchError,
-    FileMissing,
-    LockedError,
     MessageError,
     RollbackError,
     StateError,
     UntrustedInputError,
 )
-from edge_agent.fsafe import FsRoot
-from edge_agent.identity import load_encryption_private
-from edge_agent.logs import log_context, release_words
-from edge_agent.prefetch import Prefetched, open_source
-from edge_agent.profiles import DeviceProfile, load_profile
-from edge_agent.release import DesiredState, DeviceIdentity, select
-from edge_agent.report import messages
-from edge_agent.resources import SecretFile
-from edge_agent.runner import CommandEnv, Runner
-from edge_agent.source import Source
-from edge_agent.state import Managed, StateDB
-from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
-from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
+from edge_core.logs import log_context, release_words
+from edge_core.profiles import DeviceProfile, load_profile
+from edge_core.resources import SecretFile
+from edge_core.source import Source
+from edge_core.trust.keys import PrivateKey
+from edge_core.trust.sealed import open_sealed
+from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
+from edge_core.trust.verify import (
+    TrustRoot,
+    VerifiedRelease,
+    recheck_release,
+    tree_index,
+    verify_tree,
+)
 
 __all__ = [
     "DriftReport",
@@ -241,7 +245,6 @@ def _secret_opener(state_dir: Path) -> Callable[[SecretFile, bytes], bytes]:
         name = res.secret.rsplit("/", 1)[-1]
         expected = name.removesuffix(SECRET_SUFFIX)
         # Imported on first use: a release without secrets never loads the envelope code.
-        from edge_agent.trust.sealed import open_sealed  # noqa: PLC0415
 
         return open_sealed(document, expected_id=expected, key=cache[0])
 
@@ -310,24 +313,9 @@ def _stored_trust(config: AgentConfig, state: StateDB) -> TrustRoot:
     return TrustRoot(keys=frozenset(config.trust.keys), threshold=config.trust.threshold)
 
 
-def _root_documents(tree: Mapping[str, bytes]) -> dict[int, bytes]:
-    docs: dict[int, bytes] = {}
-    prefix = ROOT_DIR.rstrip("/") + "/"
-    for path, data in tree.items():
-        if path.startswith(prefix) and path.endswith(".json"):
-            stem = path[len(prefix):-len(".json")]
-            if stem.isdigit():
-                docs[int(stem)] = data
-    return docs
-
-
-def _tree_index(tree: Mapping[str, bytes]) -> dict[str, tuple[str, int]]:
-    return {p: (hashlib.sha256(d).hexdigest(), len(d)) for p, d in tree.items()}
-
-
 def _tree_digest(tree: Mapping[str, bytes]) -> str:
     h = hashlib.sha256()
-    for path, (digest, size) in sorted(_tree_index(tree).items()):
+    for path, (digest, size) in sorted(tree_index(tree).items()):
         h.update(f"{path}\0{digest}\0{size}\n".encode())
     return h.hexdigest()
 
@@ -350,25 +338,14 @@ def _fetch_and_verify(rt: _Runtime, want: str | None, now: datetime, seen: list[
     hit = None if cache is None else cache.verified
     if (hit is not None and hit.commit == fetched.commit
             and hit.trust == _stored_trust(rt.config, rt.state)):
-        if now >= hit.release.expires:
-            raise ExpiredError(f"release {hit.release.version} expired at {hit.release.expires.isoformat()}")
-        if hit.release.version < rt.state.floor():
-            floor = rt.state.floor()
-            raise RollbackError(f"release {hit.release.version} is below the rollback floor {floor}")
+        recheck_release(hit.release, now=now, floor=rt.state.floor())
         return hit
     with log_context(commit=fetched.commit):
         if rt.config.trust.allowed_signers is not None:
             _check_commit_signature(rt, fetched.commit)
         tree = rt.source.read_tree(fetched.commit)
         current = _stored_trust(rt.config, rt.state)
-        docs = {v: d for v, d in _root_documents(tree).items() if v > current.version}
-        trust = update_trust_root(current, docs) if docs else current
-        manifest = tree.get(MANIFEST_PATH)
-        if manifest is None:
-            raise FileMissing(f"the release has no signed manifest at {MANIFEST_PATH}")
-        release = verify_release(manifest, trust, now=now, floor=rt.state.floor(),
-                                 max_bytes=MAX_MANIFEST_BYTES)
-        check_tree(release, _tree_index(tree))
+        release, trust = verify_tree(tree, current, now=now, floor=rt.state.floor())
     return _Verified(commit=fetched.commit, release=release, tree=tree, trust=trust,
                      trust_changed=trust != current)
 
@@ -387,7 +364,6 @@ def _check_commit_signature(rt: _Runtime, commit: str) -> None:
     except OSError as exc:
         raise ConfigError(f"trust.allowed_signers: cannot read {path}: {exc.strerror}") from exc
     # Imported on first use: only devices with trust.allowed_signers check SSH-signed commits.
-    from edge_agent.trust.sshsig import parse_allowed_signers, verify_commit  # noqa: PLC0415
 
     signer = verify_commit(rt.source.commit_raw(commit), parse_allowed_signers(text))
     log.info("commit %s is signed by %s", commit, signer)

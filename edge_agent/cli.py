@@ -17,8 +17,8 @@ from pathlib import Path
 
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
-from edge_agent.errors import EdgeFleetError
-from edge_agent.logs import release_words, setup_logging
+from edge_core.errors import EdgeFleetError
+from edge_core.logs import release_words, setup_logging
 
 __all__ = ["build_parser", "main"]
 

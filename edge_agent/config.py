@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_agent.config_section import (
+from edge_core.config_section import (
     FETCH_LIMIT_KEYS,
     LOG_LEVELS,
     ConfigSection,
@@ -21,11 +21,11 @@ from edge_agent.config_section import (
     located_reason,
     parse_duration,
 )
-from edge_agent.errors import ConfigError, KeyFileError
-from edge_agent.gitlimits import FetchLimits
-from edge_agent.report.messages import MAX_LABEL_VALUE, MAX_LABELS
-from edge_agent.trust.keys import parse_verify_key
-from edge_agent.yamlsafe import excerpt
+from edge_core.errors import ConfigError, KeyFileError
+from edge_core.gitlimits import FetchLimits
+from edge_core.messages import MAX_LABEL_VALUE, MAX_LABELS
+from edge_core.trust.keys import parse_verify_key
+from edge_core.yamlsafe import excerpt
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

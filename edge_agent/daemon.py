@@ -66,11 +66,12 @@ from edge_agent.agent import (
 )
 from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
-from edge_agent.errors import EdgeFleetError, LockedError
-from edge_agent.logs import log_context
+from edge_agent.errors import LockedError
 from edge_agent.prefetch import Prefetched, prefetch
 from edge_agent.report.service import Reporter
 from edge_agent.selection import Baseline, fleet_baseline, set_fleet_baseline, target_for
+from edge_core.errors import EdgeFleetError
+from edge_core.logs import log_context
 
 __all__ = ["Daemon", "install_signal_handlers", "run"]
 

@@ -1,7 +1,7 @@
 """Confined, atomic, symlink-proof file operations on the device filesystem: :class:`FsRoot`.
 
 Every driver writes through :class:`FsRoot`. A device path such as ``/etc/motd`` is first checked
-against the profile's allowed roots (:func:`edge_agent.paths.check_confined`), then resolved one
+against the profile's allowed roots (:func:`edge_core.paths.check_confined`), then resolved one
 component at a time from a directory fd of the root with ``openat`` semantics and ``O_NOFOLLOW``
 (:class:`edge_agent.fsafe_fd.ParentWalk`): an intermediate component that is a symlink (even one
 pointing back inside the root) or not a directory is refused with :class:`ConfinementError`.
@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from edge_agent import fsafe_backup
-from edge_agent.errors import ApplyError, ConfigError, ConfinementError, PathError
+from edge_agent.errors import ApplyError
 from edge_agent.fsafe_fd import (
     CHUNK,
     DIR_FLAGS,
@@ -59,7 +59,8 @@ from edge_agent.fsafe_fd import (
     temp_name,
     write_all,
 )
-from edge_agent.paths import check_confined, is_under, validate_device_path
+from edge_core.errors import ConfigError, ConfinementError, PathError
+from edge_core.paths import check_confined, is_under, validate_device_path
 
 __all__ = ["DEFAULT_MAX_BYTES", "Entry", "FsRoot"]
 

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from edge_agent.errors import ApplyError, ConfinementError
+from edge_agent.errors import ApplyError
 from edge_agent.fsafe_fd import (
     CHUNK,
     DIR_FLAGS,
@@ -29,6 +29,7 @@ from edge_agent.fsafe_fd import (
     temp_name,
     write_all,
 )
+from edge_core.errors import ConfinementError
 
 if TYPE_CHECKING:
     from edge_agent.fsafe import FsRoot

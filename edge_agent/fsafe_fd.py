@@ -18,7 +18,8 @@ import secrets
 import stat
 from types import TracebackType
 
-from edge_agent.errors import ApplyError, ConfinementError
+from edge_agent.errors import ApplyError
+from edge_core.errors import ConfinementError
 
 __all__ = [
     "CHUNK",

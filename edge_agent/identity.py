@@ -1,7 +1,7 @@
 """The device identity: an Ed25519 key (who the device is) and an X25519 key (what secrets seal to).
 
 Both live in the agent's state directory as 0600 key files (``identity.key``, ``encryption.key``)
-written by :mod:`edge_agent.trust.keys`. :func:`init_identity` creates whichever is missing and never
+written by :mod:`edge_core.trust.keys`. :func:`init_identity` creates whichever is missing and never
 replaces an existing key; the public halves are what an operator registers for the device.
 """
 
@@ -11,11 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from nacl.public import PrivateKey
-from nacl.signing import SigningKey
-
-from edge_agent.errors import KeyFileError
-from edge_agent.trust.keys import (
+from edge_core.errors import KeyFileError
+from edge_core.trust.keys import (
+    PrivateKey,
+    SigningKey,
     format_encryption_public,
     format_verify_key,
     generate_encryption_key,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.config import AgentConfig
-from edge_agent.errors import ConfigError, FetchError
-from edge_agent.source import FetchResult, Source, SourceAuth
+from edge_core.errors import ConfigError, FetchError
+from edge_core.source import FetchResult, Source, SourceAuth
 
 __all__ = ["REPO_CACHE", "Prefetched", "open_source", "prefetch", "read_secret_file"]
 

@@ -4,7 +4,7 @@
 applied as a whole, so a broken bundle anywhere refuses the release on every device rather than
 leaving devices to disagree about which half of it was valid. It then keeps the bundles whose
 ``targets`` match the device, applies their overlays, enforces the device profile on every
-resource and health check (:mod:`edge_agent.policy`: roots, kinds, units, sysctl keys, modes) and
+resource and health check (:mod:`edge_core.policy`: roots, kinds, units, sysctl keys, modes) and
 resolves every payload to the bytes to write.
 """
 
@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.bundle import Bundle, DeviceIdentity, ResolvedBundle, builtin_values, parse_bundle
-from edge_agent.errors import BundleError
-from edge_agent.fleetfile import FleetDefaults, parse_fleet_file
-from edge_agent.policy import Refusal, check_refusal, resource_refusal
-from edge_agent.profiles import DeviceProfile
-from edge_agent.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit
-from edge_agent.yamlsafe import load_yaml
+from edge_core.bundle import Bundle, DeviceIdentity, ResolvedBundle, builtin_values, parse_bundle
+from edge_core.errors import BundleError
+from edge_core.fleetfile import FleetDefaults, parse_fleet_file
+from edge_core.policy import Refusal, check_refusal, resource_refusal
+from edge_core.profiles import DeviceProfile
+from edge_core.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit
+from edge_core.yamlsafe import load_yaml
 
 __all__ = ["DesiredState", "DeviceIdentity", "bundle_files", "render_template", "select"]
 

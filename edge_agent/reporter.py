@@ -5,7 +5,7 @@ Two halves:
 * **Builders** (pure, data and time in, a validated message out): :func:`sync_event` maps a sync
   outcome to its event, :func:`started_event`, :func:`drift_event`, :func:`pause_event`,
   :func:`recovery_event`, :func:`status_report` and :func:`health_report`. Every one goes through
-  :mod:`edge_agent.report.messages`, so the fleet server's decoder accepts what the device sends.
+  :mod:`edge_core.messages`, so the fleet server's decoder accepts what the device sends.
   :func:`queue_report` encodes a message and writes it to the outbox (the state database) with
   the QoS, retain flag and outbox class of its kind; nothing is ever sent without being queued
   first.
@@ -34,9 +34,9 @@ from datetime import datetime
 from typing import Any
 
 from edge_agent.engine.health import CheckResult
-from edge_agent.errors import MessageError
-from edge_agent.report import messages
 from edge_agent.state import StateDB
+from edge_core import messages
+from edge_core.errors import MessageError
 
 __all__ = [
     "DRIFT_RESOURCES_MAX",

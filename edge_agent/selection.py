@@ -23,8 +23,8 @@ import json
 from dataclasses import dataclass
 
 from edge_agent.config import AgentConfig
-from edge_agent.errors import RollbackError
 from edge_agent.state import Installed, StateDB
+from edge_core.errors import RollbackError
 
 __all__ = [
     "INSTRUCTED",

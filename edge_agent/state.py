@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.errors import StateError
 from edge_agent.state_db import dumps_json, loads_json, now_or
 from edge_agent.state_journal import TXN_OUTCOMES, JournalTables
 from edge_agent.state_outbox import OutboxTables
+from edge_core.errors import StateError
 
 __all__ = ["DriftFinding", "Event", "Installed", "Managed", "StateDB"]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from edge_agent.errors import StateError
+from edge_core.errors import StateError
 
 __all__ = ["SCHEMA_VERSION", "Database", "dumps_json", "loads_json", "now_or"]
 

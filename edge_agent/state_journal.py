@@ -12,8 +12,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.errors import StateError
 from edge_agent.state_db import Database, dumps_json, loads_json, now_or
+from edge_core.errors import StateError
 
 __all__ = ["TXN_OUTCOMES", "JournalEntry", "JournalTables", "OpenTxn"]
 

@@ -11,8 +11,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from edge_agent.errors import StateError
 from edge_agent.state_db import Database, now_or
+from edge_core.errors import StateError
 
 __all__ = ["OUTBOX_CLASSES", "OutboxItem", "OutboxTables"]
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge_agent.errors import MessageError
+from edge_core.errors import MessageError
 from fleet_server.errors import BrokerError, StoreError
 from fleet_server.rollouts.engine import RolloutState
 from fleet_server.store import FleetStore

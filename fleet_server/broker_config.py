@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import MessageError
-from edge_agent.report.messages import DEVICE_ID_RE, MAX_MESSAGE_BYTES, baseline_topic, nudge_topic
+from edge_core.errors import MessageError
+from edge_core.messages import DEVICE_ID_RE, MAX_MESSAGE_BYTES, baseline_topic, nudge_topic
 from fleet_server.errors import UsageError
 
 __all__ = [

@@ -17,18 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.config_section import (
+from edge_core.config_section import (
     FETCH_LIMIT_KEYS,
     LOG_LEVELS,
     ConfigSection,
     fetch_limit_values,
     located_reason,
 )
-from edge_agent.errors import KeyFileError, YamlError
-from edge_agent.gitlimits import FetchLimits
-from edge_agent.report.messages import MAX_MESSAGE_BYTES
-from edge_agent.trust.keys import parse_verify_key
-from edge_agent.yamlsafe import LocatedDoc, YamlSyntaxError, excerpt, load_yaml
+from edge_core.errors import KeyFileError, YamlError
+from edge_core.gitlimits import FetchLimits
+from edge_core.messages import MAX_MESSAGE_BYTES
+from edge_core.trust.keys import parse_verify_key
+from edge_core.yamlsafe import LocatedDoc, YamlSyntaxError, excerpt, load_yaml
 from fleet_server.errors import ServerConfigError
 
 __all__ = [

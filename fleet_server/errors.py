@@ -10,7 +10,7 @@
     ├── BrokerError (OSError)        the MQTT broker cannot be reached, refused, or did not acknowledge
     └── PlanError (ValueError)       a rollout plan (or maintenance window) is invalid
 
-Errors shared with the agent (trust, bundle format, keys) come from ``edge_agent.errors`` and are
+Errors shared with the agent (trust, bundle format, keys) come from ``edge_core.errors`` and are
 caught at the same place in the entry points.
 """
 

@@ -12,7 +12,7 @@ from typing import NoReturn
 __all__ = ["INSTALL_HINT", "exit_without_server_extras"]
 
 INSTALL_HINT = "pip install 'edge-fleet[server]'"
-_OWN_PACKAGES = frozenset({"fleet_server", "edge_agent"})
+_OWN_PACKAGES = frozenset({"fleet_server", "edge_core", "edge_agent"})
 
 
 def exit_without_server_extras(exc: ImportError) -> NoReturn:

@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from edge_agent.errors import EdgeFleetError
+from edge_core.errors import EdgeFleetError
 from fleet_server import __version__
 from fleet_server.cli.common import ExamplesHelpFormatter, json_requested
 from fleet_server.errors import FleetError, LintFailed

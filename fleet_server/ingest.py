@@ -50,8 +50,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.errors import MessageError
-from edge_agent.report.messages import (
+from edge_core.errors import MessageError
+from edge_core.messages import (
     baseline_message,
     baseline_topic,
     decode,

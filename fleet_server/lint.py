@@ -2,7 +2,7 @@
 
 The rules (documented for operators in ``docs/config-repo.md``):
 
-* YAML: syntax, one document, no anchors/aliases, size cap (``edge_agent.yamlsafe``).
+* YAML: syntax, one document, no anchors/aliases, size cap (``edge_core.yamlsafe``).
 * Format: ``fleet.yaml``, every ``bundles/<name>/bundle.yaml`` (unknown keys, types, missing
   fields, unknown resource and health-check kinds, duplicate ids, overlays); ``rollouts/*.yaml``
   are full rollout plans (``parse_plan``) and fleet.yaml's ``rollout:`` an inline plan or a
@@ -11,7 +11,7 @@ The rules (documented for operators in ``docs/config-repo.md``):
   escape), every overlay replacement exists, templates name only known values, every
   ``secret_file`` names a sealed-secret document.
 * Profiles: the profiles a bundle's selectors name must each allow every resource and health
-  check (``edge_agent.policy``: paths, kinds, systemd units, sysctl keys, modes; the same message
+  check (``edge_core.policy``: paths, kinds, systemd units, sysctl keys, modes; the same message
   the agent refuses a release with); a bundle with a selector naming no profile needs at least one
   known profile that allows each of them.
 * References: ``watch`` names a resource id some bundle declares; an id declared by two bundles
@@ -30,20 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edge_agent.bundle import (
+from edge_core.bundle import (
     BUILTIN_VALUES,
     Bundle,
     Selector,
     apply_one_overlay,
     default_resource_id,
-    parse_bundle_partial,
 )
-from edge_agent.errors import BundleError, YamlError
-from edge_agent.fleetfile import fleet_problems
-from edge_agent.policy import Refusal, check_refusal, resource_refusal
-from edge_agent.profiles import DeviceProfile, load_all_profiles
-from edge_agent.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit, parse_check
-from edge_agent.yamlsafe import LocatedDoc, load_yaml
+from edge_core.errors import BundleError, YamlError
+from edge_core.policy import Refusal, check_refusal, resource_refusal
+from edge_core.profiles import DeviceProfile
+from edge_core.resources import CommandRes, File, HealthCheck, Resource, SecretFile, SystemdUnit, parse_check
+from edge_core.yamlsafe import LocatedDoc, load_yaml
+from fleet_server.authoring.problems import fleet_problems, load_all_profiles, parse_bundle_partial
 from fleet_server.errors import PlanError
 from fleet_server.rollouts.plan import PlanRef, parse_fleet_rollout, parse_plan
 

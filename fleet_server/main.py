@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import EdgeFleetError
-from edge_agent.logs import setup_logging
-from edge_agent.source import Source
+from edge_core.errors import EdgeFleetError
+from edge_core.logs import setup_logging
+from edge_core.source import Source
 from fleet_server import __version__
 from fleet_server.extras import exit_without_server_extras
 

@@ -188,10 +188,11 @@ class ReleaseMetrics:
     """Collectors the Git watcher updates: polls, verified releases, refused releases by reason.
 
     Args:
-        registry: the registry to register on.
+        registry: the registry to register on (a private one when None).
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = CollectorRegistry() if registry is None else registry
         self.registry = registry
         self.polls = Counter("fleet_git_polls", "Polls of the Git mirror, by result (ok, error).",
                              ["result"], registry=registry)

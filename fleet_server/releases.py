@@ -1,8 +1,8 @@
 """The Git watcher: notices new signed releases on the mirror, verifies them, records them, nudges.
 
 ``GitWatcher`` fetches the branch head of the fleet's config repository through
-:class:`edge_agent.source.Source` (the only dulwich user) and checks each new head exactly as a
-device would (:mod:`edge_agent.trust.verify`): root rotations in ``.fleet/root/``, the release
+:class:`edge_core.source.Source` and checks each new head exactly as a device does, with the one
+verifier :func:`edge_core.trust.verify.verify_tree`: root rotations in ``.fleet/root/``, the release
 manifest's signatures, threshold and expiry, then every file of the tree against the manifest. A
 release that passes is recorded in the store (``record_release``); when it is new, the
 ``publish_nudge(revision, release)`` callback gets it (in ``fleet-server``, ``GitPlans.on_release``:
@@ -17,18 +17,15 @@ It polls every ``git.poll_interval`` seconds in a thread of its own; :meth:`GitW
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry
-
-from edge_agent.errors import (
+from edge_core.errors import (
     ExpiredError,
     FetchError,
     FileIntegrityError,
@@ -39,9 +36,8 @@ from edge_agent.errors import (
     UntrustedInputError,
     UntrustedKeyError,
 )
-from edge_agent.source import Source
-from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, ROOT_DIR
-from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_tree, update_trust_root, verify_release
+from edge_core.source import Source
+from edge_core.trust.verify import TrustRoot, VerifiedRelease, verify_tree
 from fleet_server.errors import ServerConfigError
 from fleet_server.metrics import ReleaseMetrics
 
@@ -99,21 +95,6 @@ def refusal_reason(exc: UntrustedInputError) -> str:
     return "invalid"
 
 
-def _root_documents(tree: Mapping[str, bytes], above: int) -> dict[int, bytes]:
-    prefix = ROOT_DIR.rstrip("/") + "/"
-    documents: dict[int, bytes] = {}
-    for path, data in tree.items():
-        if path.startswith(prefix) and path.endswith(".json"):
-            stem = path[len(prefix):-len(".json")]
-            if stem.isdigit() and int(stem) > above:
-                documents[int(stem)] = data
-    return documents
-
-
-def _tree_index(tree: Mapping[str, bytes]) -> dict[str, tuple[str, int]]:
-    return {path: (hashlib.sha256(data).hexdigest(), len(data)) for path, data in tree.items()}
-
-
 class GitWatcher:
     """Watches the fleet's Git mirror for new signed releases.
 
@@ -137,7 +118,7 @@ class GitWatcher:
         if not git.url:
             raise ServerConfigError("git.url: the Git watcher needs the mirror's URL")
         if metrics is None:
-            metrics = ReleaseMetrics(CollectorRegistry())
+            metrics = ReleaseMetrics()
         self.metrics = metrics
         self._source = Source(git.url, git.branch, Path(git.cache_dir), limits=git.fetch_limits)
         self._trust = TrustRoot(keys=frozenset(git.trust.keys), threshold=git.trust.threshold)
@@ -186,13 +167,7 @@ class GitWatcher:
 
     def _verify(self, commit: str) -> tuple[VerifiedRelease, float]:
         tree = self._source.read_tree(commit)
-        documents = _root_documents(tree, self._trust.version)
-        trust = update_trust_root(self._trust, documents) if documents else self._trust
-        manifest = tree.get(MANIFEST_PATH)
-        if manifest is None:
-            raise UntrustedKeyError(f"commit {commit} has no signed release manifest at {MANIFEST_PATH}")
-        release = verify_release(manifest, trust, now=self._clock(), floor=0, max_bytes=MAX_MANIFEST_BYTES)
-        check_tree(release, _tree_index(tree))
+        release, trust = verify_tree(tree, self._trust, now=self._clock(), floor=0)
         if trust != self._trust:
             log.info("git watcher: trust root moved to version %s", trust.version)
             self._trust = trust

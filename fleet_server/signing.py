@@ -1,6 +1,6 @@
 """The I/O side of signing: collect a config repo's files, write the release manifest and root files.
 
-The pure parts (manifest format, signatures, verification) live in :mod:`edge_agent.trust`; this
+The pure parts (manifest format, signatures, verification) live in :mod:`edge_core.trust`; this
 module reads the working tree, reads and writes ``.fleet/release.json`` and ``.fleet/root/<N>.json``
 atomically, and turns what it finds into calls to those pure functions.
 """
@@ -16,37 +16,37 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from nacl.signing import SigningKey
-
-from edge_agent.errors import FileIntegrityError, ManifestError, RootRotationError
-from edge_agent.paths import validate_repo_path
-from edge_agent.trust.canonical import canonical_bytes
-from edge_agent.trust.keys import format_verify_key
-from edge_agent.trust.manifest import (
+from edge_core.errors import FileIntegrityError, ManifestError, RootRotationError
+from edge_core.paths import validate_repo_path
+from edge_core.trust.canonical import canonical_bytes
+from edge_core.trust.keys import SigningKey, format_verify_key
+from edge_core.trust.manifest import (
     MANIFEST_PATH,
     MAX_FILES,
     MAX_MANIFEST_BYTES,
     MAX_ROOT_BYTES,
     ROOT_DIR,
-    add_signatures,
-    build_release,
-    build_root,
     file_digest,
     parse_root_fields,
     parse_signed_document,
-    read_unverified,
     root_path,
-    sign_document,
     signature_is_valid,
 )
-from edge_agent.trust.verify import (
+from edge_core.trust.verify import (
     TrustRoot,
     VerifiedRelease,
     check_tree,
-    update_trust_root,
     verify_genesis_root,
     verify_release,
     verify_root_rotation,
+    verify_tree,
+)
+from fleet_server.authoring.manifest import (
+    add_signatures,
+    build_release,
+    build_root,
+    read_unverified,
+    sign_document,
 )
 from fleet_server.errors import UsageError
 
@@ -381,22 +381,21 @@ def rotate_root(repo_dir: Path, new_keys: Sequence[str], *, threshold: int,
 
 def verify_repo(repo_dir: Path, trust: TrustRoot, *, now: datetime, floor: int) -> tuple[VerifiedRelease,
                                                                                         TrustRoot]:
-    """Verify the repo's manifest and files as a device would, after walking its root rotations.
+    """Verify the repo's root rotations, manifest and files as a device would.
 
-    Returns the verified release and the trust root it was verified with.
+    Returns the verified release and the trust root it was verified with. The verification is the
+    device's own (:func:`edge_core.trust.verify.verify_tree`) over the repo's files and manifest.
 
     Raises:
-        UsageError: there is no manifest.
+        UsageError: the files cannot be collected (see :func:`collect_release_files`).
+        UntrustedKeyError: there is no manifest, or no trusted key signed it.
         RootRotationError: a root file in the chain is invalid.
         ManifestError, PathError, SignatureError, ExpiredError, RollbackError, FileIntegrityError:
             the release fails that check.
     """
     repo_dir = Path(repo_dir)
-    trust = update_trust_root(trust, read_root_documents(repo_dir))
+    files = collect_release_files(repo_dir)
     document = read_manifest(repo_dir)
-    if document is None:
-        raise UsageError(f"no release manifest at {repo_dir / MANIFEST_PATH}; run 'fleetctl release sign'")
-    release = verify_release(document, trust, now=now, floor=floor)
-    check_tree(release, _tree_digests(collect_release_files(repo_dir)))
-    return release, trust
-
+    if document is not None:
+        files[MANIFEST_PATH] = document
+    return verify_tree(files, trust, now=now, floor=floor)

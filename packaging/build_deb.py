@@ -183,7 +183,7 @@ def _copy_sources(build_dir: Path) -> Path:
         shutil.rmtree(src)
     src.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("edge_agent", "fleet_server"):
+    for name in ("edge_core", "edge_agent", "fleet_server"):
         shutil.copytree(REPO / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)

@@ -24,7 +24,7 @@ from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import LockedError
 from edge_agent.identity import init_identity
 from edge_agent.state import StateDB
-from edge_agent.trust.keys import format_verify_key, generate_signing_key
+from edge_core.trust.keys import format_verify_key, generate_signing_key
 from fleet_server.signing import rotate_root, sign_release
 from tests.support.fake_system import FakeSystem
 from tests.support.gitrepo import WorkRepo, make_bare

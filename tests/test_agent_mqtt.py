@@ -19,8 +19,8 @@ from edge_agent import reporter
 from edge_agent.agent import check_drift, pause, resume, sync_once
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.daemon import Daemon
-from edge_agent.report import messages
 from edge_agent.state import StateDB
+from edge_core import messages
 from tests.support.broker import Mosquitto, Subscriber, publish
 from tests.support.mirror import GitDaemon
 from tests.test_agent_e2e import AgentFleet, base_release

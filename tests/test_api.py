@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.report.messages import event_message, health_message, online_message, status_message
+from edge_core.messages import event_message, health_message, online_message, status_message
 from fleet_server.api import ApiActions, create_app
 from fleet_server.config import GitConfig, HttpConfig, ServerConfig
 from fleet_server.errors import ServerConfigError

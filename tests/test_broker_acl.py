@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.report import messages as m
 from edge_agent.report.mqtt import MqttLink, MqttSettings
+from edge_core import messages as m
 from fleet_server.broker_config import acl_text, read_device_ids
 from fleet_server.cli import broker as broker_cli
 from fleet_server.errors import UsageError

@@ -1,4 +1,4 @@
-"""edge_agent.bundle and edge_agent.resources: the bundle.yaml format, selectors and overlays."""
+"""edge_core.bundle and edge_core.resources: the bundle.yaml format, selectors and overlays."""
 
 from __future__ import annotations
 
@@ -6,15 +6,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.bundle import (
-    DeviceIdentity,
-    Selector,
-    bundle_problems,
-    parse_bundle,
-    parse_selector,
-)
-from edge_agent.errors import BundleError
-from edge_agent.resources import (
+from edge_core.bundle import DeviceIdentity, Selector, parse_bundle, parse_selector
+from edge_core.errors import BundleError
+from edge_core.resources import (
     Absent,
     CommandCheck,
     CommandRes,
@@ -33,7 +27,8 @@ from edge_agent.resources import (
     parse_check,
     parse_resource,
 )
-from edge_agent.yamlsafe import load_yaml
+from edge_core.yamlsafe import load_yaml
+from fleet_server.authoring.problems import parse_bundle_partial
 
 GOOD_RESOURCES: list[tuple[dict[str, Any], Any, str, dict[str, Any]]] = [
     ({"kind": "file", "path": "/etc/motd", "content": "hi\n", "mode": "0644"}, File, "file:/etc/motd",
@@ -249,7 +244,7 @@ def test_bundle_problems_reports_every_problem() -> None:
         "values": {"ok": "1", "device_id": "x", "bad-name": "y", "frac": 1.5},
         "description": 3,
     }
-    got = {(e.where, e.reason.split(" (")[0]) for e in bundle_problems("b", value)}
+    got = {(e.where, e.reason.split(" (")[0]) for e in parse_bundle_partial("b", value)[1]}
     assert got == {
         (("target",), "unknown top-level key 'target'"),
         (("description",), "'description' must be a string"),
@@ -274,7 +269,7 @@ def test_bundle_must_be_a_mapping(value: Any) -> None:
 
 
 def test_bad_bundle_name() -> None:
-    assert any("invalid bundle name" in e.reason for e in bundle_problems("../x", {}))
+    assert any("invalid bundle name" in e.reason for e in parse_bundle_partial("../x", {})[1])
 
 
 BASE: dict[str, Any] = {
@@ -362,7 +357,7 @@ def test_later_overlays_win() -> None:
 )
 def test_bad_overlays(overlay: dict[str, Any], where: tuple[str | int, ...], fragment: str) -> None:
     value = {**BASE, "overlays": [overlay]}
-    problems = bundle_problems("app", value)
+    problems = parse_bundle_partial("app", value)[1]
     assert [(e.where, fragment in e.reason) for e in problems] == [(where, True)], problems
 
 

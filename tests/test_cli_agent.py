@@ -20,7 +20,7 @@ from edge_agent import __version__
 from edge_agent.agent import status
 from edge_agent.cli import main
 from edge_agent.daemon import Daemon
-from edge_agent.logs import JsonFormatter, log_context, setup_logging
+from edge_core.logs import JsonFormatter, log_context, setup_logging
 from tests.support.mirror import GitDaemon
 from tests.test_agent_e2e import AgentFleet, base_release
 

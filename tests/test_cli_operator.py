@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from edge_agent import reporter
-from edge_agent.durations import parse_cli_seconds, parse_seconds
-from edge_agent.trust.manifest import MANIFEST_PATH, MAX_MESSAGE_CHARS, parse_time, read_unverified
+from edge_core.durations import parse_cli_seconds, parse_seconds
+from edge_core.trust.manifest import MANIFEST_PATH, MAX_MESSAGE_CHARS, parse_time
 from fleet_server import fleetctl
+from fleet_server.authoring.manifest import read_unverified
 from fleet_server.cli.devices import SYNC_STATES
 from fleet_server.cli.release import NO_LINT_NOTE
 from fleet_server.extras import exit_without_server_extras

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.trust.keys import load_signing_key
-from edge_agent.trust.manifest import MANIFEST_PATH, read_unverified
+from edge_core.trust.keys import load_signing_key
+from edge_core.trust.manifest import MANIFEST_PATH
+from fleet_server.authoring.manifest import read_unverified
 from fleet_server.cli.release import parse_duration
 from fleet_server.errors import UsageError
 from fleet_server.fleetctl import main
@@ -234,7 +235,7 @@ def test_bad_duration_and_missing_manifest(tmp_path: Path, keys: dict[str, tuple
     assert "duration" in one_line_failure(code, err)
     assert not (repo / MANIFEST_PATH).exists()
     code, _, err = run(capsys, "release", "verify", repo, "--trust", keys["alice"][1])
-    assert "no release manifest" in one_line_failure(code, err)
+    assert "no signed manifest" in one_line_failure(code, err)
 
 
 def test_parse_duration_forms() -> None:

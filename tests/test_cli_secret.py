@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from nacl.public import PrivateKey
 
-from edge_agent.errors import NotARecipientError
-from edge_agent.trust import sealed
-from edge_agent.trust.keys import format_encryption_public, generate_encryption_key, load_encryption_key
+from edge_core.errors import NotARecipientError
+from edge_core.trust import sealed
+from edge_core.trust.keys import format_encryption_public, generate_encryption_key, load_encryption_key
 from fleet_server.fleetctl import main
 
 VALUE = b"  token with spaces and a trailing newline\n"

@@ -12,11 +12,11 @@ import yaml
 from nacl.signing import SigningKey
 
 from edge_agent.config import DEFAULT_PROFILE_DIRS, load_config, parse_duration
-from edge_agent.durations import parse_seconds
-from edge_agent.errors import ConfigError, KeyFileError
 from edge_agent.identity import init_identity, load_encryption_private, load_identity
 from edge_agent.prefetch import open_source, prefetch
-from edge_agent.trust.keys import format_verify_key
+from edge_core.durations import parse_seconds
+from edge_core.errors import ConfigError, KeyFileError
+from edge_core.trust.keys import format_verify_key
 
 KEY = format_verify_key(SigningKey(b"\x01" * 32).verify_key)
 KEY2 = format_verify_key(SigningKey(b"\x02" * 32).verify_key)

@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from edge_agent.report.messages import event_message, health_message, online_message, status_message
+from edge_core.messages import event_message, health_message, online_message, status_message
 from fleet_server.api import ApiActions, create_app, dashboard
 from fleet_server.api.dashboard import CONTENT_SECURITY_POLICY
 from fleet_server.config import GitConfig, HttpConfig, ServerConfig

@@ -19,7 +19,8 @@ from nacl.public import PrivateKey
 
 from edge_agent.drivers import REGISTRY, Change, Context, Driver, get_driver
 from edge_agent.drivers.secret_file import expected_secret_id
-from edge_agent.resources import (
+from edge_agent.state import Managed
+from edge_core.resources import (
     Absent,
     CommandRes,
     Directory,
@@ -30,8 +31,7 @@ from edge_agent.resources import (
     Sysctl,
     SystemdUnit,
 )
-from edge_agent.state import Managed
-from edge_agent.trust.sealed import open_sealed, seal
+from edge_core.trust.sealed import open_sealed, seal
 from tests.support.fake_system import FakeSystem, make_context, tree_state
 
 DEVICE_KEY = PrivateKey.generate()

@@ -15,10 +15,11 @@ from edge_agent.drivers import Context, get_driver
 from edge_agent.drivers.base import REDACTED, Change
 from edge_agent.drivers.file import DIFF_MAX_LINES
 from edge_agent.drivers.secret_file import expected_secret_id
-from edge_agent.errors import ApplyError, ConfinementError, SecretIntegrityError
-from edge_agent.resources import Absent, Directory, File, Resource, SecretFile, Symlink
+from edge_agent.errors import ApplyError
 from edge_agent.state import Managed
-from edge_agent.trust.sealed import open_sealed, seal
+from edge_core.errors import ConfinementError, SecretIntegrityError
+from edge_core.resources import Absent, Directory, File, Resource, SecretFile, Symlink
+from edge_core.trust.sealed import open_sealed, seal
 from tests.support.fake_system import make_context, tree_state
 
 

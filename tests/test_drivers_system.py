@@ -11,7 +11,7 @@ from edge_agent.drivers import Context, get_driver
 from edge_agent.drivers.base import Change, probe_kinds
 from edge_agent.drivers.systemd import restart_change
 from edge_agent.errors import ApplyError
-from edge_agent.resources import CommandRes, Resource, Sysctl, SystemdUnit
+from edge_core.resources import CommandRes, Resource, Sysctl, SystemdUnit
 from tests.support.fake_system import FakeSystem, make_context
 
 UNIT = b"[Service]\nExecStart=/usr/bin/app\n"

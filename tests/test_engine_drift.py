@@ -15,9 +15,9 @@ from edge_agent.engine.drift import detect_drift
 from edge_agent.engine.plan import make_plan
 from edge_agent.engine.transaction import apply_plan
 from edge_agent.release import DesiredState
-from edge_agent.resources import CommandRes, Directory, SecretFile
 from edge_agent.state import StateDB
-from edge_agent.trust.sealed import open_sealed, seal
+from edge_core.resources import CommandRes, Directory, SecretFile
+from edge_core.trust.sealed import open_sealed, seal
 from tests.support.fake_system import make_context
 from tests.test_engine_plan import ctx_for, desired_state, file_res
 

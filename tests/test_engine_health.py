@@ -17,7 +17,8 @@ import pytest
 
 from edge_agent import telemetry
 from edge_agent.engine.health import CheckResult, failed_checks, run_check, run_checks
-from edge_agent.resources import (
+from edge_agent.runner import Runner
+from edge_core.resources import (
     CommandCheck,
     DiskFreeCheck,
     HttpCheck,
@@ -26,7 +27,6 @@ from edge_agent.resources import (
     TcpCheck,
     TemperatureCheck,
 )
-from edge_agent.runner import Runner
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from edge_agent.drivers.secret_file import expected_secret_id
 from edge_agent.engine.plan import Plan, make_plan, order_resources, render_plan
 from edge_agent.engine.transaction import apply_plan
 from edge_agent.release import DesiredState
-from edge_agent.resources import (
+from edge_agent.state import Managed, StateDB
+from edge_core.resources import (
     CommandRes,
     Directory,
     File,
@@ -23,8 +24,7 @@ from edge_agent.resources import (
     SecretFile,
     SystemdUnit,
 )
-from edge_agent.state import Managed, StateDB
-from edge_agent.trust.sealed import open_sealed, seal
+from edge_core.trust.sealed import open_sealed, seal
 from tests.support.fake_system import FakeSystem, make_context
 
 UNIT_TEXT = b"[Service]\nExecStart=/bin/true\n"

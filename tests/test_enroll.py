@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_agent.report import messages as m
+from edge_core import messages as m
 from fleet_server import fleetctl
 from fleet_server.api.app import ApiActions, create_app
 from fleet_server.metrics import ServerMetrics

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent import fsafe, fsafe_backup, fsafe_fd
-from edge_agent.errors import ApplyError, ConfigError, ConfinementError, PathError
+from edge_agent.errors import ApplyError
 from edge_agent.fsafe import Entry, FsRoot
 from edge_agent.fsafe_backup import referenced_blobs
 from edge_agent.fsafe_fd import TEMP_PREFIX, is_temp_name
+from edge_core.errors import ConfigError, ConfinementError, PathError
 
 UID = os.getuid()
 GID = os.getgid()

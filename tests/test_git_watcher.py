@@ -15,7 +15,7 @@ import httpx
 import pytest
 from nacl.signing import SigningKey
 
-from edge_agent.trust.keys import format_verify_key
+from edge_core.trust.keys import format_verify_key
 from fleet_server.api import ApiActions, create_app
 from fleet_server.config import GitConfig, GitTrust, HttpConfig, ServerConfig
 from fleet_server.errors import ServerConfigError

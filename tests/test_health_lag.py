@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.report.messages import encode, status_message, topic
+from edge_core.messages import encode, status_message, topic
 from fleet_server.api import ApiActions, create_app
 from fleet_server.config import parse_server_config
 from fleet_server.health import BROKER_UNREACHABLE

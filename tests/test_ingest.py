@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.report import messages as m
+from edge_core import messages as m
 from fleet_server import ingest as ingest_module
 from fleet_server.config import ServerConfig, StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor

@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.report import messages as m
+from edge_core import messages as m
 from fleet_server.config import ServerConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.ingest import Ingestor

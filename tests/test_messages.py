@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.errors import MessageError, UntrustedInputError
-from edge_agent.report import messages as m
+from edge_core import messages as m
+from edge_core.errors import MessageError, UntrustedInputError
 
 TS = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

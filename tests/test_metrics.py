@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.report.messages import event_message, online_message, status_message
+from edge_core.messages import event_message, online_message, status_message
 from fleet_server import metrics as metrics_module
 from fleet_server.metrics import (
     COMMIT_TO_APPLIED_BUCKETS,

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import BrokerError, ConfigError
-from edge_agent.report import messages as m
 from edge_agent.report.mqtt import MqttLink, MqttSettings
 from edge_agent.report.outbox import OutboxSender
 from edge_agent.state import StateDB
+from edge_core import messages as m
+from edge_core.errors import BrokerError, ConfigError
 from tests.support.broker import Mosquitto, Received, Subscriber, mosquitto_broker, publish
 
 __all__ = ["mosquitto_broker"]

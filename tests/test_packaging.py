@@ -26,8 +26,8 @@ import yaml
 from nacl.signing import SigningKey
 
 from edge_agent.config import DEFAULT_CONFIG_PATH, DEFAULT_PROFILE_DIRS, load_config
-from edge_agent.errors import ConfigError
-from edge_agent.trust.keys import format_verify_key
+from edge_core.errors import ConfigError
+from edge_core.trust.keys import format_verify_key
 from fleet_server.config import DEFAULT_CONFIG_PATH as SERVER_CONFIG_PATH
 from fleet_server.config import load_server_config
 
@@ -200,7 +200,7 @@ def test_server_file_list(debs: dict[str, Path]) -> None:
     assert "/lib/systemd/system/fleet-server.service" in files
     assert f"/etc/fleet-server/{SERVER_CONFIG_PATH.name}" in files
     site = "/opt/fleet-server/lib/python3.11/site-packages"
-    for module in ("fleet_server/fleetctl.py", "edge_agent/trust/keys.py", "fastapi/__init__.py",
+    for module in ("fleet_server/fleetctl.py", "edge_core/trust/keys.py", "fastapi/__init__.py",
                    "uvicorn/__init__.py", "prometheus_client/__init__.py", "sqlite_utils/db.py"):
         assert f"{site}/{module}" in files, module
 

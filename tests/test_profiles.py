@@ -1,4 +1,4 @@
-"""edge_agent.profiles: the shipped profiles and the profile format."""
+"""edge_core.profiles: the shipped profiles and the profile format."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from edge_agent.errors import ConfigError
-from edge_agent.paths import is_under
-from edge_agent.profiles import load_all_profiles, load_profile, parse_profile
-from edge_agent.resources import RESOURCE_KINDS, DiskFreeCheck, MemoryCheck, TemperatureCheck
+from edge_core.errors import ConfigError
+from edge_core.paths import is_under
+from edge_core.profiles import load_profile, parse_profile
+from edge_core.resources import RESOURCE_KINDS, DiskFreeCheck, MemoryCheck, TemperatureCheck
+from fleet_server.authoring.problems import load_all_profiles
 
 SHIPPED = Path(__file__).resolve().parent.parent / "device_profiles"
 

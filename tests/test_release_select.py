@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import BundleError, ConfinementError, DriverUnavailable
-from edge_agent.profiles import DeviceProfile, load_profile
 from edge_agent.release import DeviceIdentity, render_template, select
-from edge_agent.resources import DiskFreeCheck, File, SecretFile, SystemdActiveCheck
+from edge_core.errors import BundleError, ConfinementError, DriverUnavailable
+from edge_core.profiles import DeviceProfile, load_profile
+from edge_core.resources import DiskFreeCheck, File, SecretFile, SystemdActiveCheck
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "device_profiles"

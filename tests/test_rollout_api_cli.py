@@ -18,7 +18,7 @@ from nacl.signing import SigningKey
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.bench_rollout import SimFleet
-from edge_agent.trust.keys import format_verify_key
+from edge_core.trust.keys import format_verify_key
 from fleet_server import fleetctl
 from fleet_server.api import ApiActions, create_app
 from fleet_server.cli.rollout import format_rollout, progress_bar, watch_exit_code

@@ -20,7 +20,7 @@ import yaml
 
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.daemon import Daemon
-from edge_agent.trust.keys import format_verify_key
+from edge_core.trust.keys import format_verify_key
 from fleet_server.config import parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics

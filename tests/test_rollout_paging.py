@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.report.messages import event_message, online_message, status_message
+from edge_core.messages import event_message, online_message, status_message
 from fleet_server import fleetctl
 from fleet_server.api import ApiActions, create_app
 from fleet_server.api.routes_rollouts import DEFAULT_DEVICE_PAGE, MAX_DEVICE_PAGE

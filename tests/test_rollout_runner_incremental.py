@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.report.messages import event_message, online_message, status_message
+from edge_core.messages import event_message, online_message, status_message
 from fleet_server.rollouts.engine import ReleaseRef, Start, new_rollout, step
 from fleet_server.rollouts.membership import DeviceInfo
 from fleet_server.rollouts.plan import parse_plan

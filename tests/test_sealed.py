@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.public import PrivateKey, SealedBox
 
-from edge_agent.errors import NotARecipientError, SecretError, SecretIntegrityError
-from edge_agent.trust import sealed
-from edge_agent.trust.canonical import canonical_bytes
-from edge_agent.trust.keys import format_encryption_public
+from edge_core.errors import NotARecipientError, SecretError, SecretIntegrityError
+from edge_core.trust import sealed
+from edge_core.trust.canonical import canonical_bytes
+from edge_core.trust.keys import format_encryption_public
 
 VALUE = b"db-password: s3cr3t\n\x00binary\xff"
 

@@ -8,7 +8,7 @@ import pytest
 from nacl.signing import SigningKey
 
 import fleet_server.config as config_mod
-from edge_agent.trust.keys import format_verify_key
+from edge_core.trust.keys import format_verify_key
 from fleet_server.config import ServerConfig, load_server_config, parse_server_config, parse_set_options
 from fleet_server.errors import ServerConfigError
 from fleet_server.main import build_parser, overrides_from_args

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import FetchError, FileIntegrityError
-from edge_agent.source import FetchResult, Source, SourceAuth
+from edge_core.errors import FetchError, FileIntegrityError
+from edge_core.source import FetchResult, Source, SourceAuth
 from tests.support.gitrepo import WorkRepo, git, make_bare
 from tests.support.mirror import (
     GitDaemon,
@@ -353,7 +354,8 @@ def test_a_bug_in_our_own_fetch_code_surfaces_instead_of_a_retried_fetch_error(
     turned into a FetchError (which the daemon would retry forever); dulwich's own errors still are."""
     with _source(f"file://{fleet.bare}", tmp_path) as source:
         repo = source._open_repo()
-        source.limits = None  # type: ignore[assignment]  # our code then fails on limits.max_refs
+        # our code then fails on limits.max_refs
+        source._mirror = dataclasses.replace(source._mirror, limits=None)  # type: ignore[arg-type]
         with pytest.raises(AttributeError, match="max_refs"):
             source._fetch_once(repo, None, 1, deepen=True)  # the negotiating transport
     with _source(str(tmp_path / "no-such-mirror"), tmp_path, "cache2") as source, pytest.raises(FetchError):

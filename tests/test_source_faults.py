@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import FetchError
-from edge_agent.source import FetchResult, Source
+from edge_core.errors import FetchError
+from edge_core.source import FetchResult, Source
 from tests.support.faultproxy import FaultProxy
 from tests.support.gitrepo import WorkRepo, git, make_bare
 from tests.support.mirror import GitDaemon

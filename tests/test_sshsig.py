@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from edge_agent.errors import ConfigError, SignatureError, UntrustedKeyError
-from edge_agent.trust.sshsig import (
+from edge_core.errors import ConfigError, SignatureError, UntrustedKeyError
+from edge_core.trust.sshsig import (
     AllowedSigners,
     parse_allowed_signers,
     split_commit_signature,

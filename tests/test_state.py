@@ -15,10 +15,10 @@ import pytest
 
 from edge_agent import state as state_mod
 from edge_agent import state_db, state_journal, state_outbox
-from edge_agent.errors import StateError
 from edge_agent.state import Installed, Managed, StateDB
 from edge_agent.state_db import SCHEMA_VERSION
 from edge_agent.state_journal import JournalEntry
+from edge_core.errors import StateError
 
 
 @pytest.fixture

@@ -11,16 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from edge_agent.errors import ManifestError, PathError
-from edge_agent.trust.canonical import canonical_bytes, parse_strict_json
-from edge_agent.trust.keys import format_verify_key
-from edge_agent.trust.manifest import (
-    MANIFEST_PATH,
+from edge_core.errors import ManifestError, PathError
+from edge_core.trust.canonical import canonical_bytes, parse_strict_json
+from edge_core.trust.keys import format_verify_key
+from edge_core.trust.manifest import MANIFEST_PATH, file_digest, parse_release_fields
+from fleet_server.authoring.manifest import (
     add_signatures,
     build_release,
     build_root,
-    file_digest,
-    parse_release_fields,
     read_unverified,
     sign_document,
 )

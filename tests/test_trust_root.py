@@ -8,17 +8,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from nacl.signing import SigningKey
 
-from edge_agent.errors import RootRotationError, ThresholdError, UntrustedKeyError
-from edge_agent.trust.canonical import canonical_bytes
-from edge_agent.trust.keys import format_verify_key
-from edge_agent.trust.manifest import build_release, build_root, sign_document
-from edge_agent.trust.verify import (
+from edge_core.errors import RootRotationError, ThresholdError, UntrustedKeyError
+from edge_core.trust.canonical import canonical_bytes
+from edge_core.trust.keys import format_verify_key
+from edge_core.trust.verify import (
     TrustRoot,
     update_trust_root,
     verify_genesis_root,
     verify_release,
     verify_root_rotation,
 )
+from fleet_server.authoring.manifest import build_release, build_root, sign_document
 
 NOW = datetime(2031, 3, 1, tzinfo=UTC)
 OLD = [SigningKey.generate() for _ in range(3)]

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from nacl.signing import SigningKey
 
-from edge_agent.errors import (
+from edge_core.errors import (
     ConfigError,
     ExpiredError,
     FileHashMismatch,
@@ -22,10 +22,11 @@ from edge_agent.errors import (
     UnlistedFile,
     UntrustedKeyError,
 )
-from edge_agent.trust.canonical import canonical_bytes
-from edge_agent.trust.keys import format_verify_key
-from edge_agent.trust.manifest import MANIFEST_PATH, build_release, file_digest, sign_document
-from edge_agent.trust.verify import TrustRoot, VerifiedRelease, check_file, check_tree, verify_release
+from edge_core.trust.canonical import canonical_bytes
+from edge_core.trust.keys import format_verify_key
+from edge_core.trust.manifest import MANIFEST_PATH, file_digest
+from edge_core.trust.verify import TrustRoot, VerifiedRelease, check_file, check_tree, verify_release
+from fleet_server.authoring.manifest import build_release, sign_document
 
 NOW = datetime(2030, 6, 1, 8, 0, 0, tzinfo=UTC)
 FILES = {

@@ -1,11 +1,11 @@
-"""edge_agent.yamlsafe: safe loading, line numbers, and every refusal."""
+"""edge_core.yamlsafe: safe loading, line numbers, and every refusal."""
 
 from __future__ import annotations
 
 import pytest
 
-from edge_agent.errors import BundleError, YamlError
-from edge_agent.yamlsafe import LocatedDoc, load_yaml
+from edge_core.errors import BundleError, YamlError
+from edge_core.yamlsafe import LocatedDoc, load_yaml
 
 DOC = b"""\
 # a comment

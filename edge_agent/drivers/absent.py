@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from edge_agent.drivers.base import Change, Context, Driver, spec_digest
-from edge_agent.resources import Absent, Resource
+from edge_core.resources import Absent, Resource
 
 if TYPE_CHECKING:
     from edge_agent.fsafe import Entry

@@ -57,14 +57,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from edge_agent.errors import ApplyError, DriverError, EdgeFleetError
+from edge_agent.errors import ApplyError
 from edge_agent.runner import CommandEnv
+from edge_core.errors import DriverError, EdgeFleetError
 
 if TYPE_CHECKING:
     from edge_agent.fsafe import FsRoot
-    from edge_agent.resources import Resource, SecretFile
     from edge_agent.runner import Runner
     from edge_agent.state import Managed
+    from edge_core.resources import Resource, SecretFile
 
 __all__ = [
     "ACTIONS",

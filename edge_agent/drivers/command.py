@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from edge_agent.drivers.base import Change, Context, Driver, spec_digest
 from edge_agent.errors import ApplyError
-from edge_agent.resources import CommandRes, Resource
+from edge_core.resources import CommandRes, Resource
 
 if TYPE_CHECKING:
     from edge_agent.runner import RunResult

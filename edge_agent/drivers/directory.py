@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from edge_agent.drivers.base import Change, Context, Driver, spec_digest
 from edge_agent.drivers.file import Accounts, missing_parents, resolve_accounts
-from edge_agent.errors import ApplyError, ConfinementError
-from edge_agent.resources import Directory, Resource
+from edge_agent.errors import ApplyError
+from edge_core.errors import ConfinementError
+from edge_core.resources import Directory, Resource
 
 if TYPE_CHECKING:
     from edge_agent.fsafe import Entry

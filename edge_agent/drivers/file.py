@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from edge_agent.drivers.base import Change, Context, Driver, spec_digest
-from edge_agent.errors import ApplyError, ConfinementError, DriverError
-from edge_agent.paths import is_under
-from edge_agent.resources import File, Resource
+from edge_agent.errors import ApplyError
+from edge_core.errors import ConfinementError, DriverError
+from edge_core.paths import is_under
+from edge_core.resources import File, Resource
 
 if TYPE_CHECKING:
     from edge_agent.fsafe import Entry, FsRoot

@@ -2,7 +2,7 @@
 
 The payload of a ``secret_file`` resource is the SEALED document from the repo, never plaintext.
 The driver opens it with ``ctx.open_secret(res, sealed)`` (the agent wires
-:func:`edge_agent.trust.sealed.open_sealed` with the device key), and the secret id the sealed
+:func:`edge_core.trust.sealed.open_sealed` with the device key), and the secret id the sealed
 document must declare is the sealed file's name without ``.sealed.json``:
 ``secrets/wifi-psk.sealed.json`` -> ``wifi-psk`` (see :func:`expected_secret_id`), so a sealed
 document moved to another name is refused.
@@ -30,9 +30,10 @@ from edge_agent.drivers.file import (
     payload_of,
     resolve_accounts,
 )
-from edge_agent.errors import ApplyError, ConfinementError
-from edge_agent.resources import Resource, SecretFile
-from edge_agent.trust.sealed import secret_id_from_path
+from edge_agent.errors import ApplyError
+from edge_core.errors import ConfinementError
+from edge_core.resources import Resource, SecretFile
+from edge_core.trust.sealed import secret_id_from_path
 
 __all__ = ["SECRET_READ_MAX", "SecretFileDriver", "expected_secret_id"]
 

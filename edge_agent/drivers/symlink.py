@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from edge_agent.drivers.base import Change, Context, Driver, spec_digest
 from edge_agent.drivers.file import missing_parents
-from edge_agent.errors import ConfinementError
-from edge_agent.resources import Resource, Symlink
+from edge_core.errors import ConfinementError
+from edge_core.resources import Resource, Symlink
 
 if TYPE_CHECKING:
     from edge_agent.fsafe import Entry

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from edge_agent.drivers.base import Change, Context, Driver, is_absent_record, spec_digest
 from edge_agent.drivers.file import FileObserved, apply_file_change, content_changes, observe_file
 from edge_agent.errors import ApplyError
-from edge_agent.resources import Resource, Sysctl
+from edge_core.resources import Resource, Sysctl
 
 if TYPE_CHECKING:
     from edge_agent.state import Managed

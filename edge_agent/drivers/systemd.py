@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from edge_agent.drivers.base import Change, Context, Driver, is_absent_record, path_prune_changes, spec_digest
 from edge_agent.drivers.file import FileObserved, apply_file_change, content_changes, observe_file, payload_of
 from edge_agent.errors import ApplyError
-from edge_agent.resources import Resource, SystemdUnit
+from edge_core.resources import Resource, SystemdUnit
 
 if TYPE_CHECKING:
     from edge_agent.runner import RunResult

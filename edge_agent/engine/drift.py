@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from edge_agent.drivers.base import Change, Context, get_driver
 from edge_agent.engine.plan import order_resources
-from edge_agent.errors import DriverError, UntrustedInputError
-from edge_agent.resources import CommandRes
+from edge_core.errors import DriverError, UntrustedInputError
+from edge_core.resources import CommandRes
 
 if TYPE_CHECKING:
     from edge_agent.release import DesiredState

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import telemetry
-from edge_agent.errors import EdgeFleetError
-from edge_agent.resources import (
+from edge_agent.runner import CommandEnv, Runner
+from edge_core.errors import EdgeFleetError
+from edge_core.resources import (
     CommandCheck,
     DiskFreeCheck,
     HealthCheck,
@@ -31,7 +32,6 @@ from edge_agent.resources import (
     TcpCheck,
     TemperatureCheck,
 )
-from edge_agent.runner import CommandEnv, Runner
 
 __all__ = ["CheckResult", "failed_checks", "run_check", "run_checks"]
 

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from edge_agent.resources import HttpCheck
+from edge_core.resources import HttpCheck
 
 __all__ = ["http_get_status"]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.drivers.base import Change, Context, get_driver, probe_kinds
-from edge_agent.resources import CommandRes, Directory, Resource, SystemdUnit
+from edge_core.resources import CommandRes, Directory, Resource, SystemdUnit
 
 if TYPE_CHECKING:
     from edge_agent.release import DesiredState

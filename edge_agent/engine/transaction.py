@@ -47,12 +47,12 @@ from typing import Any
 from edge_agent.drivers.base import Change, Context, get_driver
 from edge_agent.engine.health import CheckResult
 from edge_agent.engine.plan import Plan
-from edge_agent.errors import EdgeFleetError, StateError
 from edge_agent.fsafe_backup import referenced_blobs
 from edge_agent.fsafe_fd import is_temp_name
 from edge_agent.release import DesiredState
-from edge_agent.resources import Resource
 from edge_agent.state import Managed, StateDB
+from edge_core.errors import EdgeFleetError, StateError
+from edge_core.resources import Resource
 
 __all__ = ["Outcome", "apply_plan", "clean_backup_store", "recover", "undo_entries"]
 

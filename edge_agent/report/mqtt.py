@@ -49,8 +49,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
-from edge_agent.errors import BrokerError, ConfigError, MessageError
-from edge_agent.report import messages
+from edge_core import messages
+from edge_core.errors import BrokerError, ConfigError, MessageError
 
 __all__ = ["MqttLink", "MqttSettings", "PublishTracking", "disconnect_cause", "settings_from_config"]
 

@@ -26,10 +26,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge_agent.errors import BrokerError, StateError
 from edge_agent.report.mqtt import MqttLink, PublishTracking
 from edge_agent.state import StateDB
 from edge_agent.state_outbox import OutboxItem
+from edge_core.errors import BrokerError, StateError
 
 __all__ = ["OutboxSender"]
 

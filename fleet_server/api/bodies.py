@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from edge_agent.report.messages import DEVICE_ID_RE, LABEL_KEY_RE, MAX_LABEL_VALUE, MAX_LABELS, PROFILE_RE
+from edge_core.messages import DEVICE_ID_RE, LABEL_KEY_RE, MAX_LABEL_VALUE, MAX_LABELS, PROFILE_RE
 
 __all__ = ["MAX_REASON", "ActionBody", "EnrollBody", "StartRolloutBody", "body_error_reason"]
 

@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from edge_agent.report.messages import DEVICE_ID_RE
+from edge_core.messages import DEVICE_ID_RE
 from fleet_server.api.auth import Tokens, read_access
 from fleet_server.api.routes_fleet import FleetReader
 from fleet_server.rollouts.engine import DEVICE_STATES

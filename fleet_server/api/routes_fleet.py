@@ -8,7 +8,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import Response
 
-from edge_agent.report.messages import DEVICE_ID_RE
+from edge_core.messages import DEVICE_ID_RE
 from fleet_server.api.auth import Tokens, read_access
 from fleet_server.api.cache import CachedRead
 

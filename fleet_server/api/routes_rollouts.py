@@ -26,7 +26,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query
 
-from edge_agent.errors import BundleError
+from edge_core.errors import BundleError
 from fleet_server.api.auth import Tokens, admin_access, read_access
 from fleet_server.api.bodies import ActionBody, StartRolloutBody
 from fleet_server.errors import PlanError, UsageError

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from edge_agent.config_section import ConfigSection
+from edge_core.config_section import ConfigSection
 from fleet_server.errors import UsageError
 
 __all__ = ["CONFIG_NAME", "DEFAULT_SERVER", "Client", "config_dir", "config_path", "read_token",

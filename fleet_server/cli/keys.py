@@ -7,12 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nacl.signing import SigningKey
-
-from edge_agent.errors import KeyFileError
-from edge_agent.trust.keys import (
+from edge_core.errors import KeyFileError
+from edge_core.trust.keys import (
     ED25519_PREFIX,
     X25519_PREFIX,
+    SigningKey,
     format_encryption_public,
     format_verify_key,
     generate_encryption_key,

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from edge_agent.profiles import INSTALLED_PROFILE_DIR
+from edge_core.profiles import INSTALLED_PROFILE_DIR
 from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, print_json
 from fleet_server.errors import UsageError
 from fleet_server.lint import lint_repo

@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from edge_agent.durations import parse_cli_seconds
-from edge_agent.errors import EdgeFleetError
-from edge_agent.trust.manifest import MAX_MESSAGE_CHARS, format_time
-from edge_agent.trust.verify import TrustRoot, VerifiedRelease
+from edge_core.durations import parse_cli_seconds
+from edge_core.errors import EdgeFleetError
+from edge_core.trust.manifest import MAX_MESSAGE_CHARS, format_time
+from edge_core.trust.verify import TrustRoot, VerifiedRelease
 from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit, print_json
 from fleet_server.cli.history import add_release_history
 from fleet_server.cli.keys import load_signing_keys

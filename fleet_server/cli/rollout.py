@@ -29,11 +29,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent.durations import parse_cli_seconds
-from edge_agent.errors import BundleError, YamlError
-from edge_agent.yamlsafe import load_yaml
+from edge_core.durations import parse_cli_seconds
+from edge_core.errors import BundleError, YamlError
+from edge_core.yamlsafe import load_yaml
 from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, print_json, server_options
-from fleet_server.cli.devices import api_get, api_post, client_of
+from fleet_server.cli.devices import (
+    api_get,
+    api_post,
+    client_of,
+)
 from fleet_server.errors import ApiError, UsageError
 
 __all__ = ["BAR_WIDTH", "format_devices", "format_rollout", "format_rollouts", "progress_bar", "register",

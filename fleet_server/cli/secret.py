@@ -7,12 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from nacl.public import PublicKey
-
-from edge_agent.errors import KeyFileError
-from edge_agent.trust import sealed
-from edge_agent.trust.keys import (
+from edge_core.errors import KeyFileError
+from edge_core.trust import sealed
+from edge_core.trust.keys import (
     ED25519_PREFIX,
+    PublicKey,
     format_encryption_public,
     generate_encryption_key,
     load_encryption_key,

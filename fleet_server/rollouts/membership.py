@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from edge_agent.bundle import DeviceIdentity
+from edge_core.bundle import DeviceIdentity
 
 from .plan import RolloutPlan
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from edge_agent.bundle import Selector, parse_selector
-from edge_agent.errors import BundleError
-from edge_agent.fleetfile import parse_duration
+from edge_core.bundle import Selector, parse_selector
+from edge_core.errors import BundleError
+from edge_core.fleetfile import parse_duration
 from fleet_server.errors import PlanError
 
 from .windows import MaintenanceWindow, parse_cron

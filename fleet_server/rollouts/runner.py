@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from edge_agent.errors import MessageError
+from edge_core.errors import MessageError
 from fleet_server.errors import BrokerError, PlanError, StoreError, UsageError
 from fleet_server.store import FleetStore, RolloutWrite
 

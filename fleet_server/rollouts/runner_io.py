@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edge_agent.yamlsafe import load_yaml
+from edge_core.yamlsafe import load_yaml
 from fleet_server.errors import UsageError
 
 from .membership import DeviceInfo

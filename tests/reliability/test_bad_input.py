@@ -36,11 +36,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.agent import status, sync_once
 from edge_agent.config import load_config
 from edge_agent.identity import init_identity
-from edge_agent.report import messages as m
 from edge_agent.report.mqtt import MqttLink, MqttSettings
-from edge_agent.trust.keys import format_verify_key, parse_encryption_public
-from edge_agent.trust.manifest import MANIFEST_PATH
-from edge_agent.trust.sealed import seal
+from edge_core import messages as m
+from edge_core.trust.keys import format_verify_key, parse_encryption_public
+from edge_core.trust.manifest import MANIFEST_PATH
+from edge_core.trust.sealed import seal
 from fleet_server.metrics import DROP_REASONS
 from fleet_server.signing import rotate_root
 from tests.reliability.support import Proc, wait_until

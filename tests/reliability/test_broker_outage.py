@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.report import messages
 from edge_agent.report.mqtt import MqttLink, MqttSettings
 from edge_agent.report.outbox import OutboxSender
 from edge_agent.reporter import queue_report
 from edge_agent.state import StateDB
+from edge_core import messages
 from fleet_server.config import parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.report.messages import MAX_MESSAGE_BYTES
+from edge_core.messages import MAX_MESSAGE_BYTES
 from fleet_server.broker_config import (
     MAX_PACKET_BYTES,
     MAX_QUEUED_BYTES,

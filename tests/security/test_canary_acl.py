@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.report import messages as m
 from edge_agent.report.mqtt import MqttLink, MqttSettings
+from edge_core import messages as m
 from tests.support.broker import Mosquitto, Subscriber, publish
 from tests.support.mirror import free_port
 from tests.test_broker_acl import _generate, _password

@@ -19,7 +19,7 @@ import yaml
 
 from edge_agent.config import load_config
 from edge_agent.state import StateDB
-from edge_agent.trust.keys import format_verify_key
+from edge_core.trust.keys import format_verify_key
 from fleet_server.baseline import FleetBaseline, log_phase_errors
 from fleet_server.config import parse_server_config
 from fleet_server.ingest import Ingestor

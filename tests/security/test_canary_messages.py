@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from edge_agent.errors import MessageError
-from edge_agent.report import messages as m
+from edge_core import messages as m
+from edge_core.errors import MessageError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

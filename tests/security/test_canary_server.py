@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.report import messages as m
+from edge_core import messages as m
 from fleet_server.baseline import FleetBaseline, log_phase_errors
 from fleet_server.config import parse_server_config
 from fleet_server.ingest import Ingestor

@@ -19,9 +19,9 @@ import pytest
 from edge_agent.agent import sync_once
 from edge_agent.drivers import Context
 from edge_agent.engine.health import run_check
-from edge_agent.errors import BundleError
-from edge_agent.resources import CommandCheck, CommandRes, parse_check, parse_resource
 from edge_agent.runner import SAFE_PATH, CommandEnv, Runner
+from edge_core.errors import BundleError
+from edge_core.resources import CommandCheck, CommandRes, parse_check, parse_resource
 from tests import test_agent_e2e
 from tests.support.fake_system import make_context
 from tests.test_agent_e2e import AgentFleet, bundle

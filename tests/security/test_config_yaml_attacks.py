@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import load_config
-from edge_agent.errors import ConfigError, YamlError
-from edge_agent.yamlsafe import load_yaml
+from edge_core.errors import ConfigError, YamlError
+from edge_core.yamlsafe import load_yaml
 from fleet_server.config import load_server_config, parse_set_options
 from fleet_server.errors import ServerConfigError
 

@@ -22,8 +22,8 @@ from edge_agent.agent import apply_lock, sync_once
 from edge_agent.config import load_config
 from edge_agent.daemon import Daemon
 from edge_agent.errors import LockedError
-from edge_agent.gitlimits import Deadline, FetchLimits, fetch_lock
-from edge_agent.source import FETCH_LOCK, Source
+from edge_core.gitlimits import Deadline, FetchLimits, fetch_lock
+from edge_core.source import FETCH_LOCK, Source
 from tests.support.hostile_git import HostileGitServer
 from tests.support.mirror import GitDaemon
 from tests.test_agent_e2e import AgentFleet, bundle

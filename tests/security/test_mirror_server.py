@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from edge_agent.trust.keys import format_verify_key
+from edge_core.trust.keys import format_verify_key
 from fleet_server.config import GitConfig, GitTrust, ServerConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher

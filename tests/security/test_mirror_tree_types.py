@@ -10,8 +10,8 @@ import pytest
 from dulwich.objects import Blob, Commit, Tree
 from dulwich.repo import Repo
 
-from edge_agent.errors import FetchError
-from edge_agent.source import Source
+from edge_core.errors import FetchError
+from edge_core.source import Source
 
 
 def _crafted_mirror(path: Path, mode: int, target: str) -> tuple[str, str]:

@@ -16,9 +16,9 @@ import pytest
 
 from edge_agent.drivers import Context, get_driver
 from edge_agent.engine.health import run_check
-from edge_agent.errors import BundleError
-from edge_agent.resources import Sysctl, SystemdActiveCheck, SystemdUnit, parse_check, parse_resource
 from edge_agent.runner import Runner
+from edge_core.errors import BundleError
+from edge_core.resources import Sysctl, SystemdActiveCheck, SystemdUnit, parse_check, parse_resource
 from fleet_server.lint import lint_repo
 from tests.support.fake_system import FakeSystem, make_context
 from tests.test_drivers_system import apply, plan

@@ -20,8 +20,8 @@ import yaml
 from edge_agent.agent import set_assigned_revision, status, sync_once
 from edge_agent.config import load_config
 from edge_agent.daemon import Daemon
-from edge_agent.report import messages as m
 from edge_agent.selection import Baseline, set_fleet_baseline
+from edge_core import messages as m
 from tests.support.broker import Mosquitto, publish
 from tests.support.gitrepo import DEFAULT_BRANCH, git
 from tests.support.mirror import GitDaemon

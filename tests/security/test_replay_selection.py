@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.errors import RollbackError
 from edge_agent.selection import Baseline, Target, check_monotonic, choose
 from edge_agent.state import Installed
+from edge_core.errors import RollbackError
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 ON_2 = Installed(version=2, commit=C, applied_at=0.0, bundles=())

@@ -29,8 +29,8 @@ import pytest
 
 from edge_agent.drivers.base import Context
 from edge_agent.fsafe import FsRoot
-from edge_agent.resources import SecretFile
 from edge_agent.runner import Runner
+from edge_core.resources import SecretFile
 from tools.standins import write_standins
 
 __all__ = ["FakeSystem", "make_context", "tree_state"]

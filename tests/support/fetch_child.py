@@ -41,9 +41,9 @@ def run_child(args: dict[str, Any], *, timeout: float = 120.0) -> dict[str, Any]
 
 
 def _fetch(args: dict[str, Any]) -> dict[str, Any]:
-    from edge_agent.errors import EdgeFleetError  # noqa: PLC0415 - after the rlimit
-    from edge_agent.gitlimits import FetchLimits  # noqa: PLC0415
-    from edge_agent.source import Source  # noqa: PLC0415
+    from edge_core.errors import EdgeFleetError  # noqa: PLC0415 - after the rlimit
+    from edge_core.gitlimits import FetchLimits  # noqa: PLC0415
+    from edge_core.source import Source  # noqa: PLC0415
 
     limits = FetchLimits(**args.get("limits", {}))
     url = args.get("url", "git://127.0.0.1:9/unused.git")

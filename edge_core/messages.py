@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from edge_agent.errors import MessageError
+from edge_core.errors import MessageError
 
 __all__ = [
     "BASELINE_KIND",

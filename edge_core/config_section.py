@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from edge_agent.durations import parse_seconds
-from edge_agent.errors import ConfigError, YamlError
-from edge_agent.yamlsafe import LocatedDoc, excerpt, load_yaml
+from edge_core.durations import parse_seconds
+from edge_core.errors import ConfigError, YamlError
+from edge_core.yamlsafe import LocatedDoc, excerpt, load_yaml
 
 __all__ = ["FETCH_LIMIT_KEYS", "LOG_LEVELS", "MAX_CONFIG_BYTES", "URL_SCHEMES", "ConfigSection",
            "fetch_limit_values", "located_reason", "parse_duration", "read_config_bytes"]
@@ -105,7 +105,7 @@ class ConfigSection:
 
         The file must be a regular file (a symbolic link to one is followed); a FIFO, a device such
         as ``/dev/zero`` or a directory is refused without reading it. The text goes through
-        :func:`edge_agent.yamlsafe.load_yaml`: one document, no anchors or aliases, no duplicate
+        :func:`edge_core.yamlsafe.load_yaml`: one document, no anchors or aliases, no duplicate
         keys, nesting at most 64 deep.
 
         Raises:
@@ -271,7 +271,7 @@ def fetch_limit_values(s: ConfigSection) -> dict[str, Any]:
     Raises:
         the section's error type: a bound of the wrong type or out of range.
     """
-    from edge_agent.gitlimits import FetchLimits  # noqa: PLC0415 - only configs with a mirror need it
+    from edge_core.gitlimits import FetchLimits  # noqa: PLC0415 - only configs with a mirror need it
 
     return {"max_object_bytes": s.size("max_object_bytes", FetchLimits.max_object_bytes),
             "max_inflated_bytes": s.size("max_inflated_bytes", FetchLimits.max_inflated_bytes),

@@ -1,4 +1,4 @@
-"""Fetching releases from a Git mirror into a local cache: the only module that imports dulwich.
+"""Fetching releases from a Git mirror into a local cache (dulwich, with gitfetch and gittransport).
 
 The cache is a bare repository in ``cache_dir``. ``Source.fetch`` asks the mirror for one revision
 (the commit the fleet server assigned, else the branch head) with a shallow fetch (``depth``, 1 by
@@ -17,7 +17,7 @@ Guarantees:
   commits deep and looks for the sha there; it raises FetchError when it is not found.
 * A sha already present in the cache is answered from the cache without contacting the mirror
   (objects are content-addressed, so a present commit cannot be stale).
-* Before any signature check, a hostile mirror is bounded (:mod:`edge_agent.gitlimits`): the
+* Before any signature check, a hostile mirror is bounded (:mod:`edge_core.gitlimits`): the
   whole fetch ends by ``limits.fetch_deadline``, the ref advertisement is capped in lines and bytes,
   and the spooled pack is walked object by object, refusing an object over ``max_object_bytes`` or
   a pack inflating past ``max_inflated_bytes`` from the headers, before dulwich inflates anything
@@ -28,7 +28,8 @@ Guarantees:
 * Every dulwich, socket and OS failure leaves as :class:`FetchError` with a one-line reason that
   names the mirror URL (credentials removed); malformed trees raise :class:`FileIntegrityError`.
 
-Transports, authentication and timeouts: :mod:`edge_agent.gittransport`.
+Transports, authentication and timeouts: :mod:`edge_core.gittransport`; one transfer from the mirror
+and the reason of each way it fails: :mod:`edge_core.gitfetch`.
 """
 
 from __future__ import annotations
@@ -37,44 +38,29 @@ import contextlib
 import logging
 import re
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dulwich.client import GitClient, HTTPUnauthorized
-from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
+from dulwich.errors import NotGitRepository
 from dulwich.file import FileLocked
 from dulwich.objects import Blob, Commit, ObjectID, Tree
-from dulwich.pack import write_pack_from_container
 from dulwich.refs import Ref
 from dulwich.repo import Repo
 
-from edge_agent.errors import FetchError, FileIntegrityError
-from edge_agent.gitlimits import (
-    CorruptObject,
-    Deadline,
-    FetchLimits,
-    HeaderReader,
-    LimitExceeded,
-    fetch_lock,
-    scan_pack,
+from edge_core.errors import FetchError, FileIntegrityError
+from edge_core.gitfetch import (
+    Mirror,
+    WantRefused,
+    fetch_failure,
+    has_commit,
+    ingest,
+    transfer,
+    transfer_local,
 )
-from edge_agent.gittransport import (
-    HaveWalker,
-    PackSpool,
-    PackTooLarge,
-    SourceAuth,
-    causes,
-    is_own_bug,
-    is_want_refused,
-    make_client,
-    one_line,
-    redact,
-    transport_reason,
-    tree_objects,
-)
+from edge_core.gitlimits import CorruptObject, Deadline, FetchLimits, HeaderReader, fetch_lock
+from edge_core.gittransport import PackSpool, SourceAuth, is_own_bug, one_line, redact
 
 __all__ = ["FetchLimits", "FetchResult", "MiB", "Source", "SourceAuth"]
 
@@ -89,8 +75,6 @@ _MODE_TREE = 0o040000
 _MODE_SYMLINK = 0o120000
 _MODE_GITLINK = 0o160000
 FETCH_LOCK = "fetch.lock"
-
-_ShallowUpdate = tuple[set[ObjectID] | None, set[ObjectID] | None]
 
 
 @dataclass(frozen=True)
@@ -108,14 +92,6 @@ class FetchResult:
     up_to_date: bool
 
 
-class _WantRefused(Exception):
-    """Internal: the mirror does not allow fetching the wanted sha directly."""
-
-
-class _BranchMissing(Exception):
-    """Internal: the mirror has no such branch."""
-
-
 class Source:
     """A Git mirror and the local cache its releases are fetched into.
 
@@ -129,7 +105,7 @@ class Source:
         timeout: seconds allowed for connecting and for each read.
         fallback_depth: how deep to fetch the branch when the mirror refuses a want by sha.
         limits: inflate, ref advertisement and deadline bounds of every fetch (see
-            :mod:`edge_agent.gitlimits`); ``max_object_bytes`` also caps every file ``read_tree``
+            :mod:`edge_core.gitlimits`); ``max_object_bytes`` also caps every file ``read_tree``
             loads.
 
     Raises:
@@ -158,8 +134,10 @@ class Source:
         self.fallback_depth = fallback_depth
         self.limits = limits or FetchLimits()
         self._deadline = Deadline(self.limits)
-        self._scheme = scheme
         self._display_url = redact(url)
+        self._mirror = Mirror(url=url, display_url=self._display_url, branch=branch,
+                              branch_ref=self._branch_ref, scheme=scheme, auth=self.auth,
+                              timeout=timeout, limits=self.limits, max_bytes=max_bytes)
         self._repo: Repo | None = None
 
     # -- cache --------------------------------------------------------------------------------
@@ -185,13 +163,6 @@ class Source:
     def _branch_ref(self) -> Ref:
         return Ref(b"refs/heads/" + self.branch.encode("utf-8"))
 
-    @staticmethod
-    def _has_commit(repo: Repo, sha: ObjectID) -> bool:
-        try:
-            return sha in repo.object_store and isinstance(repo.object_store[sha], Commit)
-        except (KeyError, ValueError, OSError):
-            return False
-
     def _local_haves(self, repo: Repo) -> list[ObjectID]:
         haves: list[ObjectID] = []
         for ref in (self._branch_ref, _LAST_FETCHED_REF):
@@ -199,11 +170,9 @@ class Source:
                 sha = repo.refs[ref]
             except KeyError:
                 continue
-            if sha not in haves and self._has_commit(repo, sha):
+            if sha not in haves and has_commit(repo, sha):
                 haves.append(sha)
         return haves
-
-    # -- transport ----------------------------------------------------------------------------
 
     # -- fetch --------------------------------------------------------------------------------
 
@@ -236,17 +205,17 @@ class Source:
         return fetch_lock(self.cache_dir / FETCH_LOCK, self._deadline, wait=wait)
 
     def _fetch_locked(self, repo: Repo, want: str | None, want_sha: ObjectID | None) -> FetchResult:
-        if want_sha is not None and self._has_commit(repo, want_sha):
+        if want_sha is not None and has_commit(repo, want_sha):
             self._set_ref(repo, _LAST_FETCHED_REF, want_sha)
             return FetchResult(want_sha.decode("ascii"), 0, True)
         try:
             return self._fetch_once(repo, want_sha, self.depth or None, deepen=False)
-        except _WantRefused as exc:
+        except WantRefused as exc:
             assert want_sha is not None
             log.info("mirror refused a want by sha; fetching %s %d deep to find %s (%s)",
                      self.branch, self.fallback_depth, want, self._display_url)
             head = self._fetch_once(repo, None, max(self.fallback_depth, self.depth), deepen=True)
-            if not self._has_commit(repo, want_sha):
+            if not has_commit(repo, want_sha):
                 raise FetchError(
                     f"revision {want} not found in the last {self.fallback_depth} commits of "
                     f"{self.branch} and the mirror refuses fetching it by sha ({self._display_url})"
@@ -258,41 +227,25 @@ class Source:
                     deepen: bool) -> FetchResult:
         object_dir = Path(repo.object_store.path)
         spool = PackSpool(object_dir, self.max_bytes, self._deadline)
+        haves = self._local_haves(repo)
         try:
-            if self._scheme in ("", "file") and depth == 1 and not deepen:
-                target, requested, shallow = self._transfer_local(repo, want, spool)
+            if self._mirror.scheme in ("", "file") and depth == 1 and not deepen:
+                target, requested, shallow = transfer_local(self._mirror, repo, want, spool=spool,
+                                                            haves=haves, deadline=self._deadline)
             else:
-                target, requested, shallow = self._transfer(repo, want, depth, deepen, spool)
+                target, requested, shallow = transfer(self._mirror, repo, want, depth=depth, deepen=deepen,
+                                                      spool=spool, haves=haves, deadline=self._deadline)
             if requested and spool.size:
-                self._ingest(repo, spool)
-        except LimitExceeded as exc:
-            raise FetchError(f"{exc} ({self._display_url})") from exc
-        except FetchError:
-            raise
-        except PackTooLarge as exc:
-            raise FetchError(
-                f"pack from mirror exceeds the {self.max_bytes}-byte limit ({self._display_url})"
-            ) from exc
-        except _BranchMissing as exc:
-            raise FetchError(f"mirror has no branch {self.branch!r} ({self._display_url})") from exc
-        except HTTPUnauthorized as exc:
-            raise FetchError(f"mirror refused the credentials (HTTP 401) ({self._display_url})") from exc
-        except NotGitRepository as exc:
-            raise FetchError(f"no repository at the mirror URL ({self._display_url})") from exc
-        except _WantRefused:
+                ingest(self._mirror, repo, spool, self._deadline)
+        except (FetchError, WantRefused):
             raise
         except Exception as exc:  # dulwich raises many unrelated types; translate all but our bugs
             if is_own_bug(exc):
                 raise
-            breach = next((c for c in causes(exc) if isinstance(c, LimitExceeded)), None)
-            if breach is not None:
-                raise FetchError(f"{breach} ({self._display_url})") from exc
-            if want is not None and is_want_refused(exc):
-                raise _WantRefused(str(exc)) from exc
-            raise FetchError(f"{transport_reason(exc, self.timeout)} ({self._display_url})") from exc
+            raise fetch_failure(self._mirror, exc, want) from exc
         finally:
             spool.close()
-        if not self._has_commit(repo, target):
+        if not has_commit(repo, target):
             raise FetchError(f"mirror did not send commit {target.decode('ascii')} ({self._display_url})")
         if requested:
             try:
@@ -308,114 +261,6 @@ class Source:
         received = spool.size if requested else 0
         log.debug("fetched %s: %d pack bytes from %s", target, received, self._display_url)
         return FetchResult(target.decode("ascii"), received, not requested)
-
-    def _transfer(self, repo: Repo, want: ObjectID | None, depth: int | None, deepen: bool,
-                  spool: PackSpool) -> tuple[ObjectID, bool, _ShallowUpdate]:
-        """Negotiate with the mirror and spool the pack; return (target, pack requested, shallow)."""
-        chosen: list[ObjectID] = []
-        requested: list[bool] = []
-        branch_ref = self._branch_ref
-
-        def determine_wants(refs: Mapping[Ref, ObjectID], depth: int | None = None) -> list[ObjectID]:
-            if len(refs) > self.limits.max_refs:
-                raise self.limits.breach("max_refs", f"ref advertisement of {len(refs)} refs")
-            target = want if want is not None else refs.get(branch_ref)
-            if target is None:
-                raise _BranchMissing
-            chosen.append(target)
-            if self._has_commit(repo, target) and not deepen:
-                return []
-            requested.append(True)
-            return [target]
-
-        client, path = make_client(self.url, self.auth, self.timeout, self.limits, self._deadline)
-        try:
-            walker = HaveWalker(self._local_haves(repo), set(repo.get_shallow()))
-            result = client.fetch_pack(path, determine_wants, walker, spool.write, depth=depth)
-        except (HangupException, GitProtocolError, ConnectionError) as exc:
-            # The mirror listed its refs, then failed before sending any pack data for a want by
-            # sha: that is how git refuses an unadvertised sha ("not our ref", often as a reset).
-            if want is not None and requested and spool.size == 0 and not deepen:
-                raise _WantRefused(one_line(exc)) from exc
-            raise
-        finally:
-            self._close_client(client)
-        if not chosen:
-            raise _BranchMissing
-        return chosen[0], bool(requested), (result.new_shallow, result.new_unshallow)
-
-    @staticmethod
-    def _close_client(client: GitClient) -> None:
-        """Close the client and, for HTTP, its pooled connections (dulwich leaves them open)."""
-        with contextlib.suppress(Exception):
-            client.close()
-        pool = getattr(client, "pool_manager", None)
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                pool.clear()
-
-    def _transfer_local(self, repo: Repo, want: ObjectID | None,
-                        spool: PackSpool) -> tuple[ObjectID, bool, _ShallowUpdate]:
-        """Depth-1 fetch from a repository on this machine: the wanted commit and the trees and
-        blobs the cached commits lack (dulwich's own local upload-pack ignores haves when shallow).
-        """
-        path = urlsplit(self.url).path if self._scheme == "file" else self.url
-        try:
-            mirror = Repo(path)
-        except NotGitRepository as exc:
-            raise FetchError(f"no repository at the mirror URL ({self._display_url})") from exc
-        with contextlib.closing(mirror):
-            if want is None:
-                try:
-                    target = mirror.refs[self._branch_ref]
-                except KeyError as exc:
-                    raise _BranchMissing from exc
-            else:
-                target = want
-            if self._has_commit(repo, target):
-                return target, False, (None, None)
-            try:
-                commit = mirror.object_store[target]
-            except KeyError as exc:
-                raise FetchError(
-                    f"mirror has no commit {target.decode('ascii')} ({self._display_url})"
-                ) from exc
-            if not isinstance(commit, Commit):
-                raise FetchError(f"{target.decode('ascii')} is not a commit ({self._display_url})")
-            present: set[ObjectID] = set()
-            for have in self._local_haves(repo):
-                cached = repo.object_store[have]
-                assert isinstance(cached, Commit)
-                present |= tree_objects(repo.object_store, cached.tree, set(), self.limits, self._deadline)
-            below = tree_objects(mirror.object_store, commit.tree, present, self.limits, self._deadline)
-            todo: list[tuple[ObjectID, None]] = [(target, None), *((sha, None) for sha in below)]
-            write_pack_from_container(spool.write, mirror.object_store, todo,
-                                      object_format=mirror.object_format, other_haves=present)
-            shallow: set[ObjectID] = {target} if commit.parents else set()
-            return target, True, (shallow, set())
-
-    def _ingest(self, repo: Repo, spool: PackSpool) -> None:
-        """Verify the spooled pack and move it into the object store; on failure leave nothing."""
-        object_dir = Path(repo.object_store.path)
-        before = {p.name for p in object_dir.glob("tmp_pack_*")}
-        spool.file.seek(0)
-        try:
-            stats = scan_pack(spool.file, self.limits, self._deadline)  # before anything is inflated whole
-        except CorruptObject as exc:
-            raise FetchError(f"corrupt pack from mirror: {exc} ({self._display_url})") from exc
-        log.debug("pack of %d objects inflating to %d bytes", stats.objects, stats.inflated)
-        spool.file.seek(0)
-        try:
-            repo.object_store.add_thin_pack(spool.file.read, None)
-        except Exception as exc:  # a corrupt pack surfaces as many dulwich/zlib types
-            if is_own_bug(exc):
-                raise
-            for leftover in object_dir.glob("tmp_pack_*"):
-                if leftover.name not in before:
-                    leftover.unlink(missing_ok=True)
-            raise FetchError(
-                f"corrupt pack from mirror: {type(exc).__name__}: {one_line(exc)} ({self._display_url})"
-            ) from exc
 
     @staticmethod
     def _set_ref(repo: Repo, ref: Ref, sha: ObjectID) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from edge_agent.envspec import parse_env
-from edge_agent.errors import BundleError, PathError
-from edge_agent.paths import validate_device_path, validate_repo_path
+from edge_core.envspec import parse_env
+from edge_core.errors import BundleError, PathError
+from edge_core.paths import validate_device_path, validate_repo_path
 
 __all__ = [
     "CHECK_KINDS",
@@ -151,7 +151,7 @@ class _Fields:
         raise BundleError(f"{name!r} must be a shell string or a non-empty list of strings", self.at(name))
 
     def env_map(self, name: str = "env") -> tuple[tuple[str, str], ...]:
-        """Read an ``env:`` mapping (see :func:`edge_agent.envspec.parse_env`)."""
+        """Read an ``env:`` mapping (see :func:`edge_core.envspec.parse_env`)."""
         return parse_env(self.raw.get(name), self.at(name))
 
     def str_list(self, name: str) -> tuple[str, ...]:

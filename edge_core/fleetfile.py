@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.durations import parse_seconds
-from edge_agent.errors import BundleError
+from edge_core.durations import parse_seconds
+from edge_core.errors import BundleError
 
-__all__ = ["FleetDefaults", "fleet_problems", "parse_duration", "parse_fleet_file"]
+__all__ = ["FleetDefaults", "collect_fleet_file", "parse_duration", "parse_fleet_file"]
 
 Where = tuple[str | int, ...]
 
@@ -46,24 +46,20 @@ def parse_duration(value: object, where: Where = (), *, maximum: int = _MAX_INTE
     return seconds
 
 
-def fleet_problems(value: object) -> list[BundleError]:
-    """Return every format problem of a loaded ``fleet.yaml`` (empty when it is valid)."""
-    return _parse(value)[1]
-
-
 def parse_fleet_file(value: object) -> FleetDefaults:
     """Parse a loaded ``fleet.yaml``; an empty document gives the defaults.
 
     Raises:
         BundleError: the first problem, with ``where``.
     """
-    defaults, problems = _parse(value)
+    defaults, problems = collect_fleet_file(value)
     if problems:
         raise problems[0]
     return defaults
 
 
-def _parse(value: object) -> tuple[FleetDefaults, list[BundleError]]:
+def collect_fleet_file(value: object) -> tuple[FleetDefaults, list[BundleError]]:
+    """Parse a loaded ``fleet.yaml``; return the defaults and every format problem (empty when valid)."""
     problems: list[BundleError] = []
     if value is None:
         return FleetDefaults(), problems

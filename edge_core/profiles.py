@@ -12,7 +12,7 @@ release may declare (``health_checks``), the systemd units and sysctl keys it ma
 Absent keys take the safe defaults (documented in ``docs/config-repo.md``): ``health_checks``
 every kind that runs no code of the release, plus ``command`` only when ``drivers`` lists
 ``command``; ``systemd_units`` and ``sysctl_keys`` none; ``allow_modes`` none. What a profile
-allows is enforced by :mod:`edge_agent.policy`.
+allows is enforced by :mod:`edge_core.policy`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import BundleError, ConfigError, PathError
-from edge_agent.paths import validate_device_path
-from edge_agent.resources import CHECK_KINDS, RESOURCE_KINDS, HealthCheck, parse_check
-from edge_agent.yamlsafe import load_yaml
+from edge_core.errors import BundleError, ConfigError, PathError
+from edge_core.paths import validate_device_path
+from edge_core.resources import CHECK_KINDS, RESOURCE_KINDS, HealthCheck, parse_check
+from edge_core.yamlsafe import load_yaml
 
 __all__ = [
     "CODE_CHECK_KINDS",
@@ -34,8 +34,8 @@ __all__ = [
     "MODE_OPT_INS",
     "PROFILE_NAME",
     "DeviceProfile",
-    "load_all_profiles",
     "load_profile",
+    "load_profile_file",
     "parse_profile",
 ]
 
@@ -153,7 +153,12 @@ def parse_profile(value: object) -> DeviceProfile:
                          systemd_units=units, sysctl_keys=keys, allow_modes=frozenset(modes))
 
 
-def _load_file(path: Path) -> DeviceProfile:
+def load_profile_file(path: Path) -> DeviceProfile:
+    """Load and check one profile file; its name must match the file's stem.
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid YAML, or is not a valid profile.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -182,27 +187,6 @@ def load_profile(name: str, search_dirs: Sequence[Path]) -> DeviceProfile:
     for d in search_dirs:
         candidate = Path(d) / f"{name}.yaml"
         if candidate.is_file():
-            return _load_file(candidate)
+            return load_profile_file(candidate)
     dirs = ", ".join(str(d) for d in search_dirs) or "(no directories)"
     raise ConfigError(f"device profile {name!r} not found in {dirs}")
-
-
-def load_all_profiles(search_dirs: Sequence[Path]) -> dict[str, DeviceProfile]:
-    """Load every ``*.yaml`` profile of ``search_dirs``; an earlier directory wins on a name clash.
-
-    Missing directories are skipped.
-
-    Raises:
-        ConfigError: a profile file is invalid.
-    """
-    found: dict[str, DeviceProfile] = {}
-    for d in search_dirs:
-        directory = Path(d)
-        if not directory.is_dir():
-            log.debug("profile directory %s does not exist", directory)
-            continue
-        for path in sorted(directory.glob("*.yaml")):
-            if path.stem in found:
-                continue
-            found[path.stem] = _load_file(path)
-    return found

@@ -2,7 +2,7 @@
 
 Pure: it takes the already-loaded YAML value of one bundle and returns frozen dataclasses, or
 :class:`BundleError` with the location (``where``) of the problem inside the document.
-:func:`bundle_problems` collects *every* problem (for ``fleetctl lint``); :func:`parse_bundle`
+:func:`collect_bundle` collects *every* problem (for ``fleetctl lint``); :func:`parse_bundle`
 raises the first one. Resolving overlays for one device is :meth:`Bundle.resolve`.
 """
 
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.errors import BundleError, PathError
-from edge_agent.paths import validate_repo_path
-from edge_agent.resources import (
+from edge_core.errors import BundleError, PathError
+from edge_core.paths import validate_repo_path
+from edge_core.resources import (
     RESOURCE_KINDS,
     File,
     HealthCheck,
@@ -36,10 +36,9 @@ __all__ = [
     "Selector",
     "apply_one_overlay",
     "builtin_values",
-    "bundle_problems",
+    "collect_bundle",
     "default_resource_id",
     "parse_bundle",
-    "parse_bundle_partial",
     "parse_selector",
 ]
 
@@ -347,38 +346,27 @@ def _resources(raw: object, name: str, out: _Collector) -> tuple[tuple[Resource,
     return tuple(parsed), raws
 
 
-def bundle_problems(name: str, value: object) -> list[BundleError]:
-    """Return every format problem of the bundle ``name`` whose loaded YAML is ``value``.
-
-    Each resource, health check, selector and overlay is checked on its own, so one mistake does
-    not hide the next. Overlays are checked by applying each one alone to the base.
-    """
-    return _parse(name, value)[1]
-
-
 def parse_bundle(name: str, value: object) -> Bundle:
     """Parse the loaded YAML ``value`` of ``bundles/<name>/bundle.yaml``.
 
     Raises:
-        BundleError: the first problem :func:`bundle_problems` would report, with ``where``.
+        BundleError: the first problem :func:`collect_bundle` finds, with ``where``.
     """
-    bundle, problems = _parse(name, value)
+    bundle, problems = collect_bundle(name, value)
     if problems:
         raise problems[0]
     assert bundle is not None
     return bundle
 
 
-def parse_bundle_partial(name: str, value: object) -> tuple[Bundle | None, list[BundleError]]:
-    """Return the bundle built from the parts of ``value`` that are valid, and every problem.
+def collect_bundle(name: str, value: object) -> tuple[Bundle | None, list[BundleError]]:
+    """Parse ``value`` checking each resource, health check, selector and overlay on its own.
 
-    For ``fleetctl lint``, which checks policy (profiles, payloads) on whatever parsed even when
-    other parts are broken. The bundle is None only when ``value`` is not a mapping.
+    Returns the bundle built from the parts that are valid (None only when ``value`` is not a
+    mapping) and every problem, so one mistake does not hide the next; overlays are checked by
+    applying each one alone to the base. :func:`parse_bundle` raises the first problem;
+    ``fleetctl lint`` reports them all.
     """
-    return _parse(name, value)
-
-
-def _parse(name: str, value: object) -> tuple[Bundle | None, list[BundleError]]:
     out = _Collector()
     if not BUNDLE_NAME.match(name):
         out.add(f"invalid bundle name {name!r} (letters, digits, '.', '_', '-'; at most 64)", ())

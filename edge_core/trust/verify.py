@@ -2,23 +2,28 @@
 
 Nothing here reads files, the network or the clock: the caller passes the manifest bytes, the trust
 root, the current time and the highest rollback floor the device has verified. Every failed check
-raises its own class from :mod:`edge_agent.errors` with a one-line reason.
+raises its own class from :mod:`edge_core.errors` with a one-line reason.
 
 Order of the release checks (the first failure wins): size cap, structure, signatures, expiry,
 rollback. Then :func:`check_tree` / :func:`check_file` compare files with the verified manifest.
 Root rotation (:func:`verify_root_rotation`, :func:`update_trust_root`) moves the trust root to a new
 key set when the old threshold AND the new threshold both signed it.
+
+:func:`verify_tree` composes them for a whole release tree (root rotations in ``.fleet/root/``, the
+manifest, every file): the one verification the agent, the server's Git watcher and
+``fleetctl release verify`` run, so one failure raises one error (class and message) everywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
-from edge_agent.errors import (
+from edge_core.errors import (
     ConfigError,
     ExpiredError,
     FileHashMismatch,
@@ -32,12 +37,13 @@ from edge_agent.errors import (
     UnlistedFile,
     UntrustedKeyError,
 )
-from edge_agent.trust.canonical import canonical_bytes
-from edge_agent.trust.keys import format_verify_key, parse_verify_key
-from edge_agent.trust.manifest import (
+from edge_core.trust.canonical import canonical_bytes
+from edge_core.trust.keys import format_verify_key, parse_verify_key
+from edge_core.trust.manifest import (
     MANIFEST_PATH,
     MAX_MANIFEST_BYTES,
     MAX_ROOT_BYTES,
+    ROOT_DIR,
     FileEntry,
     RootFields,
     Signature,
@@ -51,14 +57,19 @@ from edge_agent.trust.manifest import (
 
 __all__ = [
     "FileEntry",
+    "TreeVerdict",
     "TrustRoot",
     "VerifiedRelease",
     "check_file",
     "check_tree",
+    "recheck_release",
+    "root_documents",
+    "tree_index",
     "update_trust_root",
     "verify_genesis_root",
     "verify_release",
     "verify_root_rotation",
+    "verify_tree",
 ]
 
 
@@ -122,6 +133,28 @@ def _require_aware(now: datetime) -> None:
         raise ValueError("now must be timezone-aware")
 
 
+def _check_time_and_floor(version: int, expires: datetime, *, now: datetime, floor: int) -> None:
+    if now >= expires:
+        raise ExpiredError(f"release {version} expired at {format_time(expires)}")
+    if version < floor:
+        raise RollbackError(f"release {version} is below the rollback floor {floor}")
+
+
+def recheck_release(release: VerifiedRelease, *, now: datetime, floor: int) -> None:
+    """Check again what can change for a release verified earlier: its expiry and the floor.
+
+    For a caller that keeps a verified release (the daemon's sync cache); the errors and messages
+    are those of :func:`verify_release`.
+
+    Raises:
+        ExpiredError: ``now`` is at or after its expiry.
+        RollbackError: its version is below ``floor``.
+        ValueError: ``now`` is naive.
+    """
+    _require_aware(now)
+    _check_time_and_floor(release.version, release.expires, now=now, floor=floor)
+
+
 def verify_release(document: bytes, trust: TrustRoot, *, now: datetime, floor: int,
                    max_bytes: int = MAX_MANIFEST_BYTES) -> VerifiedRelease:
     """Verify a release manifest against a trust root at time ``now`` and return its contents.
@@ -154,10 +187,7 @@ def verify_release(document: bytes, trust: TrustRoot, *, now: datetime, floor: i
     if len(signers) < trust.threshold:
         raise ThresholdError(f"release {fields.version} has {len(signers)} valid trusted signature(s), "
                              f"{trust.threshold} required")
-    if now >= fields.expires:
-        raise ExpiredError(f"release {fields.version} expired at {format_time(fields.expires)}")
-    if fields.version < floor:
-        raise RollbackError(f"release {fields.version} is below the rollback floor {floor}")
+    _check_time_and_floor(fields.version, fields.expires, now=now, floor=floor)
     return VerifiedRelease(version=fields.version, rollback_floor=fields.rollback_floor,
                            created=fields.created, expires=fields.expires,
                            files=MappingProxyType(dict(fields.files)), signers=frozenset(signers),
@@ -276,3 +306,60 @@ def update_trust_root(current: TrustRoot, documents: Mapping[int, bytes]) -> Tru
     while trust.version + 1 in documents:
         trust = verify_root_rotation(trust, documents[trust.version + 1])
     return trust
+
+
+class TreeVerdict(NamedTuple):
+    """What :func:`verify_tree` accepted: the release and the trust root it was verified with."""
+
+    release: VerifiedRelease
+    trust: TrustRoot
+
+
+def root_documents(files: Mapping[str, bytes]) -> dict[int, bytes]:
+    """Return the root metadata files ``.fleet/root/<N>.json`` of a release tree, by version."""
+    documents: dict[int, bytes] = {}
+    prefix = ROOT_DIR.rstrip("/") + "/"
+    for path, data in files.items():
+        if path.startswith(prefix) and path.endswith(".json"):
+            stem = path[len(prefix):-len(".json")]
+            if stem.isdigit():
+                documents[int(stem)] = data
+    return documents
+
+
+def tree_index(files: Mapping[str, bytes]) -> dict[str, tuple[str, int]]:
+    """Return repo path -> (SHA-256 hex, size) of every file, the input of :func:`check_tree`."""
+    return {path: (hashlib.sha256(data).hexdigest(), len(data)) for path, data in files.items()}
+
+
+def verify_tree(files: Mapping[str, bytes], trust_root: TrustRoot, *, now: datetime,
+                floor: int) -> TreeVerdict:
+    """Verify a whole release tree and return the verified release and the (rotated) trust root.
+
+    First the root rotations the tree carries (``.fleet/root/<N>.json`` above ``trust_root``'s
+    version, walked one version at a time), then the signed manifest at ``.fleet/release.json``
+    against the resulting trust root, then every file of the tree against the manifest.
+
+    Args:
+        files: every file of the release commit, repo path -> content (untrusted), manifest included.
+        trust_root: the trust root the caller holds.
+        now: the current time (timezone-aware).
+        floor: the highest rollback floor verified so far (0 if none).
+
+    Raises:
+        RootRotationError: a root file of the chain is invalid.
+        UntrustedKeyError: the tree has no manifest, or no trusted key signed it.
+        ManifestTooLarge, ManifestError, PathError, ThresholdError, ExpiredError, RollbackError: as
+            :func:`verify_release`.
+        FileMissing, UnlistedFile, FileHashMismatch: as :func:`check_tree`.
+        ValueError: ``now`` is naive.
+    """
+    _require_aware(now)
+    rotations = {v: d for v, d in root_documents(files).items() if v > trust_root.version}
+    trust = update_trust_root(trust_root, rotations) if rotations else trust_root
+    manifest = files.get(MANIFEST_PATH)
+    if manifest is None:
+        raise UntrustedKeyError(f"the release has no signed manifest at {MANIFEST_PATH}")
+    release = verify_release(manifest, trust, now=now, floor=floor, max_bytes=MAX_MANIFEST_BYTES)
+    check_tree(release, tree_index(files))
+    return TreeVerdict(release, trust)

@@ -1,9 +1,9 @@
 """The transports to a Git mirror (git://, http(s)://, ssh://, local), the one-line reasons for
 their failures, the pack spool and the object walk of a local mirror; used by
-:mod:`edge_agent.source`, which owns the cache.
+:mod:`edge_core.source`, which owns the cache.
 
-Every client built by :func:`make_client` is bounded by :class:`~edge_agent.gitlimits.FetchLimits`:
-each read looks at the fetch's :class:`~edge_agent.gitlimits.Deadline` first (``git://`` also
+Every client built by :func:`make_client` is bounded by :class:`~edge_core.gitlimits.FetchLimits`:
+each read looks at the fetch's :class:`~edge_core.gitlimits.Deadline` first (``git://`` also
 shortens its socket timeout to the time left), and the ref advertisement is capped in lines and
 bytes while it arrives (over HTTP the advertisement responses are capped in bytes, and the ref count
 is checked when the advertisement is complete).
@@ -47,8 +47,8 @@ from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
 from dulwich.objects import Blob, ObjectID, Tree
 from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH, DEFAULT_GIT_PROTOCOL_VERSION_SEND, Protocol
 
-from edge_agent.errors import FetchError
-from edge_agent.gitlimits import CorruptObject, Deadline, FetchLimits, HeaderReader, guard_protocol
+from edge_core.errors import FetchError
+from edge_core.gitlimits import CorruptObject, Deadline, FetchLimits, HeaderReader, guard_protocol
 
 __all__ = ["HaveWalker", "PackSpool", "PackTooLarge", "SourceAuth", "causes", "is_own_bug", "is_want_refused",
            "make_client", "one_line", "redact", "transport_reason", "tree_objects"]

@@ -4,6 +4,9 @@ Public keys travel as ``ed25519:<base64>`` and ``x25519:<base64>`` (standard bas
 bytes). Private key files hold one line ``ed25519-private:<base64 seed>`` or
 ``x25519-private:<base64>`` and are written with mode 0600, atomically, never over an existing file
 unless asked.
+
+The PyNaCl key types (``SigningKey``, ``VerifyKey``, ``PrivateKey``, ``PublicKey``) are re-exported
+here so that code outside the trust package names them without importing PyNaCl itself.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ from pathlib import Path
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
-from edge_agent.errors import KeyFileError
+from edge_core.errors import KeyFileError
 
 __all__ = [
     "ED25519_PREFIX",
     "X25519_PREFIX",
+    "PrivateKey",
+    "PublicKey",
+    "SigningKey",
+    "VerifyKey",
     "format_encryption_public",
     "format_verify_key",
     "generate_encryption_key",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from edge_agent.errors import ManifestError
+from edge_core.errors import ManifestError
 
 __all__ = ["canonical_bytes", "parse_strict_json"]
 

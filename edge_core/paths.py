@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import posixpath
 
-from edge_agent.errors import ConfinementError, PathError
+from edge_core.errors import ConfinementError, PathError
 
 __all__ = ["is_under", "validate_device_path", "validate_repo_path"]
 

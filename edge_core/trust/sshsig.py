@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from nacl.exceptions import CryptoError
 from nacl.signing import VerifyKey
 
-from edge_agent.errors import ConfigError, SignatureError, UntrustedKeyError
+from edge_core.errors import ConfigError, SignatureError, UntrustedKeyError
 
 __all__ = [
     "GIT_NAMESPACE",

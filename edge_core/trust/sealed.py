@@ -29,15 +29,15 @@ import nacl.utils
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
-from edge_agent.errors import (
+from edge_core.errors import (
     KeyFileError,
     ManifestError,
     NotARecipientError,
     SecretError,
     SecretIntegrityError,
 )
-from edge_agent.trust.canonical import canonical_bytes, parse_strict_json
-from edge_agent.trust.keys import format_encryption_public, parse_encryption_public
+from edge_core.trust.canonical import canonical_bytes, parse_strict_json
+from edge_core.trust.keys import format_encryption_public, parse_encryption_public
 
 __all__ = [
     "AEAD_NAME",

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from edge_agent.errors import ConfinementError, DriverUnavailable, EdgeFleetError
-from edge_agent.paths import is_under
-from edge_agent.profiles import DeviceProfile
-from edge_agent.resources import Directory, File, HealthCheck, Resource, SecretFile, Sysctl, SystemdUnit
+from edge_core.errors import ConfinementError, DriverUnavailable, EdgeFleetError
+from edge_core.paths import is_under
+from edge_core.profiles import DeviceProfile
+from edge_core.resources import Directory, File, HealthCheck, Resource, SecretFile, Sysctl, SystemdUnit
 
 __all__ = ["SYSCTL_CONFIG_PATHS", "UNIT_DIRS", "Refusal", "check_refusal", "resource_refusal",
            "unit_names_of"]

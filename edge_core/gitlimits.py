@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from edge_agent.errors import FetchError
+from edge_core.errors import FetchError
 
 __all__ = ["CorruptObject", "Deadline", "FetchLimits", "HeaderReader", "LimitExceeded", "PackStats",
            "fetch_lock", "guard_protocol", "object_header", "scan_pack"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from edge_agent.errors import YamlError
+from edge_core.errors import YamlError
 
 __all__ = ["DEFAULT_MAX_BYTES", "EXCERPT_CHARS", "MAX_DEPTH", "LocatedDoc", "YamlSyntaxError", "excerpt",
            "load_yaml"]

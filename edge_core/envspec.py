@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from edge_agent.errors import BundleError
+from edge_core.errors import BundleError
 
 __all__ = ["ENV_MAX_BYTES", "ENV_MAX_VARS", "ENV_NAME", "RESERVED_ENV_PREFIX", "parse_env"]
 

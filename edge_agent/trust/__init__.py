@@ -1,1 +1,0 @@
-"""trust package of the edge agent."""

@@ -1,0 +1,1 @@
+"""Release trust: canonical JSON, keys, manifests, the verifier, sealed secrets, SSHSIG."""
