@@ -6,8 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint typecheck unit bench sysdeps clean deb test-install
 
+# python3-venv first (a fresh Debian lacks it); a .venv left without pip by an earlier failed
+# `python3 -m venv` is made again.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@bash tools/ensure-system-packages.sh venv
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PY) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -15,7 +18,8 @@ $(STAMP): pyproject.toml
 sysdeps:
 	@bash tools/ensure-system-packages.sh
 
-demo: $(STAMP) sysdeps
+# Stays up until Ctrl-C or SIGTERM, with or without a terminal (docs/demo.md).
+demo: sysdeps $(STAMP)
 	$(BIN)/python -m demo.run $(DEMO_ARGS)
 
 lint: $(STAMP)
@@ -25,12 +29,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Two workers, one test file each at a time: most tests wait on brokers, mirrors and subprocesses.
-unit: $(STAMP) sysdeps
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
+# PYTEST_ARGS narrows the run, e.g. PYTEST_ARGS=tests/test_config.py.
+unit: sysdeps $(STAMP)
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
-bench: $(STAMP) sysdeps
+bench: sysdeps $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 # The agent and fleet-server .deb packages (self-contained venvs under /opt), into packaging/build/dist.
