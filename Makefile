@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench sysdeps clean deb test-install
+.PHONY: demo test lint typecheck unit bench sysdeps clean deb test-install test-fresh
 
 # python3-venv first (a fresh Debian lacks it); a .venv left without pip by an earlier failed
 # `python3 -m venv` is made again.
@@ -45,6 +45,11 @@ deb:
 # Install both packages into a throwaway Debian root and run them there (also part of `make test`).
 test-install: deb
 	bash packaging/test-install.sh packaging/build/dist
+
+# The README's two commands in a fresh Debian 12 root, as a user with sudo (root only; several
+# minutes the first time, so not part of `make test`; docs/packaging.md).
+test-fresh:
+	bash packaging/test-fresh.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info packaging/build
