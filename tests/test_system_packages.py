@@ -149,3 +149,49 @@ def test_make_installs_python3_venv_before_it_creates_the_venv() -> None:
     first_venv = next(i for i, line in enumerate(lines) if " -m venv" in line)
     sysdeps = next(i for i, line in enumerate(lines) if "ensure-system-packages.sh venv" in line)
     assert sysdeps < first_venv, proc.stdout
+
+
+def _venv_checkout(tmp_path: Path, *, pip_works: bool) -> tuple[Path, Path]:
+    """A checkout with a stand-in ensure script, a stand-in python3 (``PY``) that makes a venv whose
+    python records its argv, and a .venv whose python has pip or, as after a ``python3 -m venv`` that
+    failed for want of python3-venv, has not."""
+    work = tmp_path / "checkout"
+    (work / "tools").mkdir(parents=True)
+    (work / "pyproject.toml").write_text("")
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    sysdeps = work / "tools" / "ensure-system-packages.sh"
+    sysdeps.write_text(f'printf "%s\\n" "ensure $*" >> {log}\n')
+
+    def venv_python(pip_status: int) -> str:
+        return ("#!/bin/sh\n"
+                f'printf "%s\\n" "venv-python $*" >> {log}\n'
+                f'[ "$*" = "-m pip --version" ] && exit {pip_status}\nexit 0\n')
+
+    fake_py = tmp_path / "python3"
+    fake_py.write_text("#!/bin/sh\n"
+                       f'printf "%s\\n" "python3 $*" >> {log}\n'
+                       f"mkdir -p .venv/bin && cat > .venv/bin/python <<'PY'\n{venv_python(0)}PY\n"
+                       "chmod +x .venv/bin/python\n")
+    fake_py.chmod(0o755)
+    (work / ".venv" / "bin").mkdir(parents=True)
+    old = work / ".venv" / "bin" / "python"
+    old.write_text(venv_python(0 if pip_works else 1))
+    old.chmod(0o755)
+    return work, log
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("pip_works", [False, True])
+def test_make_remakes_a_venv_left_without_pip(tmp_path: Path, pip_works: bool) -> None:
+    work, log = _venv_checkout(tmp_path, pip_works=pip_works)
+    proc = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), f"PY={tmp_path / 'python3'}",
+                           ".venv/.installed-stamp"], cwd=work, capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "ensure venv"
+    made = [c for c in calls if c.startswith("python3 ")]
+    assert made == ([] if pip_works else ["python3 -m venv --clear .venv"])
+    assert calls[-1].startswith("venv-python -m pip install -q -e")
+    assert (work / ".venv" / ".installed-stamp").exists()
