@@ -4,10 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench sysdeps clean deb test-install
+.PHONY: demo test lint typecheck unit bench sysdeps clean deb test-install test-fresh
 
+# python3-venv first (a fresh Debian lacks it); a .venv left without pip by an earlier failed
+# `python3 -m venv` is made again.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@bash tools/ensure-system-packages.sh venv
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PY) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -15,7 +18,8 @@ $(STAMP): pyproject.toml
 sysdeps:
 	@bash tools/ensure-system-packages.sh
 
-demo: $(STAMP) sysdeps
+# Stays up until Ctrl-C or SIGTERM, with or without a terminal (docs/demo.md).
+demo: sysdeps $(STAMP)
 	$(BIN)/python -m demo.run $(DEMO_ARGS)
 
 lint: $(STAMP)
@@ -25,12 +29,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Two workers, one test file each at a time: most tests wait on brokers, mirrors and subprocesses.
-unit: $(STAMP) sysdeps
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
+# PYTEST_ARGS narrows the run, e.g. PYTEST_ARGS=tests/test_config.py.
+unit: sysdeps $(STAMP)
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
-bench: $(STAMP) sysdeps
+bench: sysdeps $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 # The agent and fleet-server .deb packages (self-contained venvs under /opt), into packaging/build/dist.
@@ -40,6 +45,11 @@ deb:
 # Install both packages into a throwaway Debian root and run them there (also part of `make test`).
 test-install: deb
 	bash packaging/test-install.sh packaging/build/dist
+
+# The README's two commands in a fresh Debian 12 root, as a user with sudo (root only; several
+# minutes the first time, so not part of `make test`; docs/packaging.md).
+test-fresh:
+	bash packaging/test-fresh.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info packaging/build

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -292,7 +293,8 @@ def story(base: Path, n_devices: int, children: Children) -> World:
         return w
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    """Turn SIGTERM or SIGHUP into the same clean stop as Ctrl-C."""
     raise KeyboardInterrupt
 
 
@@ -307,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("git") is None:
         sys.stderr.write("demo: git is not installed (make demo installs it)\n")
         return 1
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+        signal.signal(signal.SIGHUP, _stop_on_signal)
     base = Path(tempfile.mkdtemp(prefix="edge-fleet-demo-"))
     children = Children()
     t0 = time.monotonic()
@@ -315,8 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         w = story(base, max(MIN_DEVICES, args.devices), children)
         say(f"done in {time.monotonic() - t0:.0f} s.")
-        if not args.exit_when_done and sys.stdin.isatty():
-            say(f"The fleet keeps running: open {w.server.url}/ — Ctrl-C stops every process and cleans up.")
+        if not args.exit_when_done:
+            say(f"The fleet keeps running: open {w.server.url}/ — Ctrl-C or `kill {os.getpid()}` "
+                "stops every process and cleans up.")
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     signal.pause()

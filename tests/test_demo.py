@@ -110,3 +110,33 @@ def test_interrupting_the_demo_stops_every_process_it_started(tmp_path: Path) ->
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
     _assert_clean(tmp_path)
+
+
+def test_demo_without_a_terminal_stays_up_until_sigterm(tmp_path: Path) -> None:
+    """Started with no terminal (stdin /dev/null, output to a file), as `nohup make demo &` or a
+    service would run it, the demo keeps the fleet running after the story, names its pid, and a
+    SIGTERM to that pid stops every process and exits 0."""
+    mosquitto_binary()
+    out_file = tmp_path / "demo.out"
+    with out_file.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "demo.run", "--devices", "4"], cwd=REPO,
+                                env=_env(tmp_path), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 200
+        while "The fleet keeps running" not in out_file.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, out_file.read_text()
+            time.sleep(0.2)
+        text = out_file.read_text()
+        assert proc.poll() is None, f"the demo exited without a terminal:\n{text}"
+        assert f"kill {proc.pid}`" in text
+        time.sleep(1)
+        assert proc.poll() is None, out_file.read_text()
+        assert len(_processes_mentioning(str(tmp_path))) >= 7  # git daemon, broker, server, 4 agents
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, out_file.read_text()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    _assert_clean(tmp_path)
