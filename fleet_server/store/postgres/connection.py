@@ -15,7 +15,7 @@ The password never appears in a message: it is not in the URL (the configuration
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fleet_server.errors import StoreError, StoreRefused
 
-__all__ = ["PgConnection", "PgConnections", "insert_or_ignore"]
+__all__ = ["PgConnection", "PgConnections"]
 
 PgConnection = psycopg.Connection[DictRow]
 
@@ -33,19 +33,6 @@ _POOL_SIZE = 5
 """Connections at most: one writer and readers for the API, metrics and the rollout runner."""
 _WAIT = 30.0
 """Seconds to wait for a pooled connection (or for the first one when opening)."""
-
-
-def insert_or_ignore(conn: PgConnection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert ``rows`` (each with the keys of the first) into ``table`` in one ``executemany``,
-    skipping those a unique index already holds (a redelivered message)."""
-    if not rows:
-        return
-    columns = list(rows[0])
-    names = ", ".join(f'"{c}"' for c in columns)
-    marks = ", ".join(["%s"] * len(columns))
-    with conn.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING",  # noqa: S608
-                        [tuple(r[c] for c in columns) for r in rows])
 
 
 class PgConnections:
