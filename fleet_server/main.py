@@ -38,11 +38,13 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.releases import GitWatcher
     from fleet_server.rollouts.plan import RolloutPlan
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
-    from fleet_server.store import AuditStore, FleetStore, IngestStore, open_store
+    from fleet_server.store import AuditStore, IngestStore, open_store
+    from fleet_server.store_commands import copy_command, migrate
+    from fleet_server.store_commands import register as register_store_commands
 except ImportError as _missing:
     exit_without_server_extras(_missing)
 
-__all__ = ["GitPlans", "Pruner", "build_parser", "main", "migrate", "overrides_from_args", "run_server"]
+__all__ = ["GitPlans", "Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mqtt-port", type=int, help="same as --set mqtt.port=N")
     parser.add_argument("--http-port", type=int, help="same as --set http.port=N")
     parser.add_argument("--db", help="same as --set store.path=FILE")
-    parser.add_argument("command", nargs="?", choices=("run", "migrate"), default="run",
-                        help="run the server (the default), or apply the store's schema migrations and exit")
+    commands = parser.add_subparsers(dest="command", metavar="{run,migrate,store}")
+    commands.add_parser("run", help="run the server (the default)")
+    register_store_commands(commands)
     return parser
 
 
@@ -251,24 +254,6 @@ def run_server(config: ServerConfig) -> None:
         log.info("fleet server stopped")
 
 
-def migrate(config: ServerConfig) -> str:
-    """Bring the store's schema up to date (what opening it does) and return a one-line report.
-
-    Raises:
-        StoreError: the database cannot be opened or reached, or was written by a newer server.
-        ServerConfigError: the store's password file cannot be read.
-    """
-    store: FleetStore = open_store(config.store)
-    try:
-        before, after = store.schema_versions
-    finally:
-        store.close()
-    where = config.store.url
-    if before == after:
-        return f"fleet database {where}: schema {after}, up to date"
-    return f"fleet database {where}: schema {before} -> {after}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fleet-server``; return the exit code (0 after a clean stop, 1 on failure, 2 usage)."""
     args = build_parser().parse_args(argv)
@@ -278,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = DEFAULT_CONFIG_PATH
         config = load_server_config(path, overrides_from_args(args))
         setup_logging(config.log_level)
+        if args.command == "store":
+            sys.stdout.write(copy_command(args) + "\n")
+            return 0
         if args.command == "migrate":
             sys.stdout.write(migrate(config) + "\n")
             return 0

@@ -20,10 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_core.messages import event_message, health_message, online_message, status_message
 from fleet_server.api import ApiActions, create_app
-from fleet_server.config import GitConfig, HttpConfig, ServerConfig
+from fleet_server.config import GitConfig, HttpConfig, ServerConfig, StoreConfig
 from fleet_server.errors import ServerConfigError
 from fleet_server.metrics import ServerMetrics
-from fleet_server.store import IngestBatch, Store
+from fleet_server.store import FleetStore, IngestBatch, Store, open_store
 from tests.support.mirror import free_port
 
 ADMIN = "admin-secret-token"
@@ -54,7 +54,7 @@ def serve_app(app: FastAPI) -> Iterator[str]:
         thread.join(10.0)
 
 
-def fill_fleet(store: Store) -> None:
+def fill_fleet(store: FleetStore) -> None:
     """Four devices: two canaries in sync (one online), one failed, one never reported its status."""
     store.register_device("cam-01", labels={"site": "north", "ring": "canary"}, now=NOW - 100)
     store.register_device("cam-02", labels={"site": "north", "ring": "main"}, now=NOW - 100)
@@ -81,7 +81,7 @@ class Api:
     """A running API and what the test needs to talk to it."""
 
     url: str
-    store: Store
+    store: FleetStore
     metrics: ServerMetrics
     triggered: list[float] = field(default_factory=list)
 
@@ -109,9 +109,10 @@ def _config(tmp_path: Path, *, admin: bool = True, read: bool = False, hook: boo
 
 
 @contextlib.contextmanager
-def running_api(tmp_path: Path, *, with_trigger: bool = True, **auth: bool) -> Iterator[Api]:
+def running_api(tmp_path: Path, *, with_trigger: bool = True, store_config: StoreConfig | None = None,
+                **auth: bool) -> Iterator[Api]:
     """Start the API for real over a filled store; yield an :class:`Api`."""
-    store = Store(tmp_path / "fleet.db")
+    store = open_store(store_config or StoreConfig(path=tmp_path / "fleet.db"))
     fill_fleet(store)
     server_metrics = ServerMetrics()
     server_metrics.attach_fleet(store, min_interval=0.0)
@@ -126,8 +127,9 @@ def running_api(tmp_path: Path, *, with_trigger: bool = True, **auth: bool) -> I
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
-    with running_api(tmp_path) as running:
+def api(tmp_path: Path, store_config: StoreConfig) -> Iterator[Api]:
+    """The API over a filled store, on each backend."""
+    with running_api(tmp_path, store_config=store_config) as running:
         yield running
 
 

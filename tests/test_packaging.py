@@ -132,7 +132,7 @@ def test_pinned_requirements_cover_pyproject() -> None:
         return re.split(r"[=<>!~ \[]", spec, maxsplit=1)[0].lower().replace("_", "-")
 
     runtime = {name(d) for d in project["dependencies"]}
-    extra = {name(d) for d in project["optional-dependencies"]["server"]}
+    extra = {name(d) for group in ("server", "postgres") for d in project["optional-dependencies"][group]}
     assert runtime <= agent
     assert runtime | extra <= server
     assert not {"fastapi", "uvicorn", "prometheus-client"} & agent

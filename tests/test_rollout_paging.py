@@ -18,10 +18,10 @@ from edge_core.messages import event_message, online_message, status_message
 from fleet_server import fleetctl
 from fleet_server.api import ApiActions, create_app
 from fleet_server.api.routes_rollouts import DEFAULT_DEVICE_PAGE, MAX_DEVICE_PAGE
-from fleet_server.config import HttpConfig, ServerConfig
+from fleet_server.config import HttpConfig, ServerConfig, StoreConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.runner import RolloutRunner
-from fleet_server.store import IngestBatch, Store
+from fleet_server.store import FleetStore, IngestBatch, open_store
 from tests.test_api import serve_app
 
 READER = "paging-read-token"
@@ -35,7 +35,7 @@ PLAN = {"name": "two-waves", "waves": [{"name": "canary", "soak": 0},
 @dataclass
 class Site:
     url: str
-    store: Store
+    store: FleetStore
     runner: RolloutRunner
     rollout_id: str
     token_file: Path
@@ -46,9 +46,10 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    """150 online devices on release 1 (5 canaries), a rollout of release 2 started and ticked once."""
-    store = Store(tmp_path / "fleet.db")
+def site(tmp_path: Path, store_config: StoreConfig) -> Iterator[Site]:
+    """150 online devices on release 1 (5 canaries), a rollout of release 2 started and ticked once,
+    on each store backend."""
+    store = open_store(store_config)
     now = time.time()
     batch = IngestBatch()
     for device in DEVICES:

@@ -405,3 +405,13 @@ def test_redelivered_events_and_health_are_stored_once(store: FleetStore):
         store.apply_batch(b)
     assert len(store.device_events("d1")) == 1
     assert len(store.device_health("d1")) == 1
+
+
+def test_a_message_twice_in_one_batch_is_stored_once(store: FleetStore):
+    b = IngestBatch()
+    for _ in range(2):
+        b.add("events", status("d1", ts=5.0, type="sync_failed", reason="x"), 6.0)
+        b.add("health", status("d1", ts=5.0, metrics={"cpu": 1}), 6.0)
+    store.apply_batch(b)
+    assert len(store.device_events("d1")) == 1
+    assert len(store.device_health("d1")) == 1

@@ -9,12 +9,14 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from fleet_server.config import StoreConfig
 from fleet_server.errors import StoreError
 from fleet_server.main import main
 from fleet_server.store import open_store
+from fleet_server.store.copy import TABLES
 from fleet_server.store.migrations import BACKENDS, latest_version, migrations
 from tests.support.postgres import Postgres
 from tests.support.stores import run_sql
@@ -110,3 +112,29 @@ def test_a_store_written_by_a_newer_server_is_refused_in_one_line(store_config: 
     assert err.count("\n") == 1
     assert "has schema 99, newer than" in err
     assert "Traceback" not in err
+
+
+def test_both_backends_have_the_same_tables_and_columns_and_store_copy_knows_them(
+        tmp_path: Path, postgres_cluster: Postgres):
+    sqlite_store = open_store(StoreConfig(path=tmp_path / "fleet.db"))
+    sqlite_store.close()
+    conn = sqlite3.connect(tmp_path / "fleet.db")
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                             " AND name NOT LIKE 'sqlite_%'")]
+        on_sqlite = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
+    finally:
+        conn.close()
+    url = postgres_cluster.create_database()
+    with psycopg.connect(url, password=postgres_cluster.password, autocommit=True) as pg:
+        rows = pg.execute("SELECT table_name, column_name FROM information_schema.columns"
+                          " WHERE table_schema = 'public' AND table_name IN (SELECT table_name"
+                          " FROM information_schema.tables WHERE table_schema = 'public'"
+                          " AND table_type = 'BASE TABLE')"
+                          " ORDER BY table_name, ordinal_position").fetchall()
+    on_postgres: dict[str, list[str]] = {}
+    for table, column in rows:
+        on_postgres.setdefault(table, []).append(column)
+    assert {t: sorted(c) for t, c in on_postgres.items()} == {t: sorted(c) for t, c in on_sqlite.items()}
+    copied = {t: sorted(c) for t, c in TABLES}
+    assert copied == {t: sorted(c) for t, c in on_sqlite.items() if t != "schema_migrations"}

@@ -10,12 +10,12 @@ written; a write that fails stores nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from fleet_server.store.records import IngestBatch, RolloutWrite
 
-__all__ = ["AuditStore", "FleetStore", "IngestStore", "ReadStore", "RolloutStore"]
+__all__ = ["AuditStore", "CopyStore", "FleetStore", "IngestStore", "ReadStore", "RolloutStore"]
 
 
 class IngestStore(Protocol):
@@ -241,7 +241,32 @@ class RolloutStore(Protocol):
         ...
 
 
-class FleetStore(IngestStore, ReadStore, AuditStore, RolloutStore, Protocol):
+class CopyStore(Protocol):
+    """Whole tables out and in, for ``fleet-server store copy`` (:mod:`fleet_server.store.copy`)."""
+
+    @property
+    def where(self) -> str:
+        """The store's URL, for messages."""
+        ...
+
+    def dump_rows(self, table: str, columns: Sequence[str], chunk: int) -> Iterator[list[tuple[Any, ...]]]:
+        """Yield every row of ``table`` (those ``columns``), ``chunk`` rows at a time."""
+        ...
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` into ``table`` in one transaction, with their own ids."""
+        ...
+
+    def clear_table(self, table: str) -> None:
+        """Delete every row of ``table`` (the registry change rows triggers made while copying)."""
+        ...
+
+    def finish_load(self) -> None:
+        """Move id generators past the copied ids, so that new rows get new ones."""
+        ...
+
+
+class FleetStore(IngestStore, ReadStore, AuditStore, RolloutStore, CopyStore, Protocol):
     """The whole store: every concern, the backend's name (``sqlite`` or ``postgresql``) and ``close``."""
 
     backend: str

@@ -4,8 +4,11 @@ Reads take any connection of the pool (autocommit: a read holds no transaction o
 serialised by a lock and each runs in one transaction on a pooled connection: rows get their ids
 (``events``, ``health``) and registry changes their ``seq`` in commit order, which the rollout
 runner's cursors rely on (it reads "everything after the last id it saw"), as with SQLite's single
-writer. The pool replaces a connection the server closed or lost; a write that fails on one stores
-nothing and raises, so the ingest writer retries it.
+writer. Each connection is checked as it leaves the pool (one empty round trip) and replaced when
+the server closed or lost it, so a database restart costs no failed request once it is back; a
+write that fails anyway stores nothing and raises, so the ingest writer retries it. Opening the
+store makes one plain connection first, so that a refused login or an unreachable server is
+reported at once with the server's own reason, instead of the pool's retrying until its timeout.
 
 Every psycopg or pool error is translated to :class:`~fleet_server.errors.StoreError`; a value the
 database refuses (out of range, a broken constraint) to its :class:`~fleet_server.errors.StoreRefused`.
@@ -15,7 +18,7 @@ The password never appears in a message: it is not in the URL (the configuration
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +28,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fleet_server.errors import StoreError, StoreRefused
 
-__all__ = ["PgConnection", "PgConnections", "insert_or_ignore"]
+__all__ = ["PgConnection", "PgConnections"]
 
 PgConnection = psycopg.Connection[DictRow]
 
@@ -33,19 +36,6 @@ _POOL_SIZE = 5
 """Connections at most: one writer and readers for the API, metrics and the rollout runner."""
 _WAIT = 30.0
 """Seconds to wait for a pooled connection (or for the first one when opening)."""
-
-
-def insert_or_ignore(conn: PgConnection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert ``rows`` (each with the keys of the first) into ``table`` in one ``executemany``,
-    skipping those a unique index already holds (a redelivered message)."""
-    if not rows:
-        return
-    columns = list(rows[0])
-    names = ", ".join(f'"{c}"' for c in columns)
-    marks = ", ".join(["%s"] * len(columns))
-    with conn.cursor() as cur:
-        cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING",  # noqa: S608
-                        [tuple(r[c] for c in columns) for r in rows])
 
 
 class PgConnections:
@@ -66,9 +56,13 @@ class PgConnections:
                                   "application_name": "fleet-server"}
         if password is not None:
             kwargs["password"] = password
+        try:
+            psycopg.connect(url, **kwargs).close()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the fleet database {self.where}: {_reason(exc)}") from exc
         self._pool: ConnectionPool[PgConnection] = ConnectionPool(
             url, kwargs=kwargs, min_size=1, max_size=_POOL_SIZE, open=False, timeout=_WAIT,
-            name="fleet-store")
+            check=ConnectionPool.check_connection, name="fleet-store")
         try:
             self._pool.open(wait=True, timeout=_WAIT)
         except (psycopg.Error, PoolTimeout) as exc:
