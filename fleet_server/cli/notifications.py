@@ -74,7 +74,8 @@ def register(subparsers: Any) -> None:
     """Add the ``notifications`` sub-command with its ``list`` action."""
     group = subparsers.add_parser(
         "notifications", help="the fleet server's webhook deliveries",
-        description="Webhook notifications the fleet server sent or is still sending.")
+        description="Webhook notifications the fleet server sent or is still sending.",
+        epilog=_EXAMPLES, formatter_class=ExamplesHelpFormatter)
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser(
         "list", help="list webhook deliveries, newest first",
