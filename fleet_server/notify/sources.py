@@ -59,8 +59,10 @@ def device_event(row: Mapping[str, Any]) -> Pending | None:
     ``sync_refused``, ``device.drift_uncorrected`` for a ``drift_detected`` the device did not
     correct (``detail.corrected`` false: audit mode, or the device is paused); None otherwise."""
     kind = row.get("type")
-    detail = row.get("detail") if isinstance(row.get("detail"), Mapping) else {}
-    assert isinstance(detail, Mapping)
+    stored = row.get("detail")
+    # the store keeps the message's fields beyond the envelope: the device's ``detail`` is one of them
+    inner = stored.get("detail") if isinstance(stored, Mapping) else None
+    detail: Mapping[str, Any] = inner if isinstance(inner, Mapping) else {}
     base: dict[str, Any] = {"device": row.get("device"), "ts": row.get("ts"), "release": row.get("release"),
                             "commit": row.get("commit")}
     if kind == "sync_refused":
