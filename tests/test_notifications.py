@@ -30,9 +30,11 @@ from fleet_server.notify.config import Receiver, parse_notifications
 from fleet_server.notify.metrics import NotificationMetrics
 from fleet_server.notify.notifier import Notifier
 from fleet_server.notify.sources import gate_events
+from fleet_server.releases import GitWatcher
 from fleet_server.store import FleetStore, IngestBatch, open_store
 from tests.support.stores import run_sql
 from tests.test_api import serve_app
+from tests.test_git_watcher import Fleet, fleet  # noqa: F401 - the fixture
 
 SECRET = b"receiver-secret-for-tests"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "notifications.md"
@@ -379,3 +381,21 @@ def test_an_unreadable_secret_stops_the_notifier_without_showing_it(tmp_path, an
     with pytest.raises(ServerConfigError, match="cannot read notifications"):
         Notifier([Receiver(name="a", url="https://x/", events=("*",), secret_file=tmp_path / "none")],
                  any_store)
+
+
+def test_a_release_the_watcher_refuses_is_notified_once_across_restarts(fleet: Fleet, receivers):  # noqa: F811
+    hook = receivers()
+    notifier = Notifier([receiver_config(fleet.tmp, hook.port, events=("release.refused",))], fleet.store)
+    fleet.release({"bundles/base/bundle.yaml": "name: base\n"})
+    fleet.work.write("bundles/base/bundle.yaml", "name: evil\n")  # changed after signing
+    sha = fleet.work.commit("tamper")
+    fleet.work.push(fleet.bare)
+    for _ in range(2):  # the second watcher is the server after a restart: it judges the head again
+        watcher = GitWatcher(fleet.config(), fleet.store, fleet.nudge, notify=notifier.refusal_hook)
+        try:
+            assert watcher.poll_once().status == "refused"
+        finally:
+            watcher.stop()
+    deliver_all(notifier, time.time)
+    assert [(r["note"]["event"], r["note"]["data"]["commit"], r["note"]["data"]["reason"])
+            for r in hook.received] == [("release.refused", sha, "tampered")]
