@@ -25,16 +25,21 @@ from fleet_server.api import ApiActions, create_app
 from fleet_server.config import ServerConfig, StoreConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.ingest import Ingestor
+from fleet_server.main import both_listeners
 from fleet_server.metrics import ServerMetrics
 from fleet_server.notify.config import Receiver, parse_notifications
 from fleet_server.notify.metrics import NotificationMetrics
 from fleet_server.notify.notifier import Notifier
 from fleet_server.notify.sources import gate_events
 from fleet_server.releases import GitWatcher
+from fleet_server.rollouts.plan import parse_plan
+from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import FleetStore, IngestBatch, open_store
 from tests.support.stores import run_sql
 from tests.test_api import serve_app
 from tests.test_git_watcher import Fleet, fleet  # noqa: F401 - the fixture
+from tests.test_rollout_runner_incremental import NEW, ONE_WAVE, _fleet, _succeeded
+from tests.test_rollout_runner_incremental import Clock as RunnerClock
 
 SECRET = b"receiver-secret-for-tests"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "notifications.md"
@@ -399,3 +404,31 @@ def test_a_release_the_watcher_refuses_is_notified_once_across_restarts(fleet: F
     deliver_all(notifier, time.time)
     assert [(r["note"]["event"], r["note"]["data"]["commit"], r["note"]["data"]["reason"])
             for r in hook.received] == [("release.refused", sha, "tampered")]
+
+
+def test_a_rollout_sends_started_wave_passed_and_succeeded_once_each(any_store):
+    devices = _fleet(any_store, 3)
+    clock = RunnerClock()
+    everything = Receiver(name="a", url="http://127.0.0.1:9/", events=("*",))
+    notifier = Notifier([everything], any_store, clock=clock)
+    phases: list[str] = []
+    runner = RolloutRunner(any_store, lambda *_args: None, clock=clock)
+    record = both_listeners(lambda state, _old: phases.append(state.phase), notifier.on_phase)
+    runner.set_phase_listener(record)
+    runner.set_commit_listener(notifier.on_commit)
+    runner.load()
+    rid = runner.start(NEW[0], parse_plan(ONE_WAVE, source="t.yaml"), actor="t", reason="t")
+    for _ in range(20):
+        clock.now += 1
+        runner.tick()
+        state = runner.state(rid)
+        assert state is not None
+        if state.phase == "succeeded":
+            break
+        if all(state.devices[d].state == "assigned" for d in devices):
+            _succeeded(any_store, devices, clock.now)
+    assert phases[-1] == "succeeded"
+    rows = sorted(the_rows(any_store), key=lambda r: r["id"])
+    assert [r["event"] for r in rows] == ["rollout.started", "rollout.wave_passed", "rollout.succeeded"]
+    runner.tick()  # nothing new happens: nothing new is sent
+    assert len(the_rows(any_store)) == 3
