@@ -42,7 +42,7 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.rollouts.model import RolloutState
     from fleet_server.rollouts.plan import RolloutPlan
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
-    from fleet_server.store import AuditStore, FleetStore, IngestStore, open_store
+    from fleet_server.store import AuditStore, FleetStore, open_store
 except ImportError as _missing:
     exit_without_server_extras(_missing)
 
@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 
 
 class Pruner:
-    """Deletes history past its retention every ``store.prune_interval`` seconds, in a thread."""
+    """Deletes history past its retention every ``store.prune_interval`` seconds, in a thread: events
+    and health samples, and settled webhook deliveries older than ``store.events_retention``."""
 
-    def __init__(self, store: IngestStore, config: ServerConfig) -> None:
+    def __init__(self, store: FleetStore, config: ServerConfig) -> None:
         self._store = store
         self._config = config.store
         self._stop = threading.Event()
@@ -65,7 +66,9 @@ class Pruner:
         """Prune once; return how many rows were deleted (0 when the store failed, which is logged)."""
         try:
             cfg = self._config
-            return self._store.prune(time.time(), cfg.events_retention, cfg.health_retention)
+            now = time.time()
+            pruned = self._store.prune(now, cfg.events_retention, cfg.health_retention)
+            return pruned + self._store.prune_deliveries(now - cfg.events_retention)
         except StoreError as exc:
             log.error("retention pruning failed: %s", exc)
             return 0

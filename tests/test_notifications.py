@@ -297,10 +297,11 @@ def test_device_events_and_offline_devices_become_notifications_once(any_store, 
               t0)
     batch.add("events", _event("dev-3", "sync_succeeded", t0 + 3), t0)
     any_store.apply_batch(batch)
-    run_sql(store_config, sqlite=f"UPDATE devices SET online = 0, online_ts = {t0 - 3600} WHERE id = 'dev-1';"
-            f" UPDATE devices SET online = 0, online_ts = {t0 - 60} WHERE id = 'dev-2';",
-            postgresql=f"UPDATE devices SET online = 0, online_ts = {t0 - 3600} WHERE id = 'dev-1';"
-            f" UPDATE devices SET online = 0, online_ts = {t0 - 60} WHERE id = 'dev-2';")
+    # dev-1 goes offline now, dev-2 650 s later; the receiver wants to hear after 600 s
+    sql = (f"UPDATE devices SET online = 0, online_ts = {t0} WHERE id = 'dev-1';"
+           f" UPDATE devices SET online = 0, online_ts = {t0 + 650} WHERE id = 'dev-2';")
+    run_sql(store_config, sqlite=sql, postgresql=sql)
+    clock.now = t0 + 700
     assert notifier.scan(clock.now) == 3
     assert notifier.scan(clock.now) == 0  # the same facts again: nothing new
     rows = sorted(the_rows(any_store), key=lambda r: r["event"])
@@ -432,3 +433,37 @@ def test_a_rollout_sends_started_wave_passed_and_succeeded_once_each(any_store):
     assert [r["event"] for r in rows] == ["rollout.started", "rollout.wave_passed", "rollout.succeeded"]
     runner.tick()  # nothing new happens: nothing new is sent
     assert len(the_rows(any_store)) == 3
+
+
+def test_settled_deliveries_past_retention_are_pruned_and_pending_ones_kept(any_store, tmp_path, receivers):
+    hook = receivers()
+    clock = Clock()
+    old = clock.now - 10 * 86400
+    notifier = Notifier([receiver_config(tmp_path, hook.port)], any_store, clock=clock)
+    notifier.notify("device.offline", {"device": "delivered-long-ago"}, at=old)
+    deliver_all(notifier, clock)
+    hook.status = 500
+    notifier.notify("device.offline", {"device": "failed-long-ago"}, at=old)  # past retry_for: given up
+    notifier.notify("device.offline", {"device": "pending-now"})  # retried later
+    deliver_all(notifier, clock)
+    assert sorted(r["state"] for r in the_rows(any_store)) == ["delivered", "failed", "pending"]
+    assert any_store.prune_deliveries(clock.now - 86400) == 2
+    assert [r["state"] for r in the_rows(any_store)] == ["pending"]
+
+
+def test_a_device_offline_since_before_the_lookback_at_start_is_not_notified(any_store, store_config,
+                                                                              tmp_path):
+    clock = Clock()
+    receiver = receiver_config(tmp_path, free_port(), offline_after=600.0)
+    batch = IngestBatch()
+    for device in ("dev-old", "dev-new"):
+        batch.add("events", _event(device, "sync_succeeded", clock.now - 5), clock.now - 5)
+    any_store.apply_batch(batch)
+    long_ago, recent = clock.now - 600 - 2 * 86400, clock.now - 3600
+    sql = (f"UPDATE devices SET online = 0, online_ts = {long_ago} WHERE id = 'dev-old';"
+           f" UPDATE devices SET online = 0, online_ts = {recent} WHERE id = 'dev-new';")
+    run_sql(store_config, sqlite=sql, postgresql=sql)
+    notifier = Notifier([receiver], any_store, clock=clock)
+    assert notifier.scan(clock.now) == 1
+    [row] = the_rows(any_store)
+    assert json.loads(_body(any_store, store_config, row["id"]))["data"]["device"] == "dev-new"

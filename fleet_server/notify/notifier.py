@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("6f0c3f5e-58a4-4d0e-9d6a-8f3b2a1e7c11")
 _EVENTS_PAGE = 1000
 _PAGES_PER_SCAN = 20
+_OFFLINE_LOOKBACK = 86400.0
+"""At start, devices that went offline up to this long before a receiver's threshold are considered
+(those already notified are not sent again: their event ids are stored)."""
 
 Poster = Callable[[str, bytes, Mapping[str, str], float], PostResult]
 
@@ -82,6 +85,7 @@ class Notifier:
         self._base, self._cap = backoff_base, backoff_cap
         self._send = sender
         self._next_scan = 0.0
+        self._offline_seen: dict[str, float] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -157,8 +161,13 @@ class Notifier:
             self._store.set_notify_cursor(cursor)
         for r in self._receivers.values():
             if r.wants("device.offline"):
-                offline = self._store.offline_devices(now - r.offline_after)
+                before = now - r.offline_after
+                since = self._offline_seen.get(r.name, before - _OFFLINE_LOOKBACK)
+                offline = self._store.offline_devices(before, since, _EVENTS_PAGE)
                 added += self._store_pending([offline_event(row, now) for row in offline], only=r)
+                # a full page: read on from its last device next time, else from this threshold
+                self._offline_seen[r.name] = float(offline[-1]["online_ts"]) if len(offline) >= _EVENTS_PAGE \
+                    else before
         return added
 
     def _delay(self, attempts: int) -> float:

@@ -548,7 +548,10 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                     live.dirty = live.all_devices = True
                 raise
             if self._commit_listener is not None and write.gates:
-                self._commit_listener(write)
+                try:
+                    self._commit_listener(write)
+                except Exception:  # a listener bug must not end the tick; logged with its traceback
+                    log.exception("rollout runner: commit listener failed")
         for rid in [k for k, v in self._live.items()
                     if v.state.phase in ("aborted", "superseded")]:
             del self._live[rid]

@@ -277,8 +277,13 @@ class NotificationStore(Protocol):
         """Store the id of the last event the notifier looked at."""
         ...
 
-    def offline_devices(self, before: float, limit: int = 1000) -> list[dict[str, Any]]:
-        """Return the devices offline since before ``before``, the longest offline first."""
+    def prune_deliveries(self, before: float) -> int:
+        """Delete delivered and failed deliveries whose event is older than ``before``; return how many."""
+        ...
+
+    def offline_devices(self, before: float, since: float, limit: int = 1000) -> list[dict[str, Any]]:
+        """Return the devices that went offline at or after ``since`` and before ``before``, the longest
+        offline first."""
         ...
 
 

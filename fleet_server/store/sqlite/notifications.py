@@ -110,15 +110,26 @@ class SqliteNotifications(SqliteConnections):
             self._wconn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                 (_CURSOR_KEY, str(int(after))))
 
-    def offline_devices(self, before: float, limit: int = 1000) -> list[dict[str, Any]]:
-        """Return the devices offline since before ``before`` (``id``, ``online_ts``, ``last_seen``),
-        the longest offline first.
+    def offline_devices(self, before: float, since: float, limit: int = 1000) -> list[dict[str, Any]]:
+        """Return the devices offline since a time at or after ``since`` and before ``before`` (``id``,
+        ``online_ts``, ``last_seen``), the longest offline first.
 
         Raises:
             StoreError: the database cannot be read.
         """
         with self._reading("read offline devices") as conn:
             rows = conn.execute("SELECT id, online_ts, last_seen FROM devices WHERE online = 0"
-                                " AND online_ts < ? ORDER BY online_ts LIMIT ?",
-                                (before, max(1, int(limit)))).fetchall()
+                                " AND online_ts >= ? AND online_ts < ? ORDER BY online_ts LIMIT ?",
+                                (since, before, max(1, int(limit)))).fetchall()
         return [dict(r) for r in rows]
+
+    def prune_deliveries(self, before: float) -> int:
+        """Delete delivered and failed deliveries whose event is older than ``before``; return how many.
+
+        Raises:
+            StoreError: the database cannot be written.
+        """
+        with self._writing("prune notifications"), self._wconn:
+            cur = self._wconn.execute("DELETE FROM notifications WHERE state != 'pending' AND created < ?",
+                                      (before,))
+            return max(0, cur.rowcount)
