@@ -467,3 +467,27 @@ def test_a_device_offline_since_before_the_lookback_at_start_is_not_notified(any
     assert notifier.scan(clock.now) == 1
     [row] = the_rows(any_store)
     assert json.loads(_body(any_store, store_config, row["id"]))["data"]["device"] == "dev-new"
+
+
+def test_a_redirect_is_not_followed_and_the_secret_is_never_logged(any_store, tmp_path, receivers, caplog):
+    elsewhere = receivers()
+    hook = receivers(status=302)
+    original = hook.server.RequestHandlerClass.send_response
+
+    def redirect(handler: BaseHTTPRequestHandler, code: int, message: str | None = None) -> None:
+        original(handler, code, message)
+        handler.send_header("Location", f"http://127.0.0.1:{elsewhere.port}/stolen")
+
+    hook.server.RequestHandlerClass.send_response = redirect
+    notifier = Notifier([receiver_config(tmp_path, hook.port)], any_store)
+    with caplog.at_level("DEBUG"):
+        notifier.notify("rollout.halted", {"rollout": "r1"})
+        deliver_all(notifier, time.time)
+    [row] = the_rows(any_store)
+    assert (row["state"], row["last_status"]) == ("pending", 302)
+    assert row["last_error"] == "127.0.0.1 answered HTTP 302"
+    assert len(hook.received) == 1
+    assert elsewhere.received == []
+    assert "answered HTTP 302" in caplog.text
+    assert SECRET.decode() not in caplog.text
+    assert SECRET.decode() not in json.dumps(the_rows(any_store))
