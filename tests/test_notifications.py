@@ -491,3 +491,22 @@ def test_a_redirect_is_not_followed_and_the_secret_is_never_logged(any_store, tm
     assert "answered HTTP 302" in caplog.text
     assert SECRET.decode() not in caplog.text
     assert SECRET.decode() not in json.dumps(the_rows(any_store))
+
+
+def test_a_dead_receiver_costs_one_attempt_per_back_off_and_holds_no_other_receiver(any_store, tmp_path,
+                                                                                     receivers):
+    live = receivers()
+    clock = Clock()
+    dead = Receiver(name="dead", url=f"http://127.0.0.1:{free_port()}/", events=("*",), timeout=5.0)
+    alive = receiver_config(tmp_path, live.port)
+    notifier = Notifier([dead, alive], any_store, clock=clock)
+    for i in range(5):
+        notifier.notify("device.offline", {"device": f"dev-{i}"})
+    deliver_all(notifier, clock)
+    rows = the_rows(any_store)
+    dead_rows = [r for r in rows if r["receiver"] == "dead"]
+    assert sum(r["attempts"] for r in dead_rows) == 1
+    assert all(r["state"] == "pending" and r["next_attempt"] > clock.now for r in dead_rows)
+    assert len({r["next_attempt"] for r in dead_rows}) == 1
+    assert [r["state"] for r in rows if r["receiver"] == "ops"] == ["delivered"] * 5
+    assert len(live.received) == 5

@@ -5,8 +5,11 @@ dead or slow receiver never delays ingest, the rollout runner or the Git watcher
 Delivery is at least once: a notification stays ``pending`` in the store until a receiver answers
 2xx, across restarts; each retry waits an exponentially growing, jittered delay (equal jitter: a
 uniform draw from the upper half of ``min(cap, base * 2**attempts)``); past the receiver's
-``retry_for`` it is given up (``failed``). The worker also turns the store's new device events and
-long-offline devices into notifications (:mod:`.sources`), at most every ``scan_interval``.
+``retry_for`` it is given up (``failed``). When an attempt fails, the receiver's other due
+deliveries wait for the same time, so a dead or hanging receiver costs one attempt per back-off,
+not one per queued notification, and the other receivers are not held behind it. The worker also
+turns the store's new device events and long-offline devices into notifications
+(:mod:`.sources`), at most every ``scan_interval``.
 """
 
 from __future__ import annotations
@@ -181,19 +184,22 @@ class Notifier:
             StoreError: the store cannot be read or written.
         """
         due = self._store.due_deliveries(now, limit)
+        postponed: set[str] = set()
         for row in due:
             if self._stopping.is_set():
                 break
-            self._attempt(row)
+            if str(row["receiver"]) not in postponed and self._attempt(row):
+                postponed.add(str(row["receiver"]))
         return len(due)
 
-    def _attempt(self, row: Mapping[str, Any]) -> None:
+    def _attempt(self, row: Mapping[str, Any]) -> bool:
+        """Attempt one delivery; return True when it failed and its receiver's due ones were postponed."""
         receiver = self._receivers.get(str(row["receiver"]))
         now = self._clock()
         if receiver is None:
             self._store.record_attempt(int(row["id"]), at=now, state="failed", status=None,
                                        error="receiver no longer configured", next_attempt=now)
-            return
+            return False
         body = str(row["body"]).encode("utf-8")
         headers = request_headers(event=str(row["event"]), event_id=str(row["event_id"]), body=body,
                                   secret=self._secrets.get(receiver.name), sent_at=now)
@@ -207,11 +213,14 @@ class Notifier:
             state, outcome, next_at = "pending", "retried", done + self._delay(int(row["attempts"]))
         self._store.record_attempt(int(row["id"]), at=done, state=state, status=result.status,
                                    error=result.error, next_attempt=next_at)
+        if state == "pending":  # its other due deliveries wait with it: one failing attempt per back-off
+            self._store.postpone_receiver(receiver.name, done, next_at)
         if self._metrics is not None:
             self._metrics.attempted(receiver.name, outcome)
         if not result.ok:
             log.warning("notification %s (%s) to %s: %s; %s", row["event_id"], row["event"], receiver.name,
                         result.error, "given up" if state == "failed" else "retried later")
+        return state == "pending"
 
     def run_once(self) -> None:
         """One pass of the worker: scan when due, then deliver what is due (store errors logged)."""

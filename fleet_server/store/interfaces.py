@@ -277,6 +277,10 @@ class NotificationStore(Protocol):
         """Store the id of the last event the notifier looked at."""
         ...
 
+    def postpone_receiver(self, receiver: str, now: float, until: float) -> int:
+        """Move every pending delivery of ``receiver`` due at ``now`` to ``until``; return how many."""
+        ...
+
     def prune_deliveries(self, before: float) -> int:
         """Delete delivered and failed deliveries whose event is older than ``before``; return how many."""
         ...

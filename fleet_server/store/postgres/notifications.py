@@ -137,3 +137,16 @@ class PgNotifications(PgConnections):
             cur = conn.execute("DELETE FROM notifications WHERE state != 'pending' AND created < %s",
                                (before,))
             return max(0, cur.rowcount)
+
+    def postpone_receiver(self, receiver: str, now: float, until: float) -> int:
+        """Move every pending delivery of ``receiver`` due at ``now`` to ``until`` (after it failed, its
+        other deliveries wait for its back-off instead of each failing in turn); return how many.
+
+        Raises:
+            StoreError: the database cannot be written.
+        """
+        with self._writing("postpone notifications") as conn:
+            cur = conn.execute(
+                "UPDATE notifications SET next_attempt = %s WHERE receiver = %s AND state = 'pending'"
+                " AND next_attempt <= %s", (until, receiver, now))
+            return max(0, cur.rowcount)

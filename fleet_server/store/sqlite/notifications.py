@@ -133,3 +133,16 @@ class SqliteNotifications(SqliteConnections):
             cur = self._wconn.execute("DELETE FROM notifications WHERE state != 'pending' AND created < ?",
                                       (before,))
             return max(0, cur.rowcount)
+
+    def postpone_receiver(self, receiver: str, now: float, until: float) -> int:
+        """Move every pending delivery of ``receiver`` due at ``now`` to ``until`` (after it failed, its
+        other deliveries wait for its back-off instead of each failing in turn); return how many.
+
+        Raises:
+            StoreError: the database cannot be written.
+        """
+        with self._writing("postpone notifications"), self._wconn:
+            cur = self._wconn.execute(
+                "UPDATE notifications SET next_attempt = ? WHERE receiver = ? AND state = 'pending'"
+                " AND next_attempt <= ?", (until, receiver, now))
+            return max(0, cur.rowcount)
