@@ -30,6 +30,7 @@ from edge_core.messages import MAX_MESSAGE_BYTES
 from edge_core.trust.keys import parse_verify_key
 from edge_core.yamlsafe import LocatedDoc, YamlSyntaxError, excerpt, load_yaml
 from fleet_server.errors import ServerConfigError
+from fleet_server.notify.config import Receiver, parse_notifications
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -177,6 +178,8 @@ class ServerConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     git: GitConfig = field(default_factory=GitConfig)
     log_level: str = "info"
+    notifications: tuple[Receiver, ...] = ()
+    """The webhook receivers (``docs/notifications.md``)."""
 
 
 class _Section(ConfigSection):
@@ -316,7 +319,7 @@ def _git(top: _Section) -> GitConfig:
                      **fetch_limit_values(s))
 
 
-_TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "log_level"})
+_TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "log_level", "notifications"})
 
 
 def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
@@ -327,7 +330,8 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
     """
     top = _Section(raw, "", _TOP_KEYS, base_dir)
     return ServerConfig(mqtt=_mqtt(top), store=_store(top), ingest=_ingest(top), http=_http(top),
-                        git=_git(top), log_level=top.choice("log_level", "info", LOG_LEVELS))
+                        git=_git(top), log_level=top.choice("log_level", "info", LOG_LEVELS),
+                        notifications=parse_notifications(top.raw.get("notifications"), base_dir))
 
 
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -16,7 +16,8 @@ __all__ = ["build_parser", "main"]
 
 # Each module in fleet_server/cli/ exports register(subparsers) which adds its sub-command(s)
 # and sets ``func`` (args -> exit code) on the parser it adds.
-COMMAND_MODULES = ("keys", "release", "secret", "lint", "broker", "devices", "history", "rollout", "context")
+COMMAND_MODULES = ("keys", "release", "secret", "lint", "broker", "devices", "history", "rollout", "context",
+                   "notifications")
 
 
 _EXAMPLES = """examples:

@@ -1,11 +1,12 @@
 """``fleet-server``: wires the configuration, store, metrics, MQTT ingest, rollout runner, Git
-watcher, retention pruning and the HTTP API, and runs until SIGTERM or SIGINT.
+watcher, retention pruning, webhook notifications and the HTTP API, and runs until SIGTERM or SIGINT.
 
 Start order: the store, then the MQTT client (paho waits on its socket with ``select()``, which
 cannot watch descriptors numbered 1024 or more, so it opens before anything that may hold many),
-then the Git watcher and the pruning timer, then the HTTP API (uvicorn in the main thread; it turns
-SIGTERM and SIGINT into a clean shutdown). On the way out the ingest path commits and acknowledges
-what it has queued before it disconnects, so a clean stop loses nothing.
+then the Git watcher, the pruning timer and the notifier's delivery thread, then the HTTP API
+(uvicorn in the main thread; it turns SIGTERM and SIGINT into a clean shutdown). On the way out the
+ingest path commits and acknowledges what it has queued before it disconnects, so a clean stop loses
+nothing; undelivered notifications stay pending in the store for the next start.
 """
 
 from __future__ import annotations
@@ -34,25 +35,29 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
     from fleet_server.errors import FleetError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
-    from fleet_server.metrics import ServerMetrics
+    from fleet_server.metrics import NotificationMetrics, ServerMetrics
+    from fleet_server.notify.notifier import Notifier
     from fleet_server.releases import GitWatcher
+    from fleet_server.rollouts.model import RolloutState
     from fleet_server.rollouts.plan import RolloutPlan
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
-    from fleet_server.store import AuditStore, IngestStore, open_store
+    from fleet_server.store import AuditStore, FleetStore, open_store
     from fleet_server.store_commands import copy_command, migrate
     from fleet_server.store_commands import register as register_store_commands
 except ImportError as _missing:
     exit_without_server_extras(_missing)
 
-__all__ = ["GitPlans", "Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
+__all__ = ["GitPlans", "Pruner", "both_listeners", "build_parser", "main", "overrides_from_args",
+           "run_server"]
 
 log = logging.getLogger(__name__)
 
 
 class Pruner:
-    """Deletes history past its retention every ``store.prune_interval`` seconds, in a thread."""
+    """Deletes history past its retention every ``store.prune_interval`` seconds, in a thread: events
+    and health samples, and settled webhook deliveries older than ``store.events_retention``."""
 
-    def __init__(self, store: IngestStore, config: ServerConfig) -> None:
+    def __init__(self, store: FleetStore, config: ServerConfig) -> None:
         self._store = store
         self._config = config.store
         self._stop = threading.Event()
@@ -62,7 +67,9 @@ class Pruner:
         """Prune once; return how many rows were deleted (0 when the store failed, which is logged)."""
         try:
             cfg = self._config
-            return self._store.prune(time.time(), cfg.events_retention, cfg.health_retention)
+            now = time.time()
+            pruned = self._store.prune(now, cfg.events_retention, cfg.health_retention)
+            return pruned + self._store.prune_deliveries(now - cfg.events_retention)
         except StoreError as exc:
             log.error("retention pruning failed: %s", exc)
             return 0
@@ -185,6 +192,17 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def both_listeners(first: Callable[[RolloutState, str], None],
+                   second: Callable[[RolloutState, str], None]) -> Callable[[RolloutState, str], None]:
+    """Return a rollout phase listener that calls ``first`` then ``second``."""
+
+    def listener(state: RolloutState, old_phase: str) -> None:
+        first(state, old_phase)
+        second(state, old_phase)
+
+    return listener
+
+
 def _quiet_stop_signals() -> None:
     """Make SIGTERM/SIGINT harmless outside uvicorn's own handling: uvicorn raises the signal again
     after its shutdown, which would otherwise kill the process before the ingest queue is flushed."""
@@ -216,22 +234,27 @@ def run_server(config: ServerConfig) -> None:
     runner: RolloutRunner | None = None
     plans: GitPlans | None = None
     pruner = Pruner(store, config)
+    notifier: Notifier | None = None
     try:
+        notifier = Notifier(config.notifications, store, metrics=NotificationMetrics(metrics.registry))
         ingestor = Ingestor(config, store, metrics.ingest)
         ingestor.start()
         metrics.attach_fleet(store)
         baseline = FleetBaseline(store, ingestor.publish_baseline)
         baseline.start()
         runner = RolloutRunner(store, ingestor.publish_desired)
-        runner.set_phase_listener(log_phase_errors(baseline))
+        runner.set_phase_listener(both_listeners(log_phase_errors(baseline), notifier.on_phase))
+        runner.set_commit_listener(notifier.on_commit)
         runner.start_thread()
         metrics.attach_rollouts(runner)
         if config.git.url:
             plans = GitPlans(config, store, runner, ingestor.publish_nudge, baseline)
             runner.set_plan_loader(plans.named)
-            watcher = GitWatcher(config, store, plans.on_release, metrics=metrics.releases)
+            watcher = GitWatcher(config, store, plans.on_release, metrics=metrics.releases,
+                                 notify=notifier.refusal_hook)
             watcher.start()
         pruner.start()
+        notifier.start()
         actions = ApiActions(trigger_git=watcher.trigger if watcher else None, rollouts=runner)
         app = create_app(store, config, metrics, actions=actions)
         server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
@@ -250,6 +273,8 @@ def run_server(config: ServerConfig) -> None:
             runner.stop()
         if ingestor is not None:
             ingestor.stop()
+        if notifier is not None:
+            notifier.stop()
         store.close()
         log.info("fleet server stopped")
 

@@ -31,8 +31,10 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 from prometheus_client.registry import Collector
 
 from fleet_server.errors import StoreError
+from fleet_server.store.notification_records import DELIVERY_STATES
 
 __all__ = [
+    "ATTEMPT_OUTCOMES",
     "COMMIT_TO_APPLIED_BUCKETS",
     "DROP_REASONS",
     "MESSAGE_KINDS",
@@ -41,6 +43,7 @@ __all__ = [
     "FleetSource",
     "IngestMetrics",
     "IngestState",
+    "NotificationMetrics",
     "ReleaseMetrics",
     "RolloutCollector",
     "RolloutSource",
@@ -561,3 +564,31 @@ class ServerMetrics:
     def exposition(self) -> bytes:
         """Return every metric in the Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+ATTEMPT_OUTCOMES = ("delivered", "retried", "failed")
+"""``delivered`` (a 2xx), ``retried`` (no 2xx, tried again later), ``failed`` (no 2xx, given up)."""
+
+
+class NotificationMetrics:
+    """The notification collectors, on the caller's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.attempts = Counter(
+            "fleet_notification_attempts", "Webhook delivery attempts, by receiver and outcome.",
+            ["receiver", "outcome"], registry=registry)
+        self.deliveries = Gauge(
+            "fleet_notification_deliveries",
+            "Stored webhook deliveries, by state (pending, delivered, failed).",
+            ["state"], registry=registry)
+        for state in DELIVERY_STATES:
+            self.deliveries.labels(state=state).set(0)
+
+    def attempted(self, receiver: str, outcome: str) -> None:
+        """Count one attempt to ``receiver`` with its outcome (one of :data:`ATTEMPT_OUTCOMES`)."""
+        self.attempts.labels(receiver=receiver, outcome=outcome).inc()
+
+    def set_states(self, counts: Mapping[str, int]) -> None:
+        """Set the stored deliveries by state."""
+        for state in DELIVERY_STATES:
+            self.deliveries.labels(state=state).set(counts.get(state, 0))

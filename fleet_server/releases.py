@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_core.errors import (
     ExpiredError,
@@ -104,6 +104,7 @@ class GitWatcher:
         store: where verified releases are recorded.
         publish_nudge: called with ``(revision, release)`` for every newly recorded release.
         metrics: counters for polls, verified and refused releases (a private registry when None).
+        notify: called as ``notify("release.refused", data)`` for each refused head (webhooks).
         clock: returns the current time (timezone-aware); expiry is checked against it.
 
     Raises:
@@ -113,7 +114,8 @@ class GitWatcher:
 
     def __init__(self, config: ServerConfig, store: ReleaseRecorder,
                  publish_nudge: Callable[[str, int], None], *, metrics: ReleaseMetrics | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 notify: Callable[[str, Mapping[str, Any]], object] | None = None) -> None:
         git = config.git
         if not git.url:
             raise ServerConfigError("git.url: the Git watcher needs the mirror's URL")
@@ -126,6 +128,7 @@ class GitWatcher:
         self._store = store
         self._publish_nudge = publish_nudge
         self._clock = clock
+        self._notify = notify
         self._last_commit: str | None = None
         self._poll_lock = threading.Lock()
         self._wake = threading.Event()
@@ -161,6 +164,9 @@ class GitWatcher:
                 reason = refusal_reason(exc)
                 self.metrics.refused(reason)
                 log.warning("git watcher: refused %s (%s): %s", commit, reason, exc)
+                if self._notify is not None:
+                    self._notify("release.refused", {"commit": commit, "reason": reason,
+                                                     "detail": str(exc)[:500]})
                 return PollOutcome("refused", commit=commit, reason=reason)
             self._last_commit = commit
             return self._record(commit, release, commit_time)

@@ -29,7 +29,7 @@ def test_all_is_pinned():
     assert set(store_mod.__all__) == {"INGEST_KINDS", "SCHEMA_VERSION", "IngestBatch", "Received", "Store",
                                       "RolloutWrite", "to_epoch", "SqliteStore", "FleetStore", "IngestStore",
                                       "ReadStore", "RolloutStore", "AuditStore", "open_store",
-                                      "read_password"}
+                                      "read_password", "NotificationStore", "NewDelivery", "DELIVERY_STATES"}
 
 
 def test_to_epoch_accepts_seconds_and_iso_text():
@@ -48,7 +48,8 @@ def test_wal_and_schema_version(tmp_path: Path):
     s.close()
     conn = sqlite3.connect(tmp_path / "fleet.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "1"
+    schema = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+    assert schema == str(store_mod.SCHEMA_VERSION)
     conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
     conn.commit()
     conn.close()

@@ -15,6 +15,7 @@ from fleet_server.config import StoreConfig
 from fleet_server.main import main
 from fleet_server.store import FleetStore, IngestBatch, RolloutWrite, open_store
 from fleet_server.store.copy import TABLES
+from fleet_server.store.notification_records import NewDelivery
 from tests.support.postgres import Postgres
 
 MAIN_DUMP = Path(__file__).parent / "data" / "fleet-db-main.sql"
@@ -70,6 +71,8 @@ def populated_sqlite(path: Path) -> StoreConfig:
                       "data": {"wave": 0, "state": "applied"}} for i in range(3)],
             cursor={"events": 5, "health": 4}))
         store.mark_published([("dev-05", 4, "r2")], 300.3)
+        store.enqueue_deliveries([NewDelivery(event_id="e-1", receiver="ops", event="rollout.started",
+                                              body='{"event":"rollout.started"}', created=300.4)])
     finally:
         store.close()
     return config

@@ -43,6 +43,7 @@ from fleet_server.api.dashboard import install_dashboard
 from fleet_server.api.guard import RequestGuard
 from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
+from fleet_server.api.routes_notifications import NotificationReader, notifications_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
 from fleet_server.errors import StoreError
 from fleet_server.health import health_status
@@ -62,7 +63,7 @@ MAX_WEBHOOK_BYTES = 1024 * 1024
 WEBHOOK_PATH = "/api/v1/hooks/git"
 
 
-class ApiStore(FleetReader, DeviceRegistry, Protocol):
+class ApiStore(FleetReader, DeviceRegistry, NotificationReader, Protocol):
     """Everything the API asks of the store (``fleet_server.store.Store`` provides it)."""
 
 
@@ -166,7 +167,7 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
     app = FastAPI(title="edge-fleet server", version=__version__, openapi_url="/api/v1/openapi.json",
                   docs_url=None, redoc_url=None)
     _install_error_handlers(app)
-    routers = [fleet_router(store, tokens), enroll_router(store, tokens)]
+    routers = [fleet_router(store, tokens), enroll_router(store, tokens), notifications_router(store, tokens)]
     if actions.rollouts is not None:
         routers.append(rollouts_router(actions.rollouts, tokens))
     for router in routers:

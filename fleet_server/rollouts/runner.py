@@ -140,6 +140,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         self._loaded = False
         self._last_now = 0.0
         self._phase_listener: PhaseListener | None = None
+        self._commit_listener: Callable[[RolloutWrite], None] | None = None
         self._phase_changes: list[tuple[RolloutState, str]] = []
 
     def _now(self) -> float:
@@ -226,6 +227,11 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         """Call ``listener(state, old_phase)`` after every committed phase change (the fleet baseline
         follows rollouts this way); it runs in the runner's thread and must not raise."""
         self._phase_listener = listener
+
+    def set_commit_listener(self, listener: Callable[[RolloutWrite], None] | None) -> None:
+        """Call ``listener(write)`` after every committed write (notifications read its gate decisions);
+        it runs in the runner's thread and must not raise."""
+        self._commit_listener = listener
 
     def set_plan_loader(self, loader: Callable[[str], RolloutPlan] | None) -> None:
         """Set where ``plan_name`` starts find their plan (None: named plans are not available)."""
@@ -541,6 +547,11 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                 for live in dirty:  # not written: written again, whole, by the next commit
                     live.dirty = live.all_devices = True
                 raise
+            if self._commit_listener is not None and write.gates:
+                try:
+                    self._commit_listener(write)
+                except Exception:  # a listener bug must not end the tick; logged with its traceback
+                    log.exception("rollout runner: commit listener failed")
         for rid in [k for k, v in self._live.items()
                     if v.state.phase in ("aborted", "superseded")]:
             del self._live[rid]

@@ -14,17 +14,28 @@ from pathlib import Path
 
 from fleet_server.config import StoreConfig
 from fleet_server.errors import ServerConfigError
-from fleet_server.store.interfaces import AuditStore, FleetStore, IngestStore, ReadStore, RolloutStore
+from fleet_server.store.interfaces import (
+    AuditStore,
+    FleetStore,
+    IngestStore,
+    NotificationStore,
+    ReadStore,
+    RolloutStore,
+)
+from fleet_server.store.notification_records import DELIVERY_STATES, NewDelivery
 from fleet_server.store.records import INGEST_KINDS, IngestBatch, Received, RolloutWrite, to_epoch
 from fleet_server.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 __all__ = [
+    "DELIVERY_STATES",
     "INGEST_KINDS",
     "SCHEMA_VERSION",
     "AuditStore",
     "FleetStore",
     "IngestBatch",
     "IngestStore",
+    "NewDelivery",
+    "NotificationStore",
     "ReadStore",
     "Received",
     "RolloutStore",

@@ -36,6 +36,8 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rollout_gates", ("id", "rollout_id", "wave", "at", "passed", "detail")),
     ("rollout_samples", ("rollout_id", "wave", "ts", "done", "failed", "pending", "offline", "deferred",
                          "skipped")),
+    ("notifications", ("id", "event_id", "receiver", "event", "body", "created", "state", "attempts",
+                       "next_attempt", "last_attempt", "last_status", "last_error", "delivered_at")),
 )
 """Every table of the schema (but ``schema_migrations``) with its columns, in copy order."""
 

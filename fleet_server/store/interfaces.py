@@ -1,8 +1,9 @@
 """What the rest of the server asks of the store, one protocol per concern, so that a backend is
 chosen by configuration and no caller depends on one: :class:`IngestStore` (registry and ingest
 writes), :class:`ReadStore` (API, dashboard and metrics reads), :class:`AuditStore` (audit log and
-recorded releases), :class:`RolloutStore` (the rollout runner's writes, feed and reads) and
-:class:`FleetStore`, all of them plus the backend's name and ``close``.
+recorded releases), :class:`RolloutStore` (the rollout runner's writes, feed and reads),
+:class:`NotificationStore` (webhook deliveries) and :class:`FleetStore`, all of them plus the backend's
+name and ``close``.
 
 Every method raises :class:`~fleet_server.errors.StoreError` when the database cannot be read or
 written; a write that fails stores nothing.
@@ -13,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+from fleet_server.store.notification_records import NewDelivery
 from fleet_server.store.records import IngestBatch, RolloutWrite
 
-__all__ = ["AuditStore", "CopyStore", "FleetStore", "IngestStore", "ReadStore", "RolloutStore"]
+__all__ = ["AuditStore", "CopyStore", "FleetStore", "IngestStore", "NotificationStore", "ReadStore",
+           "RolloutStore"]
 
 
 class IngestStore(Protocol):
@@ -266,7 +269,55 @@ class CopyStore(Protocol):
         ...
 
 
-class FleetStore(IngestStore, ReadStore, AuditStore, RolloutStore, CopyStore, Protocol):
+class NotificationStore(Protocol):
+    """Webhook deliveries: the enqueue, the worker's reads and writes, the delivery log."""
+
+    def enqueue_deliveries(self, rows: Sequence[NewDelivery]) -> int:
+        """Store ``rows`` as pending deliveries due now, in one transaction; a (receiver, event id)
+        already stored is skipped. Return how many were added."""
+        ...
+
+    def due_deliveries(self, now: float, limit: int = 50) -> list[dict[str, Any]]:
+        """Return pending deliveries due at or before ``now``, the longest due first."""
+        ...
+
+    def record_attempt(self, delivery_id: int, *, at: float, state: str, status: int | None,
+                       error: str | None, next_attempt: float) -> None:
+        """Record one delivery attempt: its time, HTTP status, error, the new state and the next try."""
+        ...
+
+    def deliveries_page(self, *, state: str | None = None, offset: int = 0,
+                        limit: int = 100) -> tuple[int, list[dict[str, Any]]]:
+        """Return ``(total, page)`` of deliveries (in ``state`` when given), newest first, without bodies."""
+        ...
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Return how many deliveries are in each state."""
+        ...
+
+    def notify_cursor(self) -> int | None:
+        """Return the id of the last event the notifier looked at, None before its first look."""
+        ...
+
+    def set_notify_cursor(self, after: int) -> None:
+        """Store the id of the last event the notifier looked at."""
+        ...
+
+    def postpone_receiver(self, receiver: str, now: float, until: float) -> int:
+        """Move every pending delivery of ``receiver`` due at ``now`` to ``until``; return how many."""
+        ...
+
+    def prune_deliveries(self, before: float) -> int:
+        """Delete delivered and failed deliveries whose event is older than ``before``; return how many."""
+        ...
+
+    def offline_devices(self, before: float, since: float, limit: int = 1000) -> list[dict[str, Any]]:
+        """Return the devices that went offline at or after ``since`` and before ``before``, the longest
+        offline first."""
+        ...
+
+
+class FleetStore(IngestStore, ReadStore, AuditStore, RolloutStore, CopyStore, NotificationStore, Protocol):
     """The whole store: every concern, the backend's name (``sqlite`` or ``postgresql``) and ``close``."""
 
     backend: str

@@ -4,8 +4,8 @@ that outgrow one SQLite file: psycopg 3 with a connection pool, batched ingest (
 backend.
 
 Its parts mirror the SQLite backend's: :mod:`.connection`, :mod:`.schema`, :mod:`.ingest`,
-:mod:`.reads`, :mod:`.rollouts`, :mod:`.feed`, :mod:`.audit` and :mod:`.copying`, composed into
-:class:`PostgresStore`.
+:mod:`.reads`, :mod:`.rollouts`, :mod:`.feed`, :mod:`.audit`, :mod:`.copying` and :mod:`.notifications`,
+composed into :class:`PostgresStore`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fleet_server.store.postgres.audit import PgAudit
 from fleet_server.store.postgres.copying import PgCopy
 from fleet_server.store.postgres.feed import PgFeed
 from fleet_server.store.postgres.ingest import PgIngest
+from fleet_server.store.postgres.notifications import PgNotifications
 from fleet_server.store.postgres.reads import PgReads
 from fleet_server.store.postgres.rollouts import PgRollouts
 from fleet_server.store.postgres.schema import SCHEMA_VERSION, create_schema
@@ -22,7 +23,7 @@ from fleet_server.store.postgres.schema import SCHEMA_VERSION, create_schema
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 
-class PostgresStore(PgIngest, PgReads, PgRollouts, PgFeed, PgAudit, PgCopy):
+class PostgresStore(PgIngest, PgReads, PgRollouts, PgFeed, PgAudit, PgCopy, PgNotifications):
     """The fleet server's PostgreSQL database (see the module docstring). Safe to share between threads."""
 
     def __init__(self, url: str, password: str | None = None) -> None:

@@ -13,7 +13,7 @@ from fleet_server.store.postgres.connection import PgConnections
 
 __all__ = ["PgCopy"]
 
-_IDENTITIES = ("events", "health", "audit", "rollout_gates")
+_IDENTITIES = ("events", "health", "audit", "rollout_gates", "notifications")
 """Tables whose ``id`` an identity generates."""
 
 
