@@ -235,10 +235,10 @@ class GitWatcher:
         return release, float(self._source.commit_time(commit))
 
     def _record(self, commit: str, release: VerifiedRelease, commit_time: float) -> PollOutcome:
+        self._check_not_backwards(commit, release.version)
         is_new = self._store.record_release(release.version, commit, sorted(release.signers),
                                             self._clock().timestamp(), committed_at=commit_time)
         if not is_new:
-            self._check_not_backwards(commit, release.version)
             log.info("git watcher: release %s at %s is already recorded", release.version, commit)
             return PollOutcome("known", commit=commit, release=release.version)
         self.metrics.verified()
@@ -247,7 +247,8 @@ class GitWatcher:
         return PollOutcome("new", commit=commit, release=release.version)
 
     def _check_not_backwards(self, commit: str, version: int) -> None:
-        """Refuse a head carrying an already recorded release that is not the newest one's commit.
+        """Refuse a head whose release is older than the newest recorded one, or that carries a
+        recorded release at another commit.
 
         Raises:
             _Refused: ``rollback`` (older than the newest recorded release) or ``replayed_tree`` (the

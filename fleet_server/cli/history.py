@@ -189,7 +189,8 @@ def add_release_history(actions: Any) -> None:
         "list", help="list the signed releases the fleet server recorded, newest first",
         description="List the signed releases the fleet server's Git watcher verified and recorded, "
                     "newest first, then the head commits it refused (a bad signature, a rollback, a "
-                    "replayed tree), newest first.", epilog=_LIST_EXAMPLES, formatter_class=ExamplesHelpFormatter,
+                    "replayed tree), newest first.",
+        epilog=_LIST_EXAMPLES, formatter_class=ExamplesHelpFormatter,
         parents=[server_options(legacy_timeout=True)])
     add_json_option(listing, "print the server's JSON answer")
     listing.add_argument("--limit", type=page_limit, default=50,
