@@ -192,7 +192,6 @@ class GitWatcher:
                 return PollOutcome("unchanged", commit=commit)
             try:
                 release, commit_time = self._verify(commit)
-                outcome = self._record(commit, release, commit_time)
             except FetchError as exc:
                 log.warning("git watcher: cannot read %s from the cache: %s", commit, exc)
                 return PollOutcome("fetch_failed", commit=commit, reason=str(exc))
@@ -202,8 +201,13 @@ class GitWatcher:
             except _Refused as refusal:
                 self._last_commit = commit
                 return self._refuse(commit, refusal)
+            try:
+                self._check_not_backwards(commit, release.version)
+            except _Refused as refusal:
+                self._last_commit = commit
+                return self._refuse(commit, refusal)
             self._last_commit = commit
-            return outcome
+            return self._record(commit, release, commit_time)
 
     def _refuse(self, commit: str, refusal: _Refused) -> PollOutcome:
         """Count, log and record a refused head; a store failure is logged, never raised."""
@@ -235,7 +239,6 @@ class GitWatcher:
         return release, float(self._source.commit_time(commit))
 
     def _record(self, commit: str, release: VerifiedRelease, commit_time: float) -> PollOutcome:
-        self._check_not_backwards(commit, release.version)
         is_new = self._store.record_release(release.version, commit, sorted(release.signers),
                                             self._clock().timestamp(), committed_at=commit_time)
         if not is_new:
