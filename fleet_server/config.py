@@ -137,10 +137,13 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class GitTrust:
-    """The operator public keys (``ed25519:...``) the server verifies releases with, and k of n."""
+    """The operator public keys (``ed25519:...``) the server verifies releases with, and k of n; with
+    ``allowed_signers`` (an OpenSSH allowed-signers file) every head commit must also carry an SSH
+    signature by one of its keys, as devices with ``trust.allowed_signers`` require."""
 
     keys: tuple[str, ...] = ()
     threshold: int = 1
+    allowed_signers: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,7 @@ def _git(top: _Section) -> GitConfig:
                                       "cache_dir"}) | FETCH_LIMIT_KEYS)
     url = s.mirror_url("url")
     branch = s.branch("branch", "main")
-    t = s.section("trust", frozenset({"keys", "threshold"}))
+    t = s.section("trust", frozenset({"keys", "threshold", "allowed_signers"}))
     keys = t.raw.get("keys")
     if keys is None:
         keys = []
@@ -314,7 +317,8 @@ def _git(top: _Section) -> GitConfig:
     threshold = t.int_("threshold", 1, minimum=1, maximum=max(1, len(unique)))
     return GitConfig(url=url, branch=branch, poll_interval=s.duration("poll_interval", 60.0),
                      webhook_secret_file=s.path("webhook_secret_file"),
-                     trust=GitTrust(keys=unique, threshold=threshold),
+                     trust=GitTrust(keys=unique, threshold=threshold,
+                                    allowed_signers=t.path("allowed_signers")),
                      cache_dir=s.req_path("cache_dir", Path("/var/cache/fleet-server/git")),
                      **fetch_limit_values(s))
 

@@ -8,8 +8,18 @@ release that passes is recorded in the store (``record_release``); when it is ne
 ``publish_nudge(revision, release)`` callback gets it (in ``fleet-server``, ``GitPlans.on_release``:
 it moves the fleet baseline and nudges every device, or starts the rollout that governs the release
 and nudges no one). A head that fails is
-refused: counted in :class:`fleet_server.metrics.ReleaseMetrics` by reason, logged, and never
-published. Each head commit is judged once; the next poll skips it.
+refused: counted in :class:`fleet_server.metrics.ReleaseMetrics` by reason, logged at warning,
+recorded in the audit log (action ``release_refused``, actor ``git-watcher``) and never published.
+Each head commit is judged once; the next poll skips it.
+
+With ``git.trust.allowed_signers`` the head commit must first carry an SSH signature by a key of
+that file (:func:`edge_core.trust.sshsig.verify_commit`, the check devices with
+``trust.allowed_signers`` make); otherwise it is refused as ``commit_signature`` with the reason
+the devices give.
+
+A mirror going backwards is refused too: a head whose release is older than the newest recorded
+one is ``rollback`` (a force-pushed older release, or a new commit carrying an older release's
+tree); a head carrying the newest recorded release at another commit is ``replayed_tree``.
 
 It polls every ``git.poll_interval`` seconds in a thread of its own; :meth:`GitWatcher.trigger`
 (called by the webhook) wakes it at once.
@@ -26,20 +36,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_core.errors import (
+    ConfigError,
     ExpiredError,
     FetchError,
     FileIntegrityError,
     ManifestError,
     PathError,
     RootRotationError,
+    SignatureError,
     ThresholdError,
     UntrustedInputError,
     UntrustedKeyError,
 )
 from edge_core.source import Source
+from edge_core.trust.sshsig import AllowedSigners, parse_allowed_signers, verify_commit
 from edge_core.trust.verify import TrustRoot, VerifiedRelease, verify_tree
-from fleet_server.errors import ServerConfigError
+from fleet_server.errors import ServerConfigError, StoreError
 from fleet_server.metrics import ReleaseMetrics
+from fleet_server.refusals import AUDIT_ACTION, AUDIT_ACTOR
 
 if TYPE_CHECKING:
     from fleet_server.config import ServerConfig
@@ -52,12 +66,34 @@ _STOP_TIMEOUT_S = 30.0
 
 
 class ReleaseRecorder(Protocol):
-    """The part of the store the watcher writes to (``fleet_server.store.Store`` provides it)."""
+    """The part of the store the watcher uses (``fleet_server.store.Store`` provides it)."""
 
     def record_release(self, version: int, commit: str, signers: Sequence[str], seen_at: float, *,
                        committed_at: float | None = None) -> bool:
         """Record a verified release (``committed_at``: its commit time); False when already known."""
         ...
+
+    def releases(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Return the newest recorded releases first."""
+        ...
+
+    def release_commit(self, version: int) -> str | None:
+        """Return the commit of a recorded release, or None when it is unknown."""
+        ...
+
+    def add_audit(self, actor: str, action: str, target: str, reason: str,
+                  detail: Mapping[str, Any] | None = None, *, now: float | None = None) -> None:
+        """Append one entry to the audit log."""
+        ...
+
+
+class _Refused(Exception):
+    """A head commit the watcher refuses: ``code`` is the metric label, the message the reason."""
+
+    def __init__(self, code: str, message: str, release: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.release = release
 
 
 @dataclass(frozen=True)
@@ -100,7 +136,7 @@ class GitWatcher:
 
     Args:
         config: the server configuration; its ``git`` section names the mirror, branch, poll
-            interval, trusted keys and threshold, and the cache directory.
+            interval, trusted keys and threshold, the allowed commit signers, and the cache directory.
         store: where verified releases are recorded.
         publish_nudge: called with ``(revision, release)`` for every newly recorded release.
         metrics: counters for polls, verified and refused releases (a private registry when None).
@@ -110,6 +146,8 @@ class GitWatcher:
     Raises:
         ServerConfigError: the ``git`` section has no ``url``.
         ConfigError: the trusted keys or threshold are invalid.
+        ServerConfigError: ``git.trust.allowed_signers`` cannot be read or parsed (it is read once,
+            here).
     """
 
     def __init__(self, config: ServerConfig, store: ReleaseRecorder,
@@ -124,6 +162,7 @@ class GitWatcher:
         self.metrics = metrics
         self._source = Source(git.url, git.branch, Path(git.cache_dir), limits=git.fetch_limits)
         self._trust = TrustRoot(keys=frozenset(git.trust.keys), threshold=git.trust.threshold)
+        self._signers = _load_signers(git.trust.allowed_signers)
         self._interval = float(git.poll_interval)
         self._store = store
         self._publish_nudge = publish_nudge
@@ -161,17 +200,42 @@ class GitWatcher:
                 return PollOutcome("fetch_failed", commit=commit, reason=str(exc))
             except UntrustedInputError as exc:
                 self._last_commit = commit
-                reason = refusal_reason(exc)
-                self.metrics.refused(reason)
-                log.warning("git watcher: refused %s (%s): %s", commit, reason, exc)
-                if self._notify is not None:
-                    self._notify("release.refused", {"commit": commit, "reason": reason,
-                                                     "detail": str(exc)[:500]})
-                return PollOutcome("refused", commit=commit, reason=reason)
+                return self._refuse(commit, _Refused(refusal_reason(exc), str(exc)))
+            except _Refused as refusal:
+                self._last_commit = commit
+                return self._refuse(commit, refusal)
+            try:
+                self._check_not_backwards(commit, release.version)
+            except _Refused as refusal:
+                self._last_commit = commit
+                return self._refuse(commit, refusal)
             self._last_commit = commit
             return self._record(commit, release, commit_time)
 
+    def _refuse(self, commit: str, refusal: _Refused) -> PollOutcome:
+        """Count, log, record and notify a refused head; a store failure is logged, never raised."""
+        code, message = refusal.code, str(refusal)
+        self.metrics.refused(code)
+        log.warning("git watcher: refused %s (%s): %s", commit, code, message)
+        detail: dict[str, Any] = {"code": code}
+        if refusal.release is not None:
+            detail["release"] = refusal.release
+        try:
+            self._store.add_audit(AUDIT_ACTOR, AUDIT_ACTION, commit, message, detail,
+                                  now=self._clock().timestamp())
+        except StoreError as exc:
+            log.error("git watcher: cannot record the refusal of %s: %s", commit, exc)
+        if self._notify is not None:
+            self._notify("release.refused", {"commit": commit, "reason": code, "detail": message[:500]})
+        return PollOutcome("refused", commit=commit, release=refusal.release, reason=code)
+
     def _verify(self, commit: str) -> tuple[VerifiedRelease, float]:
+        if self._signers is not None:
+            try:
+                signer = verify_commit(self._source.commit_raw(commit), self._signers)
+            except SignatureError as exc:       # the same one-line reason a device gives
+                raise _Refused("commit_signature", str(exc)) from exc
+            log.info("git watcher: commit %s is signed by %s", commit, signer)
         tree = self._source.read_tree(commit)
         release, trust = verify_tree(tree, self._trust, now=self._clock(), floor=0)
         if trust != self._trust:
@@ -189,6 +253,24 @@ class GitWatcher:
         log.info("git watcher: new signed release %s at %s", release.version, commit)
         self._publish_nudge(commit, release.version)
         return PollOutcome("new", commit=commit, release=release.version)
+
+    def _check_not_backwards(self, commit: str, version: int) -> None:
+        """Refuse a head whose release is older than the newest recorded one, or that carries a
+        recorded release at another commit.
+
+        Raises:
+            _Refused: ``rollback`` (older than the newest recorded release) or ``replayed_tree`` (the
+                newest release's tree at a commit other than the one recorded).
+        """
+        newest = self._store.releases(limit=1)
+        newest_version = int(newest[0]["version"]) if newest else version
+        if version < newest_version:
+            raise _Refused("rollback", f"release {version} is older than release {newest_version}, "
+                           "the newest the fleet server recorded: the mirror went backwards", version)
+        recorded = self._store.release_commit(version)
+        if recorded is not None and recorded != commit:
+            raise _Refused("replayed_tree", f"release {version} was recorded at commit {recorded}; "
+                           f"commit {commit} carries it again", version)
 
     # -- the thread -----------------------------------------------------------------------------
 
@@ -226,3 +308,15 @@ class GitWatcher:
             thread.join(_STOP_TIMEOUT_S)
         with self._poll_lock:
             self._source.close()
+
+
+def _load_signers(path: Path | None) -> AllowedSigners | None:
+    """Read and parse ``git.trust.allowed_signers`` (None: commit signatures are not required)."""
+    if path is None:
+        return None
+    try:
+        return parse_allowed_signers(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ServerConfigError(f"git.trust.allowed_signers: cannot read {path}: {exc.strerror}") from exc
+    except (ConfigError, UnicodeDecodeError) as exc:
+        raise ServerConfigError(f"git.trust.allowed_signers: {path}: {exc}") from exc

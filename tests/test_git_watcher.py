@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +17,12 @@ import httpx
 import pytest
 from nacl.signing import SigningKey
 
+from edge_core.errors import SignatureError
 from edge_core.trust.keys import format_verify_key
+from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
 from fleet_server.api import ApiActions, create_app
-from fleet_server.config import GitConfig, GitTrust, HttpConfig, ServerConfig
+from fleet_server.cli.history import format_releases
+from fleet_server.config import GitConfig, GitTrust, HttpConfig, ServerConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher, PollOutcome
@@ -44,13 +49,15 @@ class Fleet:
     nudges: list[tuple[str, int]] = field(default_factory=list)
     nudged: threading.Event = field(default_factory=threading.Event)
 
-    def config(self, *, poll_interval: float = 60.0, keys: tuple[str, ...] | None = None) -> ServerConfig:
+    def config(self, *, poll_interval: float = 60.0, keys: tuple[str, ...] | None = None,
+               allowed_signers: Path | None = None) -> ServerConfig:
         trusted = keys if keys is not None else (format_verify_key(self.key.verify_key),)
         hook = self.tmp / "hook.secret"
         hook.write_bytes(HOOK_SECRET)
         return ServerConfig(git=GitConfig(url=self.daemon.url("fleet.git"), branch="main",
                                           poll_interval=poll_interval, webhook_secret_file=hook,
-                                          trust=GitTrust(keys=trusted, threshold=1),
+                                          trust=GitTrust(keys=trusted, threshold=1,
+                                                         allowed_signers=allowed_signers),
                                           cache_dir=self.tmp / "git-cache"))
 
     def nudge(self, revision: str, release: int) -> None:
@@ -65,9 +72,9 @@ class Fleet:
         self.work.push(self.bare)
         return sha
 
-    def watcher(self, *, poll_interval: float = 60.0) -> GitWatcher:
-        return GitWatcher(self.config(poll_interval=poll_interval), self.store, self.nudge,
-                          metrics=ServerMetrics().releases)
+    def watcher(self, *, poll_interval: float = 60.0, allowed_signers: Path | None = None) -> GitWatcher:
+        return GitWatcher(self.config(poll_interval=poll_interval, allowed_signers=allowed_signers),
+                          self.store, self.nudge, metrics=ServerMetrics().releases)
 
 
 @pytest.fixture
@@ -244,3 +251,161 @@ def test_module_exports_are_pinned() -> None:
     from fleet_server import releases  # noqa: PLC0415
 
     assert sorted(releases.__all__) == ["GitWatcher", "PollOutcome", "ReleaseRecorder", "refusal_reason"]
+
+
+# -- the commit-signature policy devices with trust.allowed_signers apply ---------------------------
+
+
+def _ssh_key(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+                   check=True, capture_output=True, timeout=30)
+    return path.with_name(path.name + ".pub")
+
+
+def _sign_commits_with(work: WorkRepo, public_key: Path | None) -> None:
+    if public_key is None:
+        git("config", "commit.gpgsign", "false", cwd=work.path)
+        return
+    git("config", "gpg.format", "ssh", cwd=work.path)
+    git("config", "user.signingkey", str(public_key), cwd=work.path)
+    git("config", "commit.gpgsign", "true", cwd=work.path)
+
+
+def _device_reason(work: WorkRepo, sha: str, allowed: Path) -> str:
+    """The one-line reason a device with ``trust.allowed_signers`` refuses ``sha`` with."""
+    raw = subprocess.run(["git", "cat-file", "commit", sha], cwd=work.path, capture_output=True,
+                         check=True, timeout=30).stdout
+    with pytest.raises(SignatureError) as info:
+        verify_commit(raw, parse_allowed_signers(allowed.read_text()))
+    return str(info.value)
+
+
+def _refusals(store: Store) -> list[tuple[str, str, str]]:
+    return [(e["target"], e["detail"]["code"], e["reason"]) for e in store.audit(action="release_refused")]
+
+
+def test_head_commit_must_carry_an_allowed_ssh_signature(fleet: Fleet, tmp_path: Path) -> None:
+    alice, mallory = _ssh_key(tmp_path / "alice"), _ssh_key(tmp_path / "mallory")
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'alice@example.invalid namespaces="git" {alice.read_text().strip()}\n')
+    watcher = fleet.watcher(allowed_signers=allowed)
+    try:
+        _sign_commits_with(fleet.work, alice)
+        good = fleet.release({"a.txt": "1\n"})
+        assert watcher.poll_once() == PollOutcome("new", commit=good, release=1)
+
+        _sign_commits_with(fleet.work, mallory)          # a valid release, signed by the wrong SSH key
+        by_mallory = fleet.release({"a.txt": "2\n"})
+        assert watcher.poll_once() == PollOutcome("refused", commit=by_mallory, reason="commit_signature")
+        _sign_commits_with(fleet.work, None)             # a valid release in an unsigned commit
+        unsigned = fleet.release({"a.txt": "3\n"})
+        assert watcher.poll_once() == PollOutcome("refused", commit=unsigned, reason="commit_signature")
+
+        assert _refused(watcher, "commit_signature") == 2
+        assert [r["version"] for r in fleet.store.releases()] == [1]
+        assert fleet.nudges == [(good, 1)]
+        assert _refusals(fleet.store) == [
+            (unsigned, "commit_signature", _device_reason(fleet.work, unsigned, allowed)),
+            (by_mallory, "commit_signature", _device_reason(fleet.work, by_mallory, allowed))]
+        assert _refusals(fleet.store)[0][2] == "commit is not signed"
+    finally:
+        watcher.stop()
+
+
+def test_allowed_signers_is_a_known_server_config_key(tmp_path: Path) -> None:
+    key = format_verify_key(SigningKey.generate().verify_key)
+    config = parse_server_config({"git": {"url": "git://127.0.0.1/fleet.git", "cache_dir": "cache",
+                                          "trust": {"keys": [key], "allowed_signers": "signers"}}}, tmp_path)
+    assert config.git.trust.allowed_signers == tmp_path / "signers"
+
+
+def test_unreadable_allowed_signers_is_a_one_line_config_error(fleet: Fleet, tmp_path: Path) -> None:
+    with pytest.raises(ServerConfigError, match=r"^git\.trust\.allowed_signers: cannot read "):
+        fleet.watcher(allowed_signers=tmp_path / "missing")
+
+
+# -- a mirror going backwards ----------------------------------------------------------------------
+
+
+def _commit_tree_of(work: WorkRepo, old: str) -> str:
+    """Commit ``old``'s tree on top of the branch (a new commit carrying an old release)."""
+    tree = git("rev-parse", f"{old}^{{tree}}", cwd=work.path).strip()
+    sha = git("commit-tree", tree, "-p", "HEAD", "-m", "replay", cwd=work.path).strip()
+    git("reset", "--quiet", "--hard", sha, cwd=work.path)
+    return sha
+
+
+def test_force_pushed_older_release_is_refused_as_rollback(fleet: Fleet,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    first = fleet.release({"a.txt": "1\n"})
+    fleet.release({"a.txt": "2\n"})
+    watcher = fleet.watcher()
+    try:
+        assert watcher.poll_once().status == "new"
+        git("reset", "--quiet", "--hard", first, cwd=fleet.work.path)
+        fleet.work.push(fleet.bare, force=True)
+        with caplog.at_level(logging.INFO, logger="fleet_server.releases"):
+            assert watcher.poll_once() == PollOutcome("refused", commit=first, release=1, reason="rollback")
+        assert [r.levelno for r in caplog.records if first in r.getMessage()] == [logging.WARNING]
+        assert _refused(watcher, "rollback") == 1
+        [(commit, code, reason)] = _refusals(fleet.store)
+        assert (commit, code) == (first, "rollback")
+        assert "older than release 2" in reason
+        assert watcher.poll_once() == PollOutcome("unchanged", commit=first)
+        assert _refused(watcher, "rollback") == 1
+    finally:
+        watcher.stop()
+
+
+def test_new_commit_carrying_an_older_release_is_refused_as_rollback(fleet: Fleet) -> None:
+    first = fleet.release({"a.txt": "1\n"})
+    fleet.release({"a.txt": "2\n"})
+    watcher = fleet.watcher()
+    try:
+        assert watcher.poll_once().status == "new"
+        replay = _commit_tree_of(fleet.work, first)
+        fleet.work.push(fleet.bare)
+        assert watcher.poll_once() == PollOutcome("refused", commit=replay, release=1, reason="rollback")
+        assert _refused(watcher, "rollback") == 1
+    finally:
+        watcher.stop()
+
+
+def test_newest_release_at_another_commit_is_refused_as_replayed_tree(fleet: Fleet) -> None:
+    first = fleet.release({"a.txt": "1\n"})
+    watcher = fleet.watcher()
+    try:
+        assert watcher.poll_once().status == "new"
+        replay = _commit_tree_of(fleet.work, first)
+        fleet.work.push(fleet.bare)
+        assert watcher.poll_once() == PollOutcome("refused", commit=replay, release=1, reason="replayed_tree")
+        assert _refused(watcher, "replayed_tree") == 1
+        assert fleet.nudges == [(first, 1)]
+        [(commit, code, reason)] = _refusals(fleet.store)
+        assert (commit, code) == (replay, "replayed_tree")
+        assert first in reason
+    finally:
+        watcher.stop()
+
+
+def test_refused_heads_are_listed_by_the_api_and_fleetctl(fleet: Fleet) -> None:
+    first = fleet.release({"a.txt": "1\n"})
+    watcher = fleet.watcher()
+    try:
+        assert watcher.poll_once().status == "new"
+        replay = _commit_tree_of(fleet.work, first)
+        fleet.work.push(fleet.bare)
+        assert watcher.poll_once().reason == "replayed_tree"
+    finally:
+        watcher.stop()
+    admin = fleet.tmp / "admin.token"
+    admin.write_text("admin-token\n")
+    config = ServerConfig(http=HttpConfig(admin_token_file=admin))
+    with serve_app(create_app(fleet.store, config, ServerMetrics(), actions=ApiActions())) as url:
+        answer = httpx.get(url + "/api/v1/releases", headers={"Authorization": "Bearer admin-token"},
+                           timeout=5.0).json()
+    [listed] = answer["refused"]
+    assert (listed["commit"], listed["code"], listed["release"]) == (replay, "replayed_tree", 1)
+    text = format_releases(answer["releases"], 50, answer["refused"])
+    assert f"{replay[:12]}  1        replayed_tree" in text
+    assert text.rstrip().endswith("1 refused head commit(s): the mirror's branch head was not recorded")

@@ -11,6 +11,8 @@ from fastapi.responses import Response
 from edge_core.messages import DEVICE_ID_RE
 from fleet_server.api.auth import Tokens, read_access
 from fleet_server.api.cache import CachedRead
+from fleet_server.refusals import AUDIT_ACTION as REFUSED_ACTION
+from fleet_server.refusals import refused_heads
 
 __all__ = ["FleetReader", "fleet_router", "parse_label_filters"]
 
@@ -62,8 +64,8 @@ class FleetReader(Protocol):
         """Return the newest recorded releases first."""
         ...
 
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the newest audit entries first."""
+    def audit(self, limit: int = 100, *, action: str | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (only those of ``action`` when it is given)."""
         ...
 
 
@@ -142,8 +144,10 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
 
     @router.get("/releases")
     def get_releases(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50) -> dict[str, Any]:
-        """Return the newest signed releases the Git watcher recorded."""
-        return {"releases": store.releases(limit=limit)}
+        """Return the newest signed releases the Git watcher recorded, and the newest head commits it
+        refused (``refused``: ``at``, ``commit``, ``code``, ``release``, ``reason``)."""
+        return {"releases": store.releases(limit=limit),
+                "refused": refused_heads(store.audit(limit=limit, action=REFUSED_ACTION))}
 
     @router.get("/audit")
     def get_audit(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict[str, Any]:

@@ -54,8 +54,10 @@ def _one_line(value: object, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def format_releases(releases: Sequence[Mapping[str, Any]], limit: int) -> str:
-    """Return the recorded releases (newest first) as a text table with a closing count line."""
+def format_releases(releases: Sequence[Mapping[str, Any]], limit: int,
+                    refused: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Return the recorded releases (newest first) as a text table with a closing count line, then
+    the head commits the Git watcher refused (newest first), when there are any."""
     rows: list[tuple[str, ...]] = [("RELEASE", "COMMIT", "COMMITTED", "RECORDED", "SIGNERS")]
     for r in releases:
         commit = r.get("commit")
@@ -66,6 +68,13 @@ def format_releases(releases: Sequence[Mapping[str, Any]], limit: int) -> str:
     count = f"{len(releases)} release(s)"
     lines.append(count + (f": the newest {limit}; --limit up to {_MAX_PAGE} shows more"
                           if len(releases) >= limit and limit < _MAX_PAGE else ""))
+    if refused:
+        lines.append("")
+        lines.extend(_table([("REFUSED", "COMMIT", "RELEASE", "CODE", "REASON")] + [
+            (format_time(r.get("at")), str(r.get("commit") or "-")[:12],
+             "-" if r.get("release") is None else str(r.get("release")), _one_line(r.get("code"), 40),
+             _one_line(r.get("reason"), 100)) for r in refused]))
+        lines.append(f"{len(refused)} refused head commit(s): the mirror's branch head was not recorded")
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +122,9 @@ def _run_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json(answer)
     else:
-        sys.stdout.write(format_releases(releases, args.limit))
+        refused = answer.get("refused") if isinstance(answer, dict) else None
+        shown = [r for r in refused if isinstance(r, dict)] if isinstance(refused, list) else []
+        sys.stdout.write(format_releases(releases, args.limit, shown))
     return 0
 
 
@@ -177,7 +188,9 @@ def add_release_history(actions: Any) -> None:
     listing = actions.add_parser(
         "list", help="list the signed releases the fleet server recorded, newest first",
         description="List the signed releases the fleet server's Git watcher verified and recorded, "
-                    "newest first.", epilog=_LIST_EXAMPLES, formatter_class=ExamplesHelpFormatter,
+                    "newest first, then the head commits it refused (a bad signature, a rollback, a "
+                    "replayed tree), newest first.",
+        epilog=_LIST_EXAMPLES, formatter_class=ExamplesHelpFormatter,
         parents=[server_options(legacy_timeout=True)])
     add_json_option(listing, "print the server's JSON answer")
     listing.add_argument("--limit", type=page_limit, default=50,

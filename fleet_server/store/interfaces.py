@@ -118,8 +118,8 @@ class AuditStore(Protocol):
         """Append one entry to the audit log (who did what to which target, and why)."""
         ...
 
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the newest audit entries first."""
+    def audit(self, limit: int = 100, *, action: str | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (only those of ``action`` when it is given)."""
         ...
 
     def record_release(self, version: int, commit: str, signers: Sequence[str], seen_at: float, *,

@@ -33,15 +33,19 @@ class PgAudit(PgConnections):
                          " VALUES (%s, %s, %s, %s, %s, %s)",
                          (at, actor, action, target, reason, to_json(dict(detail) if detail else None)))
 
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the newest audit entries first.
+    def audit(self, limit: int = 100, *, action: str | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (only those of ``action`` when it is given).
 
         Raises:
             StoreError: the database cannot be read.
         """
         with self._reading("read the audit log") as conn:
-            rows = conn.execute("SELECT * FROM audit ORDER BY id DESC LIMIT %s",
-                                (max(0, int(limit)),)).fetchall()
+            if action is None:
+                rows = conn.execute("SELECT * FROM audit ORDER BY id DESC LIMIT %s",
+                                    (max(0, int(limit)),)).fetchall()
+            else:
+                rows = conn.execute("SELECT * FROM audit WHERE action = %s ORDER BY id DESC LIMIT %s",
+                                    (action, max(0, int(limit)))).fetchall()
         return [{**r, "detail": from_json(r["detail"])} for r in rows]
 
     def record_release(self, version: int, commit: str, signers: Sequence[str], seen_at: float, *,
