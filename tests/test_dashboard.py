@@ -326,7 +326,7 @@ def test_device_page_shows_release_events_and_health_charts(site: Site) -> None:
 
 def test_device_page_shows_drift_and_failures(site: Site) -> None:
     page = site.page("/devices/cam-03")
-    page.wait_for_selector("#dev-drift li", timeout=WAIT_MS)
+    page.wait_for_selector("#dev-drift tr[data-resource]", timeout=WAIT_MS)
     assert "file:/etc/motion.conf" in page.inner_text("#dev-drift")
     assert "drift_detected" in page.inner_text("#event-table")
     assert page.get_attribute("#chart-cpu", "data-points") == "0"
@@ -358,7 +358,7 @@ def test_rollouts_page_without_a_rollout_engine_says_so(site: Site) -> None:
 
 
 def test_pages_are_html_with_a_strict_content_security_policy(site: Site) -> None:
-    for path in ("/", "/devices/cam-01", "/rollouts", "/rollouts/r-1"):
+    for path in ("/", "/devices/cam-01", "/rollouts", "/rollouts/r-1", "/releases", "/audit"):
         response = httpx.get(site.url + path, timeout=5.0)
         assert response.status_code == 200, path
         assert response.headers["content-type"].startswith("text/html")
@@ -367,7 +367,7 @@ def test_pages_are_html_with_a_strict_content_security_policy(site: Site) -> Non
         assert "<script src=\"/static/dashboard.js\"" in response.text
         assert "http://" not in response.text.replace(site.url, "")
         assert "https://" not in response.text
-    for asset in ("dashboard.js", "charts.js", "dashboard.css", "favicon.svg"):
+    for asset in ("dashboard.js", "console.js", "charts.js", "dashboard.css", "favicon.svg"):
         assert httpx.get(f"{site.url}/static/{asset}", timeout=5.0).status_code == 200
     assert httpx.get(site.url + "/devices/bad%24id", timeout=5.0).status_code == 400
     assert httpx.get(site.url + "/devices/a%20b", timeout=5.0).status_code == 400
@@ -561,6 +561,7 @@ def test_pause_works_with_the_admin_token_and_is_refused_without(rollout_site: R
     # a wrong token: the button is there, the server refuses, nothing changes
     page = site.page(f"/rollouts/{rid}?refresh=0.5", token="not-the-admin-token")
     page.wait_for_selector("button[data-action='pause']", state="visible", timeout=WAIT_MS)
+    page.fill("#action-reason", "a reason")
     page.click("button[data-action='pause']")
     page.wait_for_selector("#action-result.bad", timeout=WAIT_MS)
     assert "pause refused: invalid token" in page.inner_text("#action-result")
@@ -600,7 +601,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(dashboard.__all__) == [
         "CONTENT_SECURITY_POLICY", "DEFAULT_REFRESH_SECONDS", "MAX_HEALTH_HOURS", "MAX_HEALTH_SAMPLES",
         "ROLLOUT_ID_RE", "STATIC_DIR", "TEMPLATE_DIR", "dashboard_router", "install_dashboard"]
-    for name in ("base.html", "overview.html", "device.html", "rollouts.html", "rollout.html"):
+    for name in ("base.html", "overview.html", "device.html", "rollouts.html", "rollout.html", "releases.html",
+                 "audit.html"):
         assert (dashboard.TEMPLATE_DIR / name).is_file()
     # nothing the browser loads comes from elsewhere: no CDN, no external URL in any asset
     for asset in [*dashboard.STATIC_DIR.iterdir(), *dashboard.TEMPLATE_DIR.iterdir()]:

@@ -62,8 +62,8 @@ class FleetReader(Protocol):
         """Return the newest recorded releases first."""
         ...
 
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the newest audit entries first."""
+    def audit(self, limit: int = 100, *, before: int | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (ids below ``before`` when given)."""
         ...
 
 
@@ -146,8 +146,10 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
         return {"releases": store.releases(limit=limit)}
 
     @router.get("/audit")
-    def get_audit(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict[str, Any]:
-        """Return the newest audit log entries."""
-        return {"audit": store.audit(limit=limit)}
+    def get_audit(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+                  before: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> dict[str, Any]:
+        """Return the newest audit log entries; with ``before``, the entries older than that id (the
+        next page: pass the smallest id of the page just read)."""
+        return {"audit": store.audit(limit=limit, before=before)}
 
     return router

@@ -115,8 +115,8 @@ class AuditStore(Protocol):
         """Append one entry to the audit log (who did what to which target, and why)."""
         ...
 
-    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Return the newest audit entries first."""
+    def audit(self, limit: int = 100, *, before: int | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (ids below ``before`` when given)."""
         ...
 
     def record_release(self, version: int, commit: str, signers: Sequence[str], seen_at: float, *,
