@@ -601,8 +601,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(dashboard.__all__) == [
         "CONTENT_SECURITY_POLICY", "DEFAULT_REFRESH_SECONDS", "MAX_HEALTH_HOURS", "MAX_HEALTH_SAMPLES",
         "ROLLOUT_ID_RE", "STATIC_DIR", "TEMPLATE_DIR", "dashboard_router", "install_dashboard"]
-    for name in ("base.html", "overview.html", "device.html", "rollouts.html", "rollout.html", "releases.html",
-                 "audit.html"):
+    for name in ("base.html", "overview.html", "device.html", "rollouts.html", "rollout.html",
+                 "releases.html", "audit.html"):
         assert (dashboard.TEMPLATE_DIR / name).is_file()
     # nothing the browser loads comes from elsewhere: no CDN, no external URL in any asset
     for asset in [*dashboard.STATIC_DIR.iterdir(), *dashboard.TEMPLATE_DIR.iterdir()]:

@@ -273,3 +273,64 @@ def test_the_console_pages_are_served_with_the_strict_policy(site: Site) -> None
         assert "default-src 'none'" in response.headers["content-security-policy"]
         assert '<script src="/static/console.js"' in response.text
     assert httpx.get(f"{site.url}/static/console.js", timeout=5.0).status_code == 200
+
+
+# --- device table: search and sort ------------------------------------------------------------------
+
+TABLE_IDS = "rs => rs.map(r => r.dataset.device)"
+SORT_MARK = "document.querySelector(\"th[data-sort='sync_state']\").getAttribute('aria-sort')"
+
+
+def test_device_table_searches_by_id_and_sorts_keeping_the_fleet_counts(site: Site, opened: list) -> None:
+    page = open_page(site, opened, "/")
+    page.wait_for_selector("#device-table tr[data-device='sensor-02']", timeout=WAIT_MS)
+    page.fill("#f-id", "cam-0")
+    page.click("#filters button[type=submit]")
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 5")
+    assert "id_prefix=cam-0" in page.url
+    assert page.eval_on_selector_all("#device-table tr[data-device]", TABLE_IDS) == [
+        "cam-01", "cam-02", "cam-03", "cam-04", "cam-05"]
+    # the counts are the fleet's, never the filtered table's
+    wait_js(page, "document.getElementById('sum-devices').textContent === '10'")
+    assert "sensor" not in page.inner_text("#device-table")
+    # sort by sync state: a header is a link; clicking the sorted column again flips it
+    page.click("#device-table th[data-sort='sync_state'] a")
+    wait_js(page, f"{SORT_MARK} === 'ascending'")
+    wait_js(page, "document.querySelector('#device-table tr[data-device]')?.dataset.device === 'cam-03'")
+    assert page.eval_on_selector_all("#device-table tr[data-device]", TABLE_IDS) == [
+        "cam-03", "cam-04", "cam-01", "cam-02", "cam-05"]
+    assert "id_prefix=cam-0" in page.url
+    page.click("#device-table th[data-sort='sync_state'] a")
+    wait_js(page, f"{SORT_MARK} === 'descending'")
+    wait_js(page, "document.querySelector('#device-table tr[data-device]')?.dataset.device === 'cam-05'")
+    assert page.eval_on_selector_all("#device-table tr[data-device]", TABLE_IDS) == [
+        "cam-05", "cam-02", "cam-01", "cam-04", "cam-03"]
+    # a new filter keeps the sort
+    page.fill("#f-id", "")
+    page.select_option("#f-online", "true")
+    page.click("#filters button[type=submit]")
+    wait_js(page, "document.querySelectorAll('#device-table tbody tr[data-device]').length === 8")
+    assert "sort=sync_state" in page.url
+    assert "order=desc" in page.url
+    assert page.eval_on_selector_all("#device-table tr[data-device]", TABLE_IDS)[-2:] == ["cam-04", "cam-03"]
+    assert page.inner_text("#sum-devices") == "10"
+    # the most drifted device first
+    page.goto(site.url + "/?sort=drift&order=desc")
+    wait_js(page, "document.querySelector('#device-table tr[data-device]')?.dataset.device === 'cam-03'")
+    assert page.get_attribute("#device-table th[data-sort='drift']", "aria-sort") == "descending"
+    assert site.console == []
+
+
+def test_the_devices_api_validates_search_and_sort(site: Site) -> None:
+    url = f"{site.url}/api/v1/devices"
+    ok = httpx.get(url, params={"id_prefix": "gw-", "sort": "release", "order": "desc"}, timeout=5.0)
+    assert ok.status_code == 200
+    assert [d["id"] for d in ok.json()["devices"]] == ["gw-03", "gw-02", "gw-01"]  # same release: by id, desc
+    for params, reason in (({"sort": "labels"}, "sort must be one of id, online"),
+                           ({"sort": "id;drop"}, "sort must be one of"),
+                           ({"order": "up"}, "order must be asc or desc"),
+                           ({"id_prefix": "cam%"}, "id_prefix must be"),
+                           ({"id_prefix": "x" * 129}, "id_prefix must be")):
+        answer = httpx.get(url, params=params, timeout=5.0)
+        assert answer.status_code == 400, params
+        assert reason in answer.json()["error"], params

@@ -95,6 +95,29 @@
     });
   }
 
+  // --- device table: sortable headers --------------------------------------------------------------
+  // Each sortable header is a link to the same view sorted by its column (?sort=&order=); clicking
+  // the current sort column flips its direction. The server sorts (then by id) and pages.
+  function sortHeaders(table) {
+    const sort = params.get("sort") || "id";
+    const order = params.get("order") === "desc" ? "desc" : "asc";
+    for (const th of table.querySelectorAll("th[data-sort]")) {
+      const key = th.dataset.sort;
+      const current = key === sort;
+      const q = new URLSearchParams(params);
+      q.delete("offset");
+      q.set("sort", key);
+      q.set("order", current && order === "asc" ? "desc" : "asc");
+      const label = th.textContent;
+      clear(th).appendChild(link(`${window.location.pathname}?${q}`, label, "sort"));
+      if (current) {
+        th.setAttribute("aria-sort", order === "asc" ? "ascending" : "descending");
+        th.appendChild(node("span", order === "asc" ? " ▲" : " ▼", "sort-mark"));
+      }
+    }
+  }
+  D.sortHeaders = sortHeaders;
+
   // --- device drift --------------------------------------------------------------------------------
   // The drift the device reports in its status: {count, corrected, resources}. A resource is its id
   // (kind:name) and, when the device says so, what differs ({id, expected, found}); an agent that

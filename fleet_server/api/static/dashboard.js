@@ -108,6 +108,7 @@
     for (const term of labelTerms()) q.append("label", term);
     if (params.get("sync_state")) q.set("sync_state", params.get("sync_state"));
     if (params.get("online")) q.set("online", params.get("online"));
+    for (const key of ["id_prefix", "sort", "order"]) if (params.get(key)) q.set(key, params.get(key));
     q.set("limit", "100");
     q.set("offset", String(offset));
     return q;
@@ -148,8 +149,11 @@
     $("f-label").value = labelTerms().join(" ");
     $("f-state").value = params.get("sync_state") || "";
     $("f-online").value = params.get("online") || "";
-    if (params.get("refresh")) {
-      const hidden = node("input"); hidden.type = "hidden"; hidden.name = "refresh"; hidden.value = params.get("refresh");
+    $("f-id").value = params.get("id_prefix") || "";
+    window.Dashboard.sortHeaders($("device-table"));
+    for (const key of ["refresh", "sort", "order"]) {  // a new filter keeps the sort and the refresh period
+      if (!params.get(key)) continue;
+      const hidden = node("input"); hidden.type = "hidden"; hidden.name = key; hidden.value = params.get(key);
       $("filters").appendChild(hidden);
     }
     $("filters").addEventListener("submit", () => {
