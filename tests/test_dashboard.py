@@ -2,7 +2,8 @@
 the real app served by uvicorn on 127.0.0.1 over a real SQLite store filled with real messages.
 
 Screenshots are taken into pytest's temporary directory on every run; with ``DASHBOARD_SCREENSHOTS=1``
-they are also copied to ``docs/images/`` (overview.png, device.png, rollout.png).
+they are also copied to ``docs/images/`` (overview.png, device.png, rollout.png). When a test fails,
+every page it opened is saved as ``shots/failed-<n>.png`` in its temporary directory.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class Site:
     browser: Any
     shots: Path
     console: list[str] = field(default_factory=list)
+    opened: list[Any] = field(default_factory=list)
 
     def page(self, path: str, *, token: str | None = None) -> Any:
         """Open ``path`` in a fresh browser context (its own sessionStorage), recording console errors."""
@@ -151,8 +153,18 @@ class Site:
         page.on("pageerror", lambda exc: self.console.append(f"pageerror: {exc}"))
         if token is not None:
             page.add_init_script(f"window.sessionStorage.setItem('edge-fleet.token', {token!r});")
+        self.opened.append(page)
         page.goto(self.url + path)
         return page
+
+    def screenshots_on_failure(self, request: pytest.FixtureRequest, failed_before: int) -> None:
+        """When the test failed (its count of failures rose), save every page it opened as
+        ``shots/failed-<n>.png`` in its temporary directory."""
+        if request.session.testsfailed <= failed_before:
+            return
+        for n, page in enumerate(self.opened):
+            with contextlib.suppress(Exception):  # a page already closed has nothing to show
+                page.screenshot(path=str(self.shots / f"failed-{n}.png"), full_page=True)
 
     def screenshot(self, page: Any, name: str) -> Path:
         """Save a full-page screenshot to the temporary directory; copy it to docs/images/ when
@@ -177,15 +189,19 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def site(tmp_path: Path, browser: Any) -> Iterator[Site]:
-    """The fleet server's app over a filled store, served on loopback."""
+def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """The fleet server's app over a filled store, served on loopback; a screenshot of every page
+    the test opened is saved in ``shots/`` when it fails."""
     store = Store(tmp_path / "fleet.db")
     fill_fleet(store)
     app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions())
     shots = tmp_path / "shots"
     shots.mkdir()
+    failed_before = request.session.testsfailed
     with serve(app) as url:
-        yield Site(url, store, browser, shots)
+        served = Site(url, store, browser, shots)
+        yield served
+        served.screenshots_on_failure(request, failed_before)
     store.close()
 
 
@@ -444,8 +460,9 @@ class RolloutSite:
 
 
 @pytest.fixture
-def rollout_site(tmp_path: Path, browser: Any) -> Iterator[RolloutSite]:
-    """The app with the real rollout runner over a filled store, a rollout of release 8 started."""
+def rollout_site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[RolloutSite]:
+    """The app with the real rollout runner over a filled store, a rollout of release 8 started; a
+    screenshot of every page the test opened is saved in ``shots/`` when it fails."""
     store = Store(tmp_path / "fleet.db")
     fill_fleet(store)
     now = time.time()
@@ -461,8 +478,11 @@ def rollout_site(tmp_path: Path, browser: Any) -> Iterator[RolloutSite]:
     app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions(rollouts=runner))
     shots = tmp_path / "shots"
     shots.mkdir()
+    failed_before = request.session.testsfailed
     with serve(app) as url:
-        yield RolloutSite(Site(url, store, browser, shots), runner, rollout_id, published)
+        served = Site(url, store, browser, shots)
+        yield RolloutSite(served, runner, rollout_id, published)
+        served.screenshots_on_failure(request, failed_before)
     store.close()
 
 

@@ -4,20 +4,16 @@ starting a rollout), the audit log page (paged), the drift table and sync histor
 devices of a wave with those that tripped a gate, and rolling back from the rollout page.
 
 Every action goes end to end through the same API calls as ``fleetctl`` and is checked in the
-audit log. When a test fails, a screenshot of every page it opened is saved in its tmp directory
-(``shots/failed-<n>.png``).
+audit log. When a test fails, the site fixtures save a screenshot of every page it opened in its tmp
+directory (``shots/failed-<n>.png``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from edge_agent.report.messages import event_message, status_message
 from fleet_server.errors import UsageError
@@ -46,25 +42,6 @@ ROWS = "#ro-device-table tr[data-device]"
 AUDIT_IDS = "rs => rs.map(r => r.dataset.audit)"
 
 
-@pytest.fixture
-def opened(request: pytest.FixtureRequest) -> Iterator[list[tuple[Any, Path]]]:
-    """Pages a test opened (with where to put their screenshots): on failure each is saved."""
-    pages: list[tuple[Any, Path]] = []
-    failed_before = request.session.testsfailed
-    yield pages
-    if request.session.testsfailed > failed_before:  # the call phase of this test failed
-        for n, (page, shots) in enumerate(pages):
-            with contextlib.suppress(Exception):
-                page.screenshot(path=str(shots / f"failed-{n}.png"), full_page=True)
-
-
-def open_page(site: Site, opened: list[tuple[Any, Path]], path: str, *, token: str | None = None) -> Any:
-    """Open ``path`` like :meth:`Site.page` and remember it for a screenshot on failure."""
-    page = site.page(path, token=token)
-    opened.append((page, site.shots))
-    return page
-
-
 def audit_entries(site: Site, action: str) -> list[dict[str, Any]]:
     """The audit entries of ``action``, newest first, as the API lists them."""
     entries = httpx.get(f"{site.url}/api/v1/audit", params={"limit": 1000}, timeout=5.0).json()["audit"]
@@ -74,9 +51,9 @@ def audit_entries(site: Site, action: str) -> list[dict[str, Any]]:
 # --- releases ---------------------------------------------------------------------------------------
 
 
-def test_releases_page_lists_history_signers_and_rollouts(rollout_site: RolloutSite, opened: list) -> None:
+def test_releases_page_lists_history_signers_and_rollouts(rollout_site: RolloutSite) -> None:
     site, rid = rollout_site.site, rollout_site.rollout_id
-    page = open_page(site, opened, "/releases")
+    page = site.page("/releases")
     page.wait_for_selector(f"#release-table tr[data-release='8'] [data-rollout='{rid}']", timeout=WAIT_MS)
     versions = page.eval_on_selector_all("#release-table tr[data-release]",
                                          "rs => rs.map(r => r.dataset.release)")
@@ -96,8 +73,7 @@ def test_releases_page_lists_history_signers_and_rollouts(rollout_site: RolloutS
     assert site.console == []
 
 
-def test_a_rollout_is_started_from_the_releases_page_with_a_reason(rollout_site: RolloutSite,
-                                                                    opened: list) -> None:
+def test_a_rollout_is_started_from_the_releases_page_with_a_reason(rollout_site: RolloutSite) -> None:
     site, runner = rollout_site.site, rollout_site.runner
     runner.default_plan = runner.resolve_plan(PLAN, None)
     named = runner.resolve_plan({**PLAN, "name": "careful"}, None)
@@ -109,7 +85,7 @@ def test_a_rollout_is_started_from_the_releases_page_with_a_reason(rollout_site:
 
     runner.set_plan_loader(load)
     site.store.record_release(9, "f" * 40, ["ed25519:key"], time.time())
-    page = open_page(site, opened, "/releases", token=ADMIN)
+    page = site.page("/releases", token=ADMIN)
     page.wait_for_selector("#release-table tr[data-release='9'] button.start", timeout=WAIT_MS)
     page.click("#release-table tr[data-release='9'] button.start")
     assert page.inner_text("#start-release") == "9"
@@ -153,10 +129,11 @@ def test_a_rollout_is_started_from_the_releases_page_with_a_reason(rollout_site:
 # --- rollback and the devices of a wave -------------------------------------------------------------
 
 
-def test_rollback_from_the_rollout_page_needs_a_reason_and_is_audited(rollout_site: RolloutSite,
-                                                                      opened: list) -> None:
+def test_rollback_from_the_rollout_page_needs_a_reason_and_is_audited(rollout_site: RolloutSite) -> None:
     site, rid, runner = rollout_site.site, rollout_site.rollout_id, rollout_site.runner
-    page = open_page(site, opened, f"/rollouts/{rid}?refresh=0.5", token=ADMIN)
+    page = site.page(f"/rollouts/{rid}?refresh=0.5", token=ADMIN)
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
     page.wait_for_selector("button[data-action='rollback']", state="visible", timeout=WAIT_MS)
     wait_js(page, "document.body.dataset.phase === 'running'")
     assert page.is_enabled("button[data-action='rollback']")
@@ -172,11 +149,14 @@ def test_rollback_from_the_rollout_page_needs_a_reason_and_is_audited(rollout_si
     wait_js(page, "document.body.dataset.phase !== 'running'")
     entries = [(a["actor"], a["reason"]) for a in audit_entries(site, "rollout.rollback")]
     assert entries == [("erin", "cameras reboot on release 8")]
+    # the admin token travels as a bearer header only: never in a URL, never in localStorage
+    assert urls
+    assert not [u for u in urls if ADMIN in u]
+    assert page.evaluate("window.localStorage.length") == 0
     assert site.console == []
 
 
-def test_a_wave_links_its_devices_and_those_that_tripped_its_gate(rollout_site: RolloutSite,
-                                                                 opened: list) -> None:
+def test_a_wave_links_its_devices_and_those_that_tripped_its_gate(rollout_site: RolloutSite) -> None:
     site, rid = rollout_site.site, rollout_site.rollout_id
     # the canary wave judges any failure: cam-01 fails, the wave halts with cam-01 as the tripped device
     rollout_site.report({"cam-01": "sync_failed", "gw-01": "sync_succeeded"})
@@ -185,7 +165,7 @@ def test_a_wave_links_its_devices_and_those_that_tripped_its_gate(rollout_site: 
         time.sleep(0.1)
         rollout_site.runner.tick()
     assert rollout_site.runner.state(rid).phase == "halted"
-    page = open_page(site, opened, f"/rollouts/{rid}")
+    page = site.page(f"/rollouts/{rid}")
     page.wait_for_selector("section[data-wave='0'] .wave-tripped a.tripped", timeout=WAIT_MS)
     assert page.inner_text("section[data-wave='0'] .wave-tripped a") == "cam-01"
     assert page.locator("section[data-wave='1'] .wave-tripped a").count() == 0
@@ -205,11 +185,11 @@ def test_a_wave_links_its_devices_and_those_that_tripped_its_gate(rollout_site: 
 # --- audit log --------------------------------------------------------------------------------------
 
 
-def test_audit_page_pages_through_the_log(site: Site, opened: list) -> None:
+def test_audit_page_pages_through_the_log(site: Site) -> None:
     for i in range(150):
         site.store.add_audit("ops", "device.enroll" if i == 149 else "baseline.move",
                              "cam-01" if i == 149 else "baseline", f"entry {i}", {"n": i})
-    page = open_page(site, opened, "/audit")
+    page = site.page("/audit")
     wait_js(page, "document.querySelectorAll('#audit-table tr[data-audit]').length === 100")
     ids = [int(x) for x in page.eval_on_selector_all("#audit-table tr[data-audit]", AUDIT_IDS)]
     assert ids == sorted(ids, reverse=True)
@@ -232,11 +212,33 @@ def test_audit_page_pages_through_the_log(site: Site, opened: list) -> None:
     assert site.console == []
 
 
+def test_text_in_the_log_and_from_devices_is_shown_as_text_never_run(site: Site) -> None:
+    site.store.add_audit("ops", "baseline.move", '"><img id=pwn-target src=x>', "<img id=pwn-reason src=x>",
+                         {"html": "<b id=pwn-detail>x</b>"})
+    page = site.page("/audit")
+    page.wait_for_selector("#audit-table tr[data-audit]", timeout=WAIT_MS)
+    assert "<img id=pwn-reason src=x>" in page.inner_text("#audit-table tr[data-audit]:first-child")
+    assert page.locator("#pwn-target, #pwn-reason, #pwn-detail").count() == 0
+    now = time.time()
+    batch = IngestBatch()
+    drift = {"count": 1, "corrected": False, "resources": [
+        {"id": "file:/etc/<i id=pwn-id>", "expected": "<img id=pwn-expected src=x>",
+         "found": "<svg id=pwn-found>"}]}
+    batch.add("status", status_message("gw-01", commit=COMMIT, release=7, sync_state="drifted", drift=drift,
+                                       paused=False, ts=now), now)
+    site.store.apply_batch(batch)
+    device = site.page("/devices/gw-01")
+    device.wait_for_selector("#drift-table tr[data-resource]", timeout=WAIT_MS)
+    assert "<img id=pwn-expected src=x>" in device.inner_text("#drift-table")
+    assert device.locator("#pwn-id, #pwn-expected, #pwn-found").count() == 0
+    assert site.console == []
+
+
 # --- device drift and sync history ------------------------------------------------------------------
 
 
-def test_device_page_shows_the_drift_table_pause_state_and_sync_history(site: Site, opened: list) -> None:
-    page = open_page(site, opened, "/devices/cam-03")
+def test_device_page_shows_the_drift_table_pause_state_and_sync_history(site: Site) -> None:
+    page = site.page("/devices/cam-03")
     page.wait_for_selector("#drift-table tr[data-resource='file:/etc/motion.conf']", timeout=WAIT_MS)
     row = page.inner_text("#drift-table tr[data-resource='file:/etc/motion.conf']")
     assert "file" in row
@@ -252,7 +254,7 @@ def test_device_page_shows_the_drift_table_pause_state_and_sync_history(site: Si
     batch.add("events", event_message("gw-02", type="paused", commit=COMMIT, release=7, ts=now,
                                       reason="site visit"), now)
     site.store.apply_batch(batch)
-    page = open_page(site, opened, "/devices/gw-02")
+    page = site.page("/devices/gw-02")
     page.wait_for_selector("#drift-table tr[data-resource='link:/etc/alt']", timeout=WAIT_MS)
     nginx = page.inner_text("#drift-table tr[data-resource='file:/etc/nginx.conf']")
     assert "sha256 ab12cd34ef56 mode 0644" in nginx
@@ -281,8 +283,8 @@ TABLE_IDS = "rs => rs.map(r => r.dataset.device)"
 SORT_MARK = "document.querySelector(\"th[data-sort='sync_state']\").getAttribute('aria-sort')"
 
 
-def test_device_table_searches_by_id_and_sorts_keeping_the_fleet_counts(site: Site, opened: list) -> None:
-    page = open_page(site, opened, "/")
+def test_device_table_searches_by_id_and_sorts_keeping_the_fleet_counts(site: Site) -> None:
+    page = site.page("/")
     page.wait_for_selector("#device-table tr[data-device='sensor-02']", timeout=WAIT_MS)
     page.fill("#f-id", "cam-0")
     page.click("#filters button[type=submit]")
