@@ -2,7 +2,8 @@
 the real app served by uvicorn on 127.0.0.1 over a real SQLite store filled with real messages.
 
 Screenshots are taken into pytest's temporary directory on every run; with ``DASHBOARD_SCREENSHOTS=1``
-they are also copied to ``docs/images/`` (overview.png, device.png, rollout.png). When a test fails,
+they are also copied to ``docs/images/`` (overview.png, device.png, rollout.png; releases.png and
+audit.png come from ``tests/test_dashboard_console.py``). When a test fails,
 every page it opened is saved as ``shots/failed-<n>.png`` in its temporary directory.
 """
 

@@ -114,6 +114,7 @@ def test_a_rollout_is_started_from_the_releases_page_with_a_reason(rollout_site:
     started = [a for a in audit_entries(site, "rollout.start") if a["target"] == f"rollout/{new_id}"]
     assert [(a["actor"], a["reason"]) for a in started] == [("dora", "release 9 fixes the camera driver")]
     page.wait_for_selector(f"#release-table tr[data-release='9'] [data-rollout='{new_id}']", timeout=WAIT_MS)
+    site.screenshot(page, "releases.png")
     # the default plan
     site.store.record_release(10, "1" * 40, ["ed25519:key"], time.time())
     page.wait_for_selector("#release-table tr[data-release='10'] button.start", timeout=WAIT_MS)
@@ -197,6 +198,7 @@ def test_audit_page_pages_through_the_log(site: Site) -> None:
     assert "entry 149" in newest.inner_text()
     assert "n=149" in newest.inner_text()
     assert newest.locator("a").get_attribute("href") == "/devices/cam-01"
+    site.screenshot(page, "audit.png")
     assert page.is_visible("#audit-older")
     page.click("#audit-older")
     wait_js(page, "document.querySelectorAll('#audit-table tr[data-audit]').length === 50")
