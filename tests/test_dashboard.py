@@ -2,7 +2,9 @@
 the real app served by uvicorn on 127.0.0.1 over a real SQLite store filled with real messages.
 
 Screenshots are taken into pytest's temporary directory on every run; with ``DASHBOARD_SCREENSHOTS=1``
-they are also copied to ``docs/images/`` (overview.png, device.png, rollout.png).
+they are also copied to ``docs/images/`` (overview.png, device.png, rollout.png; releases.png and
+audit.png come from ``tests/test_dashboard_console.py``). When a test fails,
+every page it opened is saved as ``shots/failed-<n>.png`` in its temporary directory.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class Site:
     browser: Any
     shots: Path
     console: list[str] = field(default_factory=list)
+    opened: list[Any] = field(default_factory=list)
 
     def page(self, path: str, *, token: str | None = None) -> Any:
         """Open ``path`` in a fresh browser context (its own sessionStorage), recording console errors."""
@@ -151,8 +154,18 @@ class Site:
         page.on("pageerror", lambda exc: self.console.append(f"pageerror: {exc}"))
         if token is not None:
             page.add_init_script(f"window.sessionStorage.setItem('edge-fleet.token', {token!r});")
+        self.opened.append(page)
         page.goto(self.url + path)
         return page
+
+    def screenshots_on_failure(self, request: pytest.FixtureRequest, failed_before: int) -> None:
+        """When the test failed (its count of failures rose), save every page it opened as
+        ``shots/failed-<n>.png`` in its temporary directory."""
+        if request.session.testsfailed <= failed_before:
+            return
+        for n, page in enumerate(self.opened):
+            with contextlib.suppress(Exception):  # a page already closed has nothing to show
+                page.screenshot(path=str(self.shots / f"failed-{n}.png"), full_page=True)
 
     def screenshot(self, page: Any, name: str) -> Path:
         """Save a full-page screenshot to the temporary directory; copy it to docs/images/ when
@@ -177,15 +190,19 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def site(tmp_path: Path, browser: Any) -> Iterator[Site]:
-    """The fleet server's app over a filled store, served on loopback."""
+def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """The fleet server's app over a filled store, served on loopback; a screenshot of every page
+    the test opened is saved in ``shots/`` when it fails."""
     store = Store(tmp_path / "fleet.db")
     fill_fleet(store)
     app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions())
     shots = tmp_path / "shots"
     shots.mkdir()
+    failed_before = request.session.testsfailed
     with serve(app) as url:
-        yield Site(url, store, browser, shots)
+        served = Site(url, store, browser, shots)
+        yield served
+        served.screenshots_on_failure(request, failed_before)
     store.close()
 
 
@@ -326,7 +343,7 @@ def test_device_page_shows_release_events_and_health_charts(site: Site) -> None:
 
 def test_device_page_shows_drift_and_failures(site: Site) -> None:
     page = site.page("/devices/cam-03")
-    page.wait_for_selector("#dev-drift li", timeout=WAIT_MS)
+    page.wait_for_selector("#dev-drift tr[data-resource]", timeout=WAIT_MS)
     assert "file:/etc/motion.conf" in page.inner_text("#dev-drift")
     assert "drift_detected" in page.inner_text("#event-table")
     assert page.get_attribute("#chart-cpu", "data-points") == "0"
@@ -358,7 +375,7 @@ def test_rollouts_page_without_a_rollout_engine_says_so(site: Site) -> None:
 
 
 def test_pages_are_html_with_a_strict_content_security_policy(site: Site) -> None:
-    for path in ("/", "/devices/cam-01", "/rollouts", "/rollouts/r-1"):
+    for path in ("/", "/devices/cam-01", "/rollouts", "/rollouts/r-1", "/releases", "/audit"):
         response = httpx.get(site.url + path, timeout=5.0)
         assert response.status_code == 200, path
         assert response.headers["content-type"].startswith("text/html")
@@ -367,7 +384,7 @@ def test_pages_are_html_with_a_strict_content_security_policy(site: Site) -> Non
         assert "<script src=\"/static/dashboard.js\"" in response.text
         assert "http://" not in response.text.replace(site.url, "")
         assert "https://" not in response.text
-    for asset in ("dashboard.js", "charts.js", "dashboard.css", "favicon.svg"):
+    for asset in ("dashboard.js", "console.js", "charts.js", "dashboard.css", "favicon.svg"):
         assert httpx.get(f"{site.url}/static/{asset}", timeout=5.0).status_code == 200
     assert httpx.get(site.url + "/devices/bad%24id", timeout=5.0).status_code == 400
     assert httpx.get(site.url + "/devices/a%20b", timeout=5.0).status_code == 400
@@ -444,8 +461,9 @@ class RolloutSite:
 
 
 @pytest.fixture
-def rollout_site(tmp_path: Path, browser: Any) -> Iterator[RolloutSite]:
-    """The app with the real rollout runner over a filled store, a rollout of release 8 started."""
+def rollout_site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[RolloutSite]:
+    """The app with the real rollout runner over a filled store, a rollout of release 8 started; a
+    screenshot of every page the test opened is saved in ``shots/`` when it fails."""
     store = Store(tmp_path / "fleet.db")
     fill_fleet(store)
     now = time.time()
@@ -461,8 +479,11 @@ def rollout_site(tmp_path: Path, browser: Any) -> Iterator[RolloutSite]:
     app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions(rollouts=runner))
     shots = tmp_path / "shots"
     shots.mkdir()
+    failed_before = request.session.testsfailed
     with serve(app) as url:
-        yield RolloutSite(Site(url, store, browser, shots), runner, rollout_id, published)
+        served = Site(url, store, browser, shots)
+        yield RolloutSite(served, runner, rollout_id, published)
+        served.screenshots_on_failure(request, failed_before)
     store.close()
 
 
@@ -561,6 +582,7 @@ def test_pause_works_with_the_admin_token_and_is_refused_without(rollout_site: R
     # a wrong token: the button is there, the server refuses, nothing changes
     page = site.page(f"/rollouts/{rid}?refresh=0.5", token="not-the-admin-token")
     page.wait_for_selector("button[data-action='pause']", state="visible", timeout=WAIT_MS)
+    page.fill("#action-reason", "a reason")
     page.click("button[data-action='pause']")
     page.wait_for_selector("#action-result.bad", timeout=WAIT_MS)
     assert "pause refused: invalid token" in page.inner_text("#action-result")
@@ -600,7 +622,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(dashboard.__all__) == [
         "CONTENT_SECURITY_POLICY", "DEFAULT_REFRESH_SECONDS", "MAX_HEALTH_HOURS", "MAX_HEALTH_SAMPLES",
         "ROLLOUT_ID_RE", "STATIC_DIR", "TEMPLATE_DIR", "dashboard_router", "install_dashboard"]
-    for name in ("base.html", "overview.html", "device.html", "rollouts.html", "rollout.html"):
+    for name in ("base.html", "overview.html", "device.html", "rollouts.html", "rollout.html",
+                 "releases.html", "audit.html"):
         assert (dashboard.TEMPLATE_DIR / name).is_file()
     # nothing the browser loads comes from elsewhere: no CDN, no external URL in any asset
     for asset in [*dashboard.STATIC_DIR.iterdir(), *dashboard.TEMPLATE_DIR.iterdir()]:

@@ -211,5 +211,5 @@ def test_module_exports_are_pinned() -> None:
     assert sorted(metrics_module.__all__) == sorted([
         "ATTEMPT_OUTCOMES", "COMMIT_TO_APPLIED_BUCKETS", "DROP_REASONS", "MESSAGE_KINDS", "FleetCollector",
         "FleetSource", "IngestMetrics", "IngestState", "NotificationMetrics", "ReleaseMetrics",
-        "ServerMetrics", "ServiceLevels", "histogram_buckets", "read_service_levels", "service_levels", "ROLLOUT_PHASES",
-        "RolloutCollector", "RolloutSource"])
+        "ServerMetrics", "ServiceLevels", "histogram_buckets", "read_service_levels", "service_levels",
+        "ROLLOUT_PHASES", "RolloutCollector", "RolloutSource"])

@@ -1,10 +1,12 @@
-"""The web dashboard: HTML pages at ``/``, ``/devices/{id}``, ``/rollouts``, ``/rollouts/{id}``.
+"""The web dashboard: HTML pages at ``/``, ``/devices/{id}``, ``/rollouts``, ``/rollouts/{id}``,
+``/releases`` and ``/audit``.
 
 Each page is a Jinja2 template holding the layout and what is known without reading the fleet
 (the device or rollout id, the refresh period, whether reads need a token). Its data comes from the
 JSON API: ``static/dashboard.js`` fetches it every few seconds (with the bearer token the viewer
 pasted into the page, kept in ``sessionStorage``) and draws tables and SVG charts
-(``static/charts.js``). So a page never shows more than its viewer may read, and state changes go
+(``static/charts.js``); ``static/console.js`` adds the operator console (releases, audit log,
+rollback and starting a rollout). So a page never shows more than its viewer may read, and state changes go
 through the same authenticated API calls as ``fleetctl``. A rollout page reads the rollout's
 summary and one page of its devices (``/api/v1/rollouts/{id}/devices``, filtered by wave and
 state), never the whole device map. No CDN, no build step: everything the
@@ -127,6 +129,17 @@ def dashboard_router(store: FleetReader, tokens: Tokens, *,
             raise HTTPException(400, "malformed rollout id")
         return page(request, "rollout.html", f"Rollout {rollout_id}", nav="rollouts", rollout_id=rollout_id,
                     device_states=DEVICE_STATES)
+
+    @router.get("/releases", response_class=HTMLResponse, include_in_schema=False)
+    def releases_page(request: Request) -> HTMLResponse:
+        """The signed releases the Git watcher recorded, with the rollouts of each, and the start
+        of a rollout."""
+        return page(request, "releases.html", "Releases", nav="releases")
+
+    @router.get("/audit", response_class=HTMLResponse, include_in_schema=False)
+    def audit_page(request: Request) -> HTMLResponse:
+        """The audit log, newest first, a page at a time."""
+        return page(request, "audit.html", "Audit log", nav="audit")
 
     @router.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:

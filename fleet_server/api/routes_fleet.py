@@ -13,6 +13,7 @@ from fleet_server.api.auth import Tokens, read_access
 from fleet_server.api.cache import CachedRead
 from fleet_server.refusals import AUDIT_ACTION as REFUSED_ACTION
 from fleet_server.refusals import refused_heads
+from fleet_server.store.device_order import DEVICE_SORTS, ID_PREFIX_RE
 
 __all__ = ["FleetReader", "fleet_router", "parse_label_filters"]
 
@@ -38,9 +39,11 @@ class FleetReader(Protocol):
         ...
 
     def devices_page_json(self, *, label: dict[str, str] | None = None, sync_state: str | None = None,
-                          online: bool | None = None, limit: int = 100, offset: int = 0) -> str:
-        """Return one page of devices matching the filters with their total, as the JSON text of the
-        ``GET /api/v1/devices`` answer."""
+                          online: bool | None = None, limit: int = 100, offset: int = 0,
+                          id_prefix: str | None = None, sort: str = "id", descending: bool = False) -> str:
+        """Return the JSON text of the ``GET /api/v1/devices`` answer: one page of devices matching every
+        filter (ids starting with ``id_prefix`` when given), ordered by ``sort`` then id, with how many
+        match in all."""
         ...
 
     def device(self, device_id: str) -> dict[str, Any] | None:
@@ -64,8 +67,10 @@ class FleetReader(Protocol):
         """Return the newest recorded releases first."""
         ...
 
-    def audit(self, limit: int = 100, *, action: str | None = None) -> list[dict[str, Any]]:
-        """Return the newest audit entries first (only those of ``action`` when it is given)."""
+    def audit(self, limit: int = 100, *, action: str | None = None,
+              before: int | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (only those of ``action``, and with an id below
+        ``before``, when given)."""
         ...
 
 
@@ -111,20 +116,32 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
 
     @router.get("/devices", response_class=Response, responses={200: {"content": {"application/json": {}}}})
     def list_devices(
+        *,
         label: Annotated[list[str], Query(description="label filter key=value, repeatable")] = [],  # noqa: B006
         sync_state: Annotated[str | None, Query(max_length=32)] = None,
         online: Annotated[bool | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+        id_prefix: Annotated[str | None, Query(max_length=200, description="ids starting with this")] = None,
+        sort: Annotated[str, Query(max_length=32, description=f"one of {', '.join(DEVICE_SORTS)}")] = "id",
+        order: Annotated[str, Query(max_length=8, description="asc or desc")] = "asc",
     ) -> Response:
-        """List devices matching every filter given, ordered by id, one page at a time, with how many
-        match in all (``{"devices": [...], "total": N, "limit": L, "offset": O}``)."""
+        """List devices matching every filter given (ids starting with ``id_prefix``), ordered by
+        ``sort`` (then id) ``asc`` or ``desc``, one page at a time, with how many match in all
+        (``{"devices": [...], "total": N, "limit": L, "offset": O}``)."""
         labels = parse_label_filters(label)
         if sync_state is not None and not _SYNC_STATE_RE.match(sync_state):
             raise HTTPException(400, "sync_state must be a lowercase word such as in_sync")
+        if id_prefix is not None and not ID_PREFIX_RE.match(id_prefix):
+            raise HTTPException(400, "id_prefix must be 1-128 letters, digits, '.', '_' or '-'")
+        if sort not in DEVICE_SORTS:
+            raise HTTPException(400, f"sort must be one of {', '.join(DEVICE_SORTS)}")
+        if order not in ("asc", "desc"):
+            raise HTTPException(400, "order must be asc or desc")
         # the store builds the whole answer as JSON text in one SQL statement (see store/sqlite/pages.py)
         body = store.devices_page_json(label=labels or None, sync_state=sync_state, online=online,
-                                       limit=limit, offset=offset)
+                                       limit=limit, offset=offset, id_prefix=id_prefix, sort=sort,
+                                       descending=order == "desc")
         return Response(content=body, media_type="application/json")
 
     @router.get("/devices/{device_id}")
@@ -150,8 +167,10 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
                 "refused": refused_heads(store.audit(limit=limit, action=REFUSED_ACTION))}
 
     @router.get("/audit")
-    def get_audit(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict[str, Any]:
-        """Return the newest audit log entries."""
-        return {"audit": store.audit(limit=limit)}
+    def get_audit(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+                  before: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> dict[str, Any]:
+        """Return the newest audit log entries; with ``before``, the entries older than that id (the
+        next page: pass the smallest id of the page just read)."""
+        return {"audit": store.audit(limit=limit, before=before)}
 
     return router

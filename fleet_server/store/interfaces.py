@@ -60,9 +60,11 @@ class ReadStore(Protocol):
         ...
 
     def devices_page_json(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
-                          online: bool | None = None, limit: int = 100, offset: int = 0) -> str:
+                          online: bool | None = None, limit: int = 100, offset: int = 0,
+                          id_prefix: str | None = None, sort: str = "id", descending: bool = False) -> str:
         """Return the JSON text of the ``GET /api/v1/devices`` answer: one page of devices matching every
-        filter (ordered by id) with how many match in all."""
+        filter (ids starting with ``id_prefix`` when given), ordered by ``sort`` then id, with how many
+        match in all."""
         ...
 
     def count_devices(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
@@ -118,8 +120,10 @@ class AuditStore(Protocol):
         """Append one entry to the audit log (who did what to which target, and why)."""
         ...
 
-    def audit(self, limit: int = 100, *, action: str | None = None) -> list[dict[str, Any]]:
-        """Return the newest audit entries first (only those of ``action`` when it is given)."""
+    def audit(self, limit: int = 100, *, action: str | None = None,
+              before: int | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (only those of ``action``, and with an id below
+        ``before``, when given)."""
         ...
 
     def record_release(self, version: int, commit: str, signers: Sequence[str], seen_at: float, *,

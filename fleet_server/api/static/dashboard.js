@@ -108,6 +108,7 @@
     for (const term of labelTerms()) q.append("label", term);
     if (params.get("sync_state")) q.set("sync_state", params.get("sync_state"));
     if (params.get("online")) q.set("online", params.get("online"));
+    for (const key of ["id_prefix", "sort", "order"]) if (params.get(key)) q.set(key, params.get(key));
     q.set("limit", "100");
     q.set("offset", String(offset));
     return q;
@@ -148,8 +149,11 @@
     $("f-label").value = labelTerms().join(" ");
     $("f-state").value = params.get("sync_state") || "";
     $("f-online").value = params.get("online") || "";
-    if (params.get("refresh")) {
-      const hidden = node("input"); hidden.type = "hidden"; hidden.name = "refresh"; hidden.value = params.get("refresh");
+    $("f-id").value = params.get("id_prefix") || "";
+    window.Dashboard.sortHeaders($("device-table"));
+    for (const key of ["refresh", "sort", "order"]) {  // a new filter keeps the sort and the refresh period
+      if (!params.get(key)) continue;
+      const hidden = node("input"); hidden.type = "hidden"; hidden.name = key; hidden.value = params.get(key);
       $("filters").appendChild(hidden);
     }
     $("filters").addEventListener("submit", () => {
@@ -233,13 +237,7 @@
     for (const [k, v] of Object.entries(d.labels || {})) labels.appendChild(node("span", `${k}=${v}`, "chip"));
     setText("dev-paused", d.paused ? `yes: ${d.pause_reason || "no reason given"}` : "no");
     setText("dev-error", d.last_error); setText("dev-seen", `${when(d.last_seen)} (${ago(d.last_seen)})`);
-    const drift = clear($("dev-drift"));
-    if (!d.drift || !d.drift.count) drift.appendChild(node("span", "no drift reported", "muted"));
-    else {
-      drift.appendChild(node("p", `${d.drift.count} resource(s) ${d.drift.corrected ? "drifted and were corrected" : "drifted"}`, "warn"));
-      const ul = node("ul"); for (const r of d.drift.resources || []) ul.appendChild(node("li", r, "mono"));
-      drift.appendChild(ul);
-    }
+    window.Dashboard.drawDrift(clear($("dev-drift")), d.drift);
     const samples = health.ok ? health.data.health : [];
     const now = Date.now() / 1000;
     const range = {xMin: now - hours * 3600, xMax: now, yMax: 100};
@@ -310,12 +308,17 @@
       tr.appendChild(td); tbody.appendChild(tr);
     }
   }
-  function waveSection(container, index, wave, samples) {
+  function waveSection(container, index, wave, samples, tripped) {
     let section = container.querySelector(`section[data-wave="${index}"]`);
     if (!section) {
       section = node("section", null, "wave"); section.dataset.wave = String(index);
       section.appendChild(node("h3"));
       section.appendChild(node("p", null, "wave-meta"));
+      const devs = node("p", null, "wave-devices");
+      const q = new URLSearchParams(params); q.set("wave", String(index + 1)); q.delete("offset"); q.delete("state");
+      devs.appendChild(link(`${window.location.pathname}?${q}#ro-device-table`, "its devices", "wave-link"));
+      devs.appendChild(node("span", null, "wave-tripped"));
+      section.appendChild(devs);
       const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
       svg.setAttribute("class", "chart wave-chart"); svg.setAttribute("role", "img");
       svg.setAttribute("aria-label", `wave ${index + 1} progress`);
@@ -331,6 +334,11 @@
       (wave.result ? ` · ${wave.result}` : "");
     for (const k of KINDS) meta.dataset[k] = String(p[k]);
     section.dataset.samples = String(samples.length);
+    const trippedSpan = clear(section.querySelector(".wave-tripped"));
+    if (tripped.length) {
+      trippedSpan.appendChild(node("span", " · tripped a gate: ", "bad"));
+      for (const t of tripped) trippedSpan.appendChild(link(`/devices/${encodeURIComponent(t)}`, t, "chip tripped"));
+    }
     const points = samples.map((sample) => ({t: sample.ts, ...progressOf({progress: sample})}));
     // Each count holds until the next sample, and the last one until now: without this point the
     // final state (a finished wave's, above all) would be drawn zero pixels wide.
@@ -347,11 +355,22 @@
   const ACTION_PHASES = {
     pause: ["pending", "running", "waiting_approval"], resume: ["paused"], promote: ["waiting_approval", "halted"],
     abort: ["pending", "running", "waiting_approval", "paused", "halted", "rolling_back"],
+    rollback: ["running", "waiting_approval", "paused", "halted", "succeeded", "aborted"],
   };
   function gateReasons(g) {
     const d = g.detail || {};
-    const parts = [...(d.reasons || []), ...(d.tripped || []).map((t) => `tripped: ${t}`)];
-    return parts.join("; ") || "–";
+    const td = node("td", (d.reasons || []).join("; ") || ((d.tripped || []).length ? "" : "–"));
+    if ((d.tripped || []).length) {
+      td.appendChild(node("span", `${td.textContent ? "; " : ""}tripped: `));
+      for (const t of d.tripped) td.appendChild(link(`/devices/${encodeURIComponent(t)}`, t, "chip tripped"));
+    }
+    return td;
+  }
+  // The devices that tripped a gate of wave i, from its gate decisions (ids; linked to their pages).
+  function trippedOf(r, i) {
+    const ids = new Set();
+    for (const g of r.gates || []) if (g.wave === i) for (const t of (g.detail && g.detail.tripped) || []) ids.add(t);
+    return [...ids].sort();
   }
   // The rollout's devices, one page at a time (the summary carries no per-device map).
   const RO_PAGE = 100;
@@ -366,7 +385,7 @@
     if (params.get("state")) q.set("state", params.get("state"));
     return q;
   }
-  function fillRolloutDevices(r, list) {
+  function fillRolloutDevices(r, list, tripped) {
     setText("ro-device-count", r.device_count === undefined ? "" : `(${r.device_count} in the rollout)`);
     const waveSelect = $("ro-f-wave");
     if (waveSelect.options.length === 1) {
@@ -384,7 +403,9 @@
       const st = node("td"); st.appendChild(statePill(d.state)); tr.appendChild(st);
       const on = node("td"); on.appendChild(onlinePill(d.online)); tr.appendChild(on);
       tr.appendChild(node("td", d.version ?? "–"));
-      tr.appendChild(node("td", d.reason || "–"));
+      const why = node("td", d.reason || "–");
+      if (tripped.has(d.id)) { tr.classList.add("tripped"); why.prepend(pill("tripped a gate", "bad"), " "); }
+      tr.appendChild(why);
       tbody.appendChild(tr);
     }
     if (list.devices.length === 0) {
@@ -420,7 +441,7 @@
     } else superseded.textContent = "–";
     const container = $("waves");
     (r.waves || []).forEach((wave, i) => {
-      waveSection(container, i, wave, (r.samples || []).filter((sample) => sample.wave === i));
+      waveSection(container, i, wave, (r.samples || []).filter((sample) => sample.wave === i), trippedOf(r, i));
     });
     const tbody = clear($("gate-table").tBodies[0]);
     for (const g of [...(r.gates || [])].reverse()) {
@@ -428,14 +449,14 @@
       tr.appendChild(node("td", when(g.at))); tr.appendChild(node("td", g.wave + 1));
       const verdict = node("td"); verdict.appendChild(pill(g.passed ? "passed" : "failed", g.passed ? "ok" : "bad"));
       tr.appendChild(verdict);
-      tr.appendChild(node("td", gateReasons(g)));
+      tr.appendChild(gateReasons(g));
       tbody.appendChild(tr);
     }
     if (!tbody.firstChild) {
       const tr = node("tr"); const td = node("td", "no gate judged yet", "muted"); td.colSpan = 4;
       tr.appendChild(td); tbody.appendChild(tr);
     }
-    fillRolloutDevices(r, list.data);
+    fillRolloutDevices(r, list.data, new Set((r.waves || []).flatMap((w, i) => trippedOf(r, i))));
   }
   function initRollout() {
     $("ro-f-state").value = params.get("state") || "";
@@ -455,7 +476,8 @@
         const action = button.dataset.action;
         const result = $("action-result");
         if (!token()) { result.textContent = `${action} refused: paste the admin token first`; result.className = "action-result bad"; return; }
-        const reason = $("action-reason").value.trim() || `${action} from the dashboard`;
+        const reason = $("action-reason").value.trim();
+        if (!reason) { result.textContent = `${action} refused: give a reason first (it goes to the audit log)`; result.className = "action-result bad"; return; }
         button.disabled = true;
         const res = await api(`/api/v1/rollouts/${encodeURIComponent(body.dataset.rolloutId)}/${action}`,
           {method: "POST", body: {reason}, actor: $("action-actor").value.trim()});
@@ -474,8 +496,7 @@
     rollouts: {init: () => {}, refresh: refreshRollouts},
     rollout: {init: initRollout, refresh: refreshRollout},
   };
-  const current = pages[body.dataset.page];
-  let timer = null, running = false;
+  let current = null, timer = null, running = false;
   async function refreshNow() {
     if (!current || running) return;
     running = true;
@@ -494,7 +515,16 @@
       timer = window.setTimeout(refreshNow, refreshSeconds * 1000);
     }
   }
-  $("refresh-seconds").textContent = String(refreshSeconds);
-  showToken();
-  if (current) { current.init(); refreshNow(); }
+  // console.js (loaded after this file) adds its pages and reuses these helpers; every deferred
+  // script has run when DOMContentLoaded fires, so the page starts then.
+  window.Dashboard = {
+    $, node, link, setText, clear, when, ago, pill, statePill, onlinePill, releaseText, api, explain,
+    token, params, refreshNow, addPage: (name, page) => { pages[name] = page; },
+  };
+  document.addEventListener("DOMContentLoaded", () => {
+    $("refresh-seconds").textContent = String(refreshSeconds);
+    showToken();
+    current = pages[body.dataset.page] || null;
+    if (current) { current.init(); refreshNow(); }
+  });
 })();

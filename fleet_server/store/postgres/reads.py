@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fleet_server.store.device_order import id_prefix_range, order_by_sql
 from fleet_server.store.postgres.connection import PgConnections
 from fleet_server.store.records import DEVICE_COLUMNS, device_row, event_row, fleet_summary, from_json
 
@@ -38,17 +39,30 @@ class PgReads(PgConnections):
         return [device_row(r) for r in rows]
 
     def devices_page_json(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
-                          online: bool | None = None, limit: int = 100, offset: int = 0) -> str:
-        """Return the JSON text of one page of devices matching every filter (ordered by id) with how
-        many match in all: ``{"devices": [...], "total": N, "limit": L, "offset": O}``.
+                          online: bool | None = None, limit: int = 100, offset: int = 0,
+                          id_prefix: str | None = None, sort: str = "id", descending: bool = False) -> str:
+        """Return the JSON text of one page of devices matching every filter (ids starting with
+        ``id_prefix`` when given), ordered by ``sort`` (then by id), with how many match in all:
+        ``{"devices": [...], "total": N, "limit": L, "offset": O}``.
 
         Raises:
             StoreError: the database cannot be read.
+            ValueError: ``sort`` is not a sort key or ``id_prefix`` holds a character no id holds.
         """
         limit, offset = max(0, int(limit)), max(0, int(offset))
-        page = self.devices(label=label, sync_state=sync_state, online=online, limit=limit, offset=offset)
-        total = self.count_devices(label=label, sync_state=sync_state, online=online)
-        return json.dumps({"devices": page, "total": total, "limit": limit, "offset": offset})
+        where, params = _device_filter(label, sync_state, online)
+        if id_prefix is not None:
+            low, high = id_prefix_range(id_prefix)  # ids are COLLATE "C": a range of the id index
+            where += (" AND " if where else " WHERE ") + "devices.id >= %s AND devices.id < %s"
+            params = [*params, low, high]
+        order = order_by_sql("postgresql", sort, descending)
+        with self._reading("list devices") as conn:
+            rows = conn.execute(f"SELECT * FROM devices{where} ORDER BY {order} LIMIT %s OFFSET %s",  # noqa: S608
+                                [*params, limit, offset]).fetchall()
+            total = conn.execute(f"SELECT count(*) AS n FROM devices{where}", params).fetchone()  # noqa: S608
+        page = [device_row(r) for r in rows]
+        return json.dumps({"devices": page, "total": 0 if total is None else int(total["n"]),
+                           "limit": limit, "offset": offset})
 
     def count_devices(self, *, label: Mapping[str, str] | None = None, sync_state: str | None = None,
                       online: bool | None = None) -> int:

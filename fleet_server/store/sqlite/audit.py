@@ -32,19 +32,22 @@ class SqliteAudit(SqliteConnections):
             self._db.table("audit").insert({"at": at, "actor": actor, "action": action, "target": target,
                                       "reason": reason, "detail": to_json(dict(detail) if detail else None)})
 
-    def audit(self, limit: int = 100, *, action: str | None = None) -> list[dict[str, Any]]:
-        """Return the newest audit entries first (only those of ``action`` when it is given).
+    def audit(self, limit: int = 100, *, action: str | None = None,
+              before: int | None = None) -> list[dict[str, Any]]:
+        """Return the newest audit entries first (only those of ``action`` when given, and only those
+        with an id below ``before`` when given: the next page of the log).
 
         Raises:
             StoreError: the database cannot be read.
         """
+        below = 2**63 - 1 if before is None else int(before)
         with self._reading("read the audit log") as conn:
             if action is None:
-                rows = conn.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?",
-                                    (max(0, int(limit)),)).fetchall()
+                rows = conn.execute("SELECT * FROM audit WHERE id < ? ORDER BY id DESC LIMIT ?",
+                                    (below, max(0, int(limit)))).fetchall()
             else:
-                rows = conn.execute("SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT ?",
-                                    (action, max(0, int(limit)))).fetchall()
+                rows = conn.execute("SELECT * FROM audit WHERE action = ? AND id < ? ORDER BY id DESC"
+                                    " LIMIT ?", (action, below, max(0, int(limit)))).fetchall()
         return [{**dict(r), "detail": from_json(r["detail"])} for r in rows]
 
     def record_release(self, version: int, commit: str, signers: Sequence[str], seen_at: float, *,
