@@ -64,6 +64,18 @@
       tbody.appendChild(tr);
     }
     if (releases.data.releases.length === 0) emptyRow(tbody, "no signed release recorded yet", 7);
+    const refused = clear($("refused-table").tBodies[0]);
+    for (const r of releases.data.refused || []) {
+      const tr = node("tr"); tr.dataset.commit = String(r.commit || "");
+      tr.appendChild(node("td", when(r.at)));
+      const commit = node("td", String(r.commit || "").slice(0, 12), "mono"); commit.title = r.commit || "";
+      tr.appendChild(commit);
+      tr.appendChild(node("td", r.code || "–", "mono"));
+      tr.appendChild(node("td", r.release === null || r.release === undefined ? "–" : String(r.release)));
+      tr.appendChild(node("td", r.reason || ""));
+      refused.appendChild(tr);
+    }
+    if (!refused.firstChild) emptyRow(refused, "no head refused", 5);
     if (!rollouts.ok && rollouts.status !== 404) throw new Error(explain(rollouts));
   }
   function initReleases() {
