@@ -6,7 +6,7 @@ and, for an apply that failed, when it may be retried. The rule (``docs/agent-co
 
 * the same failure (outcome and reason) for the same commit is reported once; later ones only
   raise ``repeat_count`` and ``last_seen`` in the status;
-* a release that failed its health check (``rolled_back``) is held: not applied again to this
+* a release that failed its health check (``rolled_back`` by a check) is held: not applied again to this
   device until the target moves to another commit, the fleet server assigns that commit anew, or
   the operator asks for it (``edge-agent sync --want COMMIT``);
 * a release whose apply failed (``failed``) is retried after a capped exponential delay
@@ -46,6 +46,7 @@ class Failure:
     first_seen: float
     last_seen: float
     retry_at: float | None = None
+    health_failed: bool = False
 
     def same(self, result: SyncResult) -> bool:
         """True when ``result`` is this failure again: same outcome, commit and reason."""
@@ -91,7 +92,7 @@ def note(state: StateDB, result: SyncResult, now: datetime, *, base: float, cap:
         retry = at + ceiling(base, cap, 0) if result.outcome == "failed" else None
         record = Failure(outcome=result.outcome, commit=result.commit, release=result.version,
                          reason=result.reason, step=result.step, count=1, first_seen=at, last_seen=at,
-                         retry_at=retry)
+                         retry_at=retry, health_failed=result.health_failed)
     state.set_meta(META_FAILURE, json.dumps(asdict(record), sort_keys=True))
     return record
 
@@ -107,6 +108,8 @@ def held(state: StateDB, commit: str, source: str, now: datetime) -> Failure | N
     last = load(state)
     if last is None or last.commit != commit or last.outcome not in _HELD:
         return None
+    if last.outcome == "rolled_back" and not last.health_failed:
+        return None  # a change that failed (a full disk, say) is tried again at the next sync
     if last.outcome == "failed" and (last.retry_at is None or now.timestamp() >= last.retry_at):
         return None
     return last

@@ -18,7 +18,8 @@ class SyncResult:
 
     ``repeat_count`` is how many syncs in a row ended with this same failure for this same commit
     (1: the first, which is the one reported as an event); ``held`` is True when the release was not
-    applied again because it already failed here (see ``docs/agent-config.md``).
+    applied again because it already failed here (see ``docs/agent-config.md``);
+    ``health_failed`` is True when it was rolled back because a health check failed.
     """
 
     outcome: str
@@ -29,6 +30,7 @@ class SyncResult:
     changes: int = 0
     repeat_count: int = 0
     held: bool = False
+    health_failed: bool = False
 
 
 @dataclass(frozen=True)

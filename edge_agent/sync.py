@@ -98,7 +98,8 @@ def _steps(rt: Runtime, target: selection.Target, now: datetime, cache: SyncCach
             return SyncResult("paused", version, commit, reason=f"paused: {paused}"), same
         hold = repeats.held(rt.state, commit, target.source, now)
         if hold is not None:
-            held = SyncResult(hold.outcome, version, commit, reason=hold.reason, step=hold.step, held=True)
+            held = SyncResult(hold.outcome, version, commit, reason=hold.reason, step=hold.step, held=True,
+                              health_failed=hold.health_failed)
             return held, True
         return _select_plan_apply(rt, verified, now, cache, same=same)
 
@@ -134,5 +135,7 @@ def apply_prepared(rt: Runtime, prepared: Prepared, *, version: int, commit: str
                          version=version, commit=commit, managed=prepared.managed,
                          run_checks=lambda: run_checks(prepared.desired.checks, rt.runner, rt.config.root,
                                                        ctx.command_env))
+    health = outcome.status == "rolled_back" and (outcome.step == "health checks"
+                                                   or any(not c.ok for c in outcome.checks))
     return SyncResult(outcome.status, version, commit, reason=outcome.reason, step=outcome.step,
-                      changes=outcome.changes)
+                      changes=outcome.changes, health_failed=health)

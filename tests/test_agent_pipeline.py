@@ -259,3 +259,14 @@ def test_the_status_refuses_a_bad_repeat_field(field: str, value: Any) -> None:
     msg[field] = value
     with pytest.raises(MessageError):
         messages.decode("status", messages.encode(msg), topic_device="dev-1")
+
+
+def test_a_release_whose_change_failed_is_tried_again(device: Device) -> None:
+    device.publish([MOTD, {"kind": "command", "name": "boom", "run": ["false"]}])
+    first = device.sync()
+    assert first.outcome == "rolled_back"
+    assert not first.health_failed
+    second = device.sync()
+    assert (second.outcome, second.held, second.repeat_count) == ("rolled_back", False, 2)
+    assert len(device.events("sync_started")) == 2
+    assert len(device.events("sync_rolled_back")) == 1
