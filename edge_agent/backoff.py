@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["Backoff"]
+__all__ = ["Backoff", "ceiling"]
+
+
+def ceiling(base: float, cap: float, attempt: int) -> float:
+    """Return the delay ceiling of retry number ``attempt`` (from 0): ``min(cap, base * 2**attempt)``."""
+    # 2**attempt overflows a float near attempt 1024; the cap is reached long before that.
+    return min(cap, base * 2.0 ** min(max(attempt, 0), 1023))
 
 
 class Backoff:
@@ -42,9 +48,7 @@ class Backoff:
 
     def ceiling(self) -> float:
         """Return the upper bound of the next delay: ``min(cap, base * 2**attempt)``."""
-        # 2**attempt overflows a float near attempt 1024; the cap is reached long before that.
-        exponent = min(self._attempt, 1023)
-        return min(self._cap, self._base * 2.0**exponent)
+        return ceiling(self._base, self._cap, self._attempt)
 
     def next_delay(self) -> float:
         """Return the next delay in seconds (drawn with full jitter) and count the attempt."""

@@ -19,7 +19,10 @@ UTC, ``Z``) and, except the two broadcasts, ``device``. Device reports carry the
 carry the ``revision`` (a commit) and ``release`` to run. The ``status`` may also carry the device's
 ``labels`` (at most :data:`MAX_LABELS`, keys matching :data:`LABEL_KEY_RE`, values strings of at most
 :data:`MAX_LABEL_VALUE` characters) and ``profile`` (matching :data:`PROFILE_RE`); both are optional,
-so a status from an agent that does not send them stays valid.
+so a status from an agent that does not send them stays valid. While its last sync failed, a status
+may carry ``repeat_count`` (how many syncs in a row ended with that same failure for that same
+commit, an integer from 1) and ``last_seen`` (when the last of them ended, RFC 3339); both are
+optional too, so older agents and servers agree.
 
 :func:`decode` is what a receiver calls on untrusted bytes: the size cap is checked first, then
 JSON, the schema version, the device id against the topic's device (spoofing), and every field's
@@ -235,6 +238,10 @@ def _release(v: Any) -> bool:
     return _is_int(v) and v >= 0
 
 
+def _repeat_count(v: Any) -> bool:
+    return _is_int(v) and v >= 1
+
+
 def _ts(v: Any) -> bool:
     if not isinstance(v, str) or not _TS_RE.match(v):
         return False
@@ -321,7 +328,7 @@ _SCHEMAS: dict[str, dict[str, _Check]] = {
     "baseline": {**_COMMON, "revision": _commit, "release": _release},
 }
 _OPTIONAL: dict[str, dict[str, _Check]] = {
-    "status": {"labels": _labels, "profile": _profile},
+    "status": {"labels": _labels, "profile": _profile, "repeat_count": _repeat_count, "last_seen": _ts},
 }
 
 
@@ -374,7 +381,9 @@ def _base(device: str | None, ts: datetime | float) -> dict[str, Any]:
 
 def status_message(device: str, *, commit: str | None, release: int | None, sync_state: str,
                    drift: dict[str, Any], paused: bool, ts: datetime | float,
-                   labels: Mapping[str, str] | None = None, profile: str | None = None) -> dict[str, Any]:
+                   labels: Mapping[str, str] | None = None, profile: str | None = None,
+                   repeat_count: int | None = None,
+                   last_seen: datetime | float | None = None) -> dict[str, Any]:
     """Build the retained ``status`` message: what the device runs and how its last sync went.
 
     ``labels`` and ``profile`` are the device's own (from its ``agent.yaml``); each is left out of
@@ -389,6 +398,10 @@ def status_message(device: str, *, commit: str | None, release: int | None, sync
         msg["labels"] = dict(labels)
     if profile is not None:
         msg["profile"] = profile
+    if repeat_count is not None:
+        msg["repeat_count"] = repeat_count
+    if last_seen is not None:
+        msg["last_seen"] = format_ts(last_seen)
     return validate("status", msg)
 
 

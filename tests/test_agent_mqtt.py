@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from edge_agent import reporter
 from edge_agent.agent import check_drift, pause, resume, sync_once
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.daemon import Daemon
+from edge_agent.report import build as reporter
 from edge_agent.state import StateDB
 from edge_core import messages
 from tests.support.broker import Mosquitto, Subscriber, publish

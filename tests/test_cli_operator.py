@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import reporter
+from edge_agent.report import build as reporter
 from edge_core.durations import parse_cli_seconds, parse_seconds
 from edge_core.trust.manifest import MANIFEST_PATH, MAX_MESSAGE_CHARS, parse_time
 from fleet_server import fleetctl

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from nacl.signing import SigningKey
 
-import edge_agent.agent as agent_module
+import edge_agent.verification as verification_module
 import fleet_server.releases as releases_module
 from edge_agent.agent import SyncCache, sync_once
 from edge_agent.config import load_config
@@ -174,7 +174,7 @@ def _through_agent(tmp: Path, mirror: Path, case: Case, monkeypatch: pytest.Monk
         db.raise_floor(case.floor)
         db.close()
     spy = Spy()
-    monkeypatch.setattr(agent_module, "verify_tree", spy)
+    monkeypatch.setattr(verification_module, "verify_tree", spy)
     result = sync_once(config)
     if result.outcome == "refused":
         assert len(spy.raised) == 1

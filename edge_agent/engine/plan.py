@@ -108,13 +108,16 @@ def _changed_watched(watch: Iterable[str], changed: Sequence[Resource]) -> list[
     return [res for res in changed if any(_watch_matches(w, res) for w in watch)]
 
 
-def make_plan(desired: DesiredState, managed: Mapping[str, Managed], ctx: Context) -> Plan:
+def make_plan(desired: DesiredState, managed: Mapping[str, Managed], ctx: Context, *,
+              probe: bool = True) -> Plan:
     """Observe every desired resource and plan the changes that bring the device in line.
 
     Args:
         desired: the release's resources and payloads for this device.
         managed: the resources the agent manages now (from the state database), by id.
         ctx: the driver context (its payloads must be those of ``desired``).
+        probe: probe the drivers in use first (False: the caller already did, see
+            :mod:`edge_agent.planning`).
 
     Returns:
         The plan. When a driver in use cannot work here, a plan with only ``unavailable`` set.
@@ -126,7 +129,7 @@ def make_plan(desired: DesiredState, managed: Mapping[str, Managed], ctx: Contex
     desired_ids = {res.id for res in desired.resources}
     dropped = [m for rid, m in managed.items() if rid not in desired_ids]
     kinds = {res.kind for res in desired.resources} | {m.kind for m in dropped}
-    unavailable = probe_kinds(kinds, ctx)
+    unavailable = probe_kinds(kinds, ctx) if probe else {}
     if unavailable:
         return Plan(unavailable=dict(unavailable))
 

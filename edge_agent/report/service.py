@@ -1,6 +1,6 @@
 """The daemon's MQTT side: one broker link and one outbox sender, started and stopped together.
 
-Kept apart from :mod:`edge_agent.reporter` (the report builders) so that one-shot commands
+Kept apart from :mod:`edge_agent.report.build` (the report builders) so that one-shot commands
 (`edge-agent sync`, `plan`, `status`) never load paho and its TLS stack: only `edge-agent run`
 with an ``mqtt`` section pays for them.
 """

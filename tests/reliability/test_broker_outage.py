@@ -1,7 +1,7 @@
 """Broker outage under load: 50 devices report numbered events while Mosquitto is down for 30 s.
 
 Each device is the agent's real reporting stack: a state database (SQLite file) whose outbox
-takes every report first (``reporter.queue_report``), an :class:`MqttLink` (persistent session,
+takes every report first (``report.build.queue_report``), an :class:`MqttLink` (persistent session,
 jittered reconnect) and an :class:`OutboxSender` draining the outbox in its own thread. 25 devices
 live in each of two forked processes; every device queues 5 events a second, each carrying its
 sequence number. On the other side the fleet server's real :class:`Ingestor` and :class:`Store`.
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_agent.report.build import queue_report
 from edge_agent.report.mqtt import MqttLink, MqttSettings
 from edge_agent.report.outbox import OutboxSender
-from edge_agent.reporter import queue_report
 from edge_agent.state import StateDB
 from edge_core import messages
 from fleet_server.config import parse_server_config

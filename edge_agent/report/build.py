@@ -1,6 +1,4 @@
-"""Every report the agent sends, and the daemon's MQTT link with its outbox sender.
-
-Two halves:
+"""Every report the agent sends, built and queued in the outbox (the builders of the report package).
 
 * **Builders** (pure, data and time in, a validated message out): :func:`sync_event` maps a sync
   outcome to its event, :func:`started_event`, :func:`drift_event`, :func:`pause_event`,
@@ -8,12 +6,8 @@ Two halves:
   :mod:`edge_core.messages`, so the fleet server's decoder accepts what the device sends.
   :func:`queue_report` encodes a message and writes it to the outbox (the state database) with
   the QoS, retain flag and outbox class of its kind; nothing is ever sent without being queued
-  first.
-* **The link** (:class:`Reporter`): for ``edge-agent run`` with an ``mqtt`` section. It owns one
-  :class:`~edge_agent.report.mqtt.MqttLink` and one
-  :class:`~edge_agent.report.outbox.OutboxSender` draining the outbox in its own thread, hands
-  valid ``desired`` messages and broadcast nudges to the daemon, and stops cleanly (a bounded last
-  drain, then ``online=false``).
+  first. Sending is :mod:`edge_agent.report.service`'s job; recording is
+  :mod:`edge_agent.report.record`'s.
 
 Outcome to event type: ``applied``/``noop`` -> ``sync_succeeded`` (``detail.outcome`` says which,
 ``detail.changes`` how many changes), ``refused`` -> ``sync_refused``, ``rolled_back`` ->
@@ -167,9 +161,11 @@ def recovery_event(device: str, *, status: str, reason: str | None, commit: str 
 
 def status_report(device: str, *, commit: str | None, release: int | None, sync_state: str,
                   drift: Mapping[str, Any], paused: bool, ts: Ts, labels: Mapping[str, str] | None = None,
-                  profile: str | None = None) -> dict[str, Any]:
+                  profile: str | None = None, repeat_count: int | None = None,
+                  last_seen: Ts | None = None) -> dict[str, Any]:
     """Return the retained status: the installed release, the sync state, the drift summary, paused, and
-    the device's ``labels`` and ``profile`` (from ``agent.yaml``; each left out when None).
+    the device's ``labels`` and ``profile`` (from ``agent.yaml``; each left out when None); while the
+    last sync failed, how many syncs in a row failed the same way and when the last one did.
 
     Labels outside the message's bounds (more than ``messages.MAX_LABELS``, a value longer than
     ``messages.MAX_LABEL_VALUE``) are left out with a warning rather than failing the report: the
@@ -186,7 +182,7 @@ def status_report(device: str, *, commit: str | None, release: int | None, sync_
             log.warning("the status of %s leaves out its labels: %s", device, exc)
     return messages.status_message(device, commit=commit, release=release, sync_state=sync_state,
                                    drift=dict(drift), paused=paused, ts=ts, labels=sent_labels,
-                                   profile=profile)
+                                   profile=profile, repeat_count=repeat_count, last_seen=last_seen)
 
 
 def _check_dict(result: CheckResult) -> dict[str, Any]:
