@@ -67,12 +67,15 @@ def test_releases_page_lists_history_signers_and_rollouts(rollout_site: RolloutS
     assert OLD_COMMIT[:12] in page.inner_text("#release-table tr[data-release='6']")
     assert page.inner_text("#refused-table tbody") == "no head refused"
     # a head the Git watcher refused (as it records one) is listed below, as text
-    site.store.add_audit("git-watcher", "release_refused", "f" * 40, "release 5 is older than release 8 <b>x</b>",
-                         {"code": "rollback", "release": 5}, now=time.time())
+    site.store.add_audit("git-watcher", "release_refused", "f" * 40,
+                         "release 5 is older than release 8 <b>x</b>", {"code": "rollback", "release": 5},
+                         now=time.time())
     page.reload()
     page.wait_for_selector(f"#refused-table tr[data-commit='{'f' * 40}']", timeout=WAIT_MS)
     refused = page.inner_text(f"#refused-table tr[data-commit='{'f' * 40}']")
-    assert "rollback" in refused and "ffffffffffff" in refused and "<b>x</b>" in refused
+    assert "rollback" in refused
+    assert "ffffffffffff" in refused
+    assert "<b>x</b>" in refused
     # read-only without a token: no start button
     assert page.locator("button.start").count() == 0
     page.locator(f"#release-table [data-rollout='{rid}'] a").click()
