@@ -21,21 +21,13 @@ from edge_agent.config import AgentConfig, load_config
 from edge_agent.daemon import Daemon
 from edge_agent.state import StateDB
 from edge_core import messages
+from tests.support.agent_fleet import AgentFleet, base_release
 from tests.support.broker import Mosquitto, Subscriber, publish
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, base_release
+from tests.support.wait import wait_until
 
 DEVICE = "dev-1"
 PREFIX = "fleet/v1"
 ALL = f"{PREFIX}/{DEVICE}/#"
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 @pytest.fixture
@@ -107,14 +99,6 @@ def outbox_count(fleet: AgentFleet) -> int:
     finally:
         db.close()
 
-
-def wait_until(cond: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def publish_desired(port: int, revision: str, release: int) -> None:

@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,14 +188,6 @@ def site(tmp_path: Path, browser: Any) -> Iterator[Site]:
         yield Site(url, store, browser, shots)
     store.close()
 
-
-def wait_until(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``check`` every 50 ms until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_js(page: Any, expression: str, *, timeout: int = WAIT_MS) -> None:

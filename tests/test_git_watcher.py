@@ -23,9 +23,9 @@ from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher, PollOutcome
 from fleet_server.signing import sign_release
 from fleet_server.store import Store
+from tests.support.api_server import serve_app
 from tests.support.gitrepo import WorkRepo, git, make_bare
 from tests.support.mirror import GitDaemon
-from tests.test_api import serve_app
 
 HOOK_SECRET = b"hook-secret-for-tests"
 WAIT_S = 15.0
