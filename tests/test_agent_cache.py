@@ -3,23 +3,10 @@ floor and a new commit are always honoured."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-
-import pytest
 
 from edge_agent.agent import SyncCache, sync_once
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, base_release
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
+from tests.support.agent_fleet import AgentFleet, base_release
 
 
 def test_cached_noop_still_corrects_drift_and_honours_expiry(fleet: AgentFleet) -> None:

@@ -25,8 +25,8 @@ import yaml
 
 from edge_agent.agent import plan_only, status, sync_once
 from edge_agent.config import AgentConfig, load_config
+from tests.support.agent_fleet import AgentFleet, bundle, snapshot
 from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, bundle, snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -21,21 +21,13 @@ from edge_agent.daemon import Daemon
 from edge_agent.report import build as reporter
 from edge_agent.state import StateDB
 from edge_core import messages
+from tests.support.agent_fleet import AgentFleet, base_release
 from tests.support.broker import Mosquitto, Subscriber, publish
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, base_release
+from tests.support.wait import wait_until
 
 DEVICE = "dev-1"
 PREFIX = "fleet/v1"
 ALL = f"{PREFIX}/{DEVICE}/#"
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 @pytest.fixture
@@ -108,14 +100,6 @@ def outbox_count(fleet: AgentFleet) -> int:
         db.close()
 
 
-def wait_until(cond: Callable[[], bool], what: str, limit: float = 15.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def publish_desired(port: int, revision: str, release: int) -> None:
     msg = messages.desired_message(DEVICE, revision=revision, release=release, rollout_id="r-1",
@@ -175,7 +159,7 @@ def test_status_report_carries_labels_and_leaves_out_labels_beyond_the_bounds(
     assert (msg["labels"], msg["profile"]) == ({"site": "north"}, "rpi4")
     assert "labels" not in reporter.status_report(DEVICE, **common)
     too_many = {f"k{i}": "v" for i in range(messages.MAX_LABELS + 1)}
-    with caplog.at_level("WARNING", logger="edge_agent.reporter"):
+    with caplog.at_level("WARNING", logger="edge_agent.report.build"):
         msg = reporter.status_report(DEVICE, **common, labels=too_many, profile="rpi4")
     assert "labels" not in msg  # the server keeps the labels it has; the status still goes out
     assert msg["profile"] == "rpi4"

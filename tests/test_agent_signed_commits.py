@@ -4,31 +4,20 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
 from edge_agent.agent import sync_once
 from edge_agent.config import load_config
+from tests.support.agent_fleet import AgentFleet, base_release
 from tests.support.gitrepo import git
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, base_release
 
 
 def ssh_key(path: Path) -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
                    check=True, capture_output=True)
     return path.with_name(path.name + ".pub")
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 def sign_commits_with(fleet: AgentFleet, public_key: Path | None) -> None:

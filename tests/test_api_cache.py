@@ -4,13 +4,13 @@ background, never stale forever. A controlled clock; the refresh is the real thr
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 
 from fleet_server.api.cache import CachedRead
 from fleet_server.errors import StoreError
+from tests.support.wait import wait_until
 
 
 class Counter:
@@ -30,12 +30,6 @@ class Counter:
         return {"n": self.calls}
 
 
-def wait_for(check: Any, what: str) -> None:
-    deadline = time.monotonic() + 10.0
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
 
 def test_a_copy_is_served_then_refreshed_in_the_background() -> None:
     now = [1000.0]
@@ -50,7 +44,7 @@ def test_a_copy_is_served_then_refreshed_in_the_background() -> None:
     assert cache.get() == {"n": 1, "as_of": 1000.0}  # the old copy, at once
     assert cache.get()["n"] == 1  # one refresh at a time
     read.gate.set()
-    wait_for(lambda: cache.get()["n"] == 2, "the background refresh")
+    wait_until(lambda: cache.get()["n"] == 2, "the background refresh", 10.0, 0.01)
     assert cache.get() == {"n": 2, "as_of": 1003.0}
     assert read.calls == 2
 

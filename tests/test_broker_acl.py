@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import stat
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from edge_agent.report.mqtt import MqttLink, MqttSettings
 from edge_core import messages as m
 from fleet_server.broker_config import acl_text, read_device_ids
-from fleet_server.cli import broker as broker_cli
 from fleet_server.errors import UsageError
 from tests.support.broker import Mosquitto, Subscriber, publish
+from tests.support.broker_files import fleetctl, generate_broker_files, password_of
 from tests.support.mirror import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,31 +21,8 @@ pytestmark = pytest.mark.timeout(60)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _fleetctl(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fleetctl")
-    broker_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
-def _generate(tmp_path: Path, port: int, capsys: pytest.CaptureFixture[str]) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path / "broker-files"
-    listing = tmp_path / "devices.txt"
-    listing.write_text("# the fleet\ndev-b\n\ndev-c  # spare\n", encoding="utf-8")
-    assert _fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", str(listing),
-                      "--server-user", "fleet-server", "--server-user", "fleet-tool",
-                      "--port", str(port), "--bind", "127.0.0.1", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    return out, summary
-
-
-def _password(out: Path, user: str) -> str:
-    return (out / "credentials" / f"{user}.password").read_text(encoding="utf-8").strip()
-
-
 def test_generated_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out, summary = _generate(tmp_path, 1883, capsys)
+    out, summary = generate_broker_files(tmp_path, 1883, capsys)
     assert summary["devices"] == 3
     assert summary["created"] == ["fleet-server", "fleet-tool", "dev-a", "dev-b", "dev-c"]
     passwd = (out / "passwd").read_text(encoding="utf-8").splitlines()
@@ -55,7 +30,7 @@ def test_generated_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
                                                           "dev-c"]
     assert all(line.split(":", 1)[1].startswith("$7$") for line in passwd)
     for user in ("fleet-server", "dev-a"):
-        secret = _password(out, user)
+        secret = password_of(out, user)
         assert len(secret) >= 24
         assert secret not in (out / "passwd").read_text(encoding="utf-8")
         assert stat.S_IMODE((out / "credentials" / f"{user}.password").stat().st_mode) == 0o600
@@ -70,16 +45,16 @@ def test_generated_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "topic read fleet/v1/dev-a/desired" in acl
 
     # a second run for one more device keeps everyone's password; --rotate changes them
-    before = _password(out, "dev-a")
-    assert _fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "dev-d", "--json"]) == 0
+    before = password_of(out, "dev-a")
+    assert fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "dev-d", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["created"] == ["dev-d"]
-    assert _password(out, "dev-a") == before
-    assert _fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "--rotate"]) == 0
-    assert _password(out, "dev-a") != before
+    assert password_of(out, "dev-a") == before
+    assert fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "--rotate"]) == 0
+    assert password_of(out, "dev-a") != before
     assert "persistence_location /var/lib/mosquitto/" in (out / "mosquitto.conf").read_text().splitlines()
     # --data-dir names where the broker keeps its database
     data = tmp_path / "data"
-    assert _fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "--data-dir", str(data)]) == 0
+    assert fleetctl(["broker-config", "--out", str(out), "--devices", "dev-a", "--data-dir", str(data)]) == 0
     assert f"persistence_location {data}/" in (out / "mosquitto.conf").read_text().splitlines()
 
 
@@ -92,7 +67,7 @@ def test_invalid_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         acl_text(["dev-a"], prefix="fleet/#", server_users=["fleet-server"])
     with pytest.raises(UsageError):
-        _fleetctl(["broker-config", "--out", str(tmp_path), "--devices", "fleet-server"])
+        fleetctl(["broker-config", "--out", str(tmp_path), "--devices", "fleet-server"])
     assert not (tmp_path / "passwd").exists()
 
 
@@ -104,11 +79,11 @@ def _status(device: str) -> bytes:
 def test_the_broker_keeps_each_device_in_its_own_topics(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
-    out, _ = _generate(tmp_path, port, capsys)
-    server_pw = _password(out, "fleet-server")
+    out, _ = generate_broker_files(tmp_path, port, capsys)
+    server_pw = password_of(out, "fleet-server")
     # the server's subscriber stays connected as fleet-server; what the server publishes goes through
     # a second server user (the user name is the client id: one connection each)
-    tool_pw = _password(out, "fleet-tool")
+    tool_pw = password_of(out, "fleet-tool")
     conf = (out / "mosquitto.conf").read_text(encoding="utf-8")
     with Mosquitto(tmp_path / "mosquitto", port=port, base_config=conf) as broker:
         # no anonymous clients, no wrong passwords
@@ -118,12 +93,12 @@ def test_the_broker_keeps_each_device_in_its_own_topics(tmp_path: Path,
         with Subscriber(port, ["fleet/v1/#"], client_id="fleet-server", user="fleet-server",
                         password=server_pw) as server, \
              Subscriber(port, ["fleet/v1/dev-b/desired"], client_id="dev-b", user="dev-b",
-                        password=_password(out, "dev-b")) as dev_b:
+                        password=password_of(out, "dev-b")) as dev_b:
             assert server.wait_subscribed(1) == [1]
             assert dev_b.wait_subscribed(1) == [1]
 
             link = MqttLink(MqttSettings(host="127.0.0.1", port=port, device_id="dev-a", username="dev-a",
-                                         password=_password(out, "dev-a"), reconnect_min=0.1,
+                                         password=password_of(out, "dev-a"), reconnect_min=0.1,
                                          reconnect_max=0.5))
             link.start()
             try:
@@ -151,7 +126,7 @@ def test_the_broker_keeps_each_device_in_its_own_topics(tmp_path: Path,
 
             # dev-a cannot read dev-b's desired; the server can write it and dev-b reads it
             with Subscriber(port, ["fleet/v1/dev-b/desired", "fleet/v1/dev-a/desired"], client_id="dev-a",
-                            user="dev-a", password=_password(out, "dev-a")) as dev_a:
+                            user="dev-a", password=password_of(out, "dev-a")) as dev_a:
                 dev_a.wait_subscribed(2)
                 for device in ("dev-b", "dev-a"):
                     desired = m.encode(m.desired_message(device, revision=COMMIT, release=2, rollout_id=None,
@@ -166,7 +141,7 @@ def test_the_broker_keeps_each_device_in_its_own_topics(tmp_path: Path,
             # a device cannot write another device's desired (or the nudge); the server can nudge.
             # Mosquitto handles one message at a time: the server's nudge, sent after the device's
             # attempt was acknowledged, reaches the subscribers after anything that attempt produced.
-            publish(port, "fleet/v1/dev-b/desired", b"{}", user="dev-a", password=_password(out, "dev-a"))
+            publish(port, "fleet/v1/dev-b/desired", b"{}", user="dev-a", password=password_of(out, "dev-a"))
             nudge = m.encode(m.nudge_message(revision=COMMIT, release=3, ts=3.0))
             assert publish(port, "fleet/v1/_broadcast/nudge", nudge, user="fleet-tool",
                            password=tool_pw).returncode == 0

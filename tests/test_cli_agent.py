@@ -21,21 +21,13 @@ from edge_agent.agent import status
 from edge_agent.cli import main
 from edge_agent.daemon import Daemon
 from edge_core.logs import JsonFormatter, log_context, setup_logging
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, base_release
+from tests.support.agent_fleet import AgentFleet, base_release
+from tests.support.wait import wait_until
 
 
 def agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 @pytest.fixture(autouse=True)
@@ -163,23 +155,17 @@ def test_daemon_syncs_on_nudge_and_corrects_drift(fleet: AgentFleet) -> None:
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
     try:
-        def wait_for(cond: object, what: str, limit: float = 30.0) -> None:
-            deadline = time.monotonic() + limit
-            while time.monotonic() < deadline:
-                if cond():  # type: ignore[operator]
-                    return
-                time.sleep(0.05)
-            raise AssertionError(f"timed out waiting for {what}")
-
-        wait_for(lambda: daemon.last_result is not None and daemon.last_result.outcome == "applied", "sync 1")
+        wait_until(lambda: daemon.last_result is not None and daemon.last_result.outcome == "applied",
+                   "sync 1", 30.0)
         fleet.publish({"bundles/app/files/app.conf": "listen = 2\n"})
         daemon.request_sync()
-        wait_for(lambda: daemon.last_result is not None and daemon.last_result.version == 2, "nudged sync")
+        wait_until(lambda: daemon.last_result is not None and daemon.last_result.version == 2,
+                   "nudged sync", 30.0)
         assert (fleet.root / "etc/app/app.conf").read_text() == "listen = 2\n"
         (fleet.root / "etc/motd").write_text("drifted\n")
         # The check counts itself after it has rewritten the file: wait for both, not one then the other.
-        wait_for(lambda: (fleet.root / "etc/motd").read_text() == "managed by edge-fleet\n"
-                 and daemon.drift_checks >= 1, "drift fix")
+        wait_until(lambda: (fleet.root / "etc/motd").read_text() == "managed by edge-fleet\n"
+                   and daemon.drift_checks >= 1, "drift fix", 30.0)
     finally:
         stop.set()
         thread.join(timeout=30)

@@ -15,8 +15,8 @@ import pytest
 from fleet_server import fleetctl
 from fleet_server.cli.credentials import config_path, resolve_client
 from fleet_server.errors import UsageError
+from tests.support.api_server import READER, Api, running_api
 from tests.support.mirror import free_port
-from tests.test_api import READER, Api, running_api
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 from fleet_server import fleetctl
 from fleet_server.cli.devices import server_url
 from fleet_server.errors import UsageError
+from tests.support.api_server import ADMIN, READER, Api, running_api
 from tests.support.mirror import free_port
-from tests.test_api import ADMIN, READER, Api, running_api
 
 
 @pytest.fixture(scope="module")

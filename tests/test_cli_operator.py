@@ -23,8 +23,8 @@ from fleet_server.authoring.manifest import read_unverified
 from fleet_server.cli.devices import SYNC_STATES
 from fleet_server.cli.release import NO_LINT_NOTE
 from fleet_server.extras import exit_without_server_extras
+from tests.support.api_server import COMMIT, READER, Api, running_api
 from tests.support.mirror import free_port
-from tests.test_api import COMMIT, READER, Api, running_api
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,229 +9,36 @@ every page it opened is saved as ``shots/failed-<n>.png`` in its temporary direc
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from edge_core.messages import event_message, health_message, online_message, status_message
+from edge_core.messages import status_message
 from fleet_server.api import ApiActions, create_app, dashboard
 from fleet_server.api.dashboard import CONTENT_SECURITY_POLICY
-from fleet_server.config import GitConfig, HttpConfig, ServerConfig
+from fleet_server.config import GitConfig, ServerConfig
 from fleet_server.metrics import ServerMetrics
-from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import IngestBatch, Store
-from tests.support.mirror import free_port
-
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
-    pytest.mark.timeout(120),
-]
-
-ADMIN = "dashboard-admin-token"
-READER = "dashboard-read-token"
-COMMIT = "d" * 40
-OLD_COMMIT = "a" * 40
-DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
-WAIT_MS = 30_000  # bounded waits for the page; generous for a loaded CI machine
-
-# id, labels, sync state, online, drifted resources
-FLEET: tuple[tuple[str, dict[str, str], str, bool, tuple[str, ...]], ...] = (
-    ("cam-01", {"site": "north", "canary": "true", "class": "camera"}, "in_sync", True, ()),
-    ("cam-02", {"site": "north", "class": "camera"}, "in_sync", True, ()),
-    ("cam-03", {"site": "north", "class": "camera"}, "drifted", True, ("file:/etc/motion.conf",)),
-    ("cam-04", {"site": "south", "class": "camera"}, "failed", True, ()),
-    ("cam-05", {"site": "south", "class": "camera"}, "in_sync", False, ()),
-    ("gw-01", {"site": "north", "canary": "true", "class": "gateway"}, "in_sync", True, ()),
-    ("gw-02", {"site": "south", "class": "gateway"}, "in_sync", True, ()),
-    ("gw-03", {"site": "south", "class": "gateway"}, "rolled_back", False, ()),
-    ("sensor-01", {"site": "east", "class": "sensor"}, "in_sync", True, ()),
-    ("sensor-02", {"site": "east", "class": "sensor"}, "in_sync", True, ()),
+from tests.support.dashboard_site import (
+    ADMIN,
+    COMMIT,
+    FLEET,
+    HEALTH_SAMPLES,
+    READER,
+    WAIT_MS,
+    RolloutSite,
+    Site,
+    chart_samples,
+    fill_fleet,
+    serve,
+    server_config,
+    table_devices,
+    wait_js,
+    wave_meta,
 )
-HEALTH_STEP = 300.0
-HEALTH_SAMPLES = 36  # three hours, one sample every five minutes
-
-
-def fill_fleet(store: Store) -> None:
-    """Register the test fleet and ingest its status, online state, events and health history."""
-    now = time.time()  # at fill time, not import time: the suite may run long before this test
-    batch = IngestBatch()
-    for device, labels, state, online, drifted in FLEET:
-        store.register_device(device, labels=labels, profile="rpi4", now=now - 7200)
-        drift = {"count": len(drifted), "corrected": False, "resources": list(drifted)}
-        batch.add("status", status_message(device, commit=COMMIT, release=7, sync_state=state, drift=drift,
-                                           paused=False, ts=now - 120), now - 119)
-        batch.add("online", online_message(device, online, now - 100), now - 99)
-        batch.add("events", event_message(device, type="sync_started", commit=COMMIT, release=7,
-                                          ts=now - 200), now - 199)
-        outcome = {"failed": "sync_failed", "rolled_back": "sync_rolled_back"}.get(state, "sync_succeeded")
-        batch.add("events", event_message(device, type=outcome, commit=COMMIT, release=7, ts=now - 150,
-                                          reason="health check nginx failed" if outcome != "sync_succeeded"
-                                          else None), now - 149)
-    for i in range(HEALTH_SAMPLES):
-        ts = now - (HEALTH_SAMPLES - i) * HEALTH_STEP
-        metrics = {"cpu_percent": round(35 + 25 * math.sin(i / 4), 1), "memory_percent": 40 + i * 0.8,
-                   "disk": {"/": {"total": 32e9, "free": 12e9, "percent_free": 37.5 - i * 0.2}}}
-        batch.add("health", health_message("cam-01", commit=COMMIT, release=7, ts=ts, metrics=metrics,
-                                           checks=[{"name": "motion", "ok": True}]), ts + 1)
-    batch.add("events", event_message("cam-03", type="drift_detected", commit=COMMIT, release=7, ts=now - 60,
-                                      detail={"count": 1, "corrected": False,
-                                              "resources": ["file:/etc/motion.conf"], "mode": "audit"}),
-              now - 59)
-    store.apply_batch(batch)
-    store.record_release(6, OLD_COMMIT, ["ed25519:key"], now - 90000, committed_at=now - 90100)
-    store.record_release(7, COMMIT, ["ed25519:key"], now - 3000, committed_at=now - 3100)
-
-
-def server_config(tmp_path: Path, *, read_token: bool = False) -> ServerConfig:
-    """A configuration with an admin token (and a read token when asked) in 0600 files."""
-    admin = tmp_path / "admin.token"
-    admin.write_text(ADMIN + "\n")
-    admin.chmod(0o600)
-    read = None
-    if read_token:
-        read = tmp_path / "read.token"
-        read.write_text(READER + "\n")
-        read.chmod(0o600)
-    return ServerConfig(http=HttpConfig(admin_token_file=admin, read_token_file=read),
-                        git=GitConfig(url="git://127.0.0.1/fleet.git", cache_dir=tmp_path / "cache"))
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10.0
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10.0)
-
-
-@dataclass
-class Site:
-    """A running fleet server and a browser pointed at it."""
-
-    url: str
-    store: Store
-    browser: Any
-    shots: Path
-    console: list[str] = field(default_factory=list)
-    opened: list[Any] = field(default_factory=list)
-
-    def page(self, path: str, *, token: str | None = None) -> Any:
-        """Open ``path`` in a fresh browser context (its own sessionStorage), recording console errors."""
-        context = self.browser.new_context(viewport={"width": 1360, "height": 900})
-        page = context.new_page()
-        page.on("console", lambda msg: self.console.append(f"{msg.type}: {msg.text}") if msg.type == "error"
-                else None)
-        page.on("pageerror", lambda exc: self.console.append(f"pageerror: {exc}"))
-        if token is not None:
-            page.add_init_script(f"window.sessionStorage.setItem('edge-fleet.token', {token!r});")
-        self.opened.append(page)
-        page.goto(self.url + path)
-        return page
-
-    def screenshots_on_failure(self, request: pytest.FixtureRequest, failed_before: int) -> None:
-        """When the test failed (its count of failures rose), save every page it opened as
-        ``shots/failed-<n>.png`` in its temporary directory."""
-        if request.session.testsfailed <= failed_before:
-            return
-        for n, page in enumerate(self.opened):
-            with contextlib.suppress(Exception):  # a page already closed has nothing to show
-                page.screenshot(path=str(self.shots / f"failed-{n}.png"), full_page=True)
-
-    def screenshot(self, page: Any, name: str) -> Path:
-        """Save a full-page screenshot to the temporary directory; copy it to docs/images/ when
-        DASHBOARD_SCREENSHOTS=1."""
-        target = self.shots / name
-        page.screenshot(path=str(target), full_page=True)
-        if os.environ.get("DASHBOARD_SCREENSHOTS") == "1":
-            DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(target, DOCS_IMAGES / name)
-        return target
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """One headless Chromium (the system's) for the whole module."""
-    with playwright_sync.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-@pytest.fixture
-def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[Site]:
-    """The fleet server's app over a filled store, served on loopback; a screenshot of every page
-    the test opened is saved in ``shots/`` when it fails."""
-    store = Store(tmp_path / "fleet.db")
-    fill_fleet(store)
-    app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions())
-    shots = tmp_path / "shots"
-    shots.mkdir()
-    failed_before = request.session.testsfailed
-    with serve(app) as url:
-        served = Site(url, store, browser, shots)
-        yield served
-        served.screenshots_on_failure(request, failed_before)
-    store.close()
-
-
-def wait_until(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``check`` every 50 ms until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def wait_js(page: Any, expression: str, *, timeout: int = WAIT_MS) -> None:
-    """Poll a JavaScript expression in the page until it is true (Playwright's own wait_for_function
-    evaluates strings with eval, which the pages' Content-Security-Policy forbids, as it should)."""
-    deadline = time.monotonic() + timeout / 1000
-    while not page.evaluate(expression):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {expression}")
-        page.wait_for_timeout(50)
-
-
-def table_devices(page: Any) -> list[str]:
-    """The device ids of the overview table's rows, in order."""
-    return list(page.eval_on_selector_all("#device-table tbody tr[data-device]",
-                                          "rows => rows.map(r => r.dataset.device)"))
-
-
-# --- fleet overview --------------------------------------------------------------------------------
 
 
 def test_overview_shows_the_fleet_without_console_errors(site: Site) -> None:
@@ -432,71 +239,6 @@ def test_read_token_is_needed_when_configured(tmp_path: Path, browser: Any) -> N
 
 
 # --- rollouts --------------------------------------------------------------------------------------
-
-NEW_COMMIT = "e" * 40
-PLAN = {"name": "canary-then-fleet", "waves": [
-    {"name": "canary", "soak": 0, "promotion": "auto"},
-    {"name": "fleet", "percent": 100, "soak": 0, "max_failure_rate": 0.5},
-]}
-
-
-@dataclass
-class RolloutSite:
-    """A fleet server with a rollout runner, one rollout of release 8 started, and a browser."""
-
-    site: Site
-    runner: RolloutRunner
-    rollout_id: str
-    published: list[tuple[str, str, int, str | None]]
-
-    def report(self, outcomes: dict[str, str]) -> None:
-        """Ingest one sync outcome event per device for release 8, then let the runner tick."""
-        batch = IngestBatch()
-        now = time.time()
-        for device, outcome in outcomes.items():
-            batch.add("events", event_message(device, type=outcome, commit=NEW_COMMIT, release=8, ts=now),
-                      now)
-        self.site.store.apply_batch(batch)
-        self.runner.tick()
-
-
-@pytest.fixture
-def rollout_site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[RolloutSite]:
-    """The app with the real rollout runner over a filled store, a rollout of release 8 started; a
-    screenshot of every page the test opened is saved in ``shots/`` when it fails."""
-    store = Store(tmp_path / "fleet.db")
-    fill_fleet(store)
-    now = time.time()
-    store.record_release(8, NEW_COMMIT, ["ed25519:key"], now - 60, committed_at=now - 70)
-    published: list[tuple[str, str, int, str | None]] = []
-
-    def publish(device: str, revision: str, release: int, rollout_id: str | None) -> None:
-        published.append((device, revision, release, rollout_id))
-
-    runner = RolloutRunner(store, publish)
-    runner.load()
-    rollout_id = runner.start(8, runner.resolve_plan(PLAN, None), actor="alice", reason="release 8")
-    app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions(rollouts=runner))
-    shots = tmp_path / "shots"
-    shots.mkdir()
-    failed_before = request.session.testsfailed
-    with serve(app) as url:
-        served = Site(url, store, browser, shots)
-        yield RolloutSite(served, runner, rollout_id, published)
-        served.screenshots_on_failure(request, failed_before)
-    store.close()
-
-
-def wave_meta(page: Any, wave: int) -> dict[str, int]:
-    """The done/failed/pending/offline counts a wave's section shows."""
-    data = page.eval_on_selector(f"section[data-wave='{wave}'] .wave-meta", "n => ({...n.dataset})")
-    return {k: int(v) for k, v in data.items()}
-
-
-def chart_samples(page: Any, wave: int) -> int:
-    """How many progress samples a wave's chart is drawn from."""
-    return int(page.get_attribute(f"section[data-wave='{wave}']", "data-samples") or 0)
-
 
 def test_rollouts_list_links_to_each_rollout(rollout_site: RolloutSite) -> None:
     site = rollout_site.site

@@ -19,8 +19,7 @@ from edge_core.messages import event_message, status_message
 from fleet_server.errors import UsageError
 from fleet_server.rollouts.plan import RolloutPlan
 from fleet_server.store import IngestBatch
-from tests import test_dashboard as base
-from tests.test_dashboard import (
+from tests.support.dashboard_site import (
     ADMIN,
     COMMIT,
     NEW_COMMIT,
@@ -31,12 +30,6 @@ from tests.test_dashboard import (
     Site,
     wait_js,
 )
-
-pytestmark = base.pytestmark
-# the fixtures of the dashboard tests: one Chromium, the app over a filled store, a rollout started
-browser = base.browser
-site = base.site
-rollout_site = base.rollout_site
 
 ROWS = "#ro-device-table tr[data-device]"
 AUDIT_IDS = "rs => rs.map(r => r.dataset.audit)"

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent.drivers import Context, get_driver
-from edge_agent.drivers.base import Change, probe_kinds
+from edge_agent.drivers.base import probe_kinds
 from edge_agent.drivers.systemd import restart_change
 from edge_agent.errors import ApplyError
-from edge_core.resources import CommandRes, Resource, Sysctl, SystemdUnit
+from edge_core.resources import CommandRes, Sysctl, SystemdUnit
+from tests.support.driver_calls import apply, plan
 from tests.support.fake_system import FakeSystem, make_context
 
 UNIT = b"[Service]\nExecStart=/usr/bin/app\n"
@@ -36,20 +37,6 @@ def ctx(root: Path) -> Iterator[Context]:
     c = make_context(root, {"app": UNIT})
     yield c
     c.fs.close()
-
-
-def plan(res: Resource, ctx: Context) -> list[Change]:
-    d = get_driver(res.kind)
-    return d.plan(res, d.observe(res, ctx), ctx)
-
-
-def apply(changes: list[Change], ctx: Context) -> list[list[dict[str, object]]]:
-    out = []
-    for c in changes:
-        d = get_driver(c.kind)
-        out.append(d.snapshot(c, ctx))
-        d.apply(c, ctx)
-    return out
 
 
 def app(**kw: object) -> SystemdUnit:

@@ -19,7 +19,7 @@ from edge_agent.state import StateDB
 from edge_core.resources import CommandRes, Directory, SecretFile
 from edge_core.trust.sealed import open_sealed, seal
 from tests.support.fake_system import make_context
-from tests.test_engine_plan import ctx_for, desired_state, file_res
+from tests.support.plans import ctx_for, desired_state, file_res
 
 SECRET = b"correct horse battery staple\n"
 HAND_SECRET = b"typed in by hand on site\n"

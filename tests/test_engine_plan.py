@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,38 +17,18 @@ from edge_agent.state import Managed, StateDB
 from edge_core.resources import (
     CommandRes,
     Directory,
-    File,
-    Resource,
     SecretFile,
     SystemdUnit,
 )
 from edge_core.trust.sealed import open_sealed, seal
 from tests.support.fake_system import FakeSystem, make_context
-
-UNIT_TEXT = b"[Service]\nExecStart=/bin/true\n"
-
-
-def desired_state(resources: Sequence[Resource], payloads: dict[str, bytes] | None = None,
-                  checks: tuple = ()) -> DesiredState:
-    """A DesiredState built directly (no release parsing)."""
-    return DesiredState(bundles=("base",), resources=tuple(resources), checks=checks,
-                        payloads=dict(payloads or {}))
+from tests.support.plans import UNIT_TEXT, ctx_for, desired_state, file_res
 
 
 def device_root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     return root
-
-
-def ctx_for(ctx: Context, desired: DesiredState) -> Context:
-    return replace(ctx, payloads=desired.payloads)
-
-
-def file_res(path: str, content: bytes, payloads: dict[str, bytes], *, mode: int | None = 0o644) -> File:
-    res = File(id=f"file:{path}", bundle="base", path=path, mode=mode, content=content.decode())
-    payloads[res.id] = content
-    return res
 
 
 def actions(plan: Plan) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ from edge_agent.state import StateDB
 from edge_core.errors import ConfinementError, DriverError
 from edge_core.resources import Absent, CommandCheck, Directory, Symlink, SystemdUnit
 from tests.support.fake_system import FakeSystem, make_context, tree_state
-from tests.test_engine_plan import UNIT_TEXT, ctx_for, desired_state, file_res
+from tests.support.plans import UNIT_TEXT, ctx_for, desired_state, file_res
 
 REPO = Path(__file__).resolve().parent.parent
 

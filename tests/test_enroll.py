@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ from edge_core import messages as m
 from fleet_server import fleetctl
 from fleet_server.api.app import ApiActions, create_app
 from fleet_server.metrics import ServerMetrics
+from tests.support.api_server import ADMIN, READER, Api, running_api, serve_app
 from tests.support.broker import Mosquitto
-from tests.test_api import ADMIN, READER, Api, running_api, serve_app
-from tests.test_ingest import Publisher, Server, make_config
+from tests.support.ingest_world import Publisher, Server, make_config
+from tests.support.wait import wait_until
 
 _ENROLL = "/api/v1/devices"
 
@@ -137,15 +138,6 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield b
 
 
-def _wait(cond: Callable[[], bool], limit: float = 15.0) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 def test_an_enrolled_device_is_heard_under_the_refuse_policy(tmp_path: Path, broker: Mosquitto,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     config = make_config(tmp_path, broker.port, ingest={"unknown_devices": "refuse"},
@@ -166,8 +158,8 @@ def test_an_enrolled_device_is_heard_under_the_refuse_policy(tmp_path: Path, bro
             for dev in ("gw-new", "stranger"):
                 publisher.send(f"fleet/v1/{dev}/online", m.encode(m.online_message(dev, True, now)))
             publisher.flush()
-            assert _wait(lambda: (server.store.device("gw-new") or {}).get("online") is True)
-            assert _wait(lambda: server.dropped("unknown_device") == 1)
+            wait_until(lambda: (server.store.device("gw-new") or {}).get("online") is True, "gw-new online")
+            wait_until(lambda: server.dropped("unknown_device") == 1, "1 unknown-device drop")
             assert not server.store.known_device("stranger")
             assert (server.store.device("gw-new") or {}).get("labels") == {"ring": "canary"}
     finally:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import yaml
 from tests.support.broker import Mosquitto
 from tests.support.gitrepo import WorkRepo, make_bare
 from tests.support.mirror import GitDaemon, free_port, wait_for_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,6 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DEVICES = ("gw-1", "gw-2", "gw-3")
 
-
-def wait_until(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Proc:
@@ -155,7 +148,7 @@ def test_signed_push_reaches_every_device_and_the_registry(world: dict[str, Any]
         return all(devices.get(x, {}).get("revision") == commit and devices[x].get("sync_state") == "in_sync"
                    for x in DEVICES)
 
-    wait_until(all_applied, "every device to apply and report the pushed release", limit=30)
+    wait_until(all_applied, "every device to apply and report the pushed release", timeout=30)
     elapsed = time.monotonic() - t0
     print(f"webhook -> every device applied and registered: {elapsed:.2f} s")
     for dev in DEVICES:
@@ -163,7 +156,8 @@ def test_signed_push_reaches_every_device_and_the_registry(world: dict[str, Any]
 
     detail = api(port, f"/api/v1/devices/{DEVICES[0]}")
     assert any(e["type"] == "sync_succeeded" and e["commit"] == commit for e in detail["events"])
-    wait_until(lambda: bool(api(port, f"/api/v1/devices/{DEVICES[0]}").get("health")), "a health sample")
+    wait_until(lambda: bool(api(port, f"/api/v1/devices/{DEVICES[0]}").get("health")),
+               "a health sample", timeout=30)
 
     out = fleetctl("devices", "--server", f"http://127.0.0.1:{port}", "--json")
     assert out.returncode == 0, out.stderr

@@ -9,7 +9,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,70 +21,20 @@ from edge_core.trust.keys import format_verify_key
 from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
 from fleet_server.api import ApiActions, create_app
 from fleet_server.cli.history import format_releases
-from fleet_server.config import GitConfig, GitTrust, HttpConfig, ServerConfig, parse_server_config
+from fleet_server.config import HttpConfig, ServerConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher, PollOutcome
-from fleet_server.signing import sign_release
 from fleet_server.store import Store
-from tests.support.gitrepo import WorkRepo, git, make_bare
-from tests.support.mirror import GitDaemon
-from tests.test_api import serve_app
-
-HOOK_SECRET = b"hook-secret-for-tests"
-WAIT_S = 15.0
-
-
-@dataclass
-class Fleet:
-    """A config repository, its mirror served by git daemon, an operator key, a store, the nudges."""
-
-    work: WorkRepo
-    bare: Path
-    daemon: GitDaemon
-    key: SigningKey
-    store: Store
-    tmp: Path
-    nudges: list[tuple[str, int]] = field(default_factory=list)
-    nudged: threading.Event = field(default_factory=threading.Event)
-
-    def config(self, *, poll_interval: float = 60.0, keys: tuple[str, ...] | None = None,
-               allowed_signers: Path | None = None) -> ServerConfig:
-        trusted = keys if keys is not None else (format_verify_key(self.key.verify_key),)
-        hook = self.tmp / "hook.secret"
-        hook.write_bytes(HOOK_SECRET)
-        return ServerConfig(git=GitConfig(url=self.daemon.url("fleet.git"), branch="main",
-                                          poll_interval=poll_interval, webhook_secret_file=hook,
-                                          trust=GitTrust(keys=trusted, threshold=1,
-                                                         allowed_signers=allowed_signers),
-                                          cache_dir=self.tmp / "git-cache"))
-
-    def nudge(self, revision: str, release: int) -> None:
-        self.nudges.append((revision, release))
-        self.nudged.set()
-
-    def release(self, files: dict[str, str | bytes], *, key: SigningKey | None = None) -> str:
-        """Write files, sign them as the next release, commit and push; return the commit."""
-        self.work.write_files(files)
-        sign_release(self.work.path, [key or self.key], expires=timedelta(days=30), now=datetime.now(UTC))
-        sha = self.work.commit("release")
-        self.work.push(self.bare)
-        return sha
-
-    def watcher(self, *, poll_interval: float = 60.0, allowed_signers: Path | None = None) -> GitWatcher:
-        return GitWatcher(self.config(poll_interval=poll_interval, allowed_signers=allowed_signers),
-                          self.store, self.nudge, metrics=ServerMetrics().releases)
+from tests.support.api_server import serve_app
+from tests.support.gitrepo import WorkRepo, git
+from tests.support.watcher_world import HOOK_SECRET, WAIT_S, Fleet, watcher_fleet
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    mirrors = tmp_path / "mirrors"
-    bare = make_bare(mirrors / "fleet.git")
-    work = WorkRepo.create(tmp_path / "work")
-    store = Store(tmp_path / "fleet.db")
-    with GitDaemon(mirrors) as daemon:
-        yield Fleet(work, bare, daemon, SigningKey.generate(), store, tmp_path)
-    store.close()
+    with watcher_fleet(tmp_path) as world:
+        yield world
 
 
 def _sample(watcher: GitWatcher, name: str, **labels: str) -> float | None:

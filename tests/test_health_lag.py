@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ from fleet_server.health import BROKER_UNREACHABLE
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.store import Store
+from tests.support.api_server import serve_app
 from tests.support.broker import Mosquitto, publish
-from tests.test_api import serve_app
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,13 +54,6 @@ class Server:
         return None
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout:g}s")
-        time.sleep(0.1)
-
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
@@ -87,13 +81,13 @@ def test_healthz_is_degraded_while_the_broker_is_down(server: Server) -> None:
     assert server.health() == {"status": "ok", "broker_connected": True, "ingest_backlog_seconds": 0.0}
     assert server.gauge("fleet_broker_connected") == 1.0
     server.broker.stop()
-    wait_for(lambda: server.health()["status"] == "degraded", 10.0, "degraded after the broker stopped")
+    wait_until(lambda: server.health()["status"] == "degraded", "degraded after the broker stopped", 10.0)
     down = server.health()
     assert down["reasons"] == [BROKER_UNREACHABLE]
     assert down["broker_connected"] is False
     assert server.gauge("fleet_broker_connected") == 0.0
     server.broker.start()
-    wait_for(lambda: server.health()["status"] == "ok", 45.0, "ok after the broker came back")
+    wait_until(lambda: server.health()["status"] == "ok", "ok after the broker came back", 45.0)
     assert server.gauge("fleet_broker_connected") == 1.0
 
 
@@ -104,7 +98,8 @@ def test_healthz_is_degraded_while_received_messages_wait_for_the_store(server: 
         msg = status_message("dev-lag", commit="c" * 40, release=1, sync_state="in_sync", drift={},
                              paused=False, ts=time.time())
         assert publish(server.broker.port, topic(PREFIX, "dev-lag", "status"), encode(msg)).returncode == 0
-        wait_for(lambda: server.health()["status"] == "degraded", 15.0, "degraded while the store is locked")
+        wait_until(lambda: server.health()["status"] == "degraded",
+                   "degraded while the store is locked", 15.0)
         lagging = server.health()
         assert len(lagging["reasons"]) == 1
         assert lagging["reasons"][0].startswith("ingest lag ")
@@ -118,7 +113,7 @@ def test_healthz_is_degraded_while_received_messages_wait_for_the_store(server: 
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    wait_for(lambda: server.health()["status"] == "ok", 35.0, "ok once the store commits again")
+    wait_until(lambda: server.health()["status"] == "ok", "ok once the store commits again", 35.0)
     assert server.store.device("dev-lag") is not None
     assert server.gauge("fleet_ingest_backlog_age_seconds") == 0.0
     delay = server.gauge("fleet_ingest_commit_delay_seconds")
@@ -151,5 +146,5 @@ def test_metrics_answer_while_the_runner_is_busy() -> None:
     assert b'fleet_rollout_wave{rollout="r-1"} 1.0' in text  # the previous snapshot
     assert b"fleet_ingest_queue_depth" in text
     runner.free.set()
-    wait_for(lambda: b'fleet_rollout_wave{rollout="r-1"} 2.0' in metrics.exposition(), 10.0,
-             "the fresh snapshot once the tick ended")
+    wait_until(lambda: b'fleet_rollout_wave{rollout="r-1"} 2.0' in metrics.exposition(),
+               "the fresh snapshot once the tick ended", 10.0)

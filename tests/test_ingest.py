@@ -12,21 +12,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_core import messages as m
 from fleet_server import ingest as ingest_module
-from fleet_server.config import ServerConfig, StoreConfig, parse_server_config
+from fleet_server.config import ServerConfig
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.store import Store, open_store
 from tests.support.broker import Mosquitto, Subscriber
+from tests.support.ingest_world import Publisher, Server, make_config
 from tests.support.mirror import free_port, wait_for_port
 from tests.support.stores import run_sql
+from tests.support.wait import wait_until
 
 PREFIX = "fleet/v1"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -37,43 +37,6 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000",
                                                      "max_queued_messages 100000"]) as b:
         yield b
-
-
-def make_config(tmp_path: Path, port: int, *, store: StoreConfig | None = None,
-                **sections: Any) -> ServerConfig:
-    """The server's config on ``port``; the store is ``store`` (either backend), else an SQLite file."""
-    where: dict[str, Any] = {"path": str(tmp_path / "fleet.db")}
-    if store is not None and store.backend == "postgresql":
-        where = {"url": store.url, "password_file": str(store.password_file)}
-    elif store is not None:
-        where = {"path": str(store.path)}
-    raw: dict[str, Any] = {"mqtt": {"port": port, "client_id": "fleet-server-test"}, "store": where}
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return parse_server_config(raw, tmp_path)
-
-
-class Server:
-    """An Ingestor with its store and metrics, stopped by the test's finaliser."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.store = open_store(config.store)
-        self.metrics = ServerMetrics()
-        self.ingestor = Ingestor(config, self.store, self.metrics.ingest)
-
-    def start(self) -> Server:
-        self.ingestor.start()
-        assert self.ingestor.wait_connected(10.0)
-        time.sleep(0.2)  # the SUBACK
-        return self
-
-    def stop(self) -> None:
-        self.ingestor.stop()
-        self.store.close()
-
-    def dropped(self, reason: str) -> float:
-        value = self.metrics.registry.get_sample_value("fleet_messages_dropped_total", {"reason": reason})
-        return value or 0.0
 
 
 @pytest.fixture
@@ -90,46 +53,11 @@ def servers() -> Iterator[Callable[[ServerConfig], Server]]:
         s.stop()
 
 
-class Publisher:
-    """A paho client publishing QoS 1 for any number of device ids (a gateway of simulated devices)."""
-
-    def __init__(self, port: int, client_id: str) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.max_queued_messages_set(0)
-        self.client.max_inflight_messages_set(1000)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.infos: list[mqtt.MQTTMessageInfo] = []
-
-    def send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.infos.append(self.client.publish(topic, payload, qos=1, retain=retain))
-
-    def flush(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        for info in self.infos:
-            info.wait_for_publish(max(0.01, deadline - time.monotonic()))
-            assert info.is_published()
-        self.infos.clear()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
 def publisher(broker: Mosquitto) -> Iterator[Publisher]:
     p = Publisher(broker.port, "gateway-1")
     yield p
     p.close()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def t(device: str, kind: str) -> str:
@@ -154,7 +82,7 @@ def test_reports_from_several_devices_arrive(tmp_path, broker, publisher, server
             dev, commit=COMMIT, release=4, ts=now_ts(), metrics={"cpu": 10.0 + i},
             checks=[{"name": "web", "ok": True}])))
     publisher.flush()
-    assert wait_until(lambda: server.store.counters().get("ingested.health", 0) == 5)
+    wait_until(lambda: server.store.counters().get("ingested.health", 0) == 5, "5 health reports")
     assert server.ingestor.drain(5.0)
     devices = server.store.devices()
     assert [d["id"] for d in devices] == [f"dev-{i}" for i in range(5)]
@@ -187,15 +115,15 @@ def test_bad_messages_are_dropped_and_counted(tmp_path, broker, publisher, serve
     publisher.send(t("dev-1", "online"), good.replace(b'"online":true', b'"online":"yes"'))
     publisher.send(t("dev-1", "online"), good)
     publisher.flush()
-    assert wait_until(lambda: server.store.known_device("dev-1"))
+    wait_until(lambda: server.store.known_device("dev-1"), "dev-1 to be known")
     assert server.ingestor.drain(5.0)
     assert not server.store.known_device("dev-2")
     expected = {"malformed_json": 2, "bad_schema": 1, "oversized": 1, "spoofed": 1, "bad_field": 1}
     for reason, n in expected.items():
         assert server.dropped(reason) == n, reason
-    assert wait_until(lambda: server.store.counters() == {
+    wait_until(lambda: server.store.counters() == {
         "dropped.bad_field": 1, "dropped.bad_schema": 1, "dropped.malformed_json": 2,
-        "dropped.oversized": 1, "dropped.spoofed": 1, "ingested.online": 1})
+        "dropped.oversized": 1, "dropped.spoofed": 1, "ingested.online": 1}, "the counters")
 
 
 def test_unknown_devices_are_refused_under_the_refuse_policy(tmp_path, broker, publisher, servers,
@@ -208,8 +136,8 @@ def test_unknown_devices_are_refused_under_the_refuse_policy(tmp_path, broker, p
     for dev in ("known-1", "stranger", "known-2"):
         publisher.send(t(dev, "online"), m.encode(m.online_message(dev, True, now_ts())))
     publisher.flush()
-    assert wait_until(lambda: (server.store.device("known-1") or {}).get("online") is True)
-    assert wait_until(lambda: server.dropped("unknown_device") == 2)
+    wait_until(lambda: (server.store.device("known-1") or {}).get("online") is True, "known-1 online")
+    wait_until(lambda: server.dropped("unknown_device") == 2, "2 unknown-device drops")
     server.store.register_device("known-2")  # registered later: accepted once the short refusal cache ends
     assert not server.store.known_device("stranger")
     assert server.ingestor.drain(5.0)
@@ -244,7 +172,7 @@ def test_flood_of_20k_messages_is_absorbed_and_the_server_keeps_serving(tmp_path
     def total() -> int:
         return sum(server.store.counters().values())
 
-    assert wait_until(lambda: total() == 20000, timeout=60.0), server.store.counters()
+    wait_until(lambda: total() == 20000, "all 20000 messages stored", timeout=60.0)
     c = server.store.counters()
     assert c == {"dropped.malformed_json": 5000, "dropped.spoofed": 5000, "ingested.health": good}
     # still serving: a new report arrives
@@ -254,7 +182,7 @@ def test_flood_of_20k_messages_is_absorbed_and_the_server_keeps_serving(tmp_path
         late.flush()
     finally:
         late.close()
-    assert wait_until(lambda: server.store.known_device("dev-late"))
+    wait_until(lambda: server.store.known_device("dev-late"), "dev-late to be known")
 
 
 def test_messages_sent_while_the_server_is_down_are_not_lost(tmp_path, broker, publisher, servers,
@@ -268,7 +196,8 @@ def test_messages_sent_while_the_server_is_down_are_not_lost(tmp_path, broker, p
     publisher.flush()
     broker.restart()  # and the broker itself restarts in between: the session is on disk
     second = servers(config).start()
-    assert wait_until(lambda: second.store.counters().get("ingested.events", 0) >= 300, timeout=30.0)
+    wait_until(lambda: second.store.counters().get("ingested.events", 0) >= 300, "300 events",
+               timeout=30.0)
     assert second.ingestor.drain(5.0)
     stored = sum(len(second.store.device_events(f"dev-{k}", limit=1000)) for k in range(7))
     assert stored == 300
@@ -296,7 +225,7 @@ def test_drain_waits_for_a_batch_the_writer_has_taken_but_not_committed(tmp_path
     ingestor.start(connect=False)
     try:
         assert ingestor.handle_message(t("dev-d", "events"), b"not json") == "malformed_json"
-        assert wait_until(ingestor._queue.empty, timeout=5.0)  # the writer holds it now
+        wait_until(ingestor._queue.empty, "the writer to take the batch", timeout=5.0)  # it holds it now
         assert store.counters() == {}
         assert ingestor.drain(10.0)
         assert store.counters() == {"dropped.malformed_json": 1}
@@ -326,7 +255,7 @@ def test_a_bug_in_the_write_path_is_retried_not_counted_as_a_refused_message(tmp
         event = m.encode(m.event_message("dev-b", type="sync_succeeded", commit=COMMIT, release=4,
                                          ts=now_ts()))
         assert ingestor.handle_message(t("dev-b", "events"), event) is None
-        assert wait_until(lambda: calls["n"] >= 3, timeout=10.0)  # retried, not given up on
+        wait_until(lambda: calls["n"] >= 3, "3 write attempts", timeout=10.0)  # retried, not given up on
         assert metrics.registry.get_sample_value("fleet_messages_dropped_total",
                                                  {"reason": "store_refused"}) == 0
         assert "the ingest writer failed" in caplog.text
@@ -446,7 +375,7 @@ def test_fleet_server_process_ingests_serves_and_stops_on_sigterm(tmp_path, brok
                 doc = json.loads(r.read())
             return list(doc["devices"])
 
-        assert wait_until(lambda: len(listed()) == 2, timeout=15.0)
+        wait_until(lambda: len(listed()) == 2, "2 devices listed", timeout=15.0)
         [found] = listed("?label=site:north")
         assert (found["id"], found["labels"], found["profile"]) == (
             "dev-e2e", {"site": "north", "canary": "true"}, "rpi4")

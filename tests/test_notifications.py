@@ -34,15 +34,23 @@ from fleet_server.releases import GitWatcher
 from fleet_server.rollouts.plan import parse_plan
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import FleetStore, IngestBatch, open_store
+from tests.support.api_server import serve_app
+from tests.support.rollout_world import NEW, ONE_WAVE, fleet_of, succeeded
+from tests.support.rollout_world import Clock as RunnerClock
 from tests.support.stores import run_sql
-from tests.test_api import serve_app
-from tests.test_git_watcher import Fleet, fleet  # noqa: F401 - the fixture
-from tests.test_rollout_runner_incremental import NEW, ONE_WAVE, _fleet, _succeeded
-from tests.test_rollout_runner_incremental import Clock as RunnerClock
+from tests.support.watcher_world import Fleet, watcher_fleet
 
 SECRET = b"receiver-secret-for-tests"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "notifications.md"
 ROUNDS = 200
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """The Git watcher's world: a mirror served by git daemon, an operator key and a store."""
+    with watcher_fleet(tmp_path) as world:
+        yield world
+
 
 
 def documented_verify() -> Callable[..., Any]:
@@ -388,7 +396,7 @@ def test_an_unreadable_secret_stops_the_notifier_without_showing_it(tmp_path, an
                  any_store)
 
 
-def test_a_release_the_watcher_refuses_is_notified_once_across_restarts(fleet: Fleet, receivers):  # noqa: F811
+def test_a_release_the_watcher_refuses_is_notified_once_across_restarts(fleet: Fleet, receivers):
     hook = receivers()
     notifier = Notifier([receiver_config(fleet.tmp, hook.port, events=("release.refused",))], fleet.store)
     fleet.release({"bundles/base/bundle.yaml": "name: base\n"})
@@ -407,7 +415,7 @@ def test_a_release_the_watcher_refuses_is_notified_once_across_restarts(fleet: F
 
 
 def test_a_rollout_sends_started_wave_passed_and_succeeded_once_each(any_store):
-    devices = _fleet(any_store, 3)
+    devices = fleet_of(any_store, 3)
     clock = RunnerClock()
     everything = Receiver(name="a", url="http://127.0.0.1:9/", events=("*",))
     notifier = Notifier([everything], any_store, clock=clock)
@@ -426,7 +434,7 @@ def test_a_rollout_sends_started_wave_passed_and_succeeded_once_each(any_store):
         if state.phase == "succeeded":
             break
         if all(state.devices[d].state == "assigned" for d in devices):
-            _succeeded(any_store, devices, clock.now)
+            succeeded(any_store, devices, clock.now)
     assert phases[-1] == "succeeded"
     rows = sorted(the_rows(any_store), key=lambda r: r["id"])
     assert [r["event"] for r in rows] == ["rollout.started", "rollout.wave_passed", "rollout.succeeded"]

@@ -31,10 +31,10 @@ from fleet_server.releases import GitWatcher
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.signing import sign_release
 from fleet_server.store import Store
+from tests.support.api_server import serve_app
 from tests.support.broker import Mosquitto
 from tests.support.gitrepo import WorkRepo, make_bare
 from tests.support.mirror import GitDaemon
-from tests.test_api import serve_app
 
 ADMIN = "rollout-admin-token"
 OLD = (1, "1" * 40)

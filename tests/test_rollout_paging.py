@@ -22,7 +22,7 @@ from fleet_server.config import HttpConfig, ServerConfig, StoreConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import FleetStore, IngestBatch, open_store
-from tests.test_api import serve_app
+from tests.support.api_server import serve_app
 
 READER = "paging-read-token"
 OLD_COMMIT, NEW_COMMIT = "a" * 40, "b" * 40

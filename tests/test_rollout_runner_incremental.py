@@ -16,59 +16,19 @@ from typing import Any
 
 import pytest
 
-from edge_core.messages import event_message, online_message, status_message
+from edge_core.messages import online_message
 from fleet_server.rollouts.engine import ReleaseRef, Start, new_rollout, step
 from fleet_server.rollouts.membership import DeviceInfo
 from fleet_server.rollouts.plan import parse_plan
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import FleetStore, IngestBatch, RolloutWrite, Store
-
-OLD, NEW = (1, "1" * 40), (2, "2" * 40)
-T0 = 1_700_000_000.0
-ONE_WAVE = {"waves": [{"name": "all", "percent": 100, "soak": 0, "timeout": 3600}], "canary_first": False}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.rollout_world import NEW, OLD, ONE_WAVE, T0, Clock, fleet_of, status_of, succeeded
 
 
 @pytest.fixture
 def store(any_store: FleetStore) -> FleetStore:
     """A new store on each backend (SQLite, PostgreSQL)."""
     return any_store
-
-
-def _status(store: FleetStore, devices: list[str], release: tuple[int, str], at: float, *,
-            paused: bool = False) -> None:
-    batch = IngestBatch()
-    for d in devices:
-        batch.add("status", status_message(d, commit=release[1], release=release[0], sync_state="in_sync",
-                                           drift={}, paused=paused, ts=at), at)
-    store.apply_batch(batch)
-
-
-def _fleet(store: FleetStore, n: int) -> list[str]:
-    devices = [f"dev-{i:02d}" for i in range(n)]
-    batch = IngestBatch()
-    for d in devices:
-        store.register_device(d, now=T0 - 100)
-        batch.add("online", online_message(d, True, T0 - 90), T0 - 90)
-    store.apply_batch(batch)
-    _status(store, devices, OLD, T0 - 80)
-    for version, commit in (OLD, NEW):
-        store.record_release(version, commit, ["ed25519:key"], T0 - 70)
-    return devices
-
-
-def _succeeded(store: FleetStore, devices: list[str], at: float) -> None:
-    batch = IngestBatch()
-    for d in devices:
-        batch.add("events", event_message(d, type="sync_succeeded", commit=NEW[1], release=NEW[0], ts=at), at)
-    store.apply_batch(batch)
 
 
 def _runner(store: FleetStore, clock: Clock, **kwargs: Any) -> tuple[RolloutRunner, list[str]]:
@@ -80,11 +40,11 @@ def _runner(store: FleetStore, clock: Clock, **kwargs: Any) -> tuple[RolloutRunn
 
 
 def test_registry_changes_list_only_devices_whose_rollout_fields_changed(store: FleetStore) -> None:
-    _fleet(store, 3)
+    fleet_of(store, 3)
     head = store.registry_change_head()
-    _status(store, ["dev-00", "dev-01"], OLD, T0)  # heartbeats: nothing the rollouts look at changed
+    status_of(store, ["dev-00", "dev-01"], OLD, T0)  # heartbeats: nothing the rollouts look at changed
     assert store.registry_changes(head) == []
-    _status(store, ["dev-01"], NEW, T0 + 1)
+    status_of(store, ["dev-01"], NEW, T0 + 1)
     batch = IngestBatch()
     batch.add("online", online_message("dev-02", False, T0 + 2), T0 + 2)
     store.apply_batch(batch)
@@ -97,7 +57,7 @@ def test_registry_changes_list_only_devices_whose_rollout_fields_changed(store: 
 
 
 def test_a_tick_writes_only_the_device_rows_that_changed(store: FleetStore) -> None:
-    devices = _fleet(store, 20)
+    devices = fleet_of(store, 20)
     clock = Clock()
     runner, published = _runner(store, clock)
     written: list[int] = []
@@ -114,7 +74,7 @@ def test_a_tick_writes_only_the_device_rows_that_changed(store: FleetStore) -> N
     clock.now += 1
     runner.tick()  # nothing reported
     clock.now += 1
-    _succeeded(store, ["dev-03"], clock.now)
+    succeeded(store, ["dev-03"], clock.now)
     runner.tick()
     assert written[-1] == 1
     page = runner.devices(rid, state="applied")
@@ -123,13 +83,13 @@ def test_a_tick_writes_only_the_device_rows_that_changed(store: FleetStore) -> N
 
 
 def test_a_tick_handles_at_most_its_budget_and_the_rest_next_tick(store: FleetStore) -> None:
-    devices = _fleet(store, 12)
+    devices = fleet_of(store, 12)
     clock = Clock()
     runner, _ = _runner(store, clock, tick_budget=5)
     rid = runner.start(NEW[0], parse_plan(ONE_WAVE, source="t.yaml"), actor="t", reason="t")
     clock.now += 1
     runner.tick()  # the first tick after a start reads the whole registry once
-    _succeeded(store, devices, clock.now + 0.5)
+    succeeded(store, devices, clock.now + 0.5)
     applied = []
     for _ in range(4):
         clock.now += 1
@@ -143,8 +103,8 @@ def test_a_tick_handles_at_most_its_budget_and_the_rest_next_tick(store: FleetSt
 
 def test_a_device_reporting_its_release_in_the_registry_is_applied_the_tick_after_its_assignment(
         store: Store) -> None:
-    devices = _fleet(store, 4)
-    _status(store, devices[:1], NEW, T0 - 50)  # already runs the new release: no event will come
+    devices = fleet_of(store, 4)
+    status_of(store, devices[:1], NEW, T0 - 50)  # already runs the new release: no event will come
     clock = Clock()
     runner, _ = _runner(store, clock)
     rid = runner.start(NEW[0], parse_plan(ONE_WAVE, source="t.yaml"), actor="t", reason="t")
@@ -159,7 +119,7 @@ def test_a_device_reporting_its_release_in_the_registry_is_applied_the_tick_afte
 
 
 def test_reads_are_served_while_a_tick_holds_the_runner(store: FleetStore) -> None:
-    _fleet(store, 6)
+    fleet_of(store, 6)
     clock = Clock()
     runner, _ = _runner(store, clock)
     rid = runner.start(NEW[0], parse_plan(ONE_WAVE, source="t.yaml"), actor="t", reason="t")
@@ -221,7 +181,7 @@ def test_a_store_with_the_previous_rollout_layout_loads_and_resumes(tmp_path: Pa
         loaded = runner.state("r-old")
         assert loaded == state
         assert runner.devices("r-old", state="assigned")["total"] == 5  # type: ignore[index]
-        _succeeded(store, ["dev-01"], clock.now)
+        succeeded(store, ["dev-01"], clock.now)
         clock.now += 1
         runner.tick()
     finally:
@@ -237,7 +197,7 @@ def test_a_store_with_the_previous_rollout_layout_loads_and_resumes(tmp_path: Pa
 
 def test_reads_of_a_rollout_not_held_do_not_wait_for_a_tick(store: FleetStore) -> None:
     """The lock-free reads also hold for a rollout the runner does not hold (read from the store)."""
-    _fleet(store, 3)
+    fleet_of(store, 3)
     clock = Clock()
     runner, _ = _runner(store, clock)
     rid = runner.start(NEW[0], parse_plan(ONE_WAVE, source="t.yaml"), actor="t", reason="t")

@@ -43,10 +43,11 @@ from edge_core.trust.manifest import MANIFEST_PATH
 from edge_core.trust.sealed import seal
 from fleet_server.metrics import DROP_REASONS
 from fleet_server.signing import rotate_root
-from tests.reliability.support import Proc, wait_until
+from tests.support.agent_fleet import AgentFleet, base_release, bundle, snapshot
 from tests.support.broker import Mosquitto, Subscriber
-from tests.support.mirror import GitDaemon, free_port, wait_for_port
-from tests.test_agent_e2e import AgentFleet, base_release, bundle, snapshot
+from tests.support.mirror import free_port, wait_for_port
+from tests.support.procs import Proc
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -57,14 +58,6 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 # --- 1. the trust attack list through a real mirror ------------------------------------------------
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 def _git(work: Path, *args: str) -> str:

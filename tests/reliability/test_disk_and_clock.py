@@ -25,20 +25,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent.agent import check_drift, status, sync_once
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, bundle, snapshot
+from tests.support.agent_fleet import AgentFleet, bundle, snapshot
 
 pytestmark = pytest.mark.timeout(120)
 
 BIG = 1024 * 1024
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 def release(fill: str, motd: str) -> dict[str, str | bytes]:

@@ -27,10 +27,11 @@ import yaml
 from edge_agent.agent import SyncResult, status, sync_once
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.daemon import Daemon
-from tests.reliability.support import spread, wait_until
+from tests.support.agent_fleet import AgentFleet, bundle, snapshot
 from tests.support.faultproxy import FaultProxy
 from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, bundle, snapshot
+from tests.support.procs import spread
+from tests.support.wait import wait_until
 
 AGENTS = 3
 BASE, CAP = 0.1, 1.6  # seconds: ceilings 0.1, 0.2, 0.4, 0.8, 1.6, 1.6, ...

@@ -41,9 +41,9 @@ from edge_agent.config import load_config
 from edge_agent.fsafe_fd import TEMP_PREFIX
 from edge_agent.identity import init_identity, load_encryption_private
 from edge_core.trust import sealed
-from tests.reliability.support import kill_pids, pids_with_arg
+from tests.support.agent_fleet import AgentFleet, bundle, snapshot
 from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, bundle, snapshot
+from tests.support.procs import kill_pids, pids_with_arg
 from tools.standins import write_standins
 
 KILL_POINTS = 240

@@ -22,7 +22,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,23 +35,14 @@ from fleet_server.config import parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.store import Store
-from tests.reliability.support import wait_until
+from tests.support.agent_fleet import AgentFleet, bundle
 from tests.support.broker import Mosquitto
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, bundle
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 FIRST = b"wifi-psk-first-Zq9xK2mV7pL4-plaintext"
 SECOND = b"wifi-psk-second-Hh3Ww8Rr1Tt6-plaintext"
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 def seal_to(fleet: AgentFleet, public: str, plaintext: bytes) -> str:

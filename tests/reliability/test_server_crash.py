@@ -37,11 +37,12 @@ import pytest
 import yaml
 
 from fleet_server.store import Store
-from tests.reliability.support import Proc, wait_until
-from tests.reliability.test_broker_outage import SimDevice
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.gitrepo import WorkRepo, make_bare
 from tests.support.mirror import GitDaemon, free_port, wait_for_port
+from tests.support.procs import Proc
+from tests.support.sim_device import SimDevice
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.report.mqtt import MqttLink, MqttSettings
-from tests.reliability.support import per_second, render_histogram, wait_until
 from tests.support.broker import Mosquitto
+from tests.support.procs import per_second, render_histogram
+from tests.support.wait import wait_until
 
 HOSTS = 4
 PER_HOST = 250

@@ -15,8 +15,8 @@ import pytest
 from edge_agent.report.mqtt import MqttLink, MqttSettings
 from edge_core import messages as m
 from tests.support.broker import Mosquitto, Subscriber, publish
+from tests.support.broker_files import generate_broker_files, password_of
 from tests.support.mirror import free_port
-from tests.test_broker_acl import _generate, _password
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,18 +27,19 @@ TOPIC = "fleet/v1/_broadcast/baseline"
 def test_devices_read_the_baseline_and_only_the_server_writes_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port = free_port()
-    out, _ = _generate(tmp_path, port, capsys)
+    out, _ = generate_broker_files(tmp_path, port, capsys)
     acl = (out / "acl").read_text(encoding="utf-8")
     assert f"topic read {TOPIC}" in acl
     conf = (out / "mosquitto.conf").read_text(encoding="utf-8")
-    tool_pw = _password(out, "fleet-tool")
-    dev_b_pw = _password(out, "dev-b")
+    tool_pw = password_of(out, "fleet-tool")
+    dev_b_pw = password_of(out, "dev-b")
     with Mosquitto(tmp_path / "mosquitto", port=port, base_config=conf), \
             Subscriber(port, [TOPIC], client_id="dev-b", user="dev-b", password=dev_b_pw) as dev_b:
         assert dev_b.wait_subscribed(1) == [1]
         received: list[dict[str, object]] = []
         link = MqttLink(MqttSettings(host="127.0.0.1", port=port, device_id="dev-a", username="dev-a",
-                                     password=_password(out, "dev-a"), reconnect_min=0.1, reconnect_max=0.5),
+                                     password=password_of(out, "dev-a"), reconnect_min=0.1,
+                                     reconnect_max=0.5),
                         on_baseline=received.append)
         link.start()
         try:

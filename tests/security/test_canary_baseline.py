@@ -28,10 +28,10 @@ from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import Store
+from tests.support.agent_fleet import AgentFleet
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet
-from tests.test_rollout_fleet import Agent, release_files
+from tests.support.rollout_agents import Agent, release_files
 
 pytestmark = pytest.mark.timeout(180)
 

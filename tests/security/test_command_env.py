@@ -22,12 +22,9 @@ from edge_agent.engine.health import run_check
 from edge_agent.runner import SAFE_PATH, CommandEnv, Runner
 from edge_core.errors import BundleError
 from edge_core.resources import CommandCheck, CommandRes, parse_check, parse_resource
-from tests import test_agent_e2e
+from tests.support.agent_fleet import AgentFleet, bundle
+from tests.support.driver_calls import apply, plan
 from tests.support.fake_system import make_context
-from tests.test_agent_e2e import AgentFleet, bundle
-from tests.test_drivers_system import apply, plan
-
-fleet = test_agent_e2e.fleet  # the end-to-end fixture: a signed repo, a git daemon, one device
 
 CANARY = "EDGE_FLEET_TEST_SECRET"
 DUMP = ("import json, os, sys; "

@@ -18,7 +18,7 @@ from fleet_server.config import GitConfig, HttpConfig, ServerConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import Store
-from tests.test_api import serve_app
+from tests.support.api_server import serve_app
 
 ADMIN = "admin-secret-token"
 # Not JSON: a route that parsed its body before checking the token would answer 400.

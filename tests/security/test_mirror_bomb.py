@@ -16,10 +16,9 @@ from dulwich.objects import Commit, Tree
 from dulwich.repo import Repo
 
 from edge_agent.agent import status, sync_once
+from tests.support.agent_fleet import AgentFleet, bundle, snapshot
 from tests.support.fetch_child import run_child
 from tests.support.hostile_git import HostileGitServer, bomb_pack, loose_zero_blob
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, bundle, snapshot
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -31,18 +30,6 @@ def _cache_state(cache: Path) -> tuple[list[str], dict[str, str]]:
     packs = sorted(p.name for p in (cache / "objects" / "pack").glob("*"))
     refs = {str(p.relative_to(cache)): p.read_text() for p in (cache / "refs").rglob("*") if p.is_file()}
     return packs, refs
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> AgentFleet:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    daemon = GitDaemon(mirrors)
-    daemon.start()
-    try:
-        yield AgentFleet(tmp_path, daemon, mirrors)  # type: ignore[misc]
-    finally:
-        daemon.stop()
 
 
 @pytest.mark.parametrize(("kind", "what"), [("blob", "object of 1073741824 bytes"),

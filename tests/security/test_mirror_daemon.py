@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
 from edge_agent.agent import apply_lock, sync_once
@@ -24,28 +22,12 @@ from edge_agent.daemon import Daemon
 from edge_agent.errors import LockedError
 from edge_core.gitlimits import Deadline, FetchLimits, fetch_lock
 from edge_core.source import FETCH_LOCK, Source
+from tests.support.agent_fleet import AgentFleet, bundle
 from tests.support.hostile_git import HostileGitServer
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, bundle
+from tests.support.wait import wait_until
 
 CONF = Path("etc/app/app.conf")
 
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
-
-
-def _wait(what: str, check: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_drift_is_corrected_while_a_slow_mirror_holds_the_fetch(fleet: AgentFleet) -> None:
@@ -63,9 +45,9 @@ def test_drift_is_corrected_while_a_slow_mirror_holds_the_fetch(fleet: AgentFlee
         runner = threading.Thread(target=daemon.run, name="agent", daemon=True)
         runner.start()
         try:
-            _wait("the fetch to start dripping", lambda: slow.lines_sent >= 2, 10.0)
+            wait_until(lambda: slow.lines_sent >= 2, "the fetch to start dripping", 10.0)
             (fleet.root / CONF).write_text("tampered\n")
-            _wait("a drift correction", lambda: (fleet.root / CONF).read_text() == "release = 1\n", 15.0)
+            wait_until(lambda: (fleet.root / CONF).read_text() == "release = 1\n", "a drift correction", 15.0)
             assert daemon.syncs == 0  # the fetch is still running
             assert slow.lines_sent < 60
             taken = False

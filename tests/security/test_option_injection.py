@@ -20,8 +20,8 @@ from edge_agent.runner import Runner
 from edge_core.errors import BundleError
 from edge_core.resources import Sysctl, SystemdActiveCheck, SystemdUnit, parse_check, parse_resource
 from fleet_server.lint import lint_repo
+from tests.support.driver_calls import apply, plan
 from tests.support.fake_system import FakeSystem, make_context
-from tests.test_drivers_system import apply, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "config-repo"

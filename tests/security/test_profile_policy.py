@@ -23,15 +23,13 @@ from edge_core.policy import check_refusal, resource_refusal, unit_names_of
 from edge_core.profiles import MODE_OPT_INS, DeviceProfile, load_profile, parse_profile
 from edge_core.resources import CommandCheck, File, SecretFile, parse_resource
 from fleet_server.lint import lint_repo
-from tests import test_agent_e2e
-from tests.test_agent_e2e import AgentFleet, bundle, snapshot
+from tests.support.agent_fleet import AgentFleet, bundle, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "device_profiles"
 EXAMPLE = ROOT / "examples" / "config-repo"
 GATEWAY = load_profile("gateway", [SHIPPED])
 GENERIC = load_profile("generic-linux", [SHIPPED])
-fleet = test_agent_e2e.fleet  # the end-to-end fixture: a signed repo, a git daemon, one device
 GW = DeviceIdentity("gw-1", {"role": "gateway"}, "gateway")
 SRV = DeviceIdentity("srv-1", {"role": "server"}, "generic-linux")
 

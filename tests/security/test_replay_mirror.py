@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,10 +22,9 @@ from edge_agent.config import load_config
 from edge_agent.daemon import Daemon
 from edge_agent.selection import Baseline, set_fleet_baseline
 from edge_core import messages as m
+from tests.support.agent_fleet import AgentFleet, snapshot
 from tests.support.broker import Mosquitto, publish
 from tests.support.gitrepo import DEFAULT_BRANCH, git
-from tests.support.mirror import GitDaemon
-from tests.test_agent_e2e import AgentFleet, snapshot
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,14 +51,6 @@ def replay(fleet: AgentFleet, commit: str) -> None:
 def installed(fleet: AgentFleet) -> int | None:
     info = status(fleet.config)["installed"]
     return None if info is None else int(info["version"])
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[AgentFleet]:
-    mirrors = tmp_path / "mirrors"
-    mirrors.mkdir()
-    with GitDaemon(mirrors) as daemon:
-        yield AgentFleet(tmp_path, daemon, mirrors)
 
 
 def test_a_mirror_replay_of_an_older_signed_release_is_refused(fleet: AgentFleet) -> None:

@@ -1,5 +1,5 @@
-"""Helpers shared by the reliability tests (this folder only): bounded waits, processes found and
-stopped by pid, and the small statistics the tests print (per-second histograms, spreads).
+"""Helpers of the reliability tests: processes found and stopped by pid, and the small statistics
+the tests print (per-second histograms, spreads).
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import os
 import signal
 import statistics
 import subprocess
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from tests.support.wait import wait_until
 
 __all__ = [
     "Proc",
@@ -21,19 +22,7 @@ __all__ = [
     "pids_with_arg",
     "render_histogram",
     "spread",
-    "wait_until",
 ]
-
-
-def wait_until(cond: Callable[[], bool], what: str, limit: float = 15.0, step: float = 0.05) -> None:
-    """Poll ``cond`` until it holds; raise AssertionError naming ``what`` after ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    if not cond():
-        raise AssertionError(f"timed out after {limit}s waiting for {what}")
 
 
 def _alive(pid: int) -> bool:
