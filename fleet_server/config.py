@@ -52,6 +52,9 @@ MAX_BODY_BYTES_LIMIT = 64 * 1024 * 1024
 MAX_SET_VALUE_BYTES = 64 * 1024
 """Largest value one ``--set section.key=value`` may carry."""
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_INGEST_PROCESSES = 16
+"""The most ingest processes ``ingest.processes`` may ask for."""
+
 _SHARE_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -118,6 +121,9 @@ class IngestConfig:
     unknown_devices: str = "accept"
     queue_size: int = 100000
     max_lag: float = 30.0
+    processes: int = 1
+    """OS processes that receive and store device reports (0: inside the server process itself).
+    With more than one they split the reports through an MQTT 5 shared subscription."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,8 @@ def _store(top: _Section) -> StoreConfig:
 
 def _ingest(top: _Section) -> IngestConfig:
     s = top.section("ingest", frozenset({"max_payload_bytes", "batch_size", "batch_interval",
-                                         "unknown_devices", "queue_size", "max_lag"}))
+                                         "unknown_devices", "queue_size", "max_lag",
+                                         "processes"}))
     interval = s.duration("batch_interval", 0.1)
     if interval > 60:
         raise ServerConfigError("ingest.batch_interval: must be at most 60s")
@@ -276,6 +283,7 @@ def _ingest(top: _Section) -> IngestConfig:
         unknown_devices=s.choice("unknown_devices", "accept", ("accept", "refuse")),
         queue_size=s.int_("queue_size", 100000, minimum=1, maximum=10_000_000),
         max_lag=s.duration("max_lag", 30.0),
+        processes=s.int_("processes", 1, minimum=0, maximum=MAX_INGEST_PROCESSES),
     )
 
 

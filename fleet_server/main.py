@@ -1,11 +1,14 @@
 """``fleet-server``: wires the configuration, store, metrics, MQTT ingest, rollout runner, Git
 watcher, retention pruning and the HTTP API, and runs until SIGTERM or SIGINT.
 
-Start order: the store, then the MQTT client (paho waits on its socket with ``select()``, which
-cannot watch descriptors numbered 1024 or more, so it opens before anything that may hold many),
+Start order: the store, then the ingest processes (``ingest.processes``, see
+``ingest_supervisor.py``; with 0 the receive path runs in this process), then the MQTT client (paho
+waits on its socket with ``select()``, which cannot watch descriptors numbered 1024 or more, so it
+opens before anything that may hold many; publish-only when ingest runs in its own processes),
 then the Git watcher and the pruning timer, then the HTTP API (uvicorn in the main thread; it turns
-SIGTERM and SIGINT into a clean shutdown). On the way out the ingest path commits and acknowledges
-what it has queued before it disconnects, so a clean stop loses nothing.
+SIGTERM and SIGINT into a clean shutdown). On the way out the ingest processes are stopped first
+(SIGTERM; each commits and acknowledges what it has queued before it disconnects and exits), so a
+clean stop loses nothing and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
     from fleet_server.errors import FleetError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
+    from fleet_server.ingest_supervisor import IngestSupervisor, publisher_client_id
     from fleet_server.metrics import ServerMetrics
     from fleet_server.releases import GitWatcher
     from fleet_server.rollouts.plan import RolloutPlan
@@ -209,12 +213,21 @@ def run_server(config: ServerConfig) -> None:
     store = open_store(config.store)
     metrics = ServerMetrics()
     ingestor: Ingestor | None = None
+    supervisor: IngestSupervisor | None = None
     watcher: GitWatcher | None = None
     runner: RolloutRunner | None = None
     plans: GitPlans | None = None
     pruner = Pruner(store, config)
     try:
-        ingestor = Ingestor(config, store, metrics.ingest)
+        if config.ingest.processes == 0:  # the receive path in this process, as one client
+            ingestor = Ingestor(config, store, metrics.ingest)
+        else:  # the receive path in ingest processes; this one only publishes
+            publisher = Ingestor(config, store, metrics.ingest, client_id=publisher_client_id(config),
+                                 subscribe=False)
+            ingestor = publisher
+            supervisor = IngestSupervisor(config, metrics.ingest,
+                                          publisher_connected=lambda: publisher.connected)
+            supervisor.start()
         ingestor.start()
         metrics.attach_fleet(store)
         baseline = FleetBaseline(store, ingestor.publish_baseline)
@@ -238,6 +251,8 @@ def run_server(config: ServerConfig) -> None:
         _quiet_stop_signals()
         server.run()
     finally:
+        if supervisor is not None:  # first: they commit and acknowledge what they hold, then exit
+            supervisor.stop()
         pruner.stop()
         if watcher is not None:
             watcher.stop()
