@@ -94,11 +94,13 @@ class IngestSupervisor:
         publisher_connected: whether the server's own publish-only client is connected.
         command: the command line of one child without ``--index`` (default: this interpreter
             running ``fleet_server.ingest_process``).
+        silent_after: seconds without a report after which a running child is ``not reporting``.
     """
 
     def __init__(self, config: ServerConfig, metrics: IngestMetrics, *,
                  publisher_connected: Callable[[], bool] = lambda: True,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, silent_after: float = SILENT_AFTER) -> None:
+        self._silent_after = silent_after
         self._metrics = metrics
         self._publisher_connected = publisher_connected
         self._command = command or [sys.executable, "-m", "fleet_server.ingest_process"]
@@ -213,7 +215,7 @@ class IngestSupervisor:
             for s in self._slots:
                 if s.proc is None or s.proc.poll() is not None:
                     found.append(f"ingest process {s.spec.index} down")
-                elif now - (s.reported if s.reported is not None else s.started) > SILENT_AFTER:
+                elif now - (s.reported if s.reported is not None else s.started) > self._silent_after:
                     found.append(f"ingest process {s.spec.index} not reporting")
         return found
 

@@ -177,6 +177,22 @@ def test_a_child_that_exits_is_reported_down_and_restarted(tmp_path: Path) -> No
     assert sup.pids() == []
 
 
+def test_a_child_that_writes_garbage_is_not_reporting_and_the_server_goes_on(tmp_path: Path) -> None:
+    config = parse_server_config({"store": {"path": str(tmp_path / "fleet.db")}}, tmp_path)
+    metrics = ServerMetrics()
+    garbage = ("import sys, time; sys.stdout.write('not json\\n[1]\\n{\"lag\": \"x\"}\\n'); "
+               "sys.stdout.flush(); time.sleep(30)")
+    sup = IngestSupervisor(config, metrics.ingest, command=[sys.executable, "-c", garbage], silent_after=0.5)
+    sup.start()
+    try:
+        wait_for(lambda: sup.problems() == ["ingest process 0 not reporting"], 10.0, "the silence seen")
+        assert len(sup.pids()) == 1  # still running: bad lines are skipped, not fatal
+        assert metrics.registry.get_sample_value("fleet_ingest_lag_seconds_count") == 0
+    finally:
+        sup.stop(timeout=5.0)
+    assert sup.pids() == []
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_every_acknowledged_report_is_stored_once_and_sigterm_leaves_no_process(
         tmp_path: Path, broker: Mosquitto, publisher: mqtt.Client, processes: int) -> None:
