@@ -244,3 +244,21 @@ def test_a_killed_ingest_process_is_restarted_degraded_meanwhile_and_nothing_is_
     reasons = [r for doc in seen for r in doc.get("reasons", [])]
     assert "ingest process 0 down" in reasons or "broker unreachable" in reasons, reasons
     assert "exited with signal 9" in server.log.read_text()
+
+
+def test_ingest_processes_stop_by_themselves_when_the_server_is_killed(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    server = Server(tmp_path, broker.port, 2)
+    children: set[int] = set()
+    try:
+        server.wait_ok()
+        children = child_pids(server.proc.pid)
+        assert len(children) == 2
+        server.kill()  # SIGKILL: no chance to stop its children
+        for pid in children:
+            wait_for(lambda pid=pid: not alive(pid), 20.0, f"ingest process {pid} gone")  # type: ignore[misc]
+    finally:
+        server.kill()
+        for pid in children:  # only if the test failed: never leave them behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
