@@ -123,7 +123,9 @@ class IngestConfig:
     max_lag: float = 30.0
     processes: int = 1
     """OS processes that receive and store device reports (0: inside the server process itself).
-    With more than one they split the reports through an MQTT 5 shared subscription."""
+    With more than one they split the reports through an MQTT 5 shared subscription. When the key is
+    absent: 1, or 0 when ``mqtt.username`` is set (a broker that takes the user name as client id,
+    as ``fleetctl broker-config`` sets it up, needs one user per connection)."""
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,7 @@ def _store(top: _Section) -> StoreConfig:
                        prune_interval=s.duration("prune_interval", 3600.0))
 
 
-def _ingest(top: _Section) -> IngestConfig:
+def _ingest(top: _Section, mqtt: MqttConfig) -> IngestConfig:
     s = top.section("ingest", frozenset({"max_payload_bytes", "batch_size", "batch_interval",
                                          "unknown_devices", "queue_size", "max_lag",
                                          "processes"}))
@@ -283,7 +285,8 @@ def _ingest(top: _Section) -> IngestConfig:
         unknown_devices=s.choice("unknown_devices", "accept", ("accept", "refuse")),
         queue_size=s.int_("queue_size", 100000, minimum=1, maximum=10_000_000),
         max_lag=s.duration("max_lag", 30.0),
-        processes=s.int_("processes", 1, minimum=0, maximum=MAX_INGEST_PROCESSES),
+        processes=s.int_("processes", 1 if mqtt.username is None else 0, minimum=0,
+                         maximum=MAX_INGEST_PROCESSES),
     )
 
 
@@ -334,7 +337,8 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
         ServerConfigError: naming the first invalid field and why.
     """
     top = _Section(raw, "", _TOP_KEYS, base_dir)
-    return ServerConfig(mqtt=_mqtt(top), store=_store(top), ingest=_ingest(top), http=_http(top),
+    mqtt = _mqtt(top)
+    return ServerConfig(mqtt=mqtt, store=_store(top), ingest=_ingest(top, mqtt), http=_http(top),
                         git=_git(top), log_level=top.choice("log_level", "info", LOG_LEVELS))
 
 

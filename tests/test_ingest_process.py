@@ -132,6 +132,8 @@ def test_processes_is_parsed_and_bounded(tmp_path: Path) -> None:
     def parse(**ingest: Any) -> int:
         return parse_server_config({"ingest": ingest}, tmp_path).ingest.processes
     assert parse() == 1
+    with_user = parse_server_config({"mqtt": {"username": "fleet-server"}}, tmp_path).ingest.processes
+    assert with_user == 0  # one broker user is one client id: a second connection would take it over
     assert parse(processes=0) == 0
     assert parse(processes=4) == 4
     for bad in (-1, 17, "two", True):
