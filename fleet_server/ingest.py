@@ -1,4 +1,8 @@
-"""MQTT ingest: the fleet server's only paho client. Device reports in, ``desired`` and nudges out.
+"""MQTT ingest: the fleet server's paho client. Device reports in, ``desired`` and nudges out.
+
+With ``ingest.processes`` ≥ 1 each ingest process (``ingest_process.py``) runs one receiving
+:class:`Ingestor` and the server process a publish-only one (``subscribe=False``); with 0 the server
+process runs one that does both.
 
 Receive path, built so that a crash loses nothing the broker was told we have::
 
