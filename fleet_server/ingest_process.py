@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pickle
 import signal
 import sys
@@ -130,9 +131,11 @@ def apply_report(metrics: IngestMetrics, doc: dict[str, Any]) -> None:
 
 
 def _watch_parent(stdin: IO[bytes], stop: threading.Event) -> None:
-    """Set ``stop`` when the server process closes our stdin (it stopped us, or it died)."""
+    """Set ``stop`` when the server process closes our stdin (it stopped us, or it died). Reads the
+    descriptor itself: a daemon thread blocked inside the buffered reader would abort the interpreter's
+    shutdown ("could not acquire lock for <stdin>")."""
     try:
-        while stdin.read(4096):
+        while os.read(stdin.fileno(), 4096):
             pass
     except OSError:
         pass

@@ -219,6 +219,17 @@ class IngestSupervisor:
                     found.append(f"ingest process {s.spec.index} not reporting")
         return found
 
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait (bounded) until every ingest process has reported a broker connection (its
+        subscriptions sent); return whether they all did."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(s.proc is not None and s.connected for s in self._slots):
+                    return True
+            time.sleep(0.05)
+        return False
+
     def pids(self) -> list[int]:
         """Return the process ids of the running ingest processes."""
         with self._lock:

@@ -4,9 +4,10 @@ watcher, retention pruning and the HTTP API, and runs until SIGTERM or SIGINT.
 Start order: the store, then the ingest processes (``ingest.processes``, see
 ``ingest_supervisor.py``; with 0 the receive path runs in this process), then the MQTT client (paho
 waits on its socket with ``select()``, which cannot watch descriptors numbered 1024 or more, so it
-opens before anything that may hold many; publish-only when ingest runs in its own processes),
-then the Git watcher and the pruning timer, then the HTTP API (uvicorn in the main thread; it turns
-SIGTERM and SIGINT into a clean shutdown). On the way out the ingest processes are stopped first
+opens before anything that may hold many; publish-only when ingest runs in its own processes), a
+bounded wait (10 s) for the ingest processes to connect and subscribe, then the Git watcher and
+the pruning timer, then the HTTP API (uvicorn in the main thread; it turns SIGTERM and SIGINT into
+a clean shutdown). On the way out the ingest processes are stopped first
 (SIGTERM; each commits and acknowledges what it has queued before it disconnects and exits), so a
 clean stop loses nothing and leaves no process behind.
 """
@@ -193,6 +194,9 @@ def _quiet_stop_signals() -> None:
         signal.signal(signum, lambda number, frame: log.info("signal %s: stopping", number))
 
 
+_INGEST_START_WAIT = 10.0
+"""Seconds the server waits for its ingest processes to connect before it opens the API."""
+
 _SWITCH_INTERVAL = 0.001
 """Seconds a thread may hold the interpreter lock while another waits for it (default 0.005)."""
 
@@ -229,6 +233,12 @@ def run_server(config: ServerConfig) -> None:
                                           publisher_connected=lambda: publisher.connected)
             supervisor.start()
         ingestor.start()
+        if supervisor is not None and not supervisor.wait_connected(_INGEST_START_WAIT):
+            # as the in-process path, the API opens only once the subscriptions are sent, so that a
+            # first start does not answer before reports have somewhere to go; a broker that is down
+            # must not keep the API closed, so the wait is bounded
+            log.warning("the ingest processes are not connected to the broker after %g s; starting the "
+                        "API anyway (they keep retrying)", _INGEST_START_WAIT)
         metrics.attach_fleet(store)
         baseline = FleetBaseline(store, ingestor.publish_baseline)
         baseline.start()
