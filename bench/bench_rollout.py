@@ -321,7 +321,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int = 2, heartbeat: float = 60.0,
-        seed: int = 1) -> dict[str, Any]:
+        seed: int = 1, ingest_processes: int | None = None) -> dict[str, Any]:
     """Run the benchmark for one fleet size and return its figures (see the module docstring)."""
     from tests.support.broker import Mosquitto
     from tests.support.mirror import free_port
@@ -329,13 +329,14 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     old, new = (1, "1" * 40), (2, "2" * 40)
     out: dict[str, Any] = {"devices": devices, "waves": waves, "timeout": timeout, "publishers": publishers,
-                           "heartbeat": heartbeat, "finished": False, "phase": "not started"}
+                           "heartbeat": heartbeat, "ingest_processes": ingest_processes, "finished": False,
+                           "phase": "not started"}
     fleet: _Fleet | None = None
     server = ServerProcess(work, 0, free_port())
     try:
         with Mosquitto(work / "broker", extra_lines=["max_inflight_messages 1000", "max_queued_messages 10000000",
                                                      "autosave_interval 600"]) as broker:
-            server = ServerProcess(work, broker.port, int(server.url.rsplit(":", 1)[1]))
+            server = ServerProcess(work, broker.port, int(server.url.rsplit(":", 1)[1]), ingest_processes)
             store = Store(server.db)  # the releases the Git watcher would have recorded
             for version, commit in (old, new):
                 store.record_release(version, commit, ["bench"], time.time())
@@ -403,6 +404,8 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
                 "max_ms": {k: _ms(max(v)) if v else None for k, v in sampler.latency.items()},
                 "samples": len(sampler.latency["devices"]), "call_errors": sampler.errors,
                 "rss_max_mib": round(max([server.rss_peak_mib(), *sampler.rss]), 1),
+                "rss_main_max_mib": round(server.rss_peak_mib(main_only=True), 1),
+                "server_pids": len(server.pids()),
                 "server_cpu_seconds": round(cpu, 1), "cpu_ms_per_device": round(1000 * cpu / devices, 2),
                 "waves_done": [w.get("progress", {}).get("done") for w in sampler.detail.get("waves", [])],
             })
@@ -454,13 +457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--publishers", type=int, default=2, help="simulated-fleet processes (MQTT connections)")
     parser.add_argument("--heartbeat", type=float, default=60.0, help="seconds between a device's heartbeats")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--ingest-processes", type=int, default=None,
+                        help="the server's ingest.processes (default: the server's default)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.devices]
     runs = []
     for size in sizes:
         try:
             result = run(size, waves=args.waves, timeout=args.timeout, publishers=args.publishers,
-                         heartbeat=args.heartbeat, seed=args.seed)
+                         heartbeat=args.heartbeat, seed=args.seed, ingest_processes=args.ingest_processes)
         except Exception as exc:  # one size failing must still leave the others' figures and a named gap
             result = {"devices": size, "waves": args.waves, "timeout": args.timeout, "finished": False,
                       "phase": f"benchmark failed: {type(exc).__name__}: {exc}"[:300]}

@@ -2,8 +2,8 @@
 times the API calls an operator makes while a rollout runs.
 
 :class:`ServerProcess` starts ``python -m fleet_server.main`` on a generated configuration (the
-embedded SQLite default, 127.0.0.1 only), reads its CPU time and memory from ``/proc``, and stops
-it by pid (SIGTERM, then SIGKILL after a bound). :class:`Sampler` calls, once a second, the first
+embedded SQLite default, 127.0.0.1 only), reads the CPU time and memory of it and its ingest
+processes (``ingest.processes``) from ``/proc``, and stops it by pid (SIGTERM, then SIGKILL after a bound). :class:`Sampler` calls, once a second, the first
 page of ``GET /api/v1/devices``, the dashboard's ``GET /api/v1/summary``, ``GET
 /api/v1/rollouts/{id}`` (what ``fleetctl rollout status ID`` and ``watch`` read) and ``/healthz``
 (the ingest backlog age), and keeps every latency, lag and RSS sample.
@@ -57,9 +57,10 @@ class ServerProcess:
         workdir: where the configuration, the database, the admin token and the log live.
         mqtt_port: the broker's port on 127.0.0.1.
         http_port: the API's port on 127.0.0.1.
+        ingest_processes: ``ingest.processes`` (None: the server's default).
     """
 
-    def __init__(self, workdir: Path, mqtt_port: int, http_port: int) -> None:
+    def __init__(self, workdir: Path, mqtt_port: int, http_port: int, ingest_processes: int | None = None) -> None:
         self.workdir = workdir
         self.db = workdir / "fleet.db"
         self.token = "bench-admin-token"
@@ -72,7 +73,8 @@ class ServerProcess:
             f"mqtt:\n  host: 127.0.0.1\n  port: {mqtt_port}\n  client_id: bench-server\n"
             f"store:\n  path: {self.db}\n"
             f"http:\n  host: 127.0.0.1\n  port: {http_port}\n  admin_token_file: {token_file}\n"
-            "log_level: warning\n")
+            "log_level: warning\n"
+            + ("" if ingest_processes is None else f"ingest:\n  processes: {ingest_processes}\n"))
         self.log = workdir / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -103,24 +105,41 @@ class ServerProcess:
         assert self._proc is not None
         return self._proc.pid
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds the server used so far (its threads included)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    def pids(self) -> list[int]:
+        """The server's process id, then those of its running child processes (the ingest processes)."""
+        children: list[int] = []
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children.extend(int(p) for p in (task / "children").read_text().split())
+        return [self.pid, *sorted(set(children))]
 
-    def _status_kib(self, key: str) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-        return 0.0
+    def cpu_seconds(self, *, main_only: bool = False) -> float:
+        """User + system CPU seconds the server used so far (its threads included), with its running
+        ingest processes' unless ``main_only``."""
+        total = 0.0
+        for pid in [self.pid] if main_only else self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return total
 
-    def rss_mib(self) -> float:
-        """The server's resident memory now, in MiB."""
-        return self._status_kib("VmRSS") / 1024
+    def _status_kib(self, key: str, main_only: bool) -> float:
+        total = 0.0
+        for pid in [self.pid] if main_only else self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(key + ":"):
+                        total += float(line.split()[1])
+        return total
 
-    def rss_peak_mib(self) -> float:
-        """The server's peak resident memory so far (VmHWM), in MiB."""
-        return self._status_kib("VmHWM") / 1024
+    def rss_mib(self, *, main_only: bool = False) -> float:
+        """The resident memory of the server and its ingest processes now (or the server's alone), MiB."""
+        return self._status_kib("VmRSS", main_only) / 1024
+
+    def rss_peak_mib(self, *, main_only: bool = False) -> float:
+        """The sum of the peak resident memory (VmHWM) of the server and its running ingest processes
+        (or the server's alone), in MiB."""
+        return self._status_kib("VmHWM", main_only) / 1024
 
     def stop(self) -> None:
         """SIGTERM by pid, SIGKILL after 30 s; idempotent."""

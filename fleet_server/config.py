@@ -53,6 +53,9 @@ MAX_BODY_BYTES_LIMIT = 64 * 1024 * 1024
 MAX_SET_VALUE_BYTES = 64 * 1024
 """Largest value one ``--set section.key=value`` may carry."""
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_INGEST_PROCESSES = 16
+"""The most ingest processes ``ingest.processes`` may ask for."""
+
 _SHARE_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -119,6 +122,11 @@ class IngestConfig:
     unknown_devices: str = "accept"
     queue_size: int = 100000
     max_lag: float = 30.0
+    processes: int = 1
+    """OS processes that receive and store device reports (0: inside the server process itself).
+    With more than one they split the reports through an MQTT 5 shared subscription. When the key is
+    absent: 1, or 0 when ``mqtt.username`` is set (a broker that takes the user name as client id,
+    as ``fleetctl broker-config`` sets it up, needs one user per connection)."""
 
 
 @dataclass(frozen=True)
@@ -268,9 +276,10 @@ def _store(top: _Section) -> StoreConfig:
                        prune_interval=s.duration("prune_interval", 3600.0))
 
 
-def _ingest(top: _Section) -> IngestConfig:
+def _ingest(top: _Section, mqtt: MqttConfig) -> IngestConfig:
     s = top.section("ingest", frozenset({"max_payload_bytes", "batch_size", "batch_interval",
-                                         "unknown_devices", "queue_size", "max_lag"}))
+                                         "unknown_devices", "queue_size", "max_lag",
+                                         "processes"}))
     interval = s.duration("batch_interval", 0.1)
     if interval > 60:
         raise ServerConfigError("ingest.batch_interval: must be at most 60s")
@@ -282,6 +291,8 @@ def _ingest(top: _Section) -> IngestConfig:
         unknown_devices=s.choice("unknown_devices", "accept", ("accept", "refuse")),
         queue_size=s.int_("queue_size", 100000, minimum=1, maximum=10_000_000),
         max_lag=s.duration("max_lag", 30.0),
+        processes=s.int_("processes", 1 if mqtt.username is None else 0, minimum=0,
+                         maximum=MAX_INGEST_PROCESSES),
     )
 
 
@@ -333,7 +344,8 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
         ServerConfigError: naming the first invalid field and why.
     """
     top = _Section(raw, "", _TOP_KEYS, base_dir)
-    return ServerConfig(mqtt=_mqtt(top), store=_store(top), ingest=_ingest(top), http=_http(top),
+    mqtt = _mqtt(top)
+    return ServerConfig(mqtt=mqtt, store=_store(top), ingest=_ingest(top, mqtt), http=_http(top),
                         git=_git(top), log_level=top.choice("log_level", "info", LOG_LEVELS),
                         notifications=parse_notifications(top.raw.get("notifications"), base_dir))
 

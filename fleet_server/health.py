@@ -7,10 +7,11 @@ verdict is in the body::
     {"status": "ok", "broker_connected": true, "ingest_backlog_seconds": 0.0}
     {"status": "degraded", "reasons": ["broker unreachable"], "broker_connected": false, ...}
 
-Reasons: ``broker unreachable`` while the server's MQTT client is disconnected, and
+Reasons: ``broker unreachable`` while the server's MQTT client is disconnected,
 ``ingest lag N s over the M s limit`` while the oldest message received and not yet committed is
-older than ``ingest.max_lag``. A server without an MQTT ingest path (an API-only test app) reports
-neither field and is ``ok``.
+older than ``ingest.max_lag``, and ``ingest process N down`` (or ``not reporting``) while one of the
+ingest processes (``ingest.processes``) has exited or has sent no report for a few seconds. A server
+without an MQTT ingest path (an API-only test app) reports neither field and is ``ok``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def health_status(ingest: IngestMetrics, *, max_lag: float) -> dict[str, Any]:
         answer["ingest_backlog_seconds"] = round(backlog, 3)
         if backlog > max_lag:
             reasons.append(f"ingest lag {backlog:.1f} s over the {max_lag:g} s limit")
+    reasons.extend(ingest.problems())
     if reasons:
         return {"status": "degraded", "reasons": reasons, **answer}
     return {"status": "ok", **answer}

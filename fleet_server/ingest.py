@@ -1,4 +1,8 @@
-"""MQTT ingest: the fleet server's only paho client. Device reports in, ``desired`` and nudges out.
+"""MQTT ingest: the fleet server's paho client. Device reports in, ``desired`` and nudges out.
+
+With ``ingest.processes`` ≥ 1 each ingest process (``ingest_process.py``) runs one receiving
+:class:`Ingestor` and the server process a publish-only one (``subscribe=False``); with 0 the server
+process runs one that does both.
 
 Receive path, built so that a crash loses nothing the broker was told we have::
 
@@ -100,12 +104,20 @@ class Ingestor:
         store: where batches are committed.
         metrics: ingest collectors (counts, lag, batch sizes, queue depth).
         clock: returns POSIX time (received_at stamps); injected for tests.
+        client_id: the MQTT client id (default ``mqtt.client_id``).
+        share_group: the shared-subscription group (default ``mqtt.share_group``).
+        subscribe: False for a publish-only client (the server process when ingest runs in its own
+            processes): it subscribes to nothing and does not bind itself to ``metrics``.
     """
 
     def __init__(self, config: ServerConfig, store: IngestStore, metrics: IngestMetrics, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, client_id: str | None = None,
+                 share_group: str | None = None, subscribe: bool = True) -> None:
         self._config = config
-        self._mqtt = config.mqtt
+        self._mqtt = dataclasses.replace(
+            config.mqtt, client_id=client_id or config.mqtt.client_id,
+            share_group=share_group if share_group is not None else config.mqtt.share_group)
+        self._subscribe = subscribe
         self._ingest = config.ingest
         self._store = store
         self._metrics = metrics
@@ -159,10 +171,11 @@ class Ingestor:
             return
         with self._state_lock:
             self._generation += 1
-        prefix = self._mqtt.prefix
-        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
-        share = f"$share/{self._mqtt.share_group}/" if self._mqtt.share_group else ""
-        client.subscribe([(f"{share}{prefix}/+/{kind}", options) for kind in INGEST_KINDS])
+        if self._subscribe:
+            prefix = self._mqtt.prefix
+            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+            share = f"$share/{self._mqtt.share_group}/" if self._mqtt.share_group else ""
+            client.subscribe([(f"{share}{prefix}/+/{kind}", options) for kind in INGEST_KINDS])
         self._connected.set()
         log.info("connected to the broker %s:%s (session present: %s)", self._mqtt.host, self._mqtt.port,
                  getattr(flags, "session_present", None))
@@ -386,7 +399,8 @@ class Ingestor:
             log.warning("cannot preload known devices: %s", exc)
         self._writer = threading.Thread(target=self._writer_main, name="ingest-writer", daemon=True)
         self._writer.start()
-        self._metrics.bind(self)
+        if self._subscribe:
+            self._metrics.bind(self)
         self._accepting.set()
         if not connect:
             return
@@ -409,6 +423,10 @@ class Ingestor:
     def connected(self) -> bool:
         """True while connected to the broker."""
         return self._connected.is_set()
+
+    def problems(self) -> list[str]:
+        """Reasons the ingest path is unhealthy besides the broker link and the lag (none in process)."""
+        return []
 
     @property
     def queue_depth(self) -> int:

@@ -1,12 +1,16 @@
 """``fleet-server``: wires the configuration, store, metrics, MQTT ingest, rollout runner, Git
 watcher, retention pruning, webhook notifications and the HTTP API, and runs until SIGTERM or SIGINT.
 
-Start order: the store, then the MQTT client (paho waits on its socket with ``select()``, which
-cannot watch descriptors numbered 1024 or more, so it opens before anything that may hold many),
-then the Git watcher, the pruning timer and the notifier's delivery thread, then the HTTP API
-(uvicorn in the main thread; it turns SIGTERM and SIGINT into a clean shutdown). On the way out the
-ingest path commits and acknowledges what it has queued before it disconnects, so a clean stop loses
-nothing; undelivered notifications stay pending in the store for the next start.
+Start order: the store, then the ingest processes (``ingest.processes``, see
+``ingest_supervisor.py``; with 0 the receive path runs in this process), then the MQTT client (paho
+waits on its socket with ``select()``, which cannot watch descriptors numbered 1024 or more, so it
+opens before anything that may hold many; publish-only when ingest runs in its own processes), a
+bounded wait (10 s) for the ingest processes to connect and subscribe, then the Git watcher, the
+pruning timer and the notifier's delivery thread, then the HTTP API (uvicorn in the main thread; it
+turns SIGTERM and SIGINT into a clean shutdown). On the way out the ingest processes are stopped first
+(SIGTERM; each commits and acknowledges what it has queued before it disconnects and exits), so a
+clean stop loses nothing and leaves no process behind; undelivered notifications stay pending in
+the store for the next start.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
     from fleet_server.errors import FleetError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
+    from fleet_server.ingest_supervisor import IngestSupervisor, publisher_client_id
     from fleet_server.metrics import NotificationMetrics, ServerMetrics
     from fleet_server.notify.notifier import Notifier
     from fleet_server.releases import GitWatcher
@@ -210,6 +215,9 @@ def _quiet_stop_signals() -> None:
         signal.signal(signum, lambda number, frame: log.info("signal %s: stopping", number))
 
 
+_INGEST_START_WAIT = 10.0
+"""Seconds the server waits for its ingest processes to connect before it opens the API."""
+
 _SWITCH_INTERVAL = 0.001
 """Seconds a thread may hold the interpreter lock while another waits for it (default 0.005)."""
 
@@ -230,6 +238,7 @@ def run_server(config: ServerConfig) -> None:
     store = open_store(config.store)
     metrics = ServerMetrics()
     ingestor: Ingestor | None = None
+    supervisor: IngestSupervisor | None = None
     watcher: GitWatcher | None = None
     runner: RolloutRunner | None = None
     plans: GitPlans | None = None
@@ -237,8 +246,22 @@ def run_server(config: ServerConfig) -> None:
     notifier: Notifier | None = None
     try:
         notifier = Notifier(config.notifications, store, metrics=NotificationMetrics(metrics.registry))
-        ingestor = Ingestor(config, store, metrics.ingest)
+        if config.ingest.processes == 0:  # the receive path in this process, as one client
+            ingestor = Ingestor(config, store, metrics.ingest)
+        else:  # the receive path in ingest processes; this one only publishes
+            publisher = Ingestor(config, store, metrics.ingest, client_id=publisher_client_id(config),
+                                 subscribe=False)
+            ingestor = publisher
+            supervisor = IngestSupervisor(config, metrics.ingest,
+                                          publisher_connected=lambda: publisher.connected)
+            supervisor.start()
         ingestor.start()
+        if supervisor is not None and not supervisor.wait_connected(_INGEST_START_WAIT):
+            # as the in-process path, the API opens only once the subscriptions are sent, so that a
+            # first start does not answer before reports have somewhere to go; a broker that is down
+            # must not keep the API closed, so the wait is bounded
+            log.warning("the ingest processes are not connected to the broker after %g s; starting the "
+                        "API anyway (they keep retrying)", _INGEST_START_WAIT)
         metrics.attach_fleet(store)
         baseline = FleetBaseline(store, ingestor.publish_baseline)
         baseline.start()
@@ -264,6 +287,8 @@ def run_server(config: ServerConfig) -> None:
         _quiet_stop_signals()
         server.run()
     finally:
+        if supervisor is not None:  # first: they commit and acknowledge what they hold, then exit
+            supervisor.stop()
         pruner.stop()
         if watcher is not None:
             watcher.stop()

@@ -92,6 +92,10 @@ class IngestState(Protocol):
         """True while connected to the broker."""
         ...
 
+    def problems(self) -> list[str]:
+        """Return the other reasons the ingest path is unhealthy (an ingest process down)."""
+        ...
+
 
 class _IngestStateCollector(Collector):
     """``fleet_ingest_backlog_age_seconds`` and ``fleet_broker_connected``, read from the bound ingest
@@ -117,10 +121,12 @@ class IngestMetrics:
     """Collectors the MQTT ingest path updates; registered on ``registry`` at construction.
 
     Args:
-        registry: the registry to register on (one per server; never the global default).
+        registry: the registry to register on (one per server; never the global default); None: a
+            registry of its own (an ingest process, which relays its counts to the server process).
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = CollectorRegistry() if registry is None else registry
         self.registry = registry
         self.messages_ingested = Counter(
             "fleet_messages_ingested", "Device messages decoded and committed to the store, by kind.",
@@ -140,6 +146,12 @@ class IngestMetrics:
         self.commit_delay = Gauge(
             "fleet_ingest_commit_delay_seconds",
             "Receipt of the oldest message of the last committed batch to its commit.", registry=registry)
+        self.processes_up = Gauge(
+            "fleet_ingest_processes_up", "Ingest processes running and reporting (0 while ingest runs "
+            "inside the server process).", registry=registry)
+        self.process_restarts = Counter(
+            "fleet_ingest_process_restarts", "Ingest processes restarted after they exited unasked.",
+            registry=registry)
         self._state: IngestState | None = None
         registry.register(_IngestStateCollector(self))
         for kind in MESSAGE_KINDS:
@@ -185,6 +197,11 @@ class IngestMetrics:
         """Return whether the ingest path is connected to the broker (None while none is bound)."""
         state = self._state
         return None if state is None else bool(state.connected)
+
+    def problems(self) -> list[str]:
+        """Return the bound ingest path's other health problems (none while none is bound)."""
+        state = self._state
+        return [] if state is None else state.problems()
 
 
 class ReleaseMetrics:
