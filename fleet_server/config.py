@@ -37,6 +37,7 @@ __all__ = [
     "GitTrust",
     "HttpConfig",
     "IngestConfig",
+    "LeaderConfig",
     "MqttConfig",
     "ServerConfig",
     "StoreConfig",
@@ -168,6 +169,14 @@ class GitConfig:
 
 
 @dataclass(frozen=True)
+class LeaderConfig:
+    """Leadership among replicas (``leader:``): a follower tries to take the leader lock every
+    ``lease`` seconds, and a leader that stops answering PostgreSQL loses it after one lease."""
+
+    lease: float = 5.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The whole validated fleet-server configuration."""
 
@@ -176,6 +185,7 @@ class ServerConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    leader: LeaderConfig = field(default_factory=LeaderConfig)
     log_level: str = "info"
 
 
@@ -316,7 +326,15 @@ def _git(top: _Section) -> GitConfig:
                      **fetch_limit_values(s))
 
 
-_TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "log_level"})
+_TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "leader", "log_level"})
+
+
+def _leader(top: _Section) -> LeaderConfig:
+    s = top.section("leader", frozenset({"lease"}))
+    lease = s.duration("lease", 5.0)
+    if not 1.0 <= lease <= 60.0:
+        raise ServerConfigError("leader.lease: must be between 1s and 60s")
+    return LeaderConfig(lease=lease)
 
 
 def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
@@ -327,7 +345,8 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
     """
     top = _Section(raw, "", _TOP_KEYS, base_dir)
     return ServerConfig(mqtt=_mqtt(top), store=_store(top), ingest=_ingest(top), http=_http(top),
-                        git=_git(top), log_level=top.choice("log_level", "info", LOG_LEVELS))
+                        git=_git(top), leader=_leader(top),
+                        log_level=top.choice("log_level", "info", LOG_LEVELS))
 
 
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,9 +1,11 @@
 """``fleet-server``: wires the configuration, store, metrics, MQTT ingest, rollout runner, Git
 watcher, retention pruning and the HTTP API, and runs until SIGTERM or SIGINT.
 
-Start order: the store, then the MQTT client (paho waits on its socket with ``select()``, which
-cannot watch descriptors numbered 1024 or more, so it opens before anything that may hold many),
-then the Git watcher and the pruning timer, then the HTTP API (uvicorn in the main thread; it turns
+Start order: the SQLite store's lock file (one process owns a SQLite store), the store, then the
+MQTT client (paho waits on its socket with ``select()``, which cannot watch descriptors numbered
+1024 or more, so it opens before anything that may hold many), then the leadership (the leader
+alone runs the rollout runner, the Git watcher and the baseline publisher: see ``leadership.py``)
+and the pruning timer, then the HTTP API (uvicorn in the main thread; it turns
 SIGTERM and SIGINT into a clean shutdown). On the way out the ingest path commits and acknowledges
 what it has queued before it disconnects, so a clean stop loses nothing.
 """
@@ -34,17 +36,19 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
     from fleet_server.errors import FleetError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
+    from fleet_server.leader_lock import claim_sqlite_store, leader_lock
+    from fleet_server.leadership import Leadership
     from fleet_server.metrics import ServerMetrics
     from fleet_server.releases import GitWatcher
     from fleet_server.rollouts.plan import RolloutPlan
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
-    from fleet_server.store import AuditStore, IngestStore, open_store
+    from fleet_server.store import AuditStore, FleetStore, IngestStore, open_store
     from fleet_server.store_commands import copy_command, migrate
     from fleet_server.store_commands import register as register_store_commands
 except ImportError as _missing:
     exit_without_server_extras(_missing)
 
-__all__ = ["GitPlans", "Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
+__all__ = ["GitPlans", "LeaderDuties", "Pruner", "build_parser", "main", "overrides_from_args", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +155,56 @@ class GitPlans:
             self._source.close()
 
 
+class LeaderDuties:
+    """What only the leader runs: the rollout runner, the fleet baseline publisher and (with
+    ``git.url``) the Git watcher. Started each time this replica takes the leadership (reloading
+    the rollouts another leader may have moved) and stopped when it loses it."""
+
+    def __init__(self, config: ServerConfig, store: FleetStore, runner: RolloutRunner, *,
+                 baseline: FleetBaseline, nudge: Callable[[str, int], None], metrics: ServerMetrics) -> None:
+        self._config = config
+        self._store = store
+        self._runner = runner
+        self._baseline = baseline
+        self._nudge = nudge
+        self._metrics = metrics
+        self._watcher: GitWatcher | None = None
+        self._plans: GitPlans | None = None
+
+    def start(self) -> None:
+        """Reload the rollouts, publish the baseline, start the runner and the Git watcher.
+
+        Raises:
+            StoreError: the store cannot be read.
+        """
+        self._runner.load()
+        self._baseline.start()
+        self._runner.start_thread()
+        if self._config.git.url:
+            self._plans = GitPlans(self._config, self._store, self._runner, self._nudge, self._baseline)
+            self._runner.set_plan_loader(self._plans.named)
+            self._watcher = GitWatcher(self._config, self._store, self._plans.on_release,
+                                       metrics=self._metrics.releases)
+            self._watcher.start()
+
+    def trigger_git(self) -> None:
+        """Poll the Git mirror now (a webhook); nothing on a follower."""
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.trigger()
+
+    def stop(self) -> None:
+        """Stop the Git watcher and the runner (bounded, idempotent)."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
+        plans, self._plans = self._plans, None
+        if plans is not None:
+            self._runner.set_plan_loader(None)
+            plans.close()
+        self._runner.unload()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``fleet-server`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -209,30 +263,32 @@ def run_server(config: ServerConfig) -> None:
     # one page of devices waited up to 5 ms per row behind a busy ingest thread (p95 0.33 s at
     # 100,000 heartbeating devices, bench/bench_rollout.py). 1 ms bounds that wait.
     sys.setswitchinterval(_SWITCH_INTERVAL)
-    store = open_store(config.store)
+    owner = claim_sqlite_store(config)  # one process owns a SQLite store: refuse a second one
+    try:
+        store = open_store(config.store)
+    except FleetError:
+        if owner is not None:
+            owner.release()
+        raise
     metrics = ServerMetrics()
     ingestor: Ingestor | None = None
-    watcher: GitWatcher | None = None
-    runner: RolloutRunner | None = None
-    plans: GitPlans | None = None
+    leadership: Leadership | None = None
     pruner = Pruner(store, config)
     try:
         ingestor = Ingestor(config, store, metrics.ingest)
         ingestor.start()
         metrics.attach_fleet(store)
         baseline = FleetBaseline(store, ingestor.publish_baseline)
-        baseline.start()
         runner = RolloutRunner(store, ingestor.publish_desired)
         runner.set_phase_listener(log_phase_errors(baseline))
-        runner.start_thread()
         metrics.attach_rollouts(runner)
-        if config.git.url:
-            plans = GitPlans(config, store, runner, ingestor.publish_nudge, baseline)
-            runner.set_plan_loader(plans.named)
-            watcher = GitWatcher(config, store, plans.on_release, metrics=metrics.releases)
-            watcher.start()
+        duties = LeaderDuties(config, store, runner, baseline=baseline, nudge=ingestor.publish_nudge,
+                              metrics=metrics)
+        leadership = Leadership(leader_lock(config, store), store, duties, lease=config.leader.lease)
+        leadership.start()
+        metrics.attach_role(store.backend, lambda: leadership.role if leadership is not None else "follower")
         pruner.start()
-        actions = ApiActions(trigger_git=watcher.trigger if watcher else None, rollouts=runner)
+        actions = ApiActions(trigger_git=duties.trigger_git if config.git.url else None, rollouts=runner)
         app = create_app(store, config, metrics, actions=actions)
         server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                                log_config=None, access_log=False, lifespan="off"))
@@ -242,15 +298,13 @@ def run_server(config: ServerConfig) -> None:
         server.run()
     finally:
         pruner.stop()
-        if watcher is not None:
-            watcher.stop()
-        if plans is not None:
-            plans.close()
-        if runner is not None:
-            runner.stop()
+        if leadership is not None:
+            leadership.stop()
         if ingestor is not None:
             ingestor.stop()
         store.close()
+        if owner is not None:
+            owner.release()
         log.info("fleet server stopped")
 
 

@@ -31,6 +31,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 from prometheus_client.registry import Collector
 
 from fleet_server.errors import StoreError
+from fleet_server.role_metrics import RoleCollector
 
 __all__ = [
     "COMMIT_TO_APPLIED_BUCKETS",
@@ -532,6 +533,7 @@ class ServerMetrics:
         self.releases = ReleaseMetrics(self.registry)
         self._fleet: FleetCollector | None = None
         self._rollouts: RolloutCollector | None = None
+        self.role: RoleCollector | None = None
 
     def attach_fleet(self, source: FleetSource, *, window: float = 7 * 86400.0, min_interval: float = 15.0,
                      clock: Callable[[], float] = time.time) -> FleetCollector:
@@ -557,6 +559,11 @@ class ServerMetrics:
         self._rollouts = RolloutCollector(source)
         self.registry.register(self._rollouts)
         return self._rollouts
+
+    def attach_role(self, store: str, role: Callable[[], str]) -> None:
+        """Register the role gauge: backend ``store``, current role ``role()`` (see role_metrics)."""
+        self.role = RoleCollector(store, role)
+        self.registry.register(self.role)
 
     def exposition(self) -> bytes:
         """Return every metric in the Prometheus text exposition format."""

@@ -12,7 +12,7 @@ import pytest
 import fleet_server.store as store_mod
 from fleet_server.config import StoreConfig
 from fleet_server.errors import StoreError
-from fleet_server.store import FleetStore, IngestBatch, Store, open_store, to_epoch
+from fleet_server.store import SCHEMA_VERSION, FleetStore, IngestBatch, Store, open_store, to_epoch
 from tests.support.stores import run_sql
 
 
@@ -48,7 +48,7 @@ def test_wal_and_schema_version(tmp_path: Path):
     s.close()
     conn = sqlite3.connect(tmp_path / "fleet.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "1"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA_VERSION)
     conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
     conn.commit()
     conn.close()

@@ -203,6 +203,8 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         """Answer ``ok``, or ``degraded`` with the reasons (broker unreachable, ingest lag): see health.py."""
-        return health_status(metrics.ingest, max_lag=config.ingest.max_lag)
+        role = metrics.role.role() if metrics.role is not None else None
+        backend = getattr(store, "backend", None)
+        return health_status(metrics.ingest, max_lag=config.ingest.max_lag, store=backend, role=role)
 
     return app
