@@ -44,7 +44,7 @@ from fleet_server.api.guard import RequestGuard
 from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
-from fleet_server.errors import StoreError
+from fleet_server.errors import NotLeader, StoreError
 from fleet_server.health import health_status
 from fleet_server.metrics import ServerMetrics
 
@@ -108,6 +108,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("store unavailable: %s", exc)
         return _error(503, "the fleet database is unavailable")
 
+    async def not_leader(_request: Request, exc: Exception) -> Response:
+        log.warning("rollout write refused: %s", exc)
+        return _error(409, "this replica is not the leader: send rollout commands to the leader "
+                           "(its /healthz says \"role\": \"leader\")")
+
     async def unexpected_error(_request: Request, exc: Exception) -> Response:
         log.error("unexpected error in the API", exc_info=exc)
         return _error(500, "internal error")
@@ -115,6 +120,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StoreError, store_error)
+    app.add_exception_handler(NotLeader, not_leader)
     app.add_exception_handler(Exception, unexpected_error)
 
 
