@@ -38,6 +38,7 @@ __all__ = [
     "GitTrust",
     "HttpConfig",
     "IngestConfig",
+    "LeaderConfig",
     "MqttConfig",
     "ServerConfig",
     "StoreConfig",
@@ -180,6 +181,14 @@ class GitConfig:
 
 
 @dataclass(frozen=True)
+class LeaderConfig:
+    """Leadership among replicas (``leader:``): a follower tries to take the leader lock every
+    ``lease`` seconds, and a leader that stops answering PostgreSQL loses it after one lease."""
+
+    lease: float = 5.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The whole validated fleet-server configuration."""
 
@@ -188,6 +197,7 @@ class ServerConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    leader: LeaderConfig = field(default_factory=LeaderConfig)
     log_level: str = "info"
     notifications: tuple[Receiver, ...] = ()
     """The webhook receivers (``docs/notifications.md``)."""
@@ -334,7 +344,16 @@ def _git(top: _Section) -> GitConfig:
                      **fetch_limit_values(s))
 
 
-_TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "log_level", "notifications"})
+_TOP_KEYS = frozenset({"mqtt", "store", "ingest", "http", "git", "leader", "log_level", "notifications"})
+
+
+
+def _leader(top: _Section) -> LeaderConfig:
+    s = top.section("leader", frozenset({"lease"}))
+    lease = s.duration("lease", 5.0)
+    if not 1.0 <= lease <= 60.0:
+        raise ServerConfigError("leader.lease: must be between 1s and 60s")
+    return LeaderConfig(lease=lease)
 
 
 def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
@@ -346,7 +365,8 @@ def parse_server_config(raw: object, base_dir: Path) -> ServerConfig:
     top = _Section(raw, "", _TOP_KEYS, base_dir)
     mqtt = _mqtt(top)
     return ServerConfig(mqtt=mqtt, store=_store(top), ingest=_ingest(top, mqtt), http=_http(top),
-                        git=_git(top), log_level=top.choice("log_level", "info", LOG_LEVELS),
+                        git=_git(top), leader=_leader(top),
+                        log_level=top.choice("log_level", "info", LOG_LEVELS),
                         notifications=parse_notifications(top.raw.get("notifications"), base_dir))
 
 

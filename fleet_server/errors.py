@@ -16,8 +16,8 @@ caught at the same place in the entry points.
 
 from __future__ import annotations
 
-__all__ = ["ApiError", "BrokerError", "FleetError", "LintFailed", "PlanError", "ServerConfigError",
-           "StoreError", "StoreRefused", "UsageError"]
+__all__ = ["ApiError", "BrokerError", "FleetError", "LintFailed", "NotLeader", "PlanError",
+           "ServerConfigError", "StoreError", "StoreRefused", "UsageError"]
 
 
 class FleetError(Exception):
@@ -47,6 +47,11 @@ class StoreError(FleetError):
 class StoreRefused(StoreError):
     """The database refuses the data of a write (a value out of range, a broken constraint): the same
     write would fail again, unlike a database that is unavailable for a while."""
+
+
+class NotLeader(StoreError):
+    """A rollout write was refused: this server does not hold the leadership, or another server took
+    it over since (the stored leadership term is newer than the writer's)."""
 
 
 class BrokerError(FleetError, OSError):

@@ -1,16 +1,17 @@
 """``fleet-server``: wires the configuration, store, metrics, MQTT ingest, rollout runner, Git
 watcher, retention pruning, webhook notifications and the HTTP API, and runs until SIGTERM or SIGINT.
 
-Start order: the store, then the ingest processes (``ingest.processes``, see
-``ingest_supervisor.py``; with 0 the receive path runs in this process), then the MQTT client (paho
-waits on its socket with ``select()``, which cannot watch descriptors numbered 1024 or more, so it
-opens before anything that may hold many; publish-only when ingest runs in its own processes), a
-bounded wait (10 s) for the ingest processes to connect and subscribe, then the Git watcher, the
-pruning timer and the notifier's delivery thread, then the HTTP API (uvicorn in the main thread; it
-turns SIGTERM and SIGINT into a clean shutdown). On the way out the ingest processes are stopped first
-(SIGTERM; each commits and acknowledges what it has queued before it disconnects and exits), so a
-clean stop loses nothing and leaves no process behind; undelivered notifications stay pending in
-the store for the next start.
+Start order: the SQLite store's lock file (one process owns a SQLite store), the store, then the
+ingest processes (``ingest.processes``, see ``ingest_supervisor.py``; with 0 the receive path runs in
+this process), then the MQTT client (paho waits on its socket with ``select()``, which cannot watch
+descriptors numbered 1024 or more, so it opens before anything that may hold many; publish-only when
+ingest runs in its own processes), a bounded wait (10 s) for the ingest processes to connect and
+subscribe, then the leadership (the leader alone runs the rollout runner, the Git watcher and the
+baseline publisher: see ``leadership.py``), the pruning timer and the notifier's delivery thread,
+then the HTTP API (uvicorn in the main thread; it turns SIGTERM and SIGINT into a clean shutdown).
+On the way out the ingest processes are stopped first (SIGTERM; each commits and acknowledges what it
+has queued before it disconnects and exits), so a clean stop loses nothing and leaves no process
+behind; undelivered notifications stay pending in the store for the next start.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,10 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.errors import FleetError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
     from fleet_server.ingest_supervisor import IngestSupervisor, publisher_client_id
-    from fleet_server.metrics import NotificationMetrics, ServerMetrics
+    from fleet_server.leader_lock import claim_sqlite_store, leader_lock
+    from fleet_server.leadership import Leadership
+    from fleet_server.metrics import ServerMetrics
+    from fleet_server.metrics_notify import NotificationMetrics
     from fleet_server.notify.notifier import Notifier
     from fleet_server.releases import GitWatcher
     from fleet_server.rollouts.model import RolloutState
@@ -52,8 +56,8 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
 except ImportError as _missing:
     exit_without_server_extras(_missing)
 
-__all__ = ["GitPlans", "Pruner", "both_listeners", "build_parser", "main", "overrides_from_args",
-           "run_server"]
+__all__ = ["GitPlans", "LeaderDuties", "Pruner", "both_listeners", "build_parser", "main",
+           "overrides_from_args", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,58 @@ class GitPlans:
             self._source.close()
 
 
+class LeaderDuties:
+    """What only the leader runs: the rollout runner, the fleet baseline publisher and (with
+    ``git.url``) the Git watcher. Started each time this replica takes the leadership (reloading
+    the rollouts another leader may have moved) and stopped when it loses it."""
+
+    def __init__(self, config: ServerConfig, store: FleetStore, runner: RolloutRunner, *,
+                 baseline: FleetBaseline, nudge: Callable[[str, int], None], metrics: ServerMetrics,
+                 notify: Callable[[str, Mapping[str, Any]], object] | None = None) -> None:
+        self._config = config
+        self._notify = notify
+        self._store = store
+        self._runner = runner
+        self._baseline = baseline
+        self._nudge = nudge
+        self._metrics = metrics
+        self._watcher: GitWatcher | None = None
+        self._plans: GitPlans | None = None
+
+    def start(self) -> None:
+        """Reload the rollouts, publish the baseline, start the runner and the Git watcher.
+
+        Raises:
+            StoreError: the store cannot be read.
+        """
+        self._runner.load()
+        self._baseline.start()
+        self._runner.start_thread()
+        if self._config.git.url:
+            self._plans = GitPlans(self._config, self._store, self._runner, self._nudge, self._baseline)
+            self._runner.set_plan_loader(self._plans.named)
+            self._watcher = GitWatcher(self._config, self._store, self._plans.on_release,
+                                       metrics=self._metrics.releases, notify=self._notify)
+            self._watcher.start()
+
+    def trigger_git(self) -> None:
+        """Poll the Git mirror now (a webhook); nothing on a follower."""
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.trigger()
+
+    def stop(self) -> None:
+        """Stop the Git watcher and the runner (bounded, idempotent)."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
+        plans, self._plans = self._plans, None
+        if plans is not None:
+            self._runner.set_plan_loader(None)
+            plans.close()
+        self._runner.unload()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``fleet-server`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -235,13 +291,17 @@ def run_server(config: ServerConfig) -> None:
     # one page of devices waited up to 5 ms per row behind a busy ingest thread (p95 0.33 s at
     # 100,000 heartbeating devices, bench/bench_rollout.py). 1 ms bounds that wait.
     sys.setswitchinterval(_SWITCH_INTERVAL)
-    store = open_store(config.store)
+    owner = claim_sqlite_store(config)  # one process owns a SQLite store: refuse a second one
+    try:
+        store = open_store(config.store)
+    except FleetError:
+        if owner is not None:
+            owner.release()
+        raise
     metrics = ServerMetrics()
     ingestor: Ingestor | None = None
     supervisor: IngestSupervisor | None = None
-    watcher: GitWatcher | None = None
-    runner: RolloutRunner | None = None
-    plans: GitPlans | None = None
+    leadership: Leadership | None = None
     pruner = Pruner(store, config)
     notifier: Notifier | None = None
     try:
@@ -264,21 +324,18 @@ def run_server(config: ServerConfig) -> None:
                         "API anyway (they keep retrying)", _INGEST_START_WAIT)
         metrics.attach_fleet(store)
         baseline = FleetBaseline(store, ingestor.publish_baseline)
-        baseline.start()
         runner = RolloutRunner(store, ingestor.publish_desired)
         runner.set_phase_listener(both_listeners(log_phase_errors(baseline), notifier.on_phase))
         runner.set_commit_listener(notifier.on_commit)
-        runner.start_thread()
         metrics.attach_rollouts(runner)
-        if config.git.url:
-            plans = GitPlans(config, store, runner, ingestor.publish_nudge, baseline)
-            runner.set_plan_loader(plans.named)
-            watcher = GitWatcher(config, store, plans.on_release, metrics=metrics.releases,
-                                 notify=notifier.refusal_hook)
-            watcher.start()
+        duties = LeaderDuties(config, store, runner, baseline=baseline, nudge=ingestor.publish_nudge,
+                              metrics=metrics, notify=notifier.refusal_hook)
+        leadership = Leadership(leader_lock(config, store), store, duties, lease=config.leader.lease)
+        leadership.start()
+        metrics.attach_role(store.backend, lambda: leadership.role if leadership is not None else "follower")
         pruner.start()
         notifier.start()
-        actions = ApiActions(trigger_git=watcher.trigger if watcher else None, rollouts=runner)
+        actions = ApiActions(trigger_git=duties.trigger_git if config.git.url else None, rollouts=runner)
         app = create_app(store, config, metrics, actions=actions)
         server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                                log_config=None, access_log=False, lifespan="off"))
@@ -290,17 +347,15 @@ def run_server(config: ServerConfig) -> None:
         if supervisor is not None:  # first: they commit and acknowledge what they hold, then exit
             supervisor.stop()
         pruner.stop()
-        if watcher is not None:
-            watcher.stop()
-        if plans is not None:
-            plans.close()
-        if runner is not None:
-            runner.stop()
+        if leadership is not None:
+            leadership.stop()
         if ingestor is not None:
             ingestor.stop()
         if notifier is not None:
             notifier.stop()
         store.close()
+        if owner is not None:
+            owner.release()
         log.info("fleet server stopped")
 
 

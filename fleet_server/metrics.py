@@ -31,10 +31,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 from prometheus_client.registry import Collector
 
 from fleet_server.errors import StoreError
-from fleet_server.store.notification_records import DELIVERY_STATES
+from fleet_server.metrics_role import RoleCollector
 
 __all__ = [
-    "ATTEMPT_OUTCOMES",
     "COMMIT_TO_APPLIED_BUCKETS",
     "DROP_REASONS",
     "MESSAGE_KINDS",
@@ -43,7 +42,6 @@ __all__ = [
     "FleetSource",
     "IngestMetrics",
     "IngestState",
-    "NotificationMetrics",
     "ReleaseMetrics",
     "RolloutCollector",
     "RolloutSource",
@@ -552,6 +550,7 @@ class ServerMetrics:
         self.releases = ReleaseMetrics(self.registry)
         self._fleet: FleetCollector | None = None
         self._rollouts: RolloutCollector | None = None
+        self.role: RoleCollector | None = None
 
     def attach_fleet(self, source: FleetSource, *, window: float = 7 * 86400.0, min_interval: float = 15.0,
                      clock: Callable[[], float] = time.time) -> FleetCollector:
@@ -578,34 +577,11 @@ class ServerMetrics:
         self.registry.register(self._rollouts)
         return self._rollouts
 
+    def attach_role(self, store: str, role: Callable[[], str]) -> None:
+        """Register the role gauge: backend ``store``, current role ``role()`` (see role_metrics)."""
+        self.role = RoleCollector(store, role)
+        self.registry.register(self.role)
+
     def exposition(self) -> bytes:
         """Return every metric in the Prometheus text exposition format."""
         return generate_latest(self.registry)
-
-
-ATTEMPT_OUTCOMES = ("delivered", "retried", "failed")
-"""``delivered`` (a 2xx), ``retried`` (no 2xx, tried again later), ``failed`` (no 2xx, given up)."""
-
-
-class NotificationMetrics:
-    """The notification collectors, on the caller's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.attempts = Counter(
-            "fleet_notification_attempts", "Webhook delivery attempts, by receiver and outcome.",
-            ["receiver", "outcome"], registry=registry)
-        self.deliveries = Gauge(
-            "fleet_notification_deliveries",
-            "Stored webhook deliveries, by state (pending, delivered, failed).",
-            ["state"], registry=registry)
-        for state in DELIVERY_STATES:
-            self.deliveries.labels(state=state).set(0)
-
-    def attempted(self, receiver: str, outcome: str) -> None:
-        """Count one attempt to ``receiver`` with its outcome (one of :data:`ATTEMPT_OUTCOMES`)."""
-        self.attempts.labels(receiver=receiver, outcome=outcome).inc()
-
-    def set_states(self, counts: Mapping[str, int]) -> None:
-        """Set the stored deliveries by state."""
-        for state in DELIVERY_STATES:
-            self.deliveries.labels(state=state).set(counts.get(state, 0))

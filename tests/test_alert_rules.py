@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from edge_core import messages as m
-from fleet_server.metrics import NotificationMetrics, ServerMetrics
+from fleet_server.metrics import ServerMetrics
+from fleet_server.metrics_notify import NotificationMetrics
 from fleet_server.store import IngestBatch, Store
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "packaging" / "prometheus"

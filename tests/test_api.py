@@ -145,7 +145,7 @@ def test_not_found_is_json(api: Api) -> None:
 
 
 def test_health_and_openapi(api: Api) -> None:
-    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/healthz").json() == {"status": "ok", "store": api.store.backend}
     schema = api.get("/api/v1/openapi.json").json()
     assert "/api/v1/devices" in schema["paths"]
     assert "/api/v1/hooks/git" in schema["paths"]

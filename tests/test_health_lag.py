@@ -78,7 +78,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def test_healthz_is_degraded_while_the_broker_is_down(server: Server) -> None:
-    assert server.health() == {"status": "ok", "broker_connected": True, "ingest_backlog_seconds": 0.0}
+    assert server.health() == {"status": "ok", "store": "sqlite", "broker_connected": True,
+                               "ingest_backlog_seconds": 0.0}
     assert server.gauge("fleet_broker_connected") == 1.0
     server.broker.stop()
     wait_until(lambda: server.health()["status"] == "degraded", "degraded after the broker stopped", 10.0)

@@ -60,7 +60,7 @@ ADAPTERS: dict[str, dict[str, str]] = {
         "edge_agent/telemetry.py": "device telemetry and the agent's own footprint",
     },
     "prometheus_client": {
-        "fleet_server/metrics.py": "the server's collectors and exposition",
+        "fleet_server/metrics": "the server's collectors and exposition (metrics.py, metrics_*.py)",
     },
 }
 

@@ -209,7 +209,7 @@ def test_two_servers_do_not_share_collectors(store: FleetStore) -> None:
 
 def test_module_exports_are_pinned() -> None:
     assert sorted(metrics_module.__all__) == sorted([
-        "ATTEMPT_OUTCOMES", "COMMIT_TO_APPLIED_BUCKETS", "DROP_REASONS", "MESSAGE_KINDS", "FleetCollector",
-        "FleetSource", "IngestMetrics", "IngestState", "NotificationMetrics", "ReleaseMetrics",
+        "COMMIT_TO_APPLIED_BUCKETS", "DROP_REASONS", "MESSAGE_KINDS", "FleetCollector",
+        "FleetSource", "IngestMetrics", "IngestState", "ReleaseMetrics",
         "ServerMetrics", "ServiceLevels", "histogram_buckets", "read_service_levels", "service_levels",
         "ROLLOUT_PHASES", "RolloutCollector", "RolloutSource"])

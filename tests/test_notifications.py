@@ -26,7 +26,8 @@ from fleet_server.config import ServerConfig, StoreConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.ingest import Ingestor
 from fleet_server.main import both_listeners
-from fleet_server.metrics import NotificationMetrics, ServerMetrics
+from fleet_server.metrics import ServerMetrics
+from fleet_server.metrics_notify import NotificationMetrics
 from fleet_server.notify.config import Receiver, parse_notifications
 from fleet_server.notify.notifier import Notifier
 from fleet_server.notify.sources import gate_events

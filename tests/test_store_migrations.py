@@ -16,7 +16,7 @@ from fleet_server.config import StoreConfig
 from fleet_server.errors import StoreError
 from fleet_server.main import main
 from fleet_server.store import open_store
-from fleet_server.store.copy import TABLES
+from fleet_server.store.copy import OWN_TABLES, TABLES
 from fleet_server.store.migrations import BACKENDS, latest_version, migrations
 from tests.support.postgres import Postgres
 from tests.support.stores import run_sql
@@ -88,6 +88,7 @@ def test_a_store_main_wrote_before_migrations_is_upgraded_with_its_data(tmp_path
     try:
         assert check.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall() \
             == [(m.version, m.name) for m in migrations("sqlite")]
+        assert check.execute("SELECT term FROM leader_term").fetchall() == [(0,)]
     finally:
         check.close()
 
@@ -138,4 +139,4 @@ def test_both_backends_have_the_same_tables_and_columns_and_store_copy_knows_the
         on_postgres.setdefault(table, []).append(column)
     assert {t: sorted(c) for t, c in on_postgres.items()} == {t: sorted(c) for t, c in on_sqlite.items()}
     copied = {t: sorted(c) for t, c in TABLES}
-    assert copied == {t: sorted(c) for t, c in on_sqlite.items() if t != "schema_migrations"}
+    assert copied == {t: sorted(c) for t, c in on_sqlite.items() if t not in OWN_TABLES}

@@ -45,7 +45,7 @@ from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
 from fleet_server.api.routes_notifications import NotificationReader, notifications_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
-from fleet_server.errors import StoreError
+from fleet_server.errors import NotLeader, StoreError
 from fleet_server.health import health_status
 from fleet_server.metrics import ServerMetrics
 
@@ -109,6 +109,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("store unavailable: %s", exc)
         return _error(503, "the fleet database is unavailable")
 
+    async def not_leader(_request: Request, exc: Exception) -> Response:
+        log.warning("rollout write refused: %s", exc)
+        return _error(409, "this replica is not the leader: send rollout commands to the leader "
+                           "(its /healthz says \"role\": \"leader\")")
+
     async def unexpected_error(_request: Request, exc: Exception) -> Response:
         log.error("unexpected error in the API", exc_info=exc)
         return _error(500, "internal error")
@@ -116,6 +121,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StoreError, store_error)
+    app.add_exception_handler(NotLeader, not_leader)
     app.add_exception_handler(Exception, unexpected_error)
 
 
@@ -204,6 +210,8 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         """Answer ``ok``, or ``degraded`` with the reasons (broker unreachable, ingest lag): see health.py."""
-        return health_status(metrics.ingest, max_lag=config.ingest.max_lag)
+        role = metrics.role.role() if metrics.role is not None else None
+        backend = getattr(store, "backend", None)
+        return health_status(metrics.ingest, max_lag=config.ingest.max_lag, store=backend, role=role)
 
     return app

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fleet_server.errors import StoreError
-from fleet_server.metrics import NotificationMetrics
+from fleet_server.metrics_notify import NotificationMetrics
 from fleet_server.notify.config import Receiver
 from fleet_server.notify.sender import PostResult, post
 from fleet_server.notify.signing import body_text, read_secret, request_headers

@@ -223,6 +223,15 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         if thread is not None:
             thread.join(timeout=30.0)
 
+    def unload(self) -> None:
+        """Stop (see :meth:`stop`) and forget every rollout held in memory: reads come from the store
+        again, and the next start reloads (a replica that stopped leading)."""
+        self.stop()
+        with self._lock:
+            self._live.clear()
+            self._loaded = False
+            self._publish_views()
+
     def set_phase_listener(self, listener: PhaseListener | None) -> None:
         """Call ``listener(state, old_phase)`` after every committed phase change (the fleet baseline
         follows rollouts this way); it runs in the runner's thread and must not raise."""

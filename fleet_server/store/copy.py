@@ -13,7 +13,7 @@ from __future__ import annotations
 from fleet_server.errors import StoreError
 from fleet_server.store.interfaces import CopyStore
 
-__all__ = ["CHUNK", "TABLES", "copy_store"]
+__all__ = ["CHUNK", "OWN_TABLES", "TABLES", "copy_store"]
 
 CHUNK = 5000
 
@@ -39,7 +39,11 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("notifications", ("id", "event_id", "receiver", "event", "body", "created", "state", "attempts",
                        "next_attempt", "last_attempt", "last_status", "last_error", "delivered_at")),
 )
-"""Every table of the schema (but ``schema_migrations``) with its columns, in copy order."""
+"""Every table of the schema (but :data:`OWN_TABLES`) with its columns, in copy order."""
+
+OWN_TABLES = ("schema_migrations", "leader_term")
+"""Tables each store keeps for itself: its migrations and its leadership term (a copy starts its own
+terms from 0, with the replicas that will lead it)."""
 
 _OWN_META = frozenset({"schema"})
 """``meta`` keys each store keeps for itself."""

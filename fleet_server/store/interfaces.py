@@ -143,6 +143,13 @@ class AuditStore(Protocol):
 class RolloutStore(Protocol):
     """The rollout runner's writes and the rollout reads, with its change feed and the fleet baseline."""
 
+    def fence(self, term: int | None) -> None:
+        """Make every later rollout write (``write_rollouts``, ``mark_published``, ``set_fleet_baseline``)
+        carry the leadership ``term``: it is refused with :class:`~fleet_server.errors.NotLeader`, in
+        its own transaction, when the stored term is newer, and always for a negative term (not
+        leading). None leaves writes unfenced (tools, tests)."""
+        ...
+
     def write_rollouts(self, write: RolloutWrite) -> None:
         """Write the rollout runner's step results in ONE transaction: rollout states, their audit entries,
         gate decisions, new (unpublished) assignments, progress samples and the read cursor."""

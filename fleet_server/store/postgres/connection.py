@@ -26,7 +26,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from fleet_server.errors import StoreError, StoreRefused
+from fleet_server.errors import NotLeader, StoreError, StoreRefused
 
 __all__ = ["PgConnection", "PgConnections"]
 
@@ -52,6 +52,7 @@ class PgConnections:
         self.where = url
         self._write_lock = threading.Lock()
         self._closed = False
+        self._term: int | None = None
         kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, "connect_timeout": 10,
                                   "application_name": "fleet-server"}
         if password is not None:
@@ -81,6 +82,27 @@ class PgConnections:
                 raise StoreRefused(f"cannot {what} in {self.where}: {_reason(exc)}") from exc
             except (psycopg.Error, PoolTimeout) as exc:
                 raise StoreError(f"cannot {what} in {self.where}: {_reason(exc)}") from exc
+
+    def fence(self, term: int | None) -> None:
+        """Make every later rollout write carry the leadership ``term`` and be refused when the stored
+        term is newer (or always, for a negative term: not leading). None: unfenced (tools, tests)."""
+        self._term = term
+
+    def _check_term(self, conn: PgConnection) -> None:
+        """Refuse the write in progress (inside its transaction) when this store is fenced with a term
+        older than the stored one, or with a negative one. The row is read ``FOR SHARE``: a replica
+        taking the leadership (``UPDATE leader_term``) waits for this transaction, and this one for
+        it, so a write commits either before the new term exists or not at all."""
+        term = self._term
+        if term is None:
+            return
+        if term < 0:
+            raise NotLeader(f"rollout write refused in {self.where}: this replica is not the leader")
+        row = conn.execute("SELECT term FROM leader_term WHERE id = 1 FOR SHARE").fetchone()
+        stored = 0 if row is None else int(row["term"])
+        if stored > term:
+            raise NotLeader(f"rollout write refused in {self.where}: leadership term {term} is over, "
+                            f"another replica leads with term {stored}")
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[PgConnection]:

@@ -48,6 +48,7 @@ class PgRollouts(PgConnections):
             StoreError: the database cannot be written (nothing is stored).
         """
         with self._writing("store rollout state") as conn:
+            self._check_term(conn)
             for row in write.rollouts:
                 conn.execute(
                     'INSERT INTO rollout_records (id, release, "commit", previous, plan, state, phase, wave,'
@@ -118,6 +119,7 @@ class PgRollouts(PgConnections):
             StoreError: the database cannot be written.
         """
         with self._writing("store the fleet baseline") as conn:
+            self._check_term(conn)
             conn.execute(_META_UPSERT,
                          ("fleet_baseline", to_json({"release": int(release), "commit": commit})))
 
@@ -296,6 +298,7 @@ class PgRollouts(PgConnections):
         if not published:
             return
         with self._writing("mark assignments published") as conn:
+            self._check_term(conn)
             conn.cursor().executemany(
                 "UPDATE rollout_assignments SET published_at = %s WHERE device = %s AND release = %s"
                 " AND rollout_id = %s AND published_at IS NULL",

@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-from fleet_server.errors import StoreError, StoreRefused
+from fleet_server.errors import NotLeader, StoreError, StoreRefused
 
 __all__ = ["SqliteConnections", "insert_or_ignore"]
 
@@ -62,6 +62,7 @@ class SqliteConnections:
         self._reader_slots = threading.BoundedSemaphore(_READERS)
         self._pool_lock = threading.Lock()
         self._closed = False
+        self._term: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._wconn = self._connect()
@@ -89,6 +90,37 @@ class SqliteConnections:
             except sqlite3.Error as exc:
                 self._rollback()
                 raise StoreError(f"cannot {what} in {self.path}: {exc}") from exc
+
+    def fence(self, term: int | None) -> None:
+        """Make every later rollout write carry the leadership ``term`` and be refused when the stored
+        term is newer (or always, for a negative term: not leading). None: unfenced (tools, tests)."""
+        self._term = term
+
+    def take_term(self, holder: str, now: float) -> int:
+        """Increment the stored leadership term for ``holder``, fence this store with it and return it.
+
+        Raises:
+            StoreError: the database cannot be written.
+        """
+        with self._writing("take the leadership term"), self._db.atomic():
+            self._wconn.execute("UPDATE leader_term SET term = term + 1, holder = ?, since = ? WHERE id = 1",
+                                (holder, now))
+            row = self._wconn.execute("SELECT term FROM leader_term WHERE id = 1").fetchone()
+        term = int(row[0])
+        self._term = term
+        return term
+
+    def _check_term(self) -> None:
+        """Refuse the write in progress (inside the write lock) when this store is fenced with a term
+        older than the stored one, or with a negative one."""
+        term = self._term
+        if term is None:
+            return
+        row = self._wconn.execute("SELECT term FROM leader_term WHERE id = 1").fetchone()
+        stored = 0 if row is None else int(row[0])
+        if term < 0 or stored > term:
+            raise NotLeader(f"rollout write refused in {self.path}: not the leader "
+                            f"(term {term}, stored term {stored})")
 
     def _rollback(self) -> None:
         if self._wconn.in_transaction:

@@ -70,6 +70,7 @@ class SqliteRollouts(SqliteConnections):
             statements.append(("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                [(f"rollout_cursor.{k}", str(int(v))) for k, v in cursor]))
         with self._writing("store rollout state"), self._db.atomic():
+            self._check_term()
             for sql, params in statements:
                 if params:
                     self._wconn.executemany(sql, params)
@@ -97,6 +98,7 @@ class SqliteRollouts(SqliteConnections):
             StoreError: the database cannot be written.
         """
         with self._writing("store the fleet baseline"), self._db.atomic():
+            self._check_term()
             self._wconn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('fleet_baseline', ?)",
                                 (to_json({"release": int(release), "commit": commit}),))
 
@@ -276,6 +278,7 @@ class SqliteRollouts(SqliteConnections):
             return
         params = [(at, d, int(v), r) for d, v, r in published]  # converted before the write lock
         with self._writing("mark assignments published"), self._db.atomic():
+            self._check_term()
             self._wconn.executemany(
                 "UPDATE rollout_assignments SET published_at = ? WHERE device = ? AND release = ?"
                 " AND rollout_id = ? AND published_at IS NULL", params)
