@@ -88,12 +88,16 @@ class ReleaseRecorder(Protocol):
 
 
 class _Refused(Exception):
-    """A head commit the watcher refuses: ``code`` is the metric label, the message the reason."""
+    """A head commit the watcher refuses: ``code`` is the metric label, the message the reason, and
+    ``cause`` the verifier's own error when the verifier refused it (logged as it is, so the log names
+    the same error class as a device's refusal)."""
 
-    def __init__(self, code: str, message: str, release: int | None = None) -> None:
+    def __init__(self, code: str, message: str, release: int | None = None, *,
+                 cause: Exception | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.release = release
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ class GitWatcher:
                 return PollOutcome("fetch_failed", commit=commit, reason=str(exc))
             except UntrustedInputError as exc:
                 self._last_commit = commit
-                return self._refuse(commit, _Refused(refusal_reason(exc), str(exc)))
+                return self._refuse(commit, _Refused(refusal_reason(exc), str(exc), cause=exc))
             except _Refused as refusal:
                 self._last_commit = commit
                 return self._refuse(commit, refusal)
@@ -216,7 +220,7 @@ class GitWatcher:
         """Count, log, record and notify a refused head; a store failure is logged, never raised."""
         code, message = refusal.code, str(refusal)
         self.metrics.refused(code)
-        log.warning("git watcher: refused %s (%s): %s", commit, code, message)
+        log.warning("git watcher: refused %s (%s): %s", commit, code, refusal.cause or message)
         detail: dict[str, Any] = {"code": code}
         if refusal.release is not None:
             detail["release"] = refusal.release

@@ -360,7 +360,8 @@ def test_fleet_server_process_ingests_serves_and_stops_on_sigterm(tmp_path, brok
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5) as r:
                 health = json.loads(r.read())
             time.sleep(0.1)
-        assert health == {"status": "ok", "broker_connected": True, "ingest_backlog_seconds": 0.0}
+        assert health == {"status": "ok", "broker_connected": True, "ingest_backlog_seconds": 0.0,
+                          "store": "sqlite", "role": "leader"}
         publisher.send(t("dev-e2e", "status"), m.encode(m.status_message(
             "dev-e2e", commit=COMMIT, release=2, sync_state="applied", drift={}, paused=False, ts=now_ts(),
             labels={"site": "north", "canary": "true"}, profile="rpi4")))

@@ -7,7 +7,6 @@ import contextlib
 import math
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from playwright import sync_api as playwright_sync
 
 from edge_core.messages import event_message, health_message, online_message, status_message
@@ -25,7 +22,7 @@ from fleet_server.config import GitConfig, HttpConfig, ServerConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import IngestBatch, Store
-from tests.support.mirror import free_port
+from tests.support.api_server import serve_app as serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -102,27 +99,6 @@ def server_config(tmp_path: Path, *, read_token: bool = False) -> ServerConfig:
         read.chmod(0o600)
     return ServerConfig(http=HttpConfig(admin_token_file=admin, read_token_file=read),
                         git=GitConfig(url="git://127.0.0.1/fleet.git", cache_dir=tmp_path / "cache"))
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10.0
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10.0)
 
 
 @dataclass
