@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,7 +39,7 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.api.app import ApiActions, create_app
     from fleet_server.baseline import FleetBaseline, log_phase_errors
     from fleet_server.config import DEFAULT_CONFIG_PATH, ServerConfig, load_server_config, parse_set_options
-    from fleet_server.errors import FleetError, StoreError, UsageError
+    from fleet_server.errors import FleetError, ServerConfigError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
     from fleet_server.ingest_supervisor import IngestSupervisor, publisher_client_id
     from fleet_server.leader_lock import claim_sqlite_store, leader_lock
@@ -264,6 +265,34 @@ def both_listeners(first: Callable[[RolloutState, str], None],
     return listener
 
 
+def check_http_port(host: str, port: int) -> None:
+    """Refuse to start when the HTTP address cannot be bound (a port in use, an address not of this
+    machine), with one line, instead of uvicorn's own exit after everything else has started.
+
+    Raises:
+        ServerConfigError: the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        raise ServerConfigError(f"http: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()
+
+
+def _log_when_listening(server: uvicorn.Server, config: ServerConfig) -> None:
+    """Log "listening" once uvicorn has bound its socket (bounded wait), never before."""
+    deadline = time.monotonic() + 60.0
+    while not server.started and not server.should_exit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.started:
+        log.info("fleet server listening on http://%s:%s, broker %s:%s", config.http.host, config.http.port,
+                 config.mqtt.host, config.mqtt.port)
+
+
 def _quiet_stop_signals() -> None:
     """Make SIGTERM/SIGINT harmless outside uvicorn's own handling: uvicorn raises the signal again
     after its shutdown, which would otherwise kill the process before the ingest queue is flushed."""
@@ -291,6 +320,7 @@ def run_server(config: ServerConfig) -> None:
     # one page of devices waited up to 5 ms per row behind a busy ingest thread (p95 0.33 s at
     # 100,000 heartbeating devices, bench/bench_rollout.py). 1 ms bounds that wait.
     sys.setswitchinterval(_SWITCH_INTERVAL)
+    check_http_port(config.http.host, config.http.port)  # before anything starts: one line, exit 1
     owner = claim_sqlite_store(config)  # one process owns a SQLite store: refuse a second one
     try:
         store = open_store(config.store)
@@ -339,8 +369,8 @@ def run_server(config: ServerConfig) -> None:
         app = create_app(store, config, metrics, actions=actions)
         server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                                log_config=None, access_log=False, lifespan="off"))
-        log.info("fleet server listening on http://%s:%s, broker %s:%s", config.http.host, config.http.port,
-                 config.mqtt.host, config.mqtt.port)
+        threading.Thread(target=_log_when_listening, args=(server, config), name="listening-log",
+                         daemon=True).start()
         _quiet_stop_signals()
         server.run()
     finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,25 @@ def test_an_unknown_key_names_the_file_line_and_nearest_key_but_a_set_value_no_f
     with pytest.raises(ServerConfigError) as info:
         load_server_config(path, parse_set_options(["ingest.batch_size=0"]))
     assert str(info.value).startswith("ingest.batch_size: ")
+
+
+def test_a_busy_http_port_is_one_line_and_exit_1_before_anything_starts(tmp_path: Path) -> None:
+    """The HTTP address is checked before the store, the broker link or any process starts: a port in
+    use is refused in one line with exit code 1 (uvicorn exited with 3 after everything had started)."""
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "fleet_server.main", "--http-port", str(port), "--mqtt-port", "1",
+             "--db", str(tmp_path / "fleet.db")],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    finally:
+        busy.close()
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"fleet-server: http: cannot listen on 127.0.0.1:{port}:")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "fleet.db").exists()  # nothing was started or created
