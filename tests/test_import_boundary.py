@@ -64,10 +64,8 @@ ADAPTERS: dict[str, dict[str, str]] = {
     },
 }
 
-# (file, imported module) pairs that still cross the boundary while another change lands: the
-# server's own store/broker/plan errors replace the agent's in fleet_server/store.py,
-# store_rollouts.py, ingest.py and rollouts/plan.py. The shared errors those files raise today live in
-# edge_core.errors, so nothing is pending now; the integrator keeps this set empty.
+# (file, imported module) pairs allowed to cross the boundary for the length of one change that
+# removes them; empty, and kept empty: a pair left here is a crossing nobody is removing.
 PENDING: frozenset[tuple[str, str]] = frozenset()
 
 
