@@ -17,7 +17,7 @@
     │   ├── RootRotationError               a new key set not signed by the old threshold
     │   ├── PathError (ValueError)          `..`, absolute escape, NUL, non-normalised path
     │   │   └── ConfinementError            outside the allowed roots / through a symlink / special file
-    │   ├── BundleError (ValueError)        a bundle, fleet.yaml or overlay violates the format
+    │   ├── BundleError (ValueError)        a bundle, fleet.yaml or overlay breaks the format (located)
     │   │   └── YamlError                   the YAML text is malformed, too large or uses aliases
     │   ├── SecretError                     a sealed secret cannot be opened
     │   │   ├── NotARecipientError          this device's key is not among the recipients
@@ -52,6 +52,7 @@ __all__ = [
     "FileIntegrityError",
     "FileMissing",
     "KeyFileError",
+    "LocatedError",
     "ManifestError",
     "ManifestTooLarge",
     "MessageError",
@@ -140,12 +141,10 @@ class ConfinementError(PathError):
     """A path leaves the allowed roots, passes through a symlink, or names a special file."""
 
 
-class BundleError(UntrustedInputError, ValueError):
-    """A bundle, overlay or fleet.yaml does not follow the config-repo format.
-
-    ``where`` is the location inside the document (keys and list indexes from its top), so that
-    ``fleetctl lint`` can map it to a line; ``file`` is the repo-relative file when known.
-    """
+class LocatedError(Exception):
+    """An error in a YAML document that names where: ``where`` is the location inside the document
+    (keys and list indexes from its top), so that ``fleetctl lint`` can map it to a line; ``file`` is
+    the repo-relative file when known. A mixin of :class:`BundleError` and the server's ``PlanError``."""
 
     def __init__(self, reason: str, where: tuple[str | int, ...] = (), file: str = "") -> None:
         self.reason = reason
@@ -154,6 +153,11 @@ class BundleError(UntrustedInputError, ValueError):
         loc = ".".join(str(p) for p in where)
         prefix = f"{file}: " if file else ""
         super().__init__(f"{prefix}{loc + ': ' if loc else ''}{reason}")
+
+
+class BundleError(LocatedError, UntrustedInputError, ValueError):
+    """A bundle, overlay or fleet.yaml does not follow the config-repo format (located: see
+    :class:`LocatedError`)."""
 
 
 class YamlError(BundleError):

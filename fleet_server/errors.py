@@ -16,6 +16,8 @@ caught at the same place in the entry points.
 
 from __future__ import annotations
 
+from edge_core.errors import LocatedError
+
 __all__ = ["ApiError", "BrokerError", "FleetError", "LintFailed", "NotLeader", "PlanError",
            "ServerConfigError", "StoreError", "StoreRefused", "UsageError"]
 
@@ -58,17 +60,6 @@ class BrokerError(FleetError, OSError):
     """Talking to the MQTT broker failed; the operation may be retried later."""
 
 
-class PlanError(FleetError, ValueError):
-    """A rollout plan, or a maintenance window in it, does not follow the format.
-
-    ``where`` is the location inside the document (keys and list indexes from its top), so that
-    ``fleetctl lint`` can map it to a line; ``file`` is the repo-relative file when known.
-    """
-
-    def __init__(self, reason: str, where: tuple[str | int, ...] = (), file: str = "") -> None:
-        self.reason = reason
-        self.where = where
-        self.file = file
-        loc = ".".join(str(p) for p in where)
-        prefix = f"{file}: " if file else ""
-        super().__init__(f"{prefix}{loc + ': ' if loc else ''}{reason}")
+class PlanError(LocatedError, FleetError, ValueError):
+    """A rollout plan, or a maintenance window in it, does not follow the format (located, as a
+    bundle error is: see :class:`edge_core.errors.LocatedError`)."""

@@ -10,10 +10,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ExamplesHelpFormatter", "add_json_option", "emit", "json_requested", "positive_seconds",
-           "print_json", "server_options"]
+__all__ = ["ExamplesHelpFormatter", "add_json_option", "emit", "json_requested", "page_offset",
+           "positive_seconds", "print_json", "server_options"]
 
 _MAX_HTTP_TIMEOUT = 86400.0
+
+
+def page_offset(text: str) -> int:
+    """Parse ``--offset``: how many entries of a paged listing to skip, a whole number from 0.
+
+    Raises:
+        argparse.ArgumentTypeError: not a whole number, or out of range.
+    """
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
+    if not 0 <= value <= 10**9:
+        raise argparse.ArgumentTypeError("must be a whole number from 0")
+    return value
 
 
 def positive_seconds(text: str) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 from fleet_server.cli.common import (
     ExamplesHelpFormatter,
     add_json_option,
+    page_offset,
     positive_seconds,
     print_json,
     server_options,
@@ -323,15 +324,6 @@ def page_limit(text: str) -> int:
     return value
 
 
-def _offset(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
-    if not 0 <= value <= 10**9:
-        raise argparse.ArgumentTypeError("must be a whole number from 0")
-    return value
-
 
 def register(subparsers: Any) -> None:
     """Add the ``devices``, ``device`` and ``enroll`` sub-commands."""
@@ -353,7 +345,7 @@ def register(subparsers: Any) -> None:
                         help="only devices that are offline")
     devices.add_argument("--limit", type=page_limit, default=1000,
                          help="at most this many devices, 1 to 1000 (default: 1000)")
-    devices.add_argument("--offset", type=_offset, default=0, metavar="N",
+    devices.add_argument("--offset", type=page_offset, default=0, metavar="N",
                          help="skip the first N matching devices, for the next page (default: 0)")
     devices.set_defaults(func=_run_devices)
 

@@ -9,7 +9,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, print_json, server_options
+from fleet_server.cli.common import (
+    ExamplesHelpFormatter,
+    add_json_option,
+    page_offset,
+    print_json,
+    server_options,
+)
 from fleet_server.cli.devices import api_get, client_of, format_time, page_limit
 from fleet_server.errors import ApiError
 
@@ -60,15 +66,6 @@ def _run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _offset(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
 
 def register(subparsers: Any) -> None:
     """Add the ``notifications`` sub-command with its ``list`` action."""
@@ -87,5 +84,5 @@ def register(subparsers: Any) -> None:
                          help="only deliveries in this state")
     listing.add_argument("--limit", type=page_limit, default=100,
                          help="at most this many deliveries, 1 to 1000 (default: 100)")
-    listing.add_argument("--offset", type=_offset, default=0, help="skip this many first (default: 0)")
+    listing.add_argument("--offset", type=page_offset, default=0, help="skip this many first (default: 0)")
     listing.set_defaults(func=_run_list)
