@@ -52,7 +52,8 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -161,12 +162,8 @@ class Driver(ABC):
             DriverError: the state cannot be read (any failure that is not one of the agent's own
                 errors is turned into one here, naming the resource).
         """
-        try:
+        with _translated(DriverError, lambda: f"{self.kind}: cannot observe {res.id}"):
             return self._observe(res, ctx)
-        except EdgeFleetError:
-            raise
-        except Exception as exc:  # the one place a driver's foreign error is translated
-            raise _foreign(DriverError, f"{self.kind}: cannot observe {res.id}", exc) from exc
 
     @abstractmethod
     def _observe(self, res: Resource, ctx: Context) -> Any:
@@ -188,13 +185,8 @@ class Driver(ABC):
                 own errors is turned into one here, naming the change).
             ConfinementError: a path turned out to be unsafe.
         """
-        try:
+        with _translated(ApplyError, lambda: f"{self.kind}: cannot {change.action} {change.resource_id}"):
             self._apply(change, ctx)
-        except EdgeFleetError:
-            raise
-        except Exception as exc:  # the one place a driver's foreign error is translated
-            what = f"{self.kind}: cannot {change.action} {change.resource_id}"
-            raise _foreign(ApplyError, what, exc) from exc
 
     @abstractmethod
     def _apply(self, change: Change, ctx: Context) -> None:
@@ -207,12 +199,8 @@ class Driver(ABC):
             ApplyError: the backup could not be taken (foreign failures are turned into one here).
             ConfinementError: a path turned out to be unsafe.
         """
-        try:
+        with _translated(ApplyError, lambda: f"{self.kind}: cannot back up {change.resource_id}"):
             return self._snapshot(change, ctx)
-        except EdgeFleetError:
-            raise
-        except Exception as exc:  # the one place a driver's foreign error is translated
-            raise _foreign(ApplyError, f"{self.kind}: cannot back up {change.resource_id}", exc) from exc
 
     def _snapshot(self, change: Change, ctx: Context) -> list[dict[str, Any]]:
         """The kind's backup records for ``change``.
@@ -229,14 +217,8 @@ class Driver(ABC):
         Raises:
             ApplyError: the record cannot be restored (foreign failures are turned into one here).
         """
-        try:
+        with _translated(ApplyError, lambda: f"{self.kind}: cannot undo {_record_name(record)}"):
             self._undo(record, ctx)
-        except EdgeFleetError:
-            raise
-        except Exception as exc:  # the one place a driver's foreign error is translated
-            where = (record.get("path") or record.get("name") if isinstance(record, Mapping) else None) \
-                or "a backup record"
-            raise _foreign(ApplyError, f"{self.kind}: cannot undo {where}", exc) from exc
 
     def _undo(self, record: Mapping[str, Any], ctx: Context) -> None:
         """The kind's restoring of ``record``; the default restores an ``fsafe`` capture record."""
@@ -274,12 +256,8 @@ class Driver(ABC):
         Raises:
             DriverError: the spec cannot be made (foreign failures are turned into one here).
         """
-        try:
+        with _translated(DriverError, lambda: f"{self.kind}: cannot describe {res.id}"):
             return self._spec_of(res, ctx)
-        except EdgeFleetError:
-            raise
-        except Exception as exc:  # the one place a driver's foreign error is translated
-            raise _foreign(DriverError, f"{self.kind}: cannot describe {res.id}", exc) from exc
 
     def _spec_of(self, res: Resource, ctx: Context) -> tuple[dict[str, Any], str]:
         """The kind's spec of ``res``: the default is its fields plus the SHA-256 of its payload."""
@@ -305,6 +283,24 @@ class Driver(ABC):
     def unsupported(self, change: Change) -> ApplyError:
         """Return the error for an action this driver does not know."""
         return ApplyError(f"driver {self.kind} cannot apply action {change.action!r} ({change.resource_id})")
+
+
+@contextmanager
+def _translated(cls: type[DriverError], what: Callable[[], str]) -> Iterator[None]:
+    """The one place a driver's foreign error is translated: the agent's own errors pass as they
+    are; any other becomes ``cls`` naming ``what()`` (built only on failure)."""
+    try:
+        yield
+    except EdgeFleetError:
+        raise
+    except Exception as exc:
+        raise _foreign(cls, what(), exc) from exc
+
+
+def _record_name(record: object) -> str:
+    """What a backup record restores, for a message: its path or name, else "a backup record"."""
+    name = (record.get("path") or record.get("name")) if isinstance(record, Mapping) else None
+    return str(name) if name else "a backup record"
 
 
 def _foreign(cls: type[DriverError], what: str, exc: Exception) -> DriverError:
