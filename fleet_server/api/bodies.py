@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from edge_core.messages import DEVICE_ID_RE, LABEL_KEY_RE, MAX_LABEL_VALUE, MAX_LABELS, PROFILE_RE
@@ -43,8 +43,8 @@ def _whole(value: object, reason: str) -> int:
     return value
 
 
-Reason = Annotated[str, Field(max_length=MAX_REASON, description="why, for the audit log (whitespace "
-                                                                  "folded)")]
+Reason = Annotated[str, BeforeValidator(_reason),
+                   Field(max_length=MAX_REASON, description="why, for the audit log (whitespace folded)")]
 
 
 class EnrollBody(BaseModel):
@@ -89,11 +89,6 @@ class EnrollBody(BaseModel):
             raise BodyFieldError("profile must be a profile name: 1-64 characters of A-Z a-z 0-9 . _ -")
         return value
 
-    @field_validator("reason", mode="before")
-    @classmethod
-    def _reason(cls, value: object) -> object:
-        return _reason(value)
-
 
 class StartRolloutBody(BaseModel):
     """``POST /api/v1/rollouts``: start a rollout of a recorded signed release."""
@@ -125,11 +120,6 @@ class StartRolloutBody(BaseModel):
             raise BodyFieldError("plan_name must be text")
         return value
 
-    @field_validator("reason", mode="before")
-    @classmethod
-    def _reason(cls, value: object) -> object:
-        return _reason(value)
-
 
 class ActionBody(BaseModel):
     """``POST /api/v1/rollouts/{id}/{action}``: why, and for ``promote`` the wave approved."""
@@ -138,11 +128,6 @@ class ActionBody(BaseModel):
 
     reason: Reason = ""
     wave: Annotated[int | None, Field(ge=0, description="promote: the wave index (0-based) approved")] = None
-
-    @field_validator("reason", mode="before")
-    @classmethod
-    def _reason(cls, value: object) -> object:
-        return _reason(value)
 
     @field_validator("wave", mode="before")
     @classmethod
