@@ -6,8 +6,8 @@ ingest processes (``ingest.processes``, see ``ingest_supervisor.py``; with 0 the
 this process), then the MQTT client (paho waits on its socket with ``select()``, which cannot watch
 descriptors numbered 1024 or more, so it opens before anything that may hold many; publish-only when
 ingest runs in its own processes), a bounded wait (10 s) for the ingest processes to connect and
-subscribe, then the leadership (the leader alone runs the rollout runner, the Git watcher and the
-baseline publisher: see ``leadership.py``), the pruning timer and the notifier's delivery thread,
+subscribe, then the leadership (the leader alone runs the rollout runner, the Git watcher, the
+baseline publisher and the notifier's delivery thread: see ``leadership.py``), the pruning timer,
 then the HTTP API (uvicorn in the main thread; it turns SIGTERM and SIGINT into a clean shutdown).
 On the way out the ingest processes are stopped first (SIGTERM; each commits and acknowledges what it
 has queued before it disconnects and exits), so a clean stop loses nothing and leaves no process
@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,15 +169,15 @@ class GitPlans:
 
 
 class LeaderDuties:
-    """What only the leader runs: the rollout runner, the fleet baseline publisher and (with
-    ``git.url``) the Git watcher. Started each time this replica takes the leadership (reloading
+    """What only the leader runs: the rollout runner, the fleet baseline publisher, the notifier's
+    scans and deliveries and (with ``git.url``) the Git watcher. Started each time this replica takes the leadership (reloading
     the rollouts another leader may have moved) and stopped when it loses it."""
 
     def __init__(self, config: ServerConfig, store: FleetStore, runner: RolloutRunner, *,
                  baseline: FleetBaseline, nudge: Callable[[str, int], None], metrics: ServerMetrics,
-                 notify: Callable[[str, Mapping[str, Any]], object] | None = None) -> None:
+                 notifier: Notifier | None = None) -> None:
         self._config = config
-        self._notify = notify
+        self._notifier = notifier
         self._store = store
         self._runner = runner
         self._baseline = baseline
@@ -199,8 +199,11 @@ class LeaderDuties:
             self._plans = GitPlans(self._config, self._store, self._runner, self._nudge, self._baseline)
             self._runner.set_plan_loader(self._plans.named)
             self._watcher = GitWatcher(self._config, self._store, self._plans.on_release,
-                                       metrics=self._metrics.releases, notify=self._notify)
+                                       metrics=self._metrics.releases,
+                                       notify=self._notifier.refusal_hook if self._notifier else None)
             self._watcher.start()
+        if self._notifier is not None:  # one replica delivers: no two scans, no delivery sent twice
+            self._notifier.start()
 
     def trigger_git(self) -> None:
         """Poll the Git mirror now (a webhook); nothing on a follower."""
@@ -209,7 +212,9 @@ class LeaderDuties:
             watcher.trigger()
 
     def stop(self) -> None:
-        """Stop the Git watcher and the runner (bounded, idempotent)."""
+        """Stop the notifier, the Git watcher and the runner (bounded, idempotent)."""
+        if self._notifier is not None:
+            self._notifier.stop()
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.stop()
@@ -359,12 +364,11 @@ def run_server(config: ServerConfig) -> None:
         runner.set_commit_listener(notifier.on_commit)
         metrics.attach_rollouts(runner)
         duties = LeaderDuties(config, store, runner, baseline=baseline, nudge=ingestor.publish_nudge,
-                              metrics=metrics, notify=notifier.refusal_hook)
+                              metrics=metrics, notifier=notifier)
         leadership = Leadership(leader_lock(config, store), store, duties, lease=config.leader.lease)
         leadership.start()
         metrics.attach_role(store.backend, lambda: leadership.role if leadership is not None else "follower")
         pruner.start()
-        notifier.start()
         actions = ApiActions(trigger_git=duties.trigger_git if config.git.url else None, rollouts=runner)
         app = create_app(store, config, metrics, actions=actions)
         server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,

@@ -243,7 +243,11 @@ class Notifier:
             self._wake.clear()
 
     def start(self) -> None:
-        """Start the delivery thread."""
+        """Start the delivery thread (again after :meth:`stop`: a replica that regains the leadership);
+        nothing when it runs."""
+        if self._thread is not None:
+            return
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
         self._thread.start()
 
