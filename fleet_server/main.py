@@ -170,8 +170,9 @@ class GitPlans:
 
 class LeaderDuties:
     """What only the leader runs: the rollout runner, the fleet baseline publisher, the notifier's
-    scans and deliveries and (with ``git.url``) the Git watcher. Started each time this replica takes the leadership (reloading
-    the rollouts another leader may have moved) and stopped when it loses it."""
+    scans and deliveries and (with ``git.url``) the Git watcher. Started each time this replica
+    takes the leadership (reloading the rollouts another leader may have moved) and stopped when it
+    loses it."""
 
     def __init__(self, config: ServerConfig, store: FleetStore, runner: RolloutRunner, *,
                  baseline: FleetBaseline, nudge: Callable[[str, int], None], metrics: ServerMetrics,
