@@ -4,6 +4,8 @@ Real SQLite in tmp_path; the probe is a value whose conversion records whether t
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +53,31 @@ def test_rollout_rows_are_converted_before_the_write_lock_is_taken(store: Store)
     store.mark_published([("dev0", published, "r1")], 9.0)  # type: ignore[list-item]
     assert published.held == [False]
     assert [a["published_at"] for a in store.assignments()] == [9.0, None, None]
+
+
+def test_a_write_that_reads_first_waits_for_another_process_writer_instead_of_failing(tmp_path: Path) -> None:
+    """Another process (an ingest process) commits while a rollout write's transaction is open, after
+    its leadership-term read: the write must still succeed. With a deferred BEGIN the read's snapshot
+    went stale and the write failed at once with "database is locked" (seen mid-rollout)."""
+    store = Store(tmp_path / "fleet.db")
+    other = sqlite3.connect(tmp_path / "fleet.db", timeout=10.0, check_same_thread=False)
+    try:
+        store.fence(store.take_term("replica-a", 1.0))
+        check_term = store._check_term
+        writer = threading.Thread(target=lambda: other.execute(
+            "INSERT OR REPLACE INTO counters (name, value) VALUES ('other.process', 1)") and other.commit())
+
+        def check_then_another_process_writes() -> None:
+            check_term()  # the read inside the rollout write's transaction
+            writer.start()
+            writer.join(1.0)  # bounded: it commits at once unless this transaction holds the file's lock
+
+        store._check_term = check_then_another_process_writes  # type: ignore[method-assign]
+        store.write_rollouts(RolloutWrite(cursor={"events": 1, "health": 1}))
+        writer.join(10.0)
+        assert not writer.is_alive()
+        assert store.rollout_cursor() == {"events": 1, "health": 1}
+        assert other.execute("SELECT value FROM counters WHERE name = 'other.process'").fetchone() == (1,)
+    finally:
+        other.close()
+        store.close()

@@ -38,7 +38,7 @@ class SqliteStore(SqliteIngest, SqlitePages, SqliteRollouts, SqliteFeed, SqliteA
         """
         super().__init__(path)
         try:
-            with self._writing("bring the schema up to date"):
+            with self._writing("bring the schema up to date", begin=False):  # it begins its own
                 self.schema_versions = create_schema(self._wconn, self.path)
         except StoreError:
             self.close()

@@ -80,16 +80,31 @@ class SqliteConnections:
         return conn
 
     @contextmanager
-    def _writing(self, what: str) -> Iterator[None]:
+    def _writing(self, what: str, *, begin: bool = True) -> Iterator[None]:
+        """Hold the writer for one write transaction, committed at the end (rolled back on error).
+
+        It begins ``IMMEDIATE`` (unless ``begin`` is false: the caller begins its own): the file's
+        write lock is taken first, waiting up to the busy timeout for another process's writer (an
+        ingest process), so a transaction that reads before it writes (the leadership term check)
+        never fails at once with "database is locked" when another process committed in between, as
+        a deferred ``BEGIN`` does in WAL mode. A nested ``atomic()`` becomes a savepoint of it.
+        """
         with self._write_lock:
             try:
+                if begin:
+                    self._wconn.execute("BEGIN IMMEDIATE")
                 yield
+                if begin and self._wconn.in_transaction:
+                    self._wconn.commit()
             except (sqlite3.IntegrityError, sqlite3.DataError, OverflowError) as exc:
                 self._rollback()
                 raise StoreRefused(f"cannot {what} in {self.path}: {exc}") from exc
             except sqlite3.Error as exc:
                 self._rollback()
                 raise StoreError(f"cannot {what} in {self.path}: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
 
     def fence(self, term: int | None) -> None:
         """Make every later rollout write carry the leadership ``term`` and be refused when the stored
