@@ -49,7 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load_fleet import FleetOptions, fleet_process
-from bench.rollout_probe import Sampler, ServerProcess, p95, scrape
+from bench.rollout_probe import DeliveryProbe, Sampler, ServerProcess, p95, scrape
 from edge_core import messages as m
 from fleet_server.store import Store
 
@@ -332,6 +332,7 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
                            "heartbeat": heartbeat, "ingest_processes": ingest_processes, "finished": False,
                            "phase": "not started"}
     fleet: _Fleet | None = None
+    probe: DeliveryProbe | None = None
     server = ServerProcess(work, 0, free_port())
     try:
         with Mosquitto(work / "broker", extra_lines=["max_inflight_messages 1000", "max_queued_messages 10000000",
@@ -362,6 +363,7 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
             if known < devices:
                 out["phase"] = f"registration not finished in {reg_deadline - t_reg:.0f} s"
                 return out
+            probe = DeliveryProbe(broker.port, list(_fleet_ids(devices))[::max(1, devices // 50)], PREFIX)
             fleet.beat()
             cpu0, t0 = server.cpu_seconds(), time.monotonic()
             answer = http.post("/api/v1/rollouts", json={"release": new[0], "plan": _plan(waves), "reason": "bench"},
@@ -400,6 +402,7 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
                 "lag_p95_seconds": round(p95(sampler.lag) or 0.0, 2) if sampler.lag else None,
                 "commit_delay_seconds": metrics.get("fleet_ingest_commit_delay_seconds"),
                 "receive_lag": _receive_lag(metrics),
+                "probe_delivery": probe.figures(),
                 "p95_ms": {k: _ms(p95(v)) for k, v in sampler.latency.items()},
                 "max_ms": {k: _ms(max(v)) if v else None for k, v in sampler.latency.items()},
                 "samples": len(sampler.latency["devices"]), "call_errors": sampler.errors,
@@ -411,6 +414,8 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
             })
             http.close()
     finally:
+        if probe is not None:
+            probe.stop()
         if fleet is not None:
             fleet.kill()
         server.stop()
@@ -437,7 +442,10 @@ def _goal_lines(r: Mapping[str, Any]) -> list[str]:
         line("ingest lag max / p95", f"{r['lag_max_seconds']} / {r['lag_p95_seconds']} s",
              f"goal < {g['lag_seconds']:.0f} s (received, not committed)"),
         line("send-to-receipt p95 <=", f"{r['receive_lag']['p95_le_seconds']} s",
-             f"{r['receive_lag']['over_5s_share']} of messages over 5 s (device ts to receipt)"),
+             f"{r['receive_lag']['over_5s_share']} of messages over 5 s (device ts to the server's receipt)"),
+        line("send-to-probe p95", f"{r['probe_delivery']['p95_seconds']} s",
+             f"{r['probe_delivery']['over_5s_share']} over 5 s (device ts to an idle subscriber, "
+             f"{r['probe_delivery']['reports']} reports of {r['probe_delivery']['devices']} devices)"),
         line("p95 GET /api/v1/devices", f"{p['devices']} ms", f"goal <= {g['p95_ms']:.0f} ms"),
         line("p95 GET /api/v1/summary", f"{p['summary']} ms", f"goal <= {g['p95_ms']:.0f} ms"),
         line("p95 rollout status", f"{p['rollout']} ms", f"goal <= {g['p95_ms']:.0f} ms"),

@@ -12,19 +12,23 @@ page of ``GET /api/v1/devices``, the dashboard's ``GET /api/v1/summary``, ``GET
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Sampler", "ServerProcess", "p95", "scrape"]
+__all__ = ["DeliveryProbe", "Sampler", "ServerProcess", "p95", "scrape"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CALL_TIMEOUT = 10.0
@@ -219,3 +223,50 @@ class Sampler:
         self._stop.set()
         self._thread.join(3 * _CALL_TIMEOUT + 5)
         self._http.close()
+
+
+class DeliveryProbe:
+    """An idle MQTT subscriber to every report of a sample of the simulated devices: how long a
+    report takes from the device (its ``ts``) to a subscriber that keeps up, to set beside the fleet
+    server's own send-to-receipt delay. The difference is the server's: the time its reports wait at
+    the broker or in its socket before it reads them.
+
+    Args:
+        port: the broker's port on 127.0.0.1.
+        devices: the device ids to follow.
+        prefix: the topic prefix.
+    """
+
+    def __init__(self, port: int, devices: list[str], prefix: str) -> None:
+        self.delays: list[float] = []
+        self.devices = len(devices)
+        self._lock = threading.Lock()
+        self._topics = [(f"{prefix}/{d}/{kind}", 0) for d in devices for kind in ("status", "health", "events")]
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-delivery-probe")
+        self._client.on_message = self._on_message
+        self._client.connect("127.0.0.1", port, keepalive=60)
+        self._client.loop_start()
+        self._client.subscribe(self._topics)
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        if msg.retain:
+            return
+        received = time.time()
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            ts = datetime.fromisoformat(str(json.loads(msg.payload)["ts"]).replace("Z", "+00:00")).timestamp()
+            with self._lock:
+                self.delays.append(received - ts)
+
+    def figures(self) -> dict[str, float | int | None]:
+        """The p95 delay (seconds), the share over 5 s, how many reports were seen, of how many devices."""
+        with self._lock:
+            delays = list(self.delays)
+        late = sum(1 for d in delays if d > 5.0)
+        return {"p95_seconds": None if not delays else round(p95(delays) or 0.0, 2),
+                "over_5s_share": None if not delays else round(late / len(delays), 4), "reports": len(delays),
+                "devices": self.devices}
+
+    def stop(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -226,6 +226,7 @@ def _rollout_size_rows(r: dict[str, Any], cmd: str) -> list[Row]:
         Row(f"rollout, {n}: ingest lag (backlog age, max)", f"{r['lag_max_seconds']} s",
             f"p95 {r['lag_p95_seconds']} s", "", "< 5 s",
             _met(r["lag_max_seconds"] is not None and r["lag_max_seconds"] < 5), cmd),
+        *_delivery_rows(r, n, cmd),
         Row(f"rollout, {n}: p95 of GET /api/v1/devices (first page) / summary / rollout status, every 1 s",
             f"{p['devices']} / {p['summary']} / {p['rollout']} ms", f"{r['samples']} samples", "", "≤ 100 ms",
             _met(len(p95s) == 3 and max(p95s) <= 100), cmd),
@@ -233,6 +234,17 @@ def _rollout_size_rows(r: dict[str, Any], cmd: str) -> list[Row]:
             _met(r["rss_max_mib"] <= 500 / 1.048576), cmd),
     ]
     return rows
+
+
+def _delivery_rows(r: dict[str, Any], n: str, cmd: str) -> list[Row]:
+    receipt, probe = r.get("receive_lag"), r.get("probe_delivery")
+    if not receipt or not probe or receipt.get("over_5s_share") is None or probe.get("over_5s_share") is None:
+        return []
+    return [Row(f"rollout, {n}: reports received more than 5 s after the device sent them (device `ts` → "
+                "receipt; the simulated devices share this machine's 2 cores)",
+                f"{100 * receipt['over_5s_share']:.1f} % at the fleet server (p95 ≤ {receipt['p95_le_seconds']} s)",
+                f"an idle MQTT subscriber to {probe['devices']} of the devices: {100 * probe['over_5s_share']:.1f} % "
+                f"(p95 {probe['p95_seconds']} s, {probe['reports']} reports)", "", "(no goal)", "—", cmd)]
 
 
 def rollout_rows(stdout: str, cmd: str) -> list[Row]:

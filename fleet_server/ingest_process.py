@@ -39,6 +39,7 @@ from edge_core.logs import setup_logging
 from fleet_server.config import ServerConfig
 from fleet_server.errors import FleetError
 from fleet_server.ingest import Ingestor
+from fleet_server.interpreter import freeze_startup, tune_interpreter
 from fleet_server.metrics import IngestMetrics
 from fleet_server.store import open_store
 
@@ -167,6 +168,7 @@ def serve(spec: ChildSpec, stdin: IO[bytes], out: IO[bytes]) -> None:
     ingestor = Ingestor(spec.config, store, metrics, client_id=spec.client_id, share_group=spec.share_group)
     try:
         ingestor.start()
+        freeze_startup()
         log.info("ingest process %s started (client id %s, share group %s)", spec.index, spec.client_id,
                  spec.share_group)
         while not stop.wait(REPORT_INTERVAL):
@@ -195,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("fleet-server-ingest: stdin did not carry this process's configuration\n")
         return 1
     setup_logging(spec.config.log_level)
+    tune_interpreter()
     try:
         serve(spec, sys.stdin.buffer, sys.stdout.buffer)
     except (EdgeFleetError, FleetError) as exc:

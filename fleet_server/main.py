@@ -42,6 +42,7 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.errors import FleetError, ServerConfigError, StoreError, UsageError
     from fleet_server.ingest import Ingestor
     from fleet_server.ingest_supervisor import IngestSupervisor, publisher_client_id
+    from fleet_server.interpreter import freeze_startup, tune_interpreter
     from fleet_server.leader_lock import claim_sqlite_store, leader_lock
     from fleet_server.leadership import Leadership
     from fleet_server.metrics import ServerMetrics
@@ -309,10 +310,6 @@ def _quiet_stop_signals() -> None:
 _INGEST_START_WAIT = 10.0
 """Seconds the server waits for its ingest processes to connect before it opens the API."""
 
-_SWITCH_INTERVAL = 0.001
-"""Seconds a thread may hold the interpreter lock while another waits for it (default 0.005)."""
-
-
 def run_server(config: ServerConfig) -> None:
     """Run the fleet server until SIGTERM/SIGINT, then stop every part cleanly.
 
@@ -321,11 +318,7 @@ def run_server(config: ServerConfig) -> None:
         BrokerError: the broker settings cannot be used.
         ServerConfigError: a token or secret file cannot be read.
     """
-    # The HTTP threads, the ingest threads and the rollout runner share one interpreter lock, and
-    # sqlite3 gives it up around every row it steps: with the default 5 ms switch interval a read of
-    # one page of devices waited up to 5 ms per row behind a busy ingest thread (p95 0.33 s at
-    # 100,000 heartbeating devices, bench/bench_rollout.py). 1 ms bounds that wait.
-    sys.setswitchinterval(_SWITCH_INTERVAL)
+    tune_interpreter()  # thread switching and the garbage collector (interpreter.py)
     check_http_port(config.http.host, config.http.port)  # before anything starts: one line, exit 1
     owner = claim_sqlite_store(config)  # one process owns a SQLite store: refuse a second one
     try:
@@ -377,6 +370,7 @@ def run_server(config: ServerConfig) -> None:
         threading.Thread(target=_log_when_listening, args=(server, config), name="listening-log",
                          daemon=True).start()
         _quiet_stop_signals()
+        freeze_startup()
         server.run()
     finally:
         if supervisor is not None:  # first: they commit and acknowledge what they hold, then exit

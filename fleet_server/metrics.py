@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -546,6 +547,7 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        GCCollector(registry=self.registry)  # python_gc_*: how often the collector ran (interpreter.py)
         self.ingest = IngestMetrics(self.registry)
         self.releases = ReleaseMetrics(self.registry)
         self._fleet: FleetCollector | None = None

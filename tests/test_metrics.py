@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,16 @@ def test_exposition_has_fleet_and_service_level_metrics(store: FleetStore) -> No
     assert samples[("fleet_drift_correction_seconds_count", ())] == 1
     assert len(COMMIT_TO_APPLIED_BUCKETS) + 1 == sum(
         1 for name, _ in samples if name == "fleet_drift_correction_seconds_bucket")
+
+
+def test_exposition_counts_the_garbage_collections_of_each_generation() -> None:
+    server_metrics = ServerMetrics()
+    before = _samples(server_metrics.exposition().decode())
+    gc.collect()  # a full collection: generation 2
+    after = _samples(server_metrics.exposition().decode())
+    key = ("python_gc_collections_total", (("generation", "2"),))
+    assert after[key] >= before[key] + 1
+    assert {("python_gc_collections_total", (("generation", g),)) for g in "012"} <= set(after)
 
 
 def test_empty_store_exports_no_ratios(store: FleetStore) -> None:

@@ -28,6 +28,18 @@ __all__ = ["SqliteConnections", "insert_or_ignore"]
 
 _READERS = 4
 """Read connections at most (each serves one thread at a time)."""
+_WRITER_CACHE_KIB = 16 * 1024
+"""Page cache of the write connection (SQLite's default is 2 MiB). A batch of heartbeats updates rows
+spread over the whole devices table; with the default cache the pager spills and reads pages back
+in the middle of the batch."""
+_CHECKPOINT_PAGES = 10_000
+"""WAL pages (4 KiB each, about 40 MiB) before a commit checkpoints them into the database file
+(SQLite's default is 1,000). One heartbeat batch dirties hundreds of pages across the devices
+table; with the default every batch or two is checkpointed and the same hot pages are copied
+again each time. Ten times fewer checkpoints copy each hot page once for several batches: 60 %
+more heartbeats a second stored by one writer (``bench/bench_ingest_writes.py``)."""
+_WAL_KEEP_BYTES = 64 * 1024 * 1024
+"""After a checkpoint the WAL file is truncated to at most this size instead of keeping its peak."""
 
 
 def insert_or_ignore(conn: sqlite3.Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -66,6 +78,9 @@ class SqliteConnections:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._wconn = self._connect()
+            self._wconn.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
+            self._wconn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+            self._wconn.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}")
             self._readers.put(self._connect())
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the fleet database {self.path}: {exc}") from exc
