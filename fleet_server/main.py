@@ -202,16 +202,24 @@ class LeaderDuties:
             self._runner.set_plan_loader(self._plans.named)
             self._watcher = GitWatcher(self._config, self._store, self._plans.on_release,
                                        metrics=self._metrics.releases,
-                                       notify=self._notifier.refusal_hook if self._notifier else None)
+                                       notify=self._notifier.refusal_hook if self._notifier else None,
+                                       poll_requests=self._store.git_poll_requested)
             self._watcher.start()
         if self._notifier is not None:  # one replica delivers: no two scans, no delivery sent twice
             self._notifier.start()
 
     def trigger_git(self) -> None:
-        """Poll the Git mirror now (a webhook); nothing on a follower."""
+        """Poll the Git mirror now (a webhook): at once on the leader; on a follower, through a poll
+        request in the store, which the leader's watcher sees within a second.
+
+        Raises:
+            StoreError: a follower cannot record the request.
+        """
         watcher = self._watcher
         if watcher is not None:
             watcher.trigger()
+        else:
+            self._store.request_git_poll(time.time())
 
     def stop(self) -> None:
         """Stop the notifier, the Git watcher and the runner (bounded, idempotent)."""

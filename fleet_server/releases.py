@@ -22,13 +22,16 @@ one is ``rollback`` (a force-pushed older release, or a new commit carrying an o
 tree); a head carrying the newest recorded release at another commit is ``replayed_tree``.
 
 It polls every ``git.poll_interval`` seconds in a thread of its own; :meth:`GitWatcher.trigger`
-(called by the webhook) wakes it at once.
+(called by the webhook) wakes it at once. A webhook that reached another replica (which runs no
+watcher) is recorded in the store as a poll request; the leader's watcher looks for a newer request
+every second and polls when it finds one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,6 +66,8 @@ __all__ = ["GitWatcher", "PollOutcome", "ReleaseRecorder", "refusal_reason"]
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 30.0
+_REQUEST_CHECK_S = 1.0
+"""Seconds between two looks at the stored poll request (``poll_requests``)."""
 
 
 class ReleaseRecorder(Protocol):
@@ -146,6 +151,8 @@ class GitWatcher:
         metrics: counters for polls, verified and refused releases (a private registry when None).
         notify: called as ``notify("release.refused", data)`` for each refused head (webhooks).
         clock: returns the current time (timezone-aware); expiry is checked against it.
+        poll_requests: returns when a poll was last requested through the store (a webhook on another
+            replica); a newer request than the last one seen makes the watcher poll now.
 
     Raises:
         ServerConfigError: the ``git`` section has no ``url``.
@@ -157,7 +164,8 @@ class GitWatcher:
     def __init__(self, config: ServerConfig, store: ReleaseRecorder,
                  publish_nudge: Callable[[str, int], None], *, metrics: ReleaseMetrics | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 notify: Callable[[str, Mapping[str, Any]], object] | None = None) -> None:
+                 notify: Callable[[str, Mapping[str, Any]], object] | None = None,
+                 poll_requests: Callable[[], float | None] | None = None) -> None:
         git = config.git
         if not git.url:
             raise ServerConfigError("git.url: the Git watcher needs the mirror's URL")
@@ -172,6 +180,8 @@ class GitWatcher:
         self._publish_nudge = publish_nudge
         self._clock = clock
         self._notify = notify
+        self._poll_requests = poll_requests
+        self._seen_request: float | None = None
         self._last_commit: str | None = None
         self._poll_lock = threading.Lock()
         self._wake = threading.Event()
@@ -295,13 +305,36 @@ class GitWatcher:
         self._thread.start()
 
     def _run(self) -> None:
+        self._new_request()  # a request older than this start is answered by its first poll
         while not self._stopping.is_set():
             try:
                 self.poll_once()
             except Exception:  # a bug must not end the watcher; it is logged with its traceback
                 log.exception("git watcher: poll failed unexpectedly")
-            self._wake.wait(self._interval)
+            self._wait_for_next_poll()
             self._wake.clear()
+
+    def _wait_for_next_poll(self) -> None:
+        """Wait for the poll interval, a trigger, a newer stored poll request, or the stop."""
+        deadline = time.monotonic() + self._interval
+        while (left := deadline - time.monotonic()) > 0:
+            step = left if self._poll_requests is None else min(left, _REQUEST_CHECK_S)
+            if self._wake.wait(step) or self._new_request():
+                return
+
+    def _new_request(self) -> bool:
+        """Whether the stored poll request is newer than the last one seen (and remember it)."""
+        if self._poll_requests is None:
+            return False
+        try:
+            requested = self._poll_requests()
+        except StoreError as exc:
+            log.debug("git watcher: cannot read the poll request: %s", exc)
+            return False
+        if requested is None or (self._seen_request is not None and requested <= self._seen_request):
+            return False
+        self._seen_request = requested
+        return True
 
     def stop(self) -> None:
         """Stop the polling thread (after a poll in progress ends) and close the Git cache."""

@@ -20,11 +20,14 @@ from edge_core.errors import SignatureError
 from edge_core.trust.keys import format_verify_key
 from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
 from fleet_server.api import ApiActions, create_app
+from fleet_server.baseline import FleetBaseline
 from fleet_server.cli.history import format_releases
 from fleet_server.config import HttpConfig, ServerConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
+from fleet_server.main import LeaderDuties
 from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher, PollOutcome
+from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import Store
 from tests.support.api_server import serve_app
 from tests.support.gitrepo import WorkRepo, git
@@ -189,6 +192,40 @@ def test_webhook_wakes_the_watcher_at_once(fleet: Fleet) -> None:
         assert fleet.nudges[-1] == (sha2, 2)
     finally:
         watcher.stop()
+
+
+def test_a_webhook_on_a_follower_makes_the_leaders_watcher_poll_through_the_store(fleet: Fleet) -> None:
+    fleet.release({"a.txt": "1\n"})
+    config = ServerConfig(git=fleet.config(poll_interval=3600.0).git)
+
+    def duties() -> LeaderDuties:  # one replica's leader duties, on the store the replicas share
+        runner = RolloutRunner(fleet.store, lambda *args, **kwargs: None)
+        baseline = FleetBaseline(fleet.store, lambda *args: None)
+        return LeaderDuties(config, fleet.store, runner, baseline=baseline, nudge=fleet.nudge,
+                            metrics=ServerMetrics())
+
+    leader, follower = duties(), duties()
+    follower_app = create_app(fleet.store, config, ServerMetrics(),
+                              actions=ApiActions(trigger_git=follower.trigger_git))
+    leader.start()
+    try:
+        _wait_for(fleet.nudged)                    # the leader's first poll
+        assert fleet.store.git_poll_requested() is None
+        sha2 = fleet.release({"a.txt": "2\n"})
+        time.sleep(1.5)
+        assert not fleet.nudged.is_set()           # the hour-long poll interval has not passed
+        body = b'{"ref": "refs/heads/main"}'
+        signature = "sha256=" + hmac.new(HOOK_SECRET, body, hashlib.sha256).hexdigest()
+        with serve_app(follower_app) as url:
+            accepted = httpx.post(url + "/api/v1/hooks/git", content=body,
+                                  headers={"X-Hub-Signature-256": signature}, timeout=5.0)
+        assert accepted.status_code == 202
+        assert fleet.store.git_poll_requested() is not None
+        _wait_for(fleet.nudged)                    # the leader saw the request in the store
+        assert fleet.nudges[-1] == (sha2, 2)
+        assert fleet.store.audit(action="git.poll")[0]["reason"] == "webhook"
+    finally:
+        leader.stop()
 
 
 def test_watcher_needs_a_git_url(fleet: Fleet) -> None:

@@ -321,7 +321,9 @@ def test_restart_mid_wave_continues_without_a_wrong_assignment(tmp_path, servers
     assert after.wave == 1
     assert after.devices == before.devices
     assert drive(again, rid, lambda ph: ph == "succeeded", clock=clock, step_seconds=20) == "succeeded"
-    assert all(got == [NEW[0]] for got in fleet.received.values()), fleet.received
+    # the outbox publishes at least once: an assignment published just before the stop and not yet
+    # marked published is published again, the same; never a different release
+    assert all(got and set(got) == {NEW[0]} for got in fleet.received.values()), fleet.received
     assert set(fleet.running.values()) == {NEW}
 
 

@@ -235,6 +235,14 @@ def test_events_and_health_are_newest_first_and_bounded(store: FleetStore):
     assert store.device_events("d2") == []
 
 
+def test_a_git_poll_request_is_stored_and_the_newest_one_read(store: FleetStore):
+    assert store.git_poll_requested() is None
+    store.request_git_poll(1000.25)
+    assert store.git_poll_requested() == 1000.25
+    store.request_git_poll(1001.5)
+    assert store.git_poll_requested() == 1001.5
+
+
 def test_release_records_and_commit_to_applied(store: FleetStore):
     b = IngestBatch()
     b.add("events", status("d1", ts=1100.0, type="sync_succeeded", commit="aaa", release=7), 1100.0)

@@ -72,7 +72,8 @@ class ApiActions:
     """The server's actions the API may start; an action that is None answers 503.
 
     Attributes:
-        trigger_git: wake the Git watcher to poll the mirror now (``GitWatcher.trigger``).
+        trigger_git: make the Git watcher poll the mirror now (``LeaderDuties.trigger_git``: at once on
+            the leader, through a poll request in the store on a follower).
         rollouts: the rollout runner behind ``/api/v1/rollouts`` (the routes are absent when None).
     """
 
@@ -198,7 +199,7 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
         actor = _webhook_actor(tokens, body, x_hub_signature_256, authorization)
         if actions.trigger_git is None:
             raise HTTPException(503, "the git watcher is not running")
-        actions.trigger_git()
+        await run_in_threadpool(actions.trigger_git)  # a follower records the request in the store
         await run_in_threadpool(store.add_audit, actor, "git.poll", git_target, "webhook")
         return {"triggered": True}
 

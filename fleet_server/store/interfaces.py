@@ -139,6 +139,15 @@ class AuditStore(Protocol):
         """Return the commit of a recorded signed release, or None when it is unknown."""
         ...
 
+    def request_git_poll(self, at: float) -> None:
+        """Record that the Git mirror should be polled now (a webhook reached a replica that does not
+        run the Git watcher); the leader's watcher polls when it sees a newer request."""
+        ...
+
+    def git_poll_requested(self) -> float | None:
+        """Return when the newest Git poll was requested, None before the first request."""
+        ...
+
 
 class RolloutStore(Protocol):
     """The rollout runner's writes and the rollout reads, with its change feed and the fleet baseline."""

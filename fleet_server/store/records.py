@@ -18,6 +18,7 @@ they are converted on the way in.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,7 @@ __all__ = [
     "device_updates",
     "event_rows",
     "health_row",
+    "request_time",
     "to_epoch",
 ]
 
@@ -47,9 +49,9 @@ _STATUS_FIELDS = (("release", "release"), ("revision", "revision"), ("sync_state
 DEVICE_COLUMNS = ("id", "labels", "profile", "first_seen", "last_seen", "online", "online_ts", "release",
                   "revision", "sync_state", "paused", "pause_reason", "drift", "last_error", "status_ts",
                   "last_event", "last_event_ts", "registered")
+"""The columns of a device row, in table order."""
 # Events whose reason becomes the device's ``last_error`` (a ``sync_succeeded`` clears it).
 _ERROR_EVENTS = frozenset({"sync_failed", "sync_refused", "sync_rolled_back"})
-"""The columns of a device row, in table order."""
 
 
 def _last_error(event: Mapping[str, Any]) -> str:
@@ -163,6 +165,15 @@ def from_json(text: object) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+def request_time(text: object) -> float | None:
+    """A stored request time (POSIX seconds as text); None when it is not a finite number."""
+    try:
+        value = float(str(text))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def as_text(value: object) -> str | None:
