@@ -26,6 +26,16 @@ FILES = 200
 RUNS = 5
 
 
+
+OURS = "edge_core.source (dulwich)"
+GIT = "git fetch (full clone)"
+"""The names of the two clients in the result lines (``bench/run_all.py`` reads them)."""
+
+
+def result_line(client: str, median_seconds: float, median_bytes: int) -> str:
+    """One result line: the client, its median time (s) and its median pack size (bytes)."""
+    return f"{client:<32}{median_seconds:>10.4f}{median_bytes:>14}"
+
 def build_mirror(bare: Path) -> None:
     """Fill ``bare`` with COMMITS commits over FILES files using one `git fast-import` stream."""
     lines: list[bytes] = []
@@ -101,8 +111,8 @@ def main() -> int:
             source.close()
         d_med, g_med = statistics.median(d_times), statistics.median(g_times)
         print(f"{'client':<32}{'median s':>10}{'median bytes':>14}")
-        print(f"{'edge_core.source (dulwich)':<32}{d_med:>10.4f}{int(statistics.median(d_bytes)):>14}")
-        print(f"{'git fetch (full clone)':<32}{g_med:>10.4f}{int(statistics.median(g_bytes)):>14}")
+        print(result_line(OURS, d_med, int(statistics.median(d_bytes))))
+        print(result_line(GIT, g_med, int(statistics.median(g_bytes))))
         print(f"time ratio dulwich/git: {d_med / g_med:.2f}")
     return 0
 

@@ -174,7 +174,7 @@ def c2a_rows(stdout: str, cmd: str) -> list[Row]:
     return rows
 
 
-_FETCH = re.compile(r"^(edge_agent\.source \(dulwich\)|git fetch \(full clone\))\s+([\d.]+)\s+(\d+)", re.M)
+_FETCH = re.compile(r"^(edge_core\.source \(dulwich\)|git fetch \(full clone\))\s+([\d.]+)\s+(\d+)", re.M)
 
 
 def fetch_rows(stdout: str, cmd: str) -> list[Row]:

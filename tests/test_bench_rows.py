@@ -10,8 +10,9 @@ import json
 import re
 from typing import Any
 
+from bench.bench_fetch import GIT, OURS, result_line
 from bench.bench_peers import TOOLS_ALL, TOOLS_PAIR, TOOLS_WARM, comparison_group
-from bench.run_all import c2a_rows, ingest_rows, peers_rows
+from bench.run_all import c2a_rows, fetch_rows, ingest_rows, peers_rows
 
 PEER_NAMES = ("ansible", "pyinfra")
 
@@ -103,3 +104,11 @@ def test_commit_to_applied_rows_name_the_whole_path_and_its_stages() -> None:
     assert rows[0].met == "**met**"
     assert rows[1].value == "0.675 s (0.900 s)"
     assert "webhook → nudge 130 ms" in rows[2].value
+
+
+def test_the_fetch_row_reads_the_lines_the_fetch_benchmark_prints() -> None:
+    output = "\n".join(["mirror: 5000 commits over 200 files built in 2.49s", result_line(OURS, 0.0571, 350),
+                        result_line(GIT, 0.1045, 5215), "time ratio dulwich/git: 0.55"])
+    [row] = fetch_rows(output, "cmd")
+    assert (row.value, row.reference) == ("57 ms, 350 bytes", "`git fetch` 104 ms, 5,215 bytes")
+    assert row.met == "**met**"
