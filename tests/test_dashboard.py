@@ -355,7 +355,7 @@ def test_pause_works_with_the_admin_token_and_is_refused_without(rollout_site: R
                        headers={"Authorization": f"Bearer {ADMIN}"}, timeout=5.0)
     assert again.status_code == 409
     page.click("button[data-action='resume']")
-    page.wait_for_selector("#action-result.ok", timeout=WAIT_MS)
+    wait_js(page, "document.getElementById('action-result').textContent === 'resume: done'")
     assert rollout_site.runner.state(rid).phase == "running"
     assert site.console == []
 

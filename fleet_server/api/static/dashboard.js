@@ -479,6 +479,7 @@
         const reason = $("action-reason").value.trim();
         if (!reason) { result.textContent = `${action} refused: give a reason first (it goes to the audit log)`; result.className = "action-result bad"; return; }
         button.disabled = true;
+        result.textContent = `${action}: sending…`; result.className = "action-result";  // no stale verdict meanwhile
         const res = await api(`/api/v1/rollouts/${encodeURIComponent(body.dataset.rolloutId)}/${action}`,
           {method: "POST", body: {reason}, actor: $("action-actor").value.trim()});
         button.disabled = false;
