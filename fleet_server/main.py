@@ -203,14 +203,14 @@ class LeaderDuties:
             self._watcher = GitWatcher(self._config, self._store, self._plans.on_release,
                                        metrics=self._metrics.releases,
                                        notify=self._notifier.refusal_hook if self._notifier else None,
-                                       poll_requests=self._store.git_poll_requested)
+                                       poll_requests=self._store.git_poll_requests)
             self._watcher.start()
         if self._notifier is not None:  # one replica delivers: no two scans, no delivery sent twice
             self._notifier.start()
 
     def trigger_git(self) -> None:
         """Poll the Git mirror now (a webhook): at once on the leader; on a follower, through a poll
-        request in the store, which the leader's watcher sees within a second.
+        request counted in the store, which the leader's watcher sees within a second.
 
         Raises:
             StoreError: a follower cannot record the request.
@@ -219,7 +219,7 @@ class LeaderDuties:
         if watcher is not None:
             watcher.trigger()
         else:
-            self._store.request_git_poll(time.time())
+            self._store.request_git_poll()
 
     def stop(self) -> None:
         """Stop the notifier, the Git watcher and the runner (bounded, idempotent)."""
@@ -317,6 +317,7 @@ def _quiet_stop_signals() -> None:
 
 _INGEST_START_WAIT = 10.0
 """Seconds the server waits for its ingest processes to connect before it opens the API."""
+
 
 def run_server(config: ServerConfig) -> None:
     """Run the fleet server until SIGTERM/SIGINT, then stop every part cleanly.

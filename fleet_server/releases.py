@@ -23,8 +23,8 @@ tree); a head carrying the newest recorded release at another commit is ``replay
 
 It polls every ``git.poll_interval`` seconds in a thread of its own; :meth:`GitWatcher.trigger`
 (called by the webhook) wakes it at once. A webhook that reached another replica (which runs no
-watcher) is recorded in the store as a poll request; the leader's watcher looks for a newer request
-every second and polls when it finds one.
+watcher) is counted in the store as a poll request; the leader's watcher reads the count every
+second and polls when it moved (a count, not a time: the replicas' clocks need not agree).
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ class GitWatcher:
         metrics: counters for polls, verified and refused releases (a private registry when None).
         notify: called as ``notify("release.refused", data)`` for each refused head (webhooks).
         clock: returns the current time (timezone-aware); expiry is checked against it.
-        poll_requests: returns when a poll was last requested through the store (a webhook on another
-            replica); a newer request than the last one seen makes the watcher poll now.
+        poll_requests: returns how many polls were requested through the store (webhooks on other
+            replicas); a count other than the last one seen makes the watcher poll now.
 
     Raises:
         ServerConfigError: the ``git`` section has no ``url``.
@@ -165,7 +165,7 @@ class GitWatcher:
                  publish_nudge: Callable[[str, int], None], *, metrics: ReleaseMetrics | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  notify: Callable[[str, Mapping[str, Any]], object] | None = None,
-                 poll_requests: Callable[[], float | None] | None = None) -> None:
+                 poll_requests: Callable[[], int] | None = None) -> None:
         git = config.git
         if not git.url:
             raise ServerConfigError("git.url: the Git watcher needs the mirror's URL")
@@ -181,7 +181,7 @@ class GitWatcher:
         self._clock = clock
         self._notify = notify
         self._poll_requests = poll_requests
-        self._seen_request: float | None = None
+        self._seen_requests: int | None = None
         self._last_commit: str | None = None
         self._poll_lock = threading.Lock()
         self._wake = threading.Event()
@@ -315,7 +315,7 @@ class GitWatcher:
             self._wake.clear()
 
     def _wait_for_next_poll(self) -> None:
-        """Wait for the poll interval, a trigger, a newer stored poll request, or the stop."""
+        """Wait for the poll interval, a trigger, a new poll request in the store, or the stop."""
         deadline = time.monotonic() + self._interval
         while (left := deadline - time.monotonic()) > 0:
             step = left if self._poll_requests is None else min(left, _REQUEST_CHECK_S)
@@ -323,18 +323,17 @@ class GitWatcher:
                 return
 
     def _new_request(self) -> bool:
-        """Whether the stored poll request is newer than the last one seen (and remember it)."""
+        """Whether the count of poll requests in the store moved since it was last read (the first
+        read only remembers it)."""
         if self._poll_requests is None:
             return False
         try:
-            requested = self._poll_requests()
+            requests = self._poll_requests()
         except StoreError as exc:
-            log.debug("git watcher: cannot read the poll request: %s", exc)
+            log.debug("git watcher: cannot read the poll requests: %s", exc)
             return False
-        if requested is None or (self._seen_request is not None and requested <= self._seen_request):
-            return False
-        self._seen_request = requested
-        return True
+        seen, self._seen_requests = self._seen_requests, requests
+        return seen is not None and requests != seen
 
     def stop(self) -> None:
         """Stop the polling thread (after a poll in progress ends) and close the Git cache."""

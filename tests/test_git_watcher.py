@@ -210,7 +210,7 @@ def test_a_webhook_on_a_follower_makes_the_leaders_watcher_poll_through_the_stor
     leader.start()
     try:
         _wait_for(fleet.nudged)                    # the leader's first poll
-        assert fleet.store.git_poll_requested() is None
+        assert fleet.store.git_poll_requests() == 0
         sha2 = fleet.release({"a.txt": "2\n"})
         time.sleep(1.5)
         assert not fleet.nudged.is_set()           # the hour-long poll interval has not passed
@@ -220,7 +220,7 @@ def test_a_webhook_on_a_follower_makes_the_leaders_watcher_poll_through_the_stor
             accepted = httpx.post(url + "/api/v1/hooks/git", content=body,
                                   headers={"X-Hub-Signature-256": signature}, timeout=5.0)
         assert accepted.status_code == 202
-        assert fleet.store.git_poll_requested() is not None
+        assert fleet.store.git_poll_requests() == 1
         _wait_for(fleet.nudged)                    # the leader saw the request in the store
         assert fleet.nudges[-1] == (sha2, 2)
         assert fleet.store.audit(action="git.poll")[0]["reason"] == "webhook"

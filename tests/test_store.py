@@ -235,12 +235,13 @@ def test_events_and_health_are_newest_first_and_bounded(store: FleetStore):
     assert store.device_events("d2") == []
 
 
-def test_a_git_poll_request_is_stored_and_the_newest_one_read(store: FleetStore):
-    assert store.git_poll_requested() is None
-    store.request_git_poll(1000.25)
-    assert store.git_poll_requested() == 1000.25
-    store.request_git_poll(1001.5)
-    assert store.git_poll_requested() == 1001.5
+def test_git_poll_requests_are_counted(store: FleetStore):
+    assert store.git_poll_requests() == 0
+    store.request_git_poll()
+    assert store.git_poll_requests() == 1
+    store.request_git_poll()
+    store.request_git_poll()
+    assert store.git_poll_requests() == 3
 
 
 def test_release_records_and_commit_to_applied(store: FleetStore):

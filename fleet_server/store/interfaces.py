@@ -139,13 +139,13 @@ class AuditStore(Protocol):
         """Return the commit of a recorded signed release, or None when it is unknown."""
         ...
 
-    def request_git_poll(self, at: float) -> None:
+    def request_git_poll(self) -> None:
         """Record that the Git mirror should be polled now (a webhook reached a replica that does not
-        run the Git watcher); the leader's watcher polls when it sees a newer request."""
+        run the Git watcher): one more poll request; the leader's watcher polls when the count moves."""
         ...
 
-    def git_poll_requested(self) -> float | None:
-        """Return when the newest Git poll was requested, None before the first request."""
+    def git_poll_requests(self) -> int:
+        """Return how many Git polls were requested through the store so far."""
         ...
 
 

@@ -18,7 +18,6 @@ they are converted on the way in.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +32,7 @@ __all__ = [
     "device_updates",
     "event_rows",
     "health_row",
-    "request_time",
+    "request_count",
     "to_epoch",
 ]
 
@@ -167,13 +166,12 @@ def from_json(text: object) -> Any:
         return None
 
 
-def request_time(text: object) -> float | None:
-    """A stored request time (POSIX seconds as text); None when it is not a finite number."""
+def request_count(text: object) -> int:
+    """A stored request count (an integer as text); 0 when it is not one."""
     try:
-        value = float(str(text))
+        return int(str(text))
     except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+        return 0
 
 
 def as_text(value: object) -> str | None:

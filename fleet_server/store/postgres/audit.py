@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fleet_server.store.postgres.connection import PgConnections
-from fleet_server.store.records import from_json, request_time, to_json
+from fleet_server.store.records import from_json, request_count, to_json
 
 __all__ = ["PgAudit"]
 
@@ -96,23 +96,23 @@ class PgAudit(PgConnections):
             row = conn.execute('SELECT "commit" FROM releases WHERE version = %s', (int(version),)).fetchone()
         return None if row is None else str(row["commit"])
 
-    def request_git_poll(self, at: float) -> None:
-        """Record that the Git mirror should be polled now (see :meth:`git_poll_requested`).
+    def request_git_poll(self) -> None:
+        """Count one more Git poll request (see :meth:`git_poll_requests`).
 
         Raises:
             StoreError: the database cannot be written.
         """
         with self._writing("request a Git poll") as conn:
-            conn.execute("INSERT INTO meta (key, value) VALUES ('git_poll_requested', %s)"
-                         " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (repr(float(at)),))
+            conn.execute("INSERT INTO meta (key, value) VALUES ('git_poll_requests', '1')"
+                         " ON CONFLICT (key) DO UPDATE SET value = (meta.value::bigint + 1)::text")
 
-    def git_poll_requested(self) -> float | None:
-        """Return when the newest Git poll was requested, None before the first request (or when
-        the stored value is unreadable).
+    def git_poll_requests(self) -> int:
+        """Return how many Git polls were requested through the store so far (0 when none was, or
+        when the stored count is unreadable).
 
         Raises:
             StoreError: the database cannot be read.
         """
-        with self._reading("read the Git poll request") as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'git_poll_requested'").fetchone()
-        return None if row is None else request_time(row["value"])
+        with self._reading("read the Git poll requests") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'git_poll_requests'").fetchone()
+        return 0 if row is None else request_count(row["value"])

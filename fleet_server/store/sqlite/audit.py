@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleet_server.store.records import from_json, request_time, to_json
+from fleet_server.store.records import from_json, request_count, to_json
 from fleet_server.store.sqlite.connection import SqliteConnections
 
 __all__ = ["SqliteAudit"]
@@ -95,23 +95,23 @@ class SqliteAudit(SqliteConnections):
             row = conn.execute("SELECT [commit] FROM releases WHERE version = ?", (int(version),)).fetchone()
         return None if row is None else str(row[0])
 
-    def request_git_poll(self, at: float) -> None:
-        """Record that the Git mirror should be polled now (see :meth:`git_poll_requested`).
+    def request_git_poll(self) -> None:
+        """Count one more Git poll request (see :meth:`git_poll_requests`).
 
         Raises:
             StoreError: the database cannot be written.
         """
         with self._writing("request a Git poll"), self._db.atomic():
-            self._wconn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('git_poll_requested', ?)",
-                                (repr(float(at)),))
+            self._wconn.execute("INSERT INTO meta (key, value) VALUES ('git_poll_requests', '1')"
+                                " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
-    def git_poll_requested(self) -> float | None:
-        """Return when the newest Git poll was requested, None before the first request (or when
-        the stored value is unreadable).
+    def git_poll_requests(self) -> int:
+        """Return how many Git polls were requested through the store so far (0 when none was, or
+        when the stored count is unreadable).
 
         Raises:
             StoreError: the database cannot be read.
         """
-        with self._reading("read the Git poll request") as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'git_poll_requested'").fetchone()
-        return None if row is None else request_time(row[0])
+        with self._reading("read the Git poll requests") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'git_poll_requests'").fetchone()
+        return 0 if row is None else request_count(row[0])
