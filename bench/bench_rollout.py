@@ -20,7 +20,8 @@ Figures, each printed beside its goal: registration time, rollout wall time from
 succeeded (``not finished in T s`` after ``--timeout``), lost reports (published and acknowledged
 by the broker, minus committed by the server, per kind, after the fleet stops and the server
 drains), ingest lag (max and p95 of the backlog age), p95 latency of the three calls, server peak
-RSS and server CPU seconds per device. The JSON on stdout feeds ``bench/run_all.py``.
+RSS, server CPU seconds per device, and how many full garbage collections the server process ran
+(``python_gc_collections_total``: each stops all its threads). The JSON on stdout feeds ``bench/run_all.py``.
 
 :class:`SimFleet` (one paho client, one object per device, used by the tests) stays here.
 """
@@ -405,6 +406,7 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
                 "lag_p95_seconds": round(p95(sampler.lag) or 0.0, 2) if sampler.lag else None,
                 "commit_delay_seconds": metrics.get("fleet_ingest_commit_delay_seconds"),
                 "receive_lag": _receive_lag(metrics),
+                "gc_full_collections": metrics.get("python_gc_collections_total{generation=2}"),
                 "probe_delivery": probe.figures(),
                 "p95_ms": {k: _ms(p95(v)) for k, v in sampler.latency.items()},
                 "max_ms": {k: _ms(max(v)) if v else None for k, v in sampler.latency.items()},
@@ -453,6 +455,7 @@ def _goal_lines(r: Mapping[str, Any]) -> list[str]:
         line("p95 GET /api/v1/summary", f"{p['summary']} ms", f"goal <= {g['p95_ms']:.0f} ms"),
         line("p95 rollout status", f"{p['rollout']} ms", f"goal <= {g['p95_ms']:.0f} ms"),
         line("server RSS max", f"{r['rss_max_mib']} MiB", f"goal <= {g['rss_mib']:.0f} MB"),
+        line("full GC collections", r.get("gc_full_collections"), "server process, start to end of the run"),
         line("server CPU per device", f"{r['cpu_ms_per_device']} ms", f"({r['server_cpu_seconds']} s in all)")]
     return lines
 

@@ -313,11 +313,14 @@ def test_unreadable_allowed_signers_is_a_one_line_config_error(fleet: Fleet, tmp
 # -- a mirror going backwards ----------------------------------------------------------------------
 
 
-def _commit_tree_of(work: WorkRepo, old: str) -> str:
-    """Commit ``old``'s tree on top of the branch (a new commit carrying an old release)."""
+def _push_replay_of(fleet: Fleet, old: str) -> str:
+    """Commit ``old``'s tree on top of the branch (a new commit carrying an old release), push it to
+    the mirror and return the new commit."""
+    work = fleet.work
     tree = git("rev-parse", f"{old}^{{tree}}", cwd=work.path).strip()
     sha = git("commit-tree", tree, "-p", "HEAD", "-m", "replay", cwd=work.path).strip()
     git("reset", "--quiet", "--hard", sha, cwd=work.path)
+    work.push(fleet.bare)
     return sha
 
 
@@ -349,8 +352,7 @@ def test_new_commit_carrying_an_older_release_is_refused_as_rollback(fleet: Flee
     watcher = fleet.watcher()
     try:
         assert watcher.poll_once().status == "new"
-        replay = _commit_tree_of(fleet.work, first)
-        fleet.work.push(fleet.bare)
+        replay = _push_replay_of(fleet, first)
         assert watcher.poll_once() == PollOutcome("refused", commit=replay, release=1, reason="rollback")
         assert _refused(watcher, "rollback") == 1
     finally:
@@ -362,8 +364,7 @@ def test_newest_release_at_another_commit_is_refused_as_replayed_tree(fleet: Fle
     watcher = fleet.watcher()
     try:
         assert watcher.poll_once().status == "new"
-        replay = _commit_tree_of(fleet.work, first)
-        fleet.work.push(fleet.bare)
+        replay = _push_replay_of(fleet, first)
         assert watcher.poll_once() == PollOutcome("refused", commit=replay, release=1, reason="replayed_tree")
         assert _refused(watcher, "replayed_tree") == 1
         assert fleet.nudges == [(first, 1)]
@@ -379,8 +380,7 @@ def test_refused_heads_are_listed_by_the_api_and_fleetctl(fleet: Fleet) -> None:
     watcher = fleet.watcher()
     try:
         assert watcher.poll_once().status == "new"
-        replay = _commit_tree_of(fleet.work, first)
-        fleet.work.push(fleet.bare)
+        replay = _push_replay_of(fleet, first)
         assert watcher.poll_once().reason == "replayed_tree"
     finally:
         watcher.stop()
