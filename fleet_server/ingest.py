@@ -448,7 +448,7 @@ class Ingestor:
 
     # --- publishing ------------------------------------------------------------------------------
 
-    def _publish(self, topic_name: str, payload: bytes, *, retain: bool, wait: float) -> None:
+    def _publish(self, topic_name: str, payload: bytes, *, retain: bool, wait: float) -> mqtt.MQTTMessageInfo:
         info = self._client.publish(topic_name, payload, qos=1, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise BrokerError(f"cannot publish to {topic_name}: {mqtt.error_string(info.rc)}")
@@ -461,11 +461,13 @@ class Ingestor:
                 raise BrokerError(f"cannot publish to {topic_name}: {exc}") from exc
             if not info.is_published():
                 raise BrokerError(f"the broker did not acknowledge {topic_name} within {wait}s")
+        return info
 
     def publish_desired(self, device_id: str, revision: str, release: int, rollout_id: str | None, *,
-                        wait: float = 0.0) -> None:
+                        wait: float = 0.0) -> mqtt.MQTTMessageInfo:
         """Publish the retained QoS 1 ``desired`` assignment of one device (waiting up to ``wait``
-        seconds for the broker's acknowledgement when positive).
+        seconds for the broker's acknowledgement when positive); return the message's handle, which
+        tells when the broker acknowledged it.
 
         Raises:
             MessageError: a field is invalid.
@@ -473,7 +475,8 @@ class Ingestor:
         """
         msg = desired_message(device_id, revision=revision, release=release, rollout_id=rollout_id,
                               ts=self._clock())
-        self._publish(topic(self._mqtt.prefix, device_id, "desired"), encode(msg), retain=True, wait=wait)
+        desired_topic = topic(self._mqtt.prefix, device_id, "desired")
+        return self._publish(desired_topic, encode(msg), retain=True, wait=wait)
 
     def publish_nudge(self, revision: str, release: int, *, wait: float = 0.0) -> None:
         """Broadcast a QoS 1 nudge: a new release exists, devices fetch now.

@@ -23,10 +23,11 @@ keeps up. API reads use the views published after each tick (:mod:`.runner_views
 for one; operator actions take the lock between two ticks.
 
 Effects: ``AssignRelease`` becomes a row of ``rollout_assignments`` (written unpublished in the same
-transaction as the state, then published as the retained ``desired`` message and marked published:
-a transactional outbox, so an assignment is never lost and never published differently after a
-restart); ``Audit`` rows go to the audit log (target ``rollout/<id>``); ``GateEvaluated`` to the gate
-history; wave counts are sampled into ``rollout_samples`` whenever they change.
+transaction as the state, then published as the retained ``desired`` message and marked published
+once the broker acknowledged it: a transactional outbox, :mod:`.outbox`, so an assignment is never
+lost and never published differently after a restart); ``Audit`` rows go to the audit log (target
+``rollout/<id>``); ``GateEvaluated`` to the gate history; wave counts are sampled into
+``rollout_samples`` whenever they change.
 
 State is persisted once per tick, as deltas: the rollout row (everything but the devices) and one
 ``rollout_devices`` row per device that changed since the last write, with every audit row of the
@@ -43,8 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from edge_core.errors import MessageError
-from fleet_server.errors import BrokerError, PlanError, StoreError, UsageError
+from fleet_server.errors import PlanError, StoreError, UsageError
 from fleet_server.store import FleetStore, RolloutWrite
 
 from .engine import judge_action, new_rollout, step, wave_counts
@@ -68,6 +68,7 @@ from .model import (
     Tick,
     device_dict,
 )
+from .outbox import AssignmentOutbox, PublishDesired
 from .plan import RolloutPlan, parse_plan
 from .runner_feed import RunnerFeed
 from .runner_io import device_info, plan_from_tree, progress_counts, report_from_event, report_from_health
@@ -87,9 +88,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-PublishDesired = Callable[[str, str, int, str | None], None]
-"""``publish_desired(device_id, revision, release, rollout_id)``: publish one retained assignment."""
 
 PhaseListener = Callable[[RolloutState, str], None]
 """``listener(state, old_phase)``: called after the store holds a rollout's new phase."""
@@ -122,7 +120,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
                  plan_loader: Callable[[str], RolloutPlan] | None = None,
                  default_plan: RolloutPlan | None = None, tick_budget: int = TICK_BUDGET) -> None:
         self._store = store
-        self._publish = publish_desired
+        self._outbox = AssignmentOutbox(store, publish_desired, clock)
         self._clock = clock
         self._interval = tick_interval
         self._plan_loader = plan_loader
@@ -191,7 +189,7 @@ class RolloutRunner(RunnerFeed, RunnerReads):
             self._recheck.clear()
             self._loaded = True
             self._publish_views()
-            self._publish_pending()
+            self._outbox.flush()
             log.info("rollout runner: %s rollout(s) loaded", len(self._live))
             return len(self._live)
 
@@ -566,7 +564,9 @@ class RolloutRunner(RunnerFeed, RunnerReads):
             del self._live[rid]
         self._publish_views()
         if write.assignments:
-            self._publish_pending()
+            self._outbox.flush()
+        else:
+            self._outbox.settle()
         self._notify_phase_changes()
 
     def _notify_phase_changes(self) -> None:
@@ -583,14 +583,3 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         """Replace the views reads use with the rollouts as they stand now."""
         self._views = {rid: RolloutView(live.state, tuple(wave_counts(live.state)), live.actor, live.reason,
                                         live.created, live.updated) for rid, live in self._live.items()}
-
-    def _publish_pending(self) -> None:
-        published: list[tuple[str, int, str]] = []
-        for row in self._store.assignments(unpublished=True):
-            try:
-                self._publish(row["device"], row["commit"], int(row["release"]), row["rollout_id"])
-            except (BrokerError, MessageError) as exc:
-                log.warning("cannot publish the assignment of %s (retried next tick): %s", row["device"], exc)
-                continue
-            published.append((row["device"], int(row["release"]), row["rollout_id"]))
-        self._store.mark_published(published, self._clock())
