@@ -222,12 +222,24 @@ class Subscriber:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             with self._cond:
                 self.lines.append(line)
-                if line.startswith("MSG\t"):
-                    _, retained, topic, payload_hex = line.split("\t", 3)
-                    self.received.append(Received(topic, bytes.fromhex(payload_hex), retained == "1"))
-                elif line.startswith("Subscribed (mid:"):
-                    self.granted += [int(x) for x in line.split(":", 2)[2].replace(",", " ").split()]
+                self._parse(line)
                 self._cond.notify_all()
+
+    def _parse(self, line: str) -> None:
+        """Record a message or a subscription answer; a line cut short (the client was stopped while
+        writing it) is kept in ``lines`` only."""
+        if line.startswith("MSG\t"):
+            fields = line.split("\t", 3)
+            if len(fields) == 4:
+                try:
+                    payload = bytes.fromhex(fields[3])
+                except ValueError:
+                    return
+                self.received.append(Received(fields[2], payload, fields[1] == "1"))
+        elif line.startswith("Subscribed (mid:"):
+            parts = line.split(":", 2)
+            if len(parts) == 3:
+                self.granted += [int(x) for x in parts[2].replace(",", " ").split() if x.isdigit()]
 
     def wait(self, predicate: Callable[[Subscriber], bool], timeout: float = 10.0) -> bool:
         """Wait (bounded) until ``predicate(self)`` holds; return whether it did."""
