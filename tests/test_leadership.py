@@ -20,6 +20,7 @@ from fleet_server.metrics import ServerMetrics
 from fleet_server.store import FleetStore, RolloutWrite, open_store
 from fleet_server.store.postgres.leader import LEADER_LOCK_KEY, PgLeaderLock
 from fleet_server.store.sqlite.owner import SqliteLeaderLock, SqliteOwner
+from tests.support.mirror import free_port
 from tests.support.postgres import Postgres
 from tests.support.stores import run_sql
 
@@ -214,9 +215,9 @@ def test_a_second_server_on_the_same_sqlite_file_refuses_to_start_in_one_line(tm
         second = SqliteOwner(db)
         with pytest.raises(StoreError, match="in use by another fleet-server"):
             second.claim()
-        result = subprocess.run(  # a real second process: the refusal comes before any network
+        result = subprocess.run(  # a real second process: refused before it connects to a broker
             [sys.executable, "-m", "fleet_server.main", "--db", str(db), "--mqtt-port", "1",
-             "--http-port", "1"], capture_output=True, text=True, timeout=60, check=False)
+             "--http-port", str(free_port())], capture_output=True, text=True, timeout=60, check=False)
     finally:
         owner.release()
     assert result.returncode == 1
