@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleet_server import fleetctl
-from fleet_server.cli.devices import server_url
+from fleet_server.cli.devices import format_device, server_url
 from fleet_server.errors import UsageError
 from tests.support.api_server import ADMIN, READER, Api, running_api
 from tests.support.mirror import free_port
@@ -83,6 +83,15 @@ def test_device_detail(open_api: Api, capsys: pytest.CaptureFixture[str]) -> Non
     doc = json.loads(out)
     assert doc["device"]["labels"] == {"ring": "canary", "site": "north"}
     assert doc["events"][0]["type"] == "sync_succeeded"
+
+
+def test_device_detail_says_how_often_the_last_failure_repeated() -> None:
+    device = {"id": "cam-02", "last_error": "sync_refused (release 5): commit is not SSH-signed",
+              "repeat_count": 12, "repeat_last_seen": 1_796_468_400.0}
+    out = format_device({"device": device}, now=1_796_468_460.0)
+    assert "last error:  sync_refused (release 5): commit is not SSH-signed" in out
+    assert "repeated:    12 sync(s) in a row, the last at 2026-12-05T11:00:00Z (60s ago)" in out
+    assert "repeated" not in format_device({"device": {**device, "repeat_count": None}}, now=1_796_468_460.0)
 
 
 def test_unknown_device_is_one_line_exit_1(open_api: Api, capsys: pytest.CaptureFixture[str]) -> None:

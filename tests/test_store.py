@@ -3,6 +3,7 @@ databases (``store`` is parametrised over the backends), no mocks."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -127,6 +128,26 @@ def test_last_error_is_the_latest_refusal_or_failure_until_a_success(store: Flee
     b.add("events", event("sync_succeeded", 15.0, release=4), 15.0)
     store.apply_batch(b)
     assert store.device("d1")["last_error"] is None
+
+
+def test_a_repeated_failure_is_counted_on_the_device_until_a_status_without_it(store: FleetStore):
+    b = IngestBatch()
+    b.add("status", status("d1", release=1, sync_state="refused", repeat_count=1,
+                           last_seen="2026-12-05T10:00:00Z"), 10.0)
+    b.add("status", status("d1", release=1, sync_state="refused", repeat_count=12,
+                           last_seen="2026-12-05T11:00:00Z"), 11.0)  # later message wins
+    store.apply_batch(b)
+    d = store.device("d1")
+    assert d is not None
+    assert (d["repeat_count"], d["repeat_last_seen"]) == (12, 1796468400.0)
+    [row] = json.loads(store.devices_page_json(id_prefix="d1"))["devices"]  # the API's page, as stored
+    assert (row["repeat_count"], row["repeat_last_seen"]) == (12, 1796468400.0)
+    b = IngestBatch()
+    b.add("status", status("d1", release=2, sync_state="in_sync"), 12.0)  # the last sync did not fail
+    store.apply_batch(b)
+    d = store.device("d1")
+    assert d is not None
+    assert (d["repeat_count"], d["repeat_last_seen"]) == (None, None)
 
 
 def test_later_batches_update_only_what_they_carry(store: FleetStore):

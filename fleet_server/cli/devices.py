@@ -203,6 +203,9 @@ def format_device(detail: Mapping[str, Any], *, now: float) -> str:
     ]
     if d.get("last_error"):
         lines.append(f"last error:  {d['last_error']}")
+    if d.get("repeat_count"):
+        lines.append(f"repeated:    {d['repeat_count']} sync(s) in a row, the last at "
+                     f"{format_time(d.get('repeat_last_seen'))} ({_when(d.get('repeat_last_seen'), now)})")
     events = detail.get("events") or []
     lines.append("events:" if events else "events:      none")
     for e in events[:_EVENTS_SHOWN]:

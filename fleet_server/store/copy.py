@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from fleet_server.errors import StoreError
 from fleet_server.store.interfaces import CopyStore
+from fleet_server.store.records import DEVICE_COLUMNS
 
 __all__ = ["CHUNK", "OWN_TABLES", "TABLES", "copy_store"]
 
@@ -19,9 +20,7 @@ CHUNK = 5000
 
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("meta", ("key", "value")),
-    ("devices", ("id", "labels", "profile", "first_seen", "last_seen", "online", "online_ts", "release",
-                 "revision", "sync_state", "paused", "pause_reason", "drift", "last_error", "status_ts",
-                 "last_event", "last_event_ts", "registered")),
+    ("devices", DEVICE_COLUMNS),
     ("device_changes", ("seq", "device")),
     ("releases", ("version", "commit", "signers", "seen_at", "committed_at")),
     ("events", ("id", "device", "ts", "received_at", "type", "commit", "release", "reason", "step", "detail",

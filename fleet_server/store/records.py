@@ -47,7 +47,7 @@ _STATUS_FIELDS = (("release", "release"), ("revision", "revision"), ("sync_state
                   ("last_error", "last_error"), ("profile", "profile"))
 DEVICE_COLUMNS = ("id", "labels", "profile", "first_seen", "last_seen", "online", "online_ts", "release",
                   "revision", "sync_state", "paused", "pause_reason", "drift", "last_error", "status_ts",
-                  "last_event", "last_event_ts", "registered")
+                  "last_event", "last_event_ts", "registered", "repeat_count", "repeat_last_seen")
 """The columns of a device row, in table order."""
 # Events whose reason becomes the device's ``last_error`` (a ``sync_succeeded`` clears it).
 _ERROR_EVENTS = frozenset({"sync_failed", "sync_refused", "sync_rolled_back"})
@@ -259,6 +259,9 @@ def device_updates(batch: IngestBatch) -> dict[str, dict[str, Any]]:
             paused = m["paused"]
             upd["paused"] = 1 if paused else 0
             upd["pause_reason"] = paused if isinstance(paused, str) else as_text(m.get("pause_reason"))
+        # while its last sync failed a status counts the failures in a row; without them it did not fail
+        upd["repeat_count"] = as_int(m.get("repeat_count"))
+        upd["repeat_last_seen"] = to_epoch(m.get("last_seen")) if upd["repeat_count"] is not None else None
         upd["status_ts"] = r.ts
     for r in batch.online:
         m, upd = r.message, touch(r)

@@ -38,7 +38,7 @@ _TYPES: dict[str, dict[str, str]] = {
                 "last_seen": _FLOAT, "online": _INT, "online_ts": _FLOAT, "release": _BIGINT,
                 "revision": _TEXT, "sync_state": _TEXT, "paused": _INT, "pause_reason": _TEXT,
                 "drift": _TEXT, "last_error": _TEXT, "status_ts": _FLOAT, "last_event": _TEXT,
-                "last_event_ts": _FLOAT},
+                "last_event_ts": _FLOAT, "repeat_count": _INT, "repeat_last_seen": _FLOAT},
     "events": {"device": _TEXT, "ts": _FLOAT, "received_at": _FLOAT, "type": _TEXT, "commit": _TEXT,
                "release": _BIGINT, "reason": _TEXT, "step": _TEXT, "detail": _TEXT, "committed_at": _FLOAT},
     "health": {"device": _TEXT, "ts": _FLOAT, "received_at": _FLOAT, "metrics": _TEXT, "checks": _TEXT},

@@ -20,23 +20,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fleet_server.store.device_order import id_prefix_range, order_by_sql
+from fleet_server.store.records import DEVICE_COLUMNS
 from fleet_server.store.sqlite.reads import SqliteReads
 
 __all__ = ["SqlitePages", "device_json_sql"]
 
 _TEXT = ("id", "profile", "revision", "sync_state", "pause_reason", "last_error", "last_event")
-_REAL = ("first_seen", "last_seen", "online_ts", "status_ts", "last_event_ts")
+_REAL = ("first_seen", "last_seen", "online_ts", "status_ts", "last_event_ts", "repeat_last_seen")
 _FLAGS = ("online", "paused", "registered")
-_ORDER = ("id", "labels", "profile", "first_seen", "last_seen", "online", "online_ts", "release",
-          "revision", "sync_state", "paused", "pause_reason", "drift", "last_error", "status_ts",
-          "last_event", "last_event_ts", "registered")
 
 
 def _value_sql(column: str) -> str:
     if column in _TEXT:
         return f"devices.{column}"
-    if column == "release":
-        return "devices.release"
+    if column in ("release", "repeat_count"):
+        return f"devices.{column}"
     if column in _REAL:
         # 17 significant digits read back as the same double ("!": SQLite's printf stops at 16
         # without it); a whole number keeps its ".0", so it reads back as a float too
@@ -56,7 +54,7 @@ def _value_sql(column: str) -> str:
 def device_json_sql() -> str:
     """Return the SQL expression that renders one ``devices`` row as a JSON object with
     the fields and values :meth:`.SqliteReads.devices` returns, in the same order."""
-    return "json_object(" + ", ".join(f"'{c}', {_value_sql(c)}" for c in _ORDER) + ")"
+    return "json_object(" + ", ".join(f"'{c}', {_value_sql(c)}" for c in DEVICE_COLUMNS) + ")"
 
 
 _DEVICE_JSON = device_json_sql()
