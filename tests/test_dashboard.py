@@ -158,6 +158,10 @@ def test_device_page_shows_drift_and_failures(site: Site) -> None:
     page = site.page("/devices/gw-03")
     page.wait_for_selector("#event-table td >> text=health check nginx failed", timeout=WAIT_MS)
     assert page.inner_text("#dev-online") == "offline"
+    error = page.inner_text("#dev-error")
+    assert error.startswith("sync_rolled_back (release 7): health check nginx failed"
+                            " (3 sync(s) in a row, the last ")
+    assert error.endswith(" min ago)")
     assert site.console == []
 
 

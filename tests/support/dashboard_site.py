@@ -63,8 +63,10 @@ def fill_fleet(store: Store) -> None:
     for device, labels, state, online, drifted in FLEET:
         store.register_device(device, labels=labels, profile="rpi4", now=now - 7200)
         drift = {"count": len(drifted), "corrected": False, "resources": list(drifted)}
+        failing = state in ("failed", "rolled_back")  # the same failure three syncs in a row
         batch.add("status", status_message(device, commit=COMMIT, release=7, sync_state=state, drift=drift,
-                                           paused=False, ts=now - 120), now - 119)
+                                           paused=False, ts=now - 120, repeat_count=3 if failing else None,
+                                           last_seen=now - 121 if failing else None), now - 119)
         batch.add("online", online_message(device, online, now - 100), now - 99)
         batch.add("events", event_message(device, type="sync_started", commit=COMMIT, release=7,
                                           ts=now - 200), now - 199)

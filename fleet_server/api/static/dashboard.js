@@ -236,7 +236,9 @@
     const labels = clear($("dev-labels"));
     for (const [k, v] of Object.entries(d.labels || {})) labels.appendChild(node("span", `${k}=${v}`, "chip"));
     setText("dev-paused", d.paused ? `yes: ${d.pause_reason || "no reason given"}` : "no");
-    setText("dev-error", d.last_error); setText("dev-seen", `${when(d.last_seen)} (${ago(d.last_seen)})`);
+    const repeated = d.last_error && d.repeat_count
+      ? ` (${d.repeat_count} sync(s) in a row, the last ${ago(d.repeat_last_seen)})` : "";
+    setText("dev-error", d.last_error ? d.last_error + repeated : d.last_error); setText("dev-seen", `${when(d.last_seen)} (${ago(d.last_seen)})`);
     window.Dashboard.drawDrift(clear($("dev-drift")), d.drift);
     const samples = health.ok ? health.data.health : [];
     const now = Date.now() / 1000;
