@@ -23,7 +23,12 @@ Receive path, built so that a crash loses nothing the broker was told we have::
   small window still works, only slower. See ``docs/server-config.md``.
 * With ``mqtt.share_group`` the subscriptions are MQTT 5 shared ones (``$share/<group>/...``): the
   broker splits the reports between every server process of the group (each with its own client
-  id); retained messages are never sent to a shared subscription.
+  id). Retained messages are never sent to a shared subscription, so each process also keeps a
+  plain subscription to the retained kinds (``status``, ``online``) marked with the subscription
+  identifier :data:`RETAINED_SUBSCRIPTION`: it takes the retained copies from there and the live
+  reports from the shared one, and acknowledges the other copies without storing them. The store
+  writes a status or event only over an older one (``fleet_server.store.records.GUARDS``), so a
+  retained copy or a report another process committed late never hides a newer one.
 * Subscriptions use retain handling 1: retained ``status``/``online`` messages are sent again only
   when the subscription is new (a fresh session), not on every reconnect.
 * Falling behind is visible: :meth:`Ingestor.backlog_age` is the age of the oldest message received
@@ -78,6 +83,19 @@ log = logging.getLogger(__name__)
 _IDLE_FLUSH = 0.005  # commit when nothing more arrived for this long (keeps a small in-flight window moving)
 _RETRY_PAUSE = 1.0
 _NEGATIVE_CACHE = 30.0
+
+
+RETAINED_SUBSCRIPTION = 1
+"""The MQTT 5 subscription identifier of the plain subscription to the retained topics (with a
+shared subscription only)."""
+RETAINED_KINDS = ("status", "online")
+"""The report kinds devices publish retained."""
+
+
+def _through_retained_subscription(msg: mqtt.MQTTMessage) -> bool:
+    """Whether ``msg`` came through the plain subscription to the retained topics."""
+    ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties is not None else None
+    return isinstance(ids, list) and RETAINED_SUBSCRIPTION in ids
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,11 @@ class Ingestor:
             options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
             share = f"$share/{self._mqtt.share_group}/" if self._mqtt.share_group else ""
             client.subscribe([(f"{share}{prefix}/+/{kind}", options) for kind in INGEST_KINDS])
+            if share:  # retained messages never reach a shared subscription: a plain one, marked
+                props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                props.SubscriptionIdentifier = RETAINED_SUBSCRIPTION
+                client.subscribe([(f"{prefix}/+/{kind}", options) for kind in RETAINED_KINDS],
+                                 properties=props)
         self._connected.set()
         log.info("connected to the broker %s:%s (session present: %s)", self._mqtt.host, self._mqtt.port,
                  getattr(flags, "session_present", None))
@@ -190,6 +213,11 @@ class Ingestor:
         if not self._accepting.is_set():
             return  # stopping: not acknowledged, so the broker delivers it again after the restart
         try:
+            if self._mqtt.share_group and msg.retain != _through_retained_subscription(msg):
+                # a live report through the plain subscription (the shared one brings it to one
+                # replica), or a retained copy through the shared one (some brokers send them)
+                self._pass(msg.mid, msg.qos)
+                return
             self.handle_message(msg.topic, bytes(msg.payload), mid=msg.mid, qos=msg.qos)
         except Exception:  # the network thread must survive anything a device sends
             log.exception("unexpected failure ingesting a message on %r", msg.topic[:200])
@@ -227,17 +255,28 @@ class Ingestor:
             ts = to_epoch(message.get("ts"))
             if ts is not None:
                 self._metrics.observe_lag(now - ts)
-        item = _Item(kind, message, drop, mid, qos, generation, now, now if ts is None else ts)
+        return self._enqueue(_Item(kind, message, drop, mid, qos, generation, now, now if ts is None else ts))
+
+    def _pass(self, mid: int, qos: int) -> None:
+        """Acknowledge a message without storing it, in its turn (acknowledgements keep receipt order)."""
+        now = self._clock()
+        with self._state_lock:
+            generation = self._generation
+        self._enqueue(_Item("passed", None, None, mid, qos, generation, now, now))
+
+    def _enqueue(self, item: _Item) -> str | None:
+        """Queue ``item`` for the writer; return its drop reason (``queue_full`` when the queue is)."""
+        drop = item.drop
         with self._idle:
             self._pending += 1  # counted before the writer can see it, so drain() never misses it
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             self._settled(1)
-            if drop is None:
+            if drop is None and item.message is not None:
                 self._metrics.dropped("queue_full")
                 drop = "queue_full"
-            self._ack(mid, qos, generation)  # dropped and counted: nothing left to keep it for
+            self._ack(item.mid, item.qos, item.generation)  # dropped and counted: nothing left to keep it for
         return drop
 
     def _is_known(self, device: str, now: float) -> bool:

@@ -150,6 +150,31 @@ def test_a_repeated_failure_is_counted_on_the_device_until_a_status_without_it(s
     assert (d["repeat_count"], d["repeat_last_seen"]) == (None, None)
 
 
+def test_a_status_or_event_older_than_the_stored_one_does_not_overwrite_it(store: FleetStore):
+    # replicas sharing the reports may commit one device's reports out of order
+    b = IngestBatch()
+    b.add("status", status("d1", release=2, sync_state="in_sync", ts=20.0), 21.0)
+    b.add("events", status("d1", type="sync_succeeded", release=2, commit="c" * 40, ts=19.0), 21.0)
+    b.add("online", status("d1", online=True, ts=18.0), 21.0)
+    store.apply_batch(b)
+    b = IngestBatch()  # committed later by another replica, sent earlier by the device
+    b.add("status", status("d1", release=1, sync_state="failed", ts=10.0), 22.0)
+    b.add("events", status("d1", type="sync_failed", release=1, commit="c" * 40, ts=9.0,
+                           reason="health check web failed"), 22.0)
+    b.add("online", status("d1", online=False, ts=5.0), 22.0)  # a last will: stamped when the session began
+    store.apply_batch(b)
+    d = store.device("d1")
+    assert d is not None
+    assert (d["release"], d["sync_state"], d["status_ts"]) == (2, "in_sync", 20.0)
+    assert (d["last_event"], d["last_error"], d["last_event_ts"]) == ("sync_succeeded", None, 19.0)
+    assert (d["online"], d["last_seen"]) == (False, 22.0)  # online has no guard; last_seen moves on
+    assert sorted(e["type"] for e in store.device_events("d1")) == ["sync_failed", "sync_succeeded"]
+    b = IngestBatch()
+    b.add("status", status("d1", release=3, sync_state="applied", ts=30.0), 23.0)
+    store.apply_batch(b)
+    assert store.device("d1")["release"] == 3
+
+
 def test_later_batches_update_only_what_they_carry(store: FleetStore):
     b = IngestBatch()
     b.add("status", status("d1", release=1, sync_state="applied", labels={"a": "1"}), 10.0)

@@ -25,12 +25,15 @@ from typing import Any
 
 __all__ = [
     "DEVICE_COLUMNS",
+    "GUARDS",
     "INGEST_KINDS",
     "IngestBatch",
     "Received",
     "RolloutWrite",
+    "device_row_groups",
     "device_updates",
     "event_rows",
+    "guard_of",
     "health_row",
     "request_count",
     "to_epoch",
@@ -231,21 +234,32 @@ def fleet_summary(groups: Iterable[tuple[Any, ...]]) -> dict[str, Any]:
             "offline": total - online, "releases": [{"release": r, "devices": n} for r, n in ordered]}
 
 
+GUARDS = ("status_ts", "last_event_ts")
+"""The time columns that guard a kind of device-row update (status, event): it is written only over
+an older one. ``online`` has none: a last will carries the time its session began, so an
+``online: false`` is often older than the ``online: true`` it follows (see docs/mqtt.md)."""
+
+
 def device_updates(batch: IngestBatch) -> dict[str, dict[str, Any]]:
-    """Merge the batch into one device-row update per device, later messages winning; each update
-    holds ``id``, ``first_seen``, ``last_seen`` and the columns the messages set, in that order."""
+    """Merge the batch into device-row updates, later messages of a kind winning: per device ``id``,
+    ``first_seen``, ``last_seen`` and, under ``status``, ``online`` and ``event``, the columns each
+    kind of report sets with its time column, in the order they were set.
+
+    The writers apply the status and event columns only when their time is not older than the stored
+    one (:data:`GUARDS`): with replicas sharing the reports (MQTT shared subscriptions), one device's
+    reports may be committed out of order, and a retained copy may arrive after a newer report."""
     updates: dict[str, dict[str, Any]] = {}
 
-    def touch(r: Received) -> dict[str, Any]:
+    def touch(r: Received, part: str | None = None) -> dict[str, Any]:
         device = str(r.message["device"])
         upd = updates.setdefault(device, {"id": device, "first_seen": r.received_at,
                                           "last_seen": r.received_at})
         upd["first_seen"] = min(upd["first_seen"], r.received_at)
         upd["last_seen"] = max(upd["last_seen"], r.received_at)
-        return upd
+        return upd.setdefault(part, {}) if part else upd
 
     for r in batch.status:
-        m, upd = r.message, touch(r)
+        m, upd = r.message, touch(r, "status")
         for key, column in _STATUS_FIELDS:
             if key in m:
                 upd[column] = as_int(m[key]) if column == "release" else as_text(m[key])
@@ -264,14 +278,14 @@ def device_updates(batch: IngestBatch) -> dict[str, dict[str, Any]]:
         upd["repeat_last_seen"] = to_epoch(m.get("last_seen")) if upd["repeat_count"] is not None else None
         upd["status_ts"] = r.ts
     for r in batch.online:
-        m, upd = r.message, touch(r)
+        m, upd = r.message, touch(r, "online")
         online = m.get("online")
         if not isinstance(online, bool):
             online = m.get("state") == "online"
         upd["online"] = 1 if online else 0
         upd["online_ts"] = r.ts
     for r in batch.events:
-        m, upd = r.message, touch(r)
+        m, upd = r.message, touch(r, "event")
         upd["last_event"] = as_text(m.get("type"))
         upd["last_event_ts"] = r.ts
         if m.get("type") in _ERROR_EVENTS:  # the latest refusal or failure, until a success
@@ -281,6 +295,26 @@ def device_updates(batch: IngestBatch) -> dict[str, dict[str, Any]]:
     for r in batch.health:
         touch(r)
     return updates
+
+
+def device_row_groups(
+        updates: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """The column updates of :func:`device_updates` as rows grouped by the columns they set (one
+    statement each): every row holds those columns, ``last_seen`` and ``id``; a status or event row
+    holds its time column (:data:`GUARDS`), which the writer compares with the stored one. A device
+    seen only through health samples gets a row of ``last_seen`` alone."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for upd in updates.values():
+        parts = [upd[p] for p in ("status", "online", "event") if p in upd] or [{}]
+        for part in parts:
+            row = {**part, "last_seen": upd["last_seen"], "id": upd["id"]}
+            groups.setdefault(tuple(row), []).append(row)
+    return groups
+
+
+def guard_of(columns: Sequence[str]) -> str | None:
+    """The time column among ``columns`` that guards their update (:data:`GUARDS`), or None."""
+    return next((c for c in GUARDS if c in columns), None)
 
 
 def event_commits(events: Sequence[Received]) -> list[str]:

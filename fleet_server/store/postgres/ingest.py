@@ -19,9 +19,11 @@ from fleet_server.store.postgres.connection import PgConnection, PgConnections
 from fleet_server.store.records import (
     IngestBatch,
     Received,
+    device_row_groups,
     device_updates,
     event_commits,
     event_rows,
+    guard_of,
     health_row,
     to_json,
 )
@@ -154,21 +156,21 @@ class PgIngest(PgConnections):
 
 
 def _write_devices(conn: PgConnection, updates: Mapping[str, dict[str, Any]]) -> None:
-    """Insert the devices not known yet, then update each one's columns (grouped by the columns an
-    update sets, so each group is one statement)."""
+    """Insert the devices not known yet, then update their columns, one statement per group of
+    columns; a status or event update older than the stored one is skipped (its time column)."""
     if not updates:
         return
     fresh = [{"id": u["id"], "first_seen": u["first_seen"], "last_seen": u["last_seen"]}
              for u in updates.values()]
     _insert_or_ignore(conn, "devices", fresh)
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for upd in updates.values():
-        columns = tuple(k for k in upd if k not in {"id", "first_seen"})
-        groups.setdefault(columns, []).append(upd)
-    for columns, rows in groups.items():
-        assignments = ", ".join(f'"{c}" = v."{c}"' for c in columns)
-        conn.execute(f"UPDATE devices AS d SET {assignments} FROM {_arrays('devices', (*columns, 'id'))}"  # noqa: S608
-                     " WHERE d.id = v.id", [[r[c] for r in rows] for c in (*columns, "id")])
+    for columns, rows in device_row_groups(updates).items():
+        cols = [c for c in columns if c not in ("id", "last_seen")]
+        guard = guard_of(cols)
+        sets = ", ".join([*(f'"{c}" = v."{c}"' for c in cols),
+                          "last_seen = GREATEST(d.last_seen, v.last_seen)"])
+        where = "d.id = v.id" + (f' AND (d."{guard}" IS NULL OR d."{guard}" <= v."{guard}")' if guard else "")
+        conn.execute(f"UPDATE devices AS d SET {sets} FROM {_arrays('devices', columns)} WHERE {where}",  # noqa: S608
+                     [[r[c] for r in rows] for c in columns])
 
 
 def _event_rows(conn: PgConnection, events: Sequence[Received]) -> list[dict[str, Any]]:

@@ -16,9 +16,11 @@ from typing import Any
 from fleet_server.store.records import (
     IngestBatch,
     Received,
+    device_row_groups,
     device_updates,
     event_commits,
     event_rows,
+    guard_of,
     health_row,
     to_json,
 )
@@ -55,18 +57,21 @@ class SqliteIngest(SqliteConnections):
                     " DO UPDATE SET value = value + excluded.value", sorted(batch.counters.items()))
 
     def _write_devices(self, updates: Mapping[str, dict[str, Any]]) -> None:
+        """Insert the devices not known yet, then update their columns, one statement per group of
+        columns; a status or event update older than the stored one is skipped (its time column)."""
         if not updates:
             return
         fresh = [{"id": u["id"], "first_seen": u["first_seen"], "last_seen": u["last_seen"]}
                  for u in updates.values()]
         insert_or_ignore(self._wconn, "devices", fresh)
-        groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-        for upd in updates.values():  # grouped by the columns an update sets, in the order it set them
-            columns = tuple(k for k in upd if k not in {"id", "first_seen"})
-            groups.setdefault(columns, []).append((*(upd[c] for c in columns), upd["id"]))
-        for columns, params in groups.items():
-            assignments = ", ".join(f"[{c}] = ?" for c in columns)
-            self._wconn.executemany(f"UPDATE devices SET {assignments} WHERE id = ?", params)  # noqa: S608
+        for columns, rows in device_row_groups(updates).items():
+            cols = [c for c in columns if c not in ("id", "last_seen")]
+            guard = guard_of(cols)
+            sets = ", ".join([*(f"[{c}] = ?" for c in cols), "last_seen = max(coalesce(last_seen, 0), ?)"])
+            where = "id = ?" + (f" AND ([{guard}] IS NULL OR [{guard}] <= ?)" if guard else "")
+            params = [(*(r[c] for c in cols), r["last_seen"], r["id"], *((r[guard],) if guard else ()))
+                      for r in rows]
+            self._wconn.executemany(f"UPDATE devices SET {sets} WHERE {where}", params)  # noqa: S608
 
     def _event_rows(self, events: Sequence[Received]) -> list[dict[str, Any]]:
         commits = event_commits(events)
