@@ -97,7 +97,13 @@ class Postgres:
         pwfile.unlink()
         self.password_file.write_text(self.password + "\n")
         self.password_file.chmod(0o600)
-        log = open(self._dir / "postgres.log", "wb")  # noqa: SIM115 - the server writes it until stopped
+        self._launch(server)
+        self._create_template()
+        return self
+
+    def _launch(self, server: Path | str) -> None:
+        """Start the server on the initialised data directory and wait until it accepts a login."""
+        log = open(self._dir / "postgres.log", "ab")  # noqa: SIM115 - the server writes it until stopped
         try:
             self._proc = subprocess.Popen(
                 [server, "-D", str(self.data_dir), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
@@ -107,8 +113,13 @@ class Postgres:
         finally:
             log.close()
         self._wait_ready()
-        self._create_template()
-        return self
+
+    def restart(self, down: float) -> None:
+        """Stop the server (fast shutdown, by pid), keep it down ``down`` seconds, start it again on
+        the same data and port, and wait until it accepts a login."""
+        self._shut_down()
+        time.sleep(down)
+        self._launch(postgres_bin("postgres"))
 
     def _wait_ready(self) -> None:
         """Wait until the server accepts a login (it listens before recovery ends), within a bound."""
@@ -151,8 +162,8 @@ class Postgres:
         self._admin(f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE if migrated else 'template0'}")
         return self.url(name)
 
-    def stop(self) -> None:
-        """Stop the server by its pid (fast shutdown, then SIGKILL after a bound) and remove the files."""
+    def _shut_down(self) -> None:
+        """Stop the server by its pid: fast shutdown, then SIGKILL after a bound."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -161,6 +172,10 @@ class Postgres:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(_STOP_WAIT)
+
+    def stop(self) -> None:
+        """Stop the server by its pid (fast shutdown, then SIGKILL after a bound) and remove the files."""
+        self._shut_down()
         deadline = time.monotonic() + _STOP_WAIT
         while True:
             try:
