@@ -2,9 +2,12 @@
 
     .venv/bin/python -m bench.bench_rollout [--devices 10000 | --sizes 10000,30000,100000] [--waves 4]
                                             [--timeout 600] [--publishers 2] [--heartbeat 60]
+                                            [--store sqlite|postgresql] [--replicas 1]
 
 Per fleet size: a real Mosquitto on a free loopback port (anonymous, no ACLs), a real
-``fleet-server`` process (``python -m fleet_server.main``, embedded SQLite, 127.0.0.1 only) and
+``fleet-server`` process (``python -m fleet_server.main``, embedded SQLite, 127.0.0.1 only; with
+``--store postgresql`` a PostgreSQL cluster started for the run with its durable defaults, and
+``--replicas`` servers on it that split the reports through an MQTT share group) and
 the simulated devices of :mod:`bench.load_fleet` in ``--publishers`` child processes, one MQTT
 connection each publishing for its slice of the device ids. The devices register (``online`` and a
 first ``status``), heartbeat every ``--heartbeat`` seconds (``status`` and ``health`` in turn: about
@@ -52,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.load_fleet import FleetOptions, fleet_process
 from bench.rollout_probe import DeliveryProbe, Sampler, ServerProcess, p95, scrape
 from edge_core import messages as m
-from fleet_server.store import Store
+from fleet_server.config import StoreConfig
+from fleet_server.store import open_store
 
 __all__ = ["GOALS", "SimFleet", "main", "run"]
 
@@ -225,14 +229,20 @@ def _receive_lag(metrics: Mapping[str, float]) -> dict[str, float | None]:
     return {"p95_le_seconds": p95_le, "over_5s_share": round(1 - within_5 / total, 4)}
 
 
-def _stored_counters(db: Path) -> dict[str, int]:
+def _stored_counters(store: StoreConfig) -> dict[str, int]:
     """The server's persistent ingest counters (``ingested.<kind>``, ``dropped.<reason>``), read from
-    its database by a second connection (WAL: no lock on the server's writers)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+    its database by a second connection (SQLite: read-only, WAL: no lock on the server's writers)."""
+    if store.backend == "sqlite":
+        conn = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            return {str(n): int(v) for n, v in conn.execute("SELECT name, value FROM counters")}
+        finally:
+            conn.close()
+    reader = open_store(store)
     try:
-        return {str(n): int(v) for n, v in conn.execute("SELECT name, value FROM counters")}
+        return reader.counters()
     finally:
-        conn.close()
+        reader.close()
 
 
 def _drain(server: ServerProcess, sent_total: int, timeout: float) -> dict[str, int]:
@@ -240,7 +250,7 @@ def _drain(server: ServerProcess, sent_total: int, timeout: float) -> dict[str, 
     return its counters."""
     deadline = time.monotonic() + timeout
     last, still = -1, 0
-    counters = _stored_counters(server.db)
+    counters = _stored_counters(server.store)
     while time.monotonic() < deadline:
         done = sum(v for k, v in counters.items() if k.startswith(("ingested.", "dropped.")))
         if done >= sent_total:
@@ -250,7 +260,7 @@ def _drain(server: ServerProcess, sent_total: int, timeout: float) -> dict[str, 
             break
         last = done
         time.sleep(1.0)
-        counters = _stored_counters(server.db)
+        counters = _stored_counters(server.store)
     return counters
 
 
@@ -325,29 +335,43 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int = 2, heartbeat: float = 60.0,
-        seed: int = 1, ingest_processes: int | None = None) -> dict[str, Any]:
-    """Run the benchmark for one fleet size and return its figures (see the module docstring)."""
+        seed: int = 1, ingest_processes: int | None = None, store: str = "sqlite",
+        replicas: int = 1) -> dict[str, Any]:
+    """Run the benchmark for one fleet size and return its figures (see the module docstring).
+    ``store`` is ``sqlite`` (one server) or ``postgresql`` (``replicas`` servers sharing it)."""
     from tests.support.broker import Mosquitto
     from tests.support.mirror import free_port
+    from tests.support.postgres import Postgres
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     old, new = (1, "1" * 40), (2, "2" * 40)
     out: dict[str, Any] = {"devices": devices, "waves": waves, "timeout": timeout, "publishers": publishers,
                            "heartbeat": heartbeat, "ingest_processes": ingest_processes, "finished": False,
-                           "phase": "not started"}
+                           "store": store, "replicas": replicas, "phase": "not started"}
     fleet: _Fleet | None = None
     probe: DeliveryProbe | None = None
-    server = ServerProcess(work, 0, free_port())
+    pg: Postgres | None = None
+    servers: list[ServerProcess] = []
     try:
+        if store == "postgresql":
+            pg = Postgres(durable=True).start()
+            config = StoreConfig(url=pg.create_database(), password_file=pg.password_file)
+        else:
+            config = StoreConfig(path=work / "fleet.db")
         with Mosquitto(work / "broker", extra_lines=["max_inflight_messages 1000", "max_queued_messages 10000000",
                                                      "autosave_interval 600"]) as broker:
-            server = ServerProcess(work, broker.port, int(server.url.rsplit(":", 1)[1]), ingest_processes)
-            store = Store(server.db)  # the releases the Git watcher would have recorded
+            servers = [ServerProcess(work, broker.port, free_port(), ingest_processes, store=config,
+                                     name=f"bench-server-{i}" if replicas > 1 else "bench-server",
+                                     share_group="bench" if replicas > 1 else None) for i in range(replicas)]
+            recorder = open_store(config)  # the releases the Git watcher would have recorded
             for version, commit in (old, new):
-                store.record_release(version, commit, ["bench"], time.time())
-            store.close()
-            server.start()
-            cpu_start = server.cpu_seconds()
+                recorder.record_release(version, commit, ["bench"], time.time())
+            recorder.close()
+            for server in servers:
+                server.start()
+            server = _leader(servers, 60.0)
+            others = [s for s in servers if s is not server]
+            cpu_start = sum(s.cpu_seconds() for s in servers)
             t_reg = time.monotonic()
             fleet = _Fleet(broker.port, devices, publishers,
                            FleetOptions(initial=old, heartbeat=heartbeat, seed=seed))
@@ -369,14 +393,14 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
                 return out
             probe = DeliveryProbe(broker.port, list(_fleet_ids(devices))[::max(1, devices // 50)], PREFIX)
             fleet.beat()
-            cpu0, t0 = server.cpu_seconds(), time.monotonic()
+            cpu0, t0 = sum(s.cpu_seconds() for s in servers), time.monotonic()
             answer = http.post("/api/v1/rollouts", json={"release": new[0], "plan": _plan(waves), "reason": "bench"},
                                headers={"X-Actor": "bench"})
             if answer.status_code != 201:
                 out["phase"] = f"start refused: {answer.status_code} {answer.text[:200]}"
                 return out
             rid = str(answer.json()["id"])
-            sampler = Sampler(server, rid)
+            sampler = Sampler(server, rid, others)
             sampler.start()
             last_log = 0.0
             while time.monotonic() - t0 < timeout and sampler.phase not in _FINAL:
@@ -391,14 +415,16 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
             out["phase"] = sampler.phase
             out["finished"] = sampler.phase == "succeeded"
             out["wall_seconds"] = round(wall, 1)
-            out["rollout_cpu_seconds"] = round(server.cpu_seconds() - cpu0, 1)
+            out["rollout_cpu_seconds"] = round(sum(s.cpu_seconds() for s in servers) - cpu0, 1)
             counts = fleet.stop()
             sent_total = sum(counts["sent"].values())
             counters = _drain(server, sent_total, 120.0)
             stored = {k: counters.get(f"ingested.{k}", 0) for k in _KINDS}
             dropped = sum(v for k, v in counters.items() if k.startswith("dropped."))
             metrics = _scrape_or_empty(server)
-            cpu = server.cpu_seconds() - cpu_start
+            cpu = sum(s.cpu_seconds() for s in servers) - cpu_start
+            # with replicas, the sum of each one's peak (the peaks need not coincide: an upper bound)
+            rss_peak = sum(s.rss_peak_mib() for s in servers)
             out.update({
                 "sent": counts["sent"], "stored": stored, "dropped": dropped, "broker_acked_all": counts["acked"],
                 "lost": sent_total - sum(stored.values()), "answered": counts["answered"],
@@ -411,9 +437,9 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
                 "p95_ms": {k: _ms(p95(v)) for k, v in sampler.latency.items()},
                 "max_ms": {k: _ms(max(v)) if v else None for k, v in sampler.latency.items()},
                 "samples": len(sampler.latency["devices"]), "call_errors": sampler.errors,
-                "rss_max_mib": round(max([server.rss_peak_mib(), *sampler.rss]), 1),
-                "rss_main_max_mib": round(server.rss_peak_mib(main_only=True), 1),
-                "server_pids": len(server.pids()),
+                "rss_max_mib": round(max([rss_peak, *sampler.rss]), 1),
+                "rss_main_max_mib": round(sum(s.rss_peak_mib(main_only=True) for s in servers), 1),
+                "server_pids": sum(len(s.pids()) for s in servers),
                 "server_cpu_seconds": round(cpu, 1), "cpu_ms_per_device": round(1000 * cpu / devices, 2),
                 "waves_done": [w.get("progress", {}).get("done") for w in sampler.detail.get("waves", [])],
             })
@@ -423,9 +449,27 @@ def run(devices: int, *, waves: int = 4, timeout: float = 600.0, publishers: int
             probe.stop()
         if fleet is not None:
             fleet.kill()
-        server.stop()
+        for s in servers:
+            s.stop()
+        if pg is not None:
+            pg.stop()
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _leader(servers: list[ServerProcess], timeout: float) -> ServerProcess:
+    """The server whose ``/healthz`` says it leads (bounded wait).
+
+    Raises:
+        RuntimeError: none did within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for s in servers:
+            if s.role() == "leader":
+                return s
+        time.sleep(0.2)
+    raise RuntimeError(f"no fleet-server took the leadership within {timeout:g}s")
 
 
 def _goal_lines(r: Mapping[str, Any]) -> list[str]:
@@ -473,13 +517,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ingest-processes", type=int, default=None,
                         help="the server's ingest.processes (default: the server's default)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the store: embedded SQLite (default) or a PostgreSQL started for the run")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="fleet-server replicas sharing the PostgreSQL store and an MQTT share group")
     args = parser.parse_args(argv)
+    if args.replicas < 1 or (args.replicas > 1 and args.store != "postgresql"):
+        parser.error("--replicas above 1 needs --store postgresql (one process owns a SQLite store)")
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.devices]
     runs = []
     for size in sizes:
         try:
             result = run(size, waves=args.waves, timeout=args.timeout, publishers=args.publishers,
-                         heartbeat=args.heartbeat, seed=args.seed, ingest_processes=args.ingest_processes)
+                         heartbeat=args.heartbeat, seed=args.seed, ingest_processes=args.ingest_processes,
+                         store=args.store, replicas=args.replicas)
         except Exception as exc:  # one size failing must still leave the others' figures and a named gap
             result = {"devices": size, "waves": args.waves, "timeout": args.timeout, "finished": False,
                       "phase": f"benchmark failed: {type(exc).__name__}: {exc}"[:300]}

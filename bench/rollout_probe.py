@@ -2,7 +2,7 @@
 times the API calls an operator makes while a rollout runs.
 
 :class:`ServerProcess` starts ``python -m fleet_server.main`` on a generated configuration (the
-embedded SQLite default, 127.0.0.1 only), reads the CPU time and memory of it and its ingest
+embedded SQLite default, or a PostgreSQL that several replicas share; 127.0.0.1 only), reads the CPU time and memory of it and its ingest
 processes (``ingest.processes``) from ``/proc``, and stops it by pid (SIGTERM, then SIGKILL after a bound). :class:`Sampler` calls, once a second, the first
 page of ``GET /api/v1/devices``, the dashboard's ``GET /api/v1/summary``, ``GET
 /api/v1/rollouts/{id}`` (what ``fleetctl rollout status ID`` and ``watch`` read) and ``/healthz``
@@ -27,6 +27,8 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
+
+from fleet_server.config import StoreConfig
 
 __all__ = ["DeliveryProbe", "Sampler", "ServerProcess", "p95", "scrape"]
 
@@ -58,29 +60,48 @@ class ServerProcess:
     """A ``fleet-server`` process on a configuration written into ``workdir``.
 
     Args:
-        workdir: where the configuration, the database, the admin token and the log live.
+        workdir: where the configuration, the database (SQLite), the admin token and the log live.
         mqtt_port: the broker's port on 127.0.0.1.
         http_port: the API's port on 127.0.0.1.
         ingest_processes: ``ingest.processes`` (None: the server's default).
+        store: the store (None: SQLite in ``workdir``); several processes share a PostgreSQL one.
+        name: this process's name: its MQTT client id, configuration and log file names.
+        share_group: ``mqtt.share_group`` (replicas split the reports), or None.
     """
 
-    def __init__(self, workdir: Path, mqtt_port: int, http_port: int, ingest_processes: int | None = None) -> None:
+    def __init__(self, workdir: Path, mqtt_port: int, http_port: int, ingest_processes: int | None = None, *,
+                 store: StoreConfig | None = None, name: str = "bench-server",
+                 share_group: str | None = None) -> None:
         self.workdir = workdir
         self.db = workdir / "fleet.db"
+        self.store = store or StoreConfig(path=self.db)
         self.token = "bench-admin-token"
         self.url = f"http://127.0.0.1:{http_port}"
         token_file = workdir / "admin.token"
         token_file.write_text(self.token + "\n")
         token_file.chmod(0o600)
-        self.config = workdir / "server.yaml"
+        if self.store.backend == "sqlite":
+            store_lines = f"store:\n  path: {self.store.path}\n"
+        else:
+            store_lines = f"store:\n  url: {self.store.url}\n  password_file: {self.store.password_file}\n"
+        self.config = workdir / f"{name}.yaml"
         self.config.write_text(
-            f"mqtt:\n  host: 127.0.0.1\n  port: {mqtt_port}\n  client_id: bench-server\n"
-            f"store:\n  path: {self.db}\n"
-            f"http:\n  host: 127.0.0.1\n  port: {http_port}\n  admin_token_file: {token_file}\n"
+            f"mqtt:\n  host: 127.0.0.1\n  port: {mqtt_port}\n  client_id: {name}\n"
+            + (f"  share_group: {share_group}\n" if share_group else "")
+            + store_lines
+            + f"http:\n  host: 127.0.0.1\n  port: {http_port}\n  admin_token_file: {token_file}\n"
             "log_level: warning\n"
             + ("" if ingest_processes is None else f"ingest:\n  processes: {ingest_processes}\n"))
-        self.log = workdir / "server.log"
+        self.log = workdir / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def role(self) -> str | None:
+        """This process's ``role`` in ``/healthz`` (``leader`` or ``follower``), None when it does not answer."""
+        try:
+            role = httpx.get(f"{self.url}/healthz", timeout=2.0).json().get("role")
+        except (httpx.HTTPError, ValueError):
+            return None
+        return str(role) if role is not None else None
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the server and wait (bounded) until ``/healthz`` says ok (connected to the broker).
@@ -164,10 +185,12 @@ class Sampler:
     Args:
         server: the server to sample.
         rollout_id: the rollout whose summary is read.
+        others: the other replicas, whose ingest backlog age counts too (the largest is kept).
     """
 
-    def __init__(self, server: ServerProcess, rollout_id: str) -> None:
+    def __init__(self, server: ServerProcess, rollout_id: str, others: list[ServerProcess] | None = None) -> None:
         self.server = server
+        self.others = others or []
         self.rollout_id = rollout_id
         self.latency: dict[str, list[float]] = {"devices": [], "summary": [], "rollout": []}
         self.errors: dict[str, int] = {"devices": 0, "summary": 0, "rollout": 0}
@@ -200,11 +223,15 @@ class Sampler:
         if isinstance(detail, dict):
             self.detail = detail
             self.phase = str(detail.get("phase"))
-        try:
-            health = self._http.get("/healthz").json()
-            self.lag.append(float(health.get("ingest_backlog_seconds", 0.0)))
-        except (httpx.HTTPError, ValueError):
-            pass
+        lags = []
+        for url in [self.server.url, *(o.url for o in self.others)]:
+            try:
+                health = self._http.get(f"{url}/healthz").json()
+                lags.append(float(health.get("ingest_backlog_seconds", 0.0)))
+            except (httpx.HTTPError, ValueError):
+                pass
+        if lags:
+            self.lag.append(max(lags))
         with contextlib.suppress(OSError):
             self.rss.append(self.server.rss_mib())
 

@@ -1,5 +1,6 @@
 """A throwaway PostgreSQL cluster on loopback for tests: ``initdb`` in a temporary directory, the
-``postgres`` server on a free 127.0.0.1 port with ``fsync=off``, stopped by its pid.
+``postgres`` server on a free 127.0.0.1 port with ``fsync=off`` (``durable=True``: its durable
+defaults, for benchmarks), stopped by its pid.
 
     with Postgres() as pg:
         url = pg.create_database()        # a fresh database, copied from the migrated template
@@ -61,7 +62,8 @@ def postgres_bin(name: str) -> str:
 class Postgres:
     """One PostgreSQL cluster in a temporary directory (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable  # False: no fsync (tests); True: PostgreSQL's durable defaults (benchmarks)
         self.port = free_port()
         self.password = "test-" + os.urandom(8).hex()
         self._dir = Path(tempfile.mkdtemp(prefix="fleet-pg-"))
@@ -107,8 +109,9 @@ class Postgres:
         try:
             self._proc = subprocess.Popen(
                 [server, "-D", str(self.data_dir), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-                 "-c", f"unix_socket_directories={self._dir}", "-c", "fsync=off",
-                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+                 "-c", f"unix_socket_directories={self._dir}", "-c", "max_connections=200",
+                 *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                            "-c", "full_page_writes=off"])],
                 stdout=log, stderr=subprocess.STDOUT, **self._run_as)
         finally:
             log.close()
