@@ -67,6 +67,7 @@ __all__ = [
     "report_health",
     "resume",
     "set_assigned_revision",
+    "set_remote_pause",
     "status",
     "sync_in",
     "sync_once",
@@ -218,7 +219,7 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
                         record.set_drift(rt.state, (), corrected=False, clean=True)
                         record.queue_status(rt.state, config, when)
                     return DriftReport((), False)
-                enforce = config.mode == "enforce" and not rt.state.get_meta(record.META_PAUSED)
+                enforce = config.mode == "enforce" and record.pause_reason(rt.state) is None
                 outcome: SyncResult | None = None
                 if enforce:
                     prepared = Prepared(desired, ctx, managed, make_plan(desired, managed, ctx))
@@ -240,19 +241,31 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
             rt.close()
 
 
-def _set_pause(config: AgentConfig, reason: str | None, now: datetime | None) -> None:
+def _set_pause(config: AgentConfig, reason: str | None, now: datetime | None, *,
+               key: str = record.META_PAUSED) -> bool:
+    """Set (a reason) or clear (None) one of the two pauses, ``key``; record and report the change.
+    Return False, doing nothing, when that pause already stood so."""
     when = _now(now)
+    remote = key == record.META_REMOTE_PAUSED
     with log_context(device=config.device_id):
         state = open_state(config)
         try:
+            if remote and (state.get_meta(key) or None) == reason:
+                return False  # the retained message again, after a reconnect
             installed = state.installed()
             commit = installed.commit if installed else None
             version = installed.version if installed else None
             kind = "paused" if reason is not None else "resumed"
-            state.set_meta(record.META_PAUSED, reason)
-            record.record(state, config, kind, now=when, commit=commit, release=version, reason=reason)
+            state.set_meta(key, reason)
+            said = f"fleet server: {reason}" if remote and reason is not None else reason
+            if remote and reason is None:
+                said = "fleet server"
+            record.record(state, config, kind, now=when, commit=commit, release=version, reason=said)
             record.queue_status(state, config, when)
-            log.warning("%s%s", kind, f": {reason}" if reason else "")
+            still = record.pause_reason(state)
+            log.warning("%s%s%s", kind, f" ({said})" if said else "",
+                        f"; still paused: {still}" if reason is None and still else "")
+            return True
         finally:
             state.close()
 
@@ -276,6 +289,18 @@ def resume(config: AgentConfig, *, now: datetime | None = None) -> None:
         StateError: the state database cannot be written.
     """
     _set_pause(config, None, now)
+
+
+def set_remote_pause(config: AgentConfig, reason: str | None, *, now: datetime | None = None) -> bool:
+    """Take the fleet server's pause (``reason``) or its lifting (None), from its retained ``control``
+    message. It composes with the device's own pause: the device applies changes only while neither
+    stands. Return whether anything changed (a repeated message changes nothing).
+
+    Raises:
+        StateError: the state database cannot be written.
+    """
+    return _set_pause(config, (reason.strip() or "no reason given") if reason is not None else None, now,
+                      key=record.META_REMOTE_PAUSED)
 
 
 def assigned_revision(config: AgentConfig) -> str | None:
@@ -382,7 +407,8 @@ def status(config: AgentConfig) -> dict[str, Any]:
                            "labels": dict(config.labels), "repo": config.repo.url,
                            "branch": config.repo.branch}
     if not (state_dir / STATE_DB).exists():
-        out.update({"installed": None, "floor": 0, "paused": None, "managed": 0, "open_transaction": None,
+        out.update({"installed": None, "floor": 0, "paused": None, "paused_locally": None,
+                    "paused_by_fleet_server": None, "managed": 0, "open_transaction": None,
                     "last_sync": None, "outbox": 0})
         return out
     state = StateDB(state_dir / STATE_DB)
@@ -393,7 +419,9 @@ def status(config: AgentConfig) -> dict[str, Any]:
             "installed": None if installed is None else {
                 "version": installed.version, "commit": installed.commit, "bundles": list(installed.bundles)},
             "floor": state.floor(),
-            "paused": state.get_meta(record.META_PAUSED) or None,
+            "paused": record.pause_reason(state),
+            "paused_locally": state.get_meta(record.META_PAUSED) or None,
+            "paused_by_fleet_server": state.get_meta(record.META_REMOTE_PAUSED) or None,
             "managed": len(state.managed()),
             "open_transaction": None if open_txn is None else open_txn.txn_id,
             "last_sync": _last_sync(state),

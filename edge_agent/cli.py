@@ -137,11 +137,15 @@ def _cmd_pause(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from edge_agent.agent import resume  # noqa: PLC0415
+    from edge_agent.agent import resume, status  # noqa: PLC0415
 
     config = _config(args)
     resume(config)
-    _emit(args, {"device": config.device_id, "paused": False}, f"device {config.device_id}: resumed")
+    still = status(config).get("paused_by_fleet_server")
+    text = f"device {config.device_id}: resumed"
+    if still:
+        text += f"; still paused by the fleet server ({still}) until it resumes the device"
+    _emit(args, {"device": config.device_id, "paused": bool(still), "paused_by_fleet_server": still}, text)
     return 0
 
 

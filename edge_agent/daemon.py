@@ -31,7 +31,9 @@ assigned revision is persisted in the state database, so a restart follows it fr
 on. The broadcast nudge calls :meth:`Daemon.request_sync`. The retained fleet baseline
 (``<prefix>/_broadcast/baseline``) calls :meth:`Daemon.on_baseline`: it is persisted before the next
 sync and, on a device without an assignment, wakes the loop (:mod:`edge_agent.selection` says what a
-sync follows). After every operation the sender is
+sync follows). The device's retained ``control`` message (the fleet server's remote pause) calls
+:meth:`Daemon.on_control`: the loop persists it at its next safe point, and while it stands (or the
+device's own pause does) nothing is applied, drift correction included. After every operation the sender is
 woken to publish the reports the operation queued. Without an ``mqtt`` section reports simply wait
 in the outbox (``edge-agent status`` shows how many).
 
@@ -62,6 +64,7 @@ from edge_agent.agent import (
     recover_interrupted,
     report_health,
     set_assigned_revision,
+    set_remote_pause,
     sync_once,
 )
 from edge_agent.backoff import Backoff
@@ -151,6 +154,7 @@ class Daemon:
         self._reporter: Reporter | None = None
         self._job: _FetchJob | None = None
         self._nudged = False  # a sync was asked for (under _lock); _wake only wakes the loop
+        self._control: str | bool | None = False  # the fleet server's pause to take (False: none)
         self.syncs = 0
         self.drift_checks = 0
         self.health_reports = 0
@@ -207,6 +211,33 @@ class Daemon:
         log.info("fleet baseline: release %s (%s)", release, revision)
         if not assigned:
             self._wake.set()
+
+    def on_control(self, paused: bool, reason: str | None) -> None:
+        """Handle the fleet server's ``control`` message: its pause (with ``reason``) or its lifting.
+
+        Called from the MQTT thread; the loop persists and reports it at its next safe point.
+        """
+        with self._lock:
+            self._control = (reason or "") if paused else None
+        self._wake.set()
+
+    def _take_control(self) -> None:
+        """Persist and report the fleet server's pause or its lifting, when one arrived; a lifting
+        that leaves the device unpaused asks for a sync, so it catches up at once."""
+        with self._lock:
+            control, self._control = self._control, False
+        if control is False:
+            return
+        reason = control if isinstance(control, str) else None
+        try:
+            changed = set_remote_pause(self.config, reason)
+        except EdgeFleetError as exc:
+            log.error("cannot take the fleet server's pause: %s", exc)
+            return
+        if changed:
+            self._notify_reporter()
+            if reason is None:
+                self.request_sync()
 
     def on_nudge(self) -> None:
         """Handle the broadcast nudge: fetch at once instead of at the next poll."""
@@ -355,7 +386,7 @@ class Daemon:
             return None
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         reporter = Reporter(self.config, self.config.state_dir / STATE_DB, on_desired=self.on_desired,
-                            on_nudge=self.on_nudge, on_baseline=self.on_baseline)
+                            on_nudge=self.on_nudge, on_baseline=self.on_baseline, on_control=self.on_control)
         reporter.start()
         return reporter
 
@@ -393,6 +424,7 @@ class Daemon:
         again = False  # a sync was asked for while a fetch was in flight
         while not self.stop.is_set():
             self._wake.clear()  # every reason to wake is a flag or a time, read after this
+            self._take_control()
             now = self._clock()
             again = self._take_nudge() or again
             job = self._job

@@ -93,7 +93,7 @@ def _steps(rt: Runtime, target: selection.Target, now: datetime, cache: SyncCach
     with log_context(commit=commit, release=version):
         persist_trust(rt.state, verified)
         rt.state.raise_floor(verified.release.rollback_floor)
-        paused = rt.state.get_meta(record.META_PAUSED)
+        paused = record.pause_reason(rt.state)
         if paused:
             return SyncResult("paused", version, commit, reason=f"paused: {paused}"), same
         hold = repeats.held(rt.state, commit, target.source, now)

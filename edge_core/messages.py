@@ -8,6 +8,7 @@ Topics (``prefix`` defaults to ``fleet/v1``)::
     <prefix>/<device>/health     device → server              metrics and health-check results
     <prefix>/<device>/online     device → server, retained    true on connect; the last will says false
     <prefix>/<device>/desired    server → device, retained    the revision the device should run
+    <prefix>/<device>/control    server → device, retained    remote pause: stop applying, or go on
     <prefix>/_broadcast/nudge    server → all devices         a new release: fetch now
     <prefix>/_broadcast/baseline  server → all devices,        the fleet baseline: the last-good
                                  retained                     release a device without its own
@@ -22,7 +23,9 @@ carry the ``revision`` (a commit) and ``release`` to run. The ``status`` may als
 so a status from an agent that does not send them stays valid. While its last sync failed, a status
 may carry ``repeat_count`` (how many syncs in a row ended with that same failure for that same
 commit, an integer from 1) and ``last_seen`` (when the last of them ended, RFC 3339); both are
-optional too, so older agents and servers agree.
+optional too, so older agents and servers agree. A paused device's status may say why
+(``pause_reason``: its own pause, the fleet server's, or both). ``control`` carries ``paused`` and
+the operator's ``reason``: the fleet server's remote pause of one device.
 
 :func:`decode` is what a receiver calls on untrusted bytes: the size cap is checked first, then
 JSON, the schema version, the device id against the topic's device (spoofing), and every field's
@@ -57,6 +60,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "baseline_message",
     "baseline_topic",
+    "control_message",
     "decode",
     "desired_message",
     "encode",
@@ -92,7 +96,7 @@ MAX_LABEL_VALUE = 256
 PROFILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 """A device profile name (the same rule as ``profile`` in ``agent.yaml``)."""
 
-DEVICE_KINDS = ("status", "events", "health", "online", "desired")
+DEVICE_KINDS = ("status", "events", "health", "online", "desired", "control")
 """The per-device topic kinds, ``<prefix>/<device>/<kind>``."""
 
 NUDGE_KIND = "nudge"
@@ -324,11 +328,13 @@ _SCHEMAS: dict[str, dict[str, _Check]] = {
     "online": {**_DEVICE, "online": lambda v: isinstance(v, bool)},
     "desired": {**_DEVICE, "revision": _commit, "release": _release,
                 "rollout_id": _opt(lambda v: _text(v, _MAX_ID))},
+    "control": {**_DEVICE, "paused": lambda v: isinstance(v, bool), "reason": _opt(lambda v: _text(v, 500))},
     "nudge": {**_COMMON, "revision": _commit, "release": _release},
     "baseline": {**_COMMON, "revision": _commit, "release": _release},
 }
 _OPTIONAL: dict[str, dict[str, _Check]] = {
-    "status": {"labels": _labels, "profile": _profile, "repeat_count": _repeat_count, "last_seen": _ts},
+    "status": {"labels": _labels, "profile": _profile, "repeat_count": _repeat_count, "last_seen": _ts,
+               "pause_reason": lambda v: _text(v, 1100)},
 }
 
 
@@ -382,8 +388,8 @@ def _base(device: str | None, ts: datetime | float) -> dict[str, Any]:
 def status_message(device: str, *, commit: str | None, release: int | None, sync_state: str,
                    drift: dict[str, Any], paused: bool, ts: datetime | float,
                    labels: Mapping[str, str] | None = None, profile: str | None = None,
-                   repeat_count: int | None = None,
-                   last_seen: datetime | float | None = None) -> dict[str, Any]:
+                   repeat_count: int | None = None, last_seen: datetime | float | None = None,
+                   pause_reason: str | None = None) -> dict[str, Any]:
     """Build the retained ``status`` message: what the device runs and how its last sync went.
 
     ``labels`` and ``profile`` are the device's own (from its ``agent.yaml``); each is left out of
@@ -402,6 +408,8 @@ def status_message(device: str, *, commit: str | None, release: int | None, sync
         msg["repeat_count"] = repeat_count
     if last_seen is not None:
         msg["last_seen"] = format_ts(last_seen)
+    if pause_reason is not None:
+        msg["pause_reason"] = pause_reason
     return validate("status", msg)
 
 
@@ -451,6 +459,16 @@ def desired_message(device: str, *, revision: str, release: int, rollout_id: str
     """
     msg = {**_base(device, ts), "revision": revision, "release": release, "rollout_id": rollout_id}
     return validate("desired", msg)
+
+
+def control_message(device: str, *, paused: bool, reason: str | None, ts: datetime | float) -> dict[str, Any]:
+    """Build the retained ``control`` message the server sends one device: ``paused`` true stops it
+    applying changes (the operator's ``reason`` with it), false lets it go on (see docs/mqtt.md).
+
+    Raises:
+        MessageError: a field is invalid (``bad_field``).
+    """
+    return validate("control", {**_base(device, ts), "paused": paused, "reason": reason})
 
 
 def nudge_message(*, revision: str, release: int, ts: datetime | float) -> dict[str, Any]:

@@ -4,9 +4,9 @@ Every device authenticates with its device id as user name (and, with
 ``use_username_as_clientid true``, as client id, so no client can take over another's session) and
 a random password. The ACL names every device explicitly (no ``pattern`` rules, so nothing depends
 on how ``%u`` is substituted): a device may write only ``<prefix>/<id>/{status,events,health,online}``
-and read only ``<prefix>/<id>/desired``, the broadcast nudge and the fleet baseline
-(``<prefix>/_broadcast/baseline``). The server user reads ``<prefix>/#`` and writes
-``<prefix>/+/desired``, the baseline and the nudge; no device id can be
+and read only ``<prefix>/<id>/desired``, ``<prefix>/<id>/control`` (the remote pause), the broadcast
+nudge and the fleet baseline (``<prefix>/_broadcast/baseline``). The server user reads ``<prefix>/#``
+and writes ``<prefix>/+/desired``, ``<prefix>/+/control``, the baseline and the nudge; no device id can be
 ``_broadcast``, so no device writes either broadcast. Several server users may be named: because
 the user name is the client id, every server process (MQTT 5 shared subscriptions) and tool that
 connects at the same time needs its own, or they would take each other's session over.
@@ -132,11 +132,12 @@ def acl_text(devices: Sequence[str], *, prefix: str, server_users: Sequence[str]
     ]
     for user in server_users:
         lines += ["", f"user {user}", f"topic read {prefix}/#", f"topic write {prefix}/+/desired",
-                  f"topic write {baseline}", f"topic write {nudge}"]
+                  f"topic write {prefix}/+/control", f"topic write {baseline}", f"topic write {nudge}"]
     for device in devices:
         lines += ["", f"user {device}"]
         lines += [f"topic write {prefix}/{device}/{kind}" for kind in _DEVICE_WRITES]
-        lines += [f"topic read {prefix}/{device}/desired", f"topic read {nudge}", f"topic read {baseline}"]
+        lines += [f"topic read {prefix}/{device}/desired", f"topic read {prefix}/{device}/control",
+                  f"topic read {nudge}", f"topic read {baseline}"]
     return "\n".join(lines) + "\n"
 
 

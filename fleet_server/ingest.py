@@ -63,6 +63,7 @@ from edge_core.errors import MessageError
 from edge_core.messages import (
     baseline_message,
     baseline_topic,
+    control_message,
     decode,
     desired_message,
     encode,
@@ -516,6 +517,17 @@ class Ingestor:
                               ts=self._clock())
         desired_topic = topic(self._mqtt.prefix, device_id, "desired")
         return self._publish(desired_topic, encode(msg), retain=True, wait=wait)
+
+    def publish_control(self, device_id: str, *, paused: bool, reason: str | None, wait: float = 0.0) -> None:
+        """Publish the retained QoS 1 ``control`` message of one device: the fleet server's remote pause
+        (``paused``, with the operator's ``reason``) or its lifting.
+
+        Raises:
+            MessageError: a field is invalid.
+            BrokerError: the message cannot be queued, or was not acknowledged in time.
+        """
+        msg = control_message(device_id, paused=paused, reason=reason, ts=self._clock())
+        self._publish(topic(self._mqtt.prefix, device_id, "control"), encode(msg), retain=True, wait=wait)
 
     def publish_nudge(self, revision: str, release: int, *, wait: float = 0.0) -> None:
         """Broadcast a QoS 1 nudge: a new release exists, devices fetch now.

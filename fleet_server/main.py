@@ -49,6 +49,7 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.metrics_notify import NotificationMetrics
     from fleet_server.notify.notifier import Notifier
     from fleet_server.releases import GitWatcher
+    from fleet_server.remote_pause import PUBLISH_WAIT, RemotePause
     from fleet_server.rollouts.model import RolloutState
     from fleet_server.rollouts.plan import RolloutPlan
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
@@ -372,7 +373,10 @@ def run_server(config: ServerConfig) -> None:
         leadership.start()
         metrics.attach_role(store.backend, lambda: leadership.role if leadership is not None else "follower")
         pruner.start()
-        actions = ApiActions(trigger_git=duties.trigger_git if config.git.url else None, rollouts=runner)
+        pauses = RemotePause(store, lambda device, paused, reason: ingestor.publish_control(
+            device, paused=paused, reason=reason, wait=PUBLISH_WAIT))
+        actions = ApiActions(trigger_git=duties.trigger_git if config.git.url else None, rollouts=runner,
+                             pauses=pauses)
         app = create_app(store, config, metrics, actions=actions)
         server = uvicorn.Server(uvicorn.Config(app, host=config.http.host, port=config.http.port,
                                                log_config=None, access_log=False, lifespan="off"))

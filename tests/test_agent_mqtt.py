@@ -5,87 +5,38 @@ real daemon in a thread with a tmp root. The broker side is watched with ``mosqu
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from edge_agent.agent import check_drift, pause, resume, sync_once
-from edge_agent.config import AgentConfig, load_config
-from edge_agent.daemon import Daemon
 from edge_agent.report import build as reporter
 from edge_agent.state import StateDB
 from edge_core import messages
 from tests.support.agent_fleet import AgentFleet, base_release
+from tests.support.agent_mqtt import (
+    ALL,
+    DEVICE,
+    PREFIX,
+    RunningAgent,
+    decoded,
+    events,
+    has_event,
+    kind_of,
+    mqtt_config,
+)
 from tests.support.broker import Mosquitto, Subscriber, publish
 from tests.support.wait import wait_until
-
-DEVICE = "dev-1"
-PREFIX = "fleet/v1"
-ALL = f"{PREFIX}/{DEVICE}/#"
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     with Mosquitto(tmp_path / "mosquitto") as b:
         yield b
-
-
-def mqtt_config(fleet: AgentFleet, port: int, *, poll: str = "1h", health: str = "1h") -> AgentConfig:
-    """The fleet's agent.yaml with an mqtt section and the given intervals."""
-    data: dict[str, Any] = yaml.safe_load(fleet.config_path.read_text())
-    data["mqtt"] = {"host": "127.0.0.1", "port": port, "keepalive": 5}
-    data["intervals"] = {"poll": poll, "drift": "1h", "health": health}
-    fleet.config_path.write_text(yaml.safe_dump(data))
-    return load_config(fleet.config_path)
-
-
-class RunningAgent:
-    """A :class:`Daemon` running in a thread; ``stop()`` sets its stop event and joins it (bounded)."""
-
-    def __init__(self, config: AgentConfig) -> None:
-        self.stop_event = threading.Event()
-        self.daemon = Daemon(config, stop=self.stop_event)
-        self.error: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.daemon.run()
-        except BaseException as exc:  # surfaced by stop()
-            self.error.append(exc)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-        assert not self.error, self.error
-
-
-def kind_of(topic: str) -> str:
-    return topic.rsplit("/", 1)[1]
-
-
-def decoded(sub: Subscriber, kind: str) -> list[dict[str, Any]]:
-    """Every message of ``kind`` the subscriber got, decoded by the strict decoder."""
-    out = []
-    for r in sub.messages(f"{PREFIX}/{DEVICE}/{kind}"):
-        out.append(messages.decode(kind, r.payload, topic_device=DEVICE))
-    return out
-
-
-def events(sub: Subscriber, type_: str | None = None) -> list[dict[str, Any]]:
-    return [e for e in decoded(sub, "events") if type_ is None or e["type"] == type_]
-
-
-def has_event(type_: str, commit: str | None = None) -> Callable[[Subscriber], bool]:
-    return lambda s: any(commit is None or e["commit"] == commit for e in events(s, type_))
 
 
 def outbox_rows(fleet: AgentFleet) -> list[tuple[str, bytes]]:

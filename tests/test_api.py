@@ -271,4 +271,5 @@ def test_module_exports_are_pinned() -> None:
     assert sorted(auth.__all__) == ["MAX_SECRET_BYTES", "Tokens", "admin_access", "bearer_scheme",
                                     "bearer_token", "load_secret", "load_tokens", "read_access",
                                     "require_admin", "require_read", "signature_valid"]
-    assert sorted(routes_fleet.__all__) == ["FleetReader", "fleet_router", "parse_label_filters"]
+    assert sorted(routes_fleet.__all__) == ["FleetReader", "checked_device_id", "fleet_router",
+                                            "parse_label_filters"]

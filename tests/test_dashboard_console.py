@@ -274,6 +274,30 @@ def test_device_page_shows_the_drift_table_pause_state_and_sync_history(site: Si
     assert site.console == []
 
 
+def test_device_page_pauses_and_resumes_the_device_from_the_fleet_server(site: Site) -> None:
+    page = site.page("/devices/cam-03")
+    page.wait_for_selector("#actions-readonly", timeout=WAIT_MS)
+    assert page.is_visible("#actions-readonly")  # no token: no buttons
+    assert not page.is_visible("button.act[data-action='pause']")
+    page = site.page("/devices/cam-03", token=ADMIN)
+    page.wait_for_selector("button.act[data-action='pause']", state="visible", timeout=WAIT_MS)
+    page.click("button.act[data-action='pause']")
+    wait_js(page, "document.getElementById('action-result').textContent.includes('give a reason')")
+    assert site.controls == []
+    page.fill("#action-actor", "carol")
+    page.fill("#action-reason", "INC-9: camera maintenance")
+    page.click("button.act[data-action='pause']")
+    wait_js(page, "document.getElementById('action-result').textContent === 'pause: done'")
+    page.click("button.act[data-action='resume']")
+    wait_js(page, "document.getElementById('action-result').textContent === 'resume: done'")
+    assert site.controls == [("cam-03", True, "INC-9: camera maintenance"),
+                             ("cam-03", False, "INC-9: camera maintenance")]
+    rows = site.store.audit(action="device.pause")
+    assert [(r["actor"], r["target"], r["reason"]) for r in rows] == [
+        ("carol", "device/cam-03", "INC-9: camera maintenance")]
+    assert site.console == []
+
+
 def test_the_console_pages_are_served_with_the_strict_policy(site: Site) -> None:
     for path in ("/releases", "/audit"):
         response = httpx.get(site.url + path, timeout=5.0)

@@ -162,7 +162,7 @@ def recovery_event(device: str, *, status: str, reason: str | None, commit: str 
 def status_report(device: str, *, commit: str | None, release: int | None, sync_state: str,
                   drift: Mapping[str, Any], paused: bool, ts: Ts, labels: Mapping[str, str] | None = None,
                   profile: str | None = None, repeat_count: int | None = None,
-                  last_seen: Ts | None = None) -> dict[str, Any]:
+                  last_seen: Ts | None = None, pause_reason: str | None = None) -> dict[str, Any]:
     """Return the retained status: the installed release, the sync state, the drift summary, paused, and
     the device's ``labels`` and ``profile`` (from ``agent.yaml``; each left out when None); while the
     last sync failed, how many syncs in a row failed the same way and when the last one did.
@@ -182,7 +182,8 @@ def status_report(device: str, *, commit: str | None, release: int | None, sync_
             log.warning("the status of %s leaves out its labels: %s", device, exc)
     return messages.status_message(device, commit=commit, release=release, sync_state=sync_state,
                                    drift=dict(drift), paused=paused, ts=ts, labels=sent_labels,
-                                   profile=profile, repeat_count=repeat_count, last_seen=last_seen)
+                                   profile=profile, repeat_count=repeat_count, last_seen=last_seen,
+                                   pause_reason=pause_reason)
 
 
 def _check_dict(result: CheckResult) -> dict[str, Any]:

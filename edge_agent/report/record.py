@@ -26,11 +26,13 @@ from edge_core.logs import release_words
 __all__ = [
     "META_DRIFT",
     "META_PAUSED",
+    "META_REMOTE_PAUSED",
     "META_SYNC_STATE",
     "drift_state",
     "event_message",
     "event_payload",
     "finish",
+    "pause_reason",
     "queue_started",
     "queue_status",
     "record",
@@ -40,6 +42,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 META_PAUSED = "paused"
+"""The reason of the device's own pause (``edge-agent pause``), absent when not paused."""
+META_REMOTE_PAUSED = "remote_paused"
+"""The reason of the fleet server's pause (its retained ``control`` message), absent when not paused."""
 META_SYNC_STATE = "report.sync_state"
 META_DRIFT = "report.drift"
 
@@ -125,6 +130,14 @@ def set_drift(state: StateDB, ids: Sequence[str], *, corrected: bool, clean: boo
         state.set_meta(META_SYNC_STATE, "in_sync")
 
 
+def pause_reason(state: StateDB) -> str | None:
+    """Why the device is paused, or None when it is not: its own pause (``edge-agent pause``), the
+    fleet server's (``fleet server: <reason>``), or both. Either one stops it applying changes."""
+    local, remote = state.get_meta(META_PAUSED), state.get_meta(META_REMOTE_PAUSED)
+    parts = ([local] if local else []) + ([f"fleet server: {remote}"] if remote else [])
+    return "; ".join(parts)[:1100] if parts else None
+
+
 def queue_status(state: StateDB, config: AgentConfig, now: datetime) -> None:
     """Queue the retained status: installed release, sync state, drift summary, paused, labels,
     profile, and while the last sync failed how often in a row (``repeat_count``, ``last_seen``)."""
@@ -134,9 +147,9 @@ def queue_status(state: StateDB, config: AgentConfig, now: datetime) -> None:
         config.device_id, commit=installed.commit if installed else None,
         release=installed.version if installed else None,
         sync_state=state.get_meta(META_SYNC_STATE) or "unknown", drift=drift_state(state),
-        paused=bool(state.get_meta(META_PAUSED)), ts=now, labels=config.labels, profile=config.profile,
+        paused=pause_reason(state) is not None, ts=now, labels=config.labels, profile=config.profile,
         repeat_count=failure.count if failure is not None else None,
-        last_seen=failure.last_seen if failure is not None else None)
+        last_seen=failure.last_seen if failure is not None else None, pause_reason=pause_reason(state))
     build.queue_report(state, config.mqtt_prefix, "status", msg)
 
 

@@ -41,6 +41,8 @@ class Reporter:
         on_desired: called (in paho's thread) with each valid ``desired`` message for this device.
         on_nudge: called (in paho's thread) for each valid broadcast nudge.
         on_baseline: called (in paho's thread) with each valid fleet baseline.
+        on_control: called (in paho's thread) with ``(paused, reason)`` of each valid ``control``
+            message for this device (the fleet server's remote pause).
         idle_wait: how often the sender looks at the outbox without being notified, in seconds.
 
     Raises:
@@ -51,18 +53,21 @@ class Reporter:
 
     def __init__(self, config: AgentConfig, state_path: Path, *, on_desired: DesiredHandler | None = None,
                  on_nudge: Callable[[], None] | None = None, on_baseline: BaselineHandler | None = None,
+                 on_control: Callable[[bool, str | None], None] | None = None,
                  idle_wait: float = 5.0) -> None:
         settings = settings_from_config(config)
         self._on_desired = on_desired
         self._on_nudge = on_nudge
         self._on_baseline = on_baseline
+        self._on_control = on_control
         self._idle_wait = idle_wait
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state = StateDB(state_path)
         try:
             self._link = MqttLink(settings, on_desired=self._handle_desired, on_nudge=self._handle_nudge,
-                                  on_baseline=self._handle_baseline, on_connected=self.notify)
+                                  on_baseline=self._handle_baseline, on_control=self._handle_control,
+                                  on_connected=self.notify)
         except BaseException:
             self._state.close()
             raise
@@ -131,3 +136,7 @@ class Reporter:
     def _handle_baseline(self, msg: dict[str, Any]) -> None:
         if self._on_baseline is not None:
             self._on_baseline(str(msg["revision"]), int(msg["release"]))
+
+    def _handle_control(self, msg: dict[str, Any]) -> None:
+        if self._on_control is not None:
+            self._on_control(bool(msg["paused"]), msg.get("reason"))

@@ -44,10 +44,12 @@ from fleet_server.api.guard import RequestGuard
 from fleet_server.api.routes_enroll import DeviceRegistry, enroll_router
 from fleet_server.api.routes_fleet import FleetReader, fleet_router
 from fleet_server.api.routes_notifications import NotificationReader, notifications_router
+from fleet_server.api.routes_pause import pause_router
 from fleet_server.api.routes_rollouts import RolloutControl, rollouts_router
 from fleet_server.errors import NotLeader, StoreError
 from fleet_server.health import health_status
 from fleet_server.metrics import ServerMetrics
+from fleet_server.remote_pause import RemotePause
 
 if TYPE_CHECKING:
     from fleet_server.config import ServerConfig
@@ -75,10 +77,12 @@ class ApiActions:
         trigger_git: make the Git watcher poll the mirror now (``LeaderDuties.trigger_git``: at once on
             the leader, through a poll request in the store on a follower).
         rollouts: the rollout runner behind ``/api/v1/rollouts`` (the routes are absent when None).
+        pauses: the remote pause behind ``/api/v1/devices/.../pause|resume`` (absent when None).
     """
 
     trigger_git: Callable[[], None] | None = None
     rollouts: RolloutControl | None = None
+    pauses: RemotePause | None = None
 
 
 def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -177,6 +181,8 @@ def create_app(store: ApiStore, config: ServerConfig, metrics: ServerMetrics, *,
     routers = [fleet_router(store, tokens), enroll_router(store, tokens), notifications_router(store, tokens)]
     if actions.rollouts is not None:
         routers.append(rollouts_router(actions.rollouts, tokens))
+    if actions.pauses is not None:
+        routers.append(pause_router(store, actions.pauses, tokens))
     for router in routers:
         app.include_router(router)
     routers.append(install_dashboard(app, store, tokens))

@@ -15,7 +15,7 @@ from fleet_server.refusals import AUDIT_ACTION as REFUSED_ACTION
 from fleet_server.refusals import refused_heads
 from fleet_server.store.device_order import DEVICE_SORTS, ID_PREFIX_RE
 
-__all__ = ["FleetReader", "fleet_router", "parse_label_filters"]
+__all__ = ["FleetReader", "checked_device_id", "fleet_router", "parse_label_filters"]
 
 MAX_PAGE = 1000
 _SYNC_STATE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -103,7 +103,8 @@ def parse_label_filters(values: list[str]) -> dict[str, str]:
     return labels
 
 
-def _device_id(device_id: str) -> str:
+def checked_device_id(device_id: str) -> str:
+    """Return ``device_id`` when it is a well-formed device id; 400 otherwise."""
     if not DEVICE_ID_RE.match(device_id):
         raise HTTPException(400, "malformed device id")
     return device_id
@@ -147,7 +148,7 @@ def fleet_router(store: FleetReader, tokens: Tokens) -> APIRouter:
     @router.get("/devices/{device_id}")
     def get_device(device_id: str) -> dict[str, Any]:
         """Return one device with its newest events and health samples."""
-        device = store.device(_device_id(device_id))
+        device = store.device(checked_device_id(device_id))
         if device is None:
             raise HTTPException(404, f"no device {device_id}")
         return {"device": device, "events": store.device_events(device_id, limit=_DEVICE_EVENTS),

@@ -30,6 +30,7 @@ from fleet_server.cli.common import (
     server_options,
 )
 from fleet_server.cli.credentials import DEFAULT_SERVER, Client, read_token, resolve_client, server_url
+from fleet_server.cli.device_pause import ACTIONS, run_pause
 from fleet_server.errors import ApiError, UsageError
 
 __all__ = ["DEFAULT_SERVER", "SYNC_STATES", "api_get", "api_post", "client_of", "format_device",
@@ -52,6 +53,9 @@ _DEVICE_EXAMPLES = """examples:
   fleetctl device gw-berlin-0042
   fleetctl device gw-berlin-0042 --json --http-timeout 30
   FLEET_TOKEN=$(cat read.token) fleetctl device gw-berlin-0042 -o json
+  fleetctl device pause gw-berlin-0042 --reason "INC-231: hands off" --token-file admin.token
+  fleetctl device pause --label site=berlin --reason "site works until 18:00" --token-file admin.token
+  fleetctl device resume --label site=berlin --reason "works done" --token-file admin.token
 """
 _ENROLL_EXAMPLES = """examples:
   fleetctl enroll gw-berlin-0042 --label site=berlin --label role=gateway --profile gateway \\
@@ -161,6 +165,12 @@ def _labels(labels: object) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+def _sync_cell(d: Mapping[str, Any]) -> str:
+    """The sync state, with ``(paused)`` when the device says it is paused and the state does not."""
+    state = _cell(d.get("sync_state"))
+    return state + " (paused)" if d.get("paused") and state != "paused" else state
+
+
 def format_devices_table(devices: Sequence[Mapping[str, Any]], total: int, *, now: float,
                          offset: int = 0) -> str:
     """Return the devices as an aligned text table, with a line saying how many there are in all.
@@ -171,7 +181,7 @@ def format_devices_table(devices: Sequence[Mapping[str, Any]], total: int, *, no
     rows = [header]
     for d in devices:
         revision = d.get("revision")
-        rows.append((_cell(d.get("id")), _cell(d.get("online")), _cell(d.get("sync_state")),
+        rows.append((_cell(d.get("id")), _cell(d.get("online")), _sync_cell(d),
                      _cell(d.get("release")), revision[:12] if isinstance(revision, str) else "-",
                      _when(d.get("last_seen"), now), _labels(d.get("labels"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -194,13 +204,15 @@ def format_device(detail: Mapping[str, Any], *, now: float) -> str:
     lines = [
         f"device:      {_cell(d.get('id'))}",
         f"online:      {_cell(d.get('online'))}",
-        f"sync state:  {_cell(d.get('sync_state'))}" + (" (paused)" if d.get("paused") else ""),
+        f"sync state:  {_sync_cell(d)}",
         f"release:     {_cell(d.get('release'))}",
         f"revision:    {_cell(d.get('revision'))}",
         f"profile:     {_cell(d.get('profile'))}",
         f"labels:      {_labels(d.get('labels'))}",
         f"last seen:   {format_time(d.get('last_seen'))} ({_when(d.get('last_seen'), now)})",
     ]
+    if d.get("paused"):
+        lines.append(f"paused:      {d.get('pause_reason') or 'no reason given'}")
     if d.get("last_error"):
         lines.append(f"last error:  {d['last_error']}")
     if d.get("repeat_count"):
@@ -268,8 +280,15 @@ def _device_document(answer: object, path: str) -> dict[str, Any]:
 
 
 def _run_device(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if words and words[0] in ACTIONS and (len(words) > 1 or args.label):
+        return run_pause(args, words[0], words[1:])
+    if args.label or args.reason is not None:
+        raise UsageError("--label and --reason go with fleetctl device pause|resume")
+    if len(words) != 1:
+        raise UsageError("fleetctl device takes one device id (or pause|resume ID)")
     client = client_of(args)
-    path = "/api/v1/devices/" + urllib.parse.quote(args.device_id, safe="")
+    path = "/api/v1/devices/" + urllib.parse.quote(words[0], safe="")
     answer = _device_document(api_get(client.server, path, token=client.token, timeout=args.http_timeout),
                               path)
     if args.json:
@@ -352,12 +371,23 @@ def register(subparsers: Any) -> None:
                          help="skip the first N matching devices, for the next page (default: 0)")
     devices.set_defaults(func=_run_devices)
 
-    device = subparsers.add_parser("device", help="show one device from the fleet server",
-                                   parents=[server_options(legacy_timeout=True)],
-                                   description="Show one device, its newest events and health.",
-                                   epilog=_DEVICE_EXAMPLES,
-                                   formatter_class=ExamplesHelpFormatter)
-    device.add_argument("device_id", metavar="ID", help="the device id")
+    device = subparsers.add_parser(
+        "device", help="show one device, or pause or resume devices remotely (admin token)",
+        parents=[server_options(legacy_timeout=True)],
+        description="Show one device, its newest events and health. `device pause ID --reason TEXT` "
+                    "(or --label KEY=VALUE) stops the device applying changes, drift correction "
+                    "included, until `device resume`; it keeps reporting, and a pause made on the "
+                    "device itself (edge-agent pause) stays until it is lifted there. Audited.",
+        epilog=_DEVICE_EXAMPLES,
+        formatter_class=ExamplesHelpFormatter)
+    device.add_argument("words", nargs="+", metavar="ID | pause|resume [ID]",
+                        help="the device id to show, or pause/resume and the device id")
+    device.add_argument("--label", action="append", metavar="KEY=VALUE",
+                        help="pause/resume: every device with this label (repeatable: all must match)")
+    device.add_argument("--reason", metavar="TEXT", help="pause/resume: why (required to pause; audited, "
+                                                         "shown on the device)")
+    device.add_argument("--actor", default=os.environ.get("USER") or None, metavar="NAME",
+                        help="pause/resume: who, for the audit log (default: $USER)")
     add_json_option(device, "print the server's JSON answer")
     device.set_defaults(func=_run_device)
 

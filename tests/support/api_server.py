@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ from fastapi import FastAPI
 from edge_core.messages import event_message, health_message, online_message, status_message
 from fleet_server.api import ApiActions, create_app
 from fleet_server.config import GitConfig, HttpConfig, ServerConfig, StoreConfig
+from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
+from fleet_server.remote_pause import RemotePause
 from fleet_server.store import FleetStore, IngestBatch, open_store
 from tests.support.mirror import free_port
 
@@ -105,17 +108,36 @@ def _config(tmp_path: Path, *, admin: bool = True, read: bool = False, hook: boo
 
 @contextlib.contextmanager
 def running_api(tmp_path: Path, *, with_trigger: bool = True, store_config: StoreConfig | None = None,
-                **auth: bool) -> Iterator[Api]:
-    """Start the API for real over a filled store; yield an :class:`Api`."""
+                broker_port: int | None = None, **auth: bool) -> Iterator[Api]:
+    """Start the API for real over a filled store; yield an :class:`Api`. With ``broker_port`` the
+    remote pause routes publish through a real MQTT client to the broker there."""
     store = open_store(store_config or StoreConfig(path=tmp_path / "fleet.db"))
     fill_fleet(store)
     server_metrics = ServerMetrics()
     server_metrics.attach_fleet(store, min_interval=0.0)
     triggered: list[float] = []
-    actions = ApiActions(trigger_git=(lambda: triggered.append(time.monotonic())) if with_trigger else None)
-    app = create_app(store, _config(tmp_path, **auth), server_metrics, actions=actions)
+    config = _config(tmp_path, **auth)
+    publisher: Ingestor | None = None
+    pauses: RemotePause | None = None
+    if broker_port is not None:
+        config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, port=broker_port,
+                                                                      client_id="api-publisher"))
+        publisher = Ingestor(config, store, server_metrics.ingest, subscribe=False)
+        publisher.start()
+        assert publisher.wait_connected(10.0)
+        connected = publisher
+
+        def publish_control(device: str, paused: bool, reason: str | None) -> None:
+            connected.publish_control(device, paused=paused, reason=reason, wait=5.0)
+
+        pauses = RemotePause(store, publish_control)
+    actions = ApiActions(trigger_git=(lambda: triggered.append(time.monotonic())) if with_trigger else None,
+                         pauses=pauses)
+    app = create_app(store, config, server_metrics, actions=actions)
     try:
         with serve_app(app) as url:
             yield Api(url, store, server_metrics, triggered)
     finally:
+        if publisher is not None:
+            publisher.stop()
         store.close()

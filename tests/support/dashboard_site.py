@@ -20,6 +20,7 @@ from edge_core.messages import event_message, health_message, online_message, st
 from fleet_server.api import ApiActions, create_app
 from fleet_server.config import GitConfig, HttpConfig, ServerConfig
 from fleet_server.metrics import ServerMetrics
+from fleet_server.remote_pause import RemotePause
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.store import IngestBatch, Store
 from tests.support.api_server import serve_app as serve
@@ -113,6 +114,8 @@ class Site:
     shots: Path
     console: list[str] = field(default_factory=list)
     opened: list[Any] = field(default_factory=list)
+    controls: list[tuple[str, bool, str | None]] = field(default_factory=list)
+    """The ``control`` messages the remote pause published (the broker's side is tested elsewhere)."""
 
     def page(self, path: str, *, token: str | None = None) -> Any:
         """Open ``path`` in a fresh browser context (its own sessionStorage), recording console errors."""
@@ -164,12 +167,14 @@ def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterat
     the test opened is saved in ``shots/`` when it fails."""
     store = Store(tmp_path / "fleet.db")
     fill_fleet(store)
-    app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions())
+    controls: list[tuple[str, bool, str | None]] = []
+    pauses = RemotePause(store, lambda device, paused, reason: controls.append((device, paused, reason)))
+    app = create_app(store, server_config(tmp_path), ServerMetrics(), actions=ApiActions(pauses=pauses))
     shots = tmp_path / "shots"
     shots.mkdir()
     failed_before = request.session.testsfailed
     with serve(app) as url:
-        served = Site(url, store, browser, shots)
+        served = Site(url, store, browser, shots, controls=controls)
         yield served
         served.screenshots_on_failure(request, failed_before)
     store.close()

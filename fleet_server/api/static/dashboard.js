@@ -473,6 +473,11 @@
     });
     $("ro-prev-page").addEventListener("click", () => { window.location.href = roPageHref(roOffset() - RO_PAGE); });
     $("ro-next-page").addEventListener("click", () => { window.location.href = roPageHref(roOffset() + RO_PAGE); });
+    wireActions((action) => `/api/v1/rollouts/${encodeURIComponent(body.dataset.rolloutId)}/${action}`);
+  }
+  // The operator buttons (button.act) of a page: each asks for the admin token and a reason, posts to
+  // urlFor(action) with the actor, says what the server answered, and refreshes the page.
+  function wireActions(urlFor) {
     for (const button of document.querySelectorAll("button.act")) {
       button.addEventListener("click", async () => {
         const action = button.dataset.action;
@@ -482,8 +487,7 @@
         if (!reason) { result.textContent = `${action} refused: give a reason first (it goes to the audit log)`; result.className = "action-result bad"; return; }
         button.disabled = true;
         result.textContent = `${action}: sending…`; result.className = "action-result";  // no stale verdict meanwhile
-        const res = await api(`/api/v1/rollouts/${encodeURIComponent(body.dataset.rolloutId)}/${action}`,
-          {method: "POST", body: {reason}, actor: $("action-actor").value.trim()});
+        const res = await api(urlFor(action), {method: "POST", body: {reason}, actor: $("action-actor").value.trim()});
         button.disabled = false;
         result.textContent = res.ok ? `${action}: done` : `${action} refused: ${explain(res)}`;
         result.className = `action-result ${res.ok ? "ok" : "bad"}`;
@@ -495,7 +499,10 @@
   // --- the refresh loop --------------------------------------------------------------------------
   const pages = {
     overview: {init: initOverview, refresh: refreshOverview},
-    device: {init: () => $("health-hours").addEventListener("change", () => refreshNow()), refresh: refreshDevice},
+    device: {init: () => {
+      $("health-hours").addEventListener("change", () => refreshNow());
+      wireActions((action) => `/api/v1/devices/${encodeURIComponent(body.dataset.deviceId)}/${action}`);
+    }, refresh: refreshDevice},
     rollouts: {init: () => {}, refresh: refreshRollouts},
     rollout: {init: initRollout, refresh: refreshRollout},
   };
