@@ -30,7 +30,7 @@ from edge_agent.engine.health import CheckResult, run_checks
 from edge_agent.engine.plan import make_plan, plan_document, render_plan
 from edge_agent.engine.transaction import recover
 from edge_agent.planning import Prepared, desired_for, prepare
-from edge_agent.prefetch import Prefetched
+from edge_agent.prefetch import Prefetched, open_source
 from edge_agent.release import DesiredState
 from edge_agent.report import build, record
 from edge_agent.report.record import event_payload
@@ -48,7 +48,7 @@ from edge_agent.runtime import (
 from edge_agent.state import StateDB
 from edge_agent.sync import META_TREE, apply_prepared, run_sync
 from edge_agent.verification import SyncCache, fetch_and_verify, tree_digest
-from edge_core.errors import ConfigError, StateError
+from edge_core.errors import ConfigError, FetchError, StateError
 from edge_core.logs import log_context
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "assigned_revision",
     "check_drift",
     "event_payload",
+    "import_release",
     "pause",
     "plan_only",
     "recover_interrupted",
@@ -120,15 +121,46 @@ def sync_once(config: AgentConfig, *, want: str | None = None, now: datetime | N
 
 
 def sync_in(rt: Runtime, *, want: str | None = None, now: datetime | None = None,
-            cache: SyncCache | None = None,
-            assigned: str | None = None, prefetched: Prefetched | None = None) -> SyncResult:
+            cache: SyncCache | None = None, assigned: str | None = None, prefetched: Prefetched | None = None,
+            origin: str | None = None) -> SyncResult:
     """Run one sync with a runtime the caller built and closes (:func:`sync_once` holds the lock for it).
 
     Raises:
         StateError: the state database cannot be used.
     """
     target = selection.target_in(rt.state, want=want, assigned=assigned)
-    return run_sync(rt, target, now=now, cache=cache, prefetched=prefetched)
+    return run_sync(rt, target, now=now, cache=cache, prefetched=prefetched, origin=origin)
+
+
+def import_release(config: AgentConfig, path: Path, *, now: datetime | None = None) -> SyncResult:
+    """Apply the signed release in a bundle file (``fleetctl release export``), as a sync of that
+    commit would: the file is read into the repository cache within the fetch's size and time
+    limits, then verified, selected, planned, applied and recorded exactly like a fetched release
+    (as ``edge-agent sync --want COMMIT`` does); its reports say ``source: file``, and wait in the
+    outbox until the device is online. A file that cannot be used ends as ``fetch_failed``.
+
+    Raises:
+        LockedError: another apply is running.
+        ConfigError: the repo section or the device profile cannot be used.
+        StateError: the state database cannot be used.
+    """
+    with log_context(device=config.device_id), apply_lock(config.state_dir):
+        rt = open_runtime(config)
+        try:
+            when = _now(now)
+            source = open_source(config)
+            try:
+                fetched = source.import_bundle(path)
+            except FetchError as exc:
+                failed = SyncResult("fetch_failed", reason=str(exc), origin="file")
+                return record.finish(rt.state, config, failed, when)
+            finally:
+                source.close()
+            log.info("release %s read from %s", fetched.commit, path)
+            return sync_in(rt, want=fetched.commit, now=when,
+                           prefetched=Prefetched(want=fetched.commit, result=fetched), origin="file")
+        finally:
+            rt.close()
 
 
 def recover_interrupted(config: AgentConfig, *, now: datetime | None = None) -> None:

@@ -14,11 +14,15 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from edge_core.errors import EdgeFleetError
 from edge_core.logs import release_words, setup_logging
+
+if TYPE_CHECKING:
+    from edge_agent.results import SyncResult
 
 __all__ = ["build_parser", "main"]
 
@@ -71,8 +75,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sync(args: argparse.Namespace) -> int:
     from edge_agent.agent import sync_once  # noqa: PLC0415
 
-    config = _config(args)
-    result = sync_once(config, want=args.want)
+    return _print_sync(args, sync_once(_config(args), want=args.want))
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from edge_agent.agent import import_release  # noqa: PLC0415
+
+    return _print_sync(args, import_release(_config(args), Path(args.file)))
+
+
+def _print_sync(args: argparse.Namespace, result: SyncResult) -> int:
+    """Print one sync's result (``--json``: one object); return 0 for an outcome that is not a failure."""
     if args.json:
         json.dump({"outcome": result.outcome, "release": result.version, "commit": result.commit,
                    "reason": result.reason, "step": result.step, "changes": result.changes}, sys.stdout)
@@ -161,6 +174,8 @@ _EXAMPLES = {
     "pause": 'edge-agent pause --reason "debugging nginx by hand"\n'
              '  edge-agent pause --reason "INC-42" --json',
     "resume": "edge-agent resume\n  edge-agent resume --json",
+    "import": "edge-agent import /media/usb/release-7.bundle   # a device without a mirror\n"
+              "  edge-agent import release-7.bundle --json",
 }
 
 
@@ -212,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("pause", _cmd_pause, "break-glass: stop applying and enforcing (audited and reported)").add_argument(
         "--reason", required=True, help="why the device is paused (recorded and reported)")
     add("resume", _cmd_resume, "apply and enforce again after pause")
+    add("import", _cmd_import, "apply the signed release in a bundle file (fleetctl release export), with "
+        "the same checks and transaction as a sync").add_argument("file", metavar="FILE",
+                                                                  help="the bundle file")
     return parser
 
 

@@ -19,7 +19,8 @@ class SyncResult:
     ``repeat_count`` is how many syncs in a row ended with this same failure for this same commit
     (1: the first, which is the one reported as an event); ``held`` is True when the release was not
     applied again because it already failed here (see ``docs/agent-config.md``);
-    ``health_failed`` is True when it was rolled back because a health check failed.
+    ``health_failed`` is True when it was rolled back because a health check failed. ``origin`` is
+    ``file`` for a release imported from a bundle file (``edge-agent import``), None for the mirror.
     """
 
     outcome: str
@@ -31,6 +32,7 @@ class SyncResult:
     repeat_count: int = 0
     held: bool = False
     health_failed: bool = False
+    origin: str | None = None
 
 
 @dataclass(frozen=True)

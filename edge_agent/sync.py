@@ -50,7 +50,8 @@ def _as_commit(value: str | None) -> str | None:
 
 
 def run_sync(rt: Runtime, target: selection.Target, *, now: datetime | None = None,
-             cache: SyncCache | None = None, prefetched: Prefetched | None = None) -> SyncResult:
+             cache: SyncCache | None = None, prefetched: Prefetched | None = None,
+             origin: str | None = None) -> SyncResult:
     """Run one sync of ``target`` with the runtime ``rt`` (the caller holds the apply lock).
 
     Every failure of a step ends the sync with its outcome and one-line reason, recorded and queued
@@ -61,6 +62,8 @@ def run_sync(rt: Runtime, target: selection.Target, *, now: datetime | None = No
     """
     when = now if now is not None else rt.clock()
     result, quiet = _steps(rt, target, when, cache, prefetched)
+    if origin is not None:
+        result = replace(result, origin=origin)
     return record.finish(rt.state, rt.config, result, when, quiet=quiet)
 
 

@@ -35,6 +35,7 @@ and the reason of each way it fails: :mod:`edge_core.gitfetch`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import stat
@@ -50,6 +51,7 @@ from dulwich.refs import Ref
 from dulwich.repo import Repo
 
 from edge_core.errors import FetchError, FileIntegrityError
+from edge_core.gitbundle import read_header
 from edge_core.gitfetch import (
     Mirror,
     WantRefused,
@@ -200,6 +202,58 @@ class Source:
         self._deadline = Deadline(self.limits)
         with self._fetch_lock(wait=True):
             return self._fetch_locked(repo, want, want_sha)
+
+    def import_bundle(self, path: Path) -> FetchResult:
+        """Bring the one release commit of a ``git bundle`` file (``fleetctl release export``) into
+        the cache, as a fetch would: under the fetch lock, within ``max_bytes`` and every fetch limit,
+        the pack checked before anything is kept.
+
+        Returns:
+            The bundle's commit and its pack bytes.
+
+        Raises:
+            FetchError: the file cannot be read, is not a git bundle, carries more than one commit,
+                needs a commit the cache lacks, or its pack is over a limit, corrupt or does not
+                hold the commit. The cache is unchanged.
+        """
+        where = f"bundle {path}"
+        repo = self._open_repo()
+        self._deadline = Deadline(self.limits)
+        mirror = dataclasses.replace(self._mirror, url=str(path), display_url=where, scheme="file")
+        with self._fetch_lock(wait=True):
+            try:
+                fh = open(path, "rb")  # noqa: SIM115 - closed below, after the pack is spooled
+            except OSError as exc:
+                raise FetchError(f"cannot read {where}: {exc.strerror or exc}") from exc
+            spool = PackSpool(Path(repo.object_store.path), self.max_bytes, self._deadline)
+            try:
+                with fh:
+                    header = read_header(fh, where)
+                    commits = set(header.references.values())
+                    if len(commits) != 1:
+                        raise FetchError(f"{where}: carries {len(commits)} commits, a release is one")
+                    missing = [p for p in header.prerequisites
+                               if not has_commit(repo, ObjectID(p.encode("ascii")))]
+                    if missing:
+                        raise FetchError(f"{where}: needs commit {missing[0]}, which this device does not "
+                                         "have (export the release with its history)")
+                    while chunk := fh.read(1 << 16):
+                        spool.write(chunk)
+                ingest(mirror, repo, spool, self._deadline)
+            except FetchError:
+                raise
+            except Exception as exc:  # limits and a corrupt pack surface as several types
+                if is_own_bug(exc):
+                    raise
+                raise fetch_failure(mirror, exc, None) from exc
+            finally:
+                spool.close()
+            target = ObjectID(commits.pop().encode("ascii"))
+            if not has_commit(repo, target):
+                raise FetchError(f"{where}: its pack does not hold commit {target.decode('ascii')}")
+            self._set_ref(repo, _LAST_FETCHED_REF, target)
+            log.info("imported %s from %s: %d pack bytes", target.decode("ascii"), path, spool.size)
+            return FetchResult(target.decode("ascii"), spool.size, False)
 
     def _fetch_lock(self, *, wait: bool) -> contextlib.AbstractContextManager[bool]:
         return fetch_lock(self.cache_dir / FETCH_LOCK, self._deadline, wait=wait)

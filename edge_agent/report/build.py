@@ -87,8 +87,10 @@ def _clip(text: str | None, limit: int) -> str | None:
 
 
 def sync_event(device: str, *, outcome: str, commit: str | None, release: int | None, ts: Ts,
-               reason: str | None = None, step: str | None = None, changes: int = 0) -> dict[str, Any] | None:
-    """Return the event reporting one sync outcome, or None for an outcome that sends none (``paused``).
+               reason: str | None = None, step: str | None = None, changes: int = 0,
+               origin: str | None = None) -> dict[str, Any] | None:
+    """Return the event reporting one sync outcome, or None for an outcome that sends none (``paused``);
+    ``origin`` (``file``: an imported bundle) goes to ``detail.source``.
 
     Raises:
         MessageError: a field is invalid (``bad_field``), e.g. an unknown outcome.
@@ -101,6 +103,8 @@ def sync_event(device: str, *, outcome: str, commit: str | None, release: int | 
     detail: dict[str, Any] = {"outcome": outcome}
     if outcome in ("applied", "noop", "rolled_back"):
         detail["changes"] = int(changes)
+    if origin is not None:
+        detail["source"] = origin
     return messages.event_message(device, type=kind, commit=commit, release=release, ts=ts,
                                   reason=_clip(reason, _MAX_REASON), step=_clip(step, _MAX_STEP),
                                   detail=detail)

@@ -167,10 +167,10 @@ def finish(state: StateDB, config: AgentConfig, result: SyncResult, now: datetim
     if not quiet:
         state.add_event("sync_" + result.outcome, {"commit": result.commit, "release": result.version,
                                                    "reason": result.reason, "step": result.step,
-                                                   "changes": result.changes})
+                                                   "changes": result.changes, "source": result.origin})
         event = build.sync_event(config.device_id, outcome=result.outcome, commit=result.commit,
                                  release=result.version, ts=now, reason=result.reason, step=result.step,
-                                 changes=result.changes)
+                                 changes=result.changes, origin=result.origin)
         if event is not None:
             build.queue_report(state, config.mqtt_prefix, "events", event)
     state.set_meta(META_SYNC_STATE, build.SYNC_STATES.get(result.outcome, result.outcome))
@@ -182,4 +182,4 @@ def finish(state: StateDB, config: AgentConfig, result: SyncResult, now: datetim
     log.log(level, "sync %s: %s changes %s%s%s", result.outcome, release_words(result.version, result.commit),
             result.changes, f" ({result.reason})" if result.reason else "", again)
     return SyncResult(result.outcome, result.version, result.commit, reason=result.reason, step=result.step,
-                      changes=result.changes, repeat_count=count, held=result.held)
+                      changes=result.changes, repeat_count=count, held=result.held, origin=result.origin)

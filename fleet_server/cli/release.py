@@ -20,6 +20,7 @@ from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit
 from fleet_server.cli.history import add_release_history
 from fleet_server.cli.keys import load_signing_keys
 from fleet_server.cli.lint import default_profile_dirs
+from fleet_server.cli.release_export import add_export
 from fleet_server.errors import LintFailed, UsageError
 from fleet_server.lint import lint_repo
 from fleet_server.signing import cosign_release, sign_release, verify_repo
@@ -123,6 +124,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_json_option(verify, "print a JSON object")
     verify.set_defaults(func=run_verify)
     add_release_history(sub)
+    add_export(sub)
 
 
 def _add_key_option(parser: argparse.ArgumentParser) -> None:
