@@ -265,7 +265,8 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
                 if corrected:
                     record.record(rt.state, config, "drift_corrected", now=when, commit=commit,
                                   release=version, reason=None, resources=ids)
-                record.set_drift(rt.state, ids, corrected=corrected, clean=corrected)
+                record.set_drift(rt.state, ids, corrected=corrected, clean=corrected,
+                                 differs={f.resource_id: (f.expected, f.found) for f in findings})
                 record.queue_status(rt.state, config, when)
                 log.warning("drift in %s resource(s): %s; corrected=%s", len(ids), ", ".join(ids), corrected)
                 return DriftReport(findings, corrected, outcome.outcome if outcome is not None else None)

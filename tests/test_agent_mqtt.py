@@ -87,6 +87,12 @@ def test_every_outbox_row_decodes(fleet: AgentFleet) -> None:
     assert drift["count"] >= 1
     assert "file:/etc/motd" in drift["resources"]
     assert "drifted" not in json.dumps(drift)  # ids only, never the content found
+    # the status says what differs (the drivers' short descriptions: digest, mode, owner), never content
+    drifted = next(s["drift"] for s in kinds["status"] if s["drift"]["count"])
+    [motd] = [r for r in drifted["resources"] if isinstance(r, dict) and r["id"] == "file:/etc/motd"]
+    assert motd["expected"] != motd["found"]
+    assert "sha256" in motd["expected"]
+    assert "drifted" not in json.dumps(drifted)
     refused = kinds["events"][4]
     assert refused["reason"]
     assert refused["commit"] == fleet.work.head()

@@ -22,7 +22,7 @@ from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
 from fleet_server.api import ApiActions, create_app
 from fleet_server.baseline import FleetBaseline
 from fleet_server.cli.history import format_releases
-from fleet_server.config import HttpConfig, ServerConfig, parse_server_config
+from fleet_server.config import HttpConfig, ServerConfig, StoreConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.main import LeaderDuties
 from fleet_server.metrics import ServerMetrics
@@ -35,8 +35,8 @@ from tests.support.watcher_world import HOOK_SECRET, WAIT_S, Fleet, watcher_flee
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    with watcher_fleet(tmp_path) as world:
+def fleet(tmp_path: Path, store_config: StoreConfig) -> Iterator[Fleet]:
+    with watcher_fleet(tmp_path, store_config) as world:
         yield world
 
 

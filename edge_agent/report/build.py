@@ -120,10 +120,17 @@ def started_event(device: str, *, commit: str, release: int, ts: Ts, changes: in
                                   detail={"changes": int(changes)})
 
 
-def drift_summary(resources: Sequence[str], *, corrected: bool) -> dict[str, Any]:
-    """Return the short drift summary used in drift events and the status: ids only, never content."""
+def drift_summary(resources: Sequence[str], *, corrected: bool,
+                  differs: Mapping[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Return the short drift summary used in drift events and the status: resource ids, never content;
+    with ``differs`` (id -> what was expected, what was found: the drivers' short descriptions, secret
+    content redacted) each resource is ``{id, expected, found}`` instead, for the status."""
     ids = list(resources)
-    return {"count": len(ids), "corrected": corrected, "resources": ids[:DRIFT_RESOURCES_MAX]}
+    shown: list[Any] = ids[:DRIFT_RESOURCES_MAX]
+    if differs is not None:
+        shown = [{"id": r, "expected": differs[r][0], "found": differs[r][1]} if r in differs else r
+                 for r in shown]
+    return {"count": len(ids), "corrected": corrected, "resources": shown}
 
 
 def drift_event(device: str, *, corrected: bool, resources: Sequence[str], commit: str | None,

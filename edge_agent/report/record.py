@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -120,9 +120,11 @@ def drift_state(state: StateDB) -> dict[str, Any]:
     return build.drift_summary((), corrected=False)
 
 
-def set_drift(state: StateDB, ids: Sequence[str], *, corrected: bool, clean: bool) -> None:
-    """Remember the last drift summary for the status; ``clean``: the device matches the release."""
-    state.set_meta(META_DRIFT, json.dumps(build.drift_summary(ids, corrected=corrected)))
+def set_drift(state: StateDB, ids: Sequence[str], *, corrected: bool, clean: bool,
+              differs: Mapping[str, tuple[str, str]] | None = None) -> None:
+    """Remember the last drift summary for the status (with what differs per resource, when given);
+    ``clean``: the device matches the release."""
+    state.set_meta(META_DRIFT, json.dumps(build.drift_summary(ids, corrected=corrected, differs=differs)))
     current = state.get_meta(META_SYNC_STATE)
     if not clean:
         state.set_meta(META_SYNC_STATE, "drifted")

@@ -18,11 +18,11 @@ from playwright import sync_api as playwright_sync
 
 from edge_core.messages import event_message, health_message, online_message, status_message
 from fleet_server.api import ApiActions, create_app
-from fleet_server.config import GitConfig, HttpConfig, ServerConfig
+from fleet_server.config import GitConfig, HttpConfig, ServerConfig, StoreConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.remote_pause import RemotePause
 from fleet_server.rollouts.runner import RolloutRunner
-from fleet_server.store import IngestBatch, Store
+from fleet_server.store import FleetStore, IngestBatch, open_store
 from tests.support.api_server import serve_app as serve
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,7 +57,7 @@ HEALTH_STEP = 300.0
 HEALTH_SAMPLES = 36  # three hours, one sample every five minutes
 
 
-def fill_fleet(store: Store) -> None:
+def fill_fleet(store: FleetStore) -> None:
     """Register the test fleet and ingest its status, online state, events and health history."""
     now = time.time()  # at fill time, not import time: the suite may run long before this test
     batch = IngestBatch()
@@ -109,7 +109,7 @@ class Site:
     """A running fleet server and a browser pointed at it."""
 
     url: str
-    store: Store
+    store: FleetStore
     browser: Any
     shots: Path
     console: list[str] = field(default_factory=list)
@@ -162,10 +162,11 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[Site]:
-    """The fleet server's app over a filled store, served on loopback; a screenshot of every page
-    the test opened is saved in ``shots/`` when it fails."""
-    store = Store(tmp_path / "fleet.db")
+def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest,
+         store_config: StoreConfig) -> Iterator[Site]:
+    """The fleet server's app over a filled store (each backend), served on loopback; a screenshot of
+    every page the test opened is saved in ``shots/`` when it fails."""
+    store = open_store(store_config)
     fill_fleet(store)
     controls: list[tuple[str, bool, str | None]] = []
     pauses = RemotePause(store, lambda device, paused, reason: controls.append((device, paused, reason)))
@@ -228,10 +229,11 @@ class RolloutSite:
 
 
 @pytest.fixture
-def rollout_site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[RolloutSite]:
-    """The app with the real rollout runner over a filled store, a rollout of release 8 started; a
-    screenshot of every page the test opened is saved in ``shots/`` when it fails."""
-    store = Store(tmp_path / "fleet.db")
+def rollout_site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest,
+                 store_config: StoreConfig) -> Iterator[RolloutSite]:
+    """The app with the real rollout runner over a filled store (each backend), a rollout of release 8
+    started; a screenshot of every page the test opened is saved in ``shots/`` when it fails."""
+    store = open_store(store_config)
     fill_fleet(store)
     now = time.time()
     store.record_release(8, NEW_COMMIT, ["ed25519:key"], now - 60, committed_at=now - 70)

@@ -13,11 +13,11 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from edge_core.trust.keys import format_verify_key
-from fleet_server.config import GitConfig, GitTrust, ServerConfig
+from fleet_server.config import GitConfig, GitTrust, ServerConfig, StoreConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher
 from fleet_server.signing import sign_release
-from fleet_server.store import Store
+from fleet_server.store import FleetStore, open_store
 from tests.support.gitrepo import WorkRepo, make_bare
 from tests.support.mirror import GitDaemon
 
@@ -33,7 +33,7 @@ class Fleet:
     bare: Path
     daemon: GitDaemon
     key: SigningKey
-    store: Store
+    store: FleetStore
     tmp: Path
     nudges: list[tuple[str, int]] = field(default_factory=list)
     nudged: threading.Event = field(default_factory=threading.Event)
@@ -67,12 +67,13 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def watcher_fleet(tmp_path: Path) -> Iterator[Fleet]:
-    """A bare mirror served by git daemon, a work repository, a new operator key and a store."""
+def watcher_fleet(tmp_path: Path, store_config: StoreConfig | None = None) -> Iterator[Fleet]:
+    """A bare mirror served by git daemon, a work repository, a new operator key and a store (SQLite
+    in ``tmp_path`` unless ``store_config`` names another)."""
     mirrors = tmp_path / "mirrors"
     bare = make_bare(mirrors / "fleet.git")
     work = WorkRepo.create(tmp_path / "work")
-    store = Store(tmp_path / "fleet.db")
+    store = open_store(store_config or StoreConfig(path=tmp_path / "fleet.db"))
     try:
         with GitDaemon(mirrors) as daemon:
             yield Fleet(work, bare, daemon, SigningKey.generate(), store, tmp_path)
