@@ -31,7 +31,6 @@ from edge_agent.engine.plan import make_plan, plan_document, render_plan
 from edge_agent.engine.transaction import recover
 from edge_agent.planning import Prepared, desired_for, prepare
 from edge_agent.prefetch import Prefetched, open_source
-from edge_agent.release import DesiredState
 from edge_agent.report import build, record
 from edge_agent.report.record import event_payload
 from edge_agent.results import DriftReport, SyncResult
@@ -50,6 +49,7 @@ from edge_agent.sync import META_TREE, apply_prepared, run_sync
 from edge_agent.verification import SyncCache, fetch_and_verify, tree_digest
 from edge_core.errors import ConfigError, FetchError, StateError
 from edge_core.logs import log_context
+from edge_core.release import DesiredState
 
 __all__ = [
     "LOCK_FILE",

@@ -1,6 +1,6 @@
 """The select, probe and plan step of a sync: one verified tree -> the plan for this device, or one refusal.
 
-Selects the bundles that target this device (:func:`edge_agent.release.select`), checks every kind
+Selects the bundles that target this device (:func:`edge_core.release.select`), checks every kind
 in use (and every kind of a resource about to be pruned) against the device profile, probes each
 driver once, and plans with :func:`edge_agent.engine.plan.make_plan` without probing again. A kind
 that the profile does not allow or whose driver cannot work here refuses the whole release with one
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from edge_agent.drivers.base import Context, probe_kinds
 from edge_agent.engine.plan import Plan, make_plan
-from edge_agent.release import DesiredState, DeviceIdentity, select
 from edge_agent.runtime import Runtime, with_payloads
 from edge_agent.state import Managed
 from edge_core.errors import DriverUnavailable
+from edge_core.release import DesiredState, DeviceIdentity, select
 
 __all__ = ["Prepared", "desired_for", "prepare", "unavailable"]
 

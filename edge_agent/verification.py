@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from edge_agent.prefetch import Prefetched
-from edge_agent.release import DesiredState
 from edge_agent.runtime import Runtime
 from edge_agent.state import StateDB
 from edge_core.errors import ConfigError, StateError
 from edge_core.logs import log_context
+from edge_core.release import DesiredState
 from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
 from edge_core.trust.verify import TrustRoot, VerifiedRelease, recheck_release, tree_index, verify_tree
 

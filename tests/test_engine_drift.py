@@ -14,8 +14,8 @@ from edge_agent.drivers.secret_file import expected_secret_id
 from edge_agent.engine.drift import detect_drift
 from edge_agent.engine.plan import make_plan
 from edge_agent.engine.transaction import apply_plan
-from edge_agent.release import DesiredState
 from edge_agent.state import StateDB
+from edge_core.release import DesiredState
 from edge_core.resources import CommandRes, Directory, SecretFile
 from edge_core.trust.sealed import open_sealed, seal
 from tests.support.fake_system import make_context

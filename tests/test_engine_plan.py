@@ -12,8 +12,8 @@ from edge_agent.drivers.base import Context
 from edge_agent.drivers.secret_file import expected_secret_id
 from edge_agent.engine.plan import Plan, make_plan, order_resources, render_plan
 from edge_agent.engine.transaction import apply_plan
-from edge_agent.release import DesiredState
 from edge_agent.state import Managed, StateDB
+from edge_core.release import DesiredState
 from edge_core.resources import (
     CommandRes,
     Directory,

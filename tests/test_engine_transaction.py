@@ -22,10 +22,10 @@ from edge_agent.engine.health import CheckResult, run_checks
 from edge_agent.engine.plan import make_plan
 from edge_agent.engine.transaction import Outcome, apply_plan, clean_backup_store, recover, undo_entries
 from edge_agent.fsafe_backup import referenced_blobs
-from edge_agent.release import DesiredState
 from edge_agent.runner import Runner
 from edge_agent.state import StateDB
 from edge_core.errors import ConfinementError, DriverError
+from edge_core.release import DesiredState
 from edge_core.resources import Absent, CommandCheck, Directory, Symlink, SystemdUnit
 from tests.support.fake_system import FakeSystem, make_context, tree_state
 from tests.support.plans import UNIT_TEXT, ctx_for, desired_state, file_res
@@ -261,7 +261,7 @@ _CHILD = textwrap.dedent("""
     from pathlib import Path
     from edge_agent.engine.plan import make_plan
     from edge_agent.engine.transaction import apply_plan
-    from edge_agent.release import DesiredState
+    from edge_core.release import DesiredState
     from edge_core.resources import File
     from edge_agent.state import StateDB
     from tests.support.fake_system import make_context

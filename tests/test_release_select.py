@@ -1,4 +1,4 @@
-"""edge_agent.release.select: from a release tree to one device's desired state."""
+"""edge_core.release.select: from a release tree to one device's desired state."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.release import DeviceIdentity, render_template, select
 from edge_core.errors import BundleError, ConfinementError, DriverUnavailable
 from edge_core.profiles import DeviceProfile, load_profile
+from edge_core.release import DeviceIdentity, render_template, select
 from edge_core.resources import DiskFreeCheck, File, SecretFile, SystemdActiveCheck
 
 ROOT = Path(__file__).resolve().parent.parent

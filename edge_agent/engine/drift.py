@@ -25,8 +25,8 @@ from edge_core.errors import DriverError, UntrustedInputError
 from edge_core.resources import CommandRes
 
 if TYPE_CHECKING:
-    from edge_agent.release import DesiredState
     from edge_agent.state import Managed
+    from edge_core.release import DesiredState
 
 __all__ = ["DriftFinding", "detect_drift"]
 

@@ -33,8 +33,8 @@ from edge_agent.drivers.base import Change, Context, get_driver, probe_kinds
 from edge_core.resources import CommandRes, Directory, Resource, SystemdUnit
 
 if TYPE_CHECKING:
-    from edge_agent.release import DesiredState
     from edge_agent.state import Managed
+    from edge_core.release import DesiredState
 
 __all__ = [
     "KIND_ORDER",

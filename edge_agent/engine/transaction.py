@@ -49,9 +49,9 @@ from edge_agent.engine.health import CheckResult
 from edge_agent.engine.plan import Plan
 from edge_agent.fsafe_backup import referenced_blobs
 from edge_agent.fsafe_fd import is_temp_name
-from edge_agent.release import DesiredState
 from edge_agent.state import Managed, StateDB
 from edge_core.errors import EdgeFleetError, StateError
+from edge_core.release import DesiredState
 from edge_core.resources import Resource
 
 __all__ = ["Outcome", "apply_plan", "clean_backup_store", "recover", "undo_entries"]

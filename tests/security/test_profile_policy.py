@@ -17,10 +17,10 @@ import yaml
 
 from edge_agent.agent import status, sync_once
 from edge_agent.config import load_config
-from edge_agent.release import DeviceIdentity, select
 from edge_core.errors import ConfigError, ConfinementError, DriverUnavailable
 from edge_core.policy import check_refusal, resource_refusal, unit_names_of
 from edge_core.profiles import MODE_OPT_INS, DeviceProfile, load_profile, parse_profile
+from edge_core.release import DeviceIdentity, select
 from edge_core.resources import CommandCheck, File, SecretFile, parse_resource
 from fleet_server.lint import lint_repo
 from tests.support.agent_fleet import AgentFleet, bundle, snapshot

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from edge_agent.drivers.base import Context
-from edge_agent.release import DesiredState
+from edge_core.release import DesiredState
 from edge_core.resources import (
     File,
     Resource,
