@@ -20,6 +20,7 @@ from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit
 from fleet_server.cli.history import add_release_history
 from fleet_server.cli.keys import load_signing_keys
 from fleet_server.cli.lint import default_profile_dirs
+from fleet_server.cli.release_diff import add_diff
 from fleet_server.cli.release_export import add_export
 from fleet_server.errors import LintFailed, UsageError
 from fleet_server.lint import lint_repo
@@ -125,6 +126,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.set_defaults(func=run_verify)
     add_release_history(sub)
     add_export(sub)
+    add_diff(sub)
 
 
 def _add_key_option(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from edge_core.trust.verify import TrustRoot, verify_tree
 from fleet_server.cli.common import ExamplesHelpFormatter, add_json_option, emit
 from fleet_server.errors import UsageError
 
-__all__ = ["EXPORT_REF", "add_export", "export_release"]
+__all__ = ["EXPORT_REF", "add_export", "export_release", "resolve_commit"]
 
 EXPORT_REF = "refs/edge-fleet/export"
 """The one reference an exported bundle carries."""
@@ -51,6 +51,18 @@ def _git(repo: Path, *args: str) -> str:
     return proc.stdout
 
 
+def resolve_commit(repo: Path, rev: str) -> str:
+    """Return the full sha of the commit ``rev`` names in the repository ``repo``.
+
+    Raises:
+        UsageError: no repository there, or no such commit.
+    """
+    try:
+        return _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+    except UsageError as exc:
+        raise UsageError(f"no commit {rev!r} in {repo}") from exc
+
+
 def export_release(repo: Path, out: Path, *, rev: str = "HEAD", trust: TrustRoot | None = None,
                    now: datetime | None = None) -> dict[str, Any]:
     """Write the release commit ``rev`` of ``repo`` with its history to the bundle ``out``; return
@@ -63,7 +75,7 @@ def export_release(repo: Path, out: Path, *, rev: str = "HEAD", trust: TrustRoot
     """
     if out.exists():
         raise UsageError(f"{out} exists: choose another --out")
-    commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+    commit = resolve_commit(repo, rev)
     try:
         manifest = json.loads(_git(repo, "show", f"{commit}:{_MANIFEST}"))
     except UsageError as exc:
