@@ -21,13 +21,13 @@ from edge_agent.config import load_config
 from edge_agent.state import StateDB
 from edge_core.trust.keys import format_verify_key
 from fleet_server.baseline import FleetBaseline, log_phase_errors
-from fleet_server.config import parse_server_config
+from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.main import GitPlans
 from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher
 from fleet_server.rollouts.runner import RolloutRunner
-from fleet_server.store import Store
+from fleet_server.store import open_store
 from tests.support.agent_fleet import AgentFleet
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.mirror import GitDaemon
@@ -48,14 +48,14 @@ def waves_plan(on_failure: str) -> str:
 class Server:
     """What ``fleet-server`` runs for releases and rollouts: store, ingest, baseline, runner, watcher."""
 
-    def __init__(self, tmp: Path, port: int, repo: AgentFleet) -> None:
+    def __init__(self, tmp: Path, port: int, repo: AgentFleet, store: StoreConfig) -> None:
         config = parse_server_config({
             "mqtt": {"port": port, "client_id": "fleet-server-canary"},
             "store": {"path": str(tmp / "fleet.db")},
             "git": {"url": repo.daemon.url("fleet.git"), "poll_interval": "1h", "cache_dir": str(tmp / "git"),
                     "trust": {"keys": [format_verify_key(repo.key.verify_key)]}},
         }, tmp)
-        self.store = Store(config.store.path)
+        self.store = open_store(store)
         self.ingestor = Ingestor(config, self.store, ServerMetrics().ingest)
         self.ingestor.start()
         assert self.ingestor.wait_connected(10.0)
@@ -77,11 +77,11 @@ class Server:
 
 
 class World:
-    def __init__(self, tmp: Path, repo: AgentFleet, broker: Mosquitto) -> None:
+    def __init__(self, tmp: Path, repo: AgentFleet, broker: Mosquitto, store: StoreConfig) -> None:
         self.tmp = tmp
         self.repo = repo
         self.broker = broker
-        self.server = Server(tmp, broker.port, repo)
+        self.server = Server(tmp, broker.port, repo, store)
         self.agents: dict[str, Agent] = {}
 
     def agent(self, device_id: str, labels: dict[str, str], *, register: bool = True) -> Agent:
@@ -136,12 +136,12 @@ def applied_releases(agent: Agent) -> set[int]:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, store_config: StoreConfig) -> Iterator[World]:
     mirrors = tmp_path / "mirrors"
     mirrors.mkdir()
     with GitDaemon(mirrors) as daemon, Mosquitto(tmp_path / "broker") as broker:
         (tmp_path / "operator").mkdir()
-        w = World(tmp_path, AgentFleet(tmp_path / "operator", daemon, mirrors), broker)
+        w = World(tmp_path, AgentFleet(tmp_path / "operator", daemon, mirrors), broker, store_config)
         try:
             yield w
         finally:

@@ -11,12 +11,12 @@ import pytest
 
 from edge_core import messages as m
 from fleet_server.baseline import FleetBaseline, log_phase_errors
-from fleet_server.config import parse_server_config
+from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.plan import parse_plan
 from fleet_server.rollouts.runner import RolloutRunner
-from fleet_server.store import Store
+from fleet_server.store import open_store
 from tests.support.broker import Mosquitto, Subscriber
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,10 +26,9 @@ TOPIC = "fleet/v1/_broadcast/baseline"
 
 
 class Server:
-    def __init__(self, tmp: Path, port: int) -> None:
-        config = parse_server_config({"mqtt": {"port": port, "client_id": "fleet-server-baseline"},
-                                      "store": {"path": str(tmp / "fleet.db")}}, tmp)
-        self.store = Store(config.store.path)
+    def __init__(self, tmp: Path, port: int, store: StoreConfig) -> None:
+        config = parse_server_config({"mqtt": {"port": port, "client_id": "fleet-server-baseline"}}, tmp)
+        self.store = open_store(store)
         self.ingestor = Ingestor(config, self.store, ServerMetrics().ingest)
         self.ingestor.start()
         assert self.ingestor.wait_connected(10.0)
@@ -52,9 +51,10 @@ def _baselines(sub: Subscriber) -> list[tuple[str, int]]:
     return out
 
 
-def test_phases_move_the_baseline_and_a_restart_publishes_it_again(tmp_path: Path) -> None:
+def test_phases_move_the_baseline_and_a_restart_publishes_it_again(tmp_path: Path,
+                                                                    store_config: StoreConfig) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
-        server = Server(tmp_path, broker.port)
+        server = Server(tmp_path, broker.port, store_config)
         try:
             for version, commit in ((1, C1), (2, C2), (3, C3)):
                 server.store.record_release(version, commit, ["op"], time.time())
@@ -84,7 +84,7 @@ def test_phases_move_the_baseline_and_a_restart_publishes_it_again(tmp_path: Pat
             empty.wait_subscribed(1)
             time.sleep(0.5)
             assert _baselines(empty) == []
-        server = Server(tmp_path, broker.port)
+        server = Server(tmp_path, broker.port, store_config)
         try:
             with Subscriber(broker.port, [TOPIC], client_id="late-device") as sub:
                 sub.wait_subscribed(1)
