@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.load_fleet import FleetOptions, fleet_process
 from bench.rollout_probe import DeliveryProbe, Sampler, ServerProcess, p95, scrape
 from edge_core import messages as m
+from edge_core.preflight_messages import plan_message
 from fleet_server.config import StoreConfig
 from fleet_server.store import open_store
 
@@ -64,6 +65,9 @@ PREFIX = "fleet/v1"
 
 Outcome = Callable[[str, int], str]
 """``outcome(device, release) -> "applied" | "failed" | "rolled_back" | "refused"``."""
+PreflightAnswer = Callable[[str, int], tuple[str, str | None]]
+"""``answer(device, release) -> (outcome, reason)``: a device's preflight verdict (``change``,
+``nochange`` or ``refused``)."""
 _EVENT = {"applied": "sync_succeeded", "failed": "sync_failed", "rolled_back": "sync_rolled_back",
           "refused": "sync_refused"}
 
@@ -85,11 +89,14 @@ class SimFleet:
     """
 
     def __init__(self, port: int, devices: Mapping[str, Mapping[str, str]], *, initial: tuple[int, str],
-                 outcome: Outcome | None = None, client_id: str = "sim-fleet") -> None:
+                 outcome: Outcome | None = None, client_id: str = "sim-fleet",
+                 preflight: PreflightAnswer | None = None) -> None:
         self.port = port
         self.labels = {d: dict(v) for d, v in devices.items()}
         self.running: dict[str, tuple[int, str]] = dict.fromkeys(devices, initial)
         self.outcome: Outcome = outcome or (lambda _d, _r: "applied")
+        self.preflight: PreflightAnswer = preflight or (lambda _d, _r: ("change", None))
+        self.preflights: dict[str, list[str]] = {d: [] for d in devices}
         self.offline: set[str] = set()
         self.paused: set[str] = set()
         self.pending: dict[str, tuple[int, str]] = {}
@@ -128,7 +135,7 @@ class SimFleet:
         for device in self.running:
             self._send(device, "online", m.online_message(device, True, self._ts()), retain=True)
             self._status(device)
-        self._client.subscribe(f"{PREFIX}/+/desired", qos=1)
+        self._client.subscribe([(f"{PREFIX}/+/desired", 1), (f"{PREFIX}/+/preflight", 1)])
         if not self._subscribed.wait(timeout):
             raise TimeoutError("the broker did not acknowledge the subscription")
 
@@ -142,6 +149,9 @@ class SimFleet:
         if parsed is None or parsed[0] is None or parsed[0] not in self.running:
             return
         device = parsed[0]
+        if parsed[1] == "preflight":
+            self._answer_preflight(device, bytes(msg.payload))
+            return
         desired = m.decode("desired", bytes(msg.payload), topic_device=device)
         with self._lock:
             self.received[device].append(int(desired["release"]))
@@ -149,6 +159,19 @@ class SimFleet:
             if device in self.offline or device in self.paused:
                 return
         self._apply(device)
+
+    def _answer_preflight(self, device: str, payload: bytes) -> None:
+        request = m.decode("preflight", payload, topic_device=device)
+        with self._lock:
+            self.preflights[device].append(str(request["rollout_id"]))
+            if device in self.offline:
+                return
+        outcome, reason = self.preflight(device, int(request["release"]))
+        plan = plan_message(device, commit=str(request["revision"]), release=int(request["release"]),
+                            rollout_id=str(request["rollout_id"]), outcome=outcome,
+                            changes={"file": 1} if outcome == "change" else {}, prune=0, drift=0,
+                            reason=reason, ts=self._ts())
+        self._send(device, "plan", plan)
 
     def _apply(self, device: str) -> None:
         with self._lock:

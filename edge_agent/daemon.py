@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from types import FrameType
+from typing import Any
 
 from edge_agent.agent import (
     STATE_DB,
@@ -71,6 +72,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_agent.errors import LockedError
 from edge_agent.prefetch import Prefetched, prefetch
+from edge_agent.preflight import run_preflight
 from edge_agent.report.service import Reporter
 from edge_agent.selection import Baseline, fleet_baseline, set_fleet_baseline, target_for
 from edge_core.errors import EdgeFleetError
@@ -155,6 +157,7 @@ class Daemon:
         self._job: _FetchJob | None = None
         self._nudged = False  # a sync was asked for (under _lock); _wake only wakes the loop
         self._control: str | bool | None = False  # the fleet server's pause to take (False: none)
+        self._preflight: dict[str, Any] | None = None  # the latest preflight request not yet answered
         self.syncs = 0
         self.drift_checks = 0
         self.health_reports = 0
@@ -220,6 +223,36 @@ class Daemon:
         with self._lock:
             self._control = (reason or "") if paused else None
         self._wake.set()
+
+    def on_preflight(self, msg: dict[str, Any]) -> None:
+        """Handle a ``preflight`` request: the loop plans that release and reports, at its next safe point.
+
+        Called from the MQTT thread; only the latest request is kept.
+        """
+        with self._lock:
+            self._preflight = dict(msg)
+        self._wake.set()
+
+    def _take_preflight(self) -> None:
+        """Answer the latest preflight request, when one arrived (:mod:`edge_agent.preflight`)."""
+        with self._lock:
+            msg, self._preflight = self._preflight, None
+        if msg is None:
+            return
+        try:
+            answered = run_preflight(self.config, revision=str(msg["revision"]),
+                                     rollout_id=str(msg["rollout_id"]), requested=str(msg["ts"]),
+                                     now=datetime.now().astimezone())
+        except LockedError as exc:
+            log.info("preflight postponed: %s", exc)
+            with self._lock:
+                self._preflight = self._preflight or msg
+            return
+        except EdgeFleetError as exc:
+            log.error("preflight could not run: %s", exc)
+            return
+        if answered is not None:
+            self._notify_reporter()
 
     def _take_control(self) -> None:
         """Persist and report the fleet server's pause or its lifting, when one arrived; a lifting
@@ -386,7 +419,8 @@ class Daemon:
             return None
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         reporter = Reporter(self.config, self.config.state_dir / STATE_DB, on_desired=self.on_desired,
-                            on_nudge=self.on_nudge, on_baseline=self.on_baseline, on_control=self.on_control)
+                            on_nudge=self.on_nudge, on_baseline=self.on_baseline, on_control=self.on_control,
+                            on_preflight=self.on_preflight)
         reporter.start()
         return reporter
 
@@ -425,6 +459,8 @@ class Daemon:
         while not self.stop.is_set():
             self._wake.clear()  # every reason to wake is a flag or a time, read after this
             self._take_control()
+            if self._job is None:  # no fetch in flight: a preflight fetches too
+                self._take_preflight()
             now = self._clock()
             again = self._take_nudge() or again
             job = self._job

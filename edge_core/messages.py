@@ -9,6 +9,8 @@ Topics (``prefix`` defaults to ``fleet/v1``)::
     <prefix>/<device>/online     device → server, retained    true on connect; the last will says false
     <prefix>/<device>/desired    server → device, retained    the revision the device should run
     <prefix>/<device>/control    server → device, retained    remote pause: stop applying, or go on
+    <prefix>/<device>/preflight  server → device, retained    plan this release, apply nothing
+    <prefix>/<device>/plan       device → server, QoS 1       what a preflight found
     <prefix>/_broadcast/nudge    server → all devices         a new release: fetch now
     <prefix>/_broadcast/baseline  server → all devices,        the fleet baseline: the last-good
                                  retained                     release a device without its own
@@ -56,6 +58,7 @@ __all__ = [
     "MAX_LABEL_VALUE",
     "MAX_MESSAGE_BYTES",
     "NUDGE_KIND",
+    "PLAN_OUTCOMES",
     "PROFILE_RE",
     "SCHEMA_VERSION",
     "baseline_message",
@@ -96,7 +99,7 @@ MAX_LABEL_VALUE = 256
 PROFILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 """A device profile name (the same rule as ``profile`` in ``agent.yaml``)."""
 
-DEVICE_KINDS = ("status", "events", "health", "online", "desired", "control")
+DEVICE_KINDS = ("status", "events", "health", "online", "desired", "control", "preflight", "plan")
 """The per-device topic kinds, ``<prefix>/<device>/<kind>``."""
 
 NUDGE_KIND = "nudge"
@@ -104,6 +107,9 @@ BASELINE_KIND = "baseline"
 """The kind of the retained fleet baseline, published on ``<prefix>/_broadcast/baseline``."""
 KINDS = (*DEVICE_KINDS, NUDGE_KIND, BASELINE_KIND)
 """Every kind :func:`decode` understands."""
+
+PLAN_OUTCOMES = ("change", "nochange", "refused")
+"""What a device's preflight plan says: it would change something, nothing, or refuse the release."""
 
 EVENT_TYPES = (
     "sync_started",
@@ -301,6 +307,15 @@ def validate_labels(labels: object) -> dict[str, str]:
     return plain
 
 
+def _count(v: Any) -> bool:
+    return _is_int(v) and 0 <= v <= 1_000_000
+
+
+def _counts(v: Any) -> bool:
+    return (isinstance(v, dict) and len(v) <= 64
+            and all(isinstance(k, str) and _TOKEN_RE.match(k) and _count(n) for k, n in v.items()))
+
+
 def _checks(v: Any) -> bool:
     if not isinstance(v, list) or len(v) > 256:
         return False
@@ -329,6 +344,11 @@ _SCHEMAS: dict[str, dict[str, _Check]] = {
     "desired": {**_DEVICE, "revision": _commit, "release": _release,
                 "rollout_id": _opt(lambda v: _text(v, _MAX_ID))},
     "control": {**_DEVICE, "paused": lambda v: isinstance(v, bool), "reason": _opt(lambda v: _text(v, 500))},
+    "preflight": {**_DEVICE, "revision": _commit, "release": _release,
+                  "rollout_id": lambda v: _text(v, _MAX_ID)},
+    "plan": {**_DEVICE, **_CONCERNS, "rollout_id": lambda v: _text(v, _MAX_ID),
+             "outcome": lambda v: v in PLAN_OUTCOMES, "changes": _counts, "prune": _count, "drift": _count,
+             "reason": _opt(_text)},
     "nudge": {**_COMMON, "revision": _commit, "release": _release},
     "baseline": {**_COMMON, "revision": _commit, "release": _release},
 }

@@ -3,13 +3,15 @@
 Every device authenticates with its device id as user name (and, with
 ``use_username_as_clientid true``, as client id, so no client can take over another's session) and
 a random password. The ACL names every device explicitly (no ``pattern`` rules, so nothing depends
-on how ``%u`` is substituted): a device may write only ``<prefix>/<id>/{status,events,health,online}``
-and read only ``<prefix>/<id>/desired``, ``<prefix>/<id>/control`` (the remote pause), the broadcast
-nudge and the fleet baseline (``<prefix>/_broadcast/baseline``). The server user reads ``<prefix>/#``
-and writes ``<prefix>/+/desired``, ``<prefix>/+/control``, the baseline and the nudge; no device id can be
-``_broadcast``, so no device writes either broadcast. Several server users may be named: because
-the user name is the client id, every server process (MQTT 5 shared subscriptions) and tool that
-connects at the same time needs its own, or they would take each other's session over.
+on how ``%u`` is substituted): a device may write only
+``<prefix>/<id>/{status,events,health,online,plan}`` and read only ``<prefix>/<id>/desired``,
+``<prefix>/<id>/control`` (the remote pause), ``<prefix>/<id>/preflight``, the broadcast nudge and
+the fleet baseline (``<prefix>/_broadcast/baseline``). The server user reads ``<prefix>/#`` and
+writes ``<prefix>/+/desired``, ``<prefix>/+/control``, ``<prefix>/+/preflight``, the baseline and
+the nudge; no device id can be ``_broadcast``, so no device writes either broadcast. Several
+server users may be named: because the user name is the client id, every server process (MQTT 5
+shared subscriptions) and tool that connects at the same time needs its own, or they would take
+each other's session over.
 
 Files written under ``out``: ``passwd`` (hashed by the real ``mosquitto_passwd``, 0600),
 ``acl`` (0644), ``mosquitto.conf`` (0644) and ``credentials/<user>.password`` (0600, the plaintext to
@@ -63,7 +65,7 @@ MAX_QUEUED_BYTES = 1024 * 1024 * 1024
 DEFAULT_DATA_DIR = Path("/var/lib/mosquitto")
 """Where the broker keeps its persistence database (Debian's mosquitto package uses this folder)."""
 
-_DEVICE_WRITES = ("status", "events", "health", "online")
+_DEVICE_WRITES = ("status", "events", "health", "online", "plan")
 _PASSWORD_BYTES = 24
 _PASSWD_TIMEOUT = 120.0
 
@@ -132,12 +134,13 @@ def acl_text(devices: Sequence[str], *, prefix: str, server_users: Sequence[str]
     ]
     for user in server_users:
         lines += ["", f"user {user}", f"topic read {prefix}/#", f"topic write {prefix}/+/desired",
-                  f"topic write {prefix}/+/control", f"topic write {baseline}", f"topic write {nudge}"]
+                  f"topic write {prefix}/+/control", f"topic write {prefix}/+/preflight",
+                  f"topic write {baseline}", f"topic write {nudge}"]
     for device in devices:
         lines += ["", f"user {device}"]
         lines += [f"topic write {prefix}/{device}/{kind}" for kind in _DEVICE_WRITES]
         lines += [f"topic read {prefix}/{device}/desired", f"topic read {prefix}/{device}/control",
-                  f"topic read {nudge}", f"topic read {baseline}"]
+                  f"topic read {prefix}/{device}/preflight", f"topic read {nudge}", f"topic read {baseline}"]
     return "\n".join(lines) + "\n"
 
 

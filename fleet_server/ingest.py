@@ -72,6 +72,7 @@ from edge_core.messages import (
     parse_topic,
     topic,
 )
+from edge_core.preflight_messages import preflight_message
 from fleet_server.config import ServerConfig
 from fleet_server.errors import BrokerError, StoreError, StoreRefused
 from fleet_server.metrics import IngestMetrics
@@ -91,6 +92,20 @@ RETAINED_SUBSCRIPTION = 1
 shared subscription only)."""
 RETAINED_KINDS = ("status", "online")
 """The report kinds devices publish retained."""
+SUBSCRIBED_KINDS = (*INGEST_KINDS, "plan")
+"""The report kinds the server subscribes to: the stored kinds and a preflight's ``plan``."""
+PREFLIGHT_EVENT = "preflight"
+"""The event type a device's ``plan`` report is stored as (docs/rollouts.md)."""
+
+
+def plan_as_event(msg: dict[str, Any]) -> dict[str, Any]:
+    """A decoded ``plan`` report as the ``events`` row it is stored as: type :data:`PREFLIGHT_EVENT`,
+    its reason, and the rest (rollout id, outcome, changes per kind, prune, drift), which the store
+    keeps in the row's ``detail``."""
+    event = {"schema": msg["schema"], "ts": msg["ts"], "device": msg["device"], "type": PREFLIGHT_EVENT,
+             "commit": msg.get("commit"), "release": msg.get("release"), "reason": msg.get("reason"),
+             "step": None}
+    return {**event, **{k: msg[k] for k in ("rollout_id", "outcome", "changes", "prune", "drift")}}
 
 
 def _through_retained_subscription(msg: mqtt.MQTTMessage) -> bool:
@@ -194,7 +209,7 @@ class Ingestor:
             prefix = self._mqtt.prefix
             options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
             share = f"$share/{self._mqtt.share_group}/" if self._mqtt.share_group else ""
-            client.subscribe([(f"{share}{prefix}/+/{kind}", options) for kind in INGEST_KINDS])
+            client.subscribe([(f"{share}{prefix}/+/{kind}", options) for kind in SUBSCRIBED_KINDS])
             if share:  # retained messages never reach a shared subscription: a plain one, marked
                 props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
                 props.SubscriptionIdentifier = RETAINED_SUBSCRIPTION
@@ -237,7 +252,7 @@ class Ingestor:
         drop: str | None = None
         parsed = parse_topic(self._mqtt.prefix, topic_name)
         device = parsed[0] if parsed is not None else None
-        if parsed is None or device is None or parsed[1] not in INGEST_KINDS:
+        if parsed is None or device is None or parsed[1] not in SUBSCRIBED_KINDS:
             drop = "bad_field"
         else:
             kind = parsed[1]
@@ -247,6 +262,8 @@ class Ingestor:
             except MessageError as exc:
                 drop = exc.reason
             else:
+                if kind == "plan":  # a preflight's answer is kept with the device's events
+                    kind, message = "events", plan_as_event(message)
                 if self._ingest.unknown_devices == "refuse" and not self._is_known(device, now):
                     drop, message = "unknown_device", None
         ts: float | None = None
@@ -528,6 +545,18 @@ class Ingestor:
         """
         msg = control_message(device_id, paused=paused, reason=reason, ts=self._clock())
         self._publish(topic(self._mqtt.prefix, device_id, "control"), encode(msg), retain=True, wait=wait)
+
+    def publish_preflight(self, device_id: str, revision: str, release: int, rollout_id: str) -> None:
+        """Publish the retained QoS 1 ``preflight`` request of one device (its time stamps the request,
+        so a new one is answered even for the same rollout).
+
+        Raises:
+            MessageError: a field is invalid.
+            BrokerError: the message cannot be queued.
+        """
+        msg = preflight_message(device_id, revision=revision, release=release, rollout_id=rollout_id,
+                                ts=self._clock())
+        self._publish(topic(self._mqtt.prefix, device_id, "preflight"), encode(msg), retain=True, wait=0.0)
 
     def publish_nudge(self, revision: str, release: int, *, wait: float = 0.0) -> None:
         """Broadcast a QoS 1 nudge: a new release exists, devices fetch now.

@@ -52,6 +52,7 @@ try:  # the server extras (uvicorn, FastAPI, prometheus-client, Jinja2): a devic
     from fleet_server.remote_pause import PUBLISH_WAIT, RemotePause
     from fleet_server.rollouts.model import RolloutState
     from fleet_server.rollouts.plan import RolloutPlan
+    from fleet_server.rollouts.preflight import PreflightDuty
     from fleet_server.rollouts.runner import RolloutRunner, plan_from_tree
     from fleet_server.store import AuditStore, FleetStore, open_store
     from fleet_server.store_commands import copy_command, migrate
@@ -172,15 +173,16 @@ class GitPlans:
 
 class LeaderDuties:
     """What only the leader runs: the rollout runner, the fleet baseline publisher, the notifier's
-    scans and deliveries and (with ``git.url``) the Git watcher. Started each time this replica
-    takes the leadership (reloading the rollouts another leader may have moved) and stopped when it
-    loses it."""
+    scans and deliveries, the rollouts' preflights and (with ``git.url``) the Git watcher. Started
+    each time this replica takes the leadership (reloading the rollouts another leader may have
+    moved) and stopped when it loses it."""
 
     def __init__(self, config: ServerConfig, store: FleetStore, runner: RolloutRunner, *,
                  baseline: FleetBaseline, nudge: Callable[[str, int], None], metrics: ServerMetrics,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, preflight: PreflightDuty | None = None) -> None:
         self._config = config
         self._notifier = notifier
+        self._preflight = preflight
         self._store = store
         self._runner = runner
         self._baseline = baseline
@@ -208,6 +210,8 @@ class LeaderDuties:
             self._watcher.start()
         if self._notifier is not None:  # one replica delivers: no two scans, no delivery sent twice
             self._notifier.start()
+        if self._preflight is not None:
+            self._preflight.start()
 
     def trigger_git(self) -> None:
         """Poll the Git mirror now (a webhook): at once on the leader; on a follower, through a poll
@@ -223,7 +227,9 @@ class LeaderDuties:
             self._store.request_git_poll()
 
     def stop(self) -> None:
-        """Stop the notifier, the Git watcher and the runner (bounded, idempotent)."""
+        """Stop the preflights, the notifier, the Git watcher and the runner (bounded, idempotent)."""
+        if self._preflight is not None:
+            self._preflight.stop()
         if self._notifier is not None:
             self._notifier.stop()
         watcher, self._watcher = self._watcher, None
@@ -368,7 +374,8 @@ def run_server(config: ServerConfig) -> None:
         runner.set_commit_listener(notifier.on_commit)
         metrics.attach_rollouts(runner)
         duties = LeaderDuties(config, store, runner, baseline=baseline, nudge=ingestor.publish_nudge,
-                              metrics=metrics, notifier=notifier)
+                              metrics=metrics, notifier=notifier,
+                              preflight=PreflightDuty(store, runner, ingestor.publish_preflight))
         leadership = Leadership(leader_lock(config, store), store, duties, lease=config.leader.lease)
         leadership.start()
         metrics.attach_role(store.backend, lambda: leadership.role if leadership is not None else "follower")

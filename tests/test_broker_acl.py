@@ -46,6 +46,9 @@ def test_generated_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "topic read fleet/v1/dev-a/control" in acl  # its own remote pause, no one else's
     assert "topic read fleet/v1/dev-b/control" not in acl.split("user dev-b")[0].split("user dev-a")[1]
     assert "topic write fleet/v1/+/control" in acl  # the server users
+    assert "topic read fleet/v1/dev-a/preflight" in acl  # a rollout's preflight request
+    assert "topic write fleet/v1/dev-a/plan" in acl  # and the device's answer
+    assert "topic write fleet/v1/+/preflight" in acl
 
     # a second run for one more device keeps everyone's password; --rotate changes them
     before = password_of(out, "dev-a")

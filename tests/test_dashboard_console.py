@@ -366,3 +366,27 @@ def test_the_devices_api_validates_search_and_sort(site: Site) -> None:
         answer = httpx.get(url, params=params, timeout=5.0)
         assert answer.status_code == 400, params
         assert reason in answer.json()["error"], params
+
+
+def test_the_rollout_page_shows_a_preflight_with_its_refusals(rollout_site: RolloutSite) -> None:
+    site, runner = rollout_site.site, rollout_site.runner
+    site.store.record_release(9, "9" * 40, ["ed25519:key"], time.time())
+    rid = runner.start(9, runner.resolve_plan(PLAN, None), actor="alice", reason="release 9", preflight=True)
+    assert runner.state(rid).phase == "waiting_approval"
+    summary = {"state": "failed", "release": 9,
+               "counts": {"change": 3, "nochange": 1, "refused": 2, "waiting": 0, "offline": 1},
+               "refusals": [{"reason": "drivers unavailable on this device: sysctl", "devices": 2,
+                             "examples": ["cam-01", "gw-02"]}], "offline": ["cam-03"], "waiting": []}
+    site.store.add_audit("preflight", "rollout.preflight", f"rollout/{rid}", "preflight failed", summary)
+    page = site.page(f"/rollouts/{rid}")
+    page.wait_for_selector("#preflight:not([hidden]) #pf-refusals li", timeout=WAIT_MS)
+    assert "failed" in page.inner_text("#pf-state")
+    assert "2 would refuse" in page.inner_text("#pf-state")
+    refusal = page.inner_text("#pf-refusals li")
+    assert "2 device(s): drivers unavailable on this device: sysctl" in refusal
+    assert page.get_attribute("#pf-refusals li a", "href") == "/devices/cam-01"
+    assert page.inner_text("#pf-offline") == "cam-03"
+    other = site.page(f"/rollouts/{rollout_site.rollout_id}")  # a rollout without a preflight
+    other.wait_for_selector("#ro-phase .pill", timeout=WAIT_MS)
+    assert other.is_hidden("#preflight")
+    assert site.console == []

@@ -348,3 +348,19 @@ def test_openapi_documents_every_body_and_the_bearer_scheme(api: Api) -> None:
         assert (answer.status_code, answer.json()) == (400, {"error": reason})
     answer = httpx.post(f"{api.url}/api/v1/rollouts/r-1/promote", json={"wave": -1}, headers=headers)
     assert (answer.status_code, answer.json()) == (400, {"error": "wave must be a wave index"})
+
+
+def test_fleetctl_starts_a_rollout_with_a_preflight_that_holds_its_first_wave(
+        api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    plan_file = tmp_path / "quick.yaml"
+    plan_file.write_text(yaml.safe_dump(QUICK_PLAN))
+    code, out, err = fleetctl_run(api, capsys, "start", "--release", "2", "--plan", str(plan_file),
+                                  "--preflight", "--reason", "plan first", "--json")
+    assert code == 0, err
+    rid = json.loads(out)["id"]
+    assert api.wait_phase(rid, ("waiting_approval",)) == "waiting_approval"  # no device assigned yet
+    code, out, err = fleetctl_run(api, capsys, "preflight", rid)
+    assert code == 0, err
+    assert out.startswith(f"preflight of rollout {rid}: ")
+    code, out, _ = fleetctl_run(api, capsys, "preflight", rid, "--json")
+    assert json.loads(out)["id"] == rid

@@ -215,12 +215,12 @@ def health_report(device: str, *, commit: str | None, release: int | None, ts: T
 
 
 # kind -> (qos, retain)
-_DELIVERY = {"status": (1, True), "events": (1, False), "health": (1, False)}
+_DELIVERY = {"status": (1, True), "events": (1, False), "health": (1, False), "plan": (1, False)}
 _EVENT_CLASSES = {"sync_started": "event", "drift_detected": "event", "drift_corrected": "event"}
 
 
 def queue_report(state: StateDB, prefix: str, kind: str, msg: Mapping[str, Any]) -> int:
-    """Encode ``msg`` (a ``status``, ``events`` or ``health`` message) and write it to the outbox.
+    """Encode ``msg`` (a ``status``, ``events``, ``health`` or ``plan`` message) and write it to the outbox.
 
     Returns the outbox id. The topic is ``<prefix>/<msg device>/<kind>``.
 
@@ -232,6 +232,9 @@ def queue_report(state: StateDB, prefix: str, kind: str, msg: Mapping[str, Any])
     if delivery is None:
         raise MessageError("bad_field", f"the agent does not send {kind!r} reports")
     qos, retain = delivery
-    cls = _EVENT_CLASSES.get(str(msg.get("type")), "outcome") if kind == "events" else kind
+    if kind == "events":
+        cls = _EVENT_CLASSES.get(str(msg.get("type")), "outcome")
+    else:  # a preflight's plan may be dropped like an event when the outbox is full
+        cls = "event" if kind == "plan" else kind
     topic = messages.topic(prefix, str(msg.get("device")), kind)
     return state.outbox_put(topic, messages.encode(dict(msg)), qos=qos, retain=retain, cls=cls)

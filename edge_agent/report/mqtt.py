@@ -8,9 +8,10 @@
 * last will ``online=false`` (retained, QoS 1) on ``<prefix>/<device>/online``, and ``online=true``
   published retained on every connect; a clean :meth:`MqttLink.stop` publishes ``online=false``
   itself, because a clean disconnect does not fire the will;
-* on every connect it subscribes (QoS 1) to its own ``desired`` and ``control`` topics, the broadcast
-  nudge and the retained fleet baseline (``<prefix>/_broadcast/baseline``), and hands each valid
-  message to ``on_desired`` / ``on_control`` / ``on_nudge`` / ``on_baseline``. Invalid messages are logged and
+* on every connect it subscribes (QoS 1) to its own ``desired``, ``control`` and ``preflight``
+  topics, the broadcast nudge and the retained fleet baseline (``<prefix>/_broadcast/baseline``),
+  and hands each valid message to ``on_desired`` / ``on_control`` / ``on_preflight`` /
+  ``on_nudge`` / ``on_baseline``. Invalid messages are logged and
   dropped; nothing is ever raised into paho's thread. A retained ``desired`` is delivered again
   after each reconnect, so the callback must tolerate repeats;
 * reconnects with capped exponential backoff and *full jitter*. paho's own delay doubles from
@@ -204,6 +205,7 @@ class MqttLink:
         on_nudge: called (in paho's thread) with every valid broadcast nudge.
         on_baseline: called (in paho's thread) with every valid fleet baseline.
         on_control: called (in paho's thread) with every valid ``control`` message for this device.
+        on_preflight: called (in paho's thread) with every valid ``preflight`` request for this device.
         on_connected: called (in paho's thread) after every successful connect, e.g. to wake the
             outbox sender.
         clock: wall clock (POSIX seconds) for message timestamps.
@@ -217,6 +219,7 @@ class MqttLink:
                  on_nudge: Callable[[dict[str, Any]], None] | None = None,
                  on_baseline: Callable[[dict[str, Any]], None] | None = None,
                  on_control: Callable[[dict[str, Any]], None] | None = None,
+                 on_preflight: Callable[[dict[str, Any]], None] | None = None,
                  on_connected: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self.settings = settings
@@ -224,6 +227,7 @@ class MqttLink:
         self._on_nudge = on_nudge
         self._on_baseline = on_baseline
         self._on_control = on_control
+        self._on_preflight = on_preflight
         self._on_connected = on_connected
         self._clock = clock
         self._backoff = Backoff(base=settings.reconnect_min, cap=settings.reconnect_max, rng=rng)
@@ -236,6 +240,7 @@ class MqttLink:
         self.online_topic = messages.topic(settings.prefix, settings.device_id, "online")
         self.desired_topic = messages.topic(settings.prefix, settings.device_id, "desired")
         self.control_topic = messages.topic(settings.prefix, settings.device_id, "control")
+        self.preflight_topic = messages.topic(settings.prefix, settings.device_id, "preflight")
         self.nudge_topic = messages.nudge_topic(settings.prefix)
         self.baseline_topic = messages.baseline_topic(settings.prefix)
         self._client = self._make_client()
@@ -393,7 +398,8 @@ class MqttLink:
             online = messages.encode(messages.online_message(self.settings.device_id, True, self._clock()))
             self.publish(self.online_topic, online, qos=1, retain=True)
             err, _ = client.subscribe([(self.desired_topic, 1), (self.nudge_topic, 1),
-                                       (self.baseline_topic, 1), (self.control_topic, 1)])
+                                       (self.baseline_topic, 1), (self.control_topic, 1),
+                                       (self.preflight_topic, 1)])
             if err != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 log.warning("subscribing to %s failed: %s", self.desired_topic, paho.error_string(err))
             if self._on_connected is not None:
@@ -449,6 +455,8 @@ class MqttLink:
             kind, callback, device = messages.BASELINE_KIND, self._on_baseline, None
         elif name == self.control_topic:
             kind, callback, device = "control", self._on_control, self.settings.device_id
+        elif name == self.preflight_topic:
+            kind, callback, device = "preflight", self._on_preflight, self.settings.device_id
         else:
             log.warning("dropped a message on unexpected topic %s", name)
             return

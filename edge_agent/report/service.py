@@ -43,6 +43,7 @@ class Reporter:
         on_baseline: called (in paho's thread) with each valid fleet baseline.
         on_control: called (in paho's thread) with ``(paused, reason)`` of each valid ``control``
             message for this device (the fleet server's remote pause).
+        on_preflight: called (in paho's thread) with each valid ``preflight`` request for this device.
         idle_wait: how often the sender looks at the outbox without being notified, in seconds.
 
     Raises:
@@ -54,12 +55,14 @@ class Reporter:
     def __init__(self, config: AgentConfig, state_path: Path, *, on_desired: DesiredHandler | None = None,
                  on_nudge: Callable[[], None] | None = None, on_baseline: BaselineHandler | None = None,
                  on_control: Callable[[bool, str | None], None] | None = None,
+                 on_preflight: Callable[[dict[str, Any]], None] | None = None,
                  idle_wait: float = 5.0) -> None:
         settings = settings_from_config(config)
         self._on_desired = on_desired
         self._on_nudge = on_nudge
         self._on_baseline = on_baseline
         self._on_control = on_control
+        self._on_preflight = on_preflight
         self._idle_wait = idle_wait
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,6 +70,7 @@ class Reporter:
         try:
             self._link = MqttLink(settings, on_desired=self._handle_desired, on_nudge=self._handle_nudge,
                                   on_baseline=self._handle_baseline, on_control=self._handle_control,
+                                  on_preflight=self._handle_preflight,
                                   on_connected=self.notify)
         except BaseException:
             self._state.close()
@@ -136,6 +140,10 @@ class Reporter:
     def _handle_baseline(self, msg: dict[str, Any]) -> None:
         if self._on_baseline is not None:
             self._on_baseline(str(msg["revision"]), int(msg["release"]))
+
+    def _handle_preflight(self, msg: dict[str, Any]) -> None:
+        if self._on_preflight is not None:
+            self._on_preflight(msg)
 
     def _handle_control(self, msg: dict[str, Any]) -> None:
         if self._on_control is not None:

@@ -100,6 +100,8 @@ class StartRolloutBody(BaseModel):
                     Field(description="an inline rollout plan (docs/rollouts.md)")] = None
     plan_name: Annotated[str | None, Field(description="a plan the server knows: rollouts/NAME.yaml")] = None
     reason: Reason = ""
+    preflight: Annotated[bool, Field(description="every targeted device plans the release first; the "
+                                                 "first wave starts only when the preflight passes")] = False
 
     @field_validator("release", mode="before")
     @classmethod

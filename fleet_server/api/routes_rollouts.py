@@ -32,6 +32,7 @@ from fleet_server.api.bodies import ActionBody, StartRolloutBody
 from fleet_server.errors import PlanError, UsageError
 from fleet_server.rollouts.engine import DEVICE_STATES
 from fleet_server.rollouts.plan import RolloutPlan
+from fleet_server.rollouts.preflight import AUDIT_ACTION as PREFLIGHT_AUDIT
 from fleet_server.rollouts.runner import ACTIONS
 
 __all__ = ["DEFAULT_DEVICE_PAGE", "MAX_DEVICE_PAGE", "RolloutControl", "actor_name", "rollouts_router"]
@@ -57,8 +58,8 @@ class RolloutControl(Protocol):
         ...
 
     def start(self, release: int, plan: RolloutPlan, *, actor: str, reason: str,
-              rollout_id: str | None = None) -> str:
-        """Start a rollout; return its id."""
+              rollout_id: str | None = None, preflight: bool = False) -> str:
+        """Start a rollout (with a preflight first when asked); return its id."""
         ...
 
     def exists(self, rollout_id: str) -> bool:
@@ -141,6 +142,21 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
         return {"id": rid, "wave": wave, "state": state, "offset": offset, "limit": limit,
                 "total": page["total"], "devices": page["devices"]}
 
+    @router.get("/{rollout_id}/preflight", dependencies=reads)
+    def rollout_preflight(rollout_id: str) -> dict[str, Any]:
+        """Return the rollout's preflight: its latest summary (state, counts, refusals by reason,
+        devices offline or not answered yet); 404 for a rollout without one."""
+        rid = _rollout_id(rollout_id)
+        detail = control.describe(rid)
+        if detail is None:
+            raise HTTPException(404, f"no rollout {rid}")
+        rows = [a for a in detail.get("audit") or [] if a.get("action") == PREFLIGHT_AUDIT]
+        if rows:
+            return {"id": rid, **rows[-1]["detail"]}
+        if detail.get("preflight") is None:
+            raise HTTPException(404, f"rollout {rid} has no preflight")
+        return {"id": rid, "state": "starting", "counts": {}, "refusals": [], "offline": [], "waiting": []}
+
     @router.post("", status_code=201, dependencies=admin)
     def start_rollout(body: StartRolloutBody,
                       x_actor: Annotated[str | None, Header()] = None) -> dict[str, Any]:
@@ -158,7 +174,7 @@ def rollouts_router(control: RolloutControl, tokens: Tokens) -> APIRouter:
         if refusal is not None:
             raise HTTPException(409, refusal)
         try:
-            rollout_id = control.start(release, plan, actor=actor, reason=reason)
+            rollout_id = control.start(release, plan, actor=actor, reason=reason, preflight=body.preflight)
         except UsageError as exc:
             raise HTTPException(409 if control.start_refusal(release) else 400, str(exc)) from exc
         return {"id": rollout_id, "release": release, "plan": plan.name}

@@ -177,6 +177,8 @@ def _run_start(args: argparse.Namespace) -> int:
         body["plan"] = _load_plan(args.plan)
     if args.plan_name is not None:
         body["plan_name"] = args.plan_name
+    if args.preflight:
+        body["preflight"] = True
     answer = api_post(server, _BASE, body, token=token, actor=args.actor, timeout=args.http_timeout)
     if args.json:
         print_json(answer)
@@ -184,6 +186,34 @@ def _run_start(args: argparse.Namespace) -> int:
         sys.stdout.write(f"rollout {answer.get('id')} of release {answer.get('release')} started "
                          f"(plan {answer.get('plan')})\n")
     return 0
+
+
+def format_preflight(doc: dict[str, Any]) -> str:
+    """Return a rollout's preflight summary as readable text."""
+    counts = doc.get("counts") or {}
+    labels = (("change", "would change"), ("nochange", "would change nothing"), ("refused", "would refuse"),
+              ("waiting", "not answered"), ("offline", "offline"))
+    lines = [f"preflight of rollout {doc.get('id')}: {doc.get('state')}",
+             "  " + ", ".join(f"{counts.get(k, 0)} {label}" for k, label in labels)]
+    for group in doc.get("refusals") or []:
+        shown = ", ".join(group.get("examples") or [])
+        lines.append(f"  refused by {group.get('devices')}: {group.get('reason')}  ({shown})")
+    if doc.get("offline"):
+        lines.append(f"  offline (checked when they come back): {', '.join(doc['offline'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _run_preflight(args: argparse.Namespace) -> int:
+    server, token = _client(args)
+    path = f"{_BASE}/{urllib.parse.quote(args.rollout_id, safe='')}/preflight"
+    answer = api_get(server, path, token=token, timeout=args.http_timeout)
+    if not isinstance(answer, dict):
+        raise UsageError("the fleet server answered an unexpected preflight document")
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(format_preflight(answer))
+    return 0 if answer.get("state") != "failed" else 1
 
 
 def _run_status(args: argparse.Namespace) -> int:
@@ -312,6 +342,11 @@ _EXAMPLES = {
     "start": """examples:
   fleetctl rollout start --release 12 --plan-name default --reason "nginx 1.25" --token-file admin.token
   fleetctl rollout start --release 12 --plan rollouts/canary.yaml --reason "canary first" --json
+  fleetctl rollout start --release 12 --preflight --reason "plan everywhere first"
+""",
+    "preflight": """examples:
+  fleetctl rollout preflight r-20260105-1       # exit 1 when it failed
+  fleetctl rollout preflight r-20260105-1 --json | jq .refusals
 """,
     "status": """examples:
   fleetctl rollout status                       # every rollout, newest first
@@ -380,8 +415,16 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--plan", type=Path, metavar="FILE", help="a rollout plan YAML file (sent inline)")
     plan.add_argument("--plan-name", metavar="NAME", help="a plan the server knows (rollouts/NAME.yaml)")
     start.add_argument("--reason", default="", help="why (recorded in the audit log)")
+    start.add_argument("--preflight", action="store_true",
+                       help="every targeted device plans the release first; the first wave starts only "
+                            "when the preflight passes (see fleetctl rollout preflight)")
     _client_options(start)
     start.set_defaults(func=_run_start)
+
+    preflight = action("preflight", "show a rollout's preflight: what its devices would do", reads)
+    preflight.add_argument("rollout_id", metavar="ID", help="the rollout")
+    _client_options(preflight)
+    preflight.set_defaults(func=_run_preflight)
 
     status = action("status", "list rollouts, or show one with its waves", reads)
     status.add_argument("rollout_id", nargs="?", metavar="ID", help="the rollout (default: list them)")

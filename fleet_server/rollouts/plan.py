@@ -27,11 +27,13 @@ __all__ = [
     "OFFLINE_RULES",
     "PLAN_NAME",
     "PlanRef",
+    "Preflight",
     "RolloutPlan",
     "TelemetryGate",
     "Wave",
     "parse_fleet_rollout",
     "parse_plan",
+    "with_preflight",
 ]
 
 Where = tuple[str | int, ...]
@@ -43,7 +45,8 @@ GATE_OPS = ("<", "<=", ">", ">=")
 OFFLINE_RULES = ("pending", "failed", "skipped")
 _MAX_DURATION = 7 * 86400
 _PLAN_KEYS = frozenset({"name", "description", "waves", "target", "canary_first", "canary_label",
-                        "rate_limit_per_minute", "maintenance_windows", "rollback_on_failure"})
+                        "rate_limit_per_minute", "maintenance_windows", "rollback_on_failure", "preflight"})
+_PREFLIGHT_KEYS = frozenset({"max_refused", "timeout", "approve_after"})
 _WAVE_KEYS = frozenset({"name", "percent", "count", "selector", "soak", "max_failure_rate", "max_failures",
                         "min_reported", "timeout", "offline", "promotion", "pause_before", "on_failure",
                         "gates"})
@@ -91,6 +94,19 @@ class Wave:
 
 
 @dataclass(frozen=True)
+class Preflight:
+    """A rollout's preflight (docs/rollouts.md): every targeted online device plans the release and
+    reports, before any is assigned. The first wave starts when at most ``max_refused`` (a share,
+    0-1) of the devices that answered would refuse, within ``timeout`` seconds (devices that have not
+    answered by then, and offline ones, do not block it); ``approve_after`` still waits for an
+    operator's approval of the first wave once it passed."""
+
+    max_refused: float = 0.0
+    timeout: int = 300
+    approve_after: bool = False
+
+
+@dataclass(frozen=True)
 class RolloutPlan:
     """A parsed rollout plan. ``raw`` is the document as given, which :func:`parse_plan` re-reads."""
 
@@ -104,6 +120,7 @@ class RolloutPlan:
     description: str = ""
     source: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
+    preflight: Preflight | None = None
 
 
 @dataclass(frozen=True)
@@ -298,7 +315,41 @@ def _parse_plan(value: object, source: str) -> RolloutPlan:
         canary_label=canary_label, canary_first=canary_first,
         target=None if p.get("target") is None else parse_selector(p["target"], ("target",)),
         description=description, source=source, raw=copy.deepcopy(dict(p)),
+        preflight=_parse_preflight(p.get("preflight", False)),
     )
+
+
+def _parse_preflight(value: object) -> Preflight | None:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return Preflight()
+    p = _mapping(value, ("preflight",), _PREFLIGHT_KEYS, "preflight (true, false or a mapping)")
+    approve_after = p.get("approve_after", False)
+    if not isinstance(approve_after, bool):
+        raise PlanError("must be true or false", ("preflight", "approve_after"))
+    return Preflight(max_refused=_number(p.get("max_refused", 0.0), ("preflight", "max_refused"), 0, 1),
+                     timeout=_duration(p.get("timeout", 300), ("preflight", "timeout"), allow_zero=False),
+                     approve_after=approve_after)
+
+
+def with_preflight(plan: RolloutPlan) -> RolloutPlan:
+    """Return ``plan`` with a preflight (its own, else the defaults): the first wave waits for its
+    approval, which the preflight gives when it passes (unless the plan's first wave already waited
+    for an operator, who then still approves it after the preflight).
+
+    Raises:
+        PlanError: never for a parsed plan (the document is re-read).
+    """
+    raw = copy.deepcopy(dict(plan.raw))
+    rule = raw.get("preflight")
+    settings: dict[str, Any] = dict(rule) if isinstance(rule, Mapping) else {}
+    waves = [dict(w) for w in raw["waves"]]
+    if waves[0].get("pause_before") is True:  # an operator approves the first wave after the preflight
+        settings.setdefault("approve_after", True)
+    waves[0]["pause_before"] = True
+    raw["waves"], raw["preflight"] = waves, settings or True
+    return parse_plan(raw, source=plan.source)
 
 
 def parse_fleet_rollout(value: object, *, source: str = "fleet.yaml") -> PlanRef | RolloutPlan | None:

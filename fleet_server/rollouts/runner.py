@@ -69,7 +69,7 @@ from .model import (
     device_dict,
 )
 from .outbox import AssignmentOutbox, PublishDesired
-from .plan import RolloutPlan, parse_plan
+from .plan import RolloutPlan, parse_plan, with_preflight
 from .runner_feed import RunnerFeed
 from .runner_io import device_info, plan_from_tree, progress_counts, report_from_event, report_from_health
 from .runner_live import Live, Registry
@@ -279,8 +279,10 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         return None
 
     def start(self, release: int, plan: RolloutPlan, *, actor: str, reason: str,
-              rollout_id: str | None = None) -> str:
-        """Start a rollout of the recorded signed ``release`` with ``plan``; return its id.
+              rollout_id: str | None = None, preflight: bool = False) -> str:
+        """Start a rollout of the recorded signed ``release`` with ``plan``; return its id. With
+        ``preflight`` (or a plan that asks for one) its first wave waits for the preflight
+        (:mod:`.preflight`, docs/rollouts.md).
 
         Targets the registered devices the plan's ``target`` selects. The previous release (what a
         rollback goes back to) is the release most targeted devices run below ``release``, else the
@@ -300,6 +302,8 @@ class RolloutRunner(RunnerFeed, RunnerReads):
             refusal = self.start_refusal(release)
             if refusal is not None:
                 raise UsageError(refusal)
+            if preflight or plan.preflight is not None:
+                plan = with_preflight(plan)
             now = self._now()
             rid = rollout_id or f"r{int(now)}-{release}-{uuid.uuid4().hex[:6]}"
             snapshot = self._store.device_snapshot()

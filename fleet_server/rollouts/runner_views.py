@@ -10,7 +10,7 @@ runner's lock, so API reads and metrics do not queue behind a tick.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fleet_server.store import FleetStore
@@ -139,6 +139,7 @@ class RunnerReads:
                "tripped": list(state.tripped), "superseded_by": state.superseded_by or None,
                "superseded_at": state.superseded_at, **who, "waves": waves,
                "device_count": len(state.devices),
+               "preflight": None if state.plan.preflight is None else asdict(state.plan.preflight),
                "gates": self._store.rollout_gates(rollout_id),
                "audit": self._store.rollout_audit(rollout_id),
                "samples": self._store.rollout_samples(rollout_id)}

@@ -161,6 +161,32 @@
   }
   D.drawDrift = drawDrift;
 
+  // --- a rollout's preflight -----------------------------------------------------------------------
+  // The latest "rollout.preflight" audit row of the rollout: the verdict, the counts, the refusals by
+  // reason with example devices, the devices offline. Hidden for a rollout without a preflight.
+  function drawPreflight(section, r) {
+    const rows = (r.audit || []).filter((a) => a.action === "rollout.preflight");
+    section.hidden = !r.preflight && rows.length === 0;
+    if (section.hidden) return;
+    const s = rows.length ? rows[rows.length - 1].detail || {} : {state: "starting", counts: {}};
+    const c = s.counts || {};
+    const verdict = clear($("pf-state"));
+    verdict.appendChild(pill(s.state || "starting", s.state === "failed" ? "bad" : s.state === "passed" ? "ok" : "info"));
+    verdict.appendChild(node("span", ` ${c.change || 0} would change, ${c.nochange || 0} nothing, ` +
+      `${c.refused || 0} would refuse, ${c.waiting || 0} not answered, ${c.offline || 0} offline`));
+    const list = clear($("pf-refusals"));
+    for (const g of s.refusals || []) {
+      const li = node("li", `${g.devices} device(s): ${g.reason} — `);
+      (g.examples || []).forEach((d, i) => {
+        if (i) li.appendChild(document.createTextNode(", "));
+        li.appendChild(link(`/devices/${encodeURIComponent(d)}`, d));
+      });
+      list.appendChild(li);
+    }
+    $("pf-offline").textContent = (s.offline || []).join(", ") || "none";
+  }
+  D.drawPreflight = drawPreflight;
+
   // --- audit log ---------------------------------------------------------------------------------
   const AUDIT_PAGE = 100;
   function detailText(detail) {

@@ -436,6 +436,7 @@
     setText("ro-plan", r.plan);
     setText("ro-wave", waveText(r));
     setText("ro-halted", r.halted_reason || "–");
+    window.Dashboard.drawPreflight($("preflight"), r);
     const superseded = clear($("ro-superseded"));
     if (r.superseded_by) {
       superseded.appendChild(link(`/rollouts/${encodeURIComponent(r.superseded_by)}`, r.superseded_by));
