@@ -33,8 +33,10 @@ on. The broadcast nudge calls :meth:`Daemon.request_sync`. The retained fleet ba
 sync and, on a device without an assignment, wakes the loop (:mod:`edge_agent.selection` says what a
 sync follows). The device's retained ``control`` message (the fleet server's remote pause) calls
 :meth:`Daemon.on_control`: the loop persists it at its next safe point, and while it stands (or the
-device's own pause does) nothing is applied, drift correction included. After every operation the sender is
-woken to publish the reports the operation queued. Without an ``mqtt`` section reports simply wait
+device's own pause does) nothing is applied, drift correction included. A retained ``preflight``
+request calls :meth:`Daemon.on_preflight`: at its next safe point with no fetch in flight the loop
+plans that release and queues the ``plan`` report (:mod:`edge_agent.preflight`). After every
+operation the sender is woken to publish the reports the operation queued. Without an ``mqtt`` section reports simply wait
 in the outbox (``edge-agent status`` shows how many).
 
 SIGTERM and SIGINT only set the stop event; the loop looks at it between operations, never in the
