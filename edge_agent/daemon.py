@@ -36,8 +36,8 @@ sync follows). The device's retained ``control`` message (the fleet server's rem
 device's own pause does) nothing is applied, drift correction included. A retained ``preflight``
 request calls :meth:`Daemon.on_preflight`: at its next safe point with no fetch in flight the loop
 plans that release and queues the ``plan`` report (:mod:`edge_agent.preflight`). After every
-operation the sender is woken to publish the reports the operation queued. Without an ``mqtt`` section reports simply wait
-in the outbox (``edge-agent status`` shows how many).
+operation the sender is woken to publish the reports the operation queued. Without an ``mqtt``
+section reports simply wait in the outbox (``edge-agent status`` shows how many).
 
 SIGTERM and SIGINT only set the stop event; the loop looks at it between operations, never in the
 middle of an apply, so the daemon always stops at a safe point. Then the reporter sends what is
