@@ -375,7 +375,8 @@ def run_server(config: ServerConfig) -> None:
         metrics.attach_rollouts(runner)
         duties = LeaderDuties(config, store, runner, baseline=baseline, nudge=ingestor.publish_nudge,
                               metrics=metrics, notifier=notifier,
-                              preflight=PreflightDuty(store, runner, ingestor.publish_preflight))
+                              preflight=PreflightDuty(store, runner, ingestor.publish_preflight,
+                                                      notify=notifier.notify if notifier else None))
         leadership = Leadership(leader_lock(config, store), store, duties, lease=config.leader.lease)
         leadership.start()
         metrics.attach_role(store.backend, lambda: leadership.role if leadership is not None else "follower")

@@ -379,7 +379,7 @@ def test_bad_notification_settings_are_refused_with_the_field(raw, reason, tmp_p
         parse_notifications(raw, tmp_path)
 
 
-def test_the_reserved_preflight_event_is_accepted_and_durations_parse(tmp_path):
+def test_the_preflight_event_is_accepted_and_durations_parse(tmp_path):
     config = parse_server_config({"notifications": [
         {"name": "a", "url": "https://x/hook", "events": ["rollout.preflight"], "secret_file": "s",
          "timeout": "3s", "retry_for": "2h", "offline_after": "5m"}]}, tmp_path)

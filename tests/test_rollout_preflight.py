@@ -51,7 +51,9 @@ class World:
         assert self.ingestor.wait_connected(10.0)
         self.runner = RolloutRunner(self.store, self.ingestor.publish_desired, clock=self.clock)
         self.runner.load()
-        self.duty = PreflightDuty(self.store, self.runner, self.ingestor.publish_preflight, clock=self.clock)
+        self.notified: list[tuple[str, dict[str, Any], str | None]] = []
+        self.duty = PreflightDuty(self.store, self.runner, self.ingestor.publish_preflight, clock=self.clock,
+                                  notify=self._notify)
         labels = {f"dev-{i:02d}": ({"canary": "true"} if i < 2 else {}) for i in range(devices)}
         self.fleet = SimFleet(broker.port, labels, initial=OLD, client_id="sim-preflight", preflight=answer)
         self.fleet.start()
@@ -63,6 +65,10 @@ class World:
             time.sleep(0.05)
         for version, commit in (OLD, NEW):
             self.store.record_release(version, commit, ["test"], time.time())
+
+    def _notify(self, event: str, data: Any, *, key: str | None = None, at: float | None = None) -> int:
+        self.notified.append((event, dict(data), key))
+        return 1
 
     def drive(self, rid: str, until: Callable[[str], bool], *, step: float = 1.0) -> str:
         """Tick the runner and the duty (the clock moving ``step`` seconds a tick) until ``until(phase)``."""
@@ -163,6 +169,9 @@ def test_a_preflight_with_refusals_over_the_share_aborts_before_any_device_chang
     aborted = [a for a in w.store.rollout_audit(rid) if a["action"] == "rollout.abort"]
     assert aborted[0]["actor"] == "preflight"
     assert "3 of 8 device(s) would refuse" in aborted[0]["reason"]
+    [(event, data, key)] = w.notified  # the verdict, notified once
+    assert (event, data["rollout"], data["state"], key) == ("rollout.preflight", rid, "failed",
+                                                            f"rollout.preflight:{rid}")
 
 
 def test_offline_devices_do_not_block_a_preflight_and_approve_after_waits_for_an_operator(

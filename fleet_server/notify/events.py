@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-__all__ = ["EVENTS", "RESERVED_EVENTS", "ROLLOUT_PHASE_EVENTS"]
+__all__ = ["EVENTS", "ROLLOUT_PHASE_EVENTS"]
 
 ROLLOUT_PHASE_EVENTS = {
     "running": "rollout.started",
@@ -14,9 +14,6 @@ ROLLOUT_PHASE_EVENTS = {
 }
 """The rollout phase a change leads to -> the event it is (``running`` only when coming from
 ``pending``: a resumed rollout is not started again)."""
-
-RESERVED_EVENTS = ("rollout.preflight",)
-"""Accepted in a receiver's ``events`` but not emitted yet (preflight results, when preflight exists)."""
 
 EVENTS = (
     "rollout.started",
@@ -29,6 +26,6 @@ EVENTS = (
     "device.release_refused",
     "device.drift_uncorrected",
     "device.offline",
-    *RESERVED_EVENTS,
+    "rollout.preflight",
 )
 """Every event name a receiver may list (``*`` subscribes to all of them)."""

@@ -17,6 +17,7 @@ run by the leader, then for each such rollout:
   most ``max_refused`` of the devices that answered would refuse, the preflight passes and the first
   wave is approved (by the actor ``preflight``; with ``approve_after`` an operator still approves
   it); otherwise the rollout is aborted with the refusals as its reason, before any device changed.
+  Either verdict is also the ``rollout.preflight`` notification (the rollout id and the summary).
 
 Devices offline (or paused, which the engine treats alike) never block a preflight; they are
 checked when they come back, while the preflight still runs. Not thread-safe: one thread ticks it.
@@ -49,6 +50,15 @@ _SHOWN = 20
 
 PublishPreflight = Callable[[str, str, int, str], None]
 """``publish(device, revision, release, rollout_id)``: publish one device's preflight request."""
+
+
+class Notify(Protocol):
+    """The notifier's ``notify``."""
+
+    def __call__(self, event: str, data: Mapping[str, Any], *, key: str | None = None,
+                 at: float | None = None) -> int:
+        """Enqueue one notification; return how many deliveries were added."""
+        ...
 
 
 class PreflightRunner(Protocol):
@@ -87,6 +97,7 @@ class _Track:
     asked: set[str] = field(default_factory=set)
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     last: dict[str, Any] | None = None
+    notified: str | None = None
 
 
 def summary_of(state: RolloutState, answers: Mapping[str, Mapping[str, Any]], *,
@@ -125,11 +136,15 @@ class PreflightDuty:
         publish: publishes one device's ``preflight`` request.
         clock: returns POSIX time.
         interval: seconds between two ticks of :meth:`start`'s thread.
+        notify: enqueues the ``rollout.preflight`` notification of each verdict (the notifier's
+            ``notify``), or None.
     """
 
     def __init__(self, store: PreflightStore, runner: PreflightRunner, publish: PublishPreflight, *,
-                 clock: Callable[[], float] = time.time, interval: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, interval: float = 1.0,
+                 notify: Notify | None = None) -> None:
         self._store = store
+        self._notify = notify
         self._runner = runner
         self._publish = publish
         self._clock = clock
@@ -228,6 +243,10 @@ class PreflightDuty:
             self._store.add_audit(ACTOR, AUDIT_ACTION, f"rollout/{state.rollout_id}", _text(summary), summary)
         if not done:
             return
+        if self._notify is not None and track.notified is None:
+            track.notified = summary["state"]
+            self._notify(AUDIT_ACTION, {"rollout": state.rollout_id, **summary},
+                         key=f"{AUDIT_ACTION}:{state.rollout_id}")
         if summary["state"] == "failed":
             top = summary["refusals"][0]["reason"] if summary["refusals"] else ""
             reason = f"preflight: {counts['refused']} of {answered} device(s) would refuse: {top}"[:900]
