@@ -123,9 +123,11 @@ def register_devices(db: Path, devices: Sequence[Device]) -> None:
 
 
 def start_fleet_server(children: Children, work: Path, *, broker_port: int, credentials: Path,
-                       mirror_url: str, trust: Sequence[str], db: Path, log: Path) -> FleetServer:
+                       mirror_url: str, trust: Sequence[str], db: Path, log: Path,
+                       webhook: tuple[str, bytes] | None = None) -> FleetServer:
     """Start ``fleet-server`` (SQLite store, HTTP on a free port with an admin token, the Git watcher on
-    the mirror with the operators' keys, 2 of 2) and wait until it answers.
+    the mirror with the operators' keys, 2 of 2; with ``webhook`` (URL, secret) every notification
+    signed to that receiver) and wait until it answers.
 
     Raises:
         DemoError: it did not start.
@@ -143,6 +145,12 @@ def start_fleet_server(children: Children, work: Path, *, broker_port: int, cred
                 "cache_dir": str(work / "git-cache"), "trust": {"keys": list(trust), "threshold": 2}},
         "log_level": "warning",
     }
+    if webhook is not None:
+        secret = work / "webhook.secret"
+        secret.write_bytes(webhook[1] + b"\n")
+        secret.chmod(0o600)
+        cfg["notifications"] = [{"name": "demo", "url": webhook[0], "events": ["*"],
+                                 "secret_file": str(secret), "timeout": "2s"}]
     config = work / "server.json"
     config.write_text(json.dumps(cfg, indent=2))
     proc = children.start("fleet-server", "server", [BIN / "fleet-server", "--config", config],

@@ -5,7 +5,10 @@ Git mirror served by ``git daemon``; Mosquitto runs with the password and ACL fi
 broker-config``; ``fleet-server`` runs on SQLite; a fleet of devices (one ``edge-agent run`` process
 each, with its own root and state directory) takes release 1, refuses an unsigned push, takes
 release 2 through a canary rollout in waves, has a bad release 3 halted at the canaries and rolled
-back on its own, and corrects drift made by hand. ``systemctl``/``sysctl`` are stand-ins (the devices
+back on its own, and corrects drift made by hand. Then one device is paused from the fleet server and
+resumed, release 4's preflight finds every device would refuse it and stops its rollout before any
+change, a device with no mirror and no broker is updated from an exported file, and a webhook
+receiver shows the signed notifications it got. ``systemctl``/``sysctl`` are stand-ins (the devices
 are directories, not machines). Every process the demo starts is stopped by its pid at the end, on
 Ctrl-C and on errors.
 
@@ -27,7 +30,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,8 +46,9 @@ from demo.parts import (
     start_fleet_server,
     start_git_daemon,
 )
-from demo.procs import BIN, Children, DemoError, run_tool, say, wait_until
+from demo.procs import BIN, Children, DemoError, free_port, run_tool, say, wait_until
 from demo.rollout_view import find_rollout, follow_rollout
+from demo.webhooks import Receiver, webhook_receiver
 from fleet_server.cli.devices import api_get, api_post
 from fleet_server.errors import ApiError
 
@@ -64,6 +68,9 @@ class World:
     repo: ConfigRepo
     server: FleetServer
     devices: list[Device]
+    receiver: Receiver
+    trust: list[str]
+    commits: dict[int, str] = field(default_factory=dict)
 
 
 def make_devices(base: Path, count: int) -> list[Device]:
@@ -123,7 +130,7 @@ def _check_alive(children: Children) -> None:
         raise DemoError("a process ended early: " + "; ".join(children.exited()[:3]))
 
 
-def set_up(base: Path, n_devices: int, app_port: int, children: Children) -> World:
+def set_up(base: Path, n_devices: int, app_port: int, children: Children, receiver: Receiver) -> World:
     """Steps 1-4: keys, the signed release 1 on the mirror, the broker, the server, the devices."""
     logs = base / "logs"
     logs.mkdir(parents=True)
@@ -150,8 +157,8 @@ def set_up(base: Path, n_devices: int, app_port: int, children: Children) -> Wor
     db.parent.mkdir()
     register_devices(db, devices)
     server = start_fleet_server(children, base / "server", broker_port=broker_port, credentials=credentials,
-                                mirror_url=url, trust=trust, db=db,
-                                log=logs / "fleet-server.log")
+                                mirror_url=url, trust=trust, db=db, log=logs / "fleet-server.log",
+                                webhook=(receiver.url, receiver.secret))
     say(f" 4. server    fleet-server (SQLite, Git watcher), dashboard {server.url}/")
 
     t0 = time.monotonic()
@@ -169,7 +176,7 @@ def set_up(base: Path, n_devices: int, app_port: int, children: Children) -> Wor
     canaries = ", ".join(d.id for d in devices if d.labels.get("canary"))
     say(f" 5. devices   {n_devices} edge-agent daemons online in {time.monotonic() - t0:.0f} s, "
         f"each with its own root; canaries {canaries}")
-    return World(base, children, repo, server, devices)
+    return World(base, children, repo, server, devices, receiver, trust, {1: commit})
 
 
 def release_one(w: World) -> None:
@@ -219,6 +226,7 @@ def release_two(w: World) -> None:
     commit = w.repo.commit_and_push("Release 2: new motd")
     _webhook(w.server)
     rid = find_rollout(w.server, 2)
+    w.commits[2] = commit
     say(f" 8. rollout   release 2 ({commit[:7]}, new motd) signed, pushed, webhook: {rid}")
     final = follow_rollout(w.server, rid)
     if final.get("phase") != "succeeded":
@@ -270,25 +278,110 @@ def drift(w: World) -> None:
     say(f"              the server shows {', '.join(sorted(reported()))}")
 
 
+def remote_pause(w: World) -> None:
+    """Step 11: one device paused from the fleet server, then resumed; both audited."""
+    dev = w.devices[min(3, len(w.devices) - 1)]
+    token = ["--server", w.server.url, "--token-file", str(w.server.token_file), "--actor", "demo"]
+    run_tool([BIN / "fleetctl", "device", "pause", dev.id, "--reason", "demo: hands off", *token])
+
+    def paused() -> object:
+        return (_api(w.server, f"/api/v1/devices/{dev.id}").get("device") or {}).get("pause_reason")
+
+    wait_until(lambda: paused() == "fleet server: demo: hands off", f"{dev.id} to report the pause", 30)
+    say(f"11. pause     fleetctl device pause {dev.id}: applies nothing, keeps reporting {paused()!r};")
+    run_tool([BIN / "fleetctl", "device", "resume", dev.id, "--reason", "demo: done", *token])
+    wait_until(lambda: paused() is None, f"{dev.id} to report the resume", 30)
+    audited = [a for a in _api(w.server, "/api/v1/audit?limit=50").get("audit") or []
+               if str(a.get("action", "")).startswith("device.")]
+    say(f"              resumed; the audit log has {', '.join(sorted({a['action'] for a in audited}))}")
+
+
+def preflight(w: World) -> None:
+    """Step 12: release 4 writes where the gateways' profile forbids; its preflight catches every
+    device that would refuse before any device changes, and the rollout stops there."""
+    plan = w.repo.path / "rollouts/default.yaml"
+    bundle = w.repo.path / "bundles/motd/bundle.yaml"
+    saved = {plan: plan.read_text(), bundle: bundle.read_text()}
+    plan.write_text(saved[plan] + "preflight: true\n")
+    text = saved[bundle].split("health:")[0].replace("release 3", "release 4")
+    bundle.write_text(text.rstrip("\n") + "\n  - kind: file\n    path: /srv/edge/notes.txt\n"
+                      "    content: \"notes\\n\"\n")
+    w.repo.sign("release 4: notes under /srv")  # lint passes: some profile (generic-linux) allows /srv
+    commit = w.repo.commit_and_push("Release 4: notes under /srv, with a preflight")
+    _webhook(w.server)
+    rid = find_rollout(w.server, 4)
+    wait_until(lambda: _api(w.server, f"/api/v1/rollouts/{rid}").get("phase") == "aborted",
+               "the preflight of release 4 to stop its rollout", 60)
+    summary = _api(w.server, f"/api/v1/rollouts/{rid}/preflight")
+    refusals = summary.get("refusals") or [{}]
+    reason = str(refusals[0].get("reason", "")).rsplit("': ", 1)[-1]
+    say(f"12. preflight release 4 ({commit[:7]}) writes /srv/edge/notes.txt: lint passes (a profile "
+        "allows it),")
+    say(f"              but {(summary.get('counts') or {}).get('refused', 0)} of {len(w.devices)} devices "
+        f"would refuse: {reason}")
+    untouched = sum(1 for d in w.devices if "release 2" in d.read(MOTD) and not d.read("/srv/edge/notes.txt"))
+    say(f"              rollout {rid} aborted before any device changed: {untouched}/{len(w.devices)} "
+        "devices still run release 2")
+    for path, original in saved.items():
+        path.write_text(original)
+
+
+def air_gapped(w: World) -> None:
+    """Step 13: a device with no mirror and no broker takes release 2 from a file."""
+    usb = w.base / "usb"
+    usb.mkdir()
+    bundle = usb / "release-2.bundle"
+    trust = [x for key in w.trust for x in ("--trust", key)]
+    run_tool([BIN / "fleetctl", "release", "export", w.repo.path, "--rev", w.commits[2], "--out", bundle,
+              *trust, "--threshold", "2"])
+    dev = Device(w.base / "air-gapped", "gw-airgap", {"site": "remote", "role": "gateway"})
+    dev.write_config(f"git://127.0.0.1:{free_port()}/fleet.git", w.trust, broker_port=1,
+                     credentials=w.base / "no-credentials")
+    cfg = json.loads(dev.config.read_text())
+    del cfg["mqtt"]  # no broker either
+    dev.config.write_text(json.dumps(cfg, indent=2))
+    dev.agent("init", check=True)
+    code, out, err = dev.agent("import", str(bundle), "--json")
+    result: dict[str, Any] = json.loads(out) if out.strip() else {"outcome": f"exit {code}", "reason": err}
+    say(f"13. offline   fleetctl release export: release 2 as {bundle.name} ({bundle.stat().st_size} bytes); "
+        f"a device without")
+    say(f"              mirror or broker: edge-agent import -> {result.get('outcome')}, "
+        f"{MOTD} says {dev.read(MOTD).strip()!r}")
+
+
+def webhooks(w: World) -> None:
+    """Step 14: what the webhook receiver got, every notification signed."""
+    wait_until(lambda: "rollout.preflight" in w.receiver.got(), "the preflight notification", 30)
+    got = Counter(w.receiver.got())
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(got.items()))
+    say(f"14. webhooks  a receiver got {sum(got.values())} notifications, each signature checked "
+        f"({w.receiver.refused} refused):")
+    say(f"              {shown}")
+
+
 def summary(w: World) -> None:
-    """Step 11: the fleet as ``fleetctl devices --json`` reports it."""
+    """Step 15: the fleet as ``fleetctl devices --json`` reports it."""
     out = run_tool([BIN / "fleetctl", "devices", "--server", w.server.url, "--json"]).stdout
     counts, online, total = summarise_devices(json.loads(out))
     parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    say(f"11. summary   fleetctl devices --json: {parts}; online {online}/{total}")
+    say(f"15. summary   fleetctl devices --json: {parts}; online {online}/{total}")
     say(f"              dashboard {w.server.url}/ (admin token in {w.server.token_file})")
 
 
-def story(base: Path, n_devices: int, children: Children) -> World:
+def story(base: Path, n_devices: int, children: Children, receiver: Receiver) -> World:
     """Run every step of the demo inside ``base``; return what is running."""
     say(f"== edge-fleet demo: {n_devices} devices, every part real, on this machine ==")
     with app_listener() as app_port:
-        w = set_up(base, n_devices, app_port, children)
+        w = set_up(base, n_devices, app_port, children, receiver)
         release_one(w)
         tampered_push(w)
         release_two(w)
         bad_release(w)
         drift(w)
+        remote_pause(w)
+        preflight(w)
+        air_gapped(w)
+        webhooks(w)
         summary(w)
         return w
 
@@ -317,14 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     code = 0
     try:
-        w = story(base, max(MIN_DEVICES, args.devices), children)
-        say(f"done in {time.monotonic() - t0:.0f} s.")
-        if not args.exit_when_done:
-            say(f"The fleet keeps running: open {w.server.url}/ — Ctrl-C or `kill {os.getpid()}` "
-                "stops every process and cleans up.")
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    signal.pause()
+        with webhook_receiver(os.urandom(24).hex().encode()) as receiver:
+            w = story(base, max(MIN_DEVICES, args.devices), children, receiver)
+            say(f"done in {time.monotonic() - t0:.0f} s.")
+            if not args.exit_when_done:
+                say(f"The fleet keeps running: open {w.server.url}/ — Ctrl-C or `kill {os.getpid()}` "
+                    "stops every process and cleans up.")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        signal.pause()
     except DemoError as exc:
         sys.stderr.write(f"demo: {exc} (logs under {base})\n")
         args.keep = True

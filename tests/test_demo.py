@@ -63,7 +63,7 @@ def test_demo_runs_the_whole_story_with_20_devices_and_cleans_up(tmp_path: Path)
     print(out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = out.splitlines()
-    assert len(lines) < 60, "the narration should stay short"
+    assert len(lines) < 70, "the narration should stay short"
     assert "signed by alice and bob" in out
     assert "password + ACL per device" in out
     assert "20 edge-agent daemons online" in out
@@ -83,6 +83,19 @@ def test_demo_runs_the_whole_story_with_20_devices_and_cleans_up(tmp_path: Path)
     assert "the server's Git watcher refused it" in out
     assert "told to apply it: refused, its files unchanged" in out
     assert "drift_corrected" in out
+    # the remote pause, reported by the device and audited
+    assert "applies nothing, keeps reporting 'fleet server: demo: hands off'" in out
+    assert "the audit log has device.pause, device.resume" in out
+    # release 4's preflight: every gateway would refuse /srv, so the rollout stops before any change
+    assert "20 of 20 devices would refuse: /srv/edge/notes.txt is outside the allowed roots" in out
+    assert "aborted before any device changed: 20/20 devices still run release 2" in out
+    # a device without mirror or broker, updated from a file
+    assert "edge-agent import -> applied, /etc/motd says 'managed by edge-fleet, release 2'" in out
+    # every notification reached the receiver signed
+    webhooks = out[out.index("14. webhooks"):out.index("15. summary")]
+    assert "(0 refused)" in webhooks
+    assert "rollout.preflight 1" in webhooks
+    assert "rollout.rolled_back 1" in webhooks
     assert "fleetctl devices --json: release 2, in_sync: 20; online 20/20" in out
     assert "dashboard http://127.0.0.1:" in out
     assert elapsed < 180, f"the demo took {elapsed:.0f} s"
