@@ -266,7 +266,17 @@ _CHILD = textwrap.dedent("""
     from edge_agent.state import StateDB
     from tests.support.fake_system import make_context
 
-    root, db, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    root, db, n, stop_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    add = StateDB.journal_add
+    def journal_add(self, *args, **kwargs):  # stop right after recording entry ``stop_at``
+        result = add(self, *args, **kwargs)
+        journal_add.count += 1
+        if journal_add.count == stop_at:
+            import os, signal
+            os.kill(os.getpid(), signal.SIGSTOP)  # the parent SIGKILLs it here
+        return result
+    journal_add.count = 0
+    StateDB.journal_add = journal_add
     resources, payloads = [], {}
     for i in range(n):
         res = File(id=f"f{i}", bundle="b", path=f"/etc/data/f{i:03d}", mode=0o644, content="")
@@ -288,6 +298,14 @@ def _old(i: int) -> bytes | None:
 
 def _new(i: int) -> bytes:
     return (f"new {i}\n" * 200).encode()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state ``T`` in /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
 
 
 def _read(path: Path) -> bytes | None:
@@ -313,19 +331,16 @@ def test_recovery_after_sigkill_leaves_every_file_wholly_old(tmp_path: Path) -> 
         db = base / "state.db"
         StateDB(db).close()
         kill_after = rng.randrange(0, N_FILES)
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(root), str(db), str(N_FILES)],
+        # the child stops itself right after journal entry K (a loaded machine can no longer let it
+        # run past the kill point before a watcher sees it); K = 0: killed as soon as it runs
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(root), str(db), str(N_FILES),
+                                  str(kill_after)],
                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            watcher = StateDB(db)
             deadline = time.monotonic() + 60
-            entries = 0
-            while time.monotonic() < deadline and child.poll() is None:
-                txn = watcher.open_txn()
-                entries = len(txn.entries) if txn is not None else 0
-                if entries >= kill_after and (kill_after == 0 or txn is not None):
-                    break
-                time.sleep(0.002)
-            watcher.close()
+            while (kill_after and time.monotonic() < deadline and child.poll() is None
+                   and not _stopped(child.pid)):
+                time.sleep(0.005)
             child.send_signal(signal.SIGKILL)
             child.wait(10)
         finally:
