@@ -57,8 +57,10 @@ class RemotePause:
         self._store = store
         self._publish = publish
 
-    def set(self, devices: Sequence[str], *, paused: bool, reason: str, actor: str) -> list[str]:
+    def set(self, devices: Sequence[str], *, paused: bool, reason: str, actor: str,
+            known: bool = False) -> list[str]:
         """Pause (``paused``) or resume every device of ``devices``; return the ids done, in order.
+        ``known``: the ids come from the registry itself (a selector), so they are not looked up again.
 
         Raises:
             UsageError: no device given, an unknown device, or a pause without a reason.
@@ -69,7 +71,7 @@ class RemotePause:
             raise UsageError("no device matches")
         if paused and not reason.strip():
             raise UsageError("a pause needs a reason")
-        unknown = [d for d in devices if self._store.device(d) is None]
+        unknown = [] if known else [d for d in devices if self._store.device(d) is None]
         if unknown:
             raise UsageError(f"unknown device {unknown[0]}")
         done: list[str] = []

@@ -214,8 +214,10 @@ def health_report(device: str, *, commit: str | None, release: int | None, ts: T
                                    checks=[_check_dict(c) for c in checks[:256]])
 
 
-# kind -> (qos, retain)
-_DELIVERY = {"status": (1, True), "events": (1, False), "health": (1, False), "plan": (1, False)}
+# kind -> (qos, retain, outbox class); an event's class depends on its type (_EVENT_CLASSES), and a
+# preflight's plan may be dropped like an event when the outbox is full
+_DELIVERY = {"status": (1, True, "status"), "events": (1, False, "outcome"), "health": (1, False, "health"),
+             "plan": (1, False, "event")}
 _EVENT_CLASSES = {"sync_started": "event", "drift_detected": "event", "drift_corrected": "event"}
 
 
@@ -231,10 +233,8 @@ def queue_report(state: StateDB, prefix: str, kind: str, msg: Mapping[str, Any])
     delivery = _DELIVERY.get(kind)
     if delivery is None:
         raise MessageError("bad_field", f"the agent does not send {kind!r} reports")
-    qos, retain = delivery
+    qos, retain, cls = delivery
     if kind == "events":
-        cls = _EVENT_CLASSES.get(str(msg.get("type")), "outcome")
-    else:  # a preflight's plan may be dropped like an event when the outbox is full
-        cls = "event" if kind == "plan" else kind
+        cls = _EVENT_CLASSES.get(str(msg.get("type")), cls)
     topic = messages.topic(prefix, str(msg.get("device")), kind)
     return state.outbox_put(topic, messages.encode(dict(msg)), qos=qos, retain=retain, cls=cls)

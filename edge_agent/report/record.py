@@ -145,13 +145,14 @@ def queue_status(state: StateDB, config: AgentConfig, now: datetime) -> None:
     profile, and while the last sync failed how often in a row (``repeat_count``, ``last_seen``)."""
     installed = state.installed()
     failure = repeats.load(state)
+    paused = pause_reason(state)
     msg = build.status_report(
         config.device_id, commit=installed.commit if installed else None,
         release=installed.version if installed else None,
         sync_state=state.get_meta(META_SYNC_STATE) or "unknown", drift=drift_state(state),
-        paused=pause_reason(state) is not None, ts=now, labels=config.labels, profile=config.profile,
+        paused=paused is not None, ts=now, labels=config.labels, profile=config.profile,
         repeat_count=failure.count if failure is not None else None,
-        last_seen=failure.last_seen if failure is not None else None, pause_reason=pause_reason(state))
+        last_seen=failure.last_seen if failure is not None else None, pause_reason=paused)
     build.queue_report(state, config.mqtt_prefix, "status", msg)
 
 

@@ -49,9 +49,10 @@ def pause_router(store: FleetReader, pauses: RemotePause, tokens: Tokens) -> API
     router = APIRouter(prefix="/api/v1/devices")
     admin = [Depends(admin_access(tokens))]
 
-    def run(devices: list[str], action: str, reason: str, actor: str) -> dict[str, Any]:
+    def run(devices: list[str], action: str, reason: str, actor: str, *,
+            known: bool = False) -> dict[str, Any]:
         try:
-            done = pauses.set(devices, paused=action == "pause", reason=reason, actor=actor)
+            done = pauses.set(devices, paused=action == "pause", reason=reason, actor=actor, known=known)
         except UsageError as exc:
             status = 404 if str(exc).startswith("unknown device") else 400
             raise HTTPException(status, str(exc)) from exc
@@ -80,6 +81,6 @@ def pause_router(store: FleetReader, pauses: RemotePause, tokens: Tokens) -> API
             raise HTTPException(400, f"the selector matches more than {MAX_SELECTED} devices")
         if not rows:
             raise HTTPException(400, "no device matches the selector")
-        return run([str(r["id"]) for r in rows], action, body.reason, actor_name(x_actor))
+        return run([str(r["id"]) for r in rows], action, body.reason, actor_name(x_actor), known=True)
 
     return router
