@@ -32,6 +32,7 @@ EXCERPT_CHARS = 60
 """Most characters of a value an error message shows."""
 _START_EVENTS = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
 _END_EVENTS = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)
 
 
 class YamlSyntaxError(YamlError):
@@ -94,21 +95,13 @@ def load_yaml(data: bytes, *, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         raise YamlError(f"document is {len(data)} bytes, over the {max_bytes}-byte cap", 1, name)
     try:
         _refuse_aliases_and_streams(data, name)
-        node = yaml.compose(data, Loader=_Loader)
+        return _build(data, name)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         reason = " ".join(" ".join(str(p).split()) for p in (exc.context, exc.problem) if p) or "invalid YAML"
         raise YamlSyntaxError(f"YAML syntax error: {excerpt(reason, 200)}", _mark_line(mark), name) from exc
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"YAML error: {excerpt(' '.join(str(exc).split()), 200)}", 1, name) from exc
-    except RecursionError as exc:
-        raise YamlError("document nests too deeply", 1, name) from exc
-    if node is None:
-        return LocatedDoc(None, {(): 1})
-    lines: dict[Where, int] = {}
-    loader = _Loader("")
-    value = _construct(node, (), lines, loader, name=name, depth=0)
-    return LocatedDoc(value, lines)
 
 
 def _refuse_aliases_and_streams(data: bytes, name: str) -> None:
@@ -133,44 +126,122 @@ def _refuse_aliases_and_streams(data: bytes, name: str) -> None:
                                 _mark_line(event.start_mark), name)
 
 
-def _construct(
-    node: Any, where: Where, lines: dict[Where, int], loader: Any, *, name: str, depth: int
-) -> Any:
-    line = _mark_line(node.start_mark)
-    lines.setdefault(where, line)
-    if depth > MAX_DEPTH:
-        raise YamlError("document nests too deeply", line, name)
-    if isinstance(node, yaml.MappingNode):
-        if node.tag != _MAP_TAG:
-            raise YamlError(f"unsupported YAML tag {excerpt(node.tag)}", line, name)
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key_line = _mark_line(key_node.start_mark)
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise YamlError("mapping keys must be plain scalars", key_line, name)
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise YamlError("YAML merge keys (<<) are not allowed", key_line, name)
-            key = _scalar(key_node, loader, name)
-            if key in out:
-                raise YamlError(f"duplicate key {excerpt(repr(key))}", key_line, name)
-            lines[(*where, key)] = key_line
-            out[key] = _construct(value_node, (*where, key), lines, loader, name=name, depth=depth + 1)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        if node.tag != _SEQ_TAG:
-            raise YamlError(f"unsupported YAML tag {excerpt(node.tag)}", line, name)
-        return [_construct(item, (*where, i), lines, loader, name=name, depth=depth + 1)
-                for i, item in enumerate(node.value)]
-    return _scalar(node, loader, name)
+class _Open:
+    """A mapping or sequence whose end event has not come yet, and where its next value goes."""
+
+    __slots__ = ("key", "value", "where")
+
+    def __init__(self, value: dict[Any, Any] | list[Any], where: Where) -> None:
+        self.value = value
+        self.where = where
+        self.key: Any = _NO_KEY  # a mapping's key whose value comes next
 
 
-def _scalar(node: Any, loader: Any, name: str) -> Any:
-    if node.tag == _TIMESTAMP_TAG:
-        return str(node.value)
-    if node.tag not in _PLAIN_SCALAR_TAGS:
-        raise YamlError(f"unsupported YAML tag {excerpt(node.tag)}", _mark_line(node.start_mark), name)
+_NO_KEY = object()
+
+
+def _build(data: bytes, name: str) -> LocatedDoc:
+    """Build the plain value of the (one) document of ``data`` from the parser's events.
+
+    The value is built while the events stream by, without composing the document's node graph
+    first, so a large bundle costs little more memory than its value. Every node is checked in
+    document order as it arrives: nesting, the tags, mapping keys (plain scalars, no merge key, no
+    duplicate) and each scalar.
+    """
+    lines: dict[Where, int] = {}
+    loader = _Loader("")
+    stack: list[_Open] = []
+    root: Any = _NO_KEY
+    for event in yaml.parse(data, Loader=_Loader):
+        if isinstance(event, _END_EVENTS):
+            done = stack.pop()
+            root = _place(stack, done.value, root)
+            continue
+        if not isinstance(event, _NODE_EVENTS):
+            continue  # stream and document boundaries
+        parent = stack[-1] if stack else None
+        if parent is not None and isinstance(parent.value, dict) and parent.key is _NO_KEY:
+            parent.key = _key(event, parent, lines, loader, name)
+            continue
+        if parent is None:
+            where: Where = ()
+        elif isinstance(parent.value, dict):
+            where = (*parent.where, parent.key)
+        else:
+            where = (*parent.where, len(parent.value))
+        line = _mark_line(event.start_mark)
+        lines.setdefault(where, line)
+        if len(stack) > MAX_DEPTH:
+            raise YamlError("document nests too deeply", line, name)
+        if isinstance(event, yaml.MappingStartEvent):
+            _check_collection_tag(event, loader, yaml.MappingNode, _MAP_TAG, line=line, name=name)
+            stack.append(_Open({}, where))
+        elif isinstance(event, yaml.SequenceStartEvent):
+            _check_collection_tag(event, loader, yaml.SequenceNode, _SEQ_TAG, line=line, name=name)
+            stack.append(_Open([], where))
+        else:
+            root = _place(stack, _scalar(event, _scalar_tag(event, loader), loader, name), root)
+    if root is _NO_KEY:
+        return LocatedDoc(None, {(): 1})
+    return LocatedDoc(root, lines)
+
+
+def _place(stack: list[_Open], value: Any, root: Any) -> Any:
+    """Put a finished ``value`` into the innermost open collection; return the document's root."""
+    if not stack:
+        return value
+    parent = stack[-1]
+    if isinstance(parent.value, dict):
+        parent.value[parent.key] = value
+        parent.key = _NO_KEY
+    else:
+        parent.value.append(value)
+    return root
+
+
+def _key(event: Any, parent: _Open, lines: dict[Where, int], loader: Any, name: str) -> Any:
+    """Return the mapping key ``event`` stands for, refusing anything but a new plain scalar."""
+    key_line = _mark_line(event.start_mark)
+    if not isinstance(event, yaml.ScalarEvent):
+        raise YamlError("mapping keys must be plain scalars", key_line, name)
+    tag = _scalar_tag(event, loader)
+    if tag == "tag:yaml.org,2002:merge":
+        raise YamlError("YAML merge keys (<<) are not allowed", key_line, name)
+    key = _scalar(event, tag, loader, name)
+    assert isinstance(parent.value, dict)
+    if key in parent.value:
+        raise YamlError(f"duplicate key {excerpt(repr(key))}", key_line, name)
+    lines[(*parent.where, key)] = key_line
+    return key
+
+
+def _check_collection_tag(event: Any, loader: Any, kind: type[Any], want: str, *, line: int,
+                          name: str) -> None:
+    tag = event.tag
+    if tag is None or tag == "!":
+        tag = loader.resolve(kind, None, event.implicit)
+    if tag != want:
+        raise YamlError(f"unsupported YAML tag {excerpt(tag)}", line, name)
+
+
+def _scalar_tag(event: Any, loader: Any) -> str:
+    """The tag of a scalar event, resolved as the composer resolves it (plain ``5`` is an int)."""
+    tag = event.tag
+    if tag is None or tag == "!":
+        tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+    return str(tag)
+
+
+def _scalar(event: Any, tag: str, loader: Any, name: str) -> Any:
+    if tag == _TIMESTAMP_TAG:
+        return str(event.value)
+    if tag not in _PLAIN_SCALAR_TAGS:
+        raise YamlError(f"unsupported YAML tag {excerpt(tag)}", _mark_line(event.start_mark), name)
+    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
     try:
         return loader.construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError) as exc:
-        raise YamlError(f"bad scalar {excerpt(repr(node.value))}: {excerpt(str(exc))}",
-                        _mark_line(node.start_mark), name) from exc
+        raise YamlError(f"bad scalar {excerpt(repr(event.value))}: {excerpt(str(exc))}",
+                        _mark_line(event.start_mark), name) from exc
+    finally:
+        loader.constructed_objects.pop(node, None)
