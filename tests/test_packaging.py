@@ -176,12 +176,12 @@ def test_agent_file_list(debs: dict[str, Path]) -> None:
         assert f"/usr/share/edge-agent/profiles/{profile.name}" in files
     site = "/opt/edge-agent/lib/python3.11/site-packages"
     for module in ("edge_agent/cli.py", "edge_agent/__pycache__/cli.cpython-311.pyc", "paho/mqtt/client.py",
-                   "dulwich/client.py", "yaml/__init__.py", "nacl/signing.py", "psutil/__init__.py"):
+                   "dulwich/client.py", "yaml/__init__.py", "nacl/signing.py"):
         assert f"{site}/{module}" in files, module
     # only the agent's runtime: no server packages (sqlite-utils and its closure, pip among it), no
-    # fleet_server, no fleetctl
+    # fleet_server, no fleetctl, no psutil (the agent reads /proc itself)
     for absent in ("fastapi", "uvicorn", "prometheus_client", "fleet_server", "starlette", "sqlite_utils",
-                   "pip", "click", "tabulate", "dateutil", "tzdata"):
+                   "pip", "click", "tabulate", "dateutil", "tzdata", "psutil"):
         assert f"{site}/{absent}" not in files, absent
     # bin/ holds the interpreter links and edge-agent: no activate scripts, no dependency's tools
     bin_dir = "/opt/edge-agent/bin/"
@@ -318,7 +318,7 @@ def test_venv_runs_from_the_tree_and_names_no_build_path(extracted: dict[str, Pa
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     out = run(python, "-m", "edge_agent.cli", "--version", cwd=tmp_path)
     assert out.strip() == f"edge-agent {version}"
-    out = run(python, "-c", "import sys, paho.mqtt, dulwich, yaml, nacl.signing, psutil; "
+    out = run(python, "-c", "import sys, paho.mqtt, dulwich, yaml, nacl.signing; "
               "import importlib.util as u; print(sys.prefix, u.find_spec('fastapi') is None, "
               "u.find_spec('fleet_server') is None, u.find_spec('sqlite_utils') is None)", cwd=tmp_path)
     prefix, no_fastapi, no_server, no_sqlite_utils = out.split()

@@ -5,8 +5,8 @@ there) becomes a failed :class:`CheckResult` with a one-line ``detail``. Command
 ``systemctl`` go through :class:`edge_agent.runner.Runner` (which kills the process group on
 timeout); a ``command`` check runs exactly like a ``command`` resource: working directory the
 device root, the clean environment of :func:`edge_agent.runner.release_environment` plus its
-``env:``; network and psutil checks run in a worker thread that is abandoned when its time is up
-(their sockets carry the same timeout, so the thread ends soon after).
+``env:``; network and metric checks (disk, memory, temperature) run in a worker thread that is
+abandoned when its time is up (their sockets carry the same timeout, so the thread ends soon after).
 """
 
 from __future__ import annotations
