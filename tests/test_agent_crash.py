@@ -8,6 +8,7 @@ transaction and converge to the new release exactly.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -15,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,6 +157,42 @@ def kill_and_recover(dev: Device, base_root: Path, base_state: Path, delays: lis
     return kinds
 
 
+def _worker(dev: Device, base_root: Path, base_state: Path, delays: list[float], expected: dict[str, object],
+            deadline: float, out: Path) -> None:
+    """One worker process: its share of the kill points; the counts or the error go to ``out``."""
+    result: dict[str, object] = {}
+    try:
+        result["kinds"] = kill_and_recover(dev, base_root, base_state, delays, expected, deadline)
+    except BaseException as exc:  # reported to the parent through the result file
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    out.write_text(json.dumps(result))
+
+
+def run_workers(devices: list[Device], base_root: Path, base_state: Path, delays: list[float],
+                expected: dict[str, object], tmp_path: Path) -> list[dict[str, int]]:
+    """Share the kill points between one forked process per device (each converging sync is CPU
+    work, so processes, not threads); return each worker's counts, or fail with the first error."""
+    ctx = multiprocessing.get_context("fork")
+    deadline = time.monotonic() + 240
+    procs, outs = [], []
+    for w, dev in enumerate(devices):
+        out = tmp_path / f"result-{w}.json"
+        share = delays[w::len(devices)]
+        proc = ctx.Process(target=_worker, args=(dev, base_root, base_state, share, expected, deadline, out))
+        proc.start()
+        procs.append(proc)
+        outs.append(out)
+    for proc in procs:
+        proc.join(timeout=300)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+    results = [json.loads(out.read_text()) if out.exists() else {"error": "worker died"} for out in outs]
+    errors = [r["error"] for r in results if "error" in r]
+    assert not errors, errors
+    return [r["kinds"] for r in results]
+
+
 def test_sigkill_during_apply_leaves_old_or_new_and_converges(tmp_path: Path) -> None:
     mirrors = tmp_path / "mirrors"
     mirrors.mkdir()
@@ -186,11 +222,7 @@ def test_sigkill_during_apply_leaves_old_or_new_and_converges(tmp_path: Path) ->
         delays = [window_start - 0.1 * span + rng.random() * 1.2 * span for _ in range(KILL_POINTS)]
         devices = [clone_device(fleet, base_root, base_state, tmp_path / f"device-{w}")
                    for w in range(WORKERS)]
-        deadline = time.monotonic() + 240
-        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            futures = [pool.submit(kill_and_recover, dev, base_root, base_state, delays[w::WORKERS], expected,
-                                   deadline) for w, dev in enumerate(devices)]
-            counts = [f.result() for f in futures]
+        counts = run_workers(devices, base_root, base_state, delays, expected, tmp_path)
         kinds = {k: sum(c[k] for c in counts) for k in counts[0]}
         assert sum(kinds.values()) == KILL_POINTS
         # The seeded delays must actually land inside applies, not only around them.

@@ -30,6 +30,7 @@ from edge_core.errors import ConfigError
 from edge_core.trust.keys import format_verify_key
 from fleet_server.config import DEFAULT_CONFIG_PATH as SERVER_CONFIG_PATH
 from fleet_server.config import load_server_config
+from tests.support.debs import built_debs
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"
@@ -60,12 +61,7 @@ def run(*argv: str | Path, cwd: Path | None = None) -> str:
 
 @pytest.fixture(scope="module")
 def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("debs")
-    out = run(sys.executable, PACKAGING / "build_deb.py", "--out", base / "dist",
-              "--build-dir", base / "build")
-    found = {Path(line).name.split("_")[0]: Path(line) for line in out.split()}
-    assert set(found) == {"edge-agent", "fleet-server"}
-    return found
+    return built_debs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

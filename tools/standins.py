@@ -143,5 +143,7 @@ def write_standins(bin_dir: Path, state_path: Path, log_path: Path) -> None:
     for name, body in (("systemctl", _SYSTEMCTL), ("sysctl", _SYSCTL)):
         script = bin_dir / name
         text = body.format(state=str(state_path), log=str(log_path))
-        script.write_text(f"#!{sys.executable} -I\n{text}")
+        # -I: no environment or user site; -S: no site-packages either (the stand-ins need the
+        # standard library alone, and every call they save start-up on is one a driver waits for)
+        script.write_text(f"#!{sys.executable} -IS\n{text}")
         script.chmod(0o755)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.debs import PACKAGING, built_debs
+
 REPO = Path(__file__).resolve().parent.parent.parent
-PACKAGING = REPO / "packaging"
 
 pytestmark = [
     pytest.mark.chroot,
@@ -33,13 +34,9 @@ pytestmark = [
 
 
 @pytest.mark.timeout(1200)
-def test_packages_install_run_remove_and_purge_in_a_debian_root(tmp_path: Path) -> None:
-    dist = tmp_path / "dist"
-    build = subprocess.run(
-        [sys.executable, str(PACKAGING / "build_deb.py"), "--out", str(dist),
-         "--build-dir", str(tmp_path / "b")],
-        capture_output=True, text=True, timeout=900, check=False)
-    assert build.returncode == 0, build.stderr
+def test_packages_install_run_remove_and_purge_in_a_debian_root(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    dist = {deb.parent for deb in built_debs(tmp_path_factory).values()}.pop()
     env = dict(os.environ)
     env.setdefault("EDGE_FLEET_FLEETCTL", f"{sys.executable} -m fleet_server.fleetctl")
     env["PYTHONPATH"] = str(REPO)
