@@ -197,7 +197,7 @@ def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | N
         DriverUnavailable: the release uses a kind whose driver cannot work here.
     """
     with log_context(device=config.device_id), apply_lock(config.state_dir):
-        rt = open_runtime(config)
+        rt = open_runtime(config, diffs=True)
         try:
             verified = fetch_and_verify(rt, want, _now(now))
             desired = desired_for(rt, verified.tree)

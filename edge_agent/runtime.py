@@ -203,8 +203,11 @@ def _secret_opener(state_dir: Path) -> Callable[[SecretFile, bytes], bytes]:
 
 
 def open_runtime(config: AgentConfig, *, source: ReleaseSource | None = None,
-                 clock: Clock = system_clock) -> Runtime:
+                 clock: Clock = system_clock, diffs: bool = False) -> Runtime:
     """Build the runtime of one operation from ``config`` (``source``: the mirror's cache by default).
+
+    ``diffs``: whether its plans carry content diffs; only a plan that is shown needs them
+    (``edge-agent plan``), see :class:`~edge_agent.drivers.base.Context`.
 
     Raises:
         ConfigError: the device profile or the repo section cannot be used.
@@ -228,7 +231,7 @@ def open_runtime(config: AgentConfig, *, source: ReleaseSource | None = None,
     ctx = Context(
         fs=fs, runner=runner, payloads={}, open_secret=_secret_opener(state_dir), backup_store=backups,
         secret_digest=lambda data: hmac.new(key, data, hashlib.sha256).hexdigest(),
-        command_env=CommandEnv(device=config.device_id),
+        command_env=CommandEnv(device=config.device_id), diffs=diffs,
     )
     return Runtime(config=config, state=state, profile=profile, ctx=ctx, runner=runner, source=src,
                    clock=clock)

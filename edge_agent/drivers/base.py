@@ -134,6 +134,9 @@ class Context:
         secret_digest: keyed digest (HMAC-SHA256, device-local key) of secret content.
         command_env: the device and release commands of the release run for (their
             ``EDGE_FLEET_*`` variables, see :func:`edge_agent.runner.release_environment`).
+        diffs: whether plans carry content diffs. Only a plan that is shown (``edge-agent plan``)
+            needs them; a sync, a drift check and a preflight plan without, so they neither read
+            the current content of a changed file nor hold a diff of every file they write.
     """
 
     fs: FsRoot
@@ -143,6 +146,7 @@ class Context:
     backup_store: Path
     secret_digest: Callable[[bytes], str]
     command_env: CommandEnv = field(default_factory=CommandEnv)
+    diffs: bool = True
 
 
 class Driver(ABC):

@@ -1,8 +1,9 @@
 """The ``file`` driver, and the helpers every kind that writes a regular file shares.
 
 Observe: ``lstat`` + SHA-256 through ``ctx.fs``; the current content is read only when its digest
-differs from the desired payload and it is small (< 256 KiB), to show a diff. An unchanged file
-costs one ``lstat`` and one hash, no subprocess, no re-read.
+differs from the desired payload and it is small (< 256 KiB), to show a diff, and only for a plan
+that is shown (``ctx.diffs``: a sync plans without diffs). An unchanged file costs one ``lstat``
+and one hash, no subprocess, no re-read.
 
 Plan: ``create`` (missing), ``update`` (content differs; a unified diff capped at 200 lines,
 ``binary content differs (N bytes)`` for binary content), ``attrs`` (only mode/owner/group differ).
@@ -19,7 +20,6 @@ paths so that the backup records them as absent and an undo removes them again.
 
 from __future__ import annotations
 
-import difflib
 import grp
 import hashlib
 import posixpath
@@ -151,8 +151,9 @@ def missing_parents(fs: FsRoot, path: str) -> tuple[str, ...]:
 
 
 def observe_file(fs: FsRoot, path: str, desired: bytes | None,
-                 accounts: Accounts | None = None) -> FileObserved:
-    """Observe the regular file at ``path``; read its content only if it differs and is small.
+                 accounts: Accounts | None = None, *, read_content: bool = True) -> FileObserved:
+    """Observe the regular file at ``path``; read its content only if it differs and is small (and
+    ``read_content``: a plan without diffs never needs it).
 
     Raises:
         ConfinementError: the path is a directory, symlink or special file, or behind a symlink.
@@ -165,7 +166,8 @@ def observe_file(fs: FsRoot, path: str, desired: bytes | None,
     if entry.kind != "file":
         raise ConfinementError(f"{path} is a {entry.kind}, not a regular file; refusing to manage it")
     content = None
-    if desired is not None and digest != hashlib.sha256(desired).hexdigest() and entry.size <= DIFF_READ_MAX:
+    if (read_content and desired is not None and entry.size <= DIFF_READ_MAX
+            and digest != hashlib.sha256(desired).hexdigest()):
         content = fs.read_file(path, max_bytes=DIFF_READ_MAX)
     return FileObserved(entry, digest, content, (), accounts)
 
@@ -189,6 +191,8 @@ def text_diff(path: str, old: bytes | None, new: bytes, *, old_size: int = 0) ->
         return f"content differs ({old_size} bytes now, {len(new)} bytes desired; too large to diff)"
     if not (_is_text(old) and _is_text(new)):
         return f"binary content differs ({len(new)} bytes)"
+    import difflib  # noqa: PLC0415 - only a plan that is shown renders diffs
+
     lines = list(difflib.unified_diff(
         old.decode("utf-8").splitlines(keepends=True), new.decode("utf-8").splitlines(keepends=True),
         fromfile=f"a{path}", tofile=f"b{path}",
@@ -217,7 +221,7 @@ def describe(sha: str | None, mode: int | None, uid: int | None = None, gid: int
 def content_changes(
     res_id: str, kind: str, path: str, desired: bytes, observed: FileObserved, *,
     mode: int | None, default_mode: int = _DEFAULT_FILE_MODE, secret: bool = False,
-    desired_digest: str | None = None, extra: dict[str, Any] | None = None,
+    desired_digest: str | None = None, extra: dict[str, Any] | None = None, diffs: bool = True,
 ) -> list[Change]:
     """Plan the create/update/attrs change that makes ``path`` hold ``desired`` (pure).
 
@@ -232,6 +236,7 @@ def content_changes(
         secret: redact the diff and never describe the content.
         desired_digest: the digest to compare with ``observed.sha256`` (default: SHA-256 of desired).
         extra: more JSON-able keys for ``Change.data``.
+        diffs: render the diff (``Change.diff``); without, it is ``""`` (a secret's stays redacted).
     """
     entry = observed.entry
     acc = observed.accounts
@@ -247,7 +252,7 @@ def content_changes(
         data["mode"] = new_mode
         data["expected"] = _state_text(want_sha, new_mode, secret)
         data["found"] = "missing"
-        diff = "(secret content redacted)" if secret else text_diff(path, b"", desired)
+        diff = "(secret content redacted)" if secret else text_diff(path, b"", desired) if diffs else ""
         what = f"secret file {path} (" if secret else f"file {path} ({len(desired)} bytes,"
         return [Change(res_id, kind, "create", f"create {what} mode {new_mode:04o}){note}", diff,
                        (*observed.missing_parents, path), data)]
@@ -260,7 +265,8 @@ def content_changes(
         if secret:
             diff, what = "(secret content redacted)", "secret content"
         else:
-            diff, what = text_diff(path, observed.content, desired, old_size=entry.size), "content"
+            diff = text_diff(path, observed.content, desired, old_size=entry.size) if diffs else ""
+            what = "content"
         return [Change(res_id, kind, "update", f"update {what} of {path}{note}", diff, (path,), data)]
     drift = acc.drift_of(entry, mode)
     if not drift:
@@ -333,12 +339,14 @@ class FileDriver(Driver):
             DriverError: no payload for the resource.
         """
         assert isinstance(res, File)
-        return observe_file(ctx.fs, res.path, payload_of(res.id, ctx), resolve_accounts(res.owner, res.group))
+        return observe_file(ctx.fs, res.path, payload_of(res.id, ctx), resolve_accounts(res.owner, res.group),
+                            read_content=ctx.diffs)
 
     def plan(self, res: Resource, observed: Any, ctx: Context) -> list[Change]:
         """Plan create/update/attrs for the file (pure)."""
         assert isinstance(res, File)
-        return content_changes(res.id, self.kind, res.path, payload_of(res.id, ctx), observed, mode=res.mode)
+        return content_changes(res.id, self.kind, res.path, payload_of(res.id, ctx), observed, mode=res.mode,
+                               diffs=ctx.diffs)
 
     def _apply(self, change: Change, ctx: Context) -> None:
         """Write, re-attribute, delete (prune) or restore (prune) the file.

@@ -82,7 +82,8 @@ class SysctlDriver(Driver):
         assert isinstance(res, Sysctl)
         value, error = read_sysctl(res.name, ctx)
         path = res.persist_path
-        file = observe_file(ctx.fs, path, dropin_content(res.name, res.value)) if path else None
+        file = (observe_file(ctx.fs, path, dropin_content(res.name, res.value), read_content=ctx.diffs)
+                if path else None)
         return SysctlObserved(value, error, file)
 
     def plan(self, res: Resource, observed: Any, ctx: Context) -> list[Change]:
@@ -98,7 +99,7 @@ class SysctlDriver(Driver):
         path = res.persist_path
         if path and observed.file is not None:
             changes += content_changes(res.id, self.kind, path, dropin_content(res.name, want), observed.file,
-                                       mode=None, extra={"name": res.name, "value": want})
+                                       mode=None, extra={"name": res.name, "value": want}, diffs=ctx.diffs)
         return changes
 
     def _apply(self, change: Change, ctx: Context) -> None:

@@ -140,7 +140,7 @@ class SystemdDriver(Driver):
         unit_path = res.unit_path
         file = None
         if unit_path is not None:
-            file = observe_file(ctx.fs, unit_path, payload_of(res.id, ctx))
+            file = observe_file(ctx.fs, unit_path, payload_of(res.id, ctx), read_content=ctx.diffs)
         return SystemdObserved(file, read_unit_state(res.name, ctx))
 
     def plan(self, res: Resource, observed: Any, ctx: Context) -> list[Change]:
@@ -151,7 +151,7 @@ class SystemdDriver(Driver):
         unit_path = res.unit_path
         if unit_path is not None and observed.file is not None:
             changes += content_changes(res.id, self.kind, unit_path, payload_of(res.id, ctx), observed.file,
-                                       mode=None, extra={"name": res.name})
+                                       mode=None, extra={"name": res.name}, diffs=ctx.diffs)
         content_changed = any(c.action in ("create", "update") for c in changes)
         data = {"name": res.name}
         if content_changed:
