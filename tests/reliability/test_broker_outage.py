@@ -4,7 +4,7 @@ Each device is the agent's real reporting stack: a state database (SQLite file) 
 takes every report first (``report.build.queue_report``), an :class:`MqttLink` (persistent session,
 jittered reconnect) and an :class:`OutboxSender` draining the outbox in its own thread. 25 devices
 live in each of two forked processes; every device queues 5 events a second, each carrying its
-sequence number. On the other side the fleet server's real :class:`Ingestor` and :class:`Store`.
+sequence number. On the other side the fleet server's real :class:`Ingestor` and store, on each backend.
 
 Mosquitto is stopped by its pid (SIGTERM: it saves its database, as in a restart or an upgrade)
 for 30 s while the devices keep reporting, then started again on the same port. Afterwards the
@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet_server.config import parse_server_config
+from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
-from fleet_server.store import Store
+from fleet_server.store import open_store
 from tests.support.broker import Mosquitto
 from tests.support.sim_device import SimDevice
+from tests.support.stores import store_section
 from tests.support.wait import wait_until
 
 PREFIX = "fleet/v1"
@@ -76,7 +77,8 @@ def device_host(port: int, ids: list[str], work: Path, go: Path, out: Path) -> N
     out.write_text(json.dumps(result))
 
 
-def test_fifty_devices_lose_nothing_over_a_30s_broker_outage(tmp_path: Path) -> None:
+def test_fifty_devices_lose_nothing_over_a_30s_broker_outage(tmp_path: Path,
+                                                             store_config: StoreConfig) -> None:
     with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000",
                                                      "max_queued_messages 100000"]) as broker:
         ids = [f"dev-{n:03d}" for n in range(HOSTS * PER_HOST)]
@@ -92,8 +94,8 @@ def test_fifty_devices_lose_nothing_over_a_30s_broker_outage(tmp_path: Path) -> 
             hosts.append(proc)
         config = parse_server_config({"mqtt": {"port": broker.port, "client_id": "fleet-server-outage",
                                                "keepalive": 5},
-                                      "store": {"path": str(tmp_path / "fleet.db")}}, tmp_path)
-        store = Store(config.store.path)
+                                      "store": store_section(store_config)}, tmp_path)
+        store = open_store(config.store)
         ingestor = Ingestor(config, store, ServerMetrics().ingest)
         try:
             ingestor.start()

@@ -10,9 +10,10 @@ Mosquitto to the fleet server's real ingest and store.
 
 Searched afterwards, for both plaintexts (raw and base64): every log record (DEBUG and up), every
 plan output, every outbox payload, every file of the state directory but the backup store, the
-server's database files, the broker's database and log, and the backup store: it holds captured
-file contents only while a transaction may still need undoing (that is how a rolled-back secret
-comes back), owner-only, and drops them once every transaction has finished.
+server's database files (the SQLite file, or every file of the PostgreSQL cluster, write-ahead log
+included: the test runs on both backends), the broker's database and log, and the backup store: it
+holds captured file contents only while a transaction may still need undoing (that is how a
+rolled-back secret comes back), owner-only, and drops them once every transaction has finished.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from edge_agent.identity import init_identity
 from edge_agent.report.mqtt import MqttLink, MqttSettings
 from edge_agent.report.outbox import OutboxSender
 from edge_agent.state import StateDB
-from fleet_server.config import parse_server_config
+from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
-from fleet_server.store import Store
+from fleet_server.store import open_store
 from tests.support.agent_fleet import AgentFleet, bundle
 from tests.support.broker import Mosquitto
+from tests.support.stores import store_section
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -102,7 +104,8 @@ def deliver(fleet: AgentFleet, port: int) -> int:
 
 
 def test_no_plaintext_anywhere_after_sync_drift_plan_rollback_reports_and_server(
-        fleet: AgentFleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        fleet: AgentFleet, tmp_path: Path, caplog: pytest.LogCaptureFixture, store_config: StoreConfig,
+        request: pytest.FixtureRequest) -> None:
     caplog.set_level("DEBUG")
     ident = init_identity(fleet.config.state_dir)
     target = fleet.root / "etc/app/wifi.psk"
@@ -136,8 +139,8 @@ def test_no_plaintext_anywhere_after_sync_drift_plan_rollback_reports_and_server
 
     with Mosquitto(tmp_path / "broker") as broker:
         config = parse_server_config({"mqtt": {"port": broker.port, "client_id": "fleet-server-secrets"},
-                                      "store": {"path": str(tmp_path / "fleet.db")}}, tmp_path)
-        store = Store(config.store.path)
+                                      "store": store_section(store_config)}, tmp_path)
+        store = open_store(config.store)
         ingestor = Ingestor(config, store, ServerMetrics().ingest)
         try:
             ingestor.start()
@@ -153,6 +156,10 @@ def test_no_plaintext_anywhere_after_sync_drift_plan_rollback_reports_and_server
             ingestor.stop()
             store.close()
     broker_files = [p for p in (tmp_path / "broker").iterdir() if p.is_file()]
+    # the server's database files: the SQLite file and its journal, or every file of the PostgreSQL
+    # cluster (tables, indexes and the write-ahead log; the other tests' databases too)
+    database_files = (list(tmp_path.glob("fleet.db*")) if store_config.backend == "sqlite"
+                      else list(request.getfixturevalue("postgres_cluster").data_dir.rglob("*")))
 
     found: dict[str, list[bytes]] = {}
     for i, text in enumerate(plans):
@@ -166,7 +173,7 @@ def test_no_plaintext_anywhere_after_sync_drift_plan_rollback_reports_and_server
     searched = 0
     backups = fleet.state_dir / "backups"
     in_backups: list[str] = []
-    for path in [*fleet.state_dir.rglob("*"), *tmp_path.glob("fleet.db*"), *broker_files]:
+    for path in [*fleet.state_dir.rglob("*"), *database_files, *broker_files]:
         if not path.is_file():
             continue
         searched += 1

@@ -13,8 +13,8 @@ server is restarted on the same ports and database. ``mosquitto_sub`` records ev
 message for the whole run: no device is ever assigned a release its wave is not entitled to, and
 the rollout resumes from its persisted state to ``succeeded`` with every device on release 2.
 
-The server is the real ``fleet-server`` command, the broker a real Mosquitto; see
-docs/reliability.md, section 5.
+The server is the real ``fleet-server`` command on each store backend (an SQLite file, a
+PostgreSQL database), the broker a real Mosquitto; see docs/reliability.md, section 5.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -36,12 +36,14 @@ from typing import Any
 import pytest
 import yaml
 
-from fleet_server.store import Store
+from fleet_server.config import StoreConfig
+from fleet_server.store import open_store
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.gitrepo import WorkRepo, make_bare
 from tests.support.mirror import GitDaemon, free_port, wait_for_port
 from tests.support.procs import Proc
 from tests.support.sim_device import SimDevice
+from tests.support.stores import select, store_section
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -85,19 +87,17 @@ def device_host(port: int, ids: list[str], work: Path, go: Path, out: Path) -> N
     out.write_text(json.dumps(result))
 
 
-def stored_seqs(db: Path) -> dict[str, list[int]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = conn.execute("SELECT device, detail FROM events ORDER BY id").fetchall()
-    finally:
-        conn.close()
+def stored_seqs(store: StoreConfig) -> dict[str, list[int]]:
+    """Device id -> the ``seq`` of each event stored for it, in the order stored."""
+    rows = select(store, "SELECT device, detail FROM events ORDER BY id")
     out: dict[str, list[int]] = {}
     for device, detail in rows:
         out.setdefault(device, []).append(int(json.loads(detail)["detail"]["seq"]))
     return out
 
 
-def test_sigkill_of_the_fleet_server_under_ingest_loses_nothing_acknowledged(tmp_path: Path) -> None:
+def test_sigkill_of_the_fleet_server_under_ingest_loses_nothing_acknowledged(
+        tmp_path: Path, store_config: StoreConfig) -> None:
     with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000",
                                                      "max_queued_messages 100000"]) as broker:
         ids = [f"dev-{n:02d}" for n in range(DEVICES)]
@@ -110,7 +110,7 @@ def test_sigkill_of_the_fleet_server_under_ingest_loses_nothing_acknowledged(tmp
         http = free_port()
         cfg = {"mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5,
                         "client_id": "fleet-server-crash"},
-               "store": {"path": str(tmp_path / "fleet.db")},
+               "store": store_section(store_config),
                "http": {"host": "127.0.0.1", "port": http}}
         (tmp_path / "server.yaml").write_text(yaml.safe_dump(cfg))
         argv: list[str | Path] = [BIN / "fleet-server", "--config", tmp_path / "server.yaml"]
@@ -137,7 +137,7 @@ def test_sigkill_of_the_fleet_server_under_ingest_loses_nothing_acknowledged(tmp
             total = sum(sent.values())
 
             def stored_total() -> int:
-                return sum(len(v) for v in stored_seqs(tmp_path / "fleet.db").values())
+                return sum(len(v) for v in stored_seqs(store_config).values())
 
             wait_until(lambda: stored_total() >= total, "the restarted server to store everything", 60, 0.2)
         finally:
@@ -146,7 +146,7 @@ def test_sigkill_of_the_fleet_server_under_ingest_loses_nothing_acknowledged(tmp
             if host.is_alive():
                 host.kill()
                 host.join(timeout=10)
-    stored = stored_seqs(tmp_path / "fleet.db")
+    stored = stored_seqs(store_config)
     print(f"\nserver crash: {len(ids)} devices sent {total} events over {RUN:.0f}s; "
           f"fleet-server SIGKILLed at {KILLS_AT} s, down {DOWN}s each time; "
           f"stored {sum(len(v) for v in stored.values())}; "
@@ -220,14 +220,11 @@ def releases_run(port: int) -> dict[str, Any]:
     return {} if listing is None else {d["id"]: d.get("release") for d in listing["devices"]}
 
 
-def stored_device_states(db: Path, rid: str) -> dict[str, str]:
+def stored_device_states(store: StoreConfig, rid: str) -> dict[str, str]:
     """The per-device engine states of rollout ``rid`` as last committed (read after a SIGKILL)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        row = conn.execute("SELECT state FROM rollouts WHERE id = ?", (rid,)).fetchone()
-    finally:
-        conn.close()
-    return {d: str(s["state"]) for d, s in json.loads(row[0])["devices"].items()}
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", rid), rid  # an id the server made, quoted into the query
+    rows = select(store, f"SELECT device, state FROM rollout_devices WHERE rollout_id = '{rid}'")
+    return {str(d): str(s) for d, s in rows}
 
 
 def ts_of(payload: dict[str, Any]) -> float:
@@ -239,7 +236,7 @@ class CrashWorld:
     """A mirror with signed releases, a broker, the real ``fleet-server`` (restartable on the same
     ports and database) and ``edge-agent run`` processes; everything stopped by pid."""
 
-    def __init__(self, tmp: Path, daemon: GitDaemon, broker: Mosquitto) -> None:
+    def __init__(self, tmp: Path, daemon: GitDaemon, broker: Mosquitto, store: StoreConfig) -> None:
         self.tmp = tmp
         self.key = tmp / "operator.key"
         self.pub = fleetctl("keys", "generate", "--out", self.key).strip()
@@ -247,13 +244,13 @@ class CrashWorld:
         self.work = WorkRepo.create(tmp / "work")
         self.commits: dict[int, str] = {}
         self.http = free_port()
-        self.db = tmp / "fleet.db"
+        self.store = store
         self.ids = [f"gw-{n:02d}" for n in range(FLEET)]
         (tmp / "admin.token").write_text(TOKEN + "\n")
         (tmp / "admin.token").chmod(0o600)
         cfg = {"mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5,
                         "client_id": "fleet-server-rollout-crash"},
-               "store": {"path": str(self.db)},
+               "store": store_section(store),
                "http": {"host": "127.0.0.1", "port": self.http, "admin_token_file": str(tmp / "admin.token")},
                "git": {"url": daemon.url("fleet.git"), "branch": "main", "poll_interval": "1h",
                        "cache_dir": str(tmp / "server-git"), "trust": {"keys": [self.pub], "threshold": 1}}}
@@ -282,7 +279,7 @@ class CrashWorld:
 
     def register(self) -> None:
         """Register the devices and their labels before the server first starts."""
-        store = Store(self.db)
+        store = open_store(self.store)
         try:
             for dev in self.ids:
                 store.register_device(dev, labels=self.labels(dev), profile="gateway")
@@ -331,11 +328,12 @@ class CrashWorld:
             p.stop()
 
 
-def test_sigkill_of_the_fleet_server_mid_rollout_resumes_without_a_wrong_assignment(tmp_path: Path) -> None:
+def test_sigkill_of_the_fleet_server_mid_rollout_resumes_without_a_wrong_assignment(
+        tmp_path: Path, store_config: StoreConfig) -> None:
     with GitDaemon(tmp_path / "mirrors") as daemon, Mosquitto(tmp_path / "broker") as broker, \
             Subscriber(broker.port, ["fleet/v1/+/desired"], client_id="desired-recorder") as recorder:
         recorder.wait_subscribed(1)
-        world = CrashWorld(tmp_path, daemon, broker)
+        world = CrashWorld(tmp_path, daemon, broker, store_config)
         try:
             started = time.monotonic()
             world.register()
@@ -380,7 +378,7 @@ def test_sigkill_of_the_fleet_server_mid_rollout_resumes_without_a_wrong_assignm
             # kill 2: the moment wave 2's first assignment reaches the broker, before its devices report
             wait_until(second_wave_assigned, "wave 2's first assignment", 20, 0.005)
             world.kill_server()
-            at_kill = {d: s for d, s in stored_device_states(world.db, rid).items() if d in second}
+            at_kill = {d: s for d, s in stored_device_states(world.store, rid).items() if d in second}
             assert "assigned" in at_kill.values(), f"the kill came after wave 2 reported: {at_kill}"
             time.sleep(1.0)
             world.start_server()

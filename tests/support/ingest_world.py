@@ -13,16 +13,13 @@ from fleet_server.config import ServerConfig, StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.store import open_store
+from tests.support.stores import store_section
 
 
 def make_config(tmp_path: Path, port: int, *, store: StoreConfig | None = None,
                 **sections: Any) -> ServerConfig:
     """The server's config on ``port``; the store is ``store`` (either backend), else an SQLite file."""
-    where: dict[str, Any] = {"path": str(tmp_path / "fleet.db")}
-    if store is not None and store.backend == "postgresql":
-        where = {"url": store.url, "password_file": str(store.password_file)}
-    elif store is not None:
-        where = {"path": str(store.path)}
+    where = store_section(store if store is not None else StoreConfig(path=tmp_path / "fleet.db"))
     raw: dict[str, Any] = {"mqtt": {"port": port, "client_id": "fleet-server-test"}, "store": where}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -4,7 +4,9 @@
 ``tmp_path``, or a fresh database (copied from the migrated template) in the session's throwaway
 PostgreSQL cluster (:mod:`tests.support.postgres`, started once per test process when the first
 PostgreSQL test needs it). ``any_store`` is that store, opened, closed after the test.
-:func:`run_sql` runs raw SQL against a store's database, as an operator or a fault would.
+:func:`store_section` is the ``store:`` section of a ``server.yaml`` for it (tests that start
+``fleet-server`` processes), :func:`select` reads its tables as a test checking what was stored does,
+and :func:`run_sql` runs raw SQL against its database, as an operator or a fault would.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,7 +23,7 @@ from fleet_server.config import StoreConfig
 from fleet_server.store import FleetStore, open_store
 from tests.support.postgres import Postgres
 
-__all__ = ["any_store", "postgres_cluster", "run_sql", "store_config"]
+__all__ = ["any_store", "postgres_cluster", "run_sql", "select", "store_config", "store_section"]
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -63,3 +66,24 @@ def run_sql(config: StoreConfig, *, sqlite: str, postgresql: str) -> None:
     password = config.password_file.read_text().strip()
     with psycopg.connect(config.url, password=password, autocommit=True) as pg:
         pg.execute(postgresql.encode())
+
+
+def store_section(config: StoreConfig) -> dict[str, str]:
+    """The ``store:`` section of a ``server.yaml`` that opens ``config``'s store."""
+    if config.backend == "sqlite":
+        return {"path": str(config.path)}
+    return {"url": config.url, "password_file": str(config.password_file)}
+
+
+def select(config: StoreConfig, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of one read-only query (no parameters; SQL both backends accept) on the store's database."""
+    if config.backend == "sqlite":
+        conn = sqlite3.connect(f"file:{config.path}?mode=ro", uri=True, timeout=10)
+        try:
+            return [tuple(row) for row in conn.execute(sql)]
+        finally:
+            conn.close()
+    assert config.password_file is not None
+    password = config.password_file.read_text().strip()
+    with psycopg.connect(config.url, password=password, autocommit=True) as pg:
+        return [tuple(row) for row in pg.execute(sql.encode())]
