@@ -372,7 +372,6 @@ def clean_backup_store(state: StateDB, store: Path) -> int:
     Raises:
         StateError: the state database cannot be read.
     """
-    keep = referenced_blobs(state.backup_records())
     try:
         names = os.listdir(store)
     except FileNotFoundError:
@@ -380,9 +379,13 @@ def clean_backup_store(state: StateDB, store: Path) -> int:
     except OSError as exc:
         log.warning("cannot list the backup store %s: %s", store, exc)
         return 0
+    candidates = [name for name in names if _BLOB_NAME.fullmatch(name) or is_temp_name(name)]
+    if not candidates:
+        return 0  # nothing to delete: the records (one per managed resource) need not be read
+    keep = referenced_blobs(state.backup_records())
     removed = 0
-    for name in names:
-        if name in keep or not (_BLOB_NAME.fullmatch(name) or is_temp_name(name)):
+    for name in candidates:
+        if name in keep:
             continue
         try:
             (store / name).unlink()
