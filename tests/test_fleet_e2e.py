@@ -1,6 +1,7 @@
-"""The whole chain with every part real and separate: `fleet-server` and three `edge-agent run`
-processes talk through a real Mosquitto; the server watches a real `git daemon` mirror; the
-operator signs with `fleetctl` and reads the fleet back with `fleetctl devices`.
+"""The whole chain with every part real and separate: `fleet-server` (on each store backend) and
+three `edge-agent run` processes talk through a real Mosquitto; the server watches a real
+`git daemon` mirror; the operator signs with `fleetctl` and reads the fleet back with
+`fleetctl devices`.
 
 A signed push is seen by the server's Git watcher, which nudges the fleet; every device applies the
 release at once (the agents' poll interval is an hour) and reports it; the server's registry, its
@@ -23,9 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
+from fleet_server.config import StoreConfig
 from tests.support.broker import Mosquitto
 from tests.support.gitrepo import WorkRepo, make_bare
 from tests.support.mirror import GitDaemon, free_port, wait_for_port
+from tests.support.stores import store_section
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -73,7 +76,7 @@ def release_files(version_text: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def world(tmp_path: Path, store_config: StoreConfig) -> Iterator[dict[str, Any]]:
     key = tmp_path / "operator.key"
     pub = fleetctl("keys", "generate", "--out", key).stdout.strip()
     mirrors = tmp_path / "mirrors"
@@ -88,7 +91,7 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
         token.chmod(0o600)
         server_cfg = {
             "mqtt": {"host": "127.0.0.1", "port": broker.port, "keepalive": 5},
-            "store": {"path": str(tmp_path / "fleet.db")},
+            "store": store_section(store_config),
             "http": {"host": "127.0.0.1", "port": http_port, "admin_token_file": str(token)},
             "git": {"url": daemon.url("fleet.git"), "branch": "main", "poll_interval": "1h",
                     "cache_dir": str(tmp_path / "server-git"), "trust": {"keys": [pub], "threshold": 1}},

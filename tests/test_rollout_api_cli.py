@@ -22,7 +22,14 @@ from edge_core.trust.keys import format_verify_key
 from fleet_server import fleetctl
 from fleet_server.api import ApiActions, create_app
 from fleet_server.cli.rollout import format_rollout, progress_bar, watch_exit_code
-from fleet_server.config import GitConfig, GitTrust, HttpConfig, ServerConfig, parse_server_config
+from fleet_server.config import (
+    GitConfig,
+    GitTrust,
+    HttpConfig,
+    ServerConfig,
+    StoreConfig,
+    parse_server_config,
+)
 from fleet_server.ingest import Ingestor
 from fleet_server.lint import lint_repo
 from fleet_server.main import GitPlans
@@ -30,7 +37,7 @@ from fleet_server.metrics import ServerMetrics
 from fleet_server.releases import GitWatcher
 from fleet_server.rollouts.runner import RolloutRunner
 from fleet_server.signing import sign_release
-from fleet_server.store import Store
+from fleet_server.store import FleetStore, open_store
 from tests.support.api_server import serve_app
 from tests.support.broker import Mosquitto
 from tests.support.gitrepo import WorkRepo, make_bare
@@ -46,7 +53,7 @@ QUICK_PLAN = {"waves": [{"name": "canary", "soak": 0}, {"name": "rest", "percent
 @dataclass
 class Api:
     url: str
-    store: Store
+    store: FleetStore
     runner: RolloutRunner
     metrics: ServerMetrics
     fleet: SimFleet
@@ -71,7 +78,7 @@ class Api:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
+def api(tmp_path: Path, store_config: StoreConfig) -> Iterator[Api]:
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN + "\n")
     token_file.chmod(0o600)
@@ -79,7 +86,7 @@ def api(tmp_path: Path) -> Iterator[Api]:
         raw = {"mqtt": {"port": broker.port, "client_id": "fleet-server-api"}}
         mqtt = parse_server_config(raw, tmp_path).mqtt
         config = ServerConfig(mqtt=mqtt, http=HttpConfig(admin_token_file=token_file))
-        store = Store(tmp_path / "fleet.db")
+        store = open_store(store_config)
         metrics = ServerMetrics()
         ingestor = Ingestor(config, store, metrics.ingest)
         ingestor.start()

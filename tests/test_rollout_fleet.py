@@ -1,6 +1,6 @@
 """Rollouts end to end: real agents (the edge-agent daemon, each in a thread with its own root, state
 and MQTT link) syncing signed releases from a real ``git daemon`` mirror, a real Mosquitto, and the
-fleet server's store, ingest and rollout runner ticking on the real clock.
+fleet server's store (each backend), ingest and rollout runner ticking on the real clock.
 
 Every device's root holds ``/etc/app/release`` with the release it runs, so assertions read the
 devices themselves. Devices start pinned to release 1 by a first rollout (otherwise an agent with
@@ -16,16 +16,17 @@ from typing import Any
 
 import pytest
 
-from fleet_server.config import parse_server_config
+from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
 from fleet_server.rollouts.plan import RolloutPlan, parse_plan
 from fleet_server.rollouts.runner import RolloutRunner
-from fleet_server.store import Store
+from fleet_server.store import open_store
 from tests.support.agent_fleet import AgentFleet
 from tests.support.broker import Mosquitto
 from tests.support.mirror import GitDaemon
 from tests.support.rollout_agents import Agent, release_files
+from tests.support.stores import store_section
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,10 +34,10 @@ pytestmark = pytest.mark.timeout(240)
 class FleetServer:
     """Store + Ingestor + RolloutRunner ticking in its thread (what fleet-server runs for rollouts)."""
 
-    def __init__(self, tmp_path: Path, port: int) -> None:
+    def __init__(self, tmp_path: Path, port: int, store: StoreConfig) -> None:
         config = parse_server_config({"mqtt": {"port": port, "client_id": "fleet-server-e2e"},
-                                      "store": {"path": str(tmp_path / "fleet.db")}}, tmp_path)
-        self.store = Store(config.store.path)
+                                      "store": store_section(store)}, tmp_path)
+        self.store = open_store(config.store)
         self.ingestor = Ingestor(config, self.store, ServerMetrics().ingest)
         self.ingestor.start()
         assert self.ingestor.wait_connected(10.0)
@@ -56,11 +57,12 @@ class FleetServer:
 class World:
     """The mirror, the broker, the server and the agents of one test."""
 
-    def __init__(self, tmp_path: Path, repo: AgentFleet, broker: Mosquitto) -> None:
+    def __init__(self, tmp_path: Path, repo: AgentFleet, broker: Mosquitto, store: StoreConfig) -> None:
         self.tmp = tmp_path
         self.repo = repo
         self.broker = broker
-        self.server = FleetServer(tmp_path, broker.port)
+        self.store_config = store
+        self.server = FleetServer(tmp_path, broker.port, store)
         self.agents: dict[str, Agent] = {}
         self.commits: dict[int, str] = {}
 
@@ -81,7 +83,7 @@ class World:
 
     def restart_server(self) -> None:
         self.server.stop()
-        self.server = FleetServer(self.tmp, self.broker.port)
+        self.server = FleetServer(self.tmp, self.broker.port, self.store_config)
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout
@@ -123,14 +125,14 @@ def plan(*waves: dict[str, Any], **top: Any) -> RolloutPlan:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, store_config: StoreConfig) -> Iterator[World]:
     mirrors = tmp_path / "mirrors"
     mirrors.mkdir()
     with GitDaemon(mirrors) as daemon, \
             Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000"]) as broker:
         (tmp_path / "operator").mkdir()
         repo = AgentFleet(tmp_path / "operator", daemon, mirrors)
-        w = World(tmp_path, repo, broker)
+        w = World(tmp_path, repo, broker, store_config)
         try:
             yield w
         finally:
