@@ -41,12 +41,14 @@ from edge_core import messages as m
 from edge_core.trust.keys import format_verify_key, parse_encryption_public
 from edge_core.trust.manifest import MANIFEST_PATH
 from edge_core.trust.sealed import seal
+from fleet_server.config import StoreConfig
 from fleet_server.metrics import DROP_REASONS
 from fleet_server.signing import rotate_root
 from tests.support.agent_fleet import AgentFleet, base_release, bundle, snapshot
 from tests.support.broker import Mosquitto, Subscriber
 from tests.support.mirror import free_port, wait_for_port
 from tests.support.procs import Proc
+from tests.support.stores import store_section
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -258,7 +260,9 @@ def _metric(text: str, name: str) -> float:
 
 
 class RunningServer:
-    def __init__(self, tmp: Path) -> None:
+    """``fleet-server`` on ``store`` (either backend) with its own Mosquitto, stopped by pid."""
+
+    def __init__(self, tmp: Path, store: StoreConfig) -> None:
         self.tmp = tmp
         self.broker = Mosquitto(tmp / "broker", extra_lines=["max_inflight_messages 1000",
                                                              "max_queued_messages 100000",
@@ -269,7 +273,7 @@ class RunningServer:
         (tmp / "admin.token").write_text(self.token + "\n")
         (tmp / "admin.token").chmod(0o600)
         cfg = {"mqtt": {"host": "127.0.0.1", "port": self.broker.port, "keepalive": 5},
-               "store": {"path": str(tmp / "fleet.db")},
+               "store": store_section(store),
                "http": {"host": "127.0.0.1", "port": self.http, "admin_token_file": str(tmp / "admin.token")},
                # a watcher whose mirror is not there: the webhook is served, every poll fails
                "git": {"url": f"git://127.0.0.1:{free_port()}/fleet.git", "branch": "main",
@@ -291,8 +295,8 @@ class RunningServer:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
-    srv = RunningServer(tmp_path)
+def server(tmp_path: Path, store_config: StoreConfig) -> Iterator[RunningServer]:
+    srv = RunningServer(tmp_path, store_config)
     try:
         yield srv
     finally:
