@@ -1,5 +1,6 @@
 """fleetctl's server and token: options, then FLEET_SERVER / FLEET_TOKEN / FLEET_CONTEXT, then the
-config file in $XDG_CONFIG_HOME/edge-fleet/ (0700 directory, 0600 file), against a real API server."""
+config file in $XDG_CONFIG_HOME/edge-fleet/ (0700 directory, 0600 file), against a real API server
+over each store backend."""
 
 from __future__ import annotations
 
@@ -7,21 +8,35 @@ import io
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet_server import fleetctl
 from fleet_server.cli.credentials import config_path, resolve_client
+from fleet_server.config import StoreConfig
 from fleet_server.errors import UsageError
 from tests.support.api_server import READER, Api, running_api
 from tests.support.mirror import free_port
+from tests.support.postgres import Postgres
+from tests.support.stores import BACKENDS
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def new_store(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[], StoreConfig]:
+    """Makes new, empty stores on one backend for the module's shared servers; each backend in turn."""
+    if request.param == "sqlite":
+        return lambda: StoreConfig(path=tmp_path_factory.mktemp("store") / "fleet.db")
+    pg: Postgres = request.getfixturevalue("postgres_cluster")
+    return lambda: StoreConfig(url=pg.create_database(), password_file=pg.password_file)
 
 
 @pytest.fixture(scope="module")
-def guarded_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    with running_api(tmp_path_factory.mktemp("guarded-api"), read=True) as api:
+def guarded_api(tmp_path_factory: pytest.TempPathFactory,
+                new_store: Callable[[], StoreConfig]) -> Iterator[Api]:
+    with running_api(tmp_path_factory.mktemp("guarded-api"), read=True, store_config=new_store()) as api:
         yield api
 
 

@@ -1,29 +1,44 @@
-"""`fleetctl devices` and `fleetctl device` against a real API server on loopback."""
+"""`fleetctl devices` and `fleetctl device` against a real API server on loopback, over each store
+backend (the module's servers are shared: started once per backend)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet_server import fleetctl
 from fleet_server.cli.devices import format_device, server_url
+from fleet_server.config import StoreConfig
 from fleet_server.errors import UsageError
 from tests.support.api_server import ADMIN, READER, Api, running_api
 from tests.support.mirror import free_port
+from tests.support.postgres import Postgres
+from tests.support.stores import BACKENDS
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def new_store(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[], StoreConfig]:
+    """Makes new, empty stores on one backend for the module's shared servers; each backend in turn."""
+    if request.param == "sqlite":
+        return lambda: StoreConfig(path=tmp_path_factory.mktemp("store") / "fleet.db")
+    pg: Postgres = request.getfixturevalue("postgres_cluster")
+    return lambda: StoreConfig(url=pg.create_database(), password_file=pg.password_file)
 
 
 @pytest.fixture(scope="module")
-def open_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    with running_api(tmp_path_factory.mktemp("open-api")) as api:
+def open_api(tmp_path_factory: pytest.TempPathFactory, new_store: Callable[[], StoreConfig]) -> Iterator[Api]:
+    with running_api(tmp_path_factory.mktemp("open-api"), store_config=new_store()) as api:
         yield api
 
 
 @pytest.fixture(scope="module")
-def guarded_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    with running_api(tmp_path_factory.mktemp("guarded-api"), read=True) as api:
+def guarded_api(tmp_path_factory: pytest.TempPathFactory,
+                new_store: Callable[[], StoreConfig]) -> Iterator[Api]:
+    with running_api(tmp_path_factory.mktemp("guarded-api"), read=True, store_config=new_store()) as api:
         yield api
 
 

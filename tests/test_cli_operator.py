@@ -1,7 +1,8 @@
 """The operator's loop from `fleetctl`: sign (lint first), durations, timeouts, history and audit,
 paging, key hints, help examples, and `fleet-server` without its extras.
 
-Real key files, real repos, a real API server (uvicorn on 127.0.0.1 over a real SQLite store).
+Real key files, real repos, a real API server (uvicorn on 127.0.0.1 over a real store, on each
+backend: the module's servers are started once per backend).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,9 +23,12 @@ from fleet_server import fleetctl
 from fleet_server.authoring.manifest import read_unverified
 from fleet_server.cli.devices import SYNC_STATES
 from fleet_server.cli.release import NO_LINT_NOTE
+from fleet_server.config import StoreConfig
 from fleet_server.extras import exit_without_server_extras
 from tests.support.api_server import COMMIT, READER, Api, running_api
 from tests.support.mirror import free_port
+from tests.support.postgres import Postgres
+from tests.support.stores import BACKENDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,9 +172,19 @@ def test_rollout_timeouts_must_be_positive_and_finite(value: str, capsys: pytest
 
 # --- a real API server -------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def new_store(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[], StoreConfig]:
+    """Makes new, empty stores on one backend for the module's shared servers; each backend in turn."""
+    if request.param == "sqlite":
+        return lambda: StoreConfig(path=tmp_path_factory.mktemp("store") / "fleet.db")
+    pg: Postgres = request.getfixturevalue("postgres_cluster")
+    return lambda: StoreConfig(url=pg.create_database(), password_file=pg.password_file)
+
+
 @pytest.fixture(scope="module")
-def open_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    with running_api(tmp_path_factory.mktemp("operator-api")) as api:
+def open_api(tmp_path_factory: pytest.TempPathFactory, new_store: Callable[[], StoreConfig]) -> Iterator[Api]:
+    with running_api(tmp_path_factory.mktemp("operator-api"), store_config=new_store()) as api:
         api.store.record_release(5, "d" * 40, ["ed25519:key", "ed25519:other"], 1_900_000_000.0,
                                  committed_at=1_899_999_990.0)
         api.store.add_audit("bob", "rollout.resume", "r-1", "canaries fine", {"wave": 2})
@@ -180,8 +194,9 @@ def open_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 
 
 @pytest.fixture(scope="module")
-def guarded_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    with running_api(tmp_path_factory.mktemp("operator-guarded"), read=True) as api:
+def guarded_api(tmp_path_factory: pytest.TempPathFactory,
+                new_store: Callable[[], StoreConfig]) -> Iterator[Api]:
+    with running_api(tmp_path_factory.mktemp("operator-guarded"), read=True, store_config=new_store()) as api:
         yield api
 
 
