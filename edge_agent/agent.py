@@ -25,7 +25,6 @@ from typing import Any
 
 from edge_agent import repeats, selection, telemetry
 from edge_agent.config import AgentConfig
-from edge_agent.engine.drift import detect_drift
 from edge_agent.engine.health import CheckResult, run_checks
 from edge_agent.engine.plan import make_plan, plan_document, render_plan
 from edge_agent.engine.transaction import recover
@@ -234,6 +233,8 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
         LockedError: an apply is running (try again at the next drift interval).
         StateError: the state or the repository cache cannot be read.
     """
+    from edge_agent.engine.drift import detect_drift  # noqa: PLC0415 - a sync never needs it
+
     when = _now(now)
     with log_context(device=config.device_id), apply_lock(config.state_dir):
         rt = open_runtime(config)

@@ -74,7 +74,6 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_agent.errors import LockedError
 from edge_agent.prefetch import Prefetched, prefetch
-from edge_agent.preflight import run_preflight
 from edge_agent.report.service import Reporter
 from edge_agent.selection import Baseline, fleet_baseline, set_fleet_baseline, target_for
 from edge_core.errors import EdgeFleetError
@@ -241,6 +240,8 @@ class Daemon:
             msg, self._preflight = self._preflight, None
         if msg is None:
             return
+        from edge_agent.preflight import run_preflight  # noqa: PLC0415 - only when a rollout asks
+
         try:
             answered = run_preflight(self.config, revision=str(msg["revision"]),
                                      rollout_id=str(msg["rollout_id"]), requested=str(msg["ts"]),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from edge_agent.engine.drift import DriftFinding
+if TYPE_CHECKING:
+    from edge_agent.engine.drift import DriftFinding
 
 __all__ = ["FAILURES", "DriftReport", "SyncResult"]
 

@@ -17,21 +17,21 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from edge_agent.config import AgentConfig
 from edge_agent.drivers.base import Context
 from edge_agent.errors import LockedError
 from edge_agent.fsafe import FsRoot
-from edge_agent.identity import load_encryption_private
 from edge_agent.prefetch import open_source
 from edge_agent.runner import CommandEnv, Runner
 from edge_agent.state import StateDB
 from edge_core.errors import StateError
 from edge_core.profiles import DeviceProfile, load_profile
-from edge_core.resources import SecretFile
-from edge_core.trust.keys import PrivateKey
-from edge_core.trust.sealed import open_sealed
+
+if TYPE_CHECKING:
+    from edge_core.resources import SecretFile
+    from edge_core.trust.keys import PrivateKey
 
 __all__ = [
     "BACKUP_DIR",
@@ -189,11 +189,14 @@ def _secret_opener(state_dir: Path) -> Callable[[SecretFile, bytes], bytes]:
 
     The expected secret id is the sealed file's name without ``.sealed.json``
     (``secrets/wifi-psk.sealed.json`` -> ``wifi-psk``), so a sealed file cannot be moved to another
-    name. The device key is loaded on first use only.
+    name. The device key and the sealed-box code are loaded on first use only.
     """
     cache: list[PrivateKey] = []
 
     def opener(res: SecretFile, document: bytes) -> bytes:
+        from edge_agent.identity import load_encryption_private  # noqa: PLC0415 - secrets only
+        from edge_core.trust.sealed import open_sealed  # noqa: PLC0415 - secrets only
+
         if not cache:
             cache.append(load_encryption_private(state_dir))
         name = res.secret.rsplit("/", 1)[-1]

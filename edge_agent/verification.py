@@ -21,7 +21,6 @@ from edge_agent.state import StateDB
 from edge_core.errors import ConfigError, StateError
 from edge_core.logs import log_context
 from edge_core.release import DesiredState
-from edge_core.trust.sshsig import parse_allowed_signers, verify_commit
 from edge_core.trust.verify import TrustRoot, VerifiedRelease, recheck_release, tree_index, verify_tree
 
 __all__ = ["SyncCache", "Verified", "fetch_and_verify", "persist_trust", "stored_trust", "tree_digest"]
@@ -120,6 +119,8 @@ def _check_commit_signature(rt: Runtime, commit: str) -> None:
         ConfigError: the allowed-signers file cannot be read or parsed.
         SignatureError, UntrustedKeyError: the commit is unsigned, badly signed, or by another key.
     """
+    from edge_core.trust.sshsig import parse_allowed_signers, verify_commit  # noqa: PLC0415 - opt-in
+
     path = rt.config.trust.allowed_signers
     assert path is not None
     try:

@@ -51,7 +51,6 @@ from dulwich.refs import Ref
 from dulwich.repo import Repo
 
 from edge_core.errors import FetchError, FileIntegrityError
-from edge_core.gitbundle import read_header
 from edge_core.gitfetch import (
     Mirror,
     WantRefused,
@@ -216,6 +215,8 @@ class Source:
                 needs a commit the cache lacks, or its pack is over a limit, corrupt or does not
                 hold the commit. The cache is unchanged.
         """
+        from edge_core.gitbundle import read_header  # noqa: PLC0415 - only an imported file needs it
+
         where = f"bundle {path}"
         repo = self._open_repo()
         self._deadline = Deadline(self.limits)
