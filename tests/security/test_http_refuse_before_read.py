@@ -3,7 +3,8 @@ not wait for ever on a stalled body.
 
 The server runs for real under uvicorn in a child process (so its resident memory can be read
 from ``/proc/<pid>/status``); the client streams its bodies from a loop over a raw socket, so the
-test itself never holds them.
+test itself never holds them. The refusals are answered before any store is reached, so they run over
+SQLite only; a request that gets through to the store runs on each backend.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from fleet_server.config import StoreConfig
 from tests.support.mirror import free_port, wait_for_port
+from tests.support.postgres import Postgres
+from tests.support.stores import BACKENDS, store_section
 
 ADMIN = "admin-secret-token"
 HOOK_SECRET = "webhook-shared-secret"
@@ -31,22 +35,23 @@ CAP = 256 * 1024
 _PIECE = b"x" * (64 * 1024)
 
 _CHILD = textwrap.dedent("""
+    import json
     import sys
     from pathlib import Path
 
     import uvicorn
 
     from fleet_server.api import ApiActions, create_app
-    from fleet_server.config import GitConfig, HttpConfig, ServerConfig
+    from fleet_server.config import GitConfig, HttpConfig, ServerConfig, parse_server_config
     from fleet_server.metrics import ServerMetrics
-    from fleet_server.store import Store
+    from fleet_server.store import open_store
 
     root, port, cap = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     config = ServerConfig(
         http=HttpConfig(admin_token_file=root / "admin.token", max_body_bytes=cap, body_timeout=1.0),
         git=GitConfig(url="git://127.0.0.1/fleet.git", webhook_secret_file=root / "hook.token",
                       cache_dir=root / "cache"))
-    store = Store(root / "fleet.db")
+    store = open_store(parse_server_config({"store": json.loads(sys.argv[4])}, root).store)
     app = create_app(store, config, ServerMetrics(), actions=ApiActions(trigger_git=lambda: None))
     uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                   lifespan="off", access_log=False)).run()
@@ -69,13 +74,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def child_server(tmp_path: Path, cap: int = CAP) -> Iterator[Server]:
-    """Start the API under uvicorn in a child process on a free 127.0.0.1 port; stop it by pid."""
+def child_server(tmp_path: Path, store: StoreConfig, cap: int = CAP) -> Iterator[Server]:
+    """Start the API over ``store`` under uvicorn in a child process on a free 127.0.0.1 port; stop it
+    by pid."""
     (tmp_path / "admin.token").write_text(ADMIN + "\n")
     (tmp_path / "hook.token").write_text(HOOK_SECRET + "\n")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), str(port), str(cap)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), str(port), str(cap),
+                             json.dumps(store_section(store))], env=env)
     try:
         wait_for_port(port, timeout=20.0, alive=lambda: proc.poll() is None)
         yield Server(proc.pid, port)
@@ -145,7 +152,22 @@ def stream_post(port: int, path: str, total: int, *, token: str | None = None, c
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with child_server(tmp_path_factory.mktemp("http-server")) as running:
+    """The server over SQLite, for the requests refused before any store is reached."""
+    root = tmp_path_factory.mktemp("http-server")
+    with child_server(root, StoreConfig(path=root / "fleet.db")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def stored_server(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server over each backend, for the requests that reach the store: SQLite's is :func:`server`."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("server")
+        return
+    pg: Postgres = request.getfixturevalue("postgres_cluster")
+    store = StoreConfig(url=pg.create_database(), password_file=pg.password_file)
+    with child_server(tmp_path_factory.mktemp("http-server-pg"), store) as running:
         yield running
 
 
@@ -203,9 +225,9 @@ def test_chunked_signed_webhook_over_its_cap_is_413(server: Server) -> None:
     assert answer.sent < 100 * MIB
 
 
-def test_body_under_the_cap_with_the_admin_token_still_works(server: Server) -> None:
+def test_body_under_the_cap_with_the_admin_token_still_works(stored_server: Server) -> None:
     body = json.dumps({"id": "cam-07", "labels": {"site": "north"}, "reason": "x" * 1000}).encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10.0) as sock:
+    with socket.create_connection(("127.0.0.1", stored_server.port), timeout=10.0) as sock:
         sock.sendall(b"POST /api/v1/devices HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                      b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
                      + f"Authorization: Bearer {ADMIN}\r\n\r\n".encode()
