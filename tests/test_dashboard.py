@@ -19,9 +19,9 @@ import pytest
 from edge_core.messages import status_message
 from fleet_server.api import ApiActions, create_app, dashboard
 from fleet_server.api.dashboard import CONTENT_SECURITY_POLICY
-from fleet_server.config import GitConfig, ServerConfig
+from fleet_server.config import GitConfig, ServerConfig, StoreConfig
 from fleet_server.metrics import ServerMetrics
-from fleet_server.store import IngestBatch, Store
+from fleet_server.store import IngestBatch, open_store
 from tests.support.dashboard_site import (
     ADMIN,
     COMMIT,
@@ -218,8 +218,9 @@ def test_health_history_endpoint(site: Site) -> None:
     assert httpx.get(site.url + "/api/v1/devices/ghost-01/health", timeout=5.0).status_code == 404
 
 
-def test_read_token_is_needed_when_configured(tmp_path: Path, browser: Any) -> None:
-    store = Store(tmp_path / "fleet.db")
+def test_read_token_is_needed_when_configured(tmp_path: Path, browser: Any,
+                                              store_config: StoreConfig) -> None:
+    store = open_store(store_config)
     fill_fleet(store)
     app = create_app(store, server_config(tmp_path, read_token=True), ServerMetrics(), actions=ApiActions())
     with serve(app) as url:
@@ -378,8 +379,9 @@ def test_public_names_are_pinned() -> None:
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", ""), asset
 
 
-def test_rollout_page_says_when_the_server_takes_no_action(tmp_path: Path, browser: Any) -> None:
-    store = Store(tmp_path / "fleet.db")
+def test_rollout_page_says_when_the_server_takes_no_action(tmp_path: Path, browser: Any,
+                                                           store_config: StoreConfig) -> None:
+    store = open_store(store_config)
     config = ServerConfig(git=GitConfig(cache_dir=tmp_path / "cache"))  # no admin token file
     app = create_app(store, config, ServerMetrics(), actions=ApiActions())
     with serve(app) as url:

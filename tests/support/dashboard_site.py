@@ -162,12 +162,11 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[Site]:
-    """The fleet server's app over a filled store, served on loopback; a screenshot of every page the
-    test opened is saved in ``shots/`` when it fails. SQLite only: the pages read through the same
-    store interface on both backends, whose reads the API and store suites test on both, and the
-    browser suite is the slowest of the test command."""
-    store = open_store(StoreConfig(path=tmp_path / "fleet.db"))
+def site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest,
+         store_config: StoreConfig) -> Iterator[Site]:
+    """The fleet server's app over a filled store (each backend), served on loopback; a screenshot
+    of every page the test opened is saved in ``shots/`` when it fails."""
+    store = open_store(store_config)
     fill_fleet(store)
     controls: list[tuple[str, bool, str | None]] = []
     pauses = RemotePause(store, lambda device, paused, reason: controls.append((device, paused, reason)))
@@ -230,10 +229,11 @@ class RolloutSite:
 
 
 @pytest.fixture
-def rollout_site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest) -> Iterator[RolloutSite]:
-    """The app with the real rollout runner over a filled store (SQLite, as :func:`site`), a rollout of
-    release 8 started; a screenshot of every page the test opened is saved in ``shots/`` when it fails."""
-    store = open_store(StoreConfig(path=tmp_path / "fleet.db"))
+def rollout_site(tmp_path: Path, browser: Any, request: pytest.FixtureRequest,
+                 store_config: StoreConfig) -> Iterator[RolloutSite]:
+    """The app with the real rollout runner over a filled store (each backend), a rollout of release 8
+    started; a screenshot of every page the test opened is saved in ``shots/`` when it fails."""
+    store = open_store(store_config)
     fill_fleet(store)
     now = time.time()
     store.record_release(8, NEW_COMMIT, ["ed25519:key"], now - 60, committed_at=now - 70)
