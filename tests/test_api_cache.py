@@ -49,7 +49,7 @@ def test_a_copy_is_served_then_refreshed_in_the_background() -> None:
     assert read.calls == 2
 
 
-def test_a_failing_store_surfaces_once_the_copy_is_too_old() -> None:
+def test_a_failing_store_surfaces_once_the_copy_is_too_old(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     read = Counter()
     cache = CachedRead(read, ttl=2.0, max_stale=30.0, clock=lambda: now[0])
@@ -57,6 +57,7 @@ def test_a_failing_store_surfaces_once_the_copy_is_too_old() -> None:
     read.fail = True
     now[0] = 5.0
     assert cache.get()["n"] == 1  # stale but within max_stale; the refresh fails and is logged
+    wait_until(lambda: "cannot refresh a cached read" in caplog.text, "the refresh warning", 10.0, 0.01)
     now[0] = 31.0
     with pytest.raises(StoreError):
         cache.get()
