@@ -1,5 +1,6 @@
 """Enrolment: ``POST /api/v1/devices`` and ``fleetctl enroll``, against a real API server on loopback,
-and an enrolled device heard by a real ingest under ``unknown_devices: refuse`` through Mosquitto."""
+and an enrolled device heard by a real ingest under ``unknown_devices: refuse`` through Mosquitto; on
+each store backend."""
 
 from __future__ import annotations
 
@@ -15,18 +16,41 @@ import pytest
 from edge_core import messages as m
 from fleet_server import fleetctl
 from fleet_server.api.app import ApiActions, create_app
+from fleet_server.config import StoreConfig
 from fleet_server.metrics import ServerMetrics
 from tests.support.api_server import ADMIN, READER, Api, running_api, serve_app
 from tests.support.broker import Mosquitto
 from tests.support.ingest_world import Publisher, Server, make_config
+from tests.support.postgres import Postgres
+from tests.support.stores import BACKENDS
 from tests.support.wait import wait_until
 
 _ENROLL = "/api/v1/devices"
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
+def api(tmp_path: Path, store_config: StoreConfig) -> Iterator[Api]:
+    """The API over a filled store, on each backend."""
+    with running_api(tmp_path, read=True, store_config=store_config) as running:
+        yield running
+
+
+@pytest.fixture
+def sqlite_api(tmp_path: Path) -> Iterator[Api]:
+    """The API over a filled SQLite store, for requests refused before any store is reached."""
     with running_api(tmp_path, read=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def refusing_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """One API over a filled store per backend, shared by the refused enrolments: each stores nothing."""
+    root = tmp_path_factory.mktemp("refusing-api")
+    store = StoreConfig(path=root / "fleet.db")
+    if request.param == "postgresql":
+        pg: Postgres = request.getfixturevalue("postgres_cluster")
+        store = StoreConfig(url=pg.create_database(), password_file=pg.password_file)
+    with running_api(root, read=True, store_config=store) as running:
         yield running
 
 
@@ -91,17 +115,18 @@ def test_enroll_needs_the_admin_token(api: Api) -> None:
     ({"id": "dev-1", "profile": "../etc"}, "profile must be a profile name"),
     ({"id": "dev-1", "reason": "r" * 1001}, "reason must be text"),
 ])
-def test_bad_enrolments_are_refused_with_a_reason(api: Api, body: dict[str, Any], reason: str) -> None:
-    response = enroll(api, body)
+def test_bad_enrolments_are_refused_with_a_reason(refusing_api: Api, body: dict[str, Any],
+                                                  reason: str) -> None:
+    response = enroll(refusing_api, body)
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith(reason), response.json()
-    assert not api.store.known_device("dev-1")
+    assert not refusing_api.store.known_device("dev-1")
 
 
-def test_a_body_that_is_not_an_object_is_refused(api: Api) -> None:
+def test_a_body_that_is_not_an_object_is_refused(sqlite_api: Api) -> None:
     headers = {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"}
     for raw in (b"[]", b"not json", b""):
-        response = httpx.post(api.url + _ENROLL, content=raw, timeout=5.0, headers=headers)
+        response = httpx.post(sqlite_api.url + _ENROLL, content=raw, timeout=5.0, headers=headers)
         assert response.status_code == 400, (raw, response.text)
 
 
@@ -139,8 +164,9 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 def test_an_enrolled_device_is_heard_under_the_refuse_policy(tmp_path: Path, broker: Mosquitto,
+                                                             store_config: StoreConfig,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    config = make_config(tmp_path, broker.port, ingest={"unknown_devices": "refuse"},
+    config = make_config(tmp_path, broker.port, store=store_config, ingest={"unknown_devices": "refuse"},
                          http={"admin_token_file": str(tmp_path / "admin.token")})
     (tmp_path / "admin.token").write_text(ADMIN + "\n")
     (tmp_path / "admin.token").chmod(0o600)

@@ -1,9 +1,10 @@
 """``/healthz`` and the ingest-state gauges tell the truth about the broker connection and the ingest
-lag: a real Mosquitto stopped and started by pid, a real SQLite store whose write lock another
-connection holds (so the writer cannot commit), the real Ingestor and the real app."""
+lag: a real Mosquitto stopped and started by pid, a real store on each backend whose write lock
+another connection holds (so the writer cannot commit), the real Ingestor and the real app."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -13,18 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_core.messages import encode, status_message, topic
 from fleet_server.api import ApiActions, create_app
-from fleet_server.config import parse_server_config
+from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.health import BROKER_UNREACHABLE
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
-from fleet_server.store import Store
+from fleet_server.store import FleetStore, open_store
 from tests.support.api_server import serve_app
 from tests.support.broker import Mosquitto, publish
+from tests.support.stores import store_section
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -36,7 +39,8 @@ PREFIX = "fleet/v1"
 @dataclass
 class Server:
     broker: Mosquitto
-    store: Store
+    store_config: StoreConfig
+    store: FleetStore
     ingestor: Ingestor
     url: str
 
@@ -53,16 +57,15 @@ class Server:
                 return float(family.samples[0].value)
         return None
 
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    """A started Mosquitto, the Ingestor connected to it and the app, with ingest.max_lag = 0.5 s."""
+def server(tmp_path: Path, store_config: StoreConfig) -> Iterator[Server]:
+    """A started Mosquitto, the Ingestor connected to it and the app, with ingest.max_lag = 0.5 s, over
+    a store on each backend."""
     broker = Mosquitto(tmp_path / "broker").start()
     config = parse_server_config({"mqtt": {"port": broker.port, "client_id": "health-server"},
-                                  "store": {"path": str(tmp_path / "fleet.db")},
+                                  "store": store_section(store_config),
                                   "ingest": {"max_lag": MAX_LAG}}, tmp_path)
-    store = Store(config.store.path)
+    store = open_store(config.store)
     metrics = ServerMetrics()
     ingestor = Ingestor(config, store, metrics.ingest)
     try:
@@ -70,15 +73,39 @@ def server(tmp_path: Path) -> Iterator[Server]:
         assert ingestor.wait_connected(10.0)
         app = create_app(store, config, metrics, actions=ApiActions())
         with serve_app(app) as url:
-            yield Server(broker, store, ingestor, url)
+            yield Server(broker, store_config, store, ingestor, url)
     finally:
         ingestor.stop(timeout=5.0)
         store.close()
         broker.stop()
 
 
+@contextlib.contextmanager
+def write_lock_held(config: StoreConfig) -> Iterator[None]:
+    """Hold the write lock of the store's database from another connection until the block ends, as a
+    long transaction of another program would: SQLite's database lock, PostgreSQL's locks on the
+    tables the ingest writes (reads go on)."""
+    if config.backend == "sqlite":
+        blocker = sqlite3.connect(str(config.path), timeout=5.0, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    assert config.password_file is not None
+    password = config.password_file.read_text().strip()
+    with psycopg.connect(config.url, password=password) as pg:  # one transaction until the rollback
+        try:
+            pg.execute("LOCK TABLE devices, device_changes, events, health, counters IN EXCLUSIVE MODE")
+            yield
+        finally:
+            pg.rollback()
+
+
 def test_healthz_is_degraded_while_the_broker_is_down(server: Server) -> None:
-    assert server.health() == {"status": "ok", "store": "sqlite", "broker_connected": True,
+    assert server.health() == {"status": "ok", "store": server.store_config.backend, "broker_connected": True,
                                "ingest_backlog_seconds": 0.0}
     assert server.gauge("fleet_broker_connected") == 1.0
     server.broker.stop()
@@ -93,9 +120,7 @@ def test_healthz_is_degraded_while_the_broker_is_down(server: Server) -> None:
 
 
 def test_healthz_is_degraded_while_received_messages_wait_for_the_store(server: Server) -> None:
-    blocker = sqlite3.connect(str(server.store.path), timeout=5.0, isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")  # holds the database's write lock: the writer cannot commit
+    with write_lock_held(server.store_config):  # the writer cannot commit
         msg = status_message("dev-lag", commit="c" * 40, release=1, sync_state="in_sync", drift={},
                              paused=False, ts=time.time())
         assert publish(server.broker.port, topic(PREFIX, "dev-lag", "status"), encode(msg)).returncode == 0
@@ -111,9 +136,6 @@ def test_healthz_is_degraded_while_received_messages_wait_for_the_store(server: 
         assert backlog is not None
         assert backlog > MAX_LAG
         assert server.store.device("dev-lag") is None
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     wait_until(lambda: server.health()["status"] == "ok", "ok once the store commits again", 35.0)
     assert server.store.device("dev-lag") is not None
     assert server.gauge("fleet_ingest_backlog_age_seconds") == 0.0

@@ -1,13 +1,14 @@
 """``ingest.processes``: the MQTT receive path in ingest processes supervised by ``fleet-server``, on a
-real Mosquitto and a real SQLite store: every acknowledged report stored exactly once with one and two
-processes, a SIGKILLed ingest process restarted with nothing lost, SIGTERM leaving no process behind."""
+real Mosquitto and a real store on each backend: every acknowledged report stored exactly once with one
+and two processes, a SIGKILLed ingest process restarted with nothing lost, SIGTERM leaving no process
+behind."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,13 +22,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_core import messages as m
-from fleet_server.config import parse_server_config
+from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.ingest_process import RelayMetrics, apply_report
 from fleet_server.ingest_supervisor import IngestSupervisor, child_specs
 from fleet_server.metrics import ServerMetrics
 from tests.support.broker import Mosquitto
 from tests.support.mirror import free_port
+from tests.support.stores import select, store_section
 
 PREFIX = "fleet/v1"
 
@@ -60,12 +62,13 @@ def alive(pid: int) -> bool:
 class Server:
     """``python -m fleet_server.main`` with ``ingest.processes`` set, on 127.0.0.1 only."""
 
-    def __init__(self, tmp: Path, mqtt_port: int, processes: int) -> None:
-        self.db = tmp / "fleet.db"
+    def __init__(self, tmp: Path, mqtt_port: int, processes: int, store: StoreConfig) -> None:
+        self.store = store
         self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
         config = tmp / "server.yaml"
-        config.write_text(f"mqtt:\n  port: {mqtt_port}\n  client_id: srv\nstore:\n  path: {self.db}\n"
+        where = "".join(f"  {key}: {json.dumps(value)}\n" for key, value in store_section(store).items())
+        config.write_text(f"mqtt:\n  port: {mqtt_port}\n  client_id: srv\nstore:\n{where}"
                           f"http:\n  port: {port}\ningest:\n  processes: {processes}\nlog_level: info\n")
         self.log = tmp / "server.log"
         with self.log.open("ab") as fh:
@@ -90,8 +93,7 @@ class Server:
                  f"server healthy; log: {self.log.read_text()[-2000:]}")
 
     def stored_health(self) -> list[tuple[str, float]]:
-        with sqlite3.connect(self.db) as conn:
-            return [(str(d), float(t)) for d, t in conn.execute("SELECT device, ts FROM health")]
+        return [(str(d), float(t)) for d, t in select(self.store, "SELECT device, ts FROM health")]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -197,8 +199,9 @@ def test_a_child_that_writes_garbage_is_not_reporting_and_the_server_goes_on(tmp
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_every_acknowledged_report_is_stored_once_and_sigterm_leaves_no_process(
-        tmp_path: Path, broker: Mosquitto, publisher: mqtt.Client, processes: int) -> None:
-    server = Server(tmp_path, broker.port, processes)
+        tmp_path: Path, broker: Mosquitto, publisher: mqtt.Client, processes: int,
+        store_config: StoreConfig) -> None:
+    server = Server(tmp_path, broker.port, processes, store_config)
     try:
         server.wait_ok()
         children = child_pids(server.proc.pid)
@@ -217,8 +220,8 @@ def test_every_acknowledged_report_is_stored_once_and_sigterm_leaves_no_process(
 
 
 def test_a_killed_ingest_process_is_restarted_degraded_meanwhile_and_nothing_is_lost(
-        tmp_path: Path, broker: Mosquitto, publisher: mqtt.Client) -> None:
-    server = Server(tmp_path, broker.port, 1)
+        tmp_path: Path, broker: Mosquitto, publisher: mqtt.Client, store_config: StoreConfig) -> None:
+    server = Server(tmp_path, broker.port, 1, store_config)
     try:
         server.wait_ok()
         sent = publish(publisher, 0, 100)
@@ -249,8 +252,8 @@ def test_a_killed_ingest_process_is_restarted_degraded_meanwhile_and_nothing_is_
 
 
 def test_ingest_processes_stop_by_themselves_when_the_server_is_killed(
-        tmp_path: Path, broker: Mosquitto) -> None:
-    server = Server(tmp_path, broker.port, 2)
+        tmp_path: Path, broker: Mosquitto, store_config: StoreConfig) -> None:
+    server = Server(tmp_path, broker.port, 2, store_config)
     children: set[int] = set()
     try:
         server.wait_ok()

@@ -1,5 +1,5 @@
 """``mqtt.share_group``: several Ingestors split the device reports through an MQTT 5 shared
-subscription on a real Mosquitto, each report stored exactly once."""
+subscription on a real Mosquitto, each report stored exactly once, on each store backend."""
 
 from __future__ import annotations
 
@@ -13,19 +13,20 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_core import messages as m
-from fleet_server.config import ServerConfig, parse_server_config
+from fleet_server.config import ServerConfig, StoreConfig, parse_server_config
 from fleet_server.errors import ServerConfigError
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
-from fleet_server.store import Store
+from fleet_server.store import FleetStore, open_store
 from tests.support.broker import Mosquitto
+from tests.support.stores import store_section
 
 PREFIX = "fleet/v1"
 
 
-def config(tmp_path: Path, port: int, **mqtt_extra: Any) -> ServerConfig:
-    return parse_server_config({"mqtt": {"port": port, **mqtt_extra},
-                                "store": {"path": str(tmp_path / "fleet.db")}}, tmp_path)
+def config(tmp_path: Path, port: int, store: StoreConfig | None = None, **mqtt_extra: Any) -> ServerConfig:
+    where = store_section(store or StoreConfig(path=tmp_path / "fleet.db"))
+    return parse_server_config({"mqtt": {"port": port, **mqtt_extra}, "store": where}, tmp_path)
 
 
 def test_share_group_is_parsed_and_validated(tmp_path: Path) -> None:
@@ -43,11 +44,11 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 def test_two_workers_of_one_share_group_split_the_reports_and_store_each_once(
-        tmp_path: Path, broker: Mosquitto) -> None:
-    store = Store(tmp_path / "fleet.db")
+        tmp_path: Path, broker: Mosquitto, store_config: StoreConfig) -> None:
+    store = open_store(store_config)
     metrics = [ServerMetrics() for _ in range(2)]
-    workers = [Ingestor(config(tmp_path, broker.port, share_group="ingest", client_id=f"fleet-server-{n}"),
-                        store, metrics[n].ingest) for n in range(2)]
+    workers = [Ingestor(config(tmp_path, broker.port, store_config, share_group="ingest",
+                               client_id=f"fleet-server-{n}"), store, metrics[n].ingest) for n in range(2)]
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv5)
     try:
         for w in workers:
@@ -83,20 +84,20 @@ def retain(client: mqtt.Client, topic: str, payload: bytes) -> None:
     client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
 
 
-def learned(store: Store) -> list[tuple[Any, Any]]:
+def learned(store: FleetStore) -> list[tuple[Any, Any]]:
     rows = [store.device(f"dev-{i}") for i in range(3)]
     return [(r["release"], r["online"]) if r else (None, None) for r in rows]
 
 
 def test_replicas_of_a_share_group_learn_retained_status_and_online_and_store_live_ones_once(
-        tmp_path: Path, broker: Mosquitto) -> None:
-    store = Store(tmp_path / "fleet.db")
+        tmp_path: Path, broker: Mosquitto, store_config: StoreConfig) -> None:
+    store = open_store(store_config)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
     metrics = [ServerMetrics() for _ in range(2)]
-    workers = [Ingestor(config(tmp_path, broker.port, share_group="ingest", client_id=f"fleet-server-{n}"),
-                        store, metrics[n].ingest) for n in range(2)]
+    workers = [Ingestor(config(tmp_path, broker.port, store_config, share_group="ingest",
+                               client_id=f"fleet-server-{n}"), store, metrics[n].ingest) for n in range(2)]
     try:
         # published retained before any replica subscribed: a shared subscription never gets them
         for i in range(3):
@@ -128,7 +129,9 @@ def test_replicas_of_a_share_group_learn_retained_status_and_online_and_store_li
         pub.loop_stop()
         for w in workers:
             w.stop()
-    assert store.device("dev-0")["release"] == 5
+    device = store.device("dev-0")
+    assert device is not None
+    assert device["release"] == 5
     # each replica stored the three retained copies once; the live one was stored by one replica only
     assert sum(per_worker) == 2 * 3 + 1, per_worker
     store.close()

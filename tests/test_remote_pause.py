@@ -1,7 +1,7 @@
 """The fleet server's remote pause end to end: the API and ``fleetctl device pause|resume`` publish the
 device's retained ``control`` message to a real Mosquitto and audit it; a real agent daemon (a real
 `git daemon` mirror, signed releases, a tmp root) takes it, applies nothing while it stands, composes
-it with its own pause, and keeps it across a restart."""
+it with its own pause, and keeps it across a restart. The server's side runs on each store backend."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from edge_agent.agent import pause, resume, status
 from edge_core import messages
 from fleet_server import fleetctl
+from fleet_server.config import StoreConfig
 from tests.support.agent_fleet import AgentFleet, base_release
 from tests.support.agent_mqtt import (
     ALL,
@@ -34,8 +35,11 @@ __all__ = ["mosquitto_broker"]
 
 
 @pytest.fixture
-def api(tmp_path: Path, mosquitto_broker: Mosquitto) -> Iterator[Api]:
-    with running_api(tmp_path / "api", broker_port=mosquitto_broker.port) as served:
+def api(tmp_path: Path, mosquitto_broker: Mosquitto, store_config: StoreConfig) -> Iterator[Api]:
+    """The API over a filled store on each backend, publishing to the broker."""
+    (tmp_path / "api").mkdir()
+    with running_api(tmp_path / "api", broker_port=mosquitto_broker.port,
+                     store_config=store_config) as served:
         yield served
 
 
