@@ -210,19 +210,28 @@ def plan_only(config: AgentConfig, *, want: str | None = None, now: datetime | N
             rt.close()
 
 
-def _installed_desired(rt: Runtime) -> tuple[DesiredState, int, str] | None:
-    """Rebuild the desired state of the installed release from the local repository cache."""
+def _installed_desired(rt: Runtime, cache: SyncCache | None = None) -> tuple[DesiredState, int, str] | None:
+    """Return the desired state of the installed release: the daemon's ``cache`` when it holds the
+    installed commit (verified and parsed by the sync that installed it), else rebuilt from the
+    local repository cache."""
     installed = rt.state.installed()
     if installed is None:
         return None
+    hit = None if cache is None else cache.verified
+    if cache is not None and hit is not None and cache.desired is not None and hit.commit == installed.commit:
+        return cache.desired, installed.version, installed.commit
     tree = rt.source.read_tree(installed.commit)
     if tree_digest(tree) != rt.state.get_meta(META_TREE):
         raise StateError(f"the cached tree of commit {installed.commit} no longer matches what was verified")
     return desired_for(rt, tree), installed.version, installed.commit
 
 
-def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftReport:
+def check_drift(config: AgentConfig, *, now: datetime | None = None,
+                cache: SyncCache | None = None) -> DriftReport:
     """Compare the device with the installed release; in enforce mode correct it in a transaction.
+
+    ``cache``: the daemon's :class:`SyncCache`; when it holds the installed commit, its desired
+    state is used instead of reading and parsing the release again.
 
     Drift is recorded in the state (``add_drift``), as an event and an outbox message
     (``drift_detected``, then ``drift_corrected`` when enforce mode fixed it), followed by the
@@ -239,7 +248,7 @@ def check_drift(config: AgentConfig, *, now: datetime | None = None) -> DriftRep
     with log_context(device=config.device_id), apply_lock(config.state_dir):
         rt = open_runtime(config)
         try:
-            loaded = _installed_desired(rt)
+            loaded = _installed_desired(rt, cache)
             if loaded is None:
                 return DriftReport((), False)
             desired, version, commit = loaded
@@ -392,8 +401,11 @@ def _health_mounts(config: AgentConfig, desired: DesiredState | None) -> list[st
     return sorted(mounts)
 
 
-def report_health(config: AgentConfig, *, now: datetime | None = None) -> list[CheckResult]:
+def report_health(config: AgentConfig, *, now: datetime | None = None,
+                  cache: SyncCache | None = None) -> list[CheckResult]:
     """Run the installed release's health checks and queue one health report with device metrics.
+
+    ``cache``: the daemon's :class:`SyncCache`, used as :func:`check_drift` does.
 
     Metrics come from ``telemetry.sample`` for ``/`` and the mounts of the managed paths. Each check
     is bounded by its own timeout; before the first release there are no checks. Holds the apply lock
@@ -407,7 +419,7 @@ def report_health(config: AgentConfig, *, now: datetime | None = None) -> list[C
     with log_context(device=config.device_id), apply_lock(config.state_dir):
         rt = open_runtime(config)
         try:
-            loaded = _installed_desired(rt)
+            loaded = _installed_desired(rt, cache)
             desired = loaded[0] if loaded is not None else None
             who = CommandEnv(config.device_id, loaded[1], loaded[2]) if loaded is not None else None
             results = run_checks(desired.checks, rt.runner, config.root, who) if desired is not None else []

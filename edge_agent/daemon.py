@@ -20,6 +20,9 @@ during a fetch starts another sync right after this one. Timers:
 * a drift check every ``intervals.drift`` (enforce: correct and record; audit: record only);
 * with an ``mqtt`` section, a health report every ``intervals.health`` (the installed release's
   health checks, each bounded by its timeout, plus device metrics);
+* drift checks and health reports take the installed release's desired state from the
+  :class:`SyncCache` the syncs keep, as long as it holds the installed commit, instead of reading
+  and parsing the release again;
 * :meth:`Daemon.request_sync` (a server nudge) and :meth:`Daemon.set_desired` (a new revision the
   fleet server assigned) wake the loop at once.
 
@@ -386,7 +389,7 @@ class Daemon:
 
     def _drift(self) -> None:
         try:
-            report = check_drift(self.config, now=datetime.now().astimezone())
+            report = check_drift(self.config, now=datetime.now().astimezone(), cache=self._cache)
         except LockedError as exc:
             log.info("drift check skipped: %s", exc)
             return
@@ -400,7 +403,7 @@ class Daemon:
 
     def _health(self) -> None:
         try:
-            report_health(self.config)
+            report_health(self.config, cache=self._cache)
         except LockedError as exc:
             log.info("health report skipped: %s", exc)
             return
