@@ -19,18 +19,6 @@ from fleet_server.config import StoreConfig
 from fleet_server.errors import UsageError
 from tests.support.api_server import READER, Api, running_api
 from tests.support.mirror import free_port
-from tests.support.postgres import Postgres
-from tests.support.stores import BACKENDS
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def new_store(request: pytest.FixtureRequest,
-              tmp_path_factory: pytest.TempPathFactory) -> Callable[[], StoreConfig]:
-    """Makes new, empty stores on one backend for the module's shared servers; each backend in turn."""
-    if request.param == "sqlite":
-        return lambda: StoreConfig(path=tmp_path_factory.mktemp("store") / "fleet.db")
-    pg: Postgres = request.getfixturevalue("postgres_cluster")
-    return lambda: StoreConfig(url=pg.create_database(), password_file=pg.password_file)
 
 
 @pytest.fixture(scope="module")

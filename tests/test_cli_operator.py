@@ -27,8 +27,6 @@ from fleet_server.config import StoreConfig
 from fleet_server.extras import exit_without_server_extras
 from tests.support.api_server import COMMIT, READER, Api, running_api
 from tests.support.mirror import free_port
-from tests.support.postgres import Postgres
-from tests.support.stores import BACKENDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,16 +169,6 @@ def test_rollout_timeouts_must_be_positive_and_finite(value: str, capsys: pytest
 
 
 # --- a real API server -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def new_store(request: pytest.FixtureRequest,
-              tmp_path_factory: pytest.TempPathFactory) -> Callable[[], StoreConfig]:
-    """Makes new, empty stores on one backend for the module's shared servers; each backend in turn."""
-    if request.param == "sqlite":
-        return lambda: StoreConfig(path=tmp_path_factory.mktemp("store") / "fleet.db")
-    pg: Postgres = request.getfixturevalue("postgres_cluster")
-    return lambda: StoreConfig(url=pg.create_database(), password_file=pg.password_file)
-
 
 @pytest.fixture(scope="module")
 def open_api(tmp_path_factory: pytest.TempPathFactory, new_store: Callable[[], StoreConfig]) -> Iterator[Api]:

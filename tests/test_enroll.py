@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,6 @@ from fleet_server.metrics import ServerMetrics
 from tests.support.api_server import ADMIN, READER, Api, running_api, serve_app
 from tests.support.broker import Mosquitto
 from tests.support.ingest_world import Publisher, Server, make_config
-from tests.support.postgres import Postgres
-from tests.support.stores import BACKENDS
 from tests.support.wait import wait_until
 
 _ENROLL = "/api/v1/devices"
@@ -42,15 +40,11 @@ def sqlite_api(tmp_path: Path) -> Iterator[Api]:
         yield running
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def refusing_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+@pytest.fixture(scope="module")
+def refusing_api(new_store: Callable[[], StoreConfig],
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One API over a filled store per backend, shared by the refused enrolments: each stores nothing."""
-    root = tmp_path_factory.mktemp("refusing-api")
-    store = StoreConfig(path=root / "fleet.db")
-    if request.param == "postgresql":
-        pg: Postgres = request.getfixturevalue("postgres_cluster")
-        store = StoreConfig(url=pg.create_database(), password_file=pg.password_file)
-    with running_api(root, read=True, store_config=store) as running:
+    with running_api(tmp_path_factory.mktemp("refusing-api"), read=True, store_config=new_store()) as running:
         yield running
 
 

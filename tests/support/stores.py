@@ -3,7 +3,8 @@
 ``store_config`` is a :class:`StoreConfig` for a new, empty store: an SQLite file in the test's
 ``tmp_path``, or a fresh database (copied from the migrated template) in the session's throwaway
 PostgreSQL cluster (:mod:`tests.support.postgres`, started once per test process when the first
-PostgreSQL test needs it). ``any_store`` is that store, opened, closed after the test.
+PostgreSQL test needs it). ``any_store`` is that store, opened, closed after the test. ``new_store``
+is the module-scoped form for servers a module shares: a factory of new stores on each backend.
 :func:`store_section` is the ``store:`` section of a ``server.yaml`` for it (tests that start
 ``fleet-server`` processes), :func:`select` reads its tables as a test checking what was stored does,
 and :func:`run_sql` runs raw SQL against its database, as an operator or a fault would.
@@ -12,7 +13,7 @@ and :func:`run_sql` runs raw SQL against its database, as an operator or a fault
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from fleet_server.config import StoreConfig
 from fleet_server.store import FleetStore, open_store
 from tests.support.postgres import Postgres
 
-__all__ = ["any_store", "postgres_cluster", "run_sql", "select", "store_config", "store_section"]
+__all__ = ["any_store", "new_store", "postgres_cluster", "run_sql", "select", "store_config", "store_section"]
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -42,6 +43,16 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
         return StoreConfig(path=tmp_path / "fleet.db")
     pg: Postgres = request.getfixturevalue("postgres_cluster")
     return StoreConfig(url=pg.create_database(), password_file=pg.password_file)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def new_store(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[], StoreConfig]:
+    """For a module's shared servers: makes new, empty stores on one backend, each backend in turn."""
+    if request.param == "sqlite":
+        return lambda: StoreConfig(path=tmp_path_factory.mktemp("store") / "fleet.db")
+    pg: Postgres = request.getfixturevalue("postgres_cluster")
+    return lambda: StoreConfig(url=pg.create_database(), password_file=pg.password_file)
 
 
 @pytest.fixture
