@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ class AgentFleet:
         self.config = load_config(self.config_path)
         return self.config
 
-    def publish(self, files: dict[str, str | bytes], *, remove: tuple[str, ...] = (),
+    def publish(self, files: Mapping[str, str | bytes], *, remove: tuple[str, ...] = (),
                 floor: int | None = None, expires: timedelta = timedelta(days=1),
                 now: datetime | None = None, keys: list[SigningKey] | None = None) -> str:
         """Write, sign (next version), commit and push; return the commit sha."""

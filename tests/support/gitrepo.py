@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,7 @@ class WorkRepo:
             target.chmod(mode)
         return target
 
-    def write_files(self, files: dict[str, str | bytes]) -> None:
+    def write_files(self, files: Mapping[str, str | bytes]) -> None:
         """Write every ``rel -> content`` pair of ``files``."""
         for rel, content in files.items():
             self.write(rel, content)
