@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from edge_core import messages as m
+from fleet_server.config import StoreConfig
 from fleet_server.metrics import ServerMetrics
 from fleet_server.metrics_notify import NotificationMetrics
-from fleet_server.store import IngestBatch, Store
+from fleet_server.store import IngestBatch, open_store
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "packaging" / "prometheus"
 RULES = RULES_DIR / "edge-fleet-rules.yml"
@@ -65,9 +66,9 @@ class _Rollouts:
         return []
 
 
-def exported_families(tmp_path: Path) -> set[str]:
+def exported_families(config: StoreConfig) -> set[str]:
     """The metric families of a server's /metrics, with a sync in its store so the ratios exist."""
-    store = Store(tmp_path / "fleet.db")
+    store = open_store(config)
     try:
         now = time.time()
         batch = IngestBatch()
@@ -85,8 +86,8 @@ def exported_families(tmp_path: Path) -> set[str]:
     return set(re.findall(r"^# TYPE (\S+)", text, re.MULTILINE))
 
 
-def test_every_metric_the_rules_name_is_exported(tmp_path):
-    exported = exported_families(tmp_path)
+def test_every_metric_the_rules_name_is_exported(store_config: StoreConfig) -> None:
+    exported = exported_families(store_config)
     rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
     assert rules
     named = set()

@@ -316,9 +316,9 @@ def _payloads() -> st.SearchStrategy[bytes]:
 
 
 @pytest.mark.slow
-def test_fuzz_decode_and_ingest_never_raise_and_account_for_everything(tmp_path):
-    config = make_config(tmp_path, 1)
-    store = Store(config.store.path)
+def test_fuzz_decode_and_ingest_never_raise_and_account_for_everything(tmp_path, store_config):
+    config = make_config(tmp_path, 1, store=store_config)
+    store = open_store(config.store)
     metrics = ServerMetrics()
     ingestor = Ingestor(config, store, metrics.ingest)
     ingestor.start(connect=False)
