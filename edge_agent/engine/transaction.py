@@ -3,7 +3,10 @@
 For every change, in plan order:
 
 1. ``driver.snapshot`` captures what the change will touch (file blobs are fsync'd in the backup
-   store before it returns);
+   store before it returns). A missing parent directory that an earlier change of the same
+   transaction captured as absent (it created it) is not captured again: undoing newest first,
+   that earlier record removes it after every later change is undone, so a second record of it
+   would only be undone and then removed;
 2. the records go to the journal (``state.journal_add``, committed to SQLite) *before* anything
    on the device is touched;
 3. ``driver.apply`` makes the change, and the journal entry is marked done.
@@ -39,8 +42,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,23 @@ def _unit_of(change: Change) -> str | None:
     return str(name) if name else None
 
 
+def _without_created_parents(change: Change, created: set[str]) -> Change:
+    """``change`` for its snapshot: without the missing parents (every path but its own, the last)
+    that an earlier change of the transaction captured as absent."""
+    parents = change.paths[:-1]
+    if not any(p in created for p in parents):
+        return change
+    return replace(change, paths=(*(p for p in parents if p not in created), change.paths[-1]))
+
+
+def _absent_paths(records: list[dict[str, Any]]) -> Iterator[str]:
+    """The paths of the capture records that found nothing there."""
+    for record in records:
+        path = record.get("path")
+        if record.get("kind") == "absent" and "type" not in record and isinstance(path, str):
+            yield path
+
+
 def _tagged(change: Change, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     tag = {"driver": change.kind, "unit": _unit_of(change), "action": change.action}
     return [{**record, _TAG: tag} for record in records]
@@ -148,12 +168,14 @@ def apply_plan(
     log.info("transaction %s: applying %s changes of release %s (%s)", txn_id, len(plan.all_changes),
              version, commit)
     done: list[_Journaled] = []
+    created: set[str] = set()  # paths this transaction captured as absent
     current: Change | None = None
     try:
         for seq, change in enumerate(plan.all_changes):
             current = change
             driver = get_driver(change.kind)
-            records = driver.snapshot(change, ctx)
+            records = driver.snapshot(_without_created_parents(change, created), ctx)
+            created.update(_absent_paths(records))
             state.journal_add(txn_id, seq, change.resource_id, change.action, _tagged(change, records))
             done.append(_Journaled(seq, change, records))
             log.info("apply %s %s: %s", change.action, change.resource_id, change.summary)
