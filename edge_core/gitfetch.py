@@ -14,9 +14,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from dulwich.client import GitClient, HTTPUnauthorized
 from dulwich.errors import GitProtocolError, HangupException, NotGitRepository
 from dulwich.objects import Commit, ObjectID
 from dulwich.pack import write_pack_from_container
@@ -33,11 +33,13 @@ from edge_core.gittransport import (
     causes,
     is_own_bug,
     is_want_refused,
-    make_client,
     one_line,
     transport_reason,
     tree_objects,
 )
+
+if TYPE_CHECKING:
+    from dulwich.client import GitClient
 
 __all__ = [
     "BranchMissing",
@@ -119,6 +121,8 @@ def transfer(mirror: Mirror, repo: Repo, want: ObjectID | None, *, depth: int | 
             return []
         requested.append(True)
         return [target]
+
+    from edge_core.gitclients import make_client  # noqa: PLC0415 - the network clients, on first use
 
     client, path = make_client(mirror.url, mirror.auth, mirror.timeout, mirror.limits, deadline)
     try:
@@ -221,6 +225,13 @@ def ingest(mirror: Mirror, repo: Repo, spool: PackSpool, deadline: Deadline) -> 
         ) from exc
 
 
+def _is_unauthorized(exc: Exception) -> bool:
+    """Whether ``exc`` is dulwich's HTTP 401 (known by name: only a network client, imported by
+    then, raises it; a local fetch need not import the clients to tell)."""
+    return any(t.__name__ == "HTTPUnauthorized" and t.__module__ == "dulwich.client"
+               for t in type(exc).__mro__)
+
+
 def fetch_failure(mirror: Mirror, exc: Exception, want: ObjectID | None) -> FetchError | WantRefused:
     """Return the error a failed transfer leaves as: a :class:`FetchError` with a one-line reason
     naming the mirror, or :class:`WantRefused` when the mirror refused ``want`` by sha."""
@@ -231,7 +242,7 @@ def fetch_failure(mirror: Mirror, exc: Exception, want: ObjectID | None) -> Fetc
         return FetchError(f"pack from mirror exceeds the {mirror.max_bytes}-byte limit ({display})")
     if isinstance(exc, BranchMissing):
         return FetchError(f"mirror has no branch {mirror.branch!r} ({display})")
-    if isinstance(exc, HTTPUnauthorized):
+    if _is_unauthorized(exc):
         return FetchError(f"mirror refused the credentials (HTTP 401) ({display})")
     if isinstance(exc, NotGitRepository):
         return FetchError(f"no repository at the mirror URL ({display})")

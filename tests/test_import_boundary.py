@@ -38,7 +38,8 @@ ADAPTERS: dict[str, dict[str, str]] = {
     "dulwich": {
         "edge_core/source.py": "the repository cache: refs, locks, reading trees",
         "edge_core/gitfetch.py": "one transfer into the cache and the reason of each way it fails",
-        "edge_core/gittransport.py": "the dulwich client of each mirror transport",
+        "edge_core/gittransport.py": "the credentials, failure reasons and pack spool of every transport",
+        "edge_core/gitclients.py": "the dulwich client of each network transport, loaded on first use",
     },
     "nacl": {
         "edge_core/trust/keys.py": "key types and text forms (re-exports the key types for everyone else)",
