@@ -12,7 +12,7 @@ Timestamps default to ``time.time()``; every writer takes ``now=`` so callers an
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,13 +117,12 @@ class Event:
 
 
 
-def _managed_rows(put: Iterable[Managed]) -> list[tuple[Any, ...]]:
-    return [
-        (m.resource_id, m.kind, dumps_json(m.spec, f"spec of {m.resource_id}"), m.digest,
-         None if m.original is None else dumps_json(m.original, f"original of {m.resource_id}"),
-         float(m.first_managed_at))
-        for m in put
-    ]
+def _managed_rows(put: Iterable[Managed]) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``put``, each serialised as it is written (500 resources' JSON is never held at once)."""
+    for m in put:
+        yield (m.resource_id, m.kind, dumps_json(m.spec, f"spec of {m.resource_id}"), m.digest,
+               None if m.original is None else dumps_json(m.original, f"original of {m.resource_id}"),
+               float(m.first_managed_at))
 
 
 
@@ -231,16 +230,18 @@ class StateDB(JournalTables, OutboxTables):
         Raises:
             StateError: not JSON-serialisable, or the database cannot be written.
         """
-        rows, gone = _managed_rows(put), [(rid,) for rid in forget]
+        rows, gone = list(put), [(rid,) for rid in forget]
         if not rows and not gone:
             return
         with self._write("record the managed resources"):
             self._store_managed(rows, gone)
 
-    def _store_managed(self, rows: list[tuple[Any, ...]], gone: list[tuple[str]]) -> None:
+    def _store_managed(self, put: Sequence[Managed], gone: list[tuple[str]]) -> None:
+        """Write ``put`` (a resource that is not JSON-serialisable raises StateError and the
+        transaction writes nothing) and delete ``gone``."""
         self._conn.executemany(
             "INSERT OR REPLACE INTO managed (resource_id, kind, spec, digest, original, first_managed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)", rows,
+            " VALUES (?, ?, ?, ?, ?, ?)", _managed_rows(put),
         )
         self._conn.executemany("DELETE FROM managed WHERE resource_id = ?", gone)
 
@@ -259,7 +260,7 @@ class StateDB(JournalTables, OutboxTables):
         """
         if outcome not in TXN_OUTCOMES:
             raise StateError(f"unknown transaction outcome {outcome!r}")
-        rows, gone = _managed_rows(put), [(rid,) for rid in forget]
+        rows, gone = list(put), [(rid,) for rid in forget]
         with self._write("finish a transaction"):
             row = self._one("SELECT outcome FROM txn WHERE txn_id = ?", (txn_id,))
             if row is None:
