@@ -8,7 +8,9 @@ Measures, against a signed release of N file resources (the one :mod:`bench.benc
 - ``edge-agent run`` (the daemon, connected to a real Mosquitto on loopback, the shipped default
   intervals: drift check and health report every 60 s, poll every 300 s) applying the same release at
   start-up: its peak RSS (``VmHWM``), then, once the first sync is done, its RSS and CPU share over an
-  idle window (default 60 s, so one drift check of every file and one health report fall inside it);
+  idle window (default 60 s, so one drift check of every file and one health report fall inside it).
+  The daemon runs with the ``Environment=`` settings of the shipped systemd unit
+  (``packaging/edge-agent.service``: ``MALLOC_ARENA_MAX=1`` among them), as it does on a device;
 - for comparison, the RSS of a bare interpreter, and what each import adds to it (each module
   imported alone in a fresh interpreter, ``VmHWM`` after minus a bare interpreter's), and the
   slowest imports of the daemon's start-up by ``python -X importtime``.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -35,13 +38,27 @@ import yaml
 
 from bench.bench_apply import BIN, compile_like_the_package, device_config, make_release, sh
 
-__all__ = ["IMPORTS", "daemon_footprint", "import_costs", "importtime_top", "main", "oneshot_peak_rss"]
+__all__ = ["IMPORTS", "UNIT", "daemon_footprint", "import_costs", "importtime_top", "main", "oneshot_peak_rss",
+           "unit_environment"]
 
 # Modules the daemon loads, in the order of the layers they belong to (each measured alone).
 IMPORTS = ("json", "logging", "ssl", "sqlite3", "yaml", "nacl.signing", "psutil", "paho.mqtt.client",
            "dulwich.client", "edge_agent.config", "edge_core.trust.verify", "edge_core.source",
            "edge_agent.agent", "edge_agent.daemon")
 MIB = 2**20
+UNIT = Path(__file__).resolve().parents[1] / "packaging" / "edge-agent.service"
+"""The shipped systemd unit of the agent: the daemon is measured with its environment."""
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The variables the ``Environment=`` lines of ``unit`` set (systemd quoting, one or more a line)."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in shlex.split(line.removeprefix("Environment=")):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -80,7 +97,8 @@ def oneshot_peak_rss(config: Path) -> tuple[float, float]:
 
 
 def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float) -> dict[str, float]:
-    """Start ``edge-agent run`` on a fresh device, wait for its first apply, then watch it idle.
+    """Start ``edge-agent run`` on a fresh device (with the shipped unit's environment), wait for its
+    first apply, then watch it idle.
 
     Returns its peak RSS over the apply, its RSS after it, and its RSS (max) and CPU share while idle.
 
@@ -88,6 +106,7 @@ def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float
         SystemExit: the daemon exited, or did not apply the release within two minutes.
     """
     proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(config)],
+                            env={**os.environ, **unit_environment()},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
