@@ -29,9 +29,11 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Two workers, one test file each at a time: most tests wait on brokers, mirrors and subprocesses.
+# Files go out in the order tests/conftest.py gives them, the longest first (xdist would otherwise
+# hand out the files with the most tests first, and the few that take minutes hold one test each).
 # PYTEST_ARGS narrows the run, e.g. PYTEST_ARGS=tests/test_config.py.
 unit: sysdeps $(STAMP)
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 test: lint typecheck unit
 

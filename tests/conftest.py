@@ -1,4 +1,5 @@
-"""Test-wide set-up: a scrubbed environment so that no developer's Git or SSH config leaks in."""
+"""Test-wide set-up: a scrubbed environment so that no developer's Git or SSH config leaks in, and
+the longest test files first."""
 
 from __future__ import annotations
 
@@ -8,6 +9,26 @@ from pathlib import Path
 import pytest
 
 _SCRUB_PREFIXES = ("GIT_", "SSH_", "MQTT_", "EDGE_", "FLEET_")
+
+
+def _weight(item: pytest.Item) -> int:
+    """0 for a test that takes minutes, 1 for one marked slow, 2 for the rest."""
+    if item.get_closest_marker("reliability_long"):
+        return 0
+    return 1 if item.get_closest_marker("slow") else 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the test files by their slowest test, longest first, each file keeping its own order.
+
+    ``make test`` hands whole files to its workers in this order (``--dist loadfile
+    --no-loadscope-reorder``), so the files that take minutes start at once instead of last, when
+    the other worker would sit idle waiting for them.
+    """
+    weight: dict[Path, int] = {}
+    for item in items:
+        weight[item.path] = min(weight.get(item.path, 2), _weight(item))
+    items.sort(key=lambda item: weight[item.path])
 
 
 @pytest.fixture(autouse=True)

@@ -40,6 +40,8 @@ from tests.support.dashboard_site import (
     wave_meta,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def test_overview_shows_the_fleet_without_console_errors(site: Site) -> None:
     page = site.page("/")

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from edge_core.messages import event_message, status_message
 from fleet_server.errors import UsageError
@@ -30,6 +31,8 @@ from tests.support.dashboard_site import (
     Site,
     wait_js,
 )
+
+pytestmark = pytest.mark.slow
 
 ROWS = "#ro-device-table tr[data-device]"
 AUDIT_IDS = "rs => rs.map(r => r.dataset.audit)"

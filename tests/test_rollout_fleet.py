@@ -28,7 +28,7 @@ from tests.support.mirror import GitDaemon
 from tests.support.rollout_agents import Agent, release_files
 from tests.support.stores import store_section
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 class FleetServer:

@@ -51,7 +51,7 @@ from tests.support.procs import Proc
 from tests.support.stores import store_section
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 BIN = Path(sys.executable).parent
 FUZZ_COUNT = 10_000

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fleet_server.config import StoreConfig, parse_server_config
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import ServerMetrics
@@ -28,6 +30,8 @@ from tests.support.broker import Mosquitto
 from tests.support.sim_device import SimDevice
 from tests.support.stores import store_section
 from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.slow
 
 PREFIX = "fleet/v1"
 HOSTS = 2

@@ -34,6 +34,8 @@ from tests.support.postgres import Postgres
 from tests.support.procs import Proc
 from tests.support.wait import wait_until
 
+pytestmark = pytest.mark.slow
+
 _LEASE = 1.0
 
 

@@ -46,7 +46,7 @@ from tests.support.sim_device import SimDevice
 from tests.support.stores import select, store_section
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]

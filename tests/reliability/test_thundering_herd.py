@@ -18,10 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from edge_agent.report.mqtt import MqttLink, MqttSettings
 from tests.support.broker import Mosquitto
 from tests.support.procs import per_second, render_histogram
 from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.slow
 
 HOSTS = 4
 PER_HOST = 250
