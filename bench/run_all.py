@@ -491,9 +491,12 @@ def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
             biggest = sorted(added.items(), key=lambda kv: kv[1], reverse=True)
             notes.append(
                 f"- **RSS.** A bare interpreter peaks at {r['imports']['bare_interpreter_mib']:.1f} MiB here. Imported "
-                "alone in a fresh interpreter (VmHWM after minus before), the agent's modules add: "
+                "alone in a fresh interpreter (VmHWM after minus before), these modules add: "
                 + ", ".join(f"`{m}` +{v:.1f}" for m, v in biggest) + " MiB (overlapping: `ssl`, `http`, "
-                "`email` and `urllib` are shared by paho and dulwich). Slowest imports of `edge_agent.daemon` "
+                "`email` and `urllib` are shared by paho and dulwich's network client; `dulwich.client` is "
+                "loaded only by a fetch over the network, not from a local mirror as here, and `psutil` no "
+                "longer by the agent at all: their rows are kept for comparison). Slowest imports of "
+                "`edge_agent.daemon` "
                 "(cumulative ms, `python -X importtime`): "
                 + ", ".join(f"{n} {ms:.0f}" for n, ms in r["importtime_ms"][:8]) + ".")
         except (ValueError, KeyError):
