@@ -3,7 +3,9 @@ the longest test files first."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
+def own_logging() -> Iterator[None]:
+    """A command's main() run in the test process (edge-agent, fleetctl, fleet-server) sends the
+    process's logs to the captured stderr, which closes with the test: undo that after each test."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    level = root.level
+    yield
+    for handler in list(root.handlers):
+        if getattr(handler, "_edge_agent", False) and handler not in before:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def scrubbed_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Give every test its own HOME and no inherited GIT_*/SSH_* variables; a fixed git identity."""
     home = tmp_path_factory.mktemp("home")
@@ -56,4 +72,4 @@ from tests.support.mirror import git_daemon, http_mirror, mirror_root  # noqa: E
 from tests.support.stores import any_store, new_store, postgres_cluster, store_config  # noqa: E402
 
 __all__ = ["any_store", "browser", "fleet", "git_daemon", "http_mirror", "mirror_root", "new_store",
-           "postgres_cluster", "rollout_site", "scrubbed_env", "site", "store_config"]
+           "own_logging", "postgres_cluster", "rollout_site", "scrubbed_env", "site", "store_config"]

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,15 +27,6 @@ from tests.support.wait import wait_until
 def agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-@pytest.fixture(autouse=True)
-def _drop_log_handlers() -> Iterator[None]:
-    yield
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_edge_agent", False):
-            root.removeHandler(h)
 
 
 def test_version_and_help() -> None:

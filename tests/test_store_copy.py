@@ -4,12 +4,8 @@ new rows get new ids, and a destination that already holds a fleet is refused in
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from fleet_server.config import StoreConfig
 from fleet_server.main import main
@@ -19,18 +15,6 @@ from fleet_server.store.notification_records import NewDelivery
 from tests.support.postgres import Postgres
 
 MAIN_DUMP = Path(__file__).parent / "data" / "fleet-db-main.sql"
-
-
-@pytest.fixture(autouse=True)
-def own_logging() -> Iterator[None]:
-    """fleet-server's main() sends the process's logs to the (captured) stderr: undo that after."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def populated_sqlite(path: Path) -> StoreConfig:

@@ -4,9 +4,7 @@ Real SQLite files and a real PostgreSQL cluster."""
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -22,18 +20,6 @@ from tests.support.postgres import Postgres
 from tests.support.stores import run_sql
 
 MAIN_DUMP = Path(__file__).parent / "data" / "fleet-db-main.sql"
-
-
-@pytest.fixture(autouse=True)
-def own_logging() -> Iterator[None]:
-    """fleet-server's main() sends the process's logs to the (captured) stderr: undo that after."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def store_args(config: StoreConfig) -> list[str]:
