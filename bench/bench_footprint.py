@@ -10,7 +10,10 @@ Measures, against a signed release of N file resources (the one :mod:`bench.benc
   start-up: its peak RSS (``VmHWM``), then, once the first sync is done, its RSS and CPU share over an
   idle window (default 60 s, so one drift check of every file and one health report fall inside it).
   The daemon runs with the ``Environment=`` settings of the shipped systemd unit
-  (``packaging/edge-agent.service``: ``MALLOC_ARENA_MAX=1`` among them), as it does on a device;
+  (``packaging/edge-agent.service``: ``MALLOC_ARENA_MAX=1`` among them), as it does on a device.
+  It is measured twice: with the mirror as a local ``file://`` repository, and served over the
+  network by ``git daemon`` on loopback (``git://``), which loads dulwich's network client on the
+  first fetch as a device's mirror does;
 - for comparison, the RSS of a bare interpreter, and what each import adds to it (each module
   imported alone in a fresh interpreter, ``VmHWM`` after minus a bare interpreter's), and the
   slowest imports of the daemon's start-up by ``python -X importtime``.
@@ -175,6 +178,7 @@ def importtime_top(module: str = "edge_agent.daemon", top: int = 12) -> list[tup
 def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
     """Measure everything; return the figures."""
     from tests.support.broker import Mosquitto
+    from tests.support.mirror import GitDaemon
 
     compile_like_the_package()
     base = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
@@ -188,17 +192,19 @@ def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
             peak, seconds = oneshot_peak_rss(cfg)
             peaks.append(peak)
             times.append(seconds)
-        with Mosquitto(base / "broker") as broker:
-            cfg = device_config(base, "daemon", url, trust)
-            raw = json.loads(cfg.read_text())
-            raw["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
-            del raw["intervals"]  # the shipped defaults
-            cfg.write_text(yaml.safe_dump(raw))
-            sh(BIN / "edge-agent", "init", "--config", cfg)
-            daemon = daemon_footprint(cfg, cfg.parent / "root", n_files, idle_seconds)
+        with Mosquitto(base / "broker") as broker, GitDaemon(base) as mirror:
+            daemons = {}
+            for name, mirror_url in (("daemon", url), ("daemon_git", mirror.url("mirror.git"))):
+                cfg = device_config(base, name, mirror_url, trust)
+                raw = json.loads(cfg.read_text())
+                raw["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
+                del raw["intervals"]  # the shipped defaults
+                cfg.write_text(yaml.safe_dump(raw))
+                sh(BIN / "edge-agent", "init", "--config", cfg)
+                daemons[name] = daemon_footprint(cfg, cfg.parent / "root", n_files, idle_seconds)
         return {"files": n_files, "runs": runs, "oneshot_peak_rss_mib": statistics.median(peaks),
                 "oneshot_peak_rss_samples": peaks, "oneshot_seconds": statistics.median(times),
-                "daemon": daemon, "imports": import_costs(), "importtime_ms": importtime_top()}
+                **daemons, "imports": import_costs(), "importtime_ms": importtime_top()}
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -223,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
           f"RSS after {d['rss_after_apply_mib']:.1f} MiB")
     print(f"edge-agent run idle {d['idle_seconds']:.0f} s: RSS max {d['idle_rss_max_mib']:.1f} MiB, "
           f"CPU {d['idle_cpu_percent']:.2f} %")
+    g = r["daemon_git"]
+    print(f"edge-agent run, mirror over git://: peak RSS over start-up + first apply "
+          f"{g['peak_rss_apply_mib']:.1f} MiB, idle RSS max {g['idle_rss_max_mib']:.1f} MiB")
     print(f"bare interpreter peak RSS: {r['imports']['bare_interpreter_mib']:.1f} MiB; each import adds:")
     for mod, mib in r["imports"]["added_mib"].items():
         print(f"  {mod:28s} +{mib:.1f} MiB")
