@@ -7,6 +7,7 @@ a subclass sets another).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import stat
@@ -91,8 +92,6 @@ class ConfigSection:
             raise self.error(f"{name or self.document}: must be a mapping")
         unknown = sorted(str(k) for k in raw if k not in allowed)
         if unknown:
-            import difflib  # noqa: PLC0415 - only a refused key needs it, and the agent's memory is budgeted
-
             near = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
             hint = f"; did you mean {self._join(name, near[0])}?" if near else ""
             raise self.error(f"{self._join(name, excerpt(unknown[0]))}: unknown key{hint}")

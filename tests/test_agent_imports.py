@@ -12,13 +12,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # Loaded only by what needs them: another resource kind, a secret, SSH-signed commits, a bundle
-# file, a preflight, a drift check, a network mirror, a diff or a refused config key; psutil not at all.
+# file, a preflight, a drift check, a network mirror; psutil not at all.
 DEFERRED = (
     "edge_agent.drivers.directory", "edge_agent.drivers.symlink", "edge_agent.drivers.absent",
     "edge_agent.drivers.secret_file", "edge_agent.drivers.systemd", "edge_agent.drivers.sysctl",
     "edge_agent.drivers.command", "edge_core.trust.sealed", "edge_agent.identity", "edge_core.trust.sshsig",
     "edge_core.gitbundle", "edge_agent.preflight", "edge_agent.engine.drift", "edge_core.gitclients",
-    "dulwich.client", "difflib", "psutil",
+    "dulwich.client", "psutil",
 )
 
 
