@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ from tests.support.plans import ctx_for, desired_state, file_res
 
 SECRET = b"correct horse battery staple\n"
 HAND_SECRET = b"typed in by hand on site\n"
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDB]:
-    db = StateDB(tmp_path / "state.db")
-    yield db
-    db.close()
 
 
 @pytest.fixture

@@ -40,13 +40,6 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSystem:
     return FakeSystem.install(tmp_path, monkeypatch)
 
 
-@pytest.fixture
-def state(tmp_path: Path) -> StateDB:
-    db = StateDB(tmp_path / "state.db")
-    yield db
-    db.close()
-
-
 def test_directories_come_first_parents_before_children(tmp_path: Path) -> None:
     payloads: dict[str, bytes] = {}
     f = file_res("/etc/app/conf.d/x.conf", b"x\n", payloads)

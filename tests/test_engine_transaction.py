@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,13 +31,6 @@ from tests.support.fake_system import FakeSystem, make_context, tree_state
 from tests.support.plans import UNIT_TEXT, ctx_for, desired_state, file_res
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDB]:
-    db = StateDB(tmp_path / "state.db")
-    yield db
-    db.close()
 
 
 @pytest.fixture

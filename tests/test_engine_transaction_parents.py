@@ -6,7 +6,6 @@ prune still leave the device exactly as it was before the transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,6 @@ from edge_agent.state import StateDB
 from edge_core.release import DesiredState
 from tests.support.fake_system import make_context, tree_state
 from tests.support.plans import ctx_for, desired_state, file_res
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDB]:
-    db = StateDB(tmp_path / "state.db")
-    yield db
-    db.close()
 
 
 @pytest.fixture

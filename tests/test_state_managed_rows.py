@@ -3,20 +3,10 @@ fails the whole write, and nothing of it is stored."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from edge_agent.state import Managed, StateDB
 from edge_core.errors import StateError
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDB]:
-    db = StateDB(tmp_path / "state.db")
-    yield db
-    db.close()
 
 
 def _rows(n: int, *, bad_at: int | None = None) -> list[Managed]:

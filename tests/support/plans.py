@@ -1,11 +1,16 @@
-"""Desired states and resources built directly, for tests that call the planner without a release."""
+"""Desired states and resources built directly, for tests that call the planner without a release,
+and the device state database those tests apply into (the ``state`` fixture)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
+
+import pytest
 
 from edge_agent.drivers.base import Context
+from edge_agent.state import StateDB
 from edge_core.release import DesiredState
 from edge_core.resources import (
     File,
@@ -13,6 +18,14 @@ from edge_core.resources import (
 )
 
 UNIT_TEXT = b"[Service]\nExecStart=/bin/true\n"
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[StateDB]:
+    """A new device state database in the test's directory, closed after the test."""
+    db = StateDB(tmp_path / "state.db")
+    yield db
+    db.close()
 
 
 def desired_state(resources: Sequence[Resource], payloads: dict[str, bytes] | None = None,
