@@ -1,13 +1,14 @@
 """``GET /api/v1/rollouts/{id}`` without the per-device map, the paged
 ``GET /api/v1/rollouts/{id}/devices`` and ``fleetctl rollout devices``: uvicorn on 127.0.0.1 in front of
-the real rollout runner over a real SQLite store (assignments are recorded where the runner would
-publish them)."""
+the real rollout runner over a real store on each backend (assignments are recorded where the runner
+would publish them)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,9 @@ class Site:
                          headers={"Authorization": f"Bearer {READER}"}, timeout=10.0)
 
 
-@pytest.fixture
-def site(tmp_path: Path, store_config: StoreConfig) -> Iterator[Site]:
-    """150 online devices on release 1 (5 canaries), a rollout of release 2 started and ticked once,
-    on each store backend."""
+@contextmanager
+def serving(tmp_path: Path, store_config: StoreConfig) -> Iterator[Site]:
+    """150 online devices on release 1 (5 canaries), a rollout of release 2 started and ticked once."""
     store = open_store(store_config)
     now = time.time()
     batch = IngestBatch()
@@ -74,6 +74,21 @@ def site(tmp_path: Path, store_config: StoreConfig) -> Iterator[Site]:
             yield Site(url, store, runner, rollout_id, read)
     finally:
         store.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path, store_config: StoreConfig) -> Iterator[Site]:
+    """The served rollout of :func:`serving` for one test, on each store backend."""
+    with serving(tmp_path, store_config) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def read_only_site(tmp_path_factory: pytest.TempPathFactory,
+                   new_store: Callable[[], StoreConfig]) -> Iterator[Site]:
+    """One served rollout per backend, shared by the tests that only read and are refused."""
+    with serving(tmp_path_factory.mktemp("paging"), new_store()) as served:
+        yield served
 
 
 def test_rollout_summary_has_wave_counts_and_no_device_map(site: Site) -> None:
@@ -137,13 +152,16 @@ def test_device_listing_follows_reports(site: Site) -> None:
 @pytest.mark.parametrize(("params", "status"), [
     ({"limit": MAX_DEVICE_PAGE + 1}, 400), ({"limit": 0}, 400), ({"offset": -1}, 400), ({"wave": -1}, 400),
     ({"state": "exploded"}, 400), ({"wave": "x"}, 400)])
-def test_device_listing_refuses_bad_queries(site: Site, params: dict[str, object], status: int) -> None:
+def test_device_listing_refuses_bad_queries(read_only_site: Site, params: dict[str, object],
+                                            status: int) -> None:
+    site = read_only_site
     answer = site.get(f"/api/v1/rollouts/{site.rollout_id}/devices", **params)
     assert answer.status_code == status
     assert answer.json()["error"]
 
 
-def test_device_listing_needs_the_read_token_and_a_known_rollout(site: Site) -> None:
+def test_device_listing_needs_the_read_token_and_a_known_rollout(read_only_site: Site) -> None:
+    site = read_only_site
     path = f"/api/v1/rollouts/{site.rollout_id}/devices"
     assert httpx.get(f"{site.url}{path}", timeout=10.0).status_code == 401
     assert site.get("/api/v1/rollouts/no-such-rollout/devices").status_code == 404
