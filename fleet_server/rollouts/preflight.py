@@ -26,13 +26,13 @@ checked when they come back, while the preflight still runs. Not thread-safe: on
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fleet_server.errors import BrokerError, StoreError, UsageError
+from fleet_server.ticker import Ticker
 
 from .model import RolloutState
 
@@ -148,35 +148,19 @@ class PreflightDuty:
         self._runner = runner
         self._publish = publish
         self._clock = clock
-        self._interval = interval
+        self._ticker = Ticker("preflight", self.tick, interval, expected=(StoreError, UsageError), log=log)
         self._tracks: dict[str, _Track] = {}
         self._cursor: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Tick every ``interval`` seconds in a thread until :meth:`stop`."""
-        self._stop.clear()
         self._tracks.clear()
         self._cursor = None
-        self._thread = threading.Thread(target=self._run, name="preflight", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
         """Stop the thread (bounded wait). Idempotent."""
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=10.0)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.tick()
-            except (StoreError, UsageError) as exc:
-                log.warning("preflight: %s (tried again)", exc)
-            except Exception:  # a bug must not end the duty; logged with its traceback
-                log.exception("preflight: tick failed")
+        self._ticker.stop()
 
     def tick(self) -> None:
         """Ask, gather and decide once for every rollout waiting on its preflight.

@@ -46,6 +46,7 @@ from typing import Any
 
 from fleet_server.errors import PlanError, StoreError, UsageError
 from fleet_server.store import FleetStore, RolloutWrite
+from fleet_server.ticker import Ticker
 
 from .engine import judge_action, new_rollout, step, wave_counts
 from .membership import is_targeted
@@ -122,7 +123,8 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         self._store = store
         self._outbox = AssignmentOutbox(store, publish_desired, clock)
         self._clock = clock
-        self._interval = tick_interval
+        self._ticker = Ticker("rollout-runner", self.tick, tick_interval, expected=(StoreError,), log=log,
+                              join_timeout=30.0)
         self._plan_loader = plan_loader
         self.default_plan = default_plan
         self._budget = max(1, int(tick_budget))
@@ -133,8 +135,6 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         self._registry: dict[str, Registry] | None = None
         self._registry_seq = 0
         self._recheck: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._loaded = False
         self._last_now = 0.0
         self._phase_listener: PhaseListener | None = None
@@ -201,25 +201,11 @@ class RolloutRunner(RunnerFeed, RunnerReads):
         """
         if not self._loaded:
             self.load()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rollout-runner", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.tick()
-            except StoreError as exc:
-                log.error("rollout runner: tick failed (retried next tick): %s", exc)
-            except Exception:  # a bug must not end the runner; logged with its traceback
-                log.exception("rollout runner: tick failed unexpectedly")
+        self._ticker.start()
 
     def stop(self) -> None:
         """Stop the background thread (bounded wait). Idempotent."""
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=30.0)
+        self._ticker.stop()
 
     def unload(self) -> None:
         """Stop (see :meth:`stop`) and forget every rollout held in memory: reads come from the store
