@@ -67,10 +67,11 @@ def scrubbed_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 # Shared fixtures of the test-support modules, registered once here.
 from tests.support.agent_fleet import fleet  # noqa: E402
+from tests.support.broker import broker  # noqa: E402
 from tests.support.dashboard_site import browser, rollout_site, site  # noqa: E402
 from tests.support.mirror import git_daemon, http_mirror, mirror_root  # noqa: E402
 from tests.support.plans import state  # noqa: E402
 from tests.support.stores import any_store, new_store, postgres_cluster, store_config  # noqa: E402
 
-__all__ = ["any_store", "browser", "fleet", "git_daemon", "http_mirror", "mirror_root", "new_store",
+__all__ = ["any_store", "broker", "browser", "fleet", "git_daemon", "http_mirror", "mirror_root", "new_store",
            "own_logging", "postgres_cluster", "rollout_site", "scrubbed_env", "site", "state", "store_config"]

@@ -151,12 +151,6 @@ def test_fleetctl_enroll(api: Api, capsys: pytest.CaptureFixture[str], tmp_path:
     assert not api.store.known_device("cam-08")
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "broker") as b:
-        yield b
-
-
 def test_an_enrolled_device_is_heard_under_the_refuse_policy(tmp_path: Path, broker: Mosquitto,
                                                              store_config: StoreConfig,
                                                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -102,12 +102,6 @@ class Server:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000"]) as b:
-        yield b
-
-
-@pytest.fixture
 def publisher(broker: Mosquitto) -> Iterator[mqtt.Client]:
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="devices", protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", broker.port)

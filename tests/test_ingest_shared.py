@@ -4,7 +4,6 @@ subscription on a real Mosquitto, each report stored exactly once, on each store
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,6 @@ def test_share_group_is_parsed_and_validated(tmp_path: Path) -> None:
     for bad in ("a/b", "a+", "#", "", "x" * 65):
         with pytest.raises(ServerConfigError, match="share_group"):
             config(tmp_path, 1883, share_group=bad)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000"]) as b:
-        yield b
 
 
 def test_two_workers_of_one_share_group_split_the_reports_and_store_each_once(

@@ -24,9 +24,7 @@ from edge_agent.report.outbox import OutboxSender
 from edge_agent.state import StateDB
 from edge_core import messages as m
 from edge_core.errors import BrokerError, ConfigError
-from tests.support.broker import Mosquitto, Received, Subscriber, mosquitto_broker, publish
-
-__all__ = ["mosquitto_broker"]
+from tests.support.broker import Mosquitto, Received, Subscriber, publish
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -164,25 +162,25 @@ def test_broker_stopped_mid_drain_loses_nothing_and_deletes_only_after_ack(
 
 
 def test_a_new_link_on_the_same_state_drains_what_is_left(
-        mosquitto_broker: Mosquitto, state: StateDB, links: Links) -> None:
-    with Subscriber(mosquitto_broker.port, [EVENTS], client_id="server") as sub:
+        broker: Mosquitto, state: StateDB, links: Links) -> None:
+    with Subscriber(broker.port, [EVENTS], client_id="server") as sub:
         sub.wait_subscribed(1)
-        first = links.start(_settings(mosquitto_broker.port))
+        first = links.start(_settings(broker.port))
         assert first.wait_connected(10)
         _put_events(state, range(5))
         assert _drain_all(OutboxSender(state, first), state) == 5
         first.stop()
         _put_events(state, range(5, 12))
 
-        second = links.start(_settings(mosquitto_broker.port))
+        second = links.start(_settings(broker.port))
         assert _drain_all(OutboxSender(state, second), state) == 7
         assert sub.wait(lambda s: len(s.received) >= 12)
         assert _numbers(sub.messages()) == list(range(12))
 
 
-def test_run_loop_sends_on_notify_and_stops(mosquitto_broker: Mosquitto, state: StateDB,
+def test_run_loop_sends_on_notify_and_stops(broker: Mosquitto, state: StateDB,
                                             links: Links) -> None:
-    with Subscriber(mosquitto_broker.port, [EVENTS], client_id="server") as sub:
+    with Subscriber(broker.port, [EVENTS], client_id="server") as sub:
         sub.wait_subscribed(1)
         sender_box: list[OutboxSender] = []
 
@@ -190,7 +188,7 @@ def test_run_loop_sends_on_notify_and_stops(mosquitto_broker: Mosquitto, state: 
             if sender_box:
                 sender_box[0].notify()
 
-        link = links.start(_settings(mosquitto_broker.port), on_connected=wake_sender)
+        link = links.start(_settings(broker.port), on_connected=wake_sender)
         sender = OutboxSender(state, link)
         sender_box.append(sender)
         stop = threading.Event()
@@ -210,11 +208,11 @@ def test_run_loop_sends_on_notify_and_stops(mosquitto_broker: Mosquitto, state: 
         assert state.outbox_count() == 0
 
 
-def test_online_is_retained_and_a_clean_stop_says_offline(mosquitto_broker: Mosquitto, links: Links) -> None:
+def test_online_is_retained_and_a_clean_stop_says_offline(broker: Mosquitto, links: Links) -> None:
     online = "fleet/v1/dev-1/online"
-    with Subscriber(mosquitto_broker.port, [online], client_id="server") as sub:
+    with Subscriber(broker.port, [online], client_id="server") as sub:
         sub.wait_subscribed(1)
-        link = links.start(_settings(mosquitto_broker.port))
+        link = links.start(_settings(broker.port))
         assert sub.wait(lambda s: len(s.received) >= 1)
         link.stop()
         assert not link.connected
@@ -224,13 +222,13 @@ def test_online_is_retained_and_a_clean_stop_says_offline(mosquitto_broker: Mosq
 
 
 def test_a_session_taken_over_by_the_same_device_id_is_logged_as_such(
-        mosquitto_broker: Mosquitto, links: Links, caplog: pytest.LogCaptureFixture) -> None:
-    link = links.start(MqttSettings(host="127.0.0.1", port=mosquitto_broker.port, device_id="dev-1",
+        broker: Mosquitto, links: Links, caplog: pytest.LogCaptureFixture) -> None:
+    link = links.start(MqttSettings(host="127.0.0.1", port=broker.port, device_id="dev-1",
                                     reconnect_min=5.0, reconnect_max=5.0, keepalive=5))
     assert link.wait_connected(10)
     # anyone holding the device's credentials: Mosquitto closes the older session's socket
     with caplog.at_level("WARNING", logger="edge_agent.report.mqtt"), \
-            Subscriber(mosquitto_broker.port, ["fleet/v1/dev-1/desired"], client_id="dev-1") as other:
+            Subscriber(broker.port, ["fleet/v1/dev-1/desired"], client_id="dev-1") as other:
         other.wait_subscribed(1)
         deadline = time.monotonic() + 10
         while link.connected and time.monotonic() < deadline:
@@ -254,11 +252,11 @@ os._exit(0)
 """
 
 
-def test_the_last_will_says_offline_when_the_device_dies(mosquitto_broker: Mosquitto) -> None:
+def test_the_last_will_says_offline_when_the_device_dies(broker: Mosquitto) -> None:
     online = "fleet/v1/dev-1/online"
-    with Subscriber(mosquitto_broker.port, [online], client_id="server") as sub:
+    with Subscriber(broker.port, [online], client_id="server") as sub:
         sub.wait_subscribed(1)
-        with subprocess.Popen([sys.executable, "-c", _CRASHING_DEVICE, str(mosquitto_broker.port)],
+        with subprocess.Popen([sys.executable, "-c", _CRASHING_DEVICE, str(broker.port)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
             try:
                 assert proc.stdout is not None
@@ -282,10 +280,10 @@ def _desired(revision_byte: str, release: int) -> dict[str, Any]:
                              ts=1_700_000_000.0)
 
 
-def test_a_retained_desired_published_before_connecting_arrives(mosquitto_broker: Mosquitto,
+def test_a_retained_desired_published_before_connecting_arrives(broker: Mosquitto,
                                                                  links: Links) -> None:
     want = _desired("a", 3)
-    done = publish(mosquitto_broker.port, "fleet/v1/dev-1/desired", m.encode(want), retain=True)
+    done = publish(broker.port, "fleet/v1/dev-1/desired", m.encode(want), retain=True)
     assert done.returncode == 0, done.stderr
     got: list[dict[str, Any]] = []
     arrived = threading.Event()
@@ -293,13 +291,13 @@ def test_a_retained_desired_published_before_connecting_arrives(mosquitto_broker
         got.append(msg)
         arrived.set()
 
-    links.start(_settings(mosquitto_broker.port), on_desired=on_desired)
+    links.start(_settings(broker.port), on_desired=on_desired)
     assert arrived.wait(10)
     assert got[0] == want
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_a_desired_published_while_offline_arrives_on_reconnect(mosquitto_broker: Mosquitto, links: Links,
+def test_a_desired_published_while_offline_arrives_on_reconnect(broker: Mosquitto, links: Links,
                                                                  protocol: str) -> None:
     got: list[dict[str, Any]] = []
     cond = threading.Condition()
@@ -314,22 +312,22 @@ def test_a_desired_published_while_offline_arrives_on_reconnect(mosquitto_broker
             return cond.wait_for(lambda: msg in got, timeout=10)
 
     first = _desired("b", 4)
-    done = publish(mosquitto_broker.port, "fleet/v1/dev-1/desired", m.encode(first), retain=True)
+    done = publish(broker.port, "fleet/v1/dev-1/desired", m.encode(first), retain=True)
     assert done.returncode == 0, done.stderr
-    link = links.start(_settings(mosquitto_broker.port, protocol=protocol), on_desired=on_desired)
+    link = links.start(_settings(broker.port, protocol=protocol), on_desired=on_desired)
     assert wait_for(first)  # subscribed: the session now holds the subscription
     link.stop()
     # not retained: only the persistent session can deliver it
     offline = _desired("c", 5)
-    done = publish(mosquitto_broker.port, "fleet/v1/dev-1/desired", m.encode(offline), retain=False,
+    done = publish(broker.port, "fleet/v1/dev-1/desired", m.encode(offline), retain=False,
                    version=protocol)
     assert done.returncode == 0, done.stderr
-    links.start(_settings(mosquitto_broker.port, protocol=protocol), on_desired=on_desired)
+    links.start(_settings(broker.port, protocol=protocol), on_desired=on_desired)
     assert wait_for(offline)
 
 
 def test_invalid_or_spoofed_desired_and_failing_handlers_never_break_the_link(
-        mosquitto_broker: Mosquitto, links: Links) -> None:
+        broker: Mosquitto, links: Links) -> None:
     got: list[dict[str, Any]] = []
     nudges: list[dict[str, Any]] = []
     calls = threading.Semaphore(0)
@@ -344,10 +342,10 @@ def test_invalid_or_spoofed_desired_and_failing_handlers_never_break_the_link(
         nudges.append(msg)
         calls.release()
 
-    link = links.start(_settings(mosquitto_broker.port), on_desired=on_desired, on_nudge=on_nudge)
+    link = links.start(_settings(broker.port), on_desired=on_desired, on_nudge=on_nudge)
     assert link.wait_connected(10)
     spoofed = m.desired_message("dev-2", revision="d" * 40, release=9, rollout_id=None, ts=1.0)
-    port = mosquitto_broker.port
+    port = broker.port
     # wait until the subscription is active: a first valid message must come through
     deadline = time.monotonic() + 10
     while not calls.acquire(timeout=0.2):
@@ -368,8 +366,8 @@ def test_invalid_or_spoofed_desired_and_failing_handlers_never_break_the_link(
     assert link.connected
 
 
-def test_publish_errors_are_broker_errors(mosquitto_broker: Mosquitto, links: Links) -> None:
-    link = links.start(_settings(mosquitto_broker.port))
+def test_publish_errors_are_broker_errors(broker: Mosquitto, links: Links) -> None:
+    link = links.start(_settings(broker.port))
     with pytest.raises(BrokerError):
         link.publish("fleet/v1/#", b"{}", qos=1)
     with pytest.raises(BrokerError):
@@ -381,14 +379,14 @@ def test_publish_errors_are_broker_errors(mosquitto_broker: Mosquitto, links: Li
     assert not tracking.refused
 
 
-def test_a_clean_stop_logs_nothing_above_info(mosquitto_broker: Mosquitto, links: Links,
+def test_a_clean_stop_logs_nothing_above_info(broker: Mosquitto, links: Links,
                                               caplog: pytest.LogCaptureFixture) -> None:
     # The runbook alerts on every log line whose level is not info: a clean stop (SIGTERM) must not
     # log paho's "Client is not connected ... MQTT_CS_DISCONNECTED" at error level.
     # The network thread meets the closed socket in about one stop of five: 12 stops see it.
     with caplog.at_level("DEBUG", logger="edge_agent"):
         for n in range(12):
-            link = links.start(_settings(mosquitto_broker.port, device=f"dev-{n}"))
+            link = links.start(_settings(broker.port, device=f"dev-{n}"))
             assert link.wait_connected(10)
             link.stop()
     loud = [r for r in caplog.records if r.levelno > 20]

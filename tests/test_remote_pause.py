@@ -28,17 +28,15 @@ from tests.support.agent_mqtt import (
     mqtt_config,
 )
 from tests.support.api_server import ADMIN, Api, running_api
-from tests.support.broker import Mosquitto, Subscriber, mosquitto_broker, publish
+from tests.support.broker import Mosquitto, Subscriber, publish
 from tests.support.wait import wait_until
-
-__all__ = ["mosquitto_broker"]
 
 
 @pytest.fixture
-def api(tmp_path: Path, mosquitto_broker: Mosquitto, store_config: StoreConfig) -> Iterator[Api]:
+def api(tmp_path: Path, broker: Mosquitto, store_config: StoreConfig) -> Iterator[Api]:
     """The API over a filled store on each backend, publishing to the broker."""
     (tmp_path / "api").mkdir()
-    with running_api(tmp_path / "api", broker_port=mosquitto_broker.port,
+    with running_api(tmp_path / "api", broker_port=broker.port,
                      store_config=store_config) as served:
         yield served
 
@@ -49,11 +47,11 @@ def _post(api: Api, path: str, body: dict[str, object], token: str | None = ADMI
 
 
 def test_a_pause_publishes_the_retained_control_message_and_is_audited(api: Api,
-                                                                       mosquitto_broker: Mosquitto) -> None:
+                                                                       broker: Mosquitto) -> None:
     answer = _post(api, "/api/v1/devices/cam-01/pause", {"reason": "INC-7: hands off"})
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"action": "pause", "devices": ["cam-01"], "reason": "INC-7: hands off"}
-    with Subscriber(mosquitto_broker.port, [f"{PREFIX}/+/control"], client_id="watcher") as sub:
+    with Subscriber(broker.port, [f"{PREFIX}/+/control"], client_id="watcher") as sub:
         assert sub.wait(lambda s: len(s.received) >= 1)  # retained: a late subscriber gets it
         [got] = sub.messages()
     assert got.retained
@@ -62,7 +60,7 @@ def test_a_pause_publishes_the_retained_control_message_and_is_audited(api: Api,
     [row] = api.store.audit(action="device.pause")
     assert (row["actor"], row["target"], row["reason"]) == ("alice", "device/cam-01", "INC-7: hands off")
     assert _post(api, "/api/v1/devices/cam-01/resume", {}).status_code == 200
-    with Subscriber(mosquitto_broker.port, [f"{PREFIX}/cam-01/control"], client_id="watcher-2") as sub:
+    with Subscriber(broker.port, [f"{PREFIX}/cam-01/control"], client_id="watcher-2") as sub:
         assert sub.wait(lambda s: len(s.received) >= 1)
         resumed = messages.decode("control", sub.messages()[0].payload, topic_device="cam-01")
     assert resumed["paused"] is False
@@ -113,22 +111,22 @@ def _nudge(port: int, revision: str, release: int) -> None:
 
 
 def test_the_agent_takes_the_remote_pause_composes_it_with_its_own_and_keeps_it_across_a_restart(
-        fleet: AgentFleet, mosquitto_broker: Mosquitto) -> None:
+        fleet: AgentFleet, broker: Mosquitto) -> None:
     first = fleet.publish(base_release(fleet.root))
-    cfg = mqtt_config(fleet, mosquitto_broker.port, poll="1h")
+    cfg = mqtt_config(fleet, broker.port, poll="1h")
     conf = fleet.root / "etc/app/app.conf"
-    with Subscriber(mosquitto_broker.port, [ALL], client_id="watcher") as sub:
+    with Subscriber(broker.port, [ALL], client_id="watcher") as sub:
         sub.wait_subscribed(1)
         agent = RunningAgent(cfg)
         try:
             assert sub.wait(has_event("sync_succeeded", first), 20), sub.lines[-20:]
-            _control(mosquitto_broker.port, paused=True, reason="INC-7 hands off")
+            _control(broker.port, paused=True, reason="INC-7 hands off")
             said = "fleet server: INC-7 hands off"
             assert sub.wait(lambda s: any(e["reason"] == said for e in events(s, "paused")), 10)
             assert sub.wait(lambda s: decoded(s, "status")[-1].get("pause_reason") == said, 10)
             assert decoded(sub, "status")[-1]["paused"] is True
             second = fleet.publish({"bundles/app/files/app.conf": "listen = 2\n"})
-            _nudge(mosquitto_broker.port, second, 2)
+            _nudge(broker.port, second, 2)
             wait_until(lambda: (r := agent.daemon.last_result) is not None and r.commit == second,
                        "the paused device syncs the new release without applying it")
             assert agent.daemon.last_result is not None
@@ -142,16 +140,16 @@ def test_the_agent_takes_the_remote_pause_composes_it_with_its_own_and_keeps_it_
         assert agent.daemon.last_result is not None
         assert agent.daemon.last_result.outcome == "paused"
         pause(cfg, "local works")  # the device's own pause on top
-        _control(mosquitto_broker.port, paused=False, reason="INC-7 closed")
+        _control(broker.port, paused=False, reason="INC-7 closed")
         wait_until(lambda: status(cfg)["paused_by_fleet_server"] is None, "the remote pause is lifted")
         assert status(cfg)["paused"] == "local works"  # still paused: its own pause holds
         syncs = agent.daemon.syncs
-        _nudge(mosquitto_broker.port, second, 2)
+        _nudge(broker.port, second, 2)
         wait_until(lambda: agent.daemon.syncs > syncs, "a sync while paused locally")
         assert agent.daemon.last_result is not None
         assert agent.daemon.last_result.outcome == "paused"
         resume(cfg)
-        _nudge(mosquitto_broker.port, second, 2)
+        _nudge(broker.port, second, 2)
         wait_until(lambda: conf.read_text() == "listen = 2\n", "applied once both pauses are lifted")
     finally:
         agent.stop()

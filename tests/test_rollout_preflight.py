@@ -105,12 +105,6 @@ class World:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000"]) as b:
-        yield b
-
-
-@pytest.fixture
 def worlds(tmp_path: Path, broker: Mosquitto, store_config: StoreConfig) -> Iterator[Callable[..., World]]:
     made: list[World] = []
 

@@ -65,12 +65,6 @@ class Server:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000"]) as b:
-        yield b
-
-
-@pytest.fixture
 def clock() -> Clock:
     return Clock()
 

@@ -13,7 +13,7 @@ and authorises. ``base_config`` replaces the generated listener and auth lines w
 stays in the work directory.
 
 The process is stopped by its pid (SIGTERM, then SIGKILL after a bound), never by name. The pytest
-fixture ``mosquitto_broker`` gives a started broker to one test function.
+fixture ``broker`` gives a started broker to one test function.
 
 The other side of a test talks through Mosquitto's own command-line clients, independent of the
 code under test: :class:`Subscriber` runs ``mosquitto_sub`` (stopped by pid) and collects what it
@@ -39,7 +39,7 @@ import pytest
 
 from tests.support.mirror import free_port, wait_for_port
 
-__all__ = ["Mosquitto", "Received", "Subscriber", "mosquitto_binary", "mosquitto_broker", "publish"]
+__all__ = ["Mosquitto", "Received", "Subscriber", "broker", "mosquitto_binary", "publish"]
 
 _STOP_WAIT = 5.0
 
@@ -161,10 +161,11 @@ class Mosquitto:
 
 
 @pytest.fixture
-def mosquitto_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A started anonymous Mosquitto on a free loopback port, stopped (by pid) after the test."""
-    with Mosquitto(tmp_path / "mosquitto") as broker:
-        yield broker
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A started anonymous Mosquitto on a free loopback port, stopped (by pid) after the test; up to
+    1,000 QoS 1 messages in flight per client, as a fleet's bursts of reports need."""
+    with Mosquitto(tmp_path / "broker", extra_lines=["max_inflight_messages 1000"]) as started:
+        yield started
 
 
 @dataclass(frozen=True)
