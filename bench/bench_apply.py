@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,14 +50,42 @@ def sh(*argv: str | Path, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+def agent_optimize() -> int:
+    """The optimisation level (``-O`` count) the agent package's commands run with, read from
+    ``packaging/build_deb.py``."""
+    spec = importlib.util.spec_from_file_location("build_deb", REPO / "packaging" / "build_deb.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit("cannot load packaging/build_deb.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("build_deb", module)
+    spec.loader.exec_module(module)
+    return int(module.PACKAGES["edge-agent"].optimize)
+
+
+def agent_python_flags() -> list[str]:
+    """The interpreter flags of the packaged ``edge-agent`` command (its ``#!`` line), e.g. ``-OO``."""
+    level = agent_optimize()
+    return ["-" + "O" * level] if level else []
+
+
 def compile_like_the_package() -> None:
-    """Byte-compile the project's own modules as the .deb ships them (``compileall``, checked-hash
-    pycs), so a measured ``edge-agent`` process loads bytecode as a device does instead of compiling
-    its sources on every start (which it would when the environment sets PYTHONDONTWRITEBYTECODE).
-    The third-party packages of the virtualenv were byte-compiled by pip when it installed them."""
+    """Byte-compile as the .deb ships (``compileall``, checked-hash pycs), so a measured
+    ``edge-agent`` process loads bytecode as a device does instead of compiling its sources on
+    every start (which it would when the environment sets PYTHONDONTWRITEBYTECODE).
+
+    The project's modules get plain and optimised byte code (the tests and other benchmarks run them
+    unoptimised). When the package runs its commands optimised, the virtualenv's third-party
+    packages (pip compiled them unoptimised) get optimised byte code too, and the standard library
+    gets what the package's postinst writes on a device (``python -OO -m edge_agent.bytecode``)."""
     project = Path(__file__).resolve().parents[1]
-    sh(sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
-       project / "edge_core", project / "edge_agent", project / "fleet_server")
+    level = agent_optimize()
+    sh(sys.executable, "-m", "compileall", "-q", "--invalidation-mode", "checked-hash", "-o", "0",
+       "-o", str(level), project / "edge_core", project / "edge_agent", project / "fleet_server")
+    if level:
+        site = Path(sysconfig.get_path("purelib"))
+        sh(sys.executable, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "checked-hash",
+           "-o", str(level), site)
+        sh(sys.executable, *agent_python_flags(), "-m", "edge_agent.bytecode")
 
 
 def contents(n: int) -> dict[str, bytes]:

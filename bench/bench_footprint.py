@@ -10,7 +10,9 @@ Measures, against a signed release of N file resources (the one :mod:`bench.benc
   start-up: its peak RSS (``VmHWM``), then, once the first sync is done, its RSS and CPU share over an
   idle window (default 60 s, so one drift check of every file and one health report fall inside it).
   The daemon runs with the ``Environment=`` settings of the shipped systemd unit
-  (``packaging/edge-agent.service``: ``MALLOC_ARENA_MAX=1`` among them), as it does on a device.
+  (``packaging/edge-agent.service``: ``MALLOC_ARENA_MAX=1`` among them) and, like ``sync --once``,
+  with the interpreter flags of the packaged command (``-OO``, its ``#!`` line) and optimised
+  byte code for every module it loads, as it does on a device.
   It is measured twice: with the mirror as a local ``file://`` repository, and served over the
   network by ``git daemon`` on loopback (``git://``), which loads dulwich's network client on the
   first fetch as a device's mirror does;
@@ -39,7 +41,14 @@ from typing import Any
 import psutil
 import yaml
 
-from bench.bench_apply import BIN, compile_like_the_package, device_config, make_release, sh
+from bench.bench_apply import (
+    BIN,
+    agent_python_flags,
+    compile_like_the_package,
+    device_config,
+    make_release,
+    sh,
+)
 
 __all__ = ["IMPORTS", "UNIT", "daemon_footprint", "import_costs", "importtime_top", "main", "oneshot_peak_rss",
            "unit_environment"]
@@ -91,7 +100,8 @@ def oneshot_peak_rss(config: Path) -> tuple[float, float]:
     """Run ``edge-agent sync --once`` (the console script's code, which then prints its ``VmHWM``);
     return (its peak RSS in MiB, wall seconds)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _ONESHOT, "sync", "--once", "--config", str(config)],
+    proc = subprocess.run([sys.executable, *agent_python_flags(), "-c", _ONESHOT, "sync", "--once",
+                           "--config", str(config)],
                           capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -108,7 +118,8 @@ def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float
     Raises:
         SystemExit: the daemon exited, or did not apply the release within two minutes.
     """
-    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, *agent_python_flags(), str(BIN / "edge-agent"), "run",
+                             "--config", str(config)],
                             env={**os.environ, **unit_environment()},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -149,12 +160,13 @@ def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float
 
 def _hwm_after(module: str | None) -> float:
     code = "import sys as _sys\n" + (f"import {module}\n" if module else "") + _HWM_SUFFIX
-    return _hwm_from_stderr(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                           check=True).stderr)
+    return _hwm_from_stderr(subprocess.run([sys.executable, *agent_python_flags(), "-c", code],
+                                           capture_output=True, text=True, check=True).stderr)
 
 
 def import_costs(modules: tuple[str, ...] = IMPORTS) -> dict[str, Any]:
-    """Peak RSS of a bare interpreter and how much each module adds when imported alone (MiB, median of 3)."""
+    """Peak RSS of a bare interpreter and how much each module adds when imported alone (MiB, median
+    of 3), with the agent's interpreter flags."""
     bare = statistics.median(_hwm_after(None) for _ in range(3))
     added = {m: statistics.median(_hwm_after(m) for _ in range(3)) - bare for m in modules}
     return {"bare_interpreter_mib": bare, "added_mib": added}

@@ -71,6 +71,7 @@ class PackageSpec:
     drop_packages: tuple[str, ...] = ()  # top-level import packages removed from the venv
     ship_profiles: bool = False
     lean_bin: bool = False  # bin/ keeps only the interpreter links and the package's own commands
+    optimize: int = 0  # the commands run with -O or -OO, and the venv's byte code is of that level
 
     @property
     def venv(self) -> str:
@@ -95,6 +96,7 @@ PACKAGES: dict[str, PackageSpec] = {
         drop_packages=("fleet_server",),
         ship_profiles=True,
         lean_bin=True,
+        optimize=2,
     ),
     "fleet-server": PackageSpec(
         name="fleet-server",
@@ -173,6 +175,11 @@ def _min_glibc(wheels: list[Path]) -> tuple[int, int] | None:
 
 def _python_minor(python: Path) -> str:
     out = _run([str(python), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], "python version")
+    return out.strip()
+
+
+def _stdlib_dir(python: Path) -> str:
+    out = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('stdlib'))"], "python stdlib")
     return out.strip()
 
 
@@ -303,8 +310,10 @@ def _make_venv(spec: PackageSpec, root: Path, cache_dir: Path, python: Path, pro
     for cmd in spec.commands:
         if not (venv / "bin" / cmd).exists():
             raise BuildError(f"console script {cmd} missing from the package venv")
+        if spec.optimize:
+            _add_interpreter_flag(venv / "bin" / cmd, "-" + "O" * spec.optimize)
     _run([str(vpy), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "checked-hash",
-          "-s", str(root), "-p", "/", str(site)], "byte-compile the package venv")
+          "-o", str(spec.optimize), "-s", str(root), "-p", "/", str(site)], "byte-compile the package venv")
     names = _requirement_names(requirements)
     return [w for w in wheels if w.name.split("-")[0].lower().replace("_", "-") in names]
 
@@ -321,6 +330,18 @@ def _lean_bin(venv: Path, site: Path, commands: tuple[str, ...]) -> None:
         removed.add(f"../../../bin/{entry.name}")
     for info in site.glob("*.dist-info"):
         _rewrite_record(info, removed)
+
+
+def _add_interpreter_flag(script: Path, flag: str) -> None:
+    """Append ``flag`` to the ``#!`` line of a console script (Linux passes it as one argument).
+
+    Raises:
+        BuildError: the script has no ``#!`` line naming a python, or already carries an argument.
+    """
+    first, sep, rest = script.read_bytes().partition(b"\n")
+    if not first.startswith(b"#!") or b" " in first or not first.rsplit(b"/", 1)[-1].startswith(b"python"):
+        raise BuildError(f"{script}: unexpected #! line {first!r}")
+    script.write_bytes(first + b" " + flag.encode() + sep + rest)
 
 
 def _requirement_names(requirements: Path) -> set[str]:
@@ -402,8 +423,9 @@ def _control(spec: PackageSpec, version: str, arch: str, *, python_minor: str,
     )
 
 
-def _stage(spec: PackageSpec, root: Path) -> None:
-    """Copy the unit, conffiles, profiles, maintainer scripts and command links into the root."""
+def _stage(spec: PackageSpec, root: Path, stdlib: str) -> None:
+    """Copy the unit, conffiles, profiles, maintainer scripts and command links into the root;
+    ``stdlib`` is the interpreter's standard-library directory (a dpkg trigger watches it)."""
     unit = root / "lib" / "systemd" / "system" / spec.unit
     unit.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(HERE / spec.unit, unit)
@@ -429,6 +451,10 @@ def _stage(spec: PackageSpec, root: Path) -> None:
         shutil.copyfile(HERE / spec.name / "DEBIAN" / script, debian / script)
         (debian / script).chmod(0o755)
     (debian / "conffiles").write_text("".join(f"{t}\n" for _s, t in spec.conffiles), encoding="utf-8")
+    if spec.optimize:
+        # postinst writes the optimised byte code of the standard library again whenever a package
+        # changes files under it (an upgrade of the interpreter drops that byte code).
+        (debian / "triggers").write_text(f"interest-noawait {stdlib}\n", encoding="utf-8")
 
 
 def build_package(spec: PackageSpec, out_dir: Path, *, build_dir: Path = DEFAULT_BUILD_DIR,
@@ -455,7 +481,7 @@ def build_package(spec: PackageSpec, out_dir: Path, *, build_dir: Path = DEFAULT
     project = _project_wheel(pkg_build, pip)
     _say(f"{spec.name}: installing pinned wheels into {spec.venv}")
     wheels = _make_venv(spec, root, cache_dir, python, project)
-    _stage(spec, root)
+    _stage(spec, root, _stdlib_dir(python))
     _write_completions(spec, root, _shtab_path(cache_dir, pip))
     _normalise_modes(root)
     for script in ("postinst", "prerm", "postrm"):

@@ -83,6 +83,22 @@ grep -q "identity key:" "$WORK/dpkg-i.log" || { cat "$WORK/dpkg-i.log" >&2; fail
 [ -L "$ROOT/etc/systemd/system/multi-user.target.wants/edge-agent.service" ] || fail "unit not enabled"
 KEY_SHA=$(sha "$ROOT/var/lib/edge-agent/identity.key")
 
+step "optimised byte code for every module the agent loads (it runs with -OO)"
+head -n 1 "$ROOT/opt/edge-agent/bin/edge-agent" | grep -qx '#!/opt/edge-agent/bin/python -OO' || fail "edge-agent does not run with -OO"
+OPT2_CHECK='import importlib.util, os, sys
+import edge_agent.cli, edge_agent.daemon, edge_core.gitclients
+missing = [m.__file__ for m in list(sys.modules.values())
+           if (getattr(m, "__file__", None) or "").endswith(".py")
+           and not os.path.exists(importlib.util.cache_from_source(m.__file__, optimization=2))]
+print("\n".join(missing))
+sys.exit(1 if missing else 0)'
+out=$(in_root /opt/edge-agent/bin/python -B -OO -c "$OPT2_CHECK") || fail "modules without opt-2 byte code: $out"
+JSON_OPT2=/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.opt-2.pyc
+rm "$ROOT$JSON_OPT2"
+in_root dpkg-trigger --no-await /usr/lib/python3.11 || fail "dpkg-trigger"
+in_root dpkg --triggers-only --pending >"$WORK/dpkg-trig.log" 2>&1 || { cat "$WORK/dpkg-trig.log" >&2; fail "dpkg --triggers-only"; }
+[ -f "$ROOT$JSON_OPT2" ] || { cat "$WORK/dpkg-trig.log" >&2; fail "the trigger did not write the standard library's byte code again"; }
+
 step "edge-agent --version"
 out=$(in_root edge-agent --version) || fail "edge-agent --version exited non-zero"
 [ "$out" = "edge-agent $VERSION" ] || fail "edge-agent --version printed '$out', expected 'edge-agent $VERSION'"
@@ -180,6 +196,8 @@ in_root dpkg -r edge-agent >"$WORK/dpkg-r.log" 2>&1 || { cat "$WORK/dpkg-r.log" 
 [ -f "$ROOT/var/lib/edge-agent/state.db" ] || fail "remove lost the state database"
 [ "$(sha "$ROOT/etc/edge-agent/agent.yaml")" = "$AGENT_YAML_SHA" ] || fail "remove lost agent.yaml"
 [ "$(cat "$ROOT/etc/edge-demo/hello.txt")" = "installed by edge-fleet" ] || fail "remove touched managed files"
+[ ! -e "$ROOT$JSON_OPT2" ] || fail "remove left the optimised byte code of the standard library"
+[ -f "$ROOT/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc" ] || fail "remove took Debian's own byte code"
 
 step "dpkg -P edge-agent (keys, state and config gone)"
 in_root dpkg -P edge-agent >"$WORK/dpkg-p.log" 2>&1 || { cat "$WORK/dpkg-p.log" >&2; fail "dpkg -P"; }

@@ -171,9 +171,14 @@ def test_agent_file_list(debs: dict[str, Path]) -> None:
     for profile in sorted((REPO / "device_profiles").glob("*.yaml")):
         assert f"/usr/share/edge-agent/profiles/{profile.name}" in files
     site = "/opt/edge-agent/lib/python3.11/site-packages"
-    for module in ("edge_agent/cli.py", "edge_agent/__pycache__/cli.cpython-311.pyc", "paho/mqtt/client.py",
-                   "dulwich/client.py", "yaml/__init__.py", "nacl/signing.py"):
+    for module in ("edge_agent/cli.py", "edge_agent/__pycache__/cli.cpython-311.opt-2.pyc",
+                   "paho/mqtt/client.py", "dulwich/client.py", "yaml/__init__.py", "nacl/signing.py",
+                   "edge_agent/bytecode.py"):
         assert f"{site}/{module}" in files, module
+    # its commands run with -OO, so its byte code is of that level only
+    pycs = [p for p in files if p.endswith(".pyc")]
+    assert len(pycs) > 200
+    assert [p for p in pycs if not p.endswith(".opt-2.pyc")] == []
     # only the agent's runtime: no server packages (sqlite-utils and its closure, pip among it), no
     # fleet_server, no fleetctl, no psutil (the agent reads /proc itself)
     for absent in ("fastapi", "uvicorn", "prometheus_client", "fleet_server", "starlette", "sqlite_utils",
@@ -199,6 +204,8 @@ def test_server_file_list(debs: dict[str, Path]) -> None:
     for module in ("fleet_server/fleetctl.py", "edge_core/trust/keys.py", "fastapi/__init__.py",
                    "uvicorn/__init__.py", "prometheus_client/__init__.py", "sqlite_utils/db.py"):
         assert f"{site}/{module}" in files, module
+    assert f"{site}/fleet_server/__pycache__/fleetctl.cpython-311.pyc" in files
+    assert not any(p.endswith(".opt-2.pyc") for p in files)
 
 
 def test_conffiles(extracted: dict[str, Path]) -> None:
@@ -233,6 +240,17 @@ def test_maintainer_scripts_are_executable_and_parse(extracted: dict[str, Path])
     assert "rm -rf /var/lib/edge-agent /etc/edge-agent" in purge
     remove = postrm.split("remove)", 1)[1].split(";;", 1)[0]
     assert "rm " not in remove
+    # the standard library's optimised byte code: written on configure and by the trigger on the
+    # standard library's directory, deleted before removal; the server runs unoptimised
+    agent_debian = extracted["edge-agent"] / "DEBIAN"
+    assert (agent_debian / "triggers").read_text() == "interest-noawait /usr/lib/python3.11\n"
+    postinst = (agent_debian / "postinst").read_text()
+    for case in ("configure)", "triggered)"):
+        assert "stdlib_bytecode" in postinst.split(case, 1)[1].split(";;", 1)[0], case
+    assert "/opt/edge-agent/bin/python -OO -m edge_agent.bytecode ||" in postinst
+    prerm = (agent_debian / "prerm").read_text()
+    assert "-m edge_agent.bytecode --remove" in prerm.split("remove|deconfigure)", 1)[1].split(";;", 1)[0]
+    assert not (extracted["fleet-server"] / "DEBIAN" / "triggers").exists()
 
 
 def unit_sections(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -306,7 +324,9 @@ def test_units_pass_systemd_analyze_verify(extracted: dict[str, Path], tmp_path:
 def test_venv_runs_from_the_tree_and_names_no_build_path(extracted: dict[str, Path], tmp_path: Path) -> None:
     agent = extracted["edge-agent"]
     script = agent / "opt/edge-agent/bin/edge-agent"
-    assert script.read_text().splitlines()[0] == "#!/opt/edge-agent/bin/python"
+    assert script.read_text().splitlines()[0] == "#!/opt/edge-agent/bin/python -OO"
+    server_script = extracted["fleet-server"] / "opt/fleet-server/bin/fleetctl"
+    assert server_script.read_text().splitlines()[0] == "#!/opt/fleet-server/bin/python"
     cfg = (agent / "opt/edge-agent/pyvenv.cfg").read_text()
     assert "home = /usr/bin" in cfg
     assert "include-system-site-packages = false" in cfg
@@ -325,11 +345,20 @@ def test_venv_runs_from_the_tree_and_names_no_build_path(extracted: dict[str, Pa
               "names = [m.name for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.')]; "
               "[importlib.import_module(n) for n in names]; print(len(names))", cwd=tmp_path)
     assert int(out) > 40
+    # run as the package runs it (-OO): every module of its venv the daemon loads has shipped byte code
+    out = run(python, "-B", "-OO", "-c",
+              "import importlib.util, os, sys, edge_agent.cli, edge_agent.daemon, edge_core.gitclients; "
+              "print(sys.flags.optimize, sorted(m.__file__ for m in list(sys.modules.values()) "
+              "if (getattr(m, '__file__', None) or '').endswith('.py') and 'site-packages' in m.__file__ "
+              "and not os.path.exists(importlib.util.cache_from_source(m.__file__, optimization=2))))",
+              cwd=tmp_path)
+    assert out.strip() == "2 []"
     server = extracted["fleet-server"] / "opt/fleet-server/bin/python"
     run(server, "-c", "import fastapi, uvicorn, prometheus_client, sqlite_utils, fleet_server.fleetctl",
         cwd=tmp_path)
     # the byte code names the installed paths, and no file remembers where the build happened
-    pyc = agent / "opt/edge-agent/lib/python3.11/site-packages/edge_agent/__pycache__/cli.cpython-311.pyc"
+    site = agent / "opt/edge-agent/lib/python3.11/site-packages"
+    pyc = site / "edge_agent/__pycache__/cli.cpython-311.opt-2.pyc"
     assert b"/opt/edge-agent/lib/python3.11/site-packages/edge_agent/cli.py" in pyc.read_bytes()
     for name, root in extracted.items():
         for dirpath, _dirs, files in os.walk(root / "opt" / name):
