@@ -13,9 +13,10 @@ Measures, against a signed release of N file resources (the one :mod:`bench.benc
   (``packaging/edge-agent.service``: ``MALLOC_ARENA_MAX=1`` among them) and, like ``sync --once``,
   with the interpreter flags of the packaged command (``-OO``, its ``#!`` line) and optimised
   byte code for every module it loads, as it does on a device.
-  It is measured twice: with the mirror as a local ``file://`` repository, and served over the
-  network by ``git daemon`` on loopback (``git://``), which loads dulwich's network client on the
-  first fetch as a device's mirror does;
+  It is measured four times: with the mirror as a local ``file://`` repository, and served over
+  the network on loopback by ``git daemon`` (``git://``) and by ``git http-backend`` (smart HTTP,
+  ``http://``, and ``https://`` with a certificate from a test CA that a trust store holds beside
+  the system's CAs), which load the network clients on the first fetch as a device's mirror does;
 - for comparison, the RSS of a bare interpreter, and what each import adds to it (each module
   imported alone in a fresh interpreter, ``VmHWM`` after minus a bare interpreter's), and the
   slowest imports of the daemon's start-up by ``python -X importtime``.
@@ -109,9 +110,10 @@ def oneshot_peak_rss(config: Path) -> tuple[float, float]:
     return _hwm_from_stderr(proc.stderr), elapsed
 
 
-def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float) -> dict[str, float]:
-    """Start ``edge-agent run`` on a fresh device (with the shipped unit's environment), wait for its
-    first apply, then watch it idle.
+def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float,
+                     env: dict[str, str] | None = None) -> dict[str, float]:
+    """Start ``edge-agent run`` on a fresh device (with the shipped unit's environment, and ``env``),
+    wait for its first apply, then watch it idle.
 
     Returns its peak RSS over the apply, its RSS after it, and its RSS (max) and CPU share while idle.
 
@@ -120,7 +122,7 @@ def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float
     """
     proc = subprocess.Popen([sys.executable, *agent_python_flags(), str(BIN / "edge-agent"), "run",
                              "--config", str(config)],
-                            env={**os.environ, **unit_environment()},
+                            env={**os.environ, **unit_environment(), **(env or {})},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -190,7 +192,8 @@ def importtime_top(module: str = "edge_agent.daemon", top: int = 12) -> list[tup
 def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
     """Measure everything; return the figures."""
     from tests.support.broker import Mosquitto
-    from tests.support.mirror import GitDaemon
+    from tests.support.mirror import GitDaemon, SmartHttpMirror
+    from tests.support.tls import hashed_store, make_ca
 
     compile_like_the_package()
     base = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
@@ -204,16 +207,23 @@ def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
             peak, seconds = oneshot_peak_rss(cfg)
             peaks.append(peak)
             times.append(seconds)
-        with Mosquitto(base / "broker") as broker, GitDaemon(base) as mirror:
+        # https: the mirror's certificate comes from a test CA, trusted in a store that holds the
+        # system's CAs too, read as the agent reads the system's (SSL_CERT_DIR names it)
+        certs = make_ca(base / "ca")
+        store = {"SSL_CERT_DIR": str(hashed_store(base / "trust", certs.ca, system=True))}
+        with Mosquitto(base / "broker") as broker, GitDaemon(base) as mirror, SmartHttpMirror(base) as web, \
+                SmartHttpMirror(base, tls=certs.server_context()) as secure:
             daemons = {}
-            for name, mirror_url in (("daemon", url), ("daemon_git", mirror.url("mirror.git"))):
+            for name, mirror_url, env in (("daemon", url, {}), ("daemon_git", mirror.url("mirror.git"), {}),
+                                          ("daemon_http", web.url("mirror.git"), {}),
+                                          ("daemon_https", secure.url("mirror.git"), store)):
                 cfg = device_config(base, name, mirror_url, trust)
                 raw = json.loads(cfg.read_text())
                 raw["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
                 del raw["intervals"]  # the shipped defaults
                 cfg.write_text(yaml.safe_dump(raw))
                 sh(BIN / "edge-agent", "init", "--config", cfg)
-                daemons[name] = daemon_footprint(cfg, cfg.parent / "root", n_files, idle_seconds)
+                daemons[name] = daemon_footprint(cfg, cfg.parent / "root", n_files, idle_seconds, env)
         return {"files": n_files, "runs": runs, "oneshot_peak_rss_mib": statistics.median(peaks),
                 "oneshot_peak_rss_samples": peaks, "oneshot_seconds": statistics.median(times),
                 **daemons, "imports": import_costs(), "importtime_ms": importtime_top()}
@@ -241,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
           f"RSS after {d['rss_after_apply_mib']:.1f} MiB")
     print(f"edge-agent run idle {d['idle_seconds']:.0f} s: RSS max {d['idle_rss_max_mib']:.1f} MiB, "
           f"CPU {d['idle_cpu_percent']:.2f} %")
-    g = r["daemon_git"]
-    print(f"edge-agent run, mirror over git://: peak RSS over start-up + first apply "
-          f"{g['peak_rss_apply_mib']:.1f} MiB, idle RSS max {g['idle_rss_max_mib']:.1f} MiB")
+    for key, transport in (("daemon_git", "git://"), ("daemon_http", "http://"), ("daemon_https", "https://")):
+        g = r[key]
+        print(f"edge-agent run, mirror over {transport}: peak RSS over start-up + first apply "
+              f"{g['peak_rss_apply_mib']:.1f} MiB, idle RSS max {g['idle_rss_max_mib']:.1f} MiB")
     print(f"bare interpreter peak RSS: {r['imports']['bare_interpreter_mib']:.1f} MiB; each import adds:")
     for mod, mib in r["imports"]["added_mib"].items():
         print(f"  {mod:28s} +{mib:.1f} MiB")

@@ -8,9 +8,9 @@ shortens its socket timeout to the time left), and the ref advertisement is capp
 bytes while it arrives (over HTTP the advertisement responses are capped in bytes, and the ref count
 is checked when the advertisement is complete). Credentials: :class:`edge_core.gittransport.SourceAuth`.
 
-Timeouts: ``timeout`` bounds connecting and every read on ``git://`` (socket timeout) and
-``http(s)://`` (urllib3 timeout); over ssh it is the ssh ``ConnectTimeout`` plus server-alive
-probes.
+Timeouts: ``timeout`` bounds connecting and every read on ``git://`` and ``http(s)://`` (socket
+timeouts); over ssh it is the ssh ``ConnectTimeout`` plus server-alive probes. The HTTP client is
+:class:`edge_core.githttp.HttpGitClient`.
 """
 
 from __future__ import annotations
@@ -20,23 +20,22 @@ import select
 import shlex
 import socket
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
 from urllib.parse import urlsplit
 
 from dulwich.client import (
     GitClient,
-    HTTPUnauthorized,
     LocalGitClient,
     SSHGitClient,
     SubprocessSSHVendor,
     SubprocessWrapper,
     TCPGitClient,
-    Urllib3HttpGitClient,
 )
-from dulwich.errors import GitProtocolError, NotGitRepository
+from dulwich.errors import GitProtocolError
 from dulwich.protocol import DEFAULT_GIT_PROTOCOL_VERSION_FETCH, DEFAULT_GIT_PROTOCOL_VERSION_SEND, Protocol
 
 from edge_core.errors import FetchError
+from edge_core.githttp import HttpGitClient
 from edge_core.gitlimits import Deadline, FetchLimits, guard_protocol
 from edge_core.gittransport import SourceAuth, redact
 
@@ -171,48 +170,6 @@ class _SSHGitClient(SSHGitClient):
         super().close()
 
 
-class _HttpGitClient(Urllib3HttpGitClient):
-    """dulwich's urllib3 client, closing the response of a failed request instead of leaking it,
-    looking at the deadline before every read and capping the bytes of ref advertisements."""
-
-    def __init__(self, base_url: str, *, username: str | None, password: str | None, timeout: float,
-                 limits: FetchLimits, deadline: Deadline) -> None:
-        super().__init__(base_url, username=username, password=password, timeout=timeout)
-        self._limits = limits
-        self._deadline = deadline
-
-    def _http_request(self, url: str, headers: dict[str, str] | None = None, data: Any = None,
-                      raise_for_status: bool = True) -> tuple[Any, Callable[[int], bytes]]:
-        self._deadline.check()
-        resp, read = super()._http_request(url, headers, data, raise_for_status=False)
-        if not raise_for_status or resp.status == 200:
-            advertisement = "info/refs" in url or (isinstance(data, bytes) and b"command=ls-refs" in data)
-            return resp, self._bounded(read, advertisement)
-        status = resp.status
-        challenge = resp.headers.get("WWW-Authenticate")
-        resp.close()
-        if status == 401:
-            raise HTTPUnauthorized(challenge, url)
-        if status == 404:
-            raise NotGitRepository(f"no repository at {url}")
-        raise GitProtocolError(f"unexpected HTTP status {status}")
-
-
-    def _bounded(self, read: Callable[[int], bytes], advertisement: bool) -> Callable[[int], bytes]:
-        limits, deadline = self._limits, self._deadline
-        received = 0
-
-        def bounded(size: int) -> bytes:
-            nonlocal received
-            deadline.check()
-            data = read(size)
-            received += len(data)
-            if advertisement and received > limits.max_ref_advertisement_bytes:
-                raise limits.breach("max_ref_advertisement_bytes", "ref advertisement size")
-            return data
-        return bounded
-
-
 def make_client(url: str, auth: SourceAuth, timeout: float, limits: FetchLimits,
                 deadline: Deadline) -> tuple[GitClient, str]:
     """Return the dulwich client for ``url`` and the path to ask it for, bounded by ``limits``.
@@ -232,8 +189,8 @@ def make_client(url: str, auth: SourceAuth, timeout: float, limits: FetchLimits,
         username, password = auth.username, auth.password
         if auth.token is not None:
             username, password = _TOKEN_USER, auth.token
-        return _HttpGitClient(redact(url), username=username, password=password, timeout=timeout,
-                              limits=limits, deadline=deadline), ""
+        return HttpGitClient(redact(url), username=username, password=password, timeout=timeout,
+                             limits=limits, deadline=deadline), ""
     known_hosts = auth.ssh_known_hosts
     if known_hosts is None:
         raise FetchError(f"an ssh:// mirror needs auth.ssh_known_hosts ({redact(url)})")

@@ -142,13 +142,9 @@ def transfer(mirror: Mirror, repo: Repo, want: ObjectID | None, *, depth: int | 
 
 
 def _close_client(client: GitClient) -> None:
-    """Close the client and, for HTTP, its pooled connections (dulwich leaves them open)."""
+    """Close the client and the connections it opened (each of our clients closes its own)."""
     with contextlib.suppress(Exception):
         client.close()
-    pool = getattr(client, "pool_manager", None)
-    if pool is not None:
-        with contextlib.suppress(Exception):
-            pool.clear()
 
 
 def transfer_local(mirror: Mirror, repo: Repo, want: ObjectID | None, *, spool: PackSpool,

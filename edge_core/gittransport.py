@@ -89,7 +89,7 @@ def is_own_bug(exc: BaseException) -> bool:
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
-    """Yield ``exc`` and what caused it (``__cause__``/``__context__``/urllib3's ``reason``)."""
+    """Yield ``exc`` and what caused it (``__cause__``, ``__context__``, or an exception in ``reason``)."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -119,10 +119,11 @@ def transport_reason(exc: BaseException, timeout: float) -> str:
             return f"mirror unreachable: no answer within {timeout:g}s"
         if isinstance(cur, socket.gaierror):
             return f"mirror unreachable: cannot resolve host ({one_line(cur)})"
-        if type(cur).__name__ in ("ReadTimeoutError", "ConnectTimeoutError"):
-            return f"mirror unreachable: no answer within {timeout:g}s"
-        if type(cur).__name__ == "NewConnectionError":
-            return f"mirror unreachable: {one_line(cur)}"
+        if type(cur).__module__ == "ssl" and isinstance(cur, OSError):  # named, not imported: TLS only
+            detail = getattr(cur, "verify_message", None) or getattr(cur, "reason", None) or cur
+            if type(cur).__name__ == "SSLCertVerificationError":
+                return f"mirror certificate not trusted: certificate verify failed: {one_line(detail)}"
+            return f"mirror TLS failed: {one_line(detail)}"
     for cur in chain:
         if isinstance(cur, ConnectionError):
             return f"mirror connection failed: {one_line(cur.strerror or cur)}"

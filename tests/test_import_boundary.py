@@ -40,6 +40,7 @@ ADAPTERS: dict[str, dict[str, str]] = {
         "edge_core/gitfetch.py": "one transfer into the cache and the reason of each way it fails",
         "edge_core/gittransport.py": "the credentials, failure reasons and pack spool of every transport",
         "edge_core/gitclients.py": "the dulwich client of each network transport, loaded on first use",
+        "edge_core/githttp.py": "the smart-HTTP transport: dulwich's protocol over http.client",
     },
     "nacl": {
         "edge_core/trust/keys.py": "key types and text forms (re-exports the key types for everyone else)",
@@ -60,6 +61,9 @@ ADAPTERS: dict[str, dict[str, str]] = {
     # no adapter: the agent reads its metrics from /proc, /sys and statvfs (edge_agent/telemetry.py),
     # and neither package ships psutil
     "psutil": {},
+    # no adapter: the smart-HTTP client runs on http.client (edge_core/githttp.py); dulwich's own
+    # urllib3 client would add about 1.7 MiB to the agent
+    "urllib3": {},
     "prometheus_client": {
         "fleet_server/metrics": "the server's collectors and exposition (metrics.py, metrics_*.py)",
     },

@@ -54,6 +54,7 @@ def test_pragmas_of_the_connection(db: StateDB) -> None:
     conn = db._conn  # the pragmas are per connection: read them on the one the class uses
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -256  # KiB: the daemon's memory budget
     assert conn.isolation_level is None
 
 

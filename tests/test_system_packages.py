@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tools" / "ensure-system-packages.sh"
 
 ALL = ["python3", "python3-venv", "ca-certificates", "mosquitto", "mosquitto-clients", "git",
-       "openssh-client", "openssh-server", "chromium", "libatomic1", "debootstrap", "postgresql",
+       "openssh-client", "openssh-server", "openssl", "chromium", "libatomic1", "debootstrap", "postgresql",
        "prometheus"]
 
 STANDIN = """#!/bin/sh

@@ -4,8 +4,8 @@
 # usage: tools/ensure-system-packages.sh [venv|all]
 #   venv   what creating .venv needs (python3, python3-venv): run before `python3 -m venv`
 #   all    (default) also what the tests, the demo and the benchmarks run: Mosquitto, git, OpenSSH,
-#          Chromium (and libatomic1 for Playwright's driver), debootstrap, PostgreSQL, Prometheus
-#          (for promtool)
+#          openssl (test certificates), Chromium (and libatomic1 for Playwright's driver),
+#          debootstrap, PostgreSQL, Prometheus (for promtool)
 #
 # As root it runs apt-get itself; as any other user it runs it through `sudo -n` (never a password
 # prompt). When packages are missing and neither works it names them in one line and exits 1.
@@ -16,7 +16,7 @@ set -euo pipefail
 me=ensure-system-packages
 venv_set=(python3 python3-venv ca-certificates)
 # libatomic1: the node program inside the Playwright wheel (which drives Chromium) links it.
-all_set=("${venv_set[@]}" mosquitto mosquitto-clients git openssh-client openssh-server chromium
+all_set=("${venv_set[@]}" mosquitto mosquitto-clients git openssh-client openssh-server openssl chromium
          libatomic1 debootstrap postgresql prometheus)
 
 case "${1:-all}" in

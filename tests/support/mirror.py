@@ -22,6 +22,7 @@ import hmac
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -204,6 +205,7 @@ class _GitHttpHandler(BaseHTTPRequestHandler):
 
     def _run_backend(self) -> None:
         self.server.requests += 1
+        self.server.authorization.append(self.headers.get("Authorization"))
         if not self._authorised():
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="fleet mirror"')
@@ -265,13 +267,17 @@ class _GitHttpServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], base_dir: Path, token: str | None,
-                 allow_sha_wants: bool, mangle: Callable[[bytes], bytes] | None) -> None:
+                 allow_sha_wants: bool, mangle: Callable[[bytes], bytes] | None,
+                 tls: ssl.SSLContext | None) -> None:
         super().__init__(address, _GitHttpHandler)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.base_dir = base_dir
         self.token = token
         self.allow_sha_wants = allow_sha_wants
         self.mangle = mangle
         self.requests = 0
+        self.authorization: list[str | None] = []  # the Authorization header of each request
 
 
 class SmartHttpMirror:
@@ -282,10 +288,12 @@ class SmartHttpMirror:
         token: when set, requests must carry it (Bearer, or Basic with it as password) or get 401.
         allow_sha_wants: let clients fetch any commit by sha.
         mangle: a function applied to the body of each successful git-upload-pack POST response.
+        tls: when set, the server speaks HTTPS with this server-side context.
     """
 
     def __init__(self, base_dir: Path, token: str | None = None, *, allow_sha_wants: bool = True,
-                 mangle: Callable[[bytes], bytes] | None = None) -> None:
+                 mangle: Callable[[bytes], bytes] | None = None, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.token = token
@@ -296,20 +304,25 @@ class SmartHttpMirror:
         self.port = 0
 
     def url(self, repo_name: str) -> str:
-        """Return the http:// URL of ``repo_name``."""
-        return f"http://127.0.0.1:{self.port}/{repo_name}"
+        """Return the http:// (https:// with ``tls``) URL of ``repo_name``."""
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}/{repo_name}"
 
     @property
     def requests(self) -> int:
         """How many HTTP requests the server has seen."""
         return self._server.requests if self._server is not None else 0
 
+    @property
+    def authorization(self) -> list[str | None]:
+        """The ``Authorization`` header of each request seen (None where it had none)."""
+        return list(self._server.authorization) if self._server is not None else []
+
     def start(self) -> None:
         """Bind 127.0.0.1 on a free port (or the previous one) and serve in a background thread."""
         if self._server is not None:
             return
         server = _GitHttpServer(("127.0.0.1", self.port), self.base_dir, self.token,
-                                self.allow_sha_wants, self.mangle)
+                                self.allow_sha_wants, self.mangle, self.tls)
         self.port = int(server.server_address[1])
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                   name=f"git-http-{self.port}", daemon=True)
