@@ -52,6 +52,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_core import messages
 from edge_core.errors import BrokerError, ConfigError, MessageError
+from edge_core.tls import client_context
 
 __all__ = ["MqttLink", "MqttSettings", "PublishTracking", "disconnect_cause", "settings_from_config"]
 
@@ -79,6 +80,7 @@ class MqttSettings:
     keepalive: int = 60
     username: str | None = None
     password: str | None = None
+    tls: bool = False  # TLS to the broker; also on whenever a CA file or client certificate is named
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -108,6 +110,11 @@ class MqttSettings:
         if self.session_expiry < 0 or self.connect_timeout <= 0:
             raise ConfigError("mqtt: session_expiry must be >= 0 and connect_timeout positive")
 
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the connection is TLS (an ``mqtt.tls`` section, even an empty one)."""
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
 
 def settings_from_config(config: AgentConfig) -> MqttSettings:
     """Build :class:`MqttSettings` from ``agent.yaml`` (reading the password file when one is named).
@@ -130,7 +137,7 @@ def settings_from_config(config: AgentConfig) -> MqttSettings:
         protocol=mqtt.protocol, keepalive=mqtt.keepalive,
         username=mqtt.username if mqtt.username is not None else (config.device_id if password else None),
         password=password,
-        tls_ca=tls.ca_file if tls else None, tls_cert=tls.cert_file if tls else None,
+        tls=tls is not None, tls_ca=tls.ca_file if tls else None, tls_cert=tls.cert_file if tls else None,
         tls_key=tls.key_file if tls else None,
         reconnect_min=config.backoff.base, reconnect_max=config.backoff.cap,
     )
@@ -259,13 +266,13 @@ class MqttLink:
             client.connect_timeout = s.connect_timeout
             if s.username is not None:
                 client.username_pw_set(s.username, s.password)
-            if s.tls_ca is not None or s.tls_cert is not None:
-                client.tls_set(
-                    ca_certs=None if s.tls_ca is None else str(s.tls_ca),
-                    certfile=None if s.tls_cert is None else str(s.tls_cert),
-                    keyfile=None if s.tls_key is None else str(s.tls_key),
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
+            if s.uses_tls:
+                # the broker's certificate and host name verified against tls_ca, else the system's
+                # trust store with its CAs read on demand (edge_core/tls.py)
+                context = client_context(None if s.tls_ca is None else str(s.tls_ca))
+                if s.tls_cert is not None:
+                    context.load_cert_chain(str(s.tls_cert), None if s.tls_key is None else str(s.tls_key))
+                client.tls_set_context(context)
             will = messages.encode(messages.online_message(s.device_id, False, self._clock()))
             client.will_set(self.online_topic, will, qos=1, retain=True)
         except (ValueError, OSError, ssl.SSLError, MessageError) as exc:
