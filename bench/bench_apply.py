@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import psutil
@@ -50,6 +50,7 @@ def sh(*argv: str | Path, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+@cache
 def agent_optimize() -> int:
     """The optimisation level (``-O`` count) the agent package's commands run with, read from
     ``packaging/build_deb.py``."""

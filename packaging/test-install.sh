@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the edge-agent and fleet-server packages into a throwaway Debian 12 root and use them:
-# dpkg -i (running the real maintainer scripts), edge-agent --version, init, sync --once against a
+# dpkg -i (running the real maintainer scripts), the optimised byte code of every module the agent
+# loads (-OO) and the dpkg trigger that writes it again, edge-agent --version, init, sync --once against a
 # signed release on a file:// mirror inside the root, then dpkg -r (keys and state kept) and
 # dpkg -P (keys and state gone). Needs root, chroot, debootstrap (installed with apt when missing),
 # git, and access to Debian's package archive the first time (the base root is cached).

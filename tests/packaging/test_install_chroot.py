@@ -2,7 +2,8 @@
 
 Runs packaging/test-install.sh: debootstrap --variant=minbase into a cached directory (plus
 python3 installed with apt inside it, once), a fresh copy per run, ``dpkg -i`` with the real
-maintainer scripts, ``edge-agent --version``, ``init`` and ``sync --once`` against a signed
+maintainer scripts, the optimised byte code of every module the agent loads and the dpkg trigger
+that writes it again, ``edge-agent --version``, ``init`` and ``sync --once`` against a signed
 release on a file:// mirror inside the root, then ``dpkg -r`` (keys and state kept) and ``dpkg -P``
 (keys and state gone), and the same for fleet-server. Needs root; about 40 s with a warm cache
 (package build included), a minute more the first time.
