@@ -5,6 +5,7 @@ certificate no trusted CA signed is refused."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +64,17 @@ def connects(settings: MqttSettings, wait: float) -> bool:
         link.stop(offline_wait=1)
 
 
-def test_the_broker_is_verified_against_the_configured_ca(tls_broker: Mosquitto, cas: Cas) -> None:
+def test_the_broker_is_verified_against_the_configured_ca(tls_broker: Mosquitto, cas: Cas,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     assert connects(MqttSettings(host="127.0.0.1", port=tls_broker.port, device_id="dev-1",
                                  tls_ca=cas.broker.ca), 10)
+    caplog.set_level(logging.WARNING, logger="edge_agent.report.mqtt")
     assert not connects(MqttSettings(host="127.0.0.1", port=tls_broker.port, device_id="dev-2",
                                      tls_ca=cas.other.ca), 3)
+    # the log says why, as the runbook (docs/operations.md) tells an operator to look for
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot connect")]
+    assert refusals
+    assert all("certificate verify failed" in line and line.endswith("; retrying") for line in refusals)
 
 
 def test_an_empty_tls_section_means_tls_with_the_trust_store(tls_broker: Mosquitto, cas: Cas, tmp_path: Path,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -417,7 +418,11 @@ class MqttLink:
     def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         self._connected.clear()
         self._jitter_next_wait()
-        log.warning("cannot connect to %s:%s; retrying", self.settings.host, self.settings.port)
+        # paho calls this from the ``except OSError`` around its connect: name what failed (a refused
+        # connection, a timeout, a certificate no trusted CA signed)
+        cause = sys.exc_info()[1]
+        why = f" ({' '.join(str(cause).split())[:200]})" if cause is not None else ""
+        log.warning("cannot connect to %s:%s%s; retrying", self.settings.host, self.settings.port, why)
 
     def _handle_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
         severity = paho.LOGGING_LEVEL.get(LogLevel(level), logging.DEBUG)
