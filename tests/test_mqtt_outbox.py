@@ -161,6 +161,61 @@ def test_broker_stopped_mid_drain_loses_nothing_and_deletes_only_after_ack(
         broker.stop()
 
 
+def test_rows_put_during_an_outage_never_overtake_the_rows_paho_sends_again(
+        tmp_path: Path, state: StateDB, links: Links) -> None:
+    """paho sends the rows unacknowledged on the lost connection again only after its connect
+    callbacks ran. Here the link's ``on_connected`` drains the outbox right there, as a sender
+    thread woken at that moment may: rows queued during the outage must still go out after them."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    subs: list[Subscriber] = []
+    senders: list[OutboxSender] = []
+    try:
+        subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
+        subs[0].wait_subscribed(1)
+        broker.restart()  # a clean stop saves the subscriber's session for the kill below
+        if subs[-1]._proc.poll() is not None:  # mosquitto_sub gave up: resume its session
+            subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
+        connacks = 2 if len(subs) == 1 else 1  # back on the restarted broker before anything is sent
+        assert subs[-1].wait(lambda s: sum("received CONNACK" in line for line in s.lines) >= connacks, 10)
+
+        def drain_now() -> None:
+            for sender in senders:
+                sender.drain(0)
+
+        link = links.start(_settings(broker.port), on_connected=drain_now)
+        assert link.wait_connected(10)
+        sender = OutboxSender(state, link, window=8)
+        senders.append(sender)
+        _put_events(state, range(3))
+        assert _drain_all(sender, state) == 3
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGSTOP)  # 3..5 go out and are never acknowledged
+        _put_events(state, range(3, 6))
+        try:
+            assert sender.drain(0.5) == 0
+        finally:
+            os.kill(broker.pid, signal.SIGKILL)
+            os.kill(broker.pid, signal.SIGCONT)
+        _put_events(state, range(6, 9))  # queued while the broker is down
+        broker.restart()
+        if subs[-1]._proc.poll() is not None:
+            subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
+        assert link.wait_connected(10)
+        _drain_all(sender, state)
+        assert state.outbox_count() == 0
+
+        def everything(_: Subscriber) -> bool:
+            return set(_numbers([r for s in subs for r in s.messages()])) >= set(range(9))
+
+        subs[-1].wait(everything, 10)
+        received = _numbers([r for s in subs for r in s.messages()])
+        assert _first_occurrences(received) == list(range(9)), (received, len(subs), subs[-1].lines[-30:])
+    finally:
+        for sub in subs:
+            sub.stop()
+        broker.stop()
+
+
 def test_a_new_link_on_the_same_state_drains_what_is_left(
         broker: Mosquitto, state: StateDB, links: Links) -> None:
     with Subscriber(broker.port, [EVENTS], client_id="server") as sub:

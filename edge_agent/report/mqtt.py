@@ -245,6 +245,7 @@ class MqttLink:
         self._started = False
         self._stopped = False
         self._connected = threading.Event()
+        self._connections = 0
         self.online_topic = messages.topic(settings.prefix, settings.device_id, "online")
         self.desired_topic = messages.topic(settings.prefix, settings.device_id, "desired")
         self.control_topic = messages.topic(settings.prefix, settings.device_id, "control")
@@ -352,6 +353,16 @@ class MqttLink:
         """True while the broker has accepted the connection (CONNACK success, not yet lost)."""
         return self._connected.is_set() and self._client.is_connected()
 
+    @property
+    def connections(self) -> int:
+        """How many times the broker has accepted this link's connection (0 before the first).
+
+        paho sends the messages still unacknowledged from an earlier connection again right after
+        it accepted a new one, but only after the connect callbacks ran: a publisher that wants its
+        messages in order waits for those acknowledgements before publishing anything new.
+        """
+        return self._connections
+
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a connection; return whether it is connected."""
         deadline = time.monotonic() + max(0.0, timeout)
@@ -399,6 +410,7 @@ class MqttLink:
                       reason)
             return
         self._backoff.reset()
+        self._connections += 1  # before connected is set: whoever sees it connected sees this count
         self._connected.set()
         log.info("connected to %s:%s (session present: %s)", self.settings.host, self.settings.port,
                  getattr(flags, "session_present", None))

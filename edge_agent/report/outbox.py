@@ -8,7 +8,10 @@ broker outage, a crash or a restart loses nothing. :class:`OutboxSender` drains 
 * **in-flight window**: up to ``window`` rows (default 16, below paho's 20 in-flight messages) may be
   published before the oldest is acknowledged, which keeps a round trip per report off the
   critical path. One connection delivers them in publish order, and paho resends unacknowledged
-  QoS 1 messages in that same order after a reconnect, so the broker receives them in order;
+  QoS 1 messages in that same order after a reconnect, so the broker receives them in order.
+  paho resends them only after its connect callbacks ran, so after a reconnect no new row is
+  published until every row published on an earlier connection is acknowledged: a row published
+  at once would reach the broker before the older rows paho is about to resend;
 * **deletion is strictly in order**: a row is deleted only when it *and every row before it* has
   been acknowledged; the drain stops at the first row whose acknowledgement does not come in time;
 * a row already handed to this link is never published twice by this sender (paho still holds it
@@ -58,6 +61,7 @@ class OutboxSender:
         self._window = window
         self._clock = clock
         self._inflight: dict[int, PublishTracking] = {}
+        self._published_on: dict[int, int] = {}  # row id -> the link's connection count then
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self.refused = 0
@@ -85,6 +89,7 @@ class OutboxSender:
             rows = self._state.outbox_peek(self._window)
             if not rows:
                 self._inflight.clear()
+                self._published_on.clear()
                 return sent
             self._forget_missing(rows)
             if not self._inflight and not self._wait_connected(deadline):
@@ -96,6 +101,7 @@ class OutboxSender:
                 return sent
             self._state.outbox_delete(row.id for row in done)
             for row in done:
+                self._published_on.pop(row.id, None)
                 tracking = self._inflight.pop(row.id)
                 if tracking.refused:
                     self.refused += 1
@@ -111,12 +117,21 @@ class OutboxSender:
         first = rows[0].id
         for row_id in [i for i in self._inflight if i < first or (i not in present and i <= rows[-1].id)]:
             del self._inflight[row_id]
+            self._published_on.pop(row_id, None)
 
     def _wait_connected(self, deadline: float) -> bool:
         return self._link.wait_connected(max(0.0, deadline - self._clock()))
 
     def _publish_new(self, rows: list[OutboxItem]) -> bool:
-        """Publish the rows not yet in flight, in order; False when the link refuses (paho queue)."""
+        """Publish the rows not yet in flight, in order; False when the link refuses (paho queue).
+
+        Nothing new is published while a row published on an earlier connection is unacknowledged:
+        paho is about to send it again, and a new row must not overtake it.
+        """
+        current = self._link.connections
+        if any(self._published_on.get(row_id, current) < current and not tracking.acknowledged
+               for row_id, tracking in self._inflight.items()):
+            return True
         for row in rows:
             if row.id in self._inflight:
                 continue
@@ -127,6 +142,7 @@ class OutboxSender:
             try:
                 self._inflight[row.id] = self._link.publish(row.topic, row.payload, qos=max(1, row.qos),
                                                             retain=row.retain)
+                self._published_on[row.id] = current
             except BrokerError as exc:
                 log.warning("cannot publish report %s on %s: %s", row.id, row.topic, exc)
                 return bool(self._inflight)
