@@ -17,6 +17,13 @@ Measures, against a signed release of N file resources (the one :mod:`bench.benc
   the network on loopback by ``git daemon`` (``git://``) and by ``git http-backend`` (smart HTTP,
   ``http://``, and ``https://`` with a certificate from a test CA that a trust store holds beside
   the system's CAs), which load the network clients on the first fetch as a device's mirror does;
+- what each footprint setting saves, on ``sync --once`` (median of the same runs, each setting undone
+  alone): ``-OO``, optimised byte code on the machine (``PYTHONPYCACHEPREFIX`` at an empty directory
+  makes every module compile from source, as a device without it would) and the state database's
+  page cache (SQLite's own 2 MiB instead of ``PAGE_CACHE_KIB``);
+- what a few alternatives would add to a process that has the daemon's imports (``VmHWM`` after
+  minus before, median of 3): dulwich's urllib3 HTTP client, and a TLS context from
+  :func:`ssl.create_default_context` (the whole CA bundle) beside :func:`edge_core.tls.client_context`;
 - for comparison, the RSS of a bare interpreter, and what each import adds to it (each module
   imported alone in a fresh interpreter, ``VmHWM`` after minus a bare interpreter's), and the
   slowest imports of the daemon's start-up by ``python -X importtime``.
@@ -59,6 +66,30 @@ IMPORTS = ("json", "logging", "ssl", "sqlite3", "yaml", "nacl.signing", "psutil"
            "dulwich.client", "edge_agent.config", "edge_core.trust.verify", "edge_core.source",
            "edge_agent.agent", "edge_agent.daemon")
 MIB = 2**20
+MIRRORS = (("daemon_git", "git://"), ("daemon_http", "http://"), ("daemon_https", "https://"))
+"""The daemon's runs with a mirror over the network: result key -> transport."""
+DAEMON_IMPORTS = "import edge_agent.cli, edge_agent.daemon, edge_core.gitclients"
+"""What a daemon that fetched over the network has imported: the base of :func:`marginal_costs`."""
+MARGINAL = {
+    "urllib3": "import urllib3",
+    "ssl.create_default_context()": "import ssl; ssl.create_default_context()",
+    "edge_core.tls.client_context()": "from edge_core.tls import client_context; client_context()",
+}
+"""What :func:`marginal_costs` adds to the daemon's imports, by name."""
+DEVICE_TLS_ENV: dict[str, str | None] = {"SSL_CERT_FILE": None, "SSL_CERT_DIR": None}
+"""A device names no other trust store: TLS measurements run without these (a development machine
+may set them)."""
+
+
+def _environ(extra: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with ``extra`` applied (a None value removes the variable)."""
+    env = dict(os.environ)
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 UNIT = Path(__file__).resolve().parents[1] / "packaging" / "edge-agent.service"
 """The shipped systemd unit of the agent: the daemon is measured with its environment."""
 
@@ -97,13 +128,15 @@ def _hwm_from_stderr(stderr: str) -> float:
     return int(stderr.strip().splitlines()[-1]) / 1024
 
 
-def oneshot_peak_rss(config: Path) -> tuple[float, float]:
-    """Run ``edge-agent sync --once`` (the console script's code, which then prints its ``VmHWM``);
-    return (its peak RSS in MiB, wall seconds)."""
+def oneshot_peak_rss(config: Path, *, flags: list[str] | None = None, before: str = "",
+                     env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run ``edge-agent sync --once`` (the console script's code, which then prints its ``VmHWM``)
+    with the packaged command's interpreter flags (or ``flags``), after the Python statements
+    ``before`` and with ``env`` added to the environment; return (its peak RSS in MiB, wall seconds)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *agent_python_flags(), "-c", _ONESHOT, "sync", "--once",
-                           "--config", str(config)],
-                          capture_output=True, text=True, check=False)
+    argv = [sys.executable, *(agent_python_flags() if flags is None else flags), "-c", before + "\n" + _ONESHOT,
+            "sync", "--once", "--config", str(config)]
+    proc = subprocess.run(argv, env=_environ(dict(env or {})), capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"edge-agent sync --once failed: {proc.stderr.strip()[-300:]}")
@@ -111,7 +144,7 @@ def oneshot_peak_rss(config: Path) -> tuple[float, float]:
 
 
 def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float,
-                     env: dict[str, str] | None = None) -> dict[str, float]:
+                     env: dict[str, str | None] | None = None) -> dict[str, float]:
     """Start ``edge-agent run`` on a fresh device (with the shipped unit's environment, and ``env``),
     wait for its first apply, then watch it idle.
 
@@ -122,7 +155,7 @@ def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float
     """
     proc = subprocess.Popen([sys.executable, *agent_python_flags(), str(BIN / "edge-agent"), "run",
                              "--config", str(config)],
-                            env={**os.environ, **unit_environment(), **(env or {})},
+                            env=_environ({**unit_environment(), **(env or {})}),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -161,9 +194,44 @@ def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float
 
 
 def _hwm_after(module: str | None) -> float:
-    code = "import sys as _sys\n" + (f"import {module}\n" if module else "") + _HWM_SUFFIX
-    return _hwm_from_stderr(subprocess.run([sys.executable, *agent_python_flags(), "-c", code],
+    return _hwm_of(f"import {module}" if module else "")
+
+
+def _hwm_of(statements: str, env: dict[str, str | None] | None = None) -> float:
+    """The peak RSS (MiB) of a fresh interpreter, with the agent's flags and ``env``, that ran
+    ``statements``."""
+    code = "import sys as _sys\n" + statements + "\n" + _HWM_SUFFIX
+    return _hwm_from_stderr(subprocess.run([sys.executable, *agent_python_flags(), "-c", code], env=_environ(env),
                                            capture_output=True, text=True, check=True).stderr)
+
+
+def marginal_costs() -> dict[str, float]:
+    """What each statement of :data:`MARGINAL` adds to the peak RSS of a process that has the
+    daemon's imports (MiB, median of 3), with the system's own trust store as on a device."""
+    base = statistics.median(_hwm_of(DAEMON_IMPORTS, DEVICE_TLS_ENV) for _ in range(3))
+    return {name: statistics.median(_hwm_of(f"{DAEMON_IMPORTS}\n{stmt}", DEVICE_TLS_ENV) for _ in range(3))
+            - base for name, stmt in MARGINAL.items()}
+
+
+def setting_costs(base: Path, url: str, trust: list[str], runs: int) -> dict[str, float]:
+    """The median peak RSS (MiB) of ``sync --once`` with one footprint setting undone at a time."""
+    empty = base / "no-bytecode"
+    empty.mkdir()
+    variants: dict[str, dict[str, Any]] = {
+        "without -OO": {"flags": []},
+        "no optimised byte code (compiled from source)": {"env": {"PYTHONPYCACHEPREFIX": str(empty)}},
+        "SQLite's default page cache (2 MiB)": {"before": "import edge_agent.state_db as _s\n"
+                                                          "_s.PAGE_CACHE_KIB = 2000"},
+    }
+    out: dict[str, float] = {}
+    for name, how in variants.items():
+        peaks = []
+        for run_no in range(runs):
+            cfg = device_config(base, f"setting-{len(out)}-{run_no}", url, trust)
+            sh(BIN / "edge-agent", "init", "--config", cfg)
+            peaks.append(oneshot_peak_rss(cfg, **how)[0])
+        out[name] = statistics.median(peaks)
+    return out
 
 
 def import_costs(modules: tuple[str, ...] = IMPORTS) -> dict[str, Any]:
@@ -210,13 +278,15 @@ def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
         # https: the mirror's certificate comes from a test CA, trusted in a store that holds the
         # system's CAs too, read as the agent reads the system's (SSL_CERT_DIR names it)
         certs = make_ca(base / "ca")
-        store = {"SSL_CERT_DIR": str(hashed_store(base / "trust", certs.ca, system=True))}
+        store: dict[str, str | None] = {**DEVICE_TLS_ENV,
+                                        "SSL_CERT_DIR": str(hashed_store(base / "trust", certs.ca, system=True))}
         with Mosquitto(base / "broker") as broker, GitDaemon(base) as mirror, SmartHttpMirror(base) as web, \
                 SmartHttpMirror(base, tls=certs.server_context()) as secure:
             daemons = {}
-            for name, mirror_url, env in (("daemon", url, {}), ("daemon_git", mirror.url("mirror.git"), {}),
-                                          ("daemon_http", web.url("mirror.git"), {}),
-                                          ("daemon_https", secure.url("mirror.git"), store)):
+            urls = {"daemon": url, "daemon_git": mirror.url("mirror.git"), "daemon_http": web.url("mirror.git"),
+                    "daemon_https": secure.url("mirror.git")}
+            for name, mirror_url in urls.items():
+                env: dict[str, str | None] = store if name == "daemon_https" else {}
                 cfg = device_config(base, name, mirror_url, trust)
                 raw = json.loads(cfg.read_text())
                 raw["mqtt"] = {"host": "127.0.0.1", "port": broker.port}
@@ -226,7 +296,8 @@ def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
                 daemons[name] = daemon_footprint(cfg, cfg.parent / "root", n_files, idle_seconds, env)
         return {"files": n_files, "runs": runs, "oneshot_peak_rss_mib": statistics.median(peaks),
                 "oneshot_peak_rss_samples": peaks, "oneshot_seconds": statistics.median(times),
-                **daemons, "imports": import_costs(), "importtime_ms": importtime_top()}
+                **daemons, "settings": setting_costs(base, url, trust, runs), "marginal": marginal_costs(),
+                "imports": import_costs(), "importtime_ms": importtime_top()}
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -251,10 +322,14 @@ def main(argv: list[str] | None = None) -> int:
           f"RSS after {d['rss_after_apply_mib']:.1f} MiB")
     print(f"edge-agent run idle {d['idle_seconds']:.0f} s: RSS max {d['idle_rss_max_mib']:.1f} MiB, "
           f"CPU {d['idle_cpu_percent']:.2f} %")
-    for key, transport in (("daemon_git", "git://"), ("daemon_http", "http://"), ("daemon_https", "https://")):
+    for key, transport in MIRRORS:
         g = r[key]
         print(f"edge-agent run, mirror over {transport}: peak RSS over start-up + first apply "
               f"{g['peak_rss_apply_mib']:.1f} MiB, idle RSS max {g['idle_rss_max_mib']:.1f} MiB")
+    for name, mib in r["settings"].items():
+        print(f"edge-agent sync --once {name}: peak RSS {mib:.1f} MiB")
+    for name, mib in r["marginal"].items():
+        print(f"after the daemon's imports, {name} adds {mib:.1f} MiB")
     print(f"bare interpreter peak RSS: {r['imports']['bare_interpreter_mib']:.1f} MiB; each import adds:")
     for mod, mib in r["imports"]["added_mib"].items():
         print(f"  {mod:28s} +{mib:.1f} MiB")

@@ -25,6 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.bench_footprint import MIRRORS
+
 __all__ = ["BENCHES", "Row", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,15 +205,15 @@ def footprint_rows(stdout: str, cmd: str) -> list[Row]:
             _x(d["idle_rss_max_mib"] / bare), "≤ 40 MB (38.1 MiB)", _met(d["idle_rss_max_mib"] <= limit), cmd),
         Row(f"CPU, `edge-agent run` idle {d['idle_seconds']:.0f} s (default intervals, MQTT connected)",
             f"{d['idle_cpu_percent']:.2f} %", "", "", "< 1 %", _met(d["idle_cpu_percent"] < 1.0), cmd),
-        *_git_mirror_rows(r, ref, bare, limit, cmd),
+        *_network_mirror_rows(r, ref, bare, limit, cmd),
     ]
 
 
-def _git_mirror_rows(r: dict[str, Any], ref: str, bare: float, limit: float, cmd: str) -> list[Row]:
+def _network_mirror_rows(r: dict[str, Any], ref: str, bare: float, limit: float, cmd: str) -> list[Row]:
     """The daemon's rows with its mirror served over ``git://``, ``http://`` and ``https://`` (each
     absent from older outputs)."""
     rows: list[Row] = []
-    for key, transport in (("daemon_git", "git://"), ("daemon_http", "http://"), ("daemon_https", "https://")):
+    for key, transport in MIRRORS:
         g = r.get(key)
         if g is None:
             continue
@@ -520,16 +522,39 @@ def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
                 "`email` and `urllib` are shared by paho and dulwich's network client; `dulwich.client` is "
                 "loaded only by a fetch over the network: the daemon rows marked git://, http:// and https:// "
                 "measure it with a mirror served by `git daemon` and by `git http-backend`, the others with "
-                "a local `file://` mirror; the HTTP client runs on the standard library's `http.client`, "
-                "not on urllib3, which would add about 1.7 MiB; over https the TLS handshake and "
-                "certificate verification add about 1.1 MiB of OpenSSL's own, with the trust store's CAs "
-                "read on demand (`edge_core/tls.py`); `psutil` is no longer imported by the agent "
-                "at all: its row is kept for comparison). Slowest imports of "
-                "`edge_agent.daemon` "
-                "(cumulative ms, `python -X importtime`): "
+                "a local `file://` mirror; `psutil` is no longer imported by the agent at all: its row is "
+                "kept for comparison). Slowest imports of `edge_agent.daemon` (cumulative ms, "
+                "`python -X importtime`): "
                 + ", ".join(f"{n} {ms:.0f}" for n, ms in r["importtime_ms"][:8]) + ".")
+            notes += _footprint_setting_notes(r)
         except (ValueError, KeyError):
             pass
+    return notes
+
+
+def _footprint_setting_notes(r: dict[str, Any]) -> list[str]:
+    """What each footprint setting saves and what the alternatives would add (absent from older
+    outputs)."""
+    notes: list[str] = []
+    settings, marginal = r.get("settings"), r.get("marginal")
+    if settings:
+        notes.append(
+            f"- **What each setting saves.** `edge-agent sync --once` peaks at {r['oneshot_peak_rss_mib']:.1f} MiB "
+            "as packaged; with one setting undone at a time: "
+            + "; ".join(f"{name} {mib:.1f} MiB ({mib - r['oneshot_peak_rss_mib']:+.1f})"
+                        for name, mib in settings.items()) + ".")
+    if marginal:
+        notes.append(
+            "- **What the alternatives would add** to a process holding the daemon's imports (VmHWM after "
+            "minus before): " + "; ".join(f"`{name}` {mib:+.1f} MiB" for name, mib in marginal.items())
+            + ". The HTTP client runs on the standard library's `http.client` instead of dulwich's urllib3 "
+            "client, and TLS contexts read the trust store's CAs on demand (`edge_core/tls.py`).")
+    http, https = r.get("daemon_http"), r.get("daemon_https")
+    if http and https:
+        notes.append(
+            f"- **https over http.** The daemon peaks {https['peak_rss_apply_mib'] - http['peak_rss_apply_mib']:.1f} "
+            "MiB higher with its mirror over https than over http: the TLS handshake and the certificate "
+            "verification in OpenSSL.")
     return notes
 
 

@@ -139,9 +139,9 @@ class Database:
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute("PRAGMA busy_timeout=10000")
             # A page cache of 256 KiB instead of SQLite's 2 MiB: the daemon keeps this connection
-            # for its lifetime, and the pages a 500-file apply leaves cached were 0.36 MiB of its
-            # 40 MB budget (bench.bench_footprint). The database is small and the OS page cache
-            # holds it anyway: the no-op sync took 41-46 ms either way (bench.bench_apply).
+            # for its lifetime, on a 40 MB budget, and with SQLite's default a 500-file sync --once
+            # peaks 0.3 MiB higher (bench.bench_footprint, docs/benchmarks.md). The database is
+            # small and the OS page cache holds it anyway.
             self._conn.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
         with self._write("migrate"):
             self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
