@@ -33,10 +33,10 @@ from edge_core.gittransport import (
     causes,
     is_own_bug,
     is_want_refused,
-    one_line,
     transport_reason,
     tree_objects,
 )
+from edge_core.text import one_line
 
 if TYPE_CHECKING:
     from dulwich.client import GitClient

@@ -30,9 +30,10 @@ from dulwich.objects import Blob, ObjectID, Tree
 
 from edge_core.errors import FetchError
 from edge_core.gitlimits import CorruptObject, Deadline, FetchLimits, HeaderReader
+from edge_core.text import one_line
 
 __all__ = ["HaveWalker", "PackSpool", "PackTooLarge", "SourceAuth", "causes", "is_own_bug", "is_want_refused",
-           "one_line", "redact", "transport_reason", "tree_objects"]
+           "redact", "transport_reason", "tree_objects"]
 _MODE_TREE = 0o040000
 _MODE_GITLINK = 0o160000
 
@@ -101,12 +102,6 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         for nxt in (cur.__cause__, cur.__context__, getattr(cur, "reason", None)):
             if isinstance(nxt, BaseException):
                 todo.append(nxt)
-
-
-def one_line(text: object, limit: int = 200) -> str:
-    """``text`` on one line, at most ``limit`` characters."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def transport_reason(exc: BaseException, timeout: float) -> str:

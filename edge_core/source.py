@@ -61,7 +61,8 @@ from edge_core.gitfetch import (
     transfer_local,
 )
 from edge_core.gitlimits import CorruptObject, Deadline, FetchLimits, HeaderReader, fetch_lock
-from edge_core.gittransport import PackSpool, SourceAuth, is_own_bug, one_line, redact
+from edge_core.gittransport import PackSpool, SourceAuth, is_own_bug, redact
+from edge_core.text import one_line
 
 __all__ = ["FetchLimits", "FetchResult", "MiB", "Source", "SourceAuth"]
 

@@ -37,12 +37,6 @@ def _settings(port: int, device: str = "dev-1", **kw: Any) -> MqttSettings:
                         reconnect_max=0.5, keepalive=5, **kw)
 
 
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[StateDB]:
-    with StateDB(tmp_path / "state" / "state.db") as db:
-        yield db
-
-
 class Links:
     """Every link a test starts, stopped at the end even when the test fails."""
 

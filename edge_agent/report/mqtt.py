@@ -53,6 +53,7 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_core import messages
 from edge_core.errors import BrokerError, ConfigError, MessageError
+from edge_core.text import one_line
 from edge_core.tls import client_context
 
 __all__ = ["MqttLink", "MqttSettings", "PublishTracking", "disconnect_cause", "settings_from_config"]
@@ -433,7 +434,7 @@ class MqttLink:
         # paho calls this from the ``except OSError`` around its connect: name what failed (a refused
         # connection, a timeout, a certificate no trusted CA signed)
         cause = sys.exc_info()[1]
-        why = f" ({' '.join(str(cause).split())[:200]})" if cause is not None else ""
+        why = f" ({one_line(cause)})" if cause is not None else ""
         log.warning("cannot connect to %s:%s%s; retrying", self.settings.host, self.settings.port, why)
 
     def _handle_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
