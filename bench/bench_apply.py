@@ -31,6 +31,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache, partial
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -51,22 +52,34 @@ def sh(*argv: str | Path, cwd: Path | None = None) -> str:
 
 
 @cache
-def agent_optimize() -> int:
-    """The optimisation level (``-O`` count) the agent package's commands run with, read from
-    ``packaging/build_deb.py``."""
+def _agent_package() -> Any:
+    """The ``edge-agent`` entry of ``packaging/build_deb.py``'s ``PACKAGES``."""
     spec = importlib.util.spec_from_file_location("build_deb", REPO / "packaging" / "build_deb.py")
     if spec is None or spec.loader is None:
         raise SystemExit("cannot load packaging/build_deb.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("build_deb", module)
     spec.loader.exec_module(module)
-    return int(module.PACKAGES["edge-agent"].optimize)
+    return module.PACKAGES["edge-agent"]
+
+
+def agent_optimize() -> int:
+    """The optimisation level (``-O`` count) the agent package's commands run with."""
+    return int(_agent_package().optimize)
 
 
 def agent_python_flags() -> list[str]:
     """The interpreter flags of the packaged ``edge-agent`` command (its ``#!`` line), e.g. ``-OO``."""
     level = agent_optimize()
     return ["-" + "O" * level] if level else []
+
+
+def agent_prelude() -> str:
+    """Python statements that leave out of a process what the agent package leaves out of its venv:
+    the compiled modules it drops cannot be imported, so their libraries run their pure-Python code
+    as they do on a device (empty when the package drops none)."""
+    dropped = list(_agent_package().drop_extensions)
+    return f"import sys as _ps\n_ps.modules.update(dict.fromkeys({dropped!r}))\n" if dropped else ""
 
 
 def compile_like_the_package() -> None:

@@ -11,16 +11,19 @@ Measures, against a signed release of N file resources (the one :mod:`bench.benc
   idle window (default 60 s, so one drift check of every file and one health report fall inside it).
   The daemon runs with the ``Environment=`` settings of the shipped systemd unit
   (``packaging/edge-agent.service``: ``MALLOC_ARENA_MAX=1`` among them) and, like ``sync --once``,
-  with the interpreter flags of the packaged command (``-OO``, its ``#!`` line) and optimised
-  byte code for every module it loads, as it does on a device.
+  with the interpreter flags of the packaged command (``-OO``, its ``#!`` line), optimised
+  byte code for every module it loads and without the compiled modules the package leaves out of
+  its venv (dulwich's accelerators, :func:`bench.bench_apply.agent_prelude`), as it does on a device.
   It is measured four times: with the mirror as a local ``file://`` repository, and served over
   the network on loopback by ``git daemon`` (``git://``) and by ``git http-backend`` (smart HTTP,
   ``http://``, and ``https://`` with a certificate from a test CA that a trust store holds beside
   the system's CAs), which load the network clients on the first fetch as a device's mirror does;
-- what each footprint setting saves, on ``sync --once`` (median of the same runs, each setting undone
-  alone): ``-OO``, optimised byte code on the machine (``PYTHONPYCACHEPREFIX`` at an empty directory
-  makes every module compile from source, as a device without it would) and the state database's
-  page cache (SQLite's own 2 MiB instead of ``PAGE_CACHE_KIB``);
+- what each footprint setting saves, on ``sync --once`` (median peak RSS and wall time of the same
+  number of runs, each setting undone alone, the runs of every variant and of the packaged
+  reference taking turns): ``-OO``, optimised byte code on the machine
+  (``PYTHONPYCACHEPREFIX`` at an empty directory makes every module compile from source, as a device
+  without it would), leaving dulwich's compiled accelerators out, and the state database's page
+  cache (SQLite's own 2 MiB instead of ``PAGE_CACHE_KIB``);
 - what a few alternatives would add to a process that has the daemon's imports (``VmHWM`` after
   minus before, median of 3): dulwich's urllib3 HTTP client, and a TLS context from
   :func:`ssl.create_default_context` (the whole CA bundle) beside :func:`edge_core.tls.client_context`;
@@ -51,6 +54,7 @@ import yaml
 
 from bench.bench_apply import (
     BIN,
+    agent_prelude,
     agent_python_flags,
     compile_like_the_package,
     device_config,
@@ -76,6 +80,8 @@ MARGINAL = {
     "edge_core.tls.client_context()": "from edge_core.tls import client_context; client_context()",
 }
 """What :func:`marginal_costs` adds to the daemon's imports, by name."""
+PACKAGED = "as packaged"
+"""The reference variant of :func:`setting_costs`: nothing undone."""
 DEVICE_TLS_ENV: dict[str, str | None] = {"SSL_CERT_FILE": None, "SSL_CERT_DIR": None}
 """A device names no other trust store: TLS measurements run without these (a development machine
 may set them)."""
@@ -118,7 +124,10 @@ def _status_kib(pid: int, field: str) -> int:
 _HWM_SUFFIX = ("\nimport pathlib as _p\n"
                "print([l for l in _p.Path('/proc/self/status').read_text().splitlines()"
                " if l.startswith('VmHWM:')][0].split()[1], file=_sys.stderr)\n")
-_ONESHOT = ("import sys as _sys\nfrom edge_agent.cli import main\n"
+_AGENT = "import sys as _sys\nfrom edge_agent.cli import main\n"
+"""The console script's code, less its ``sys.exit``: what ``edge-agent`` runs."""
+_DAEMON = _AGENT + "_sys.exit(main(_sys.argv[1:]))\n"
+_ONESHOT = (_AGENT +
             "try:\n    rc = main(_sys.argv[1:])\nexcept SystemExit as exc:\n    rc = exc.code\n" + _HWM_SUFFIX +
             "_sys.exit(rc)\n")
 
@@ -128,13 +137,15 @@ def _hwm_from_stderr(stderr: str) -> float:
     return int(stderr.strip().splitlines()[-1]) / 1024
 
 
-def oneshot_peak_rss(config: Path, *, flags: list[str] | None = None, before: str = "",
+def oneshot_peak_rss(config: Path, *, flags: list[str] | None = None, before: str | None = None,
                      env: dict[str, str] | None = None) -> tuple[float, float]:
     """Run ``edge-agent sync --once`` (the console script's code, which then prints its ``VmHWM``)
     with the packaged command's interpreter flags (or ``flags``), after the Python statements
-    ``before`` and with ``env`` added to the environment; return (its peak RSS in MiB, wall seconds)."""
+    ``before`` (default: :func:`agent_prelude`, the package's module set) and with ``env`` added to
+    the environment; return (its peak RSS in MiB, wall seconds)."""
     t0 = time.perf_counter()
-    argv = [sys.executable, *(agent_python_flags() if flags is None else flags), "-c", before + "\n" + _ONESHOT,
+    prelude = agent_prelude() if before is None else before
+    argv = [sys.executable, *(agent_python_flags() if flags is None else flags), "-c", prelude + "\n" + _ONESHOT,
             "sync", "--once", "--config", str(config)]
     proc = subprocess.run(argv, env=_environ(dict(env or {})), capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - t0
@@ -153,7 +164,7 @@ def daemon_footprint(config: Path, root: Path, n_files: int, idle_seconds: float
     Raises:
         SystemExit: the daemon exited, or did not apply the release within two minutes.
     """
-    proc = subprocess.Popen([sys.executable, *agent_python_flags(), str(BIN / "edge-agent"), "run",
+    proc = subprocess.Popen([sys.executable, *agent_python_flags(), "-c", agent_prelude() + _DAEMON, "run",
                              "--config", str(config)],
                             env=_environ({**unit_environment(), **(env or {})}),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -200,7 +211,7 @@ def _hwm_after(module: str | None) -> float:
 def _hwm_of(statements: str, env: dict[str, str | None] | None = None) -> float:
     """The peak RSS (MiB) of a fresh interpreter, with the agent's flags and ``env``, that ran
     ``statements``."""
-    code = "import sys as _sys\n" + statements + "\n" + _HWM_SUFFIX
+    code = agent_prelude() + "import sys as _sys\n" + statements + "\n" + _HWM_SUFFIX
     return _hwm_from_stderr(subprocess.run([sys.executable, *agent_python_flags(), "-c", code], env=_environ(env),
                                            capture_output=True, text=True, check=True).stderr)
 
@@ -213,25 +224,31 @@ def marginal_costs() -> dict[str, float]:
             - base for name, stmt in MARGINAL.items()}
 
 
-def setting_costs(base: Path, url: str, trust: list[str], runs: int) -> dict[str, float]:
-    """The median peak RSS (MiB) of ``sync --once`` with one footprint setting undone at a time."""
+def setting_costs(base: Path, url: str, trust: list[str], runs: int) -> dict[str, dict[str, float]]:
+    """The median peak RSS (``mib``) and wall time (``seconds``) of ``sync --once`` as packaged
+    (``PACKAGED``) and with one footprint setting undone at a time, by setting; the variants take
+    turns, run by run, so that they share the machine's conditions."""
     empty = base / "no-bytecode"
     empty.mkdir()
     variants: dict[str, dict[str, Any]] = {
+        PACKAGED: {},
         "without -OO": {"flags": []},
         "no optimised byte code (compiled from source)": {"env": {"PYTHONPYCACHEPREFIX": str(empty)}},
-        "SQLite's default page cache (2 MiB)": {"before": "import edge_agent.state_db as _s\n"
+        "with dulwich's compiled accelerators": {"before": ""},
+        "SQLite's default page cache (2 MiB)": {"before": agent_prelude() + "import edge_agent.state_db as _s\n"
                                                           "_s.PAGE_CACHE_KIB = 2000"},
     }
-    out: dict[str, float] = {}
-    for name, how in variants.items():
-        peaks = []
-        for run_no in range(runs):
-            cfg = device_config(base, f"setting-{len(out)}-{run_no}", url, trust)
+    peaks: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for run_no in range(runs):
+        for number, (name, how) in enumerate(variants.items()):
+            cfg = device_config(base, f"setting-{number}-{run_no}", url, trust)
             sh(BIN / "edge-agent", "init", "--config", cfg)
-            peaks.append(oneshot_peak_rss(cfg, **how)[0])
-        out[name] = statistics.median(peaks)
-    return out
+            peak, seconds = oneshot_peak_rss(cfg, **how)
+            peaks[name].append(peak)
+            times[name].append(seconds)
+    return {name: {"mib": statistics.median(peaks[name]), "seconds": statistics.median(times[name])}
+            for name in variants}
 
 
 def import_costs(modules: tuple[str, ...] = IMPORTS) -> dict[str, Any]:
@@ -244,8 +261,8 @@ def import_costs(modules: tuple[str, ...] = IMPORTS) -> dict[str, Any]:
 
 def importtime_top(module: str = "edge_agent.daemon", top: int = 12) -> list[tuple[str, float]]:
     """The ``top`` packages taking longest to import (cumulative ms, ``-X importtime``) under ``module``."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"{agent_prelude()}import {module}"],
+                          capture_output=True, text=True, check=True)
     by_package: dict[str, float] = {}
     for line in proc.stderr.splitlines():
         parts = line.removeprefix("import time:").split("|")
@@ -326,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         g = r[key]
         print(f"edge-agent run, mirror over {transport}: peak RSS over start-up + first apply "
               f"{g['peak_rss_apply_mib']:.1f} MiB, idle RSS max {g['idle_rss_max_mib']:.1f} MiB")
-    for name, mib in r["settings"].items():
-        print(f"edge-agent sync --once {name}: peak RSS {mib:.1f} MiB")
+    for name, cost in r["settings"].items():
+        print(f"edge-agent sync --once {name}: peak RSS {cost['mib']:.1f} MiB, {cost['seconds']:.2f} s")
     for name, mib in r["marginal"].items():
         print(f"after the daemon's imports, {name} adds {mib:.1f} MiB")
     print(f"bare interpreter peak RSS: {r['imports']['bare_interpreter_mib']:.1f} MiB; each import adds:")

@@ -513,9 +513,10 @@ def notes_for(metas: dict[str, dict[str, Any]]) -> list[str]:
             added = r["imports"]["added_mib"]
             biggest = sorted(added.items(), key=lambda kv: kv[1], reverse=True)
             notes.append(
-                "- **RSS.** Every agent process here runs with `-OO`, as the packaged `edge-agent` command "
-                "does, and loads optimised byte code (docs/packaging.md): docstrings and asserts stay out of "
-                "memory. "
+                "- **RSS.** Every agent process here runs as the package runs it (docs/packaging.md): with "
+                "`-OO`, as the packaged `edge-agent` command does, loading optimised byte code (docstrings "
+                "and asserts stay out of memory), and without dulwich's compiled accelerators, which the "
+                "package leaves out of its venv (dulwich runs its own Python instead). "
                 f"A bare interpreter peaks at {r['imports']['bare_interpreter_mib']:.1f} MiB here. Imported "
                 "alone in a fresh interpreter (VmHWM after minus before), these modules add: "
                 + ", ".join(f"`{m}` +{v:.1f}" for m, v in biggest) + " MiB (overlapping: `ssl`, `http`, "
@@ -538,11 +539,19 @@ def _footprint_setting_notes(r: dict[str, Any]) -> list[str]:
     notes: list[str] = []
     settings, marginal = r.get("settings"), r.get("marginal")
     if settings:
+        base = r["oneshot_peak_rss_mib"]
+        reference = settings.get("as packaged")
+
+        def cost(name: str, c: float | dict[str, float]) -> str:
+            mib, seconds = (c["mib"], c.get("seconds")) if isinstance(c, dict) else (c, None)
+            return f"{name} {mib:.1f} MiB ({mib - base:+.1f}" + (f", {seconds:.2f} s" if seconds else "") + ")"
+
+        took = (f" and takes {reference['seconds']:.2f} s (the runs of each variant below took turns with "
+                "these)") if isinstance(reference, dict) else ""
         notes.append(
-            f"- **What each setting saves.** `edge-agent sync --once` peaks at {r['oneshot_peak_rss_mib']:.1f} MiB "
-            "as packaged; with one setting undone at a time: "
-            + "; ".join(f"{name} {mib:.1f} MiB ({mib - r['oneshot_peak_rss_mib']:+.1f})"
-                        for name, mib in settings.items()) + ".")
+            f"- **What each setting saves.** `edge-agent sync --once` peaks at {base:.1f} MiB as packaged{took}; "
+            "with one setting undone at a time: "
+            + "; ".join(cost(name, c) for name, c in settings.items() if name != "as packaged") + ".")
     if marginal:
         notes.append(
             "- **What the alternatives would add** to a process holding the daemon's imports (VmHWM after "

@@ -69,6 +69,9 @@ class PackageSpec:
     extra_depends: tuple[str, ...] = ()
     recommends: tuple[str, ...] = ("systemd",)
     drop_packages: tuple[str, ...] = ()  # top-level import packages removed from the venv
+    # compiled modules left out of the venv (dotted names): optional accelerators whose library runs
+    # its pure-Python code without them
+    drop_extensions: tuple[str, ...] = ()
     ship_profiles: bool = False
     lean_bin: bool = False  # bin/ keeps only the interpreter links and the package's own commands
     optimize: int = 0  # the commands run with -O or -OO, and the venv's byte code is of that level
@@ -94,6 +97,10 @@ PACKAGES: dict[str, PackageSpec] = {
         unit="edge-agent.service",
         conffiles=(("agent.yaml", "/etc/edge-agent/agent.yaml"),),
         drop_packages=("fleet_server",),
+        # dulwich's Rust accelerators (tree parsing, pack index search, delta application, tree
+        # diffs): resident memory and 2 MB on disk, for no time that a 500-file sync shows
+        # (docs/packaging.md); dulwich runs its own Python code without them
+        drop_extensions=("dulwich._objects", "dulwich._pack", "dulwich._diff_tree"),
         ship_profiles=True,
         lean_bin=True,
         optimize=2,
@@ -292,6 +299,7 @@ def _make_venv(spec: PackageSpec, root: Path, cache_dir: Path, python: Path, pro
     site = next((venv / "lib").glob("python3*/site-packages"))
     for pkg in spec.drop_packages:
         shutil.rmtree(site / pkg)
+    _drop_extensions(site, spec.drop_extensions)
     for info in site.glob("*.dist-info"):
         direct = info / "direct_url.json"
         if direct.exists():
@@ -316,6 +324,26 @@ def _make_venv(spec: PackageSpec, root: Path, cache_dir: Path, python: Path, pro
           "-o", str(spec.optimize), "-s", str(root), "-p", "/", str(site)], "byte-compile the package venv")
     names = _requirement_names(requirements)
     return [w for w in wheels if w.name.split("-")[0].lower().replace("_", "-") in names]
+
+
+def _drop_extensions(site: Path, modules: tuple[str, ...]) -> None:
+    """Remove the compiled files of ``modules`` (dotted names) from ``site``, and their ``RECORD`` lines.
+
+    Raises:
+        BuildError: a module's package is not in the venv (a misspelt name would otherwise ship the
+            files it meant to leave out).
+    """
+    removed: set[str] = set()
+    for module in modules:
+        package, _, name = module.rpartition(".")
+        where = site / package.replace(".", "/")
+        if not where.is_dir():
+            raise BuildError(f"drop_extensions: no package {package} in the venv")
+        for lib in sorted(where.glob(f"{name}.*.so")):
+            lib.unlink()
+            removed.add(lib.relative_to(site).as_posix())
+    for info in site.glob("*.dist-info"):
+        _rewrite_record(info, removed)
 
 
 def _lean_bin(venv: Path, site: Path, commands: tuple[str, ...]) -> None:

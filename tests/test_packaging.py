@@ -9,17 +9,14 @@ is tests/packaging/test_install_chroot.py.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import re
 import shutil
 import stat
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
@@ -30,7 +27,7 @@ from edge_core.errors import ConfigError
 from edge_core.trust.keys import format_verify_key
 from fleet_server.config import DEFAULT_CONFIG_PATH as SERVER_CONFIG_PATH
 from fleet_server.config import load_server_config
-from tests.support.debs import built_debs
+from tests.support.debs import agent_dropped_extensions, built_debs, load_builder
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"
@@ -40,16 +37,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is not installed"),
     pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no Debian /usr/bin/python3"),
 ]
-
-
-def load_builder() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_deb", PACKAGING / "build_deb.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_deb"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(*argv: str | Path, cwd: Path | None = None) -> str:
@@ -184,6 +171,12 @@ def test_agent_file_list(debs: dict[str, Path]) -> None:
     for absent in ("fastapi", "uvicorn", "prometheus_client", "fleet_server", "starlette", "sqlite_utils",
                    "pip", "click", "tabulate", "dateutil", "tzdata", "psutil"):
         assert f"{site}/{absent}" not in files, absent
+    # nor the compiled accelerators it leaves out: dulwich runs its own Python instead
+    dropped = agent_dropped_extensions()
+    assert "dulwich._pack" in dropped
+    for module in dropped:
+        stem = f"{site}/{module.replace('.', '/')}."
+        assert not [p for p in files if p.startswith(stem) and p.endswith(".so")], module
     # bin/ holds the interpreter links and edge-agent: no activate scripts, no dependency's tools
     bin_dir = "/opt/edge-agent/bin/"
     in_bin = {p.removeprefix(bin_dir) for p in files if p.startswith(bin_dir)}
@@ -340,6 +333,11 @@ def test_venv_runs_from_the_tree_and_names_no_build_path(extracted: dict[str, Pa
     prefix, no_fastapi, no_server, no_sqlite_utils = out.split()
     assert Path(prefix) == agent / "opt/edge-agent"
     assert (no_fastapi, no_server, no_sqlite_utils) == ("True", "True", "True")
+    # dulwich imports without its compiled accelerators and runs its pure-Python code
+    out = run(python, "-c", "import sys, dulwich.pack, dulwich.objects, dulwich.diff_tree; "
+              f"print(sorted(m for m in {list(agent_dropped_extensions())!r} if m in sys.modules), "
+              "dulwich.pack.apply_delta.__module__)", cwd=tmp_path)
+    assert out.split() == ["[]", "dulwich.pack"]
     # every module of the device package imports in the agent's venv, without the server's libraries
     out = run(python, "-c", "import importlib, pkgutil, edge_agent; "
               "names = [m.name for m in pkgutil.walk_packages(edge_agent.__path__, 'edge_agent.')]; "

@@ -17,6 +17,7 @@ from dulwich.repo import Repo
 
 from edge_agent.agent import status, sync_once
 from tests.support.agent_fleet import AgentFleet, bundle, snapshot
+from tests.support.debs import agent_dropped_extensions
 from tests.support.fetch_child import run_child
 from tests.support.hostile_git import HostileGitServer, bomb_pack, loose_zero_blob
 
@@ -32,14 +33,19 @@ def _cache_state(cache: Path) -> tuple[list[str], dict[str, str]]:
     return packs, refs
 
 
+@pytest.mark.parametrize("packaged", [False, True], ids=["dulwich-compiled", "as-packaged"])
 @pytest.mark.parametrize(("kind", "what"), [("blob", "object of 1073741824 bytes"),
                                             ("delta", "delta result of 1073741824 bytes")])
-def test_bomb_is_refused_before_inflating(tmp_path: Path, kind: str, what: str) -> None:
+def test_bomb_is_refused_before_inflating(tmp_path: Path, kind: str, what: str, packaged: bool) -> None:
+    # as packaged: without the compiled modules the agent package leaves out (dulwich's own Python)
     bomb = bomb_pack(GIB, kind)
     assert len(bomb.pack) < 2 * MIB  # a small pack on the wire
     cache = tmp_path / "cache"
+    dropped = list(agent_dropped_extensions())
     with HostileGitServer(commit=bomb.commit, pack=bomb.pack) as mirror:
-        got = run_child({"mode": "fetch", "url": mirror.url(), "cache": str(cache), "limit_mib": LIMIT_MIB})
+        got = run_child({"mode": "fetch", "url": mirror.url(), "cache": str(cache), "limit_mib": LIMIT_MIB,
+                         "without": dropped if packaged else [], "watch": dropped})
+    assert (got["loaded"] == []) is packaged
     print(f"{kind} bomb: {got}")
     assert got["error"] == "FetchError"
     assert got["reason"].startswith(f"{what} exceeds repo.max_object_bytes (16777216)")
@@ -69,8 +75,11 @@ def test_agent_sync_against_a_bomb_leaves_the_device_as_it_was(fleet: AgentFleet
         data = yaml.safe_load(fleet.config_path.read_text())
         data["repo"]["url"] = mirror.url()
         fleet.config_path.write_text(yaml.safe_dump(data))
-        got = run_child({"mode": "sync", "config": str(fleet.config_path), "limit_mib": LIMIT_MIB})
+        got = run_child({"mode": "sync", "config": str(fleet.config_path), "limit_mib": LIMIT_MIB,
+                         "without": list(agent_dropped_extensions()),  # as the package runs it
+                         "watch": list(agent_dropped_extensions())})
     print(f"agent sync against a 1 GiB blob bomb: {got}")
+    assert got["loaded"] == []
     assert got["outcome"] == "fetch_failed"
     assert "exceeds repo.max_object_bytes" in got["reason"]
     assert got["peak_rss_kib"] < RSS_BOUND_KIB

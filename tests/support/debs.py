@@ -8,14 +8,17 @@ shared temporary directory (the parent of every xdist worker's own), the others 
 from __future__ import annotations
 
 import fcntl
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-__all__ = ["PACKAGING", "built_debs"]
+__all__ = ["PACKAGING", "agent_dropped_extensions", "built_debs", "load_builder"]
 
 PACKAGING = Path(__file__).resolve().parent.parent.parent / "packaging"
 NAMES = {"edge-agent", "fleet-server"}
@@ -45,3 +48,20 @@ def built_debs(factory: pytest.TempPathFactory) -> dict[str, Path]:
     found = {Path(line).name.split("_")[0]: Path(line) for line in lines}
     assert set(found) == NAMES, found
     return found
+
+
+@functools.cache
+def load_builder() -> ModuleType:
+    """``packaging/build_deb.py`` as a module (loaded once)."""
+    spec = importlib.util.spec_from_file_location("build_deb", PACKAGING / "build_deb.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_deb"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def agent_dropped_extensions() -> tuple[str, ...]:
+    """The compiled modules the agent package leaves out of its venv (dotted names)."""
+    return tuple(load_builder().PACKAGES["edge-agent"].drop_extensions)

@@ -4,11 +4,14 @@
     python -m tests.support.fetch_child '{"mode": "sync", "config": ".../agent.yaml", "limit_mib": 512}'
     python -m tests.support.fetch_child '{"mode": "read_tree", "cache": ..., "commit": ..., "limit_mib": 512}'
 
-``RLIMIT_AS`` is set before dulwich is imported, so a fetch that inflates a bomb whole fails with
-``MemoryError`` inside this child instead of eating the machine. It prints one JSON object: the
-outcome (``ok``, the error type and reason, or the sync outcome and reason) and ``peak_rss_kib``,
-the peak resident set size of this program (``VmHWM``: unlike ``ru_maxrss`` it does not carry the
-parent's peak across ``exec``). Use :func:`run_child` from a test.
+The modules named in ``"without"`` cannot be imported (give it the compiled modules the agent
+package leaves out, and dulwich runs its pure-Python code as on a device); the output's ``loaded``
+lists which of the modules named in ``"watch"`` were imported. ``RLIMIT_AS`` is set before dulwich
+is imported, so a fetch that inflates a bomb whole fails with ``MemoryError`` inside this child
+instead of eating the machine. It prints one JSON object: the outcome (``ok``, the error type and
+reason, or the sync outcome and reason) and ``peak_rss_kib``, the peak resident set size of this
+program (``VmHWM``: unlike ``ru_maxrss`` it does not carry the parent's peak across ``exec``). Use
+:func:`run_child` from a test.
 """
 
 from __future__ import annotations
@@ -77,7 +80,10 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     limit = int(args["limit_mib"]) * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    without = [str(m) for m in args.get("without", [])]
+    sys.modules.update(dict.fromkeys(without))
     result = _sync(args) if args["mode"] == "sync" else _fetch(args)
+    result["loaded"] = sorted(str(m) for m in args.get("watch", []) if sys.modules.get(m) is not None)
     status = Path("/proc/self/status").read_text().split("VmHWM:")[1]
     result["peak_rss_kib"] = int(status.split()[0])
     print(json.dumps(result))
