@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.bench_footprint import MIRRORS
+from bench.bench_footprint import MIRRORS, PACKAGED
 
 __all__ = ["BENCHES", "Row", "main"]
 
@@ -540,7 +540,7 @@ def _footprint_setting_notes(r: dict[str, Any]) -> list[str]:
     settings, marginal = r.get("settings"), r.get("marginal")
     if settings:
         base = r["oneshot_peak_rss_mib"]
-        reference = settings.get("as packaged")
+        reference = settings.get(PACKAGED)
 
         def cost(name: str, c: float | dict[str, float]) -> str:
             mib, seconds = (c["mib"], c.get("seconds")) if isinstance(c, dict) else (c, None)
@@ -551,7 +551,7 @@ def _footprint_setting_notes(r: dict[str, Any]) -> list[str]:
         notes.append(
             f"- **What each setting saves.** `edge-agent sync --once` peaks at {base:.1f} MiB as packaged{took}; "
             "with one setting undone at a time: "
-            + "; ".join(cost(name, c) for name, c in settings.items() if name != "as packaged") + ".")
+            + "; ".join(cost(name, c) for name, c in settings.items() if name != PACKAGED) + ".")
     if marginal:
         notes.append(
             "- **What the alternatives would add** to a process holding the daemon's imports (VmHWM after "
