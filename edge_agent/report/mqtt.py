@@ -146,11 +146,16 @@ def settings_from_config(config: AgentConfig) -> MqttSettings:
 
 
 class PublishTracking:
-    """The fate of one publish: done when the broker acknowledged it (or it was lost, for QoS 0)."""
+    """The fate of one publish: done when the broker acknowledged it (or it was lost, for QoS 0).
 
-    def __init__(self, mid: int, qos: int) -> None:
+    ``connection`` is the link's :attr:`MqttLink.connections` when it was published (0 while the
+    link had never connected).
+    """
+
+    def __init__(self, mid: int, qos: int, connection: int = 0) -> None:
         self.mid = mid
         self.qos = qos
+        self.connection = connection
         self._done = threading.Event()
         self._reason: int | None = None
         self._lost = False
@@ -391,7 +396,7 @@ class MqttLink:
             raise BrokerError(f"cannot publish to {topic}: {exc}") from exc
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise BrokerError(f"cannot publish to {topic}: the client's queue is full")
-        tracking = PublishTracking(info.mid, qos)
+        tracking = PublishTracking(info.mid, qos, self._connections)
         with self._lock:
             early = self._early.pop(info.mid, None)
             if early is not None:

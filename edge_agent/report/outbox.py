@@ -61,7 +61,6 @@ class OutboxSender:
         self._window = window
         self._clock = clock
         self._inflight: dict[int, PublishTracking] = {}
-        self._published_on: dict[int, int] = {}  # row id -> the link's connection count then
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self.refused = 0
@@ -89,7 +88,6 @@ class OutboxSender:
             rows = self._state.outbox_peek(self._window)
             if not rows:
                 self._inflight.clear()
-                self._published_on.clear()
                 return sent
             self._forget_missing(rows)
             if not self._inflight and not self._wait_connected(deadline):
@@ -101,7 +99,6 @@ class OutboxSender:
                 return sent
             self._state.outbox_delete(row.id for row in done)
             for row in done:
-                self._published_on.pop(row.id, None)
                 tracking = self._inflight.pop(row.id)
                 if tracking.refused:
                     self.refused += 1
@@ -117,7 +114,6 @@ class OutboxSender:
         first = rows[0].id
         for row_id in [i for i in self._inflight if i < first or (i not in present and i <= rows[-1].id)]:
             del self._inflight[row_id]
-            self._published_on.pop(row_id, None)
 
     def _wait_connected(self, deadline: float) -> bool:
         return self._link.wait_connected(max(0.0, deadline - self._clock()))
@@ -129,8 +125,7 @@ class OutboxSender:
         paho is about to send it again, and a new row must not overtake it.
         """
         current = self._link.connections
-        if any(self._published_on.get(row_id, current) < current and not tracking.acknowledged
-               for row_id, tracking in self._inflight.items()):
+        if any(t.connection < current and not t.acknowledged for t in self._inflight.values()):
             return True
         for row in rows:
             if row.id in self._inflight:
@@ -142,7 +137,6 @@ class OutboxSender:
             try:
                 self._inflight[row.id] = self._link.publish(row.topic, row.payload, qos=max(1, row.qos),
                                                             retain=row.retain)
-                self._published_on[row.id] = current
             except BrokerError as exc:
                 log.warning("cannot publish report %s on %s: %s", row.id, row.topic, exc)
                 return bool(self._inflight)
