@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -29,11 +28,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import psutil
+
+from tests.support.package_spec import agent_dropped_extensions, agent_package
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -51,21 +51,9 @@ def sh(*argv: str | Path, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-@cache
-def _agent_package() -> Any:
-    """The ``edge-agent`` entry of ``packaging/build_deb.py``'s ``PACKAGES``."""
-    spec = importlib.util.spec_from_file_location("build_deb", REPO / "packaging" / "build_deb.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit("cannot load packaging/build_deb.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("build_deb", module)
-    spec.loader.exec_module(module)
-    return module.PACKAGES["edge-agent"]
-
-
 def agent_optimize() -> int:
     """The optimisation level (``-O`` count) the agent package's commands run with."""
-    return int(_agent_package().optimize)
+    return int(agent_package().optimize)
 
 
 def agent_python_flags() -> list[str]:
@@ -78,7 +66,7 @@ def agent_prelude() -> str:
     """Python statements that leave out of a process what the agent package leaves out of its venv:
     the compiled modules it drops cannot be imported, so their libraries run their pure-Python code
     as they do on a device (empty when the package drops none)."""
-    dropped = list(_agent_package().drop_extensions)
+    dropped = list(agent_dropped_extensions())
     return f"import sys as _ps\n_ps.modules.update(dict.fromkeys({dropped!r}))\n" if dropped else ""
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from edge_agent.agent import status
 from tests.support.agent_fleet import AgentFleet, bundle
-from tests.support.debs import agent_dropped_extensions
 from tests.support.fetch_child import run_child
+from tests.support.package_spec import agent_dropped_extensions
 
 FILES = 40
 

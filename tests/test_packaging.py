@@ -27,7 +27,8 @@ from edge_core.errors import ConfigError
 from edge_core.trust.keys import format_verify_key
 from fleet_server.config import DEFAULT_CONFIG_PATH as SERVER_CONFIG_PATH
 from fleet_server.config import load_server_config
-from tests.support.debs import agent_dropped_extensions, built_debs, load_builder
+from tests.support.debs import built_debs
+from tests.support.package_spec import agent_dropped_extensions, load_builder
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"

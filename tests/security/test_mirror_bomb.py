@@ -17,9 +17,9 @@ from dulwich.repo import Repo
 
 from edge_agent.agent import status, sync_once
 from tests.support.agent_fleet import AgentFleet, bundle, snapshot
-from tests.support.debs import agent_dropped_extensions
 from tests.support.fetch_child import run_child
 from tests.support.hostile_git import HostileGitServer, bomb_pack, loose_zero_blob
+from tests.support.package_spec import agent_dropped_extensions
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -8,19 +8,17 @@ shared temporary directory (the parent of every xdist worker's own), the others 
 from __future__ import annotations
 
 import fcntl
-import functools
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-__all__ = ["PACKAGING", "agent_dropped_extensions", "built_debs", "load_builder"]
+from tests.support.package_spec import PACKAGING
 
-PACKAGING = Path(__file__).resolve().parent.parent.parent / "packaging"
+__all__ = ["PACKAGING", "built_debs"]
+
 NAMES = {"edge-agent", "fleet-server"}
 
 
@@ -49,19 +47,3 @@ def built_debs(factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert set(found) == NAMES, found
     return found
 
-
-@functools.cache
-def load_builder() -> ModuleType:
-    """``packaging/build_deb.py`` as a module (loaded once)."""
-    spec = importlib.util.spec_from_file_location("build_deb", PACKAGING / "build_deb.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_deb"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def agent_dropped_extensions() -> tuple[str, ...]:
-    """The compiled modules the agent package leaves out of its venv (dotted names)."""
-    return tuple(load_builder().PACKAGES["edge-agent"].drop_extensions)
