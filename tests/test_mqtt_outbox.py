@@ -78,6 +78,35 @@ def _first_occurrences(numbers: list[int]) -> list[int]:
     return [n for n in numbers if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
 
 
+class ServerSubscription:
+    """The fleet server's persistent subscription to the events (a session the broker saves), with a
+    new ``mosquitto_sub`` resuming it when the last one gave up across a broker restart."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.subs: list[Subscriber] = []
+        self.resume()
+        self.subs[0].wait_subscribed(1)
+
+    def resume(self) -> None:
+        """Start a subscriber on the saved session unless the last one is still running."""
+        if not self.subs or self.subs[-1]._proc.poll() is not None:
+            self.subs.append(Subscriber(self.port, [EVENTS], client_id="server", persistent=True))
+
+    def numbers(self) -> list[int]:
+        """The event numbers every subscriber received, in order of arrival."""
+        return _numbers([r for s in self.subs for r in s.messages()])
+
+    def wait_for(self, count: int, timeout: float = 10) -> bool:
+        """Wait until events 0 .. count-1 have all arrived."""
+        return self.subs[-1].wait(lambda _: set(self.numbers()) >= set(range(count)), timeout)
+
+    def stop(self) -> None:
+        """Stop every subscriber."""
+        for sub in self.subs:
+            sub.stop()
+
+
 def _drain_all(sender: OutboxSender, state: StateDB, *, seconds: float = 15.0) -> int:
     deadline = time.monotonic() + seconds
     sent = 0
@@ -114,11 +143,9 @@ def test_rows_put_while_the_broker_is_down_go_out_in_order_once_it_starts(
 def test_broker_stopped_mid_drain_loses_nothing_and_deletes_only_after_ack(
         tmp_path: Path, state: StateDB, links: Links) -> None:
     broker = Mosquitto(tmp_path / "broker").start()
-    subs: list[Subscriber] = []
+    server: ServerSubscription | None = None
     try:
-        # a persistent subscriber whose session is saved in the broker's database
-        subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
-        subs[0].wait_subscribed(1)
+        server = ServerSubscription(broker.port)
         link = links.start(_settings(broker.port))
         assert link.wait_connected(10)
         sender = OutboxSender(state, link, window=8)
@@ -136,22 +163,16 @@ def test_broker_stopped_mid_drain_loses_nothing_and_deletes_only_after_ack(
             os.kill(broker.pid, signal.SIGTERM)
             os.kill(broker.pid, signal.SIGCONT)
         broker.restart()
-        if subs[0]._proc.poll() is not None:  # mosquitto_sub gave up: resume its session
-            subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
+        server.resume()
         _put_events(state, range(20, 25))
         assert link.wait_connected(10)
         _drain_all(sender, state)
         assert state.outbox_count() == 0
-
-        def everything(_: Subscriber) -> bool:
-            return set(_numbers([r for s in subs for r in s.messages()])) >= set(range(25))
-
-        assert subs[-1].wait(everything, 10), subs[-1].lines[-10:]
-        received = _numbers([r for s in subs for r in s.messages()])
-        assert _first_occurrences(received) == list(range(25))
+        assert server.wait_for(25), server.subs[-1].lines[-10:]
+        assert _first_occurrences(server.numbers()) == list(range(25))
     finally:
-        for sub in subs:
-            sub.stop()
+        if server is not None:
+            server.stop()
         broker.stop()
 
 
@@ -161,16 +182,14 @@ def test_rows_put_during_an_outage_never_overtake_the_rows_paho_sends_again(
     callbacks ran. Here the link's ``on_connected`` drains the outbox right there, as a sender
     thread woken at that moment may: rows queued during the outage must still go out after them."""
     broker = Mosquitto(tmp_path / "broker").start()
-    subs: list[Subscriber] = []
+    server: ServerSubscription | None = None
     senders: list[OutboxSender] = []
     try:
-        subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
-        subs[0].wait_subscribed(1)
+        server = ServerSubscription(broker.port)
         broker.restart()  # a clean stop saves the subscriber's session for the kill below
-        if subs[-1]._proc.poll() is not None:  # mosquitto_sub gave up: resume its session
-            subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
-        connacks = 2 if len(subs) == 1 else 1  # back on the restarted broker before anything is sent
-        assert subs[-1].wait(lambda s: sum("received CONNACK" in line for line in s.lines) >= connacks, 10)
+        server.resume()
+        connacks = 2 if len(server.subs) == 1 else 1  # back on the restarted broker before anything is sent
+        assert server.subs[-1].wait(lambda s: sum("received CONNACK" in ln for ln in s.lines) >= connacks, 10)
 
         def drain_now() -> None:
             for sender in senders:
@@ -192,21 +211,17 @@ def test_rows_put_during_an_outage_never_overtake_the_rows_paho_sends_again(
             os.kill(broker.pid, signal.SIGCONT)
         _put_events(state, range(6, 9))  # queued while the broker is down
         broker.restart()
-        if subs[-1]._proc.poll() is not None:
-            subs.append(Subscriber(broker.port, [EVENTS], client_id="server", persistent=True))
+        server.resume()
         assert link.wait_connected(10)
         _drain_all(sender, state)
         assert state.outbox_count() == 0
-
-        def everything(_: Subscriber) -> bool:
-            return set(_numbers([r for s in subs for r in s.messages()])) >= set(range(9))
-
-        subs[-1].wait(everything, 10)
-        received = _numbers([r for s in subs for r in s.messages()])
-        assert _first_occurrences(received) == list(range(9)), (received, len(subs), subs[-1].lines[-30:])
+        server.wait_for(9)
+        received = server.numbers()
+        assert _first_occurrences(received) == list(range(9)), (received, len(server.subs),
+                                                                 server.subs[-1].lines[-30:])
     finally:
-        for sub in subs:
-            sub.stop()
+        if server is not None:
+            server.stop()
         broker.stop()
 
 
