@@ -4,7 +4,8 @@ the resident memory is made of.
 Measures, against a signed release of N file resources (the one :mod:`bench.bench_apply` builds):
 
 - ``edge-agent sync --once`` applying the release into an empty root: the child's peak RSS
-  (its ``VmHWM`` as it exits), median of several runs;
+  (its ``VmHWM`` as it exits) and wall time, median of several runs (the packaged variant of the
+  settings below);
 - ``edge-agent run`` (the daemon, connected to a real Mosquitto on loopback, the shipped default
   intervals: drift check and health report every 60 s, poll every 300 s) applying the same release at
   start-up: its peak RSS (``VmHWM``), then, once the first sync is done, its RSS and CPU share over an
@@ -85,6 +86,8 @@ PACKAGED = "as packaged"
 DEVICE_TLS_ENV: dict[str, str | None] = {"SSL_CERT_FILE": None, "SSL_CERT_DIR": None}
 """A device names no other trust store: TLS measurements run without these (a development machine
 may set them)."""
+UNIT = Path(__file__).resolve().parents[1] / "packaging" / "edge-agent.service"
+"""The shipped systemd unit of the agent: the daemon is measured with its environment."""
 
 
 def _environ(extra: dict[str, str | None] | None) -> dict[str, str]:
@@ -96,8 +99,6 @@ def _environ(extra: dict[str, str | None] | None) -> dict[str, str]:
         else:
             env[key] = value
     return env
-UNIT = Path(__file__).resolve().parents[1] / "packaging" / "edge-agent.service"
-"""The shipped systemd unit of the agent: the daemon is measured with its environment."""
 
 
 def unit_environment(unit: Path = UNIT) -> dict[str, str]:
@@ -224,10 +225,11 @@ def marginal_costs() -> dict[str, float]:
             - base for name, stmt in MARGINAL.items()}
 
 
-def setting_costs(base: Path, url: str, trust: list[str], runs: int) -> dict[str, dict[str, float]]:
-    """The median peak RSS (``mib``) and wall time (``seconds``) of ``sync --once`` as packaged
-    (``PACKAGED``) and with one footprint setting undone at a time, by setting; the variants take
-    turns, run by run, so that they share the machine's conditions."""
+def setting_costs(base: Path, url: str, trust: list[str], runs: int) -> dict[str, dict[str, Any]]:
+    """The median peak RSS (``mib``, each run's in ``samples``) and wall time (``seconds``) of
+    ``sync --once`` applying the release to a fresh device as packaged (``PACKAGED``) and with one
+    footprint setting undone at a time, by setting; the variants take turns, run by run, so that
+    they share the machine's conditions."""
     empty = base / "no-bytecode"
     empty.mkdir()
     variants: dict[str, dict[str, Any]] = {
@@ -247,8 +249,8 @@ def setting_costs(base: Path, url: str, trust: list[str], runs: int) -> dict[str
             peak, seconds = oneshot_peak_rss(cfg, **how)
             peaks[name].append(peak)
             times[name].append(seconds)
-    return {name: {"mib": statistics.median(peaks[name]), "seconds": statistics.median(times[name])}
-            for name in variants}
+    return {name: {"mib": statistics.median(peaks[name]), "samples": peaks[name],
+                   "seconds": statistics.median(times[name])} for name in variants}
 
 
 def import_costs(modules: tuple[str, ...] = IMPORTS) -> dict[str, Any]:
@@ -284,14 +286,8 @@ def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
     try:
         url, trust = make_release(base, n_files)
-        peaks: list[float] = []
-        times: list[float] = []
-        for run_no in range(runs):
-            cfg = device_config(base, f"oneshot{run_no}", url, trust)
-            sh(BIN / "edge-agent", "init", "--config", cfg)
-            peak, seconds = oneshot_peak_rss(cfg)
-            peaks.append(peak)
-            times.append(seconds)
+        settings = setting_costs(base, url, trust, runs)  # its packaged variant is the sync --once row
+        packaged = settings[PACKAGED]
         # https: the mirror's certificate comes from a test CA, trusted in a store that holds the
         # system's CAs too, read as the agent reads the system's (SSL_CERT_DIR names it)
         certs = make_ca(base / "ca")
@@ -311,9 +307,9 @@ def run(n_files: int, runs: int, idle_seconds: float) -> dict[str, Any]:
                 cfg.write_text(yaml.safe_dump(raw))
                 sh(BIN / "edge-agent", "init", "--config", cfg)
                 daemons[name] = daemon_footprint(cfg, cfg.parent / "root", n_files, idle_seconds, env)
-        return {"files": n_files, "runs": runs, "oneshot_peak_rss_mib": statistics.median(peaks),
-                "oneshot_peak_rss_samples": peaks, "oneshot_seconds": statistics.median(times),
-                **daemons, "settings": setting_costs(base, url, trust, runs), "marginal": marginal_costs(),
+        return {"files": n_files, "runs": runs, "oneshot_peak_rss_mib": packaged["mib"],
+                "oneshot_peak_rss_samples": packaged["samples"], "oneshot_seconds": packaged["seconds"],
+                **daemons, "settings": settings, "marginal": marginal_costs(),
                 "imports": import_costs(), "importtime_ms": importtime_top()}
     finally:
         shutil.rmtree(base, ignore_errors=True)

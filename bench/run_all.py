@@ -540,18 +540,12 @@ def _footprint_setting_notes(r: dict[str, Any]) -> list[str]:
     settings, marginal = r.get("settings"), r.get("marginal")
     if settings:
         base = r["oneshot_peak_rss_mib"]
-        reference = settings.get(PACKAGED)
-
-        def cost(name: str, c: float | dict[str, float]) -> str:
-            mib, seconds = (c["mib"], c.get("seconds")) if isinstance(c, dict) else (c, None)
-            return f"{name} {mib:.1f} MiB ({mib - base:+.1f}" + (f", {seconds:.2f} s" if seconds else "") + ")"
-
-        took = (f" and takes {reference['seconds']:.2f} s (the runs of each variant below took turns with "
-                "these)") if isinstance(reference, dict) else ""
         notes.append(
-            f"- **What each setting saves.** `edge-agent sync --once` peaks at {base:.1f} MiB as packaged{took}; "
-            "with one setting undone at a time: "
-            + "; ".join(cost(name, c) for name, c in settings.items() if name != PACKAGED) + ".")
+            f"- **What each setting saves.** `edge-agent sync --once` peaks at {base:.1f} MiB as packaged and "
+            f"takes {r['oneshot_seconds']:.2f} s; with one setting undone at a time (the runs of every variant "
+            "took turns with those): "
+            + "; ".join(f"{name} {c['mib']:.1f} MiB ({c['mib'] - base:+.1f}, {c['seconds']:.2f} s)"
+                        for name, c in settings.items() if name != PACKAGED) + ".")
     if marginal:
         notes.append(
             "- **What the alternatives would add** to a process holding the daemon's imports (VmHWM after "
