@@ -4,7 +4,8 @@ The packaged agent runs under ``python -OO``: no docstrings and no ``assert`` st
 (docs/packaging.md). Its own virtual environment ships ``opt-2`` byte code, but the interpreter's
 standard library comes from the distribution with plain byte code only; without ``opt-2`` files
 next to it, every start would compile those modules from source in memory (``edge-agent sync
---once`` peaks 4.9 MiB higher that way: ``bench.bench_footprint``, docs/benchmarks.md).
+--once`` peaks 4.6-4.9 MiB higher that way in three runs of ``bench.bench_footprint``,
+docs/benchmarks.md).
 
 ``python -m edge_agent.bytecode`` imports every module of the agent and of ``edge_core`` (the
 network clients included), writes ``opt-2`` byte code for each standard-library module that brought

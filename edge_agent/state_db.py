@@ -140,7 +140,7 @@ class Database:
             self._conn.execute("PRAGMA busy_timeout=10000")
             # A page cache of 256 KiB instead of SQLite's 2 MiB: the daemon keeps this connection
             # for its lifetime, on a 40 MB budget, and with SQLite's default a 500-file sync --once
-            # peaks 0.3 MiB higher (bench.bench_footprint, docs/benchmarks.md). The database is
+            # peaks 0.1-0.3 MiB higher (bench.bench_footprint, docs/benchmarks.md). The database is
             # small and the OS page cache holds it anyway.
             self._conn.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
         with self._write("migrate"):

@@ -1,8 +1,8 @@
 """The smart-HTTP transport to a Git mirror (``http://``, ``https://``): dulwich's Git protocol over
 the standard library's :mod:`http.client`.
 
-dulwich's own HTTP client runs on urllib3, which the agent would load for this alone: 1.6 MiB of
-its 40 MB budget (``bench.bench_footprint``, docs/benchmarks.md). :mod:`http.client` and
+dulwich's own HTTP client runs on urllib3, which the agent would load for this alone: 1.6-1.8 MiB
+of its 40 MB budget in three runs of ``bench.bench_footprint`` (docs/benchmarks.md). :mod:`http.client` and
 :mod:`ssl` are already in the daemon (paho loads them), so this client subclasses dulwich's
 :class:`~dulwich.client.AbstractHttpGitClient`, which leaves exactly one method to a transport:
 ``_http_request``. Everything else (ref discovery, negotiation, protocol v2, the pack) is

@@ -2,9 +2,9 @@
 certificates on demand.
 
 :func:`ssl.create_default_context` parses every certificate of the system's CA bundle when it is
-made (144 on Debian 12): 1.5 MiB more resident memory in a process holding the daemon's imports,
-against 0.4 MiB for :func:`client_context` (``bench.bench_footprint``, docs/benchmarks.md), on the
-agent's 40 MB budget. OpenSSL can instead look a CA up in the hashed certificate
+made (144 on Debian 12): 1.5-1.7 MiB more resident memory in a process holding the daemon's
+imports, against 0.4-0.5 MiB for :func:`client_context` (three runs of ``bench.bench_footprint``,
+docs/benchmarks.md), on the agent's 40 MB budget. OpenSSL can instead look a CA up in the hashed certificate
 directory (``/etc/ssl/certs``, kept by ``update-ca-certificates``) when a handshake needs it, which
 trusts exactly the same certificates. :func:`client_context` does that, and falls back to the
 whole bundle on a system without a hashed directory.

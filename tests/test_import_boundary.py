@@ -62,7 +62,7 @@ ADAPTERS: dict[str, dict[str, str]] = {
     # and neither package ships psutil
     "psutil": {},
     # no adapter: the smart-HTTP client runs on http.client (edge_core/githttp.py); dulwich's own
-    # urllib3 client would add about 1.6 MiB to the agent
+    # urllib3 client would add 1.6-1.8 MiB to the agent
     "urllib3": {},
     "prometheus_client": {
         "fleet_server/metrics": "the server's collectors and exposition (metrics.py, metrics_*.py)",
